@@ -1,0 +1,66 @@
+"""The paper's conventional augmentation, scaled by one ``strength`` in [0, 1].
+
+At strength 1: shift up to 20% of the side, rotation 0-180 degrees, scale 1-2x, horizontal and
+vertical flips, additive Gaussian noise and brightness change, each at the paper's range. At
+strength s every range and probability is multiplied by s; 0 is the identity. Geometry moves the
+mask with nearest-neighbour interpolation and reflects both image and mask at the border, so a
+defect never separates from its label.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+MAX_SHIFT = 0.2
+MAX_ROTATION_DEGREES = 180.0
+MAX_EXTRA_SCALE = 1.0
+MAX_NOISE_STD = 0.08
+MAX_BRIGHTNESS = 0.25
+OP_PROBABILITY = 0.5
+
+
+def paper_augmentation(strength: float, seed: int | None = None) -> A.Compose:
+    """An albumentations pipeline for ``(image HxWxC uint8, mask HxW uint8)`` pairs."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+    s = strength
+    if s == 0:
+        return A.Compose([], seed=seed)
+    shift = MAX_SHIFT * s
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=OP_PROBABILITY * s),
+            A.VerticalFlip(p=OP_PROBABILITY * s),
+            A.Affine(
+                translate_percent={"x": (-shift, shift), "y": (-shift, shift)},
+                rotate=(0.0, MAX_ROTATION_DEGREES * s),
+                scale=(1.0, 1.0 + MAX_EXTRA_SCALE * s),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=s,
+            ),
+            A.GaussNoise(std_range=(0.0, MAX_NOISE_STD * s), p=OP_PROBABILITY * s),
+            A.RandomBrightnessContrast(
+                brightness_limit=MAX_BRIGHTNESS * s, contrast_limit=0.0, p=OP_PROBABILITY * s
+            ),
+        ],
+        seed=seed,
+    )
+
+
+def augment_pair(
+    transform: A.Compose, image: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply ``transform`` to one pair; keeps the HxWxC shape for 1-channel images."""
+    out = transform(image=image, mask=mask)
+    augmented = out["image"]
+    if augmented.ndim == 2:
+        augmented = augmented[:, :, None]
+    return augmented, out["mask"]

@@ -1,0 +1,127 @@
+"""Contract rows -> model-ready arrays: decode, augment, resize or crop, pad, normalise.
+
+Shared by the Ray path, the plain loop, evaluation and prediction, so every path feeds the model
+the same pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from defectforge.datasets.augment import augment_pair, paper_augmentation
+from defectforge.datasets.contract import decode_png
+
+IGNORE_INDEX = 255
+# Encoders downsample by 32; inputs are padded up to a multiple of it.
+SIZE_MULTIPLE = 32
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a batch is prepared. ``image_size`` resizes (0 keeps native size); ``crop_size`` takes
+    random training crops at native scale (0 uses whole images)."""
+
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int = 0
+    crop_size: int = 0
+    aug_strength: float = 0.0
+    binary: bool = False
+    min_input: int = SIZE_MULTIPLE
+
+
+def round_up(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    return -(-value // multiple) * multiple
+
+
+def padded_side(side: int, spec: BatchSpec) -> int:
+    """The network-ready side: a multiple of 32, and no smaller than the architecture needs."""
+    return round_up(max(side, spec.min_input))
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int):
+    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    if resized.ndim == 2:
+        resized = resized[:, :, None]
+    if mask is not None:
+        mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    return resized, mask
+
+
+def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator):
+    image, mask = pad_to(image, mask, max(size, image.shape[0]), max(size, image.shape[1]))
+    top = int(rng.integers(0, image.shape[0] - size + 1))
+    left = int(rng.integers(0, image.shape[1] - size + 1))
+    return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+
+
+def pad_to(image: np.ndarray, mask: np.ndarray | None, height: int, width: int):
+    """Reflect-pad the image bottom/right; pad the mask with IGNORE_INDEX so padding never scores."""
+    dy, dx = height - image.shape[0], width - image.shape[1]
+    if dy == 0 and dx == 0:
+        return image, mask
+    padded = cv2.copyMakeBorder(image, 0, dy, 0, dx, cv2.BORDER_REFLECT_101)
+    if padded.ndim == 2:
+        padded = padded[:, :, None]
+    if mask is not None:
+        mask = cv2.copyMakeBorder(mask, 0, dy, 0, dx, cv2.BORDER_CONSTANT, value=IGNORE_INDEX)
+    return padded, mask
+
+
+def normalise(images: np.ndarray, spec: BatchSpec) -> np.ndarray:
+    """NHWC uint8 -> NCHW float32, standardised with the dataset's train statistics."""
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class BatchMaker:
+    """Callable that turns a batch of PNG cells into ``{"image": NCHW float32, "mask": NHW int64}``.
+
+    Training batches are augmented and cropped with a generator seeded per call, so a run with a
+    fixed seed sees the same pixels every time.
+    """
+
+    def __init__(self, spec: BatchSpec, train: bool, seed: int = 0):
+        self.spec = spec
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.calls = 0
+        self.augment = paper_augmentation(spec.aug_strength) if train else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.calls = epoch, 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, self.epoch, self.calls])
+        self.calls += 1
+        if self.augment is not None:
+            self.augment.set_random_seed(int(rng.integers(2**31)))
+        pairs = [
+            self._prepare(img, msk, rng)
+            for img, msk in zip(batch["image"], batch["mask"], strict=True)
+        ]
+        height = padded_side(max(p[0].shape[0] for p in pairs), self.spec)
+        width = padded_side(max(p[0].shape[1] for p in pairs), self.spec)
+        pairs = [pad_to(image, mask, height, width) for image, mask in pairs]
+        images = np.stack([p[0] for p in pairs])
+        masks = np.stack([p[1] for p in pairs]).astype(np.int64)
+        return {"image": normalise(images, self.spec), "mask": masks}
+
+    def _prepare(self, image_cell: bytes, mask_cell: bytes, rng: np.random.Generator):
+        image = decode_png(image_cell, self.spec.channels)
+        mask = decode_png(mask_cell, 0)
+        if self.spec.binary:
+            mask = (mask > 0).astype(np.uint8)
+        if self.augment is not None:
+            image, mask = augment_pair(self.augment, image, mask)
+        if self.spec.image_size:
+            image, mask = resize_pair(image, mask, self.spec.image_size)
+        if self.train and self.spec.crop_size:
+            image, mask = random_crop(image, mask, self.spec.crop_size, rng)
+        return image, mask

@@ -1,0 +1,156 @@
+"""The Parquet contract between folders: schema, PNG cells, split folders, manifest, atomic publish.
+
+A dataset directory looks like::
+
+    DIR/manifest.json        counts, classes, channels, pixel statistics, input hashes, config
+    DIR/<split>/*.parquet    one folder per split (train, val, test), rows as in ``SCHEMA``
+
+One folder per split lets a study open train and val without ever touching test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from defectforge.datasets.errors import DataError
+
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("mask", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("channels", pa.int32()),
+        ("dataset", pa.string()),
+        ("source", pa.string()),
+        ("split", pa.string()),
+        ("defect_class", pa.string()),
+        ("label_confidence", pa.float32()),
+        ("origin", pa.string()),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """Lossless 8-bit PNG of a HxW or HxWxC uint8 array (C in 1, 3; RGB order)."""
+    if array.dtype != np.uint8:
+        raise TypeError(f"PNG cells hold uint8 pixels, got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    elif array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    ok, buf = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("OpenCV could not encode the array as PNG")
+    return buf.tobytes()
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    """HxWxC uint8 (RGB order for C=3) for an image cell, HxW for a mask cell (channels=0)."""
+    flag = cv2.IMREAD_UNCHANGED
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if array is None:
+        raise ValueError("cell is not a decodable PNG")
+    if channels == 0:
+        return array
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    return array
+
+
+def split_dir(root: str | Path, split: str) -> Path:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return Path(root) / split
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise DataError(
+            path,
+            "no manifest.json: not a defectforge dataset",
+            "build it with `defectforge data build`",
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(
+            path,
+            f"schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}",
+            "rebuild the dataset with this version of defectforge",
+        )
+    return manifest
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON under a temp name in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def publish_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``final``; rename it to ``final`` only if the block succeeds.
+
+    An interrupted or failed build leaves the previous ``final`` (if any) untouched.
+    """
+    final = Path(final).resolve()
+    if final.exists() and not overwrite:
+        raise DataError(
+            final, "output folder already exists", "pass --overwrite or choose another --out"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield staging
+        if final.exists():
+            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, retired)
+            os.replace(staging, final)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def combined_digest(named_digests: dict[str, str]) -> str:
+    """One sha256 over sorted (name, digest) pairs: the identity of a set of inputs."""
+    digest = hashlib.sha256()
+    for name in sorted(named_digests):
+        digest.update(f"{name}\0{named_digests[name]}\n".encode())
+    return digest.hexdigest()

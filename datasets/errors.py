@@ -1,0 +1,15 @@
+"""The one exception type for bad input: it names the file, the problem and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad input data. ``str(err)`` is one line: ``<path>: <problem>; <fix>``."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str):
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.path}: {problem}; {fix}")

@@ -1,0 +1,131 @@
+"""Inference on image files of any size: predict masks, evaluate against masks on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
+from defectforge.datasets.contract import encode_png
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.readers import IMAGE_SUFFIXES, SampleSpec, read_image, read_mask
+from defectforge.segmentation.checkpoint import load_model
+from defectforge.segmentation.metrics import MetricAccumulator
+
+OVERLAY_COLOURS = np.array(
+    [
+        [0, 0, 0],
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+    ],
+    np.uint8,
+)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torch.Tensor:
+    """C x H x W logits at the image's native size (resized or padded for the network, then back)."""
+    height, width = image.shape[:2]
+    if spec.image_size:
+        network_input = cv2.resize(
+            image, (spec.image_size, spec.image_size), interpolation=cv2.INTER_AREA
+        ).reshape(spec.image_size, spec.image_size, -1)
+    else:
+        network_input, _ = pad_to(image, None, padded_side(height, spec), padded_side(width, spec))
+    device = next(model.parameters()).device
+    x = torch.from_numpy(normalise(network_input[None], spec)).to(device)
+    logits = model(x).float()
+    if spec.image_size:
+        return F.interpolate(logits, size=(height, width), mode="bilinear")[0].cpu()
+    return logits[0, :, :height, :width].cpu()
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "folder does not exist", "check the --images path")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(
+            folder,
+            f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})",
+            "point --images at a folder of images",
+        )
+    return images
+
+
+def _mask_for(image: Path, masks: Path) -> Path:
+    for suffix in (".png", ".bmp", ".tif", ".tiff"):
+        candidate = masks / f"{image.stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        image,
+        f"no mask named {image.stem}.png in {masks}",
+        "give every image a mask with the same stem",
+    )
+
+
+def evaluate_folder(
+    model_dir: str | Path,
+    images: str | Path,
+    masks: str | Path,
+    binary: bool = False,
+    mask_threshold: int | None = None,
+) -> dict:
+    """Metrics over every image of a folder, at native resolution."""
+    model, cfg = load_model(model_dir)
+    spec = cfg.batch_spec()
+    classes = cfg.output_classes
+    mask_spec = SampleSpec(
+        "eval", tuple(classes), cfg.channels, binary=False, mask_threshold=mask_threshold
+    )
+    names = ["background", "defect"] if binary else list(classes)
+    accumulator = MetricAccumulator(len(names))
+    for path in tqdm(list_images(images), desc="evaluate", unit="img"):
+        image = read_image(path, cfg.channels)
+        truth = read_mask(_mask_for(path, Path(masks)), image.shape[:2], mask_spec, None)
+        pred = predict_logits(model, spec, image).argmax(0)
+        truth_t = torch.from_numpy(truth.astype(np.int64))
+        if binary:
+            pred, truth_t = (pred > 0).long(), (truth_t > 0).long()
+        accumulator.update(pred[None], truth_t[None])
+    return accumulator.summary(names)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB picture of the image with each class's pixels tinted in its colour."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image.copy()
+    colours = OVERLAY_COLOURS[mask % len(OVERLAY_COLOURS)]
+    tinted = (rgb * (1 - alpha) + colours * alpha).astype(np.uint8)
+    return np.where(mask[:, :, None] > 0, tinted, rgb)
+
+
+def predict_folder(model_dir: str | Path, images: str | Path, out: str | Path) -> int:
+    """Write ``<stem>_mask.png`` (class ids) and ``<stem>_overlay.png`` for every image."""
+    model, cfg = load_model(model_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = list_images(images)
+    for path in tqdm(paths, desc="predict", unit="img"):
+        image = read_image(path, cfg.channels)
+        mask = predict_logits(model, cfg.batch_spec(), image).argmax(0).numpy().astype(np.uint8)
+        _write_png(out / f"{path.stem}_mask.png", mask)
+        _write_png(out / f"{path.stem}_overlay.png", overlay(image, mask))
+    return len(paths)
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(encode_png(array))
+    tmp.replace(path)

@@ -1,0 +1,94 @@
+"""Model factory over segmentation-models-pytorch: any architecture and encoder by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    cls.__name__.lower(): cls for cls in smp._MODEL_ARCHITECTURES
+}
+
+
+# PAN's feature-pyramid attention pools the stride-32 features three more times.
+MIN_INPUT_SIZE = {"pan": 128}
+
+
+def min_input_size(arch: str) -> int:
+    return MIN_INPUT_SIZE.get(check_architecture(arch), 32)
+
+
+def architecture_names() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def encoder_names() -> list[str]:
+    return sorted(smp.encoders.get_encoder_names())
+
+
+def check_architecture(arch: str) -> str:
+    key = arch.lower().replace("_", "").replace("-", "")
+    if key not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(architecture_names())}")
+    return key
+
+
+def check_encoder(encoder: str) -> str:
+    if encoder not in smp.encoders.get_encoder_names():
+        raise ValueError(
+            f"unknown encoder {encoder!r}; valid include resnet18, resnet34, "
+            f"efficientnet-b0, mit_b0 (all: {len(encoder_names())} smp encoders)"
+        )
+    return encoder
+
+
+def build_model(
+    arch: str, encoder: str, in_channels: int, num_classes: int, encoder_weights: str | None = None
+) -> nn.Module:
+    """A segmentation network returning logits ``N x num_classes x H x W``.
+
+    ``encoder_weights``: None (random init), ``"imagenet"`` (downloaded by smp; needs network),
+    or the path of a local ``.pt``/``.pth`` state dict for the encoder.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    cls = ARCHITECTURES[check_architecture(arch)]
+    local_file = encoder_weights not in (None, "imagenet")
+    model = cls(
+        encoder_name=check_encoder(encoder),
+        in_channels=in_channels,
+        classes=num_classes,
+        encoder_weights=None if local_file else encoder_weights,
+    )
+    if local_file:
+        load_encoder_weights(model, Path(encoder_weights), in_channels)
+    return model
+
+
+def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None:
+    """Load a local encoder state dict; a 3-channel first conv is summed down for grey input."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: encoder weights file not found; pass an existing "
+            "state-dict file, 'imagenet', or nothing"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    own = model.encoder.state_dict()
+    for key, value in state.items():
+        if (
+            key in own
+            and value.ndim == 4
+            and value.shape[1] != own[key].shape[1]
+            and in_channels == 1
+        ):
+            state[key] = value.sum(dim=1, keepdim=True)
+    if not set(state) & set(own):
+        raise ValueError(
+            f"{path}: no tensor matches the encoder's parameter names; is it a "
+            "state dict for this encoder?"
+        )
+    model.encoder.load_state_dict(state, strict=False)

@@ -1,0 +1,121 @@
+"""PNG pictures of a run: training curves, per-class IoU, confusion matrix, validation grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
+from defectforge.segmentation.checkpoint import load_model  # noqa: E402
+from defectforge.segmentation.inference import overlay, predict_logits  # noqa: E402
+
+GRID_IMAGES = 6
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    epochs = [row["epoch"] for row in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [row["train_loss"] for row in history], marker="o")
+    left.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+    for key, label in (
+        ("val_binary_defect_iou", "binary defect IoU"),
+        ("val_mean_defect_iou", "mean defect IoU"),
+    ):
+        right.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
+    right.set(xlabel="epoch", ylabel="IoU", title="Validation", ylim=(0, 1))
+    right.legend()
+    _save(figure, path)
+
+
+def plot_per_class_iou(per_class: dict, path: Path) -> None:
+    names = list(per_class)
+    values = [per_class[n] or 0.0 for n in names]
+    figure, axis = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
+    bars = axis.bar(names, values, color="#4878a8")
+    axis.bar_label(bars, fmt="%.3f")
+    axis.set(ylabel="IoU", ylim=(0, 1), title="Per-class IoU (validation)")
+    _save(figure, path)
+
+
+def plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> None:
+    cm = np.asarray(matrix, dtype=np.float64)
+    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(1.1 * len(names) + 2.5, 1.1 * len(names) + 2))
+    axis.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(rows):
+        axis.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            color="white" if value > 0.5 else "black",
+        )
+    axis.set(
+        xticks=range(len(names)),
+        yticks=range(len(names)),
+        xticklabels=names,
+        yticklabels=names,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix (rows sum to 1)",
+    )
+    _save(figure, path)
+
+
+def plot_validation_grid(run_dir: Path, data_dir: str, path: Path) -> None:
+    """Image | true mask overlay | predicted mask overlay, for the first validation images."""
+    model, cfg = load_model(run_dir)
+    table = pq.read_table(split_dir(data_dir, "val"), columns=["id", "image", "mask"])
+    rows = table.slice(0, GRID_IMAGES).to_pylist()
+    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
+    for axis_row, row in zip(axes, rows, strict=True):
+        image = decode_png(row["image"], cfg.channels)
+        truth = decode_png(row["mask"], 0)
+        if cfg.binary:
+            truth = (truth > 0).astype(np.uint8)
+        pred = predict_logits(model, cfg.batch_spec(), image).argmax(0).numpy().astype(np.uint8)
+        shown = (
+            image[:, :, 0] if cfg.channels == 1 else image,
+            overlay(image, truth),
+            overlay(image, pred),
+        )
+        for axis, picture, title in zip(
+            axis_row, shown, (row["id"], "truth", "prediction"), strict=True
+        ):
+            axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+            axis.set_title(title, fontsize=8)
+            axis.axis("off")
+    _save(figure, path)
+
+
+def write_run_plots(run_dir: str | Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    best, plots = summary["best"], run_dir / "plots"
+    written = [
+        plots / "curves.png",
+        plots / "per_class_iou.png",
+        plots / "confusion_matrix.png",
+        plots / "validation_grid.png",
+    ]
+    plot_curves(summary["history"], written[0])
+    plot_per_class_iou(best["val_per_class_iou"], written[1])
+    plot_confusion(best["val_confusion_matrix"], best["val_class_names"], written[2])
+    plot_validation_grid(run_dir, summary["config"]["data"], written[3])
+    return written

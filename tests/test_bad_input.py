@@ -1,0 +1,122 @@
+"""Every kind of bad input gives one line naming the file and the fix; nothing half-written."""
+
+import cv2
+import numpy as np
+import pytest
+
+from defectforge.datasets.build import BuildConfig
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.readers import NEU_SEG_CLASSES, SampleSpec, discover_neu_seg, load_sample
+from defectforge.trainables.cli import main
+
+SPEC = SampleSpec("neu-seg", NEU_SEG_CLASSES, 1)
+
+
+def _ref(root, stem_index=0):
+    return discover_neu_seg(root)[stem_index]
+
+
+def _load_error(ref, spec=SPEC) -> str:
+    with pytest.raises(DataError) as err:
+        load_sample(ref, spec)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_corrupt_image(sample_copy):
+    ref = _ref(sample_copy)
+    open(ref.image_path, "wb").write(b"not an image at all\xff\xd9")
+    message = _load_error(ref)
+    assert ref.image_path in message and "cannot be read" in message
+
+
+def test_truncated_jpeg(sample_copy):
+    ref = _ref(sample_copy)
+    data = open(ref.image_path, "rb").read()
+    open(ref.image_path, "wb").write(data[: len(data) // 2])
+    assert "truncated" in _load_error(ref)
+
+
+def test_missing_mask(sample_copy):
+    ref = _ref(sample_copy)
+    import os
+
+    os.remove(ref.mask_path)
+    message = _load_error(discover_neu_seg(sample_copy)[0])
+    assert "no mask" in message and ref.image_path in message
+
+
+def test_mask_of_another_size(sample_copy):
+    ref = _ref(sample_copy)
+    cv2.imwrite(ref.mask_path, np.zeros((100, 120), np.uint8))
+    message = _load_error(ref)
+    assert ref.mask_path in message and "120x100" in message and "200x200" in message
+
+
+def test_mask_values_outside_classes(sample_copy):
+    ref = _ref(sample_copy)
+    cv2.imwrite(ref.mask_path, np.full((200, 200), 255, np.uint8))
+    message = _load_error(ref)
+    assert "[255]" in message and "--mask-threshold" in message
+
+
+def test_wrong_channel_count(sample_copy):
+    ref = _ref(sample_copy)
+    colour = np.zeros((200, 200, 3), np.uint8)
+    colour[..., 2] = 200
+    cv2.imwrite(ref.image_path, colour)
+    assert "pass --channels 3" in _load_error(ref)
+    grey_spec = SampleSpec("neu-seg", NEU_SEG_CLASSES, 3)
+    cv2.imwrite(ref.image_path, colour[..., 0])
+    assert "pass --channels 1" in _load_error(ref, grey_spec)
+
+
+def test_empty_folder_cli_one_line(tmp_path, capsys):
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    code = main(
+        [
+            "data",
+            "build",
+            "--source",
+            "neu-seg",
+            "--root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no images found" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_fails_cleanly_and_skip_bad_lists_rejects(ray_session, sample_copy, tmp_path):
+    from defectforge.trainables.data_jobs import build_parquet
+
+    refs = discover_neu_seg(sample_copy)
+    cv2.imwrite(refs[0].mask_path, np.zeros((10, 10), np.uint8))
+    open(refs[1].image_path, "wb").write(b"garbage")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous dataset")
+    cfg = BuildConfig(source="neu-seg", root=str(sample_copy), out=str(out), overwrite=True)
+    with pytest.raises(DataError, match="2 bad files in all"):
+        build_parquet(cfg)
+    assert (out / "keep.txt").read_text() == "previous dataset"
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+    skip = BuildConfig(
+        source="neu-seg", root=str(sample_copy), out=str(tmp_path / "skip"), skip_bad=True
+    )
+    manifest = build_parquet(skip)
+    rejected = (tmp_path / "skip" / "rejected.csv").read_text().splitlines()
+    assert len(rejected) == 3 and manifest["rejected"] == 2
+    assert manifest["counts"]["train"]["total"] + manifest["counts"]["val"]["total"] == 55
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(ValueError, match="split-ratios"):
+        BuildConfig(source="folder", root=".", out="o", split_ratios=(0.5, 0.2, 0.2))
+    with pytest.raises(ValueError, match="unknown source"):
+        BuildConfig(source="nope", root=".", out="o")

@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from defectforge.segmentation.models import architecture_names, build_model
+
+
+@pytest.mark.parametrize("arch", ["deeplabv3plus", "PAN", "Unet"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_architectures_by_name_give_logits_per_class(arch, channels):
+    model = build_model(arch, "resnet18", channels, 4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, channels, 128, 128))
+    assert out.shape == (2, 4, 128, 128)
+
+
+def test_unknown_architecture_lists_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        build_model("deeplabv5", "resnet18", 1, 2)
+    assert "deeplabv3plus" in str(err.value) and "pan" in str(err.value)
+    assert "deeplabv3plus" in architecture_names()
+
+
+def test_unknown_encoder_and_channels():
+    with pytest.raises(ValueError, match="unknown encoder"):
+        build_model("pan", "resnet19", 1, 2)
+    with pytest.raises(ValueError, match="in_channels must be 1 or 3"):
+        build_model("pan", "resnet18", 2, 2)
+
+
+def test_local_encoder_weights_are_loaded_and_grey_conv_is_summed(tmp_path):
+    source = build_model("unet", "resnet18", 3, 2)
+    path = tmp_path / "encoder.pt"
+    torch.save(source.encoder.state_dict(), path)
+    grey = build_model("unet", "resnet18", 1, 2, encoder_weights=str(path))
+    assert torch.allclose(
+        grey.encoder.layer1[0].conv1.weight, source.encoder.layer1[0].conv1.weight
+    )
+    summed = source.encoder.conv1.weight.sum(dim=1, keepdim=True)
+    assert torch.allclose(grey.encoder.conv1.weight, summed)
+    with pytest.raises(FileNotFoundError, match="encoder weights file not found"):
+        build_model("unet", "resnet18", 1, 2, encoder_weights=str(tmp_path / "missing.pt"))

@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from defectforge.datasets.contract import COLUMNS, SCHEMA, decode_png, read_manifest, split_dir
+from defectforge.datasets.readers import read_image
+
+
+def test_parquet_round_trip_and_manifest(sample_dataset, sample_root):
+    manifest = read_manifest(sample_dataset)
+    assert manifest["counts"]["train"]["total"] == 42 and manifest["counts"]["val"]["total"] == 15
+    assert manifest["counts"]["train"]["by_class"] == {
+        "inclusion": 14,
+        "patches": 14,
+        "scratches": 14,
+    }
+    assert manifest["channels"] == 1 and manifest["classes"][0] == "background"
+    assert 0 < manifest["pixel_mean"][0] < 1 and len(manifest["inputs"]["digest"]) == 64
+    table = pq.read_table(split_dir(sample_dataset, "train"))
+    assert table.schema.equals(SCHEMA) and tuple(table.column_names) == COLUMNS
+    row = table.filter(
+        table["id"]
+        == "neu-seg/train/" + sorted((sample_root / "images" / "train").iterdir())[0].stem
+    ).to_pylist()[0]
+    original = read_image(sample_root / "images" / "train" / (row["id"].split("/")[-1] + ".jpg"), 1)
+    assert np.array_equal(decode_png(row["image"], 1), original)
+    assert row["source"] == "real" and row["split"] == "train" and row["label_confidence"] is None
+
+
+def test_offline_expansion_multiplies_train_only(ray_session, sample_dataset, tmp_path):
+    from defectforge.trainables.data_jobs import augment_parquet
+
+    out = tmp_path / "x3"
+    manifest = augment_parquet(sample_dataset, out, factor=3, strength=1.0, seed=5)
+    train = pq.read_table(split_dir(out, "train"))
+    assert train.num_rows == 42 * 3 == manifest["counts"]["train"]["total"]
+    assert pq.read_table(split_dir(out, "val")).num_rows == 15
+    ids = train["id"].to_pylist()
+    assert len(set(ids)) == len(ids) and sum("#aug02" in i for i in ids) == 42
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["augmentation"]["parent"] == read_manifest(sample_dataset)["dataset_id"]
+    assert saved["dataset_id"] != saved["augmentation"]["parent"]

@@ -1,0 +1,174 @@
+"""The training loop without Ray (exact resume) and through Ray Train (2 workers), plus the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from defectforge.datasets.batches import BatchMaker
+from defectforge.datasets.contract import read_manifest, split_dir
+from defectforge.segmentation.checkpoint import load_model
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.loop import LoopIO, train_segmentation
+from defectforge.trainables.cli import main
+
+TINY = dict(
+    arch="unet",
+    encoder="resnet18",
+    crop_size=64,
+    batch_size=4,
+    epochs=2,
+    max_steps_per_epoch=3,
+    aug_strength=1.0,
+    threads=1,
+)
+
+
+def _config(dataset: Path, **overrides) -> SegConfig:
+    manifest = read_manifest(dataset)
+    return SegConfig(
+        data=str(dataset),
+        classes=tuple(manifest["classes"]),
+        channels=manifest["channels"],
+        mean=tuple(manifest["pixel_mean"]),
+        std=tuple(manifest["pixel_std"]),
+        **{**TINY, **overrides},
+    )
+
+
+def _plain_io(cfg: SegConfig, checkpoints: list, resume_from=None) -> LoopIO:
+    rows = pq.read_table(split_dir(cfg.data, "train"), columns=["image", "mask"]).to_pylist()
+    rows.sort(key=lambda r: r["image"])
+    val_rows = pq.read_table(split_dir(cfg.data, "val"), columns=["image", "mask"]).to_pylist()[:4]
+    maker, val_maker = (
+        BatchMaker(cfg.batch_spec(), True, cfg.seed),
+        BatchMaker(cfg.batch_spec(), False),
+    )
+
+    def batches(source, make, size):
+        for start in range(0, len(source) - size + 1, size):
+            chunk = source[start : start + size]
+            yield make({"image": [r["image"] for r in chunk], "mask": [r["mask"] for r in chunk]})
+
+    def record(metrics, folder):
+        state = torch.load(Path(folder) / "state.pt", weights_only=False)
+        checkpoints.append((metrics, state))
+        target = Path(folder).parent / f"kept-{metrics['epoch']}"
+        if not target.exists():
+            import shutil
+
+            shutil.copytree(folder, target)
+
+    return LoopIO(
+        train_batches=lambda epoch: batches(rows, maker, cfg.batch_size),
+        val_batches=lambda: batches(val_rows, val_maker, 2),
+        steps_per_epoch=cfg.max_steps_per_epoch,
+        report=record,
+        resume_from=resume_from,
+        on_epoch_start=maker.set_epoch,
+    )
+
+
+def test_resume_reproduces_the_uninterrupted_run(sample_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    cfg = _config(sample_dataset)
+    straight: list = []
+    train_segmentation(cfg, _plain_io(cfg, straight))
+    kept = tmp_path / "kept-0"
+    resumed: list = []
+    train_segmentation(cfg, _plain_io(cfg, resumed, resume_from=kept))
+    assert [m["epoch"] for m, _ in resumed] == [1]
+    final_straight, final_resumed = straight[-1][1]["model"], resumed[-1][1]["model"]
+    for key in final_straight:
+        assert torch.equal(final_straight[key], final_resumed[key]), key
+    assert straight[-1][0]["train_loss"] == resumed[-1][0]["train_loss"]
+
+
+def test_config_rejects_typos_and_bad_values(sample_dataset):
+    with pytest.raises(ValueError, match="unknown segmentation config keys"):
+        SegConfig.from_dict({**json.loads(_config(sample_dataset).to_json()), "lr_rate": 1})
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _config(sample_dataset, crop_size=100)
+    with pytest.raises(ValueError, match="at least 128 px"):
+        _config(sample_dataset, arch="pan", crop_size=64)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        _config(sample_dataset, arch="segnet")
+
+
+def test_two_worker_ray_train_then_eval_and_predict_cli(
+    sample_dataset, sample_root, tmp_path, capsys
+):
+    from defectforge.trainables.seg import run_seg_training
+
+    cfg = _config(
+        sample_dataset, workers=2, epochs=2, max_steps_per_epoch=2, arch="pan", crop_size=128
+    )
+    run = tmp_path / "run"
+    summary = run_seg_training(cfg, run, cpus_per_worker=0.5)
+    assert [row["epoch"] for row in summary["history"]] == [0, 1]
+    assert (run / "model.pt").is_file() and (run / "config.json").is_file()
+    model, loaded = load_model(run)
+    assert loaded == cfg
+
+    capsys.readouterr()
+    code = main(
+        [
+            "seg",
+            "eval",
+            "--model",
+            str(run),
+            "--images",
+            str(sample_root / "images" / "val"),
+            "--masks",
+            str(sample_root / "masks" / "val"),
+            "--json",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in (
+        "binary_defect_iou",
+        "per_class_iou",
+        "mean_defect_iou",
+        "pixel_accuracy",
+        "confusion_matrix",
+    ):
+        assert key in result
+    assert np.asarray(result["confusion_matrix"]).sum() == 15 * 200 * 200
+
+    out = tmp_path / "pred"
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                str(run),
+                "--images",
+                str(sample_root / "images" / "val"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert len(list(out.glob("*_mask.png"))) == 15 and len(list(out.glob("*_overlay.png"))) == 15
+
+
+def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
+    code = main(
+        [
+            "seg",
+            "eval",
+            "--model",
+            str(tmp_path),
+            "--images",
+            str(tmp_path),
+            "--masks",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "config.json" in err

@@ -1,0 +1,270 @@
+"""The ``defectforge`` command line. Every command that runs Ray work lives behind this entry.
+
+Errors in user input print one line (``defectforge: error: <file>: <problem>; <fix>``) and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from defectforge.datasets.errors import DataError  # noqa: E402
+
+USER_ERRORS = (DataError, ValueError, FileNotFoundError, FileExistsError)
+
+
+def _ratios(text: str) -> tuple[float, float, float]:
+    parts = tuple(float(x) for x in text.split(","))
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("give three comma-separated ratios, e.g. 0.7,0.15,0.15")
+    return parts
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_data_commands(commands) -> None:
+    data = commands.add_parser("data", help="build and augment Parquet datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    build = data.add_parser("build", help="raw folder -> Parquet dataset + manifest.json")
+    build.add_argument("--source", required=True, choices=["neu-seg", "folder"])
+    build.add_argument("--root", required=True, help="folder holding the raw images and masks")
+    build.add_argument("--out", required=True, help="dataset folder to write")
+    build.add_argument("--name", help="dataset name (default: neu-seg or the root folder's name)")
+    build.add_argument(
+        "--classes",
+        type=_names,
+        help="class names in mask-value order, background first, e.g. background,scratch,dent",
+    )
+    build.add_argument("--channels", type=int, choices=[1, 3])
+    build.add_argument("--binary", action="store_true", help="all defect classes -> 1")
+    build.add_argument(
+        "--mask-threshold",
+        type=int,
+        help="masks are 0-255 / soft: pixel >= T is defect (class from folder)",
+    )
+    build.add_argument("--mask-suffix", default="", help="mask stem suffix, e.g. _mask")
+    build.add_argument(
+        "--class-from-folder",
+        action="store_true",
+        help="each image's defect class is its folder's name",
+    )
+    build.add_argument(
+        "--split-ratios",
+        type=_ratios,
+        default=(0.7, 0.15, 0.15),
+        help="train,val,test for folders without split subfolders",
+    )
+    build.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.0,
+        help="carve this fraction of train into a test split (NEU-Seg ships none)",
+    )
+    build.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable or inconsistent samples and list them in rejected.csv",
+    )
+    build.add_argument("--overwrite", action="store_true")
+    augment = data.add_parser("augment", help="offline k-fold paper augmentation of train")
+    augment.add_argument("--data", required=True)
+    augment.add_argument("--out", required=True)
+    augment.add_argument("--factor", type=int, default=15)
+    augment.add_argument("--strength", type=float, default=1.0)
+    augment.add_argument("--seed", type=int, default=0)
+    augment.add_argument("--overwrite", action="store_true")
+
+
+def add_seg_train_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="deeplabv3plus")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--encoder-weights", help="'imagenet' (needs network) or a local file")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--image-size", type=int, default=0, help="resize to this (0: native)")
+    parser.add_argument(
+        "--crop-size",
+        type=int,
+        default=128,
+        help="random training crops at native scale (0: whole images)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--loss", default="ce+dice", help="e.g. ce, dice, focal, ce:0.3+tversky")
+    parser.add_argument(
+        "--tversky-alpha",
+        type=float,
+        default=0.5,
+        help="weight of false positives; 1-alpha weighs missed defects",
+    )
+    parser.add_argument("--aug-strength", type=float, default=0.5)
+    parser.add_argument("--binary", action="store_true", help="train defect vs background")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--use-gpu", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps-per-epoch", type=int, default=0, help="smoke runs")
+
+
+def seg_options(args: argparse.Namespace) -> dict:
+    return {
+        "arch": args.arch,
+        "encoder": args.encoder,
+        "encoder_weights": args.encoder_weights,
+        "epochs": args.epochs,
+        "image_size": args.image_size,
+        "crop_size": args.crop_size,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "loss": args.loss,
+        "tversky_alpha": args.tversky_alpha,
+        "aug_strength": args.aug_strength,
+        "binary": args.binary,
+        "workers": args.workers,
+        "use_gpu": args.use_gpu,
+        "seed": args.seed,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+    }
+
+
+def add_seg_commands(commands) -> None:
+    seg = commands.add_parser("seg", help="train and evaluate segmentation models").add_subparsers(
+        dest="seg_command", required=True
+    )
+    train = seg.add_parser("train", help="train on a Parquet dataset with Ray Train")
+    train.add_argument("--data", required=True)
+    train.add_argument("--out", required=True, help="run folder (re-run to resume)")
+    add_seg_train_options(train)
+    evaluate = seg.add_parser("eval", help="evaluate a trained model on a folder of images")
+    evaluate.add_argument("--model", required=True, help="run folder of `seg train`")
+    evaluate.add_argument("--images", required=True)
+    evaluate.add_argument("--masks", required=True)
+    evaluate.add_argument("--binary", action="store_true", help="score defect vs background only")
+    evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    predict = commands.add_parser("predict", help="mask and overlay PNGs for a folder of images")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--images", required=True)
+    predict.add_argument("--out", required=True)
+
+
+def add_quickstart(commands) -> None:
+    quick = commands.add_parser(
+        "quickstart",
+        help="build, train and evaluate on the bundled NEU-Seg sample (or --data) on a local Ray",
+    )
+    quick.add_argument("--data", help="NEU-Seg root (default: the bundled sample)")
+    quick.add_argument("--out", default="runs/quickstart")
+    quick.add_argument("--epochs", type=int, default=None)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="defectforge", description=__doc__.splitlines()[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    add_data_commands(commands)
+    add_seg_commands(commands)
+    add_quickstart(commands)
+    return root
+
+
+def run_data(args) -> None:
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.trainables.data_jobs import augment_parquet, build_parquet
+
+    if args.data_command == "build":
+        manifest = build_parquet(
+            BuildConfig(
+                source=args.source,
+                root=args.root,
+                out=args.out,
+                name=args.name,
+                classes=args.classes,
+                channels=args.channels,
+                binary=args.binary,
+                mask_threshold=args.mask_threshold,
+                mask_suffix=args.mask_suffix,
+                class_from_folder=args.class_from_folder,
+                split_ratios=args.split_ratios,
+                test_fraction=args.test_fraction,
+                skip_bad=args.skip_bad,
+                overwrite=args.overwrite,
+            )
+        )
+    else:
+        manifest = augment_parquet(
+            args.data, args.out, args.factor, args.strength, args.seed, args.overwrite
+        )
+    counts = {split: c["total"] for split, c in manifest["counts"].items()}
+    print(
+        f"wrote {args.out}: {counts} rows, classes {manifest['classes']}, "
+        f"{manifest['rejected'] if 'rejected' in manifest else 0} rejected"
+    )
+
+
+def run_seg(args) -> None:
+    from defectforge.segmentation.inference import evaluate_folder
+
+    if args.seg_command == "train":
+        from defectforge.segmentation.report import write_run_plots
+        from defectforge.trainables.seg import config_from_manifest, run_seg_training
+
+        cfg = config_from_manifest(args.data, **seg_options(args))
+        summary = run_seg_training(cfg, args.out)
+        write_run_plots(args.out)
+        print(_best_line(args.out, summary["best"]))
+        return
+    result = evaluate_folder(args.model, args.images, args.masks, args.binary, args.mask_threshold)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"binary defect IoU {result['binary_defect_iou']:.4f}, mean defect IoU "
+            f"{result['mean_defect_iou']:.4f}, per class {result['per_class_iou']}"
+        )
+
+
+def _best_line(out, best: dict) -> str:
+    return (
+        f"best epoch {best['epoch']}: val binary defect IoU "
+        f"{best['val_binary_defect_iou']:.4f}, mean defect IoU "
+        f"{best['val_mean_defect_iou']:.4f}; model and plots in {out}"
+    )
+
+
+def run_predict(args) -> None:
+    from defectforge.segmentation.inference import predict_folder
+
+    written = predict_folder(args.model, args.images, args.out)
+    print(f"wrote {written} mask and overlay PNGs to {args.out}")
+
+
+def run_quickstart(args) -> None:
+    from defectforge.trainables.quickstart import quickstart
+
+    quickstart(args.data, Path(args.out), args.epochs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    handlers = {
+        "data": run_data,
+        "seg": run_seg,
+        "predict": run_predict,
+        "quickstart": run_quickstart,
+    }
+    try:
+        handlers[args.command](args)
+    except USER_ERRORS as err:
+        print(f"defectforge: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

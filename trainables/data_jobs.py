@@ -1,0 +1,172 @@
+"""Ray Data jobs over the Parquet contract: build from raw folders, offline augmentation, reading."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from defectforge.datasets.augment import augment_pair, paper_augmentation
+from defectforge.datasets.build import (
+    LOAD_COLUMNS,
+    BuildConfig,
+    RowLoader,
+    check_rejections,
+    discover,
+    make_manifest,
+)
+from defectforge.datasets.contract import (
+    SCHEMA,
+    SPLITS,
+    combined_digest,
+    decode_png,
+    encode_png,
+    publish_dir,
+    read_manifest,
+    split_dir,
+    write_json_atomic,
+)
+from defectforge.datasets.errors import DataError
+from defectforge.trainables.runtime import ensure_ray
+
+LOAD_BATCH = 32
+ROWS_PER_FILE = 1024
+
+
+def read_split(root: str | Path, split: str) -> ray.data.Dataset:
+    """One split of a built dataset as a Ray Dataset (raises if the split is empty or missing)."""
+    folder = split_dir(root, split)
+    if not folder.is_dir():
+        raise DataError(
+            folder,
+            f"dataset has no {split} split",
+            "rebuild it with split ratios that give this split some samples",
+        )
+    return ray.data.read_parquet(str(folder), schema=SCHEMA)
+
+
+def _write_splits(dataset: ray.data.Dataset, staging: Path, counts: dict) -> None:
+    for split in SPLITS:
+        if counts[split]["total"]:
+            part = dataset.filter(lambda row, s=split: row["split"] == s and not row["rejected"])
+            part.drop_columns(list(LOAD_COLUMNS)).write_parquet(
+                str(staging / split), min_rows_per_file=ROWS_PER_FILE
+            )
+
+
+def build_parquet(cfg: BuildConfig) -> dict:
+    """Read, check and write a dataset; the final folder appears only when all of it is written."""
+    refs, spec = discover(cfg)
+    ensure_ray()
+    loaded = (
+        ray.data.from_items([asdict(ref) for ref in refs])
+        .map_batches(
+            RowLoader(spec),
+            batch_size=LOAD_BATCH,
+            batch_format="numpy",
+            zero_copy_batch=True,
+            compute=ray.data.TaskPoolStrategy(),
+        )
+        .materialize()
+    )
+    summary = loaded.drop_columns(["image", "mask"]).take_all()
+    with publish_dir(cfg.out, cfg.overwrite) as staging:
+        good = check_rejections(summary, cfg, staging)
+        manifest = make_manifest(cfg, spec, good, len(summary) - len(good))
+        _write_splits(loaded, staging, manifest["counts"])
+        write_json_atomic(staging / "manifest.json", manifest)
+    return manifest
+
+
+def _expand(batch: pa.Table, factor: int, strength: float, seed: int, channels: int) -> pa.Table:
+    """Each row once as it is, plus ``factor - 1`` augmented copies with derived ids."""
+    rows = []
+    for row in batch.to_pylist():
+        rows.append(row)
+        image, mask = decode_png(row["image"], channels), decode_png(row["mask"], 0)
+        for copy in range(1, factor):
+            transform = paper_augmentation(strength, seed=_copy_seed(seed, row["id"], copy))
+            aug_image, aug_mask = augment_pair(transform, image, mask)
+            rows.append(
+                {
+                    **row,
+                    "id": f"{row['id']}#aug{copy:02d}",
+                    "image": encode_png(aug_image),
+                    "mask": encode_png(aug_mask),
+                    "height": aug_image.shape[0],
+                    "width": aug_image.shape[1],
+                    "origin": f"{row['id']}|aug:{seed}:{copy}",
+                }
+            )
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def _copy_seed(seed: int, sample_id: str, copy: int) -> int:
+    return int(np.random.default_rng([seed, copy, *sample_id.encode()]).integers(2**31))
+
+
+def _scaled_counts(counts: dict, factor: int) -> dict:
+    return {
+        "total": counts["total"] * factor,
+        "by_source": {k: v * factor for k, v in counts["by_source"].items()},
+        "by_class": {k: v * factor for k, v in counts["by_class"].items()},
+    }
+
+
+def augment_parquet(
+    data: str | Path,
+    out: str | Path,
+    factor: int = 15,
+    strength: float = 1.0,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """The paper's offline expansion of the train split (val and test are copied unchanged)."""
+    if factor < 1:
+        raise ValueError(f"--factor must be >= 1, got {factor}")
+    paper_augmentation(strength)
+    manifest = read_manifest(data)
+    ensure_ray()
+    with publish_dir(out, overwrite) as staging:
+        counts = {}
+        for split in SPLITS:
+            if not manifest["counts"][split]["total"]:
+                counts[split] = manifest["counts"][split]
+                continue
+            dataset = read_split(data, split)
+            if split == "train":
+                dataset = dataset.map_batches(
+                    partial(
+                        _expand,
+                        factor=factor,
+                        strength=strength,
+                        seed=seed,
+                        channels=manifest["channels"],
+                    ),
+                    batch_format="pyarrow",
+                    batch_size=8,
+                )
+            dataset.write_parquet(str(staging / split), min_rows_per_file=ROWS_PER_FILE)
+            counts[split] = _scaled_counts(
+                manifest["counts"][split], factor if split == "train" else 1
+            )
+        augmentation = {
+            "factor": factor,
+            "strength": strength,
+            "seed": seed,
+            "parent": manifest["dataset_id"],
+        }
+        derived = {
+            **manifest,
+            "counts": counts,
+            "augmentation": augmentation,
+            "dataset_id": combined_digest(
+                {"parent": manifest["dataset_id"], "augmentation": repr(augmentation)}
+            )[:16],
+        }
+        write_json_atomic(staging / "manifest.json", derived)
+    return derived

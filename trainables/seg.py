@@ -1,0 +1,181 @@
+"""Segmentation training on Ray Train: a ``TorchTrainer`` over the Parquet splits via Ray Data.
+
+The driver (``run_seg_training``) writes a run folder::
+
+    RUN/model.pt, RUN/config.json   best-on-validation weights + the config that rebuilds them
+    RUN/metrics.json                per-epoch history and the best epoch's full validation metrics
+    RUN/plots/*.png                 training curves, per-class IoU, confusion matrix, val grid
+    RUN/ray/                        Ray Train storage: checkpoints (resume state) and results
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import ray.data
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+
+from defectforge.datasets.batches import BatchMaker
+from defectforge.datasets.contract import read_manifest, write_json_atomic
+from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.loop import SELECTION_METRIC, LoopIO, train_segmentation
+from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.runtime import ensure_ray
+
+SHUFFLE_BUFFER = 256
+
+
+def config_from_manifest(data: str | Path, **options) -> SegConfig:
+    """A SegConfig whose data fields (classes, channels, statistics) come from the dataset."""
+    manifest = read_manifest(data)
+    return SegConfig(
+        data=str(Path(data).resolve()),
+        classes=tuple(manifest["classes"]),
+        channels=manifest["channels"],
+        mean=tuple(manifest["pixel_mean"]),
+        std=tuple(manifest["pixel_std"]),
+        data_manifest_id=manifest["dataset_id"],
+        **options,
+    )
+
+
+def _torch_collate(maker: BatchMaker):
+    def collate(batch):
+        return {key: torch.from_numpy(value) for key, value in maker(batch).items()}
+
+    return collate
+
+
+def _seg_worker(config: dict) -> None:
+    cfg = SegConfig.from_dict(config["seg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(
+        cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+    )
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    train_maker = BatchMaker(cfg.batch_spec(), train=True, seed=cfg.seed * 1000 + rank)
+    val_maker = BatchMaker(cfg.batch_spec(), train=False)
+    steps = config["train_rows"] // (world * cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+
+    def train_batches(epoch: int):
+        return train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            collate_fn=_torch_collate(train_maker),
+            drop_last=True,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=cfg.seed + epoch,
+            prefetch_batches=2,
+        )
+
+    def val_batches():
+        return val_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, collate_fn=_torch_collate(val_maker)
+        )
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        if rank == 0:
+            print(epoch_line(metrics, cfg.epochs), flush=True)
+        checkpoint = Checkpoint.from_directory(str(folder)) if folder else None
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}"
+        )
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
+        train_segmentation(
+            cfg,
+            LoopIO(
+                train_batches=train_batches,
+                val_batches=val_batches,
+                steps_per_epoch=max(steps, 1),
+                report=report,
+                resume_from=Path(resume) if resume else None,
+                device=get_device(),
+                prepare_model=prepare_model if world > 1 else (lambda m: m),
+                rank=rank,
+                on_epoch_start=train_maker.set_epoch,
+            ),
+        )
+
+
+def epoch_line(metrics: dict, epochs: int) -> str:
+    return (
+        f"epoch {metrics['epoch'] + 1}/{epochs}: loss {metrics['train_loss']:.4f}, "
+        f"{metrics['train_img_per_s']:.1f} img/s, val binary defect IoU "
+        f"{metrics['val_binary_defect_iou']:.4f}, mean defect IoU "
+        f"{metrics['val_mean_defect_iou'] or 0:.4f}"
+    )
+
+
+def make_trainer(
+    cfg: SegConfig, out: Path, max_failures: int = 1, cpus_per_worker: float = 1.0
+) -> TorchTrainer:
+    train, val = read_split(cfg.data, "train"), read_split(cfg.data, "val")
+    resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
+    return TorchTrainer(
+        _seg_worker,
+        train_loop_config={"seg": asdict(cfg), "train_rows": train.count()},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(out.resolve() / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=SELECTION_METRIC
+            ),
+        ),
+        datasets={"train": train, "val": val},
+    )
+
+
+def run_seg_training(cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1.0) -> dict:
+    """Train on Ray, then publish the best checkpoint's model and metrics into ``out``.
+
+    Re-running with the same ``out`` resumes from its last checkpoint.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    # Per-operator bars of every epoch's data stream drown the epoch lines; Ray Train's own
+    # reporting and our one line per epoch show progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result = make_trainer(cfg, out, cpus_per_worker=cpus_per_worker).fit()
+    best_checkpoint, best_metrics = max(
+        result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0
+    )
+    with best_checkpoint.as_directory() as folder:
+        for name in (MODEL_FILE, CONFIG_FILE):
+            shutil.copyfile(Path(folder) / name, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
+    summary = {"best": best_metrics, "history": _history(result), "config": asdict(cfg)}
+    write_json_atomic(out / "metrics.json", summary)
+    return summary
+
+
+def _history(result) -> list[dict]:
+    frame = result.metrics_dataframe
+    keep = [
+        c
+        for c in frame.columns
+        if not c.startswith(("val_per_class", "val_confusion", "val_class_names"))
+    ]
+    rows = frame[keep].to_dict(orient="records")
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in rows
+    ]
