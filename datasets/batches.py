@@ -125,3 +125,32 @@ class BatchMaker:
         if self.train and self.spec.crop_size:
             image, mask = random_crop(image, mask, self.spec.crop_size, rng)
         return image, mask
+
+
+class GanBatchMaker:
+    """PNG image cells -> ``{"image": N x C x R x R float in [-1, 1], "label": N int64}``.
+
+    Images are resized (area) to the GAN resolution; labels index ``classes`` by the row's
+    ``defect_class`` (-1 when it has none).
+    """
+
+    def __init__(self, channels: int, resolution: int, classes: tuple[str, ...] = ()):
+        self.channels, self.resolution = channels, resolution
+        self.class_index = {name: index for index, name in enumerate(classes)}
+
+    def images(self, cells) -> np.ndarray:
+        """N x R x R x C uint8, the GAN's view of real images."""
+        return np.stack(
+            [
+                resize_pair(decode_png(cell, self.channels), None, self.resolution)[0]
+                for cell in cells
+            ]
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = self.images(batch["image"]).astype(np.float32) / 127.5 - 1
+        labels = [self.class_index.get(name, -1) for name in batch.get("defect_class", [])]
+        return {
+            "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+            "label": np.asarray(labels or [-1] * len(images), np.int64),
+        }

@@ -154,6 +154,90 @@ def add_seg_commands(commands) -> None:
     predict.add_argument("--out", required=True)
 
 
+def add_gan_commands(commands) -> None:
+    gan = commands.add_parser("gan", help="StyleGAN2 + DiffAugment: train, generate, metrics")
+    sub = gan.add_subparsers(dest="gan_command", required=True)
+    train = sub.add_parser("train", help="train on a Parquet dataset with Ray Train")
+    train.add_argument("--data", required=True)
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument("--profile", default="cpu-small", choices=["cpu-small", "gpu"])
+    train.add_argument("--resolution", type=int)
+    train.add_argument("--kimg", type=float, required=True, help="thousands of real images shown")
+    train.add_argument("--workers", type=int)
+    train.add_argument("--use-gpu", action="store_true")
+    train.add_argument("--batch-size", type=int, help="per worker")
+    train.add_argument("--diffaug", help="e.g. color,translation,cutout ('' for none)")
+    train.add_argument("--diffaug-strength", type=float)
+    train.add_argument("--r1-gamma", type=float, help="default: 0.0002 * resolution^2 / batch")
+    train.add_argument("--pl-weight", type=float, help="path-length regularisation (0: off)")
+    train.add_argument("--snapshot-kimg", type=float)
+    train.add_argument("--conditional", action="store_true", help="condition on defect class")
+    train.add_argument("--class", dest="defect_class", help="train on one defect class only")
+    train.add_argument("--seed", type=int)
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest snapshot up to --kimg",
+    )
+    generate = sub.add_parser("generate", help="images by seed -> PNGs + Parquet rows")
+    generate.add_argument("--model", required=True, help="run folder of `gan train`")
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--n", type=int, default=100)
+    generate.add_argument("--seeds", help="comma-separated seeds or a range a-b (overrides --n)")
+    generate.add_argument("--truncation", type=float, default=1.0)
+    generate.add_argument("--class", dest="class_name", help="class of a conditional generator")
+    generate.add_argument("--overwrite", action="store_true")
+    metrics = sub.add_parser("metrics", help="sliced Wasserstein distance to real images")
+    metrics.add_argument("--model", required=True)
+    metrics.add_argument("--data", help="dataset to compare with (default: the training data)")
+    metrics.add_argument("--n", type=int, default=0, help="images per set (default: config's)")
+
+
+def parse_seeds(text: str | None, count: int) -> list[int]:
+    if not text:
+        return list(range(count))
+    if "-" in text and "," not in text:
+        first, last = (int(x) for x in text.split("-"))
+        return list(range(first, last + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def run_gan(args) -> None:
+    from defectforge.trainables import gan
+
+    if args.gan_command == "train":
+        options = {
+            "resolution": args.resolution,
+            "kimg": args.kimg,
+            "workers": args.workers,
+            "use_gpu": args.use_gpu or None,
+            "batch_size": args.batch_size,
+            "diffaug": args.diffaug,
+            "diffaug_strength": args.diffaug_strength,
+            "r1_gamma": args.r1_gamma,
+            "pl_weight": args.pl_weight,
+            "snapshot_kimg": args.snapshot_kimg,
+            "conditional": args.conditional or None,
+            "defect_class": args.defect_class,
+            "seed": args.seed,
+        }
+        cfg = gan.gan_config_from_manifest(args.data, args.profile, **options)
+        summary = gan.run_gan_training(cfg, args.out, resume=args.resume)
+        final = summary["final"]
+        print(
+            f"kimg {final['kimg']:.2f}: SWD {final.get('swd', float('nan')):.1f}; generator, "
+            f"metrics and sample grids in {args.out}"
+        )
+    elif args.gan_command == "generate":
+        seeds = parse_seeds(args.seeds, args.n)
+        gan.write_generated(
+            args.model, args.out, seeds, args.truncation, args.class_name, args.overwrite
+        )
+        print(f"wrote {len(seeds)} images (PNG + Parquet) to {args.out}")
+    else:
+        print(json.dumps(gan.generator_metrics(args.model, args.data, args.n)))
+
+
 def add_quickstart(commands) -> None:
     quick = commands.add_parser(
         "quickstart",
@@ -169,6 +253,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     add_data_commands(commands)
     add_seg_commands(commands)
+    add_gan_commands(commands)
     add_quickstart(commands)
     return root
 

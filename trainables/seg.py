@@ -11,7 +11,6 @@ The driver (``run_seg_training``) writes a run folder::
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 from dataclasses import asdict
@@ -25,7 +24,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from defectforge.datasets.batches import BatchMaker
 from defectforge.datasets.contract import read_manifest, write_json_atomic
-from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE
+from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_training_state
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import SELECTION_METRIC, LoopIO, train_segmentation
 from defectforge.trainables.data_jobs import read_split
@@ -158,24 +157,12 @@ def run_seg_training(cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1
     best_checkpoint, best_metrics = max(
         result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0
     )
+    with result.checkpoint.as_directory() as latest:
+        history = load_training_state(latest)["history"]
     with best_checkpoint.as_directory() as folder:
         for name in (MODEL_FILE, CONFIG_FILE):
             shutil.copyfile(Path(folder) / name, out / f".{name}.tmp")
             os.replace(out / f".{name}.tmp", out / name)
-    summary = {"best": best_metrics, "history": _history(result), "config": asdict(cfg)}
+    summary = {"best": best_metrics, "history": history, "config": asdict(cfg)}
     write_json_atomic(out / "metrics.json", summary)
     return summary
-
-
-def _history(result) -> list[dict]:
-    frame = result.metrics_dataframe
-    keep = [
-        c
-        for c in frame.columns
-        if not c.startswith(("val_per_class", "val_confusion", "val_class_names"))
-    ]
-    rows = frame[keep].to_dict(orient="records")
-    return [
-        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        for row in rows
-    ]

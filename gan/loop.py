@@ -1,0 +1,267 @@
+"""The GAN training loop: StyleGAN2 losses, lazy regularisation, EMA, snapshots. No Ray.
+
+Multi-process runs average gradients explicitly with ``torch.distributed`` after each backward
+(rather than wrapping G and D in DDP, whose hooks fit badly with a GAN's several forward passes
+and frozen networks per phase); parameters start identical, so they stay identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from defectforge.gan.checkpoint import (
+    SAMPLES_FILE,
+    build_discriminator,
+    build_generator,
+    load_gan_state,
+    save_gan_checkpoint,
+    write_png,
+)
+from defectforge.gan.config import GanConfig
+from defectforge.gan.diffaug import diff_augment
+from defectforge.gan.generate import generate_images, image_grid
+from defectforge.gan.metrics import sliced_wasserstein
+
+GRID_SEEDS = range(16)
+METRIC_SEED = 123456
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _average_gradients(module: nn.Module) -> None:
+    if not _distributed():
+        return
+    world = dist.get_world_size()
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= world
+
+
+def _broadcast(module: nn.Module) -> None:
+    if _distributed():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | None:
+    return F.one_hot(labels, num_classes).float() if num_classes and labels is not None else None
+
+
+def _lazy_adam(params, lr: float, interval: int) -> torch.optim.Adam:
+    # Lazy regularisation runs every `interval` steps; scale lr and betas as StyleGAN2 does.
+    ratio = interval / (interval + 1)
+    return torch.optim.Adam(params, lr=lr * ratio, betas=(0.0, 0.99**ratio), eps=1e-8)
+
+
+@dataclass
+class GanLoopIO:
+    """``real_batches`` yields dicts with ``image`` (N x C x H x W in [-1, 1]) and ``label``
+    (N int64 class index, used when conditional). ``real_for_metric()`` returns uint8 NHWC
+    images. ``report(metrics, checkpoint_dir)`` is called at every snapshot on every rank."""
+
+    real_batches: Iterator[dict]
+    report: Callable[[dict, Path | None], None]
+    real_for_metric: Callable[[], np.ndarray]
+    resume_from: Path | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    rank: int = 0
+
+
+class GanTrainer:
+    """Networks, optimisers and counters of one run; ``step`` is one G and one D update."""
+
+    def __init__(self, cfg: GanConfig, device: torch.device, rank: int = 0):
+        self.cfg, self.device, self.rank = cfg, device, rank
+        torch.manual_seed(cfg.seed)
+        self.G = build_generator(cfg).to(device)
+        self.D = build_discriminator(cfg).to(device)
+        _broadcast(self.G)
+        _broadcast(self.D)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.opt_G = _lazy_adam(self.G.parameters(), cfg.g_lr, self._g_interval)
+        self.opt_D = _lazy_adam(self.D.parameters(), cfg.d_lr, cfg.r1_interval)
+        self.step_count, self.images_seen = 0, 0
+        self.pl_mean = torch.zeros([], device=device)
+        self.history: list[dict] = []
+        torch.manual_seed(cfg.seed * 1000 + rank + 1)
+
+    @property
+    def _g_interval(self) -> int:
+        return self.cfg.pl_interval if self.cfg.pl_weight else 10**9
+
+    @property
+    def kimg(self) -> float:
+        return self.images_seen / 1000
+
+    def _labels(self, n: int) -> torch.Tensor | None:
+        if not self.cfg.num_classes:
+            return None
+        return torch.randint(0, self.cfg.num_classes, (n,), device=self.device)
+
+    def _mapped(self, n: int, c: torch.Tensor | None) -> torch.Tensor:
+        """ws for n samples, with style mixing regularisation (two z's, a random crossover)."""
+        G = self.G
+        z = torch.randn(n, self.cfg.z_dim, device=self.device)
+        w = G.mapping(z, c, update_w_avg=True)
+        ws = w.unsqueeze(1).repeat(1, G.num_ws, 1)
+        if self.cfg.style_mixing_prob > 0 and torch.rand([]) < self.cfg.style_mixing_prob:
+            cutoff = int(torch.randint(1, G.num_ws, []))
+            w2 = G.mapping(torch.randn_like(z), c)
+            ws[:, cutoff:] = w2.unsqueeze(1)
+        return ws
+
+    def _d_logits(self, images: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return self.D(diff_augment(images, self.cfg.diffaug, self.cfg.diffaug_strength), c)
+
+    def step(self, real: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        cfg, n = self.cfg, real.shape[0]
+        c_real = one_hot(labels, cfg.num_classes)
+        c_fake = one_hot(self._labels(n), cfg.num_classes)
+        stats = {}
+
+        self.G.requires_grad_(True)
+        self.D.requires_grad_(False)
+        fake = self.G.synthesize(self._mapped(n, c_fake))
+        g_loss = F.softplus(-self._d_logits(fake, c_fake)).mean()
+        self.opt_G.zero_grad(set_to_none=True)
+        g_loss.backward()
+        if cfg.pl_weight and self.step_count % cfg.pl_interval == 0:
+            stats["pl_penalty"] = self._path_length_penalty(n).item()
+        _average_gradients(self.G)
+        self.opt_G.step()
+        if _distributed():
+            dist.all_reduce(self.G.mapping.w_avg)
+            self.G.mapping.w_avg /= dist.get_world_size()
+
+        self.G.requires_grad_(False)
+        self.D.requires_grad_(True)
+        d_loss = F.softplus(self._d_logits(fake.detach(), c_fake)).mean()
+        real_input = real.detach().requires_grad_(self.step_count % cfg.r1_interval == 0)
+        real_logits = self._d_logits(real_input, c_real)
+        d_loss = d_loss + F.softplus(-real_logits).mean()
+        if real_input.requires_grad:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
+            r1 = grad.square().sum(dim=(1, 2, 3)).mean()
+            d_loss = d_loss + r1 * (cfg.effective_r1_gamma / 2) * cfg.r1_interval
+            stats["r1"] = r1.item()
+        self.opt_D.zero_grad(set_to_none=True)
+        d_loss.backward()
+        _average_gradients(self.D)
+        self.opt_D.step()
+
+        world = dist.get_world_size() if _distributed() else 1
+        self.images_seen += n * world
+        self.step_count += 1
+        self._update_ema(n * world)
+        return {"g_loss": g_loss.item(), "d_loss": d_loss.item(), **stats}
+
+    def _path_length_penalty(self, n: int) -> torch.Tensor:
+        batch = max(1, n // 2)
+        ws = self._mapped(batch, one_hot(self._labels(batch), self.cfg.num_classes))
+        ws.requires_grad_(True)
+        images = self.G.synthesize(ws)
+        noise = torch.randn_like(images) / math.sqrt(images.shape[2] * images.shape[3])
+        (grad,) = torch.autograd.grad((images * noise).sum(), ws, create_graph=True)
+        lengths = grad.square().sum(2).mean(1).sqrt()
+        self.pl_mean.copy_(self.pl_mean.lerp(lengths.mean().detach(), 0.01))
+        penalty = (lengths - self.pl_mean).square().mean()
+        (penalty * self.cfg.pl_weight * self.cfg.pl_interval).backward()
+        return penalty
+
+    @torch.no_grad()
+    def _update_ema(self, batch: int) -> None:
+        beta = 0.5 ** (batch / max(self.cfg.ema_kimg * 1000, 1e-8))
+        for ema, live in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
+            ema.copy_(live.lerp(ema, beta))
+        for ema, live in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            ema.copy_(live)
+
+    def state_dict(self) -> dict:
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "step": self.step_count,
+            "images_seen": self.images_seen,
+            "pl_mean": self.pl_mean.cpu(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        # The config wins over the saved learning rates: a resumed run may have changed them.
+        for optimizer, lr, interval in (
+            (self.opt_G, self.cfg.g_lr, self._g_interval),
+            (self.opt_D, self.cfg.d_lr, self.cfg.r1_interval),
+        ):
+            for group in optimizer.param_groups:
+                group["lr"] = lr * interval / (interval + 1)
+        self.step_count, self.images_seen = state["step"], state["images_seen"]
+        self.history = list(state["history"])
+        self.pl_mean.copy_(state["pl_mean"])
+        if self.rank == 0:
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            torch.manual_seed(self.cfg.seed * 1000 + self.rank + 1 + self.step_count)
+
+
+def _snapshot(trainer: GanTrainer, io: GanLoopIO, stats: dict, img_per_s: float) -> None:
+    cfg = trainer.cfg
+    metrics = {"kimg": trainer.kimg, "step": trainer.step_count, "img_per_s": img_per_s, **stats}
+    if io.rank != 0:
+        io.report(metrics, None)
+        return
+    fake = generate_images(trainer.G_ema, cfg, range(METRIC_SEED, METRIC_SEED + cfg.metric_images))
+    metrics.update(sliced_wasserstein(io.real_for_metric(), fake))
+    trainer.history.append(metrics)
+    with tempfile.TemporaryDirectory(prefix="defectforge-gan-") as folder:
+        save_gan_checkpoint(Path(folder), trainer)
+        grid = image_grid(generate_images(trainer.G_ema, cfg, GRID_SEEDS))
+        write_png(Path(folder) / SAMPLES_FILE, grid)
+        io.report(metrics, Path(folder))
+
+
+def train_gan(cfg: GanConfig, io: GanLoopIO) -> dict:
+    """Train until ``cfg.kimg`` thousand real images have been shown, snapshotting every
+    ``cfg.snapshot_kimg`` (and once at the start, so the metric's starting value is on record)."""
+    trainer = GanTrainer(cfg, io.device, io.rank)
+    if io.resume_from is not None:
+        trainer.load_state_dict(load_gan_state(io.resume_from))
+    else:
+        _snapshot(trainer, io, {}, 0.0)
+    next_snapshot = (math.floor(trainer.kimg / cfg.snapshot_kimg) + 1) * cfg.snapshot_kimg
+    started, images_at_start, stats = time.perf_counter(), trainer.images_seen, {}
+    while trainer.kimg < cfg.kimg:
+        batch = next(io.real_batches)
+        labels = batch.get("label")
+        stats = trainer.step(
+            torch.as_tensor(batch["image"]).to(io.device),
+            None if labels is None else torch.as_tensor(labels).to(io.device),
+        )
+        if trainer.kimg >= min(next_snapshot, cfg.kimg):
+            rate = (trainer.images_seen - images_at_start) / (time.perf_counter() - started)
+            _snapshot(trainer, io, stats, rate)
+            next_snapshot += cfg.snapshot_kimg
+            started, images_at_start = time.perf_counter(), trainer.images_seen
+    return {"kimg": trainer.kimg, **stats}

@@ -1,0 +1,247 @@
+"""StyleGAN2 + DiffAugment: the networks, the loop, the metric, and training through Ray Train."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from defectforge.gan.config import GanConfig
+from defectforge.gan.diffaug import diff_augment, parse_policy
+from defectforge.gan.generate import generate_images
+from defectforge.gan.loop import GanTrainer
+from defectforge.gan.metrics import sliced_wasserstein
+from defectforge.gan.networks import (
+    Discriminator,
+    EqualLinear,
+    Generator,
+    ModulatedConv2d,
+)
+
+SMALL = dict(z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32)
+
+
+def tiny_config(**overrides) -> GanConfig:
+    values = dict(
+        data="unused",
+        channels=1,
+        resolution=32,
+        batch_size=4,
+        r1_interval=2,
+        pl_weight=2.0,
+        pl_interval=2,
+        metric_images=16,
+        threads=1,
+        **SMALL,
+    )
+    return GanConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("resolution", [8, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_generator_and_discriminator_shapes(resolution, channels):
+    G = Generator(resolution, channels, **SMALL)
+    D = Discriminator(resolution, channels, SMALL["channel_base"], SMALL["channel_max"])
+    images = G(torch.randn(4, 32))
+    assert images.shape == (4, channels, resolution, resolution)
+    assert images.dtype == torch.float32
+    assert D(images).shape == (4, 1)
+    assert G.num_ws == 2 * (int(math.log2(resolution)) - 1)
+
+
+def test_conditional_networks_use_the_class():
+    G = Generator(16, 1, num_classes=3, **SMALL)
+    D = Discriminator(16, 1, 256, 32, num_classes=3)
+    z = torch.randn(2, 32)
+    c0, c1 = torch.eye(3)[[0, 0]], torch.eye(3)[[1, 1]]
+    assert not torch.allclose(G(z, c0, noise_mode="const"), G(z, c1, noise_mode="const"))
+    images = G(z, c0)
+    assert not torch.allclose(D(images, c0), D(images, c1))
+
+
+def test_bad_resolution():
+    with pytest.raises(ValueError, match="power of two"):
+        Generator(48, 1, **SMALL)
+
+
+def test_demodulation_keeps_activations_normalised():
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 64, 3, w_dim=16)
+    x = torch.randn(8, 64, 16, 16)
+    w = torch.randn(8, 16)
+    out = conv(x, w)
+    assert 0.8 < out.std().item() < 1.2
+    with torch.no_grad():
+        conv.affine.bias.mul_(10)  # much larger styles...
+    assert 0.8 < conv(x, w).std().item() < 1.2  # ...are demodulated away
+    plain = ModulatedConv2d(64, 64, 3, w_dim=16, demodulate=False)
+    with torch.no_grad():
+        plain.affine.bias.mul_(10)
+    assert plain(x, w).std().item() > 5
+
+
+def test_equalized_learning_rate_scales_at_run_time():
+    for fan_in in (16, 1024):
+        layer = EqualLinear(fan_in, 256)
+        assert layer.weight.std().item() == pytest.approx(1.0, abs=0.1)  # stored at unit scale
+        out = layer(torch.randn(512, fan_in))
+        assert out.std().item() == pytest.approx(1.0, abs=0.15)  # He gain applied in forward
+    slow = EqualLinear(64, 64, lr_mul=0.01)
+    assert slow.weight.std().item() == pytest.approx(100, rel=0.1)
+
+
+def test_diffaugment_is_differentiable_and_shared_between_batches():
+    real = torch.rand(6, 3, 32, 32, requires_grad=True)
+    out = diff_augment(real, "color,translation,cutout", 1.0, torch.Generator().manual_seed(3))
+    out.sum().backward()
+    assert real.grad is not None and real.grad.abs().sum() > 0
+    # Same generator seed -> the same shifts and holes on both batches (both ops are linear).
+    x = torch.rand(6, 1, 32, 32)
+    a = diff_augment(x, "translation,cutout", 1.0, torch.Generator().manual_seed(9))
+    b = diff_augment(2 * x, "translation,cutout", 1.0, torch.Generator().manual_seed(9))
+    assert torch.allclose(b, 2 * a)
+    assert (a == 0).float().mean() > 0.05  # cutout and translation really removed pixels
+    assert torch.equal(diff_augment(x, "color", 0.0), x)
+    with pytest.raises(ValueError, match="valid: color, translation, cutout"):
+        parse_policy("colour")
+
+
+def _reals(cfg: GanConfig, n: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, cfg.channels, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1
+
+
+def test_resume_reproduces_the_next_step():
+    cfg = tiny_config()
+    batches = [_reals(cfg, 4, seed) for seed in range(4)]
+    straight = GanTrainer(cfg, torch.device("cpu"))
+    for batch in batches[:3]:
+        straight.step(batch, None)
+    saved = {k: (v.copy() if isinstance(v, dict) else v) for k, v in straight.state_dict().items()}
+    saved = torch.load(_roundtrip(saved), weights_only=False)
+    straight.step(batches[3], None)
+
+    resumed = GanTrainer(cfg, torch.device("cpu"))
+    resumed.load_state_dict(saved)
+    resumed.step(batches[3], None)
+    for a, b in zip(straight.G.state_dict().values(), resumed.G.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.D.parameters(), resumed.D.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert resumed.images_seen == straight.images_seen == 16
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_generation_is_deterministic_per_seed():
+    cfg = tiny_config()
+    trainer = GanTrainer(cfg, torch.device("cpu"))
+    a = generate_images(trainer.G_ema, cfg, [5, 6, 7])
+    b = generate_images(trainer.G_ema, cfg, [7])
+    assert a.dtype == np.uint8 and a.shape == (3, 32, 32, 1)
+    assert np.array_equal(a[2], b[0])
+    assert not np.array_equal(a[0], a[1])
+    truncated = generate_images(trainer.G_ema, cfg, [5], truncation_psi=0.0)
+    assert truncated.shape == (1, 32, 32, 1)
+
+
+def test_sliced_wasserstein_separates_sets():
+    rng = np.random.default_rng(0)
+    smooth = np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, :], 32, 0)
+    base = np.stack([np.roll(smooth, rng.integers(32), axis=1) for _ in range(64)])[..., None]
+    other = np.stack([np.roll(smooth, rng.integers(32), axis=1) for _ in range(64)])[..., None]
+    noise = rng.integers(0, 256, base.shape).astype(np.uint8)
+    same = sliced_wasserstein(base, other)["swd"]
+    different = sliced_wasserstein(base, noise)["swd"]
+    assert different > 5 * same
+    assert set(sliced_wasserstein(base, other)) == {"swd_32", "swd_16", "swd"}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="power of two"):
+        tiny_config(resolution=100)
+    with pytest.raises(ValueError, match="unknown DiffAugment"):
+        tiny_config(diffaug="color,zoom")
+    with pytest.raises(ValueError, match="unknown GAN config keys"):
+        GanConfig.from_dict({"data": "x", "channels": 1, "kimgs": 3})
+    assert tiny_config().effective_r1_gamma == pytest.approx(0.0002 * 32**2 / 4)
+
+
+def _two_worker_step(config):
+    import ray.train
+    import torch.distributed as dist
+
+    cfg = GanConfig.from_dict(config["gan"])
+    trainer = GanTrainer(cfg, torch.device("cpu"), ray.train.get_context().get_world_rank())
+    rank = ray.train.get_context().get_world_rank()
+    trainer.step(_reals(cfg, 4, seed=rank), None)  # different data on each worker
+    checksum = torch.stack(
+        [p.detach().double().sum() for p in trainer.G.parameters()]
+        + [p.detach().double().sum() for p in trainer.D.parameters()]
+    )
+    gathered = [torch.zeros_like(checksum) for _ in range(2)]
+    dist.all_gather(gathered, checksum)
+    ray.train.report({"checksums": [g.tolist() for g in gathered]})
+
+
+def test_two_worker_ray_train_keeps_parameters_identical(ray_session, tmp_path):
+    from dataclasses import asdict
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = tiny_config(pl_weight=0.0)
+    trainer = TorchTrainer(
+        _two_worker_step,
+        train_loop_config={"gan": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="ddp", storage_path=str(tmp_path)),
+    )
+    first, second = trainer.fit().metrics["checksums"]
+    assert first == second
+    untouched = GanTrainer(cfg, torch.device("cpu"))
+    start = [p.detach().double().sum().item() for p in untouched.G.parameters()]
+    assert first[: len(start)] != start  # the step did change the weights
+
+
+def test_ray_train_run_snapshots_resumes_and_generates(
+    ray_session, sample_dataset, tmp_path, capsys
+):
+    from defectforge.trainables.cli import main
+    from defectforge.trainables.gan import gan_config_from_manifest, run_gan_training
+
+    cfg = gan_config_from_manifest(
+        sample_dataset,
+        "cpu-small",
+        resolution=32,
+        batch_size=8,
+        kimg=0.032,
+        snapshot_kimg=0.016,
+        metric_images=16,
+        **{k: v for k, v in SMALL.items()},
+    )
+    run = tmp_path / "gan"
+    summary = run_gan_training(cfg, run, cpus_per_worker=1.0)
+    kimgs = [row["kimg"] for row in summary["history"]]
+    assert kimgs == [0.0, 0.016, 0.032]
+    assert all(row["swd"] > 0 for row in summary["history"])
+    assert (run / "generator.pt").is_file() and len(list((run / "samples").glob("*.png"))) == 3
+
+    more = run_gan_training(replace(cfg, kimg=0.048), run, resume=True)
+    assert [row["kimg"] for row in more["history"]] == [0.0, 0.016, 0.032, 0.048]
+
+    out = tmp_path / "generated"
+    assert main(["gan", "generate", "--model", str(run), "--n", "5", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 5
+    rows = pq.read_table(out / "train").to_pylist()
+    assert [r["source"] for r in rows] == ["synthetic"] * 5 and rows[0]["mask"] is None
+    assert rows[0]["origin"].endswith("/seed0") and rows[0]["id"].startswith("gan/gan-")

@@ -1,0 +1,280 @@
+"""StyleGAN2 training on Ray Train: K workers (gloo on CPU, NCCL on GPU), real images via Ray Data.
+
+The run folder::
+
+    RUN/generator.pt, RUN/config.json   G_ema of the latest snapshot + the config that rebuilds it
+    RUN/metrics.json                    every snapshot's kimg, losses, img/s and SWD
+    RUN/samples/kimg_NNNNN.png          the fixed-seed grid at each snapshot
+    RUN/ray/                            Ray Train storage: snapshot checkpoints (resume state)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.data
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
+
+from defectforge.datasets.batches import GanBatchMaker
+from defectforge.datasets.contract import read_manifest, split_dir, write_json_atomic
+from defectforge.datasets.errors import DataError
+from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, SAMPLES_FILE, load_gan_state
+from defectforge.gan.config import GanConfig
+from defectforge.gan.loop import GanLoopIO, train_gan
+from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.runtime import ensure_ray
+
+SHUFFLE_BUFFER = 256
+RUN_NAME = "train"
+
+
+def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **options) -> GanConfig:
+    manifest = read_manifest(data)
+    base = GanConfig(
+        data=str(Path(data).resolve()),
+        channels=manifest["channels"],
+        classes=tuple(manifest["classes"][1:]),
+    )
+    return replace(
+        base.with_profile(profile), **{k: v for k, v in options.items() if v is not None}
+    )
+
+
+def _wanted(cfg: GanConfig):
+    def keep(row: dict) -> bool:
+        if cfg.defect_class:
+            return row["defect_class"] == cfg.defect_class
+        return row["defect_class"] is not None if cfg.conditional else True
+
+    return keep
+
+
+def real_images(cfg: GanConfig, split: str = "train") -> ray.data.Dataset:
+    dataset = read_split(cfg.data, split).select_columns(["image", "defect_class"])
+    return dataset.filter(_wanted(cfg))
+
+
+def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
+    """The first ``metric_images`` real images (seeded shuffle) at the GAN resolution, uint8."""
+    table = pq.read_table(split_dir(cfg.data, split), columns=["image", "defect_class"])
+    keep = _wanted(cfg)
+    cells = [r["image"] for r in table.to_pylist() if keep(r)]
+    if not cells:
+        raise DataError(
+            cfg.data,
+            f"no {split} images match the requested class",
+            "check --class against the dataset's classes",
+        )
+    order = np.random.default_rng(cfg.seed).permutation(len(cells))[: cfg.metric_images]
+    return GanBatchMaker(cfg.channels, cfg.resolution).images([cells[i] for i in order])
+
+
+def _endless(shard, cfg: GanConfig, maker: GanBatchMaker):
+    epoch = 0
+    while True:
+        for batch in shard.iter_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            batch_format="numpy",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=cfg.seed + epoch,
+        ):
+            yield {key: torch.from_numpy(value) for key, value in maker(batch).items()}
+        epoch += 1
+
+
+def _gan_worker(config: dict) -> None:
+    cfg = GanConfig.from_dict(config["gan"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    torch.set_num_threads(
+        cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+    )
+    maker = GanBatchMaker(cfg.channels, cfg.resolution, cfg.classes if cfg.conditional else ())
+    samples = Path(config["samples_dir"])
+    reals: list[np.ndarray] = []
+
+    def real_for_metric() -> np.ndarray:
+        if not reals:
+            reals.append(metric_reals(cfg))
+        return reals[0]
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        name = f"kimg_{metrics['kimg']:09.3f}"
+        if folder is not None:
+            samples.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / SAMPLES_FILE, samples / f".{name}.png")
+            os.replace(samples / f".{name}.png", samples / f"{name}.png")
+            print(
+                f"kimg {metrics['kimg']:.2f}/{cfg.kimg}: SWD {metrics.get('swd', 0):.1f}, "
+                f"{metrics['img_per_s']:.1f} img/s",
+                flush=True,
+            )
+        checkpoint = Checkpoint.from_directory(str(folder)) if folder else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
+        train_gan(
+            cfg,
+            GanLoopIO(
+                real_batches=_endless(ray.train.get_dataset_shard("train"), cfg, maker),
+                report=report,
+                real_for_metric=real_for_metric,
+                resume_from=Path(resume) if resume else None,
+                device=get_device(),
+                rank=rank,
+            ),
+        )
+
+
+def _latest_snapshot(out: Path) -> Path | None:
+    """The snapshot with the most kimg across the first run and any resumed ones."""
+    folders = sorted((out / "ray").glob("*/kimg_*"), key=lambda p: p.name)
+    return folders[-1] if folders else None
+
+
+def run_gan_training(
+    cfg: GanConfig,
+    out: str | Path,
+    resume: bool = False,
+    max_failures: int = 2,
+    cpus_per_worker: float = 1.0,
+) -> dict:
+    """Train (or, with ``resume``, continue a finished run to ``cfg.kimg``) and publish the
+    latest generator, metrics and sample grids in ``out``."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    previous = _latest_snapshot(out) if resume else None
+    if resume and previous is None:
+        raise FileNotFoundError(f"{out}: no snapshot to resume from; train it first")
+    name = f"{RUN_NAME}-from-{previous.name}" if previous else RUN_NAME
+    trainer = TorchTrainer(
+        _gan_worker,
+        train_loop_config={"gan": asdict(cfg), "samples_dir": str(out / "samples")},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=None if cfg.use_gpu else {"CPU": cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"{RUN_NAME}-resumed" if resume else RUN_NAME,
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=3),
+        ),
+        datasets={"train": real_images(cfg)},
+        resume_from_checkpoint=Checkpoint.from_directory(str(previous)) if previous else None,
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        for name in (GENERATOR_FILE, CONFIG_FILE, SAMPLES_FILE):
+            shutil.copyfile(Path(folder) / name, out / f".{name}.tmp")
+            os.replace(out / f".{name}.tmp", out / name)
+        history = load_gan_state(Path(folder))["history"]
+    summary = {"final": history[-1], "history": history, "config": asdict(cfg)}
+    write_json_atomic(out / "metrics.json", summary)
+    return summary
+
+
+def run_id(model: str | Path) -> str:
+    """A short, stable id of a generator: its folder name and a hash of its weights."""
+    from defectforge.datasets.contract import file_digest
+
+    model = Path(model)
+    return f"{model.resolve().name}-{file_digest(model / GENERATOR_FILE)[:8]}"
+
+
+def write_generated(
+    model: str | Path,
+    out: str | Path,
+    seeds: list[int],
+    truncation_psi: float = 1.0,
+    class_name: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """PNG per seed plus a Parquet dataset of synthetic rows (no masks yet) with a manifest."""
+    import pyarrow as pa
+
+    from defectforge.datasets.contract import SCHEMA, encode_png, publish_dir
+    from defectforge.gan.checkpoint import load_generator
+    from defectforge.gan.generate import generate_images
+
+    generator, cfg = load_generator(model)
+    class_index = None
+    if class_name is not None:
+        if class_name not in cfg.classes:
+            raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
+        class_index = cfg.classes.index(class_name)
+    images = generate_images(generator, cfg, seeds, truncation_psi, class_index)
+    identity = run_id(model)
+    rows = []
+    with publish_dir(out, overwrite) as staging:
+        (staging / "train").mkdir()
+        for seed, image in zip(seeds, images, strict=True):
+            png = encode_png(image)
+            (staging / f"seed{seed:05d}.png").write_bytes(png)
+            rows.append(
+                {
+                    "id": f"gan/{identity}/seed{seed:05d}",
+                    "image": png,
+                    "mask": None,
+                    "height": image.shape[0],
+                    "width": image.shape[1],
+                    "channels": image.shape[2],
+                    "dataset": Path(cfg.data).name,
+                    "source": "synthetic",
+                    "split": "train",
+                    "defect_class": class_name or cfg.defect_class,
+                    "label_confidence": None,
+                    "origin": f"{identity}/seed{seed}",
+                }
+            )
+        pq.write_table(
+            pa.Table.from_pylist(rows, schema=SCHEMA), staging / "train" / "generated.parquet"
+        )
+        manifest = {
+            "schema_version": 1,
+            "dataset": f"gan-{identity}",
+            "source": "synthetic",
+            "channels": cfg.channels,
+            "generator": identity,
+            "seeds": seeds,
+            "truncation_psi": truncation_psi,
+            "class": class_name,
+            "counts": {"train": {"total": len(rows), "by_source": {"synthetic": len(rows)}}},
+            "gan_config": asdict(cfg),
+        }
+        write_json_atomic(staging / "manifest.json", manifest)
+    return manifest
+
+
+def generator_metrics(model: str | Path, data: str | Path | None = None, count: int = 0) -> dict:
+    """SWD between ``count`` generated and as many real images of the run's (or another) data."""
+    from defectforge.gan.checkpoint import load_generator
+    from defectforge.gan.generate import generate_images
+    from defectforge.gan.loop import METRIC_SEED
+    from defectforge.gan.metrics import sliced_wasserstein
+
+    generator, cfg = load_generator(model)
+    cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
+    reals = metric_reals(cfg)
+    fakes = generate_images(
+        generator,
+        cfg,
+        range(METRIC_SEED, METRIC_SEED + len(reals)),
+        class_index=0 if cfg.num_classes else None,
+    )
+    return {"images": len(reals), **sliced_wasserstein(reals, fakes)}
