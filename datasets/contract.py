@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import atomic_write
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -61,6 +62,12 @@ def encode_png(array: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("OpenCV could not encode the array as PNG")
     return buf.tobytes()
+
+
+def write_png(path: str | Path, array: np.ndarray) -> Path:
+    """Encode ``array`` as PNG at ``path``, atomically."""
+    data = encode_png(array)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def decode_png(data: bytes, channels: int) -> np.ndarray:
@@ -100,17 +107,6 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
             "rebuild the dataset with this version of defectforge",
         )
     return manifest
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """Write JSON under a temp name in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

@@ -168,11 +168,17 @@ def discover_folder(
             mask = _find_mask(image.parent, image.stem, mask_suffix, exclude=image)
         first = relative.parts[0] if len(relative.parts) > 1 else ""
         split = first if first in SPLITS else hash_split(sample_id, split_ratios)
-        folder_class = image.parent.name if class_from_folder else None
+        folder_class = _top_folder(relative) if class_from_folder else None
         refs.append(
             SampleRef(sample_id, str(image), str(mask) if mask else None, split, folder_class)
         )
     return refs
+
+
+def _top_folder(relative: Path) -> str | None:
+    """The first folder under the root that is not a split folder: the class's folder."""
+    folders = [part for part in relative.parts[:-1] if part not in SPLITS]
+    return folders[0] if folders else None
 
 
 def read_class_file(root: str | Path) -> tuple[tuple[str, ...] | None, dict[str, str]]:
@@ -278,8 +284,10 @@ def read_mask(
             "masks must match their image pixel for pixel",
         )
     if spec.mask_threshold is not None:
-        class_id = _folder_class_id(path, spec, folder_class)
-        array = np.where(array >= spec.mask_threshold, class_id, 0).astype(np.uint8)
+        defect = array >= spec.mask_threshold
+        # A defect-free image may sit in a folder that names no class (e.g. MT_Free).
+        class_id = _folder_class_id(path, spec, folder_class) if defect.any() else 0
+        array = (defect * class_id).astype(np.uint8)
     else:
         outside = np.unique(array[array >= len(spec.classes)])
         if outside.size:

@@ -7,14 +7,11 @@ resume), ``generator.pt`` (G_ema weights only: what generation needs), ``config.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from defectforge.datasets.contract import encode_png
+from defectforge.datasets.files import atomic_write, require_files
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Discriminator, Generator
 
@@ -43,22 +40,11 @@ def build_discriminator(cfg: GanConfig) -> Discriminator:
     )
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(encode_png(image)))
-
-
 def save_gan_checkpoint(folder: Path, trainer) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic(folder / STATE_FILE, lambda tmp: torch.save(trainer.state_dict(), tmp))
-    _atomic(folder / GENERATOR_FILE, lambda tmp: torch.save(trainer.G_ema.state_dict(), tmp))
-    _atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(trainer.cfg.to_json()))
+    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(trainer.state_dict(), tmp))
+    atomic_write(folder / GENERATOR_FILE, lambda tmp: torch.save(trainer.G_ema.state_dict(), tmp))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(trainer.cfg.to_json()))
 
 
 def load_gan_state(folder: Path) -> dict:
@@ -67,13 +53,7 @@ def load_gan_state(folder: Path) -> dict:
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """(G_ema in eval mode, its config) from a run folder or snapshot folder."""
-    folder = Path(folder)
-    for name in (CONFIG_FILE, GENERATOR_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder}: no {name}; pass a run folder written by "
-                "`defectforge gan train` (or one of its snapshots)"
-            )
+    folder = require_files(folder, (CONFIG_FILE, GENERATOR_FILE), "defectforge gan train")
     cfg = GanConfig.load(folder / CONFIG_FILE)
     generator = build_generator(cfg)
     generator.load_state_dict(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
+from defectforge.datasets.files import JsonConfig
 from defectforge.gan.diffaug import parse_policy
 
 PROFILES = {
@@ -37,7 +36,9 @@ PROFILES = {
 
 
 @dataclass(frozen=True)
-class GanConfig:
+class GanConfig(JsonConfig):
+    kind = "GAN config"
+
     data: str
     channels: int
     classes: tuple[str, ...] = ()
@@ -96,21 +97,6 @@ class GanConfig:
         if self.r1_gamma >= 0:
             return self.r1_gamma
         return 0.0002 * self.resolution**2 / (self.batch_size * self.workers)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> GanConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GAN config keys {unknown}; valid: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    @classmethod
-    def load(cls, path: str | Path) -> GanConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def with_profile(self, profile: str) -> GanConfig:
         if profile not in PROFILES:

@@ -21,13 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from defectforge.datasets.contract import write_png
 from defectforge.gan.checkpoint import (
     SAMPLES_FILE,
     build_discriminator,
     build_generator,
     load_gan_state,
     save_gan_checkpoint,
-    write_png,
 )
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment

@@ -84,3 +84,75 @@ def sliced_wasserstein(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> dic
         b = _normalise(_patches(fake_level, generator), channels)
         per_level[f"swd_{real_level.shape[-1]}"] = 1e3 * _sliced_distance(a, b, generator)
     return {**per_level, "swd": float(np.mean(list(per_level.values())))}
+
+
+INCEPTION_SIZE = 299
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KID_SUBSET = 100
+
+
+def inception_features(images: np.ndarray, weights_file: str, batch: int = 32) -> np.ndarray:
+    """2048-d pool features of torchvision's Inception-v3, weights from a local file only."""
+    from pathlib import Path
+
+    from torchvision.models import inception_v3
+
+    path = Path(weights_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: Inception weights file not found; FID/KID need a local "
+            "torchvision inception_v3 state dict (nothing is downloaded)"
+        )
+    network = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    network.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")})
+    network.fc = torch.nn.Identity()
+    network.eval()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            x = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2).float() / 255
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear")
+            features.append(network((x - mean) / std).double())
+    return torch.cat(features).numpy()
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
+    mu_r, mu_f = real.mean(0), fake.mean(0)
+    cov_r, cov_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    # tr(sqrt(C_r C_f)) = sum of sqrt of the (real, non-negative) eigenvalues of C_r C_f.
+    eigenvalues = torch.linalg.eigvals(torch.from_numpy(cov_r @ cov_f)).real.clamp(min=0)
+    return float(
+        ((mu_r - mu_f) ** 2).sum()
+        + np.trace(cov_r)
+        + np.trace(cov_f)
+        - 2 * eigenvalues.sqrt().sum().item()
+    )
+
+
+def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, seed: int = 0) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets."""
+    rng = np.random.default_rng(seed)
+    size = min(KID_SUBSET, len(real), len(fake))
+    dim = real.shape[1]
+    scores = []
+    for _ in range(10):
+        x = real[rng.choice(len(real), size, replace=False)]
+        y = fake[rng.choice(len(fake), size, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / dim + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        off = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (size * (size - 1))
+        scores.append(off - 2 * kxy.mean())
+    return float(np.mean(scores))
+
+
+def inception_metrics(real: np.ndarray, fake: np.ndarray, weights_file: str) -> dict:
+    real_features = inception_features(real, weights_file)
+    fake_features = inception_features(fake, weights_file)
+    return {
+        "fid": frechet_distance(real_features, fake_features),
+        "kid": kernel_inception_distance(real_features, fake_features),
+    }

@@ -6,10 +6,11 @@ demodulation and per-pixel noise, skip-architecture toRGB. Discriminator: residu
 minibatch standard deviation, optional projection conditioning. Every layer uses the equalized
 learning rate (weights stored at unit scale, multiplied by He's constant at run time).
 
-Two simplifications keep it fast without custom kernels, both documented choices rather than
-shortcuts: resampling is bilinear (x2) / average pooling (/2) instead of upfirdn2d's FIR filter,
-and modulation scales activations before and after a shared convolution (the "non-fused" form
-StyleGAN2-ADA also uses in training), which equals per-sample weight modulation exactly.
+Plain PyTorch ops stand in for the custom kernels: upsampling convolutions are stride-2
+transposed convolutions followed by the [1,3,3,1] FIR blur (as upfirdn2d does), downsampling and
+the toRGB skip path use average pooling / bilinear resampling, and modulation scales activations
+before and after a shared convolution (the "non-fused" form StyleGAN2-ADA also uses in training),
+which equals per-sample weight modulation exactly.
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ class EqualConv2d(nn.Module):
             x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2
         )
         return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.activate else x
+
+
+FIR_TAPS = torch.tensor([1.0, 3.0, 3.0, 1.0])
+
+
+def blur(x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """Depthwise [1,3,3,1] x [1,3,3,1] filter (sum ``gain``); 2H+1 -> 2H after a transposed conv."""
+    channels = x.shape[1]
+    taps = FIR_TAPS.to(x)
+    kernel = (taps[:, None] * taps[None, :]) / taps.sum() ** 2 * gain
+    return F.conv2d(F.pad(x, (1, 1, 1, 1)), kernel.expand(channels, 1, 4, 4), groups=channels)
 
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -142,9 +154,13 @@ class ModulatedConv2d(nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w)
         weight = self.weight * self.weight_gain
+        x = x * styles[:, :, None, None]
         if self.up:
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = F.conv2d(x * styles[:, :, None, None], weight, padding=weight.shape[-1] // 2)
+            # Stride-2 transposed conv (a quarter of the MACs of convolving at the output size),
+            # then StyleGAN2's [1,3,3,1] FIR blur against checkerboard artefacts.
+            x = blur(F.conv_transpose2d(x, weight.transpose(0, 1), stride=2), gain=4.0)
+        else:
+            x = F.conv2d(x, weight, padding=weight.shape[-1] // 2)
         if self.demodulate:
             # sigma_j = sqrt(sum_i,k (w_ijk * s_i)^2): the std the modulated weights would give.
             dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()

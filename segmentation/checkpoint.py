@@ -7,13 +7,12 @@ Everything is written under a temp name and renamed, and loaded with ``weights_o
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from defectforge.datasets.files import atomic_write, require_files
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.models import build_model
 
@@ -29,31 +28,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def save_model(folder: str | Path, model: nn.Module, cfg: SegConfig) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    _save_atomic(state, folder / MODEL_FILE)
-    _write_text_atomic(cfg.to_json(), folder / CONFIG_FILE)
+    atomic_write(folder / MODEL_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(cfg.to_json()))
     return folder
 
 
 def save_training_state(folder: str | Path, state: dict) -> None:
-    _save_atomic(state, Path(folder) / STATE_FILE)
+    atomic_write(Path(folder) / STATE_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_state(folder: str | Path) -> dict:
@@ -64,13 +49,7 @@ def load_model(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, SegConfig]:
     """Rebuild a model from ``config.json`` and load ``model.pt`` (weights only)."""
-    folder = Path(folder)
-    for name in (CONFIG_FILE, MODEL_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder}: no {name}; pass a run folder written by "
-                "`defectforge seg train` (or one of its checkpoints)"
-            )
+    folder = require_files(folder, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
     cfg = SegConfig.load(folder / CONFIG_FILE)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
     model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))

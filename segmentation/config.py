@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 from defectforge.datasets.batches import BatchSpec
+from defectforge.datasets.files import JsonConfig
 from defectforge.segmentation.losses import parse_loss
 from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size
 
 
 @dataclass(frozen=True)
-class SegConfig:
+class SegConfig(JsonConfig):
     """A segmentation run. Data fields (classes, channels, mean, std) come from the manifest.
 
     The defaults are the CPU recipe: native-scale 128-px crops (whole images at evaluation),
     CE + Dice, half-strength paper augmentation, one-cycle cosine schedule.
     """
+
+    kind = "segmentation config"
 
     data: str
     classes: tuple[str, ...]
@@ -93,19 +94,3 @@ class SegConfig:
             self.aug_strength,
             self.binary,
         )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SegConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown segmentation config keys {unknown}; valid: {sorted(known)}")
-        tuples = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
-        return cls(**{**values, **tuples})
-
-    @classmethod
-    def load(cls, path: str | Path) -> SegConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
-from defectforge.datasets.contract import encode_png
+from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.readers import IMAGE_SUFFIXES, SampleSpec, read_image, read_mask
 from defectforge.segmentation.checkpoint import load_model
@@ -120,12 +120,6 @@ def predict_folder(model_dir: str | Path, images: str | Path, out: str | Path) -
     for path in tqdm(paths, desc="predict", unit="img"):
         image = read_image(path, cfg.channels)
         mask = predict_logits(model, cfg.batch_spec(), image).argmax(0).numpy().astype(np.uint8)
-        _write_png(out / f"{path.stem}_mask.png", mask)
-        _write_png(out / f"{path.stem}_overlay.png", overlay(image, mask))
+        write_png(out / f"{path.stem}_mask.png", mask)
+        write_png(out / f"{path.stem}_overlay.png", overlay(image, mask))
     return len(paths)
-
-
-def _write_png(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_png(array))
-    tmp.replace(path)

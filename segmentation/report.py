@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
+from defectforge.datasets.files import atomic_write  # noqa: E402
 from defectforge.segmentation.checkpoint import load_model  # noqa: E402
 from defectforge.segmentation.inference import overlay, predict_logits  # noqa: E402
 
@@ -20,11 +21,8 @@ GRID_IMAGES = 6
 
 
 def _save(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight")
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(figure)
-    tmp.replace(path)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -166,6 +166,27 @@ def test_sliced_wasserstein_separates_sets():
     assert set(sliced_wasserstein(base, other)) == {"swd_32", "swd_16", "swd"}
 
 
+def test_fid_and_kid_from_a_local_inception_file(tmp_path):
+    from torchvision.models import inception_v3
+
+    from defectforge.gan.metrics import frechet_distance, inception_metrics
+
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pt"
+    torch.save(
+        inception_v3(weights=None, aux_logits=False, init_weights=True).state_dict(), weights
+    )
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (6, 32, 32, 1)).astype(np.uint8)
+    fake = np.zeros_like(real)
+    metrics = inception_metrics(real, fake, str(weights))
+    assert metrics["fid"] > 0 and np.isfinite(metrics["kid"])
+    features = rng.normal(size=(50, 8))
+    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        inception_metrics(real, fake, str(tmp_path / "missing.pt"))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="power of two"):
         tiny_config(resolution=100)

@@ -1,6 +1,7 @@
 """The training loop without Ray (exact resume) and through Ray Train (2 workers), plus the CLI."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,8 @@ def test_two_worker_ray_train_then_eval_and_predict_cli(
     assert (run / "model.pt").is_file() and (run / "config.json").is_file()
     model, loaded = load_model(run)
     assert loaded == cfg
+    more = run_seg_training(replace(cfg, epochs=3), run, cpus_per_worker=0.5, resume=True)
+    assert [row["epoch"] for row in more["history"]] == [0, 1, 2]
 
     capsys.readouterr()
     code = main(

@@ -139,7 +139,10 @@ def add_seg_commands(commands) -> None:
     )
     train = seg.add_parser("train", help="train on a Parquet dataset with Ray Train")
     train.add_argument("--data", required=True)
-    train.add_argument("--out", required=True, help="run folder (re-run to resume)")
+    train.add_argument("--out", required=True, help="run folder")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out, e.g. to more --epochs"
+    )
     add_seg_train_options(train)
     evaluate = seg.add_parser("eval", help="evaluate a trained model on a folder of images")
     evaluate.add_argument("--model", required=True, help="run folder of `seg train`")
@@ -191,6 +194,7 @@ def add_gan_commands(commands) -> None:
     metrics.add_argument("--model", required=True)
     metrics.add_argument("--data", help="dataset to compare with (default: the training data)")
     metrics.add_argument("--n", type=int, default=0, help="images per set (default: config's)")
+    metrics.add_argument("--inception", help="local torchvision inception_v3 weights: adds FID/KID")
 
 
 def parse_seeds(text: str | None, count: int) -> list[int]:
@@ -235,7 +239,7 @@ def run_gan(args) -> None:
         )
         print(f"wrote {len(seeds)} images (PNG + Parquet) to {args.out}")
     else:
-        print(json.dumps(gan.generator_metrics(args.model, args.data, args.n)))
+        print(json.dumps(gan.generator_metrics(args.model, args.data, args.n, args.inception)))
 
 
 def add_quickstart(commands) -> None:
@@ -300,7 +304,7 @@ def run_seg(args) -> None:
         from defectforge.trainables.seg import config_from_manifest, run_seg_training
 
         cfg = config_from_manifest(args.data, **seg_options(args))
-        summary = run_seg_training(cfg, args.out)
+        summary = run_seg_training(cfg, args.out, resume=args.resume)
         write_run_plots(args.out)
         print(_best_line(args.out, summary["best"]))
         return

@@ -28,9 +28,9 @@ from defectforge.datasets.contract import (
     publish_dir,
     read_manifest,
     split_dir,
-    write_json_atomic,
 )
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import write_json_atomic
 from defectforge.trainables.runtime import ensure_ray
 
 LOAD_BATCH = 32

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +26,14 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from defectforge.datasets.batches import GanBatchMaker
-from defectforge.datasets.contract import read_manifest, split_dir, write_json_atomic
+from defectforge.datasets.contract import read_manifest, split_dir
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, SAMPLES_FILE, load_gan_state
 from defectforge.gan.config import GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.trainables.data_jobs import read_split
-from defectforge.trainables.runtime import ensure_ray
+from defectforge.trainables.runtime import ensure_ray, resumed_run_name
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
@@ -112,8 +114,7 @@ def _gan_worker(config: dict) -> None:
         name = f"kimg_{metrics['kimg']:09.3f}"
         if folder is not None:
             samples.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(folder / SAMPLES_FILE, samples / f".{name}.png")
-            os.replace(samples / f".{name}.png", samples / f"{name}.png")
+            atomic_write(samples / f"{name}.png", partial(shutil.copyfile, folder / SAMPLES_FILE))
             print(
                 f"kimg {metrics['kimg']:.2f}/{cfg.kimg}: SWD {metrics.get('swd', 0):.1f}, "
                 f"{metrics['img_per_s']:.1f} img/s",
@@ -137,12 +138,6 @@ def _gan_worker(config: dict) -> None:
         )
 
 
-def _latest_snapshot(out: Path) -> Path | None:
-    """The snapshot with the most kimg across the first run and any resumed ones."""
-    folders = sorted((out / "ray").glob("*/kimg_*"), key=lambda p: p.name)
-    return folders[-1] if folders else None
-
-
 def run_gan_training(
     cfg: GanConfig,
     out: str | Path,
@@ -156,10 +151,7 @@ def run_gan_training(
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    previous = _latest_snapshot(out) if resume else None
-    if resume and previous is None:
-        raise FileNotFoundError(f"{out}: no snapshot to resume from; train it first")
-    name = f"{RUN_NAME}-from-{previous.name}" if previous else RUN_NAME
+    name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
     trainer = TorchTrainer(
         _gan_worker,
         train_loop_config={"gan": asdict(cfg), "samples_dir": str(out / "samples")},
@@ -181,8 +173,7 @@ def run_gan_training(
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         for name in (GENERATOR_FILE, CONFIG_FILE, SAMPLES_FILE):
-            shutil.copyfile(Path(folder) / name, out / f".{name}.tmp")
-            os.replace(out / f".{name}.tmp", out / name)
+            atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))
         history = load_gan_state(Path(folder))["history"]
     summary = {"final": history[-1], "history": history, "config": asdict(cfg)}
     write_json_atomic(out / "metrics.json", summary)
@@ -261,12 +252,15 @@ def write_generated(
     return manifest
 
 
-def generator_metrics(model: str | Path, data: str | Path | None = None, count: int = 0) -> dict:
-    """SWD between ``count`` generated and as many real images of the run's (or another) data."""
+def generator_metrics(
+    model: str | Path, data: str | Path | None = None, count: int = 0, inception: str | None = None
+) -> dict:
+    """SWD (and FID/KID given local Inception weights) between ``count`` generated images and
+    as many real images of the run's (or another) dataset."""
     from defectforge.gan.checkpoint import load_generator
     from defectforge.gan.generate import generate_images
     from defectforge.gan.loop import METRIC_SEED
-    from defectforge.gan.metrics import sliced_wasserstein
+    from defectforge.gan.metrics import inception_metrics, sliced_wasserstein
 
     generator, cfg = load_generator(model)
     cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
@@ -277,4 +271,7 @@ def generator_metrics(model: str | Path, data: str | Path | None = None, count: 
         range(METRIC_SEED, METRIC_SEED + len(reals)),
         class_index=0 if cfg.num_classes else None,
     )
-    return {"images": len(reals), **sliced_wasserstein(reals, fakes)}
+    result = {"images": len(reals), **sliced_wasserstein(reals, fakes)}
+    if inception:
+        result.update(inception_metrics(reals, fakes, inception))
+    return result

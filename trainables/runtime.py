@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
 
@@ -23,3 +24,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         logging_level=logging.WARNING,
         runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
     )
+
+
+def latest_checkpoint_dir(storage: Path) -> Path | None:
+    """The newest checkpoint folder under a run's Ray storage, across the first run and any
+    resumed ones. Checkpoint names sort in training order (``epoch_003``, ``kimg_00012.000``)."""
+    folders = [p for p in storage.glob("*/*_*") if p.is_dir() and any(p.glob("*.pt"))]
+    return max(folders, key=lambda p: p.name) if folders else None
+
+
+def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:
+    """Name for a Ray run that continues a finished one, and the checkpoint it starts from."""
+    previous = latest_checkpoint_dir(storage)
+    if previous is None:
+        raise FileNotFoundError(f"{storage.parent}: no checkpoint to resume from; train it first")
+    return f"{base}-from-{previous.name}", previous

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import ray.data
@@ -23,14 +24,16 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from defectforge.datasets.batches import BatchMaker
-from defectforge.datasets.contract import read_manifest, write_json_atomic
+from defectforge.datasets.contract import read_manifest
+from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_training_state
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import SELECTION_METRIC, LoopIO, train_segmentation
 from defectforge.trainables.data_jobs import read_split
-from defectforge.trainables.runtime import ensure_ray
+from defectforge.trainables.runtime import ensure_ray, resumed_run_name
 
 SHUFFLE_BUFFER = 256
+RUN_NAME = "train"
 
 
 def config_from_manifest(data: str | Path, **options) -> SegConfig:
@@ -120,8 +123,14 @@ def epoch_line(metrics: dict, epochs: int) -> str:
 
 
 def make_trainer(
-    cfg: SegConfig, out: Path, max_failures: int = 1, cpus_per_worker: float = 1.0
+    cfg: SegConfig,
+    out: Path,
+    max_failures: int = 1,
+    cpus_per_worker: float = 1.0,
+    resume: bool = False,
 ) -> TorchTrainer:
+    storage = out.resolve() / "ray"
+    name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
     train, val = read_split(cfg.data, "train"), read_split(cfg.data, "val")
     resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
     return TorchTrainer(
@@ -131,21 +140,25 @@ def make_trainer(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="train",
-            storage_path=str(out.resolve() / "ray"),
+            name=name,
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=SELECTION_METRIC
             ),
         ),
         datasets={"train": train, "val": val},
+        resume_from_checkpoint=Checkpoint.from_directory(str(previous)) if previous else None,
     )
 
 
-def run_seg_training(cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1.0) -> dict:
+def run_seg_training(
+    cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1.0, resume: bool = False
+) -> dict:
     """Train on Ray, then publish the best checkpoint's model and metrics into ``out``.
 
-    Re-running with the same ``out`` resumes from its last checkpoint.
+    An interrupted run restarts from its latest checkpoint when the same command runs again (Ray
+    Train restores a run by name); ``resume`` continues a finished one, e.g. to more epochs.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +166,7 @@ def run_seg_training(cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1
     # Per-operator bars of every epoch's data stream drown the epoch lines; Ray Train's own
     # reporting and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result = make_trainer(cfg, out, cpus_per_worker=cpus_per_worker).fit()
+    result = make_trainer(cfg, out, cpus_per_worker=cpus_per_worker, resume=resume).fit()
     best_checkpoint, best_metrics = max(
         result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0
     )
@@ -161,8 +174,7 @@ def run_seg_training(cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1
         history = load_training_state(latest)["history"]
     with best_checkpoint.as_directory() as folder:
         for name in (MODEL_FILE, CONFIG_FILE):
-            shutil.copyfile(Path(folder) / name, out / f".{name}.tmp")
-            os.replace(out / f".{name}.tmp", out / name)
+            atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))
     summary = {"best": best_metrics, "history": history, "config": asdict(cfg)}
     write_json_atomic(out / "metrics.json", summary)
     return summary
