@@ -201,6 +201,7 @@ class GanTrainer:
             "step": self.step_count,
             "images_seen": self.images_seen,
             "pl_mean": self.pl_mean.cpu(),
+            "history": self.history,
             "torch_rng": torch.get_rng_state(),
         }
 

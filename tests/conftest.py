@@ -18,11 +18,11 @@ SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 def ray_session():
     import ray
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}},
-    )
+    # Workers import test modules (for functions a test hands to Ray) the way pytest does.
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(tests.parent), str(tests), os.environ.get("PYTHONPATH", "")])
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": path}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from defectforge.datasets.contract import COLUMNS, SCHEMA, decode_png, read_manifest, split_dir
@@ -19,10 +20,8 @@ def test_parquet_round_trip_and_manifest(sample_dataset, sample_root):
     assert 0 < manifest["pixel_mean"][0] < 1 and len(manifest["inputs"]["digest"]) == 64
     table = pq.read_table(split_dir(sample_dataset, "train"))
     assert table.schema.equals(SCHEMA) and tuple(table.column_names) == COLUMNS
-    row = table.filter(
-        table["id"]
-        == "neu-seg/train/" + sorted((sample_root / "images" / "train").iterdir())[0].stem
-    ).to_pylist()[0]
+    first = sorted((sample_root / "images" / "train").iterdir())[0].stem
+    row = table.filter(pc.equal(table["id"], f"neu-seg/train/{first}")).to_pylist()[0]
     original = read_image(sample_root / "images" / "train" / (row["id"].split("/")[-1] + ".jpg"), 1)
     assert np.array_equal(decode_png(row["image"], 1), original)
     assert row["source"] == "real" and row["split"] == "train" and row["label_confidence"] is None

@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "data": run_data,
         "seg": run_seg,
+        "gan": run_gan,
         "predict": run_predict,
         "quickstart": run_quickstart,
     }

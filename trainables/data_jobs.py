@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from defectforge.datasets.augment import augment_pair, paper_augmentation
 from defectforge.datasets.build import (
-    LOAD_COLUMNS,
     BuildConfig,
     RowLoader,
     check_rejections,
@@ -20,6 +20,7 @@ from defectforge.datasets.build import (
     make_manifest,
 )
 from defectforge.datasets.contract import (
+    COLUMNS,
     SCHEMA,
     SPLITS,
     combined_digest,
@@ -49,13 +50,17 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
     return ray.data.read_parquet(str(folder), schema=SCHEMA)
 
 
+def _rows_of_split(table: pa.Table, split: str) -> pa.Table:
+    """The good rows of one split, in exactly the contract's schema."""
+    keep = pc.and_(pc.equal(table["split"], split), pc.equal(table["rejected"], ""))
+    return table.filter(keep).select(list(COLUMNS)).cast(SCHEMA)
+
+
 def _write_splits(dataset: ray.data.Dataset, staging: Path, counts: dict) -> None:
     for split in SPLITS:
         if counts[split]["total"]:
-            part = dataset.filter(lambda row, s=split: row["split"] == s and not row["rejected"])
-            part.drop_columns(list(LOAD_COLUMNS)).write_parquet(
-                str(staging / split), min_rows_per_file=ROWS_PER_FILE
-            )
+            part = dataset.map_batches(partial(_rows_of_split, split=split), batch_format="pyarrow")
+            part.write_parquet(str(staging / split), min_rows_per_file=ROWS_PER_FILE)
 
 
 def build_parquet(cfg: BuildConfig) -> dict:

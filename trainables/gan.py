@@ -33,7 +33,7 @@ from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, SAMPLES_FILE
 from defectforge.gan.config import GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.trainables.data_jobs import read_split
-from defectforge.trainables.runtime import ensure_ray, resumed_run_name
+from defectforge.trainables.runtime import ensure_ray, resumed_run_name, starting_checkpoint
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
@@ -123,7 +123,7 @@ def _gan_worker(config: dict) -> None:
         checkpoint = Checkpoint.from_directory(str(folder)) if folder else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = starting_checkpoint(config)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
         train_gan(
             cfg,
@@ -154,7 +154,11 @@ def run_gan_training(
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
     trainer = TorchTrainer(
         _gan_worker,
-        train_loop_config={"gan": asdict(cfg), "samples_dir": str(out / "samples")},
+        train_loop_config={
+            "gan": asdict(cfg),
+            "samples_dir": str(out / "samples"),
+            "resume_from": str(previous) if previous else None,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
@@ -168,7 +172,6 @@ def run_gan_training(
             checkpoint_config=CheckpointConfig(num_to_keep=3),
         ),
         datasets={"train": real_images(cfg)},
-        resume_from_checkpoint=Checkpoint.from_directory(str(previous)) if previous else None,
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:

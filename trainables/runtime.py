@@ -39,3 +39,14 @@ def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:
     if previous is None:
         raise FileNotFoundError(f"{storage.parent}: no checkpoint to resume from; train it first")
     return f"{base}-from-{previous.name}", previous
+
+
+def starting_checkpoint(config: dict):
+    """Where a worker starts: Ray's latest checkpoint of this run (after a failure restart),
+    else the checkpoint a resumed run was asked to continue from, else None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+    return checkpoint

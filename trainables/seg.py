@@ -30,7 +30,7 @@ from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_tr
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import SELECTION_METRIC, LoopIO, train_segmentation
 from defectforge.trainables.data_jobs import read_split
-from defectforge.trainables.runtime import ensure_ray, resumed_run_name
+from defectforge.trainables.runtime import ensure_ray, resumed_run_name, starting_checkpoint
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
@@ -95,7 +95,7 @@ def _seg_worker(config: dict) -> None:
             metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}"
         )
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = starting_checkpoint(config)
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
         train_segmentation(
             cfg,
@@ -135,7 +135,11 @@ def make_trainer(
     resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
     return TorchTrainer(
         _seg_worker,
-        train_loop_config={"seg": asdict(cfg), "train_rows": train.count()},
+        train_loop_config={
+            "seg": asdict(cfg),
+            "train_rows": train.count(),
+            "resume_from": str(previous) if previous else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
@@ -148,7 +152,6 @@ def make_trainer(
             ),
         ),
         datasets={"train": train, "val": val},
-        resume_from_checkpoint=Checkpoint.from_directory(str(previous)) if previous else None,
     )
 
 
