@@ -6,6 +6,8 @@ the same pixels.
 
 from __future__ import annotations
 
+import threading
+import zlib
 from dataclasses import dataclass
 
 import cv2
@@ -82,8 +84,9 @@ def normalise(images: np.ndarray, spec: BatchSpec) -> np.ndarray:
 class BatchMaker:
     """Callable that turns a batch of PNG cells into ``{"image": NCHW float32, "mask": NHW int64}``.
 
-    Training batches are augmented and cropped with a generator seeded per call, so a run with a
-    fixed seed sees the same pixels every time.
+    Training batches are augmented and cropped with a generator seeded by (seed, epoch, the
+    batch's content), so a run with a fixed seed sees the same pixels every time, whichever
+    thread of a prefetching loader prepares the batch.
     """
 
     def __init__(self, spec: BatchSpec, train: bool, seed: int = 0):
@@ -91,19 +94,27 @@ class BatchMaker:
         self.train = train
         self.seed = seed
         self.epoch = 0
-        self.calls = 0
-        self.augment = paper_augmentation(spec.aug_strength) if train else None
+        self._local = threading.local()
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.calls = epoch, 0
+        self.epoch = epoch
+
+    def _augment(self):
+        """This thread's augmentation pipeline (albumentations pipelines hold their own RNG)."""
+        if not self.train or self.spec.aug_strength == 0:
+            return None
+        if not hasattr(self._local, "augment"):
+            self._local.augment = paper_augmentation(self.spec.aug_strength)
+        return self._local.augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, self.epoch, self.calls])
-        self.calls += 1
-        if self.augment is not None:
-            self.augment.set_random_seed(int(rng.integers(2**31)))
+        content = zlib.crc32(b"".join(bytes(cell[:64]) for cell in batch["image"]))
+        rng = np.random.default_rng([self.seed, self.epoch, content])
+        augment = self._augment()
+        if augment is not None:
+            augment.set_random_seed(int(rng.integers(2**31)))
         pairs = [
-            self._prepare(img, msk, rng)
+            self._prepare(img, msk, rng, augment)
             for img, msk in zip(batch["image"], batch["mask"], strict=True)
         ]
         height = padded_side(max(p[0].shape[0] for p in pairs), self.spec)
@@ -113,13 +124,13 @@ class BatchMaker:
         masks = np.stack([p[1] for p in pairs]).astype(np.int64)
         return {"image": normalise(images, self.spec), "mask": masks}
 
-    def _prepare(self, image_cell: bytes, mask_cell: bytes, rng: np.random.Generator):
+    def _prepare(self, image_cell: bytes, mask_cell: bytes, rng: np.random.Generator, augment):
         image = decode_png(image_cell, self.spec.channels)
         mask = decode_png(mask_cell, 0)
         if self.spec.binary:
             mask = (mask > 0).astype(np.uint8)
-        if self.augment is not None:
-            image, mask = augment_pair(self.augment, image, mask)
+        if augment is not None:
+            image, mask = augment_pair(augment, image, mask)
         if self.spec.image_size:
             image, mask = resize_pair(image, mask, self.spec.image_size)
         if self.train and self.spec.crop_size:

@@ -33,6 +33,7 @@ from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment
 from defectforge.gan.generate import generate_images, image_grid
 from defectforge.gan.metrics import sliced_wasserstein
+from defectforge.gan.networks import mbstd_group
 
 GRID_SEEDS = range(16)
 METRIC_SEED = 123456
@@ -125,8 +126,8 @@ class GanTrainer:
             ws[:, cutoff:] = w2.unsqueeze(1)
         return ws
 
-    def _d_logits(self, images: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        return self.D(diff_augment(images, self.cfg.diffaug, self.cfg.diffaug_strength), c)
+    def _d_logits(self, images: torch.Tensor, c: torch.Tensor | None, group: int = 4):
+        return self.D(diff_augment(images, self.cfg.diffaug, self.cfg.diffaug_strength), c, group)
 
     def step(self, real: torch.Tensor, labels: torch.Tensor | None) -> dict:
         cfg, n = self.cfg, real.shape[0]
@@ -150,10 +151,13 @@ class GanTrainer:
 
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        d_loss = F.softplus(self._d_logits(fake.detach(), c_fake)).mean()
         real_input = real.detach().requires_grad_(self.step_count % cfg.r1_interval == 0)
-        real_logits = self._d_logits(real_input, c_real)
-        d_loss = d_loss + F.softplus(-real_logits).mean()
+        # One D pass over fakes then reals (bigger, cheaper convolutions); minibatch-std groups
+        # divide n, so no group mixes the two sets.
+        both = torch.cat([fake.detach(), real_input])
+        c_both = None if c_fake is None else torch.cat([c_fake, c_real])
+        fake_logits, real_logits = self._d_logits(both, c_both, mbstd_group(n)).split(n)
+        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
         if real_input.requires_grad:
             (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
             r1 = grad.square().sum(dim=(1, 2, 3)).mean()

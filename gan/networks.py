@@ -295,15 +295,25 @@ class DiscriminatorBlock(nn.Module):
         return (x + skip) / math.sqrt(2)
 
 
-def minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
-    """Append the mean std over groups of samples as one feature map (StyleGAN's MBSTD)."""
-    n, c, h, w = x.shape
+def mbstd_group(n: int, group_size: int = 4) -> int:
+    """The largest group size <= ``group_size`` that divides ``n``."""
     group = min(group_size, n)
     while n % group:
         group -= 1
-    y = x.reshape(group, -1, c, h, w)
-    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()
-    y = y.mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1).repeat(group, 1, h, w)
+    return group
+
+
+def minibatch_stddev(x: torch.Tensor, group_size: int = 4) -> torch.Tensor:
+    """Append the mean std over groups of samples as one feature map (StyleGAN's MBSTD).
+
+    Groups are runs of consecutive samples, so a batch that stacks two sets (fakes, then reals)
+    never mixes them when ``group_size`` divides the size of each set.
+    """
+    n, c, h, w = x.shape
+    group = mbstd_group(n, group_size)
+    y = x.reshape(n // group, group, c, h, w)
+    y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1).add(1e-8).sqrt()
+    y = y.mean(dim=(1, 2, 3)).repeat_interleave(group).reshape(n, 1, 1, 1).expand(n, 1, h, w)
     return torch.cat([x, y], dim=1)
 
 
@@ -338,9 +348,11 @@ class Discriminator(nn.Module):
         self.out = EqualLinear(top, 1)
         self.embed = EqualLinear(num_classes, top) if num_classes else None
 
-    def forward(self, img: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, img: torch.Tensor, c: torch.Tensor | None = None, mbstd_group_size: int = 4
+    ) -> torch.Tensor:
         x = self.blocks(self.from_rgb(img))
-        x = self.fc(self.conv(minibatch_stddev(x)).flatten(1))
+        x = self.fc(self.conv(minibatch_stddev(x, mbstd_group_size)).flatten(1))
         score = self.out(x)
         if self.embed is not None:
             score = score + (self.embed(c) * x).sum(dim=1, keepdim=True) / math.sqrt(x.shape[1])
