@@ -87,8 +87,9 @@ def evaluate_folder(
     model, cfg = load_model(model_dir)
     spec = cfg.batch_spec()
     classes = cfg.output_classes
+    # Masks on disk carry the dataset's classes; a binary model's masks are binarised after the check.
     mask_spec = SampleSpec(
-        "eval", tuple(classes), cfg.channels, binary=False, mask_threshold=mask_threshold
+        "eval", tuple(cfg.classes), cfg.channels, binary=cfg.binary, mask_threshold=mask_threshold
     )
     names = ["background", "defect"] if binary else list(classes)
     accumulator = MetricAccumulator(len(names))

@@ -160,6 +160,18 @@ def test_two_worker_ray_train_then_eval_and_predict_cli(
     assert len(list(out.glob("*_mask.png"))) == 15 and len(list(out.glob("*_overlay.png"))) == 15
 
 
+def test_binary_model_evaluates_multiclass_masks(sample_dataset, sample_root, tmp_path):
+    from defectforge.segmentation.checkpoint import save_model
+    from defectforge.segmentation.inference import evaluate_folder
+    from defectforge.segmentation.models import build_model
+
+    cfg = _config(sample_dataset, binary=True)
+    run = save_model(tmp_path / "binary", build_model("unet", "resnet18", 1, 2), cfg)
+    result = evaluate_folder(run, sample_root / "images" / "val", sample_root / "masks" / "val")
+    assert result["class_names"] == ["background", "defect"]
+    assert np.asarray(result["confusion_matrix"]).sum() == 15 * 200 * 200
+
+
 def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
     code = main(
         [
