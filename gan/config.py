@@ -60,6 +60,7 @@ class GanConfig(JsonConfig):
     pl_interval: int = 4
     style_mixing_prob: float = 0.9
     ema_kimg: float = 2.5
+    ema_rampup: float = 0.05
     diffaug: str = "color,translation,cutout"
     diffaug_strength: float = 1.0
     snapshot_kimg: float = 2.0

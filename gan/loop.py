@@ -189,7 +189,12 @@ class GanTrainer:
 
     @torch.no_grad()
     def _update_ema(self, batch: int) -> None:
-        beta = 0.5 ** (batch / max(self.cfg.ema_kimg * 1000, 1e-8))
+        # Ramp-up (StyleGAN2-ADA): early on, the half-life is at most a fraction of the images
+        # seen, so G_ema follows G instead of staying near its random initialisation.
+        half_life = self.cfg.ema_kimg * 1000
+        if self.cfg.ema_rampup:
+            half_life = min(half_life, self.images_seen * self.cfg.ema_rampup)
+        beta = 0.5 ** (batch / max(half_life, 1e-8))
         for ema, live in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
             ema.copy_(live.lerp(ema, beta))
         for ema, live in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):

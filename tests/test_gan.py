@@ -144,6 +144,17 @@ def _roundtrip(state):
     return buffer
 
 
+def test_ema_ramp_up_lets_g_ema_follow_g_early():
+    def distance_after_steps(rampup: float) -> float:
+        trainer = GanTrainer(tiny_config(pl_weight=0.0, ema_rampup=rampup), torch.device("cpu"))
+        for seed in range(3):
+            trainer.step(_reals(trainer.cfg, 4, seed), None)
+        pairs = zip(trainer.G_ema.parameters(), trainer.G.parameters(), strict=True)
+        return sum((ema - live).abs().sum().item() for ema, live in pairs)
+
+    assert distance_after_steps(0.05) < 0.5 * distance_after_steps(0.0)
+
+
 def test_generation_is_deterministic_per_seed():
     cfg = tiny_config()
     trainer = GanTrainer(cfg, torch.device("cpu"))
