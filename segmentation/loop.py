@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from defectforge.segmentation.checkpoint import (
+    MODEL_FILE,
     load_training_state,
     save_model,
     save_training_state,
@@ -122,7 +123,9 @@ def train_segmentation(cfg: SegConfig, io: LoopIO) -> dict:
     start_epoch, best, history = 0, -1.0, []
     if io.resume_from is not None:
         state = load_training_state(io.resume_from)
-        unwrap(model).load_state_dict(state["model"])
+        # The weights live once per checkpoint, in model.pt (the same file that is published).
+        weights = torch.load(io.resume_from / MODEL_FILE, map_location="cpu", weights_only=True)
+        unwrap(model).load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _reapply_hyperparameters(optimizer, cfg)
@@ -235,7 +238,6 @@ def _checkpoint_and_report(
         save_training_state(
             folder,
             {
-                "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "epoch": epoch,

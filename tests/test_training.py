@@ -56,6 +56,7 @@ def _plain_io(cfg: SegConfig, checkpoints: list, resume_from=None) -> LoopIO:
 
     def record(metrics, folder):
         state = torch.load(Path(folder) / "state.pt", weights_only=False)
+        state["model"] = torch.load(Path(folder) / "model.pt", weights_only=True)
         checkpoints.append((metrics, state))
         target = Path(folder).parent / f"kept-{metrics['epoch']}"
         if not target.exists():
