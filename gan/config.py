@@ -7,6 +7,10 @@ from dataclasses import dataclass, replace
 from defectforge.datasets.files import JsonConfig
 from defectforge.gan.diffaug import parse_policy
 
+# bf16 is mixed precision (autocast); it pays on GPUs and on CPUs with native bf16 (AVX512-BF16,
+# AMX), and is slower than fp32 on CPUs without it.
+PRECISIONS = ("fp32", "bf16")
+
 PROFILES = {
     # Minutes on 2 CPU cores: 64 px, narrow layers, short mapping network.
     "cpu-small": dict(
@@ -31,6 +35,7 @@ PROFILES = {
         batch_size=32,
         snapshot_kimg=50.0,
         metric_images=2048,
+        precision="bf16",
     ),
 }
 
@@ -69,6 +74,7 @@ class GanConfig(JsonConfig):
     workers: int = 1
     use_gpu: bool = False
     threads: int = 0
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.resolution < 8 or self.resolution > 1024 or self.resolution & (self.resolution - 1):
@@ -76,6 +82,10 @@ class GanConfig(JsonConfig):
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         parse_policy(self.diffaug)
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         for name in ("batch_size", "workers", "r1_interval", "pl_interval", "mapping_layers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LRELU_GAIN = math.sqrt(2.0)
+SQRT_HALF = math.sqrt(0.5)
 
 
 def channels_for(resolution: int, channel_base: int, channel_max: int) -> int:
@@ -43,13 +44,16 @@ class EqualLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mul)
         self.bias = nn.Parameter(torch.full((out_features,), float(bias_init)))
-        self.weight_gain = lr_mul / math.sqrt(in_features)
-        self.lr_mul = lr_mul
+        # leaky_relu(a * x) == a * leaky_relu(x) for a > 0, so the activation gain is folded
+        # into the (small) weight and bias instead of costing a pass over the activations.
+        out_gain = LRELU_GAIN if activate else 1.0
+        self.weight_gain = lr_mul / math.sqrt(in_features) * out_gain
+        self.bias_gain = lr_mul * out_gain
         self.activate = activate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.linear(x, self.weight * self.weight_gain, self.bias * self.lr_mul)
-        return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.activate else x
+        x = F.linear(x, self.weight * self.weight_gain, self.bias * self.bias_gain)
+        return F.leaky_relu(x, 0.2) if self.activate else x
 
 
 class EqualConv2d(nn.Module):
@@ -60,18 +64,21 @@ class EqualConv2d(nn.Module):
         kernel: int,
         bias: bool = True,
         activate: bool = False,
+        out_gain: float = 1.0,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.weight_gain = 1 / math.sqrt(in_channels * kernel * kernel)
+        # Output gains (activation gain, residual 1/sqrt(2)) folded into weight and bias, as in
+        # EqualLinear.
+        self.bias_gain = out_gain * (LRELU_GAIN if activate else 1.0)
+        self.weight_gain = self.bias_gain / math.sqrt(in_channels * kernel * kernel)
         self.activate = activate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(
-            x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2
-        )
-        return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.activate else x
+        bias = None if self.bias is None else self.bias * self.bias_gain
+        x = F.conv2d(x, self.weight * self.weight_gain, bias, padding=self.weight.shape[-1] // 2)
+        return F.leaky_relu(x, 0.2) if self.activate else x
 
 
 FIR_TAPS = torch.tensor([1.0, 3.0, 3.0, 1.0])
@@ -151,7 +158,7 @@ class ModulatedConv2d(nn.Module):
         self.weight_gain = 1 / math.sqrt(in_channels * kernel * kernel)
         self.demodulate, self.up = demodulate, up
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, out_gain: float = 1.0) -> torch.Tensor:
         styles = self.affine(w)
         weight = self.weight * self.weight_gain
         x = x * styles[:, :, None, None]
@@ -164,7 +171,9 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate:
             # sigma_j = sqrt(sum_i,k (w_ijk * s_i)^2): the std the modulated weights would give.
             dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
-            x = x * dcoefs[:, :, None, None]
+            x = x * (dcoefs * out_gain)[:, :, None, None]
+        elif out_gain != 1.0:
+            x = x * out_gain
         return x
 
 
@@ -180,15 +189,17 @@ class SynthesisLayer(nn.Module):
         self.resolution = resolution
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random"):
-        x = self.conv(x, w)
+        # The activation gain rides on the demodulation coefficients, noise strength and bias.
+        x = self.conv(x, w, out_gain=LRELU_GAIN)
+        noise_strength = self.noise_strength * LRELU_GAIN
         if noise_mode == "random":
             noise = torch.randn(
                 x.shape[0], 1, self.resolution, self.resolution, device=x.device, dtype=x.dtype
             )
-            x = x + noise * self.noise_strength
+            x = x + noise * noise_strength
         elif noise_mode == "const":
-            x = x + self.noise_const * self.noise_strength
-        return F.leaky_relu(x + self.bias[None, :, None, None], 0.2) * LRELU_GAIN
+            x = x + self.noise_const * noise_strength
+        return F.leaky_relu(x + (self.bias * LRELU_GAIN)[None, :, None, None], 0.2)
 
 
 class ToRGB(nn.Module):
@@ -286,13 +297,13 @@ class DiscriminatorBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.conv0 = EqualConv2d(in_channels, in_channels, 3, activate=True)
-        self.conv1 = EqualConv2d(in_channels, out_channels, 3, activate=True)
-        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False)
+        # The residual sum is scaled by 1/sqrt(2) through both branches' gains.
+        self.conv1 = EqualConv2d(in_channels, out_channels, 3, activate=True, out_gain=SQRT_HALF)
+        self.skip = EqualConv2d(in_channels, out_channels, 1, bias=False, out_gain=SQRT_HALF)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skip = self.skip(F.avg_pool2d(x, 2))
-        x = self.conv1(F.avg_pool2d(self.conv0(x), 2))
-        return (x + skip) / math.sqrt(2)
+        return self.conv1(F.avg_pool2d(self.conv0(x), 2)) + skip
 
 
 def mbstd_group(n: int, group_size: int = 4) -> int:

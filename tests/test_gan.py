@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment, parse_policy
@@ -17,6 +18,7 @@ from defectforge.gan.loop import GanTrainer
 from defectforge.gan.metrics import sliced_wasserstein
 from defectforge.gan.networks import (
     Discriminator,
+    EqualConv2d,
     EqualLinear,
     Generator,
     ModulatedConv2d,
@@ -92,6 +94,32 @@ def test_equalized_learning_rate_scales_at_run_time():
         assert out.std().item() == pytest.approx(1.0, abs=0.15)  # He gain applied in forward
     slow = EqualLinear(64, 64, lr_mul=0.01)
     assert slow.weight.std().item() == pytest.approx(100, rel=0.1)
+
+
+def test_folded_gains_equal_the_explicit_ones():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16, 16)
+    conv = EqualConv2d(8, 16, 3, activate=True, out_gain=math.sqrt(0.5))
+    with torch.no_grad():
+        conv.bias.normal_()
+    explicit = F.leaky_relu(F.conv2d(x, conv.weight / math.sqrt(8 * 9), conv.bias, padding=1), 0.2)
+    assert torch.allclose(conv(x), explicit * math.sqrt(2) * math.sqrt(0.5), atol=1e-5)
+    linear = EqualLinear(8, 4, bias_init=0.5, lr_mul=0.1, activate=True)
+    v = torch.randn(3, 8)
+    explicit = F.leaky_relu(F.linear(v, linear.weight * 0.1 / math.sqrt(8), linear.bias * 0.1), 0.2)
+    assert torch.allclose(linear(v), explicit * math.sqrt(2), atol=1e-5)
+
+
+def test_bf16_mixed_precision_runs_the_convolutions_in_bf16():
+    trainer = GanTrainer(tiny_config(precision="bf16"), torch.device("cpu"))
+    seen = set()
+    trainer.D.blocks[0].conv0.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    stats = [trainer.step(_reals(trainer.cfg, 4, seed), None) for seed in range(2)]
+    assert seen == {torch.bfloat16}
+    assert all(math.isfinite(v) for step in stats for v in step.values())
+    assert all(p.dtype == torch.float32 for p in trainer.G.parameters())
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16"):
+        tiny_config(precision="fp16")
 
 
 def test_diffaugment_is_differentiable_and_shared_between_batches():

@@ -178,6 +178,11 @@ def add_gan_commands(commands) -> None:
     train.add_argument("--class", dest="defect_class", help="train on one defect class only")
     train.add_argument("--seed", type=int)
     train.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: mixed precision, ~1.4x on GPUs and CPUs with native bf16 (profile gpu's default)",
+    )
+    train.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its latest snapshot up to --kimg",
@@ -224,6 +229,7 @@ def run_gan(args) -> None:
             "conditional": args.conditional or None,
             "defect_class": args.defect_class,
             "seed": args.seed,
+            "precision": args.precision,
         }
         cfg = gan.gan_config_from_manifest(args.data, args.profile, **options)
         summary = gan.run_gan_training(cfg, args.out, resume=args.resume)
