@@ -144,6 +144,12 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def run_identity(folder: str | Path, weights_file: str) -> str:
+    """A short, stable id of a trained model: its folder name and a hash of its weights."""
+    folder = Path(folder).resolve()
+    return f"{folder.name}-{file_digest(folder / weights_file)[:8]}"
+
+
 def combined_digest(named_digests: dict[str, str]) -> str:
     """One sha256 over sorted (name, digest) pairs: the identity of a set of inputs."""
     digest = hashlib.sha256()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -24,25 +24,32 @@ def generate_images(
     cfg: GanConfig,
     seeds: Iterable[int],
     truncation_psi: float = 1.0,
-    class_index: int | None = None,
+    class_index: int | Sequence[int] | None = None,
 ) -> np.ndarray:
-    """N x H x W x C uint8 images, one per seed."""
+    """N x H x W x C uint8 images, one per seed; a conditional generator needs ``class_index``:
+    one class for all seeds, or one per seed (see ``cycled_classes``)."""
     if cfg.num_classes and class_index is None:
         raise ValueError(f"this generator is conditional: pass --class, one of {list(cfg.classes)}")
     device = next(generator.parameters()).device
     seeds = list(seeds)
+    if isinstance(class_index, int):
+        class_index = [class_index] * len(seeds)
     chunks = []
     for start in range(0, len(seeds), GENERATION_BATCH):
         part = seeds[start : start + GENERATION_BATCH]
         z = torch.from_numpy(np.stack([z_for_seed(s, cfg.z_dim) for s in part])).to(device)
         c = None
         if cfg.num_classes:
-            c = F.one_hot(
-                torch.full((len(part),), class_index, device=device), cfg.num_classes
-            ).float()
+            labels = torch.tensor(class_index[start : start + len(part)], device=device)
+            c = F.one_hot(labels, cfg.num_classes).float()
         images = generator(z, c, truncation_psi=truncation_psi, noise_mode="const")
         chunks.append(((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
     return torch.cat(chunks).permute(0, 2, 3, 1).numpy()
+
+
+def cycled_classes(count: int, num_classes: int) -> list[int] | None:
+    """Class per image for a conditional generator's grids and metrics: every class in turn."""
+    return [i % num_classes for i in range(count)] if num_classes else None
 
 
 def image_grid(images: np.ndarray, columns: int = 4) -> np.ndarray:

@@ -31,7 +31,7 @@ from defectforge.gan.checkpoint import (
 )
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment
-from defectforge.gan.generate import generate_images, image_grid
+from defectforge.gan.generate import cycled_classes, generate_images, image_grid
 from defectforge.gan.metrics import sliced_wasserstein
 from defectforge.gan.networks import mbstd_group
 
@@ -254,12 +254,18 @@ def _snapshot(trainer: GanTrainer, io: GanLoopIO, stats: dict, img_per_s: float)
     if io.rank != 0:
         io.report(metrics, None)
         return
-    fake = generate_images(trainer.G_ema, cfg, range(METRIC_SEED, METRIC_SEED + cfg.metric_images))
+    fake = generate_images(
+        trainer.G_ema,
+        cfg,
+        range(METRIC_SEED, METRIC_SEED + cfg.metric_images),
+        class_index=cycled_classes(cfg.metric_images, cfg.num_classes),
+    )
     metrics.update(sliced_wasserstein(io.real_for_metric(), fake))
     trainer.history.append(metrics)
     with tempfile.TemporaryDirectory(prefix="defectforge-gan-") as folder:
         save_gan_checkpoint(Path(folder), trainer)
-        grid = image_grid(generate_images(trainer.G_ema, cfg, GRID_SEEDS))
+        classes = cycled_classes(len(GRID_SEEDS), cfg.num_classes)
+        grid = image_grid(generate_images(trainer.G_ema, cfg, GRID_SEEDS, class_index=classes))
         write_png(Path(folder) / SAMPLES_FILE, grid)
         io.report(metrics, Path(folder))
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from defectforge.datasets.batches import BatchSpec
 from defectforge.datasets.files import JsonConfig
+from defectforge.datasets.mix import MixConfig
 from defectforge.segmentation.losses import parse_loss
 from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size
 
@@ -46,6 +47,12 @@ class SegConfig(JsonConfig):
     threads: int = 0
     max_steps_per_epoch: int = 0
     data_manifest_id: str = ""
+    # Lazy real/synthetic mixing: a labelled synthetic dataset and the share of the train split
+    # it makes up (see datasets/mix.py); val and test stay real.
+    synthetic: str = ""
+    synthetic_ratio: float = 0.0
+    mix_seed: int = 0
+    mix_per_class: bool = False
 
     def __post_init__(self):
         check_architecture(self.arch)
@@ -75,6 +82,13 @@ class SegConfig(JsonConfig):
                 )
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        self.mix_config()
+
+    def mix_config(self) -> MixConfig:
+        """The mixing request (validated); a ratio without a synthetic dataset is an error."""
+        if self.synthetic_ratio and not self.synthetic:
+            raise ValueError("synthetic_ratio needs a labelled synthetic dataset (--synthetic)")
+        return MixConfig(self.synthetic_ratio, self.mix_seed, self.mix_per_class)
 
     @property
     def output_classes(self) -> tuple[str, ...]:

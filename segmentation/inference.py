@@ -33,21 +33,32 @@ OVERLAY_COLOURS = np.array(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torch.Tensor:
-    """C x H x W logits at the image's native size (resized or padded for the network, then back)."""
-    height, width = image.shape[:2]
+def predict_batch_logits(model: nn.Module, spec: BatchSpec, images: np.ndarray) -> torch.Tensor:
+    """N x K x H x W logits for N images of one size (N x H x W x C uint8), at that size: resized
+    or padded for the network as in training, then brought back."""
+    count, height, width = images.shape[:3]
     if spec.image_size:
-        network_input = cv2.resize(
-            image, (spec.image_size, spec.image_size), interpolation=cv2.INTER_AREA
-        ).reshape(spec.image_size, spec.image_size, -1)
+        side = spec.image_size
+        network_input = np.stack(
+            [cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA) for image in images]
+        ).reshape(count, side, side, -1)
     else:
-        network_input, _ = pad_to(image, None, padded_side(height, spec), padded_side(width, spec))
+        network_input = np.stack(
+            [
+                pad_to(image, None, padded_side(height, spec), padded_side(width, spec))[0]
+                for image in images
+            ]
+        )
     device = next(model.parameters()).device
-    x = torch.from_numpy(normalise(network_input[None], spec)).to(device)
-    logits = model(x).float()
+    logits = model(torch.from_numpy(normalise(network_input, spec)).to(device)).float()
     if spec.image_size:
-        return F.interpolate(logits, size=(height, width), mode="bilinear")[0].cpu()
-    return logits[0, :, :height, :width].cpu()
+        return F.interpolate(logits, size=(height, width), mode="bilinear").cpu()
+    return logits[:, :, :height, :width].cpu()
+
+
+def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torch.Tensor:
+    """K x H x W logits for one image of any size."""
+    return predict_batch_logits(model, spec, image[None])[0]
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -117,3 +117,59 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
     plot_confusion(best["val_confusion_matrix"], best["val_class_names"], written[2])
     plot_validation_grid(run_dir, summary["config"]["data"], written[3])
     return written
+
+
+def plot_label_grid(rows: list[dict], channels: int, path: Path, columns: int = 4) -> None:
+    """Synthetic images with their pseudo-masks, titled with confidence and the keep decision."""
+    count = len(rows)
+    lines = max(1, -(-count // columns))
+    figure, axes = plt.subplots(
+        lines, 2 * columns, figsize=(2.0 * 2 * columns, 2.2 * lines), squeeze=False
+    )
+    for axis in axes.flat:
+        axis.axis("off")
+    for index, row in enumerate(rows):
+        image = decode_png(row["image"], channels)
+        mask = decode_png(row["mask"], 0)
+        line, column = divmod(index, columns)
+        verdict = row["rejected"] or "kept"
+        left, right = axes[line, 2 * column], axes[line, 2 * column + 1]
+        left.imshow(image[:, :, 0] if channels == 1 else image, cmap="gray")
+        left.set_title(f"conf {row['label_confidence']:.2f}", fontsize=7)
+        right.imshow(overlay(image, mask))
+        right.set_title(f"{row['defect_class'] or '-'} ({verdict})", fontsize=7)
+    _save(figure, path)
+
+
+def plot_confidence_histogram(confidences: list[float], threshold: float, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(6, 3.4))
+    axis.hist(confidences, bins=30, range=(0, 1), color="#4878a8")
+    axis.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:.2f}")
+    axis.set(
+        xlabel="label confidence (mean max-softmax over predicted defect pixels)",
+        ylabel="images",
+        title=f"Pseudo-label confidence ({len(confidences)} generated images)",
+    )
+    axis.legend()
+    _save(figure, path)
+
+
+def plot_correction_quality(quality: dict, path: Path) -> None:
+    """Labeller IoU on real validation images, raw and after each mask correction."""
+    variants = list(quality)
+    keys = (("binary_defect_iou", "binary defect IoU"), ("mean_defect_iou", "mean defect IoU"))
+    positions = np.arange(len(variants))
+    figure, axis = plt.subplots(figsize=(1.6 * len(variants) + 3, 3.6))
+    for offset, (key, label) in zip((-0.2, 0.2), keys, strict=True):
+        values = [quality[v][key] or 0.0 for v in variants]
+        bars = axis.bar(positions + offset, values, width=0.4, label=label)
+        axis.bar_label(bars, fmt="%.3f", fontsize=7)
+    axis.set(
+        xticks=positions,
+        xticklabels=variants,
+        ylim=(0, 1),
+        ylabel="IoU",
+        title="Labeller on real validation images, by mask correction",
+    )
+    axis.legend(loc="lower right")
+    _save(figure, path)

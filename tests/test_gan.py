@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment, parse_policy
 from defectforge.gan.generate import generate_images
-from defectforge.gan.loop import GanTrainer
+from defectforge.gan.loop import GanLoopIO, GanTrainer, train_gan
 from defectforge.gan.metrics import sliced_wasserstein
 from defectforge.gan.networks import (
     Discriminator,
@@ -181,6 +181,30 @@ def test_ema_ramp_up_lets_g_ema_follow_g_early():
         return sum((ema - live).abs().sum().item() for ema, live in pairs)
 
     assert distance_after_steps(0.05) < 0.5 * distance_after_steps(0.0)
+
+
+def test_conditional_run_snapshots_every_class():
+    cfg = tiny_config(classes=("a", "b", "c"), conditional=True, kimg=0.008, snapshot_kimg=0.004)
+    reports = []
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            yield {"image": _reals(cfg, 4), "label": torch.randint(0, 3, (4,), generator=generator)}
+
+    io = GanLoopIO(
+        real_batches=batches(),
+        report=lambda metrics, folder: reports.append(
+            (metrics, (folder / "samples.png").is_file())
+        ),
+        real_for_metric=lambda: np.zeros((16, 32, 32, 1), np.uint8),
+    )
+    train_gan(cfg, io)
+    assert [m["kimg"] for m, _ in reports] == [0.0, 0.004, 0.008]
+    assert all(grid for _, grid in reports) and all(m["swd"] > 0 for m, _ in reports)
+    trainer = GanTrainer(cfg, torch.device("cpu"))
+    images = generate_images(trainer.G_ema, cfg, [7, 7, 7], class_index=[0, 1, 2])
+    assert not np.array_equal(images[0], images[1])  # same seed, another class
 
 
 def test_generation_is_deterministic_per_seed():

@@ -81,6 +81,67 @@ def add_data_commands(commands) -> None:
     augment.add_argument("--strength", type=float, default=1.0)
     augment.add_argument("--seed", type=int, default=0)
     augment.add_argument("--overwrite", action="store_true")
+    mix = data.add_parser("mix", help="real + labelled synthetic train rows at a synthetic ratio")
+    mix.add_argument("--real", required=True, help="real dataset (`data build`)")
+    mix.add_argument("--synthetic", required=True, help="labelled synthetic set (`synth label`)")
+    mix.add_argument("--ratio", type=float, required=True, help="synthetic / (real + synthetic)")
+    mix.add_argument("--out", required=True)
+    mix.add_argument("--seed", type=int, default=0, help="which synthetic images are chosen")
+    mix.add_argument(
+        "--per-class", action="store_true", help="synthetic classes follow the real proportions"
+    )
+    mix.add_argument(
+        "--allow-fewer",
+        action="store_true",
+        help="too few synthetic images: use them all and record the achieved ratio",
+    )
+    mix.add_argument(
+        "--augment-factor", type=int, default=1, help="then expand train k-fold (paper: 15)"
+    )
+    mix.add_argument("--augment-strength", type=float, default=1.0)
+    mix.add_argument("--overwrite", action="store_true")
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(
+            f"give a size as HxW or one side, e.g. 200x200, not {text!r}"
+        )
+    return height, width
+
+
+def add_synth_commands(commands) -> None:
+    synth = commands.add_parser("synth", help="pseudo-label generated images").add_subparsers(
+        dest="synth_command", required=True
+    )
+    label = synth.add_parser("label", help="label generated images with a trained seg model")
+    label.add_argument("--images", required=True, help="`gan generate` output or image folder")
+    label.add_argument("--labeler", required=True, help="run folder of `seg train`")
+    label.add_argument("--out", required=True)
+    label.add_argument(
+        "--fill-holes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fill holes inside predicted regions (the paper's correction; default on)",
+    )
+    label.add_argument("--closing-kernel", type=int, default=0, help="morphological closing (px)")
+    label.add_argument("--min-region-area", type=int, default=0, help="drop smaller regions (px)")
+    label.add_argument(
+        "--min-confidence", type=float, default=0.0, help="drop images labelled less surely"
+    )
+    label.add_argument("--binary", action="store_true", help="defect vs background masks")
+    label.add_argument(
+        "--size", type=_size, help="label at HxW (default: the labeller's common train size)"
+    )
+    label.add_argument("--actors", type=int, default=1, help="labeller copies (one model each)")
+    label.add_argument("--batch-size", type=int, default=16)
+    label.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    label.add_argument("--overwrite", action="store_true")
 
 
 def add_seg_train_options(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +171,10 @@ def add_seg_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps-per-epoch", type=int, default=0, help="smoke runs")
+    parser.add_argument("--synthetic", default="", help="labelled synthetic set to mix in")
+    parser.add_argument("--synthetic-ratio", type=float, default=0.0)
+    parser.add_argument("--mix-seed", type=int, default=0)
+    parser.add_argument("--mix-per-class", action="store_true")
 
 
 def seg_options(args: argparse.Namespace) -> dict:
@@ -130,6 +195,10 @@ def seg_options(args: argparse.Namespace) -> dict:
         "use_gpu": args.use_gpu,
         "seed": args.seed,
         "max_steps_per_epoch": args.max_steps_per_epoch,
+        "synthetic": str(Path(args.synthetic).resolve()) if args.synthetic else "",
+        "synthetic_ratio": args.synthetic_ratio,
+        "mix_seed": args.mix_seed,
+        "mix_per_class": args.mix_per_class,
     }
 
 
@@ -200,6 +269,11 @@ def add_gan_commands(commands) -> None:
     metrics.add_argument("--data", help="dataset to compare with (default: the training data)")
     metrics.add_argument("--n", type=int, default=0, help="images per set (default: config's)")
     metrics.add_argument("--inception", help="local torchvision inception_v3 weights: adds FID/KID")
+    metrics.add_argument(
+        "--class",
+        dest="class_name",
+        help="score one class (default: all, a conditional G's in turn)",
+    )
 
 
 def parse_seeds(text: str | None, count: int) -> list[int]:
@@ -245,7 +319,42 @@ def run_gan(args) -> None:
         )
         print(f"wrote {len(seeds)} images (PNG + Parquet) to {args.out}")
     else:
-        print(json.dumps(gan.generator_metrics(args.model, args.data, args.n, args.inception)))
+        result = gan.generator_metrics(
+            args.model, args.data, args.n, args.inception, args.class_name
+        )
+        print(json.dumps(result))
+
+
+def run_synth(args) -> None:
+    from defectforge.segmentation.pseudo_label import LabelConfig
+    from defectforge.trainables.synth import label_synthetic
+
+    height, width = args.size or (0, 0)
+    cfg = LabelConfig(
+        images=str(Path(args.images).resolve()),
+        labeler=str(Path(args.labeler).resolve()),
+        fill_holes=args.fill_holes,
+        closing_kernel=args.closing_kernel,
+        min_region_area=args.min_region_area,
+        min_confidence=args.min_confidence,
+        binary=args.binary,
+        height=height,
+        width=width,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        use_gpu=args.use_gpu,
+    )
+    result = label_synthetic(cfg, args.out, args.overwrite)
+    labelling = result["manifest"]["labelling"]
+    print(
+        f"kept {labelling['kept']} of {labelling['images']} images (dropped: "
+        f"{labelling['dropped'] or 'none'}); labels, report and plots in {args.out}"
+    )
+    for variant, summary in (result["quality"] or {}).items():
+        print(
+            f"labeller on real val, {variant}: binary defect IoU "
+            f"{summary['binary_defect_iou']:.4f}, mean defect IoU {summary['mean_defect_iou']:.4f}"
+        )
 
 
 def add_quickstart(commands) -> None:
@@ -264,15 +373,40 @@ def parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_seg_commands(commands)
     add_gan_commands(commands)
+    add_synth_commands(commands)
     add_quickstart(commands)
     return root
+
+
+def run_mix(args) -> dict:
+    from defectforge.datasets.mix import MixConfig
+    from defectforge.trainables.mix import mix_datasets
+
+    cfg = MixConfig(args.ratio, args.seed, args.per_class, args.allow_fewer)
+    manifest = mix_datasets(
+        args.real,
+        args.synthetic,
+        cfg,
+        args.out,
+        args.augment_factor,
+        args.augment_strength,
+        args.overwrite,
+    )
+    mix = manifest["mix"]
+    print(
+        f"train: {mix['real_images']} real + {mix['synthetic_images']} synthetic, ratio "
+        f"{mix['achieved_ratio']:.4f} (requested {mix['requested_ratio']})"
+    )
+    return manifest
 
 
 def run_data(args) -> None:
     from defectforge.datasets.build import BuildConfig
     from defectforge.trainables.data_jobs import augment_parquet, build_parquet
 
-    if args.data_command == "build":
+    if args.data_command == "mix":
+        manifest = run_mix(args)
+    elif args.data_command == "build":
         manifest = build_parquet(
             BuildConfig(
                 source=args.source,
@@ -351,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": run_data,
         "seg": run_seg,
         "gan": run_gan,
+        "synth": run_synth,
         "predict": run_predict,
         "quickstart": run_quickstart,
     }

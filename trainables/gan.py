@@ -26,7 +26,13 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from defectforge.datasets.batches import GanBatchMaker
-from defectforge.datasets.contract import read_manifest, split_dir
+from defectforge.datasets.contract import (
+    SCHEMA_VERSION,
+    combined_digest,
+    read_manifest,
+    run_identity,
+    split_dir,
+)
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, SAMPLES_FILE, load_gan_state
@@ -183,14 +189,6 @@ def run_gan_training(
     return summary
 
 
-def run_id(model: str | Path) -> str:
-    """A short, stable id of a generator: its folder name and a hash of its weights."""
-    from defectforge.datasets.contract import file_digest
-
-    model = Path(model)
-    return f"{model.resolve().name}-{file_digest(model / GENERATOR_FILE)[:8]}"
-
-
 def write_generated(
     model: str | Path,
     out: str | Path,
@@ -213,7 +211,7 @@ def write_generated(
             raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
         class_index = cfg.classes.index(class_name)
     images = generate_images(generator, cfg, seeds, truncation_psi, class_index)
-    identity = run_id(model)
+    identity = run_identity(model, GENERATOR_FILE)
     rows = []
     with publish_dir(out, overwrite) as staging:
         (staging / "train").mkdir()
@@ -240,8 +238,11 @@ def write_generated(
             pa.Table.from_pylist(rows, schema=SCHEMA), staging / "train" / "generated.parquet"
         )
         manifest = {
-            "schema_version": 1,
+            "schema_version": SCHEMA_VERSION,
             "dataset": f"gan-{identity}",
+            "dataset_id": combined_digest(
+                {"generator": identity, "seeds": repr(seeds), "psi": repr(truncation_psi)}
+            )[:16],
             "source": "synthetic",
             "channels": cfg.channels,
             "generator": identity,
@@ -256,23 +257,33 @@ def write_generated(
 
 
 def generator_metrics(
-    model: str | Path, data: str | Path | None = None, count: int = 0, inception: str | None = None
+    model: str | Path,
+    data: str | Path | None = None,
+    count: int = 0,
+    inception: str | None = None,
+    class_name: str | None = None,
 ) -> dict:
     """SWD (and FID/KID given local Inception weights) between ``count`` generated images and
-    as many real images of the run's (or another) dataset."""
+    as many real images of the run's (or another) dataset. A conditional generator is scored on
+    ``class_name`` against real images of that class, or on every class in turn."""
     from defectforge.gan.checkpoint import load_generator
-    from defectforge.gan.generate import generate_images
+    from defectforge.gan.generate import cycled_classes, generate_images
     from defectforge.gan.loop import METRIC_SEED
     from defectforge.gan.metrics import inception_metrics, sliced_wasserstein
 
     generator, cfg = load_generator(model)
     cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
+    classes = cycled_classes(cfg.metric_images, cfg.num_classes)
+    if class_name is not None:
+        if class_name not in cfg.classes:
+            raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
+        cfg = replace(cfg, defect_class=class_name)
+        classes = cfg.classes.index(class_name) if cfg.num_classes else None
     reals = metric_reals(cfg)
+    if isinstance(classes, list):
+        classes = classes[: len(reals)]
     fakes = generate_images(
-        generator,
-        cfg,
-        range(METRIC_SEED, METRIC_SEED + len(reals)),
-        class_index=0 if cfg.num_classes else None,
+        generator, cfg, range(METRIC_SEED, METRIC_SEED + len(reals)), class_index=classes
     )
     result = {"images": len(reals), **sliced_wasserstein(reals, fakes)}
     if inception:

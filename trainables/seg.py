@@ -30,6 +30,7 @@ from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_tr
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import SELECTION_METRIC, LoopIO, train_segmentation
 from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.mix import mixed_train
 from defectforge.trainables.runtime import ensure_ray, resumed_run_name, starting_checkpoint
 
 SHUFFLE_BUFFER = 256
@@ -122,6 +123,19 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     )
 
 
+def training_split(cfg: SegConfig) -> ray.data.Dataset:
+    """The real train split, or (with ``cfg.synthetic``) real + synthetic at the config's ratio."""
+    if not cfg.synthetic:
+        return read_split(cfg.data, "train")
+    train, plan = mixed_train(cfg.data, cfg.synthetic, cfg.mix_config())
+    print(
+        f"train split: {plan.real_count} real + {len(plan.synthetic_ids)} synthetic images "
+        f"(ratio {plan.achieved_ratio:.3f}, requested {plan.requested_ratio})",
+        flush=True,
+    )
+    return train
+
+
 def make_trainer(
     cfg: SegConfig,
     out: Path,
@@ -131,7 +145,7 @@ def make_trainer(
 ) -> TorchTrainer:
     storage = out.resolve() / "ray"
     name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
-    train, val = read_split(cfg.data, "train"), read_split(cfg.data, "val")
+    train, val = training_split(cfg), read_split(cfg.data, "val")
     resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
     return TorchTrainer(
         _seg_worker,

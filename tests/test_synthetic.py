@@ -1,0 +1,262 @@
+"""Pseudo-labelling generated images and mixing them with real ones at a synthetic ratio."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from defectforge.datasets.contract import read_manifest, split_dir, write_png
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.mix import MixConfig, NotEnoughSynthetic, plan_mix, synthetic_count
+from defectforge.segmentation.pseudo_label import (
+    Corrections,
+    LabelConfig,
+    close_regions,
+    fill_holes,
+    pseudo_label,
+    remove_small_regions,
+)
+
+PAPER_RATIOS = (0.0, 0.13, 0.235, 0.315, 0.38, 0.44, 0.5)
+
+
+def disc(size: int, radius: float, centre=None) -> np.ndarray:
+    cy, cx = centre or (size // 2, size // 2)
+    yy, xx = np.mgrid[:size, :size]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+
+
+def test_hole_filling_turns_a_ring_into_a_disc_and_keeps_classes_apart():
+    ring = (disc(40, 12) & ~disc(40, 6)).astype(np.uint8)
+    filled = fill_holes(ring)
+    assert np.array_equal(filled > 0, disc(40, 12))
+    # A class-1 ring around a class-2 core with a background gap: the gap becomes 1, the core
+    # stays 2.
+    nested = ring.copy()
+    nested[disc(40, 3)] = 2
+    filled = fill_holes(nested)
+    assert (filled[disc(40, 3)] == 2).all()
+    assert (filled[disc(40, 6) & ~disc(40, 3)] == 1).all()
+    # A region touching the border has no hole to fill.
+    open_ring = ring.copy()
+    open_ring[20, :] = 0
+    open_ring[:, 20] = 0
+    assert np.array_equal(fill_holes(open_ring), open_ring)
+
+
+def test_small_regions_are_removed_per_class_and_closing_bridges_gaps():
+    mask = np.zeros((30, 30), np.uint8)
+    mask[2:4, 2:4] = 1  # 4 px
+    mask[10:20, 10:20] = 1  # 100 px
+    mask[25:27, 25:28] = 2  # 6 px
+    cleaned = remove_small_regions(mask, min_area=5)
+    assert cleaned[2:4, 2:4].sum() == 0
+    assert (cleaned[10:20, 10:20] == 1).all() and (cleaned[25:27, 25:28] == 2).all()
+    split = np.zeros((20, 20), np.uint8)
+    split[5:15, 3:9] = 1
+    split[5:15, 10:16] = 1  # one-pixel gap at column 9
+    closed = close_regions(split, kernel=3)
+    assert (closed[6:14, 9] == 1).all() and closed[0:4].sum() == 0
+
+
+def _probabilities(mask: np.ndarray, confidence: float, classes: int = 3) -> np.ndarray:
+    probs = np.full((classes, *mask.shape), (1 - confidence) / (classes - 1), np.float32)
+    for k in range(classes):
+        probs[k][mask == k] = confidence
+    return probs
+
+
+def test_pseudo_label_scores_corrects_and_filters():
+    mask = (disc(32, 10) & ~disc(32, 4)).astype(np.uint8) * 2
+    classes = ("background", "a", "b")
+    label = pseudo_label(_probabilities(mask, 0.9), classes, Corrections(), 0.5, False)
+    assert label.rejected == "" and label.defect_class == "b"
+    assert label.confidence == pytest.approx(0.9)
+    assert (label.mask[16, 16] == 2) and label.defect_fraction == pytest.approx(disc(32, 10).mean())
+    unsure = pseudo_label(_probabilities(mask, 0.6), classes, Corrections(), 0.7, True)
+    assert unsure.rejected == "low confidence" and set(np.unique(unsure.mask)) == {0, 1}
+    empty = pseudo_label(
+        _probabilities(np.zeros((8, 8), np.uint8), 0.99), classes, Corrections(), 0, False
+    )
+    assert empty.rejected == "no defect" and empty.confidence == 0.0
+
+
+@pytest.mark.parametrize("ratio", PAPER_RATIOS)
+def test_mix_plan_hits_the_ratio_within_one_image(ratio):
+    real = 3129
+    candidates = {f"s{i}": "patches" for i in range(4000)}
+    plan = plan_mix(real, {"patches": real}, candidates, MixConfig(ratio))
+    exact = ratio * real / (1 - ratio)
+    assert abs(len(plan.synthetic_ids) - exact) <= 0.5
+    assert abs(plan.achieved_ratio - ratio) <= 1 / (real + len(plan.synthetic_ids))
+
+
+def test_mix_plan_is_seeded_stable_and_refuses_impossible_ratios():
+    candidates = {f"s{i}": ("a" if i % 4 else "b") for i in range(100)}
+    first = plan_mix(60, {"a": 30, "b": 30}, candidates, MixConfig(0.25, seed=1))
+    again = plan_mix(60, {"a": 30, "b": 30}, candidates, MixConfig(0.25, seed=1))
+    other = plan_mix(60, {"a": 30, "b": 30}, candidates, MixConfig(0.25, seed=2))
+    assert first == again and first.synthetic_ids != other.synthetic_ids
+    assert len(first.synthetic_ids) == synthetic_count(60, 0.25) == 20
+    per_class = plan_mix(60, {"a": 30, "b": 30}, candidates, MixConfig(0.25, per_class=True))
+    chosen = [candidates[i] for i in per_class.synthetic_ids]
+    assert chosen.count("a") == chosen.count("b") == 10
+    with pytest.raises(NotEnoughSynthetic, match="needs 240 synthetic images, only 100 exist"):
+        plan_mix(60, {}, candidates, MixConfig(0.8))
+    fewer = plan_mix(60, {}, candidates, MixConfig(0.8, allow_fewer=True))
+    assert len(fewer.synthetic_ids) == 100 and fewer.achieved_ratio == pytest.approx(100 / 160)
+    with pytest.raises(ValueError, match=r"synthetic ratio must be in \[0, 1\)"):
+        MixConfig(1.0)
+
+
+def test_label_config_validation():
+    with pytest.raises(ValueError, match="min confidence"):
+        LabelConfig(images="x", labeler="y", min_confidence=1.5)
+    with pytest.raises(ValueError, match="HxW"):
+        LabelConfig(images="x", labeler="y", height=200)
+
+
+# --- Ray Data jobs on the bundled sample --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def labeller(sample_dataset, tmp_path_factory) -> Path:
+    """A labeller whose head is biased to call every pixel "patches" with near certainty, so the
+    pipeline's bookkeeping is tested independently of what a trained model would find."""
+    from defectforge.segmentation.checkpoint import save_model
+    from defectforge.segmentation.models import build_model
+    from defectforge.trainables.seg import config_from_manifest
+
+    cfg = config_from_manifest(sample_dataset, epochs=1)
+    model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
+    with torch.no_grad():
+        head = model.segmentation_head[0]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 0.0]))
+    return save_model(tmp_path_factory.mktemp("labeller") / "run", model, cfg)
+
+
+@pytest.fixture(scope="module")
+def generated(ray_session, tmp_path_factory) -> Path:
+    from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
+    from defectforge.gan.config import GanConfig
+    from defectforge.trainables.gan import write_generated
+
+    run = tmp_path_factory.mktemp("gan") / "run"
+    run.mkdir()
+    cfg = GanConfig(
+        data="neu-sample",
+        channels=1,
+        resolution=32,
+        z_dim=16,
+        w_dim=16,
+        channel_base=128,
+        channel_max=16,
+    )
+    torch.save(build_generator(cfg).state_dict(), run / GENERATOR_FILE)
+    (run / CONFIG_FILE).write_text(cfg.to_json())
+    out = run.parent / "generated"
+    write_generated(run, out, list(range(32)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled(generated, labeller, tmp_path_factory) -> Path:
+    from defectforge.trainables.synth import label_synthetic
+
+    out = tmp_path_factory.mktemp("labelled") / "synthetic"
+    cfg = LabelConfig(images=str(generated), labeler=str(labeller), min_region_area=20)
+    label_synthetic(cfg, out)
+    return out
+
+
+def test_labelling_writes_masks_lineage_report_and_plots(labelled, generated, sample_dataset):
+    manifest = read_manifest(labelled)
+    table = pq.read_table(split_dir(labelled, "train"))
+    assert manifest["counts"]["train"]["total"] == table.num_rows == 32
+    rows = table.to_pylist()
+    assert {r["source"] for r in rows} == {"synthetic"} and {r["defect_class"] for r in rows} == {
+        "patches"
+    }
+    # Upscaled to the labeller's real image size (NEU: 200 x 200) before labelling.
+    assert {(r["height"], r["width"]) for r in rows} == {(200, 200)}
+    assert all(r["mask"] and r["label_confidence"] > 0.99 for r in rows)
+    assert all("/seed" in r["origin"] and "|labeller:run-" in r["origin"] for r in rows)
+    lineage = manifest["labelling"]
+    assert lineage["labeller_data_id"] == read_manifest(sample_dataset)["dataset_id"]
+    assert lineage["generated_dataset_id"] == read_manifest(generated)["dataset_id"]
+    with open(labelled / "labels.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 32
+    quality = json.loads((labelled / "label_quality.json").read_text())
+    assert set(quality) == {"raw", "fill_holes", "min_area", "fill_holes+min_area"}
+    # Calling every pixel "patches" on the sample's val images scores what it should.
+    assert quality["raw"]["per_class_iou"]["background"] == 0.0
+    for name in ("label_quality.png", "confidence.png", "synthetic_labels.png"):
+        assert (labelled / "plots" / name).stat().st_size > 1000
+
+
+def test_labelling_drops_unsure_images_and_rejects_a_wrong_channel_count(
+    generated, labeller, tmp_path
+):
+    from defectforge.trainables.synth import label_synthetic
+
+    strict = LabelConfig(images=str(generated), labeler=str(labeller), min_confidence=1.0)
+    result = label_synthetic(strict, tmp_path / "strict")
+    assert result["manifest"]["labelling"]["dropped"] == {"low confidence": 32}
+    assert not (tmp_path / "strict" / "train").exists()
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    write_png(colour / "a.png", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
+    with pytest.raises(DataError, match=r"images have 3 channel\(s\) but the labeller"):
+        label_synthetic(LabelConfig(images=str(colour), labeler=str(labeller)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_offline_and_lazy_mixes_agree_and_keep_val_real(sample_dataset, labelled, tmp_path):
+    from defectforge.trainables.mix import mix_datasets, mixed_train
+
+    real = read_manifest(sample_dataset)
+    cfg = MixConfig(0.38, seed=3)
+    manifest = mix_datasets(sample_dataset, labelled, cfg, tmp_path / "mixed")
+    n_real = real["counts"]["train"]["total"]
+    n_synthetic = synthetic_count(n_real, 0.38)
+    assert manifest["mix"]["synthetic_images"] == n_synthetic
+    assert manifest["counts"]["train"]["by_source"] == {"real": n_real, "synthetic": n_synthetic}
+    assert manifest["mix"]["real_dataset_id"] == real["dataset_id"]
+    assert manifest["mix"]["synthetic_dataset_id"] == read_manifest(labelled)["dataset_id"]
+    train = pq.read_table(split_dir(tmp_path / "mixed", "train"), columns=["id", "source"])
+    val = pq.read_table(split_dir(tmp_path / "mixed", "val"), columns=["source"])
+    assert set(val["source"].to_pylist()) == {"real"}
+    lazy, plan = mixed_train(sample_dataset, labelled, cfg)
+    assert sorted(r["id"] for r in lazy.select_columns(["id"]).take_all()) == sorted(
+        train["id"].to_pylist()
+    )
+    assert plan.achieved_ratio == manifest["mix"]["achieved_ratio"]
+
+
+def test_ratio_zero_reproduces_the_real_set_and_impossible_ratios_fail(
+    sample_dataset, labelled, tmp_path
+):
+    from defectforge.trainables.mix import mix_datasets
+
+    manifest = mix_datasets(sample_dataset, labelled, MixConfig(0.0), tmp_path / "zero")
+    assert manifest["dataset_id"] == read_manifest(sample_dataset)["dataset_id"]
+    assert (
+        pq.read_table(split_dir(tmp_path / "zero", "train"))
+        .sort_by("id")
+        .equals(pq.read_table(split_dir(sample_dataset, "train")).sort_by("id"))
+    )
+    with pytest.raises(NotEnoughSynthetic, match="--allow-fewer"):
+        mix_datasets(sample_dataset, labelled, MixConfig(0.5), tmp_path / "too-many")
+    assert not (tmp_path / "too-many").exists()
+
+
+def test_mixing_unlabelled_images_is_a_clear_error(sample_dataset, generated, tmp_path):
+    from defectforge.trainables.mix import mix_datasets
+
+    with pytest.raises(DataError, match="no masks yet.*synth label"):
+        mix_datasets(sample_dataset, generated, MixConfig(0.2), tmp_path / "mixed")

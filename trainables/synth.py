@@ -1,0 +1,357 @@
+"""Generated images -> training data: pseudo-labelling on a Ray Data actor pool, label quality.
+
+``label_synthetic`` writes a labelled synthetic dataset::
+
+    OUT/manifest.json       classes, channels, counts, kept/dropped, labeller and generator ids
+    OUT/train/*.parquet     kept rows: source=synthetic, mask, label_confidence, origin
+    OUT/labels.csv          every image: confidence, defect fraction, class, kept or why not
+    OUT/label_quality.json  the labeller on real val images, raw and after each correction
+    OUT/plots/*.png         synthetic images with their masks, confidence histogram, quality bars
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from defectforge.datasets.build import pixel_statistics
+from defectforge.datasets.contract import (
+    COLUMNS,
+    MANIFEST,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SPLITS,
+    combined_digest,
+    decode_png,
+    encode_png,
+    publish_dir,
+    read_manifest,
+    run_identity,
+    split_dir,
+)
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import atomic_write, require_files, write_json_atomic
+from defectforge.datasets.readers import guess_channels, read_image
+from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.inference import list_images, predict_batch_logits, predict_logits
+from defectforge.segmentation.metrics import confusion_matrix, summarize
+from defectforge.segmentation.pseudo_label import Corrections, LabelConfig, correct, pseudo_label
+from defectforge.segmentation.report import (
+    plot_confidence_histogram,
+    plot_correction_quality,
+    plot_label_grid,
+)
+from defectforge.trainables.data_jobs import ROWS_PER_FILE, read_split
+from defectforge.trainables.runtime import ensure_ray
+
+# The labelling output: the contract's columns plus what the report and the filter need.
+LABELLED_SCHEMA = pa.schema(
+    [
+        *SCHEMA,
+        pa.field("defect_fraction", pa.float32()),
+        pa.field("rejected", pa.string()),
+        pa.field("pixel_sum", pa.list_(pa.float64())),
+        pa.field("pixel_sumsq", pa.list_(pa.float64())),
+    ]
+)
+GRID_ROWS = 16
+
+
+def _device(use_gpu: bool) -> torch.device:
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+class _Labeller:
+    """Ray Data actor: loads the labeller once, then labels batches of generated rows."""
+
+    def __init__(self, cfg: dict, size: tuple[int, int], labeller_id: str):
+        self.cfg = LabelConfig.from_dict(cfg)
+        self.model, self.seg = load_model(self.cfg.labeler, _device(self.cfg.use_gpu))
+        self.size, self.labeller_id = size, labeller_id
+
+    def _image(self, cell: bytes) -> np.ndarray:
+        image = decode_png(cell, self.seg.channels)
+        height, width = self.size
+        if image.shape[:2] != (height, width):
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)
+        return image.reshape(height, width, self.seg.channels)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        images = np.stack([self._image(row["image"]) for row in rows])
+        logits = predict_batch_logits(self.model, self.seg.batch_spec(), images)
+        probabilities = torch.softmax(logits, dim=1).numpy()
+        labelled = []
+        for row, image, probs in zip(rows, images, probabilities, strict=True):
+            label = pseudo_label(
+                probs,
+                tuple(self.seg.classes),
+                self.cfg.corrections,
+                self.cfg.min_confidence,
+                self.cfg.binary,
+            )
+            pixels = image.reshape(-1, image.shape[2]).astype(np.float64)
+            labelled.append(
+                {
+                    **row,
+                    "image": encode_png(image),
+                    "mask": encode_png(label.mask),
+                    "height": image.shape[0],
+                    "width": image.shape[1],
+                    "channels": image.shape[2],
+                    "source": "synthetic",
+                    "split": "train",
+                    "defect_class": label.defect_class,
+                    "label_confidence": label.confidence,
+                    "origin": f"{row['origin']}|labeller:{self.labeller_id}",
+                    "defect_fraction": label.defect_fraction,
+                    "rejected": label.rejected,
+                    "pixel_sum": pixels.sum(axis=0).tolist(),
+                    "pixel_sumsq": np.square(pixels).sum(axis=0).tolist(),
+                }
+            )
+        return pa.Table.from_pylist(labelled, schema=LABELLED_SCHEMA)
+
+
+def quality_variants(corrections: Corrections) -> dict[str, Corrections]:
+    """Raw prediction, each correction on its own, and the configured combination."""
+    variants = {"raw": Corrections(fill_holes=False)}
+    for step in ("fill_holes", "closing", "min_area"):
+        alone = corrections.only(step)
+        if alone.steps():
+            variants[step] = alone
+    if len(corrections.steps()) > 1:
+        variants["+".join(corrections.steps())] = corrections
+    return variants
+
+
+class _QualityScorer:
+    """Ray Data actor: the labeller on real images with known masks, one confusion matrix per
+    correction variant per row."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = LabelConfig.from_dict(cfg)
+        self.model, self.seg = load_model(self.cfg.labeler, _device(self.cfg.use_gpu))
+        self.variants = quality_variants(self.cfg.corrections)
+        self.num_classes = 2 if self.cfg.binary else len(self.seg.classes)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        matrices = {name: [] for name in self.variants}
+        for row in batch.to_pylist():
+            image = decode_png(row["image"], self.seg.channels)
+            truth = torch.from_numpy(decode_png(row["mask"], 0).astype(np.int64))
+            raw = predict_logits(self.model, self.seg.batch_spec(), image).argmax(0).numpy()
+            for name, corrections in self.variants.items():
+                pred = torch.from_numpy(correct(raw.astype(np.uint8), corrections).astype(np.int64))
+                target = truth
+                if self.cfg.binary:
+                    pred, target = (pred > 0).long(), (truth > 0).long()
+                cm = confusion_matrix(pred, target, self.num_classes)
+                matrices[name].append(cm.numpy().ravel())
+        return {f"cm_{name}": np.stack(values) for name, values in matrices.items()}
+
+
+def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
+    """IoU of the labeller on its dataset's val split per correction variant (None: no val)."""
+    if not (split_dir(seg.data, "val")).is_dir():
+        return None
+    scored = read_split(seg.data, "val").map_batches(
+        _QualityScorer,
+        fn_constructor_kwargs={"cfg": asdict(cfg)},
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if cfg.use_gpu else 0,
+    )
+    totals: dict[str, np.ndarray] = {}
+    for batch in scored.iter_batches(batch_format="numpy"):
+        for column, values in batch.items():
+            totals[column] = totals.get(column, 0) + np.stack(values).sum(axis=0)
+    names = ["background", "defect"] if cfg.binary else list(seg.classes)
+    k = len(names)
+    return {
+        column.removeprefix("cm_"): summarize(total.reshape(k, k), names)
+        for column, total in totals.items()
+    }
+
+
+def generated_dataset(images: Path) -> tuple[ray.data.Dataset, int, dict]:
+    """Rows of a `gan generate` output (Parquet + manifest) or of a plain folder of images."""
+    if (images / MANIFEST).is_file():
+        manifest = read_manifest(images)
+        return read_split(images, "train"), manifest["channels"], manifest
+    paths = list_images(images)
+    channels = guess_channels(paths[0])
+    rows = []
+    for path in paths:
+        image = read_image(path, channels)
+        rows.append(
+            {
+                **dict.fromkeys(COLUMNS),
+                "id": f"folder/{images.name}/{path.name}",
+                "image": encode_png(image),
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "channels": channels,
+                "dataset": images.name,
+                "origin": str(path.resolve()),
+            }
+        )
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    return ray.data.from_arrow(table), channels, {"dataset": images.name, "dataset_id": None}
+
+
+def common_size(data: str | Path) -> tuple[int, int]:
+    """The most frequent (height, width) of a dataset's train images."""
+    table = pq.read_table(split_dir(data, "train"), columns=["height", "width"])
+    sizes = Counter(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
+    return sizes.most_common(1)[0][0]
+
+
+def _automatic_size(seg: SegConfig) -> tuple[int, int]:
+    if not split_dir(seg.data, "train").is_dir():
+        raise DataError(
+            seg.data,
+            "the labeller's training data is not here, so the image size is unknown",
+            "pass --size HxW (the size of your real images)",
+        )
+    return common_size(seg.data)
+
+
+def _check_labeller(cfg: LabelConfig, images_channels: int) -> SegConfig:
+    folder = require_files(cfg.labeler, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
+    seg = SegConfig.load(folder / CONFIG_FILE)
+    if seg.channels != images_channels:
+        raise DataError(
+            cfg.images,
+            f"images have {images_channels} channel(s) but the labeller {cfg.labeler} was "
+            f"trained on {seg.channels}",
+            f"label with a segmentation model trained on {images_channels}-channel images",
+        )
+    return seg
+
+
+def _labels_csv(summary: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    fields = ["id", "origin", "defect_class", "label_confidence", "defect_fraction", "rejected"]
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(summary)
+    return buffer.getvalue().encode()
+
+
+def _kept_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table["rejected"], "")).select(list(COLUMNS)).cast(SCHEMA)
+
+
+def _labelled_manifest(
+    cfg: LabelConfig, seg: SegConfig, source: dict, summary: list[dict], ids: dict
+) -> dict:
+    kept = [row for row in summary if not row["rejected"]]
+    classes = ["background", "defect"] if cfg.binary else list(seg.classes)
+    mean, std = pixel_statistics(kept, seg.channels) if kept else ([], [])
+    empty = {"total": 0, "by_source": {}, "by_class": {}}
+    counts = {split: dict(empty) for split in SPLITS}
+    counts["train"] = {
+        "total": len(kept),
+        "by_source": {"synthetic": len(kept)} if kept else {},
+        "by_class": dict(Counter(row["defect_class"] or "none" for row in kept)),
+    }
+    confidences = [row["label_confidence"] for row in summary]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": f"synthetic-{source['dataset']}",
+        "source": "synthetic",
+        "classes": classes,
+        "channels": seg.channels,
+        "binary": cfg.binary,
+        "counts": counts,
+        "pixel_mean": mean,
+        "pixel_std": std,
+        "labelling": {
+            "config": asdict(cfg),
+            "labeller": ids["labeller"],
+            "labeller_data_id": seg.data_manifest_id,
+            "generated_dataset_id": source.get("dataset_id"),
+            "generator": source.get("generator"),
+            "size": list(ids["size"]),
+            "images": len(summary),
+            "kept": len(kept),
+            "dropped": dict(Counter(row["rejected"] for row in summary if row["rejected"])),
+            "confidence_quartiles": np.quantile(confidences, [0.25, 0.5, 0.75]).tolist(),
+        },
+        "dataset_id": combined_digest(
+            {
+                "generated": str(source.get("dataset_id")),
+                "labeller": ids["labeller"],
+                "config": repr(asdict(cfg)),
+                "kept": repr(sorted(row["id"] for row in kept)),
+            }
+        )[:16],
+    }
+
+
+def label_rows(cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int]) -> ray.data.Dataset:
+    """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, lazily."""
+    return rows.map_batches(
+        _Labeller,
+        fn_constructor_kwargs={
+            "cfg": asdict(cfg),
+            "size": size,
+            "labeller_id": run_identity(cfg.labeler, MODEL_FILE),
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if cfg.use_gpu else 0,
+    )
+
+
+def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
+    """Label generated images with a trained segmentation model; keep the confident ones."""
+    images = Path(cfg.images)
+    ensure_ray()
+    generated, channels, source = generated_dataset(images)
+    seg = _check_labeller(cfg, channels)
+    size = (cfg.height, cfg.width) if cfg.height else _automatic_size(seg)
+    labelled = label_rows(cfg, generated, size).materialize()
+    summary = labelled.drop_columns(["image", "mask"]).take_all()
+    quality = label_quality(cfg, seg)
+    with publish_dir(out, overwrite) as staging:
+        if any(not row["rejected"] for row in summary):
+            kept = labelled.map_batches(_kept_rows, batch_format="pyarrow")
+            kept.write_parquet(str(staging / "train"), min_rows_per_file=ROWS_PER_FILE)
+        atomic_write(
+            staging / "labels.csv", lambda tmp: Path(tmp).write_bytes(_labels_csv(summary))
+        )
+        manifest = _labelled_manifest(
+            cfg,
+            seg,
+            source,
+            summary,
+            {"labeller": run_identity(cfg.labeler, MODEL_FILE), "size": size},
+        )
+        if quality is not None:
+            write_json_atomic(staging / "label_quality.json", quality)
+            plot_correction_quality(quality, staging / "plots" / "label_quality.png")
+        plot_confidence_histogram(
+            [row["label_confidence"] for row in summary],
+            cfg.min_confidence,
+            staging / "plots" / "confidence.png",
+        )
+        grid_rows = labelled.limit(GRID_ROWS).take_all()
+        plot_label_grid(grid_rows, seg.channels, staging / "plots" / "synthetic_labels.png")
+        write_json_atomic(staging / MANIFEST, manifest)
+    return {"manifest": manifest, "quality": quality}
