@@ -1,7 +1,7 @@
 """GAN checkpoint files: resume state and the exported generator, state dicts + config JSON.
 
-A snapshot folder holds ``state.pt`` (G, D, G_ema, both optimisers, counters, RNG: enough to
-resume), ``generator.pt`` (G_ema weights only: what generation needs), ``config.json`` and
+A snapshot folder holds ``state.pt`` (G, D, both optimisers, counters, RNG) and ``generator.pt``
+(G_ema weights: what generation needs; together with state.pt, enough to resume), ``config.json`` and
 ``samples.png`` (the fixed-seed grid). Written under temp names and renamed.
 """
 
@@ -41,14 +41,21 @@ def build_discriminator(cfg: GanConfig) -> Discriminator:
 
 
 def save_gan_checkpoint(folder: Path, trainer) -> None:
+    """G_ema goes to ``generator.pt`` only; ``state.pt`` holds the rest of the resume state."""
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(trainer.state_dict(), tmp))
-    atomic_write(folder / GENERATOR_FILE, lambda tmp: torch.save(trainer.G_ema.state_dict(), tmp))
+    state = trainer.state_dict()
+    generator = state.pop("G_ema")
+    atomic_write(folder / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(folder / GENERATOR_FILE, lambda tmp: torch.save(generator, tmp))
     atomic_write(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(trainer.cfg.to_json()))
 
 
 def load_gan_state(folder: Path) -> dict:
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The full resume state (``GanTrainer.state_dict``) of a snapshot folder."""
+    folder = Path(folder)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    state["G_ema"] = torch.load(folder / GENERATOR_FILE, map_location="cpu", weights_only=True)
+    return state
 
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu"):

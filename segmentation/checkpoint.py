@@ -42,7 +42,7 @@ def save_training_state(folder: str | Path, state: dict) -> None:
 
 
 def load_training_state(folder: str | Path) -> dict:
-    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=False)
+    return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
 def load_model(

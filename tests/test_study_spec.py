@@ -1,0 +1,83 @@
+"""Study specs: typed, validated at load, errors that name the key, the value and the fix."""
+
+import pytest
+
+from defectforge.studies.spec import Range, SpecError, load_spec, parse_spec
+
+
+def base(**overrides) -> dict:
+    spec = {
+        "name": "t",
+        "dataset": {"real": "runs/neu", "synthetic": "runs/neu-synthetic"},
+        "search_space": {
+            "synthetic_ratio": [0.0, 0.38],
+            "arch": ["deeplabv3plus", "pan"],
+            "aug_strength": {"low": 0.0, "high": 1.0},
+            "lr": {"low": 1e-4, "high": 3e-3, "log": True},
+            "epochs": 3,
+        },
+        "search": {"algorithm": "optuna", "num_samples": 4, "asha": {"grace_period": 1}},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def test_a_valid_spec_parses_into_types():
+    spec = parse_spec(base())
+    assert spec.search_space["lr"] == Range(1e-4, 3e-3, log=True)
+    assert set(spec.searched()) == {"synthetic_ratio", "arch", "aug_strength", "lr"}
+    assert spec.fixed() == {"epochs": 3}
+    assert spec.search.asha.grace_period == 1 and spec.final.seeds == 3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"search_space": {"arch": "transformer9000"}}, r"search_space.arch = 'transformer9000'"),
+        (
+            {"search_space": {"synthetic_ratio": 1.2}},
+            r"synthetic_ratio = 1.2: must be a number in \[0, 1\)",
+        ),
+        (
+            {"search_space": {"lr": {"low": 0.0, "high": 1.0}}},
+            "lr = 0.0: must be a positive number; change it to a positive number",
+        ),
+        (
+            {"search_space": {"aug_strength": {"low": 0.0, "high": 1.0, "log": True}}},
+            "a log range needs low > 0",
+        ),
+        ({"search_space": {"lr": {"low": 0.1}}}, "a range needs exactly low, high"),
+        ({"search_space": {"momentum": 0.9}}, "search_space.momentum = 0.9: not a searchable key"),
+        ({"search_space": {"loss": "ce+hinge"}}, r"search_space.loss = 'ce\+hinge'"),
+        ({"search": {"algorithm": "random"}}, "search.algorithm = 'random': unknown"),
+        ({"search": {"num_sample": 3}}, "search.num_sample = 3: unknown key"),
+        ({"search": {"num_samples": "many"}}, "search.num_samples = 'many': must be of type int"),
+        ({"final": {"seeds": 2}}, "final.seeds = 2: an interval needs >= 3 seeds"),
+        ({"datasets": {}}, "datasets = {}: unknown key"),
+    ],
+)
+def test_errors_name_key_value_and_fix(change, message):
+    data = base()
+    for key, value in change.items():
+        if isinstance(data.get(key), dict) and key != "dataset":
+            data[key] = {**data[key], **value} if key != "search_space" else value
+        else:
+            data[key] = value
+    with pytest.raises(SpecError, match=message):
+        parse_spec(data, "my.yaml")
+
+
+def test_grid_needs_lists_and_synthetic_ratios_need_a_synthetic_set():
+    with pytest.raises(SpecError, match="a grid search needs lists, not ranges"):
+        parse_spec(base(search={"algorithm": "grid"}))
+    with pytest.raises(SpecError, match="dataset.synthetic = '': synthetic_ratio > 0 needs"):
+        parse_spec(base(dataset={"real": "runs/neu"}))
+
+
+def test_load_spec_reports_file_problems(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="broken.yaml: .*not valid YAML"):
+        load_spec(broken)
