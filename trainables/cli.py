@@ -307,10 +307,11 @@ def run_gan(args) -> None:
         }
         cfg = gan.gan_config_from_manifest(args.data, args.profile, **options)
         summary = gan.run_gan_training(cfg, args.out, resume=args.resume)
-        final = summary["final"]
+        final, best = summary["final"], summary["best"]
         print(
-            f"kimg {final['kimg']:.2f}: SWD {final.get('swd', float('nan')):.1f}; generator, "
-            f"metrics and sample grids in {args.out}"
+            f"kimg {final['kimg']:.2f}: SWD {final.get('swd', float('nan')):.1f}; published the "
+            f"lowest-SWD snapshot (kimg {best['kimg']:.2f}, SWD {best['swd']:.1f}) with metrics "
+            f"and sample grids in {args.out}"
         )
     elif args.gan_command == "generate":
         seeds = parse_seeds(args.seeds, args.n)

@@ -152,7 +152,7 @@ def run_gan_training(
     cpus_per_worker: float = 1.0,
 ) -> dict:
     """Train (or, with ``resume``, continue a finished run to ``cfg.kimg``) and publish the
-    latest generator, metrics and sample grids in ``out``."""
+    lowest-SWD snapshot's generator and grid, the metric history and every grid in ``out``."""
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
@@ -172,19 +172,31 @@ def run_gan_training(
             resources_per_worker=None if cfg.use_gpu else {"CPU": cpus_per_worker},
         ),
         run_config=RunConfig(
-            name=f"{RUN_NAME}-resumed" if resume else RUN_NAME,
+            name=name,
             storage_path=str(out / "ray"),
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=3),
+            # The three lowest-SWD snapshots (and the latest, for resuming) are kept.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=3, checkpoint_score_attribute="swd", checkpoint_score_order="min"
+            ),
         ),
         datasets={"train": real_images(cfg)},
     )
     result = trainer.fit()
+    best_checkpoint, best_metrics = min(
+        result.best_checkpoints, key=lambda pair: pair[1].get("swd", float("inf"))
+    )
+    with best_checkpoint.as_directory() as folder:
+        for file_name in (GENERATOR_FILE, CONFIG_FILE, SAMPLES_FILE):
+            atomic_write(out / file_name, partial(shutil.copyfile, Path(folder) / file_name))
     with result.checkpoint.as_directory() as folder:
-        for name in (GENERATOR_FILE, CONFIG_FILE, SAMPLES_FILE):
-            atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))
         history = load_gan_state(Path(folder))["history"]
-    summary = {"final": history[-1], "history": history, "config": asdict(cfg)}
+    summary = {
+        "best": best_metrics,
+        "final": history[-1],
+        "history": history,
+        "config": asdict(cfg),
+    }
     write_json_atomic(out / "metrics.json", summary)
     return summary
 

@@ -101,7 +101,7 @@ def _mixed_counts(real_train: dict, plan: MixPlan, candidates: dict) -> dict:
 
 def _mix_manifest(real: dict, synthetic: dict, plan: MixPlan, cfg: MixConfig, counts: dict) -> dict:
     mix = {
-        **asdict(cfg),
+        **{key: value for key, value in asdict(cfg).items() if key != "ratio"},
         "requested_ratio": cfg.ratio,
         "achieved_ratio": plan.achieved_ratio,
         "real_images": plan.real_count,

@@ -97,7 +97,7 @@ class _Labeller:
         for row, image, probs in zip(rows, images, probabilities, strict=True):
             label = pseudo_label(
                 probs,
-                tuple(self.seg.classes),
+                tuple(self.seg.output_classes),
                 self.cfg.corrections,
                 self.cfg.min_confidence,
                 self.cfg.binary,
@@ -125,6 +125,10 @@ class _Labeller:
         return pa.Table.from_pylist(labelled, schema=LABELLED_SCHEMA)
 
 
+def _label_classes(cfg: LabelConfig, seg: SegConfig) -> tuple[str, ...]:
+    return ("background", "defect") if cfg.binary else seg.output_classes
+
+
 def quality_variants(corrections: Corrections) -> dict[str, Corrections]:
     """Raw prediction, each correction on its own, and the configured combination."""
     variants = {"raw": Corrections(fill_holes=False)}
@@ -145,7 +149,8 @@ class _QualityScorer:
         self.cfg = LabelConfig.from_dict(cfg)
         self.model, self.seg = load_model(self.cfg.labeler, _device(self.cfg.use_gpu))
         self.variants = quality_variants(self.cfg.corrections)
-        self.num_classes = 2 if self.cfg.binary else len(self.seg.classes)
+        self.binary = self.cfg.binary or self.seg.binary
+        self.num_classes = 2 if self.binary else len(self.seg.classes)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         matrices = {name: [] for name in self.variants}
@@ -156,7 +161,7 @@ class _QualityScorer:
             for name, corrections in self.variants.items():
                 pred = torch.from_numpy(correct(raw.astype(np.uint8), corrections).astype(np.int64))
                 target = truth
-                if self.cfg.binary:
+                if self.binary:
                     pred, target = (pred > 0).long(), (truth > 0).long()
                 cm = confusion_matrix(pred, target, self.num_classes)
                 matrices[name].append(cm.numpy().ravel())
@@ -179,7 +184,7 @@ def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
     for batch in scored.iter_batches(batch_format="numpy"):
         for column, values in batch.items():
             totals[column] = totals.get(column, 0) + np.stack(values).sum(axis=0)
-    names = ["background", "defect"] if cfg.binary else list(seg.classes)
+    names = list(_label_classes(cfg, seg))
     k = len(names)
     return {
         column.removeprefix("cm_"): summarize(total.reshape(k, k), names)
@@ -260,7 +265,7 @@ def _labelled_manifest(
     cfg: LabelConfig, seg: SegConfig, source: dict, summary: list[dict], ids: dict
 ) -> dict:
     kept = [row for row in summary if not row["rejected"]]
-    classes = ["background", "defect"] if cfg.binary else list(seg.classes)
+    classes = list(_label_classes(cfg, seg))
     mean, std = pixel_statistics(kept, seg.channels) if kept else ([], [])
     empty = {"total": 0, "by_source": {}, "by_class": {}}
     counts = {split: dict(empty) for split in SPLITS}
@@ -276,7 +281,7 @@ def _labelled_manifest(
         "source": "synthetic",
         "classes": classes,
         "channels": seg.channels,
-        "binary": cfg.binary,
+        "binary": cfg.binary or seg.binary,
         "counts": counts,
         "pixel_mean": mean,
         "pixel_std": std,
