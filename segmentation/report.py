@@ -96,7 +96,7 @@ def plot_validation_grid(run_dir: Path, data_dir: str, path: Path) -> None:
         for axis, picture, title in zip(
             axis_row, shown, (row["id"], "truth", "prediction"), strict=True
         ):
-            axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+            axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255)
             axis.set_title(title, fontsize=8)
             axis.axis("off")
     _save(figure, path)
@@ -134,7 +134,7 @@ def plot_label_grid(rows: list[dict], channels: int, path: Path, columns: int = 
         line, column = divmod(index, columns)
         verdict = row["rejected"] or "kept"
         left, right = axes[line, 2 * column], axes[line, 2 * column + 1]
-        left.imshow(image[:, :, 0] if channels == 1 else image, cmap="gray")
+        left.imshow(image[:, :, 0] if channels == 1 else image, cmap="gray", vmin=0, vmax=255)
         left.set_title(f"conf {row['label_confidence']:.2f}", fontsize=7)
         right.imshow(overlay(image, mask))
         right.set_title(f"{row['defect_class'] or '-'} ({verdict})", fontsize=7)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -40,3 +41,14 @@ def test_offline_expansion_multiplies_train_only(ray_session, sample_dataset, tm
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["augmentation"]["parent"] == read_manifest(sample_dataset)["dataset_id"]
     assert saved["dataset_id"] != saved["augmentation"]["parent"]
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+
+    from defectforge.datasets.files import UMASK, atomic_write
+
+    written = atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    assert written.read_text() == "x"
+    assert os.stat(written).st_mode & 0o777 == 0o666 & ~UMASK
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind

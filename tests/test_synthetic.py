@@ -169,7 +169,7 @@ def labelled(generated, labeller, tmp_path_factory) -> Path:
     from defectforge.trainables.synth import label_synthetic
 
     out = tmp_path_factory.mktemp("labelled") / "synthetic"
-    cfg = LabelConfig(images=str(generated), labeler=str(labeller), min_region_area=20)
+    cfg = LabelConfig(images=str(generated), labeler=str(labeller), min_region_area=20, actors=2)
     label_synthetic(cfg, out)
     return out
 

@@ -67,10 +67,22 @@ LABELLED_SCHEMA = pa.schema(
     ]
 )
 GRID_ROWS = 16
+BATCHES_PER_BLOCK = 4
 
 
 def _device(use_gpu: bool) -> torch.device:
     return torch.device("cuda" if use_gpu else "cpu")
+
+
+def _actor_input(rows: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
+    """Rows in blocks of a few batches, read before any actor starts.
+
+    One block goes to one actor, so a single-file input would keep all but one actor idle; and
+    actors holding every CPU would leave none for the read tasks feeding them.
+    """
+    return rows.repartition(
+        target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK
+    ).materialize()
 
 
 class _Labeller:
@@ -172,7 +184,7 @@ def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
     """IoU of the labeller on its dataset's val split per correction variant (None: no val)."""
     if not (split_dir(seg.data, "val")).is_dir():
         return None
-    scored = read_split(seg.data, "val").map_batches(
+    scored = _actor_input(read_split(seg.data, "val"), cfg).map_batches(
         _QualityScorer,
         fn_constructor_kwargs={"cfg": asdict(cfg)},
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -310,7 +322,7 @@ def _labelled_manifest(
 
 def label_rows(cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int]) -> ray.data.Dataset:
     """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, lazily."""
-    return rows.map_batches(
+    return _actor_input(rows, cfg).map_batches(
         _Labeller,
         fn_constructor_kwargs={
             "cfg": asdict(cfg),
