@@ -255,6 +255,21 @@ def test_ratio_zero_reproduces_the_real_set_and_impossible_ratios_fail(
     assert not (tmp_path / "too-many").exists()
 
 
+def test_mix_then_offline_augmentation_expands_train_only(sample_dataset, labelled, tmp_path):
+    from defectforge.trainables.mix import mix_datasets
+
+    manifest = mix_datasets(
+        sample_dataset, labelled, MixConfig(0.13), tmp_path / "mixed-2x", augment_factor=2
+    )
+    real = read_manifest(sample_dataset)["counts"]
+    n_mixed = real["train"]["total"] + manifest["mix"]["synthetic_images"]
+    assert manifest["counts"]["train"]["total"] == 2 * n_mixed
+    assert pq.read_table(split_dir(tmp_path / "mixed-2x", "train")).num_rows == 2 * n_mixed
+    assert manifest["counts"]["val"] == real["val"]
+    assert manifest["augmentation"]["factor"] == 2 and manifest["mix"]["requested_ratio"] == 0.13
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch removed
+
+
 def test_mixing_unlabelled_images_is_a_clear_error(sample_dataset, generated, tmp_path):
     from defectforge.trainables.mix import mix_datasets
 
