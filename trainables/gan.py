@@ -201,6 +201,14 @@ def run_gan_training(
     return summary
 
 
+def _class_index(cfg: GanConfig, class_name: str | None) -> int | None:
+    if class_name is None:
+        return None
+    if class_name not in cfg.classes:
+        raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
+    return cfg.classes.index(class_name)
+
+
 def write_generated(
     model: str | Path,
     out: str | Path,
@@ -217,12 +225,7 @@ def write_generated(
     from defectforge.gan.generate import generate_images
 
     generator, cfg = load_generator(model)
-    class_index = None
-    if class_name is not None:
-        if class_name not in cfg.classes:
-            raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
-        class_index = cfg.classes.index(class_name)
-    images = generate_images(generator, cfg, seeds, truncation_psi, class_index)
+    images = generate_images(generator, cfg, seeds, truncation_psi, _class_index(cfg, class_name))
     identity = run_identity(model, GENERATOR_FILE)
     rows = []
     with publish_dir(out, overwrite) as staging:
@@ -285,15 +288,13 @@ def generator_metrics(
 
     generator, cfg = load_generator(model)
     cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
-    classes = cycled_classes(cfg.metric_images, cfg.num_classes)
+    class_index = _class_index(cfg, class_name)
     if class_name is not None:
-        if class_name not in cfg.classes:
-            raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
         cfg = replace(cfg, defect_class=class_name)
-        classes = cfg.classes.index(class_name) if cfg.num_classes else None
     reals = metric_reals(cfg)
-    if isinstance(classes, list):
-        classes = classes[: len(reals)]
+    classes = (
+        class_index if class_index is not None else cycled_classes(len(reals), cfg.num_classes)
+    )
     fakes = generate_images(
         generator, cfg, range(METRIC_SEED, METRIC_SEED + len(reals)), class_index=classes
     )
