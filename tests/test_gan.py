@@ -1,5 +1,6 @@
 """StyleGAN2 + DiffAugment: the networks, the loop, the metric, and training through Ray Train."""
 
+import json
 import math
 import tempfile
 from dataclasses import replace
@@ -324,6 +325,7 @@ def test_ray_train_run_snapshots_resumes_and_generates(
     assert kimgs == [0.0, 0.016, 0.032]
     assert all(row["swd"] > 0 for row in summary["history"])
     assert (run / "generator.pt").is_file() and len(list((run / "samples").glob("*.png"))) == 3
+    assert summary["best"]["swd"] == min(row["swd"] for row in summary["history"])
 
     more = run_gan_training(replace(cfg, kimg=0.048), run, resume=True)
     assert [row["kimg"] for row in more["history"]] == [0.0, 0.016, 0.032, 0.048]
@@ -334,3 +336,10 @@ def test_ray_train_run_snapshots_resumes_and_generates(
     rows = pq.read_table(out / "train").to_pylist()
     assert [r["source"] for r in rows] == ["synthetic"] * 5 and rows[0]["mask"] is None
     assert rows[0]["origin"].endswith("/seed0") and rows[0]["id"].startswith("gan/gan-")
+
+    capsys.readouterr()
+    assert main(["gan", "metrics", "--model", str(run), "--n", "8", "--class", "patches"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["images"] == 8 and scored["swd"] > 0
+    assert main(["gan", "metrics", "--model", str(run), "--class", "rust"]) == 2
+    assert "--class 'rust' is not among" in capsys.readouterr().err
