@@ -16,6 +16,8 @@ from pathlib import Path
 
 import ray
 
+from defectforge.datasets.contract import run_identity
+from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.pseudo_label import LabelConfig
 from defectforge.trainables.runtime import ensure_ray
@@ -25,8 +27,9 @@ from defectforge.trainables.synth import common_size, generated_dataset, label_r
 def labelling_rate(cfg: LabelConfig, size: tuple[int, int]) -> tuple[int, float]:
     rows, _, _ = generated_dataset(Path(cfg.images))
     rows = rows.materialize()
+    labeller_id = run_identity(cfg.labeler, MODEL_FILE)
     started = time.perf_counter()
-    count = label_rows(cfg, rows, size).materialize().count()
+    count = label_rows(cfg, rows, size, labeller_id).materialize().count()
     return count, count / (time.perf_counter() - started)
 
 

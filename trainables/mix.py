@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -62,28 +62,44 @@ def _candidates(synthetic: str | Path) -> dict[str, str | None]:
     return dict(zip(table["id"].to_pylist(), table["defect_class"].to_pylist(), strict=True))
 
 
-def plan_for(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> MixPlan:
-    real_manifest, _ = check_compatible(real, synthetic)
+@dataclass(frozen=True)
+class _Mix:
+    """What both mixing paths need: the two manifests, the synthetic ids by class, the plan."""
+
+    real_manifest: dict
+    synthetic_manifest: dict
+    candidates: dict[str, str | None]
+    plan: MixPlan
+
+
+def _plan(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> _Mix:
+    real_manifest, synthetic_manifest = check_compatible(real, synthetic)
     train = real_manifest["counts"]["train"]
-    return plan_mix(train["total"], train["by_class"], _candidates(synthetic), cfg)
+    candidates = _candidates(synthetic)
+    plan = plan_mix(train["total"], train["by_class"], candidates, cfg)
+    return _Mix(real_manifest, synthetic_manifest, candidates, plan)
 
 
 def _only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
     return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
 
 
+def _union(real: str | Path, synthetic: str | Path, plan: MixPlan) -> ray.data.Dataset:
+    train = read_split(real, "train")
+    if not plan.synthetic_ids:
+        return train
+    chosen = read_split(synthetic, "train").map_batches(
+        partial(_only_ids, ids=plan.synthetic_ids), batch_format="pyarrow"
+    )
+    return train.union(chosen)
+
+
 def mixed_train(
     real: str | Path, synthetic: str | Path, cfg: MixConfig
 ) -> tuple[ray.data.Dataset, MixPlan]:
     """The real train split plus the planned synthetic rows, as one Ray Dataset."""
-    plan = plan_for(real, synthetic, cfg)
-    train = read_split(real, "train")
-    if plan.synthetic_ids:
-        chosen = read_split(synthetic, "train").map_batches(
-            partial(_only_ids, ids=plan.synthetic_ids), batch_format="pyarrow"
-        )
-        train = train.union(chosen)
-    return train, plan
+    plan = _plan(real, synthetic, cfg).plan
+    return _union(real, synthetic, plan), plan
 
 
 def _mixed_counts(real_train: dict, plan: MixPlan, candidates: dict) -> dict:
@@ -127,14 +143,15 @@ def _mix_manifest(real: dict, synthetic: dict, plan: MixPlan, cfg: MixConfig, co
 
 
 def _write_mix(real: str | Path, synthetic: str | Path, cfg: MixConfig, staging: Path) -> dict:
-    real_manifest, synthetic_manifest = check_compatible(real, synthetic)
-    train, plan = mixed_train(real, synthetic, cfg)
-    train.write_parquet(str(staging / "train"), min_rows_per_file=ROWS_PER_FILE)
+    mix = _plan(real, synthetic, cfg)
+    _union(real, synthetic, mix.plan).write_parquet(
+        str(staging / "train"), min_rows_per_file=ROWS_PER_FILE
+    )
     for split in SPLITS[1:]:
-        if real_manifest["counts"][split]["total"]:
+        if mix.real_manifest["counts"][split]["total"]:
             shutil.copytree(split_dir(real, split), staging / split)
-    counts = _mixed_counts(real_manifest["counts"]["train"], plan, _candidates(synthetic))
-    manifest = _mix_manifest(real_manifest, synthetic_manifest, plan, cfg, counts)
+    counts = _mixed_counts(mix.real_manifest["counts"]["train"], mix.plan, mix.candidates)
+    manifest = _mix_manifest(mix.real_manifest, mix.synthetic_manifest, mix.plan, cfg, counts)
     write_json_atomic(staging / MANIFEST, manifest)
     return manifest
 

@@ -320,14 +320,16 @@ def _labelled_manifest(
     }
 
 
-def label_rows(cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int]) -> ray.data.Dataset:
+def label_rows(
+    cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int], labeller_id: str
+) -> ray.data.Dataset:
     """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, lazily."""
     return _actor_input(rows, cfg).map_batches(
         _Labeller,
         fn_constructor_kwargs={
             "cfg": asdict(cfg),
             "size": size,
-            "labeller_id": run_identity(cfg.labeler, MODEL_FILE),
+            "labeller_id": labeller_id,
         },
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         batch_size=cfg.batch_size,
@@ -343,7 +345,8 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
     generated, channels, source = generated_dataset(images)
     seg = _check_labeller(cfg, channels)
     size = (cfg.height, cfg.width) if cfg.height else _automatic_size(seg)
-    labelled = label_rows(cfg, generated, size).materialize()
+    labeller_id = run_identity(cfg.labeler, MODEL_FILE)
+    labelled = label_rows(cfg, generated, size, labeller_id).materialize()
     summary = labelled.drop_columns(["image", "mask"]).take_all()
     quality = label_quality(cfg, seg)
     with publish_dir(out, overwrite) as staging:
@@ -358,7 +361,7 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
             seg,
             source,
             summary,
-            {"labeller": run_identity(cfg.labeler, MODEL_FILE), "size": size},
+            {"labeller": labeller_id, "size": size},
         )
         if quality is not None:
             write_json_atomic(staging / "label_quality.json", quality)
