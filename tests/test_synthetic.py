@@ -253,6 +253,9 @@ def test_ratio_zero_reproduces_the_real_set_and_impossible_ratios_fail(
     with pytest.raises(NotEnoughSynthetic, match="--allow-fewer"):
         mix_datasets(sample_dataset, labelled, MixConfig(0.5), tmp_path / "too-many")
     assert not (tmp_path / "too-many").exists()
+    with pytest.raises(ValueError, match="--augment-factor must be >= 1"):
+        mix_datasets(sample_dataset, labelled, MixConfig(0.1), tmp_path / "x", augment_factor=0)
+    assert not (tmp_path / "x").exists()
 
 
 def test_mix_then_offline_augmentation_expands_train_only(sample_dataset, labelled, tmp_path):

@@ -167,8 +167,12 @@ def mix_datasets(
 ) -> dict:
     """Write the mixed dataset (val and test copied from the real set, never synthetic); with
     ``augment_factor`` > 1 its train split is then expanded offline as by `data augment`."""
+    if augment_factor < 1:
+        raise ValueError(
+            f"--augment-factor must be >= 1 (1: no augmentation), got {augment_factor}"
+        )
     ensure_ray()
-    if augment_factor <= 1:
+    if augment_factor == 1:
         with publish_dir(out, overwrite) as staging:
             return _write_mix(real, synthetic, cfg, staging)
     out = Path(out).resolve()
