@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write
+from defectforge.datasets.files import UMASK, atomic_write
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -122,6 +122,8 @@ def publish_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    # mkdtemp makes a private (0700) folder; the published one gets ordinary permissions.
+    staging.chmod(0o777 & ~UMASK)
     try:
         yield staging
         if final.exists():

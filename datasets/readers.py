@@ -350,3 +350,17 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
         .sum(axis=0)
         .tolist(),
     }
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "folder does not exist", "check the --images path")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(
+            folder,
+            f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})",
+            "point --images at a folder of images",
+        )
+    return images

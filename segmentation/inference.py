@@ -14,22 +14,10 @@ from tqdm import tqdm
 from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
 from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.readers import IMAGE_SUFFIXES, SampleSpec, read_image, read_mask
+from defectforge.datasets.readers import SampleSpec, list_images, read_image, read_mask
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.metrics import MetricAccumulator
-
-OVERLAY_COLOURS = np.array(
-    [
-        [0, 0, 0],
-        [230, 25, 75],
-        [60, 180, 75],
-        [255, 225, 25],
-        [0, 130, 200],
-        [245, 130, 48],
-        [145, 30, 180],
-    ],
-    np.uint8,
-)
+from defectforge.segmentation.overlay import overlay
 
 
 @torch.no_grad()
@@ -59,20 +47,6 @@ def predict_batch_logits(model: nn.Module, spec: BatchSpec, images: np.ndarray) 
 def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torch.Tensor:
     """K x H x W logits for one image of any size."""
     return predict_batch_logits(model, spec, image[None])[0]
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(folder, "folder does not exist", "check the --images path")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise DataError(
-            folder,
-            f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})",
-            "point --images at a folder of images",
-        )
-    return images
 
 
 def _mask_for(image: Path, masks: Path) -> Path:
@@ -113,14 +87,6 @@ def evaluate_folder(
             pred, truth_t = (pred > 0).long(), (truth_t > 0).long()
         accumulator.update(pred[None], truth_t[None])
     return accumulator.summary(names)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB picture of the image with each class's pixels tinted in its colour."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image.copy()
-    colours = OVERLAY_COLOURS[mask % len(OVERLAY_COLOURS)]
-    tinted = (rgb * (1 - alpha) + colours * alpha).astype(np.uint8)
-    return np.where(mask[:, :, None] > 0, tinted, rgb)
 
 
 def predict_folder(model_dir: str | Path, images: str | Path, out: str | Path) -> int:

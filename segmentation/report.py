@@ -15,7 +15,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
 from defectforge.datasets.files import atomic_write  # noqa: E402
 from defectforge.segmentation.checkpoint import load_model  # noqa: E402
-from defectforge.segmentation.inference import overlay, predict_logits  # noqa: E402
+from defectforge.segmentation.inference import predict_logits  # noqa: E402
+from defectforge.segmentation.overlay import overlay  # noqa: E402
 
 GRID_IMAGES = 6
 

@@ -51,3 +51,62 @@ def sample_copy(tmp_path) -> Path:
     target = tmp_path / "neu"
     shutil.copytree(SAMPLE, target)
     return target
+
+
+# --- a labelled synthetic set on the sample (untrained GAN, biased labeller) ---------------
+
+
+@pytest.fixture(scope="session")
+def labeller(sample_dataset, tmp_path_factory) -> Path:
+    """A labeller whose head is biased to call every pixel "patches" with near certainty, so the
+    pipeline's bookkeeping is tested independently of what a trained model would find."""
+    import torch
+
+    from defectforge.segmentation.checkpoint import save_model
+    from defectforge.segmentation.models import build_model
+    from defectforge.trainables.seg import config_from_manifest
+
+    cfg = config_from_manifest(sample_dataset, epochs=1)
+    model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
+    with torch.no_grad():
+        head = model.segmentation_head[0]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 0.0]))
+    return save_model(tmp_path_factory.mktemp("labeller") / "run", model, cfg)
+
+
+@pytest.fixture(scope="session")
+def generated(ray_session, tmp_path_factory) -> Path:
+    import torch
+
+    from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
+    from defectforge.gan.config import GanConfig
+    from defectforge.trainables.gan import write_generated
+
+    run = tmp_path_factory.mktemp("gan") / "run"
+    run.mkdir()
+    cfg = GanConfig(
+        data="neu-sample",
+        channels=1,
+        resolution=32,
+        z_dim=16,
+        w_dim=16,
+        channel_base=128,
+        channel_max=16,
+    )
+    torch.save(build_generator(cfg).state_dict(), run / GENERATOR_FILE)
+    (run / CONFIG_FILE).write_text(cfg.to_json())
+    out = run.parent / "generated"
+    write_generated(run, out, list(range(32)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def labelled(generated, labeller, tmp_path_factory) -> Path:
+    from defectforge.segmentation.pseudo_label import LabelConfig
+    from defectforge.trainables.synth import label_synthetic
+
+    out = tmp_path_factory.mktemp("labelled") / "synthetic"
+    cfg = LabelConfig(images=str(generated), labeler=str(labeller), min_region_area=20, actors=2)
+    label_synthetic(cfg, out)
+    return out

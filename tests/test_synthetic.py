@@ -2,12 +2,10 @@
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from defectforge.datasets.contract import read_manifest, split_dir, write_png
 from defectforge.datasets.errors import DataError
@@ -121,57 +119,6 @@ def test_label_config_validation():
 
 
 # --- Ray Data jobs on the bundled sample --------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def labeller(sample_dataset, tmp_path_factory) -> Path:
-    """A labeller whose head is biased to call every pixel "patches" with near certainty, so the
-    pipeline's bookkeeping is tested independently of what a trained model would find."""
-    from defectforge.segmentation.checkpoint import save_model
-    from defectforge.segmentation.models import build_model
-    from defectforge.trainables.seg import config_from_manifest
-
-    cfg = config_from_manifest(sample_dataset, epochs=1)
-    model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
-    with torch.no_grad():
-        head = model.segmentation_head[0]
-        head.weight.zero_()
-        head.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 0.0]))
-    return save_model(tmp_path_factory.mktemp("labeller") / "run", model, cfg)
-
-
-@pytest.fixture(scope="module")
-def generated(ray_session, tmp_path_factory) -> Path:
-    from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
-    from defectforge.gan.config import GanConfig
-    from defectforge.trainables.gan import write_generated
-
-    run = tmp_path_factory.mktemp("gan") / "run"
-    run.mkdir()
-    cfg = GanConfig(
-        data="neu-sample",
-        channels=1,
-        resolution=32,
-        z_dim=16,
-        w_dim=16,
-        channel_base=128,
-        channel_max=16,
-    )
-    torch.save(build_generator(cfg).state_dict(), run / GENERATOR_FILE)
-    (run / CONFIG_FILE).write_text(cfg.to_json())
-    out = run.parent / "generated"
-    write_generated(run, out, list(range(32)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def labelled(generated, labeller, tmp_path_factory) -> Path:
-    from defectforge.trainables.synth import label_synthetic
-
-    out = tmp_path_factory.mktemp("labelled") / "synthetic"
-    cfg = LabelConfig(images=str(generated), labeler=str(labeller), min_region_area=20, actors=2)
-    label_synthetic(cfg, out)
-    return out
 
 
 def test_labelling_writes_masks_lineage_report_and_plots(labelled, generated, sample_dataset):

@@ -42,10 +42,10 @@ from defectforge.datasets.contract import (
 )
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import atomic_write, require_files, write_json_atomic
-from defectforge.datasets.readers import guess_channels, read_image
+from defectforge.datasets.readers import guess_channels, list_images, read_image
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig
-from defectforge.segmentation.inference import list_images, predict_batch_logits, predict_logits
+from defectforge.segmentation.inference import predict_batch_logits, predict_logits
 from defectforge.segmentation.metrics import confusion_matrix, summarize
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig, correct, pseudo_label
 from defectforge.segmentation.report import (
