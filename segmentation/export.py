@@ -1,0 +1,160 @@
+"""Export a trained model as TorchScript and ONNX, checked against PyTorch before it is written.
+
+The exported graph takes raw pixels (N x C x H x W float32, 0-255) and returns logits: the
+dataset's normalisation is inside it, so deployment code cannot get it wrong. ``model.json``
+records everything else a user of the export needs (classes, input size, resize or pad rule,
+metrics, lineage). Nothing is published unless both runtimes match PyTorch on the given images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectforge.datasets.batches import BatchSpec, padded_side
+from defectforge.datasets.contract import publish_dir
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.exported import (
+    EXPORT_FORMAT,
+    MODEL_JSON,
+    ONNX_FILE,
+    RUNTIMES,
+    TORCHSCRIPT_FILE,
+    ExportedModel,
+)
+from defectforge.segmentation.inference import predict_batch_logits
+
+FORMAT_VERSION = 1
+# Exported logits may differ from PyTorch's by float rounding only: this share of their scale.
+RELATIVE_TOLERANCE = 1e-3
+
+
+class ExportMismatch(RuntimeError):
+    pass
+
+
+class PixelsToLogits(nn.Module):
+    """A trained network behind the dataset's normalisation: raw 0-255 pixels in, logits out."""
+
+    def __init__(self, network: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.network = network
+        self.register_buffer("offset", torch.tensor(mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("scale", torch.tensor(std).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.network((pixels - self.offset) / self.scale)
+
+
+def export_input_size(cfg: SegConfig, largest: tuple[int, int]) -> tuple[int, int]:
+    """The export's fixed input: the training resize, else the largest image padded as in
+    training (smaller images are padded up to it)."""
+    if cfg.image_size:
+        return cfg.image_size, cfg.image_size
+    spec = cfg.batch_spec()
+    return padded_side(largest[0], spec), padded_side(largest[1], spec)
+
+
+def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():
+        # torch.jit is deprecated upstream but remains the one-file runtime without Python deps.
+        warnings.simplefilter("ignore")
+        torch.jit.trace(module, example).save(str(path))
+
+
+def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    # The exporter prints its stages to stdout; the caller prints one line for the whole export.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            external_data=False,
+            verbose=False,
+        )
+
+
+def _max_differences(folder: Path, reference: np.ndarray, images: np.ndarray) -> dict[str, float]:
+    return {
+        runtime: float(np.abs(ExportedModel(folder, runtime).logits(images) - reference).max())
+        for runtime in RUNTIMES
+    }
+
+
+def export_model(
+    model: nn.Module,
+    cfg: SegConfig,
+    images: np.ndarray,
+    out: str | Path,
+    largest: tuple[int, int],
+    details: dict,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``out`` with TorchScript, ONNX and model.json, after checking both exports against
+    the PyTorch pipeline on ``images`` (N x H x W x C uint8, real images of one size).
+
+    ``details`` (metrics, study, data lineage) goes into model.json as given.
+    """
+    model = model.cpu().eval()
+    height, width = export_input_size(cfg, largest)
+    module = PixelsToLogits(model, cfg.mean, cfg.std).eval()
+    example = torch.zeros(1, cfg.channels, height, width)
+    spec: BatchSpec = cfg.batch_spec()
+    reference = predict_batch_logits(model, spec, images).numpy()
+    meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "classes": list(cfg.output_classes),
+        "channels": cfg.channels,
+        "input": {
+            "height": height,
+            "width": width,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "pixel_range": [0, 255],
+        },
+        "preprocess": {
+            "mode": "resize" if cfg.image_size else "pad",
+            "rule": "area-resize to the input, logits resized back bilinearly"
+            if cfg.image_size
+            else "reflect-pad bottom/right to the input, logits cropped back",
+        },
+        "normalisation": {"mean": list(cfg.mean), "std": list(cfg.std), "in_graph": True},
+        "files": {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE},
+        "architecture": cfg.arch,
+        "encoder": cfg.encoder,
+        "training_config": json.loads(cfg.to_json()),
+        "versions": {"torch": torch.__version__},
+        **details,
+    }
+    with publish_dir(out, overwrite=overwrite) as staging:
+        with torch.no_grad():
+            _write_torchscript(module, example, staging / TORCHSCRIPT_FILE)
+            _write_onnx(module, example, staging / ONNX_FILE)
+        # ExportedModel reads model.json for the input size and rule; write it before checking.
+        (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+        differences = _max_differences(staging, reference, images)
+        limit = RELATIVE_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+        meta["verification"] = {
+            "images": len(images),
+            "max_abs_logit_difference": differences,
+            "tolerance": limit,
+        }
+        if max(differences.values()) > limit:
+            raise ExportMismatch(
+                f"export differs from PyTorch by {differences} (tolerance {limit:.2g}); "
+                "nothing was written"
+            )
+        (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2))
+    return meta
