@@ -49,6 +49,8 @@ SEARCHABLE: dict[str, tuple[type, Any, str]] = {
     "lr": (float, lambda v: v > 0, "a positive number"),
     "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
     "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
+    # Listing seeds on a grid repeats every configuration: the report's error bars.
+    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
 }
 DEFAULT_SPACE = {"synthetic_ratio": 0.0}
 
@@ -86,6 +88,15 @@ class ResourcesSpec:
 
 
 @dataclass(frozen=True)
+class TrainingSpec:
+    """Per-trial settings that are not searched."""
+
+    max_steps_per_epoch: int = 0  # 0: whole epochs; a cap keeps CPU-sized studies short
+    encoder_weights: str = ""  # "", "imagenet" or a local state-dict file
+    threads: int = 0  # torch threads per worker; 0: the CPUs it was given
+
+
+@dataclass(frozen=True)
 class FinalSpec:
     seeds: int = 3
     epochs: int = 0  # 0: as many as the best trial trained
@@ -98,6 +109,7 @@ class StudySpec:
     search_space: dict[str, Any]
     search: SearchSpec = field(default_factory=SearchSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
     storage_path: str = "runs/studies"
     final: FinalSpec = field(default_factory=FinalSpec)
     description: str = ""
@@ -216,6 +228,7 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
         },
         search=_section(where, "search", data.get("search"), SearchSpec, {"asha": AshaSpec}),
         resources=_section(where, "resources", data.get("resources"), ResourcesSpec),
+        training=_section(where, "training", data.get("training"), TrainingSpec),
         storage_path=str(data.get("storage_path", "runs/studies")),
         final=_section(where, "final", data.get("final"), FinalSpec),
         description=str(data.get("description", "")),

@@ -221,9 +221,17 @@ def add_seg_commands(commands) -> None:
     evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     predict = commands.add_parser("predict", help="mask and overlay PNGs for a folder of images")
-    predict.add_argument("--model", required=True)
+    predict.add_argument(
+        "--model", required=True, help="a run folder (seg train) or an export (study export)"
+    )
     predict.add_argument("--images", required=True)
     predict.add_argument("--out", required=True)
+    predict.add_argument(
+        "--runtime",
+        choices=["onnx", "torchscript"],
+        default="onnx",
+        help="for an export: which of its two files runs",
+    )
 
 
 def add_gan_commands(commands) -> None:
@@ -368,6 +376,25 @@ def add_quickstart(commands) -> None:
     quick.add_argument("--epochs", type=int, default=None)
 
 
+def add_study_commands(commands) -> None:
+    study = commands.add_parser(
+        "study", help="Ray Tune + Optuna studies: run, resume, report, export"
+    ).add_subparsers(dest="study_command", required=True)
+    run = study.add_parser("run", help="search, held-out final step, report")
+    run.add_argument("spec", help="study spec YAML (see studies/specs/)")
+    run.add_argument("--name", help="study folder name under storage_path (default: spec name)")
+    run.add_argument("--address", help="Ray address: auto or ray://HOST:10001 (default: local)")
+    resume = study.add_parser("resume", help="continue a study whose driver stopped")
+    resume.add_argument("dir", help="the study folder (storage_path/name)")
+    resume.add_argument("--address")
+    report = study.add_parser("report", help="redraw report.md and its plots")
+    report.add_argument("dir")
+    export = study.add_parser("export", help="best model -> TorchScript + ONNX + model.json")
+    export.add_argument("dir")
+    export.add_argument("--out", required=True, help="export folder to write")
+    export.add_argument("--overwrite", action="store_true")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="defectforge", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -375,6 +402,7 @@ def parser() -> argparse.ArgumentParser:
     add_seg_commands(commands)
     add_gan_commands(commands)
     add_synth_commands(commands)
+    add_study_commands(commands)
     add_quickstart(commands)
     return root
 
@@ -468,10 +496,49 @@ def _best_line(out, best: dict) -> str:
 
 
 def run_predict(args) -> None:
-    from defectforge.segmentation.inference import predict_folder
+    from defectforge.segmentation.exported import is_export, predict_folder_exported
 
-    written = predict_folder(args.model, args.images, args.out)
+    if is_export(args.model):
+        written = predict_folder_exported(args.model, args.images, args.out, args.runtime)
+    else:
+        from defectforge.segmentation.inference import predict_folder
+
+        written = predict_folder(args.model, args.images, args.out)
     print(f"wrote {written} mask and overlay PNGs to {args.out}")
+
+
+def _study_line(summary: dict) -> str:
+    best, final = summary["best"], summary["final"]
+    line = f"best trial {best['trial']}: val binary defect IoU {best['val_binary_defect_iou']:.4f}"
+    if final:
+        test = final["test_binary_defect_iou"]
+        line += (
+            f"; held-out test {test['mean']:.4f} ± {test['half_width']:.4f} "
+            f"(95% CI, {test['n']} seeds)"
+        )
+    return line
+
+
+def run_study_command(args) -> None:
+    from defectforge.trainables import study
+
+    if args.study_command == "export":
+        meta = study.export_study(args.dir, args.out, args.overwrite)
+        check = meta["verification"]
+        print(
+            f"exported {meta['architecture']} ({meta['metrics']['chosen']}) to {args.out}: "
+            f"max |logit difference| vs PyTorch on {check['images']} val images "
+            + ", ".join(f"{k} {v:.2e}" for k, v in check["max_abs_logit_difference"].items())
+        )
+        return
+    if args.study_command == "run":
+        summary = study.run_study(args.spec, args.name, args.address)
+    elif args.study_command == "resume":
+        summary = study.resume_study(args.dir, args.address)
+    else:
+        summary = study.report_only(args.dir)
+    print(_study_line(summary))
+    print(f"report: {summary['location']}")
 
 
 def run_quickstart(args) -> None:
@@ -488,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         "gan": run_gan,
         "synth": run_synth,
         "predict": run_predict,
+        "study": run_study_command,
         "quickstart": run_quickstart,
     }
     try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -36,11 +39,34 @@ from defectforge.trainables.runtime import ensure_ray
 
 LOAD_BATCH = 32
 ROWS_PER_FILE = 1024
+# Splits this process may not read (comma-separated): a study's search seals "test".
+SEALED_SPLITS_ENV = "DEFECTFORGE_SEALED_SPLITS"
+
+
+@contextlib.contextmanager
+def sealed_splits(*splits: str) -> Iterator[None]:
+    """While inside, ``read_split`` refuses these splits in this process."""
+    previous = os.environ.get(SEALED_SPLITS_ENV)
+    os.environ[SEALED_SPLITS_ENV] = ",".join(splits)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SEALED_SPLITS_ENV, None)
+        else:
+            os.environ[SEALED_SPLITS_ENV] = previous
 
 
 def read_split(root: str | Path, split: str) -> ray.data.Dataset:
-    """One split of a built dataset as a Ray Dataset (raises if the split is empty or missing)."""
+    """One split of a built dataset as a Ray Dataset (raises if the split is empty or missing,
+    or sealed by ``sealed_splits``)."""
     folder = split_dir(root, split)
+    if split in os.environ.get(SEALED_SPLITS_ENV, "").split(","):
+        raise DataError(
+            folder,
+            f"the {split} split is sealed while a study searches (only train and val are read)",
+            "it is read once, by the study's final step",
+        )
     if not folder.is_dir():
         raise DataError(
             folder,

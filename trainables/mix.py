@@ -80,6 +80,11 @@ def _plan(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> _Mix:
     return _Mix(real_manifest, synthetic_manifest, candidates, plan)
 
 
+def plan_for(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> MixPlan:
+    """Which synthetic images a mix would take; raises NotEnoughSynthetic before any work."""
+    return _plan(real, synthetic, cfg).plan
+
+
 def _only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
     return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
 
@@ -98,7 +103,7 @@ def mixed_train(
     real: str | Path, synthetic: str | Path, cfg: MixConfig
 ) -> tuple[ray.data.Dataset, MixPlan]:
     """The real train split plus the planned synthetic rows, as one Ray Dataset."""
-    plan = _plan(real, synthetic, cfg).plan
+    plan = plan_for(real, synthetic, cfg)
     return _union(real, synthetic, plan), plan
 
 

@@ -138,35 +138,43 @@ def training_split(cfg: SegConfig) -> ray.data.Dataset:
 
 def make_trainer(
     cfg: SegConfig,
-    out: Path,
+    storage: str,
+    name: str,
+    resume_from: Path | None = None,
     max_failures: int = 1,
-    cpus_per_worker: float = 1.0,
-    resume: bool = False,
+    resources_per_worker: dict | None = None,
+    callbacks: tuple = (),
 ) -> TorchTrainer:
-    storage = out.resolve() / "ray"
-    name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
+    """A TorchTrainer over the config's splits; Ray keeps the run under ``storage``/``name``
+    (a local path or a pyarrow URI) and restores it by name after an interruption.
+    ``resources_per_worker`` None: Ray's default (1 CPU, plus 1 GPU with ``cfg.use_gpu``)."""
     train, val = training_split(cfg), read_split(cfg.data, "val")
-    resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
     return TorchTrainer(
         _seg_worker,
         train_loop_config={
             "seg": asdict(cfg),
             "train_rows": train.count(),
-            "resume_from": str(previous) if previous else None,
+            "resume_from": str(resume_from) if resume_from else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources_per_worker
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=SELECTION_METRIC
             ),
+            callbacks=list(callbacks),
         ),
         datasets={"train": train, "val": val},
     )
+
+
+def best_checkpoint(result) -> tuple[Checkpoint, dict]:
+    """The kept checkpoint with the best validation score, and its metrics."""
+    return max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0)
 
 
 def run_seg_training(
@@ -183,13 +191,17 @@ def run_seg_training(
     # Per-operator bars of every epoch's data stream drown the epoch lines; Ray Train's own
     # reporting and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    result = make_trainer(cfg, out, cpus_per_worker=cpus_per_worker, resume=resume).fit()
-    best_checkpoint, best_metrics = max(
-        result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0
+    storage = out.resolve() / "ray"
+    name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
+    resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
+    trainer = make_trainer(
+        cfg, str(storage), name, resume_from=previous, resources_per_worker=resources
     )
+    result = trainer.fit()
+    best, best_metrics = best_checkpoint(result)
     with result.checkpoint.as_directory() as latest:
         history = load_training_state(latest)["history"]
-    with best_checkpoint.as_directory() as folder:
+    with best.as_directory() as folder:
         for name in (MODEL_FILE, CONFIG_FILE):
             atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))
     summary = {"best": best_metrics, "history": history, "config": asdict(cfg)}

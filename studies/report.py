@@ -1,0 +1,287 @@
+"""A study's report: Markdown with a table of every trial, plots, the held-out result.
+
+Reads only the study's own records (the trial rows and the final summary written by the runner),
+so a report can be redrawn at any time without Ray.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
+from defectforge.studies.spec import METRIC, Range, StudySpec  # noqa: E402
+from defectforge.studies.stats import mean_interval  # noqa: E402
+
+REPORT_FILE = "report.md"
+
+
+def _save(figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(figure)
+
+
+def _finished(trials: list[dict]) -> list[dict]:
+    return [t for t in trials if t[METRIC] is not None]
+
+
+def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> None:
+    """Every trial's best validation IoU against its synthetic ratio (one colour per
+    architecture); where a ratio has several trials, their mean and standard deviation."""
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    by_arch: dict[str, list] = defaultdict(list)
+    for trial in _finished(trials):
+        by_arch[str(trial["config"].get("arch", "deeplabv3plus"))].append(trial)
+    for arch, group in sorted(by_arch.items()):
+        axis.scatter(
+            [t["config"]["synthetic_ratio"] for t in group],
+            [t[METRIC] for t in group],
+            alpha=0.5,
+            label=f"{arch} trials",
+        )
+        per_ratio: dict[float, list] = defaultdict(list)
+        for trial in group:
+            per_ratio[trial["config"]["synthetic_ratio"]].append(trial[METRIC])
+        repeated = sorted((r, v) for r, v in per_ratio.items() if len(v) > 1)
+        if repeated:
+            axis.errorbar(
+                [r for r, _ in repeated],
+                [np.mean(v) for _, v in repeated],
+                yerr=[np.std(v, ddof=1) for _, v in repeated],
+                fmt="-s",
+                capsize=4,
+                label=f"{arch} mean ± sd of the trials at a ratio",
+            )
+    if final:
+        interval = final["test_binary_defect_iou"]
+        axis.errorbar(
+            [final["config"].get("synthetic_ratio", 0.0)],
+            [interval["mean"]],
+            yerr=[interval["half_width"]],
+            fmt="D",
+            color="black",
+            capsize=6,
+            label=f"final: test, {interval['n']} seeds, 95% CI",
+        )
+    axis.set(
+        xlabel="synthetic share of the train split",
+        ylabel="binary defect IoU",
+        title="Defect IoU vs synthetic ratio (validation; final on test)",
+        xlim=(-0.02, max(0.55, axis.get_xlim()[1])),
+        ylim=(0, 1),
+    )
+    axis.legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_by_architecture(trials: list[dict], path: Path) -> None:
+    groups: dict[str, list[float]] = defaultdict(list)
+    for trial in _finished(trials):
+        groups[str(trial["config"].get("arch", "deeplabv3plus"))].append(trial[METRIC])
+    names = sorted(groups)
+    figure, axis = plt.subplots(figsize=(1.6 * len(names) + 2.5, 3.8))
+    axis.boxplot([groups[n] for n in names], tick_labels=names)
+    for index, name in enumerate(names, start=1):
+        axis.scatter([index] * len(groups[name]), groups[name], alpha=0.6, zorder=3)
+    axis.set(ylabel="best validation binary defect IoU", title="Trials per architecture")
+    _save(figure, path)
+
+
+def _distribution(value):
+    import optuna
+
+    if isinstance(value, Range):
+        if isinstance(value.low, int) and isinstance(value.high, int):
+            return optuna.distributions.IntDistribution(value.low, value.high, log=value.log)
+        return optuna.distributions.FloatDistribution(value.low, value.high, log=value.log)
+    return optuna.distributions.CategoricalDistribution(value)
+
+
+def parameter_importance(spec: StudySpec, trials: list[dict]) -> dict[str, float]:
+    """Optuna's importance of each searched key for the validation IoU, from the trial rows
+    (works for grid and Optuna studies alike)."""
+    import optuna
+
+    # Seeds are repeats, not a choice: their share would only measure noise.
+    searched = {k: v for k, v in spec.searched().items() if len(_values(v)) > 1 and k != "seed"}
+    if not searched:
+        raise ValueError("nothing varies between trials")
+    study = optuna.create_study(direction="maximize")
+    for trial in _finished(trials):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={k: trial["config"][k] for k in searched},
+                distributions={k: _distribution(v) for k, v in searched.items()},
+                value=trial[METRIC],
+            )
+        )
+    return optuna.importance.get_param_importances(study)
+
+
+def _values(value) -> list:
+    return [value.low, value.high] if isinstance(value, Range) else list(value)
+
+
+def plot_importance(importance: dict[str, float], path: Path) -> None:
+    names = list(importance)[::-1]
+    figure, axis = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
+    axis.barh(names, [importance[n] for n in names], color="#4878a8")
+    axis.set(xlabel="importance (Optuna, sums to 1)", title="What mattered for defect IoU")
+    _save(figure, path)
+
+
+def _number(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if not math.isnan(value) else "nan"
+    return str(value)
+
+
+def _trial_table(trials: list[dict], keys: list[str]) -> list[str]:
+    header = ["trial", "status", "epochs", "val binary IoU", "val mean defect IoU", *keys, "s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for trial in trials:
+        cells = [
+            "_".join(trial["trial"].split("_")[:2]),
+            trial["status"],
+            str(trial["epochs_run"]),
+            _number(trial[METRIC]),
+            _number(trial["val_mean_defect_iou"]),
+            *[_number(trial["config"].get(k)) for k in keys],
+            f"{trial['seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _by_configuration_section(trials: list[dict], keys: list[str]) -> list[str]:
+    """Where a configuration ran with several seeds: its mean validation IoU and 95% interval
+    (the paper's question, e.g. 0 vs 0.38 synthetic, answered with its uncertainty)."""
+    varied = [k for k in keys if k != "seed"]
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for trial in _finished(trials):
+        groups[tuple(trial["config"].get(k) for k in varied)].append(trial[METRIC])
+    if len(groups) < 2 or not all(len(v) > 1 for v in groups.values()):
+        return []
+    lines = [
+        "## Per configuration, seeds pooled (validation)",
+        "",
+        "| " + " | ".join([*varied, "n", "mean val binary IoU", "95% interval"]) + " |",
+        "|" + "---|" * (len(varied) + 3),
+    ]
+    for values, scores in sorted(groups.items(), key=lambda kv: -np.mean(kv[1])):
+        interval = mean_interval(scores)
+        lines.append(
+            "| "
+            + " | ".join(
+                [*map(_number, values), str(interval["n"]), f"{interval['mean']:.4f}"]
+                + [f"{interval['low']:.4f} - {interval['high']:.4f}"]
+            )
+            + " |"
+        )
+    return [*lines, ""]
+
+
+def _final_section(final: dict) -> list[str]:
+    test = final["test_binary_defect_iou"]
+    mean_defect = final["test_mean_defect_iou"]
+    lines = [
+        f"## Held-out test ({test['n']} seeds of the best configuration)",
+        "",
+        f"**Binary defect IoU on test: {test['mean']:.4f} ± {test['half_width']:.4f}** "
+        f"(95% t-interval {test['low']:.4f} - {test['high']:.4f}, sd {test['std']:.4f}); "
+        f"mean defect IoU {mean_defect['mean']:.4f} ± {mean_defect['half_width']:.4f}.",
+        "",
+        "| seed | best epoch | val binary IoU | test binary IoU | test mean defect IoU |",
+        "|---|---|---|---|---|",
+    ]
+    for seed in final["seeds"]:
+        lines.append(
+            f"| {seed['seed']} | {seed['best_epoch']} | "
+            f"{_number(seed['best_val_binary_defect_iou'])} | "
+            f"{_number(seed['test_binary_defect_iou'])} | {_number(seed['test_mean_defect_iou'])} |"
+        )
+    return [*lines, ""]
+
+
+def write_report(
+    folder: Path, spec: StudySpec, study: dict, trials: list[dict], final: dict | None
+) -> dict:
+    """Write report.md and its PNGs into ``folder``; returns a short summary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    finished = _finished(trials)
+    best = finished[0] if finished else None
+    keys = sorted(spec.searched())
+    lines = [
+        f"# Study `{study['name']}`",
+        "",
+        spec.description or "",
+        "",
+        f"- data: `{spec.dataset.real}` (id `{study['dataset_ids']['real']}`)"
+        + (
+            f", synthetic `{spec.dataset.synthetic}` (id `{study['dataset_ids']['synthetic']}`)"
+            if spec.dataset.synthetic
+            else ""
+        ),
+        f"- search: {spec.search.algorithm}, {len(trials)} trials "
+        f"({sum(t['status'] == 'finished' for t in trials)} finished, "
+        f"{sum(t['status'] == 'stopped early' for t in trials)} stopped early by ASHA, "
+        f"{sum(t['status'] == 'error' for t in trials)} failed); "
+        f"{sum(t['seconds'] for t in trials) / 60:.1f} trial-minutes",
+        f"- metric: `{METRIC}` (validation during the search; the test split is read only by "
+        "the final step)",
+        f"- spec sha256 `{study['spec_sha256'][:16]}`, created {study['created']}",
+        "",
+    ]
+    pictures = []
+    if best:
+        lines += [
+            f"## Best trial: `{best['trial']}`",
+            "",
+            f"Validation binary defect IoU **{best[METRIC]:.4f}** at epoch {best['best_epoch']}; "
+            + ", ".join(f"{k} = {_number(v)}" for k, v in sorted(best["config"].items())),
+            "",
+        ]
+        plot_per_class_iou(best["val_per_class_iou"], folder / "best_per_class_iou.png")
+        names = list(best["val_per_class_iou"])
+        plot_confusion(best["val_confusion_matrix"], names, folder / "best_confusion.png")
+        pictures += ["best_per_class_iou.png", "best_confusion.png"]
+    lines += _by_configuration_section(trials, keys)
+    if final:
+        lines += _final_section(final)
+    plot_iou_vs_ratio(trials, final, folder / "iou_vs_ratio.png")
+    pictures.insert(0, "iou_vs_ratio.png")
+    if len({str(t["config"].get("arch")) for t in finished}) > 1:
+        plot_by_architecture(trials, folder / "by_architecture.png")
+        pictures.insert(1, "by_architecture.png")
+    importance = None
+    try:
+        importance = parameter_importance(spec, trials)
+        plot_importance(importance, folder / "importance.png")
+        pictures.append("importance.png")
+    except (ValueError, RuntimeError) as err:
+        lines += [f"Parameter importance not computed: {err}.", ""]
+    lines += ["## All trials (best first)", "", *_trial_table(trials, keys), ""]
+    failed = [t for t in trials if t["error"]]
+    if failed:
+        lines += ["## Failed trials", ""] + [f"- `{t['trial']}`: {t['error']}" for t in failed]
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in pictures]
+    text = "\n".join(lines) + "\n"
+    atomic_write(folder / REPORT_FILE, lambda tmp: Path(tmp).write_text(text))
+    return {
+        "best": best,
+        "final": final,
+        "importance": importance,
+        "trials": len(trials),
+        "report": REPORT_FILE,
+    }

@@ -1,0 +1,328 @@
+"""Studies on the shared local Ray: sealing of the test split, checks before running, an
+interrupted and resumed 2-trial study with its final step, report and export."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from defectforge.studies.spec import METRIC, Range, SpecError, parse_spec
+from defectforge.studies.stats import mean_interval
+
+STUDY_TRAINING = {"max_steps_per_epoch": 2}
+
+
+@pytest.fixture(scope="session")
+def sample_with_test(ray_session, sample_root, tmp_path_factory) -> Path:
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.trainables.data_jobs import build_parquet
+
+    out = tmp_path_factory.mktemp("built") / "neu-sample-test"
+    cfg = BuildConfig(source="neu-seg", root=str(sample_root), out=str(out), test_fraction=0.4)
+    build_parquet(cfg)
+    return out
+
+
+def study_spec(data: Path, storage: Path, synthetic: Path | None = None, **changes) -> dict:
+    spec = {
+        "name": "t",
+        "dataset": {"real": str(data), "crop_size": 64},
+        "search_space": {"synthetic_ratio": 0.0, "epochs": 2, "batch_size": 4},
+        "search": {"algorithm": "grid"},
+        "training": STUDY_TRAINING,
+        "storage_path": str(storage),
+        "final": {"seeds": 3},
+    }
+    if synthetic:
+        spec["dataset"]["synthetic"] = str(synthetic)
+        spec["search_space"]["synthetic_ratio"] = [0.0, 0.4]
+    for key, value in changes.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
+    return spec
+
+
+def test_mean_interval_is_the_student_t_interval():
+    values = [0.60, 0.64, 0.62]
+    interval = mean_interval(values)
+    # t(0.975, 2 degrees of freedom) = 4.3027; sd = 0.02
+    assert interval["mean"] == pytest.approx(0.62)
+    assert interval["half_width"] == pytest.approx(4.302653 * 0.02 / 3**0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_interval([0.5])
+
+
+def test_search_space_becomes_tune_domains_and_readable_trial_names():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    from defectforge.trainables.study import param_space, trial_label
+
+    spec = parse_spec(
+        {
+            "name": "s",
+            "dataset": {"real": "x"},
+            "search_space": {
+                "arch": ["pan", "deeplabv3plus"],
+                "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                "epochs": {"low": 2, "high": 6},
+                "batch_size": 8,
+            },
+        }
+    )
+    space = param_space(spec)
+    assert isinstance(space["arch"], Categorical) and space["batch_size"] == 8
+    assert isinstance(space["lr"], Float) and isinstance(space["epochs"], Integer)
+    assert space["epochs"].upper == 7  # randint's upper bound is exclusive; the spec's is not
+    grid_spec = {"name": "g", "dataset": {"real": "x"}, "search": {"algorithm": "grid"}}
+    grid = param_space(parse_spec({**grid_spec, "search_space": {"arch": ["pan", "unet"]}}))
+    assert grid["arch"] == {"grid_search": ["pan", "unet"]}
+
+    class Trial:
+        trial_id = "ab12c_00003"
+        config = {"arch": "pan", "synthetic_ratio": 0.38}
+
+    assert trial_label(Trial, ("arch", "synthetic_ratio")) == "ab12c_00003_arch=pan,ratio=0.38"
+
+
+def test_optuna_storage_takes_a_file_or_a_url(tmp_path):
+    import optuna
+
+    from defectforge.trainables.study import optuna_url
+
+    url = optuna_url(str(tmp_path / "new" / "s.db"))
+    assert url == f"sqlite:///{tmp_path / 'new' / 's.db'}"
+    optuna.create_study(storage=url, study_name="s")  # the folder was made; the URL works
+    assert (tmp_path / "new" / "s.db").is_file()
+    assert optuna_url("postgresql://db/optuna") == "postgresql://db/optuna"
+
+
+def test_the_test_split_is_sealed_during_a_search(sample_with_test):
+    from defectforge.datasets.errors import DataError
+    from defectforge.trainables.data_jobs import read_split, sealed_splits
+
+    with sealed_splits("test"):
+        read_split(sample_with_test, "val")
+        with pytest.raises(DataError, match="test split is sealed while a study searches"):
+            read_split(sample_with_test, "test")
+    assert read_split(sample_with_test, "test").count() == 7
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"final": {"seeds": 3}}, r"final.seeds = 3: the dataset .* has no test split"),
+        (
+            {"search_space": {"arch": "pan", "epochs": 1}},
+            r"search_space.arch = 'pan': pan needs inputs of at least 128 px",
+        ),
+        (
+            {"search": {"algorithm": "grid", "max_concurrent_trials": 2}},
+            r"resources.cpus_per_trial = 1.0: 2 concurrent trial\(s\) x 1.0 CPU leave no CPU",
+        ),
+        (
+            {"search_space": {"synthetic_ratio": [0.0, 0.5]}},
+            r"synthetic_ratio = 0.5: ratio 0.5 over 35 real train images needs 35 synthetic "
+            r"images, only 32 exist; lower the largest ratio",
+        ),
+    ],
+)
+def test_a_study_that_would_fail_or_stall_is_refused_before_it_runs(
+    changes, message, sample_dataset, sample_with_test, labelled, tmp_path
+):
+    from defectforge.trainables.study import check_study
+
+    data = sample_dataset if "final" in changes else sample_with_test
+    synthetic = labelled if "synthetic_ratio" in changes.get("search_space", {}) else None
+    spec = parse_spec(study_spec(data, tmp_path, synthetic, **changes))
+    with pytest.raises(SpecError, match=message):
+        check_study(spec, "spec.yaml")
+
+
+def _wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def _trial_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "search").glob("*_*") if p.is_dir())
+
+
+def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path) -> None:
+    """Start `study run` as its own driver on the session's Ray, and kill it while the second
+    trial trains: a driver lost mid-study."""
+    import ray
+
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    address = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            [*command, "--address", address], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+        try:
+            _wait_for(lambda: len(_trial_dirs(root)) >= 2, 300, "the second trial")
+        finally:
+            driver.kill()
+            driver.wait()
+
+
+def test_an_interrupted_study_resumes_reports_and_exports(
+    sample_with_test, labelled, tmp_path, monkeypatch
+):
+    from defectforge.segmentation import export as export_module
+    from defectforge.segmentation.checkpoint import load_model
+    from defectforge.segmentation.exported import ExportedModel
+    from defectforge.segmentation.inference import predict_batch_logits
+    from defectforge.trainables.study import (
+        FINAL_FILE,
+        TRIALS_FILE,
+        export_study,
+        resume_study,
+        verification_images,
+    )
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(study_spec(sample_with_test, tmp_path, labelled)))
+    root = tmp_path / "t"
+    test_split = sample_with_test / "test"
+    hidden = sample_with_test.parent / "test-hidden"
+    # The search must not need the test split at all: it is not even there while it runs.
+    test_split.rename(hidden)
+    try:
+        _run_driver_until_second_trial(spec_file, root, tmp_path / "driver.log")
+    finally:
+        hidden.rename(test_split)
+    first = _trial_dirs(root)[0]
+    first_results = (first / "result.json").read_text()
+    assert first_results.count("\n") == 2, (tmp_path / "driver.log").read_text()[-3000:]
+
+    summary = resume_study(str(root))
+
+    assert (first / "result.json").read_text() == first_results  # not rerun
+    trials = json.loads((root / TRIALS_FILE).read_text())
+    assert len(trials) == 2 and {t["status"] for t in trials} == {"finished"}
+    assert sorted(t["config"]["synthetic_ratio"] for t in trials) == [0.0, 0.4]
+    final = json.loads((root / FINAL_FILE).read_text())
+    assert [s["seed"] for s in final["seeds"]] == [1000, 1001, 1002]
+    interval = final["test_binary_defect_iou"]
+    assert interval["n"] == 3 and interval["low"] <= interval["mean"] <= interval["high"]
+    assert summary["final"] == final
+    report = (root / "report" / "report.md").read_text()
+    assert "Held-out test (3 seeds" in report and f"{interval['mean']:.4f}" in report
+    for picture in ("iou_vs_ratio.png", "best_confusion.png", "best_per_class_iou.png"):
+        assert (root / "report" / picture).stat().st_size > 5000
+
+    out = tmp_path / "export"
+    meta = export_study(str(root), out)
+    assert meta["metrics"]["final_test_binary_defect_iou_interval"] == interval
+    assert meta["data"]["real_manifest_id"] and meta["study"]["name"] == "t"
+    chosen = max(final["seeds"], key=lambda s: s["best_val_binary_defect_iou"])
+    model, cfg = load_model(chosen["best_checkpoint_path"])
+    images, _ = verification_images(cfg)
+    reference = predict_batch_logits(model, cfg.batch_spec(), images).numpy()
+    for runtime in ("onnx", "torchscript"):
+        exported = ExportedModel(out, runtime).logits(images)
+        assert np.abs(exported - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
+
+    _predict_without_ray_or_smp(out, tmp_path)
+
+    # An export that does not match PyTorch is refused and leaves nothing behind.
+    monkeypatch.setattr(export_module, "RELATIVE_TOLERANCE", 0.0)
+    with pytest.raises(export_module.ExportMismatch, match="nothing was written"):
+        export_study(str(root), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    assert not list(tmp_path.glob(".refused*"))
+
+
+BLOCK_IMPORTS = """
+import sys
+for name in ("ray", "segmentation_models_pytorch", "albumentations"):
+    sys.modules[name] = None  # importing any of them now fails
+from defectforge.trainables.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _predict_without_ray_or_smp(export: Path, tmp_path: Path) -> None:
+    images = Path(__file__).resolve().parent.parent / "datasets/sample/neu-seg/images/val"
+    out = tmp_path / "predicted"
+    for runtime in ("onnx", "torchscript"):
+        subprocess.run(
+            [sys.executable, "-c", BLOCK_IMPORTS, "predict", "--model", str(export)]
+            + ["--images", str(images), "--out", str(out / runtime), "--runtime", runtime],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+        )
+    masks = sorted((out / "onnx").glob("*_mask.png"))
+    assert len(masks) == 15
+    for mask in masks:
+        assert mask.read_bytes() == (out / "torchscript" / mask.name).read_bytes()
+    shutil.rmtree(out)
+
+
+def test_study_specs_shipped_in_the_repo_parse():
+    specs = sorted((Path(__file__).resolve().parent.parent / "studies" / "specs").glob("*.yaml"))
+    assert {p.stem for p in specs} >= {"quickstart"}
+    for path in specs:
+        spec = parse_spec(yaml.safe_load(path.read_text()), str(path))
+        assert spec.expected_runtime.get("cpu") and spec.expected_runtime.get("gpu")
+        assert not any(isinstance(v, Range) for v in spec.searched().values()) or (
+            spec.search.algorithm == "optuna"
+        )
+
+
+def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
+    from defectforge.studies.report import write_report
+
+    spec = parse_spec(
+        {
+            "name": "r",
+            "dataset": {"real": "x", "synthetic": "y"},
+            "search_space": {"synthetic_ratio": [0.0, 0.38], "seed": [0, 1, 2]},
+            "search": {"algorithm": "grid"},
+        }
+    )
+    scores = {0.0: [0.60, 0.62, 0.64], 0.38: [0.70, 0.71, 0.72]}
+    classes = {"background": 0.9, "defect": 0.6}
+    trials = [
+        {
+            "trial": f"a_{i}_{ratio}",
+            "config": {"synthetic_ratio": ratio, "seed": seed},
+            "status": "finished",
+            "epochs_run": 2,
+            "best_epoch": 2,
+            METRIC: score,
+            "val_mean_defect_iou": score,
+            "val_per_class_iou": classes,
+            "val_confusion_matrix": [[90, 10], [5, 20]],
+            "checkpoint_path": None,
+            "seconds": 10.0,
+            "error": None,
+        }
+        for ratio, values in scores.items()
+        for i, (seed, score) in enumerate(zip((0, 1, 2), values, strict=True))
+    ]
+    trials.sort(key=lambda t: -t[METRIC])
+    study = {
+        "name": "r",
+        "dataset_ids": {"real": "abc", "synthetic": "def"},
+        "spec_sha256": "0" * 64,
+        "created": "now",
+    }
+    summary = write_report(tmp_path, spec, study, trials, None)
+    text = (tmp_path / "report.md").read_text()
+    # mean 0.71, sd 0.01, t(0.975, 2) = 4.3027: 0.71 -/+ 0.0248
+    assert "| 0.3800 | 3 | 0.7100 | 0.6852 - 0.7348 |" in text
+    assert "| 0.0000 | 3 | 0.6200 | 0.5703 - 0.6697 |" in text
+    assert summary["best"][METRIC] == 0.72 and summary["importance"] == {"synthetic_ratio": 1.0}
+    assert (tmp_path / "iou_vs_ratio.png").stat().st_size > 5000
