@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -27,8 +27,9 @@ from defectforge.datasets.readers import (
     load_sample,
     read_class_file,
 )
+from defectforge.datasets.steel import SIMULATION_FILE, SteelOptions, discover_steel
 
-SOURCES = ("neu-seg", "folder")
+SOURCES = ("neu-seg", "folder", "steel")
 # Extra columns a load produces beside the contract; dropped before writing.
 LOAD_COLUMNS = ("rejected", "input_digest", "pixel_sum", "pixel_sumsq")
 LOAD_SCHEMA = (
@@ -43,7 +44,7 @@ LOAD_SCHEMA = (
 class BuildConfig:
     """Everything that decides a dataset's content; saved in its manifest."""
 
-    source: Literal["neu-seg", "folder"]
+    source: Literal["neu-seg", "folder", "steel"]
     root: str
     out: str
     name: str | None = None
@@ -57,6 +58,7 @@ class BuildConfig:
     test_fraction: float = 0.0
     skip_bad: bool = False
     overwrite: bool = False
+    steel: SteelOptions = field(default_factory=SteelOptions)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -90,6 +92,13 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         refs = discover_neu_seg(cfg.root, cfg.test_fraction)
         classes, folder_classes = cfg.classes or NEU_SEG_CLASSES, {}
         channels = cfg.channels or 1
+    elif cfg.source == "steel":
+        refs = discover_steel(cfg.root, cfg.dataset_name, cfg.split_ratios)
+        classes, folder_classes = (
+            cfg.classes or read_class_file(cfg.root)[0] or ("background", "defect"),
+            {},
+        )
+        channels = 3
     else:
         refs = discover_folder(
             cfg.root, cfg.dataset_name, cfg.split_ratios, cfg.mask_suffix, cfg.class_from_folder
@@ -98,7 +107,15 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         classes = cfg.classes or file_classes or _default_folder_classes(cfg, refs, folder_classes)
         channels = cfg.channels or guess_channels(refs[0].image_path)
     spec = SampleSpec(
-        cfg.dataset_name, tuple(classes), channels, cfg.binary, cfg.mask_threshold, folder_classes
+        cfg.dataset_name,
+        tuple(classes),
+        channels,
+        cfg.binary,
+        cfg.mask_threshold,
+        folder_classes,
+        # Only steel needs the root (lights files above a sample); other ids stay location-free.
+        steel=cfg.steel if cfg.source == "steel" else None,
+        root=os.path.abspath(cfg.root) if cfg.source == "steel" else "",
     )
     return refs, spec
 
@@ -214,6 +231,8 @@ def make_manifest(cfg: BuildConfig, spec: SampleSpec, good: list[dict], n_reject
         "inputs": {"files": len(good), "digest": inputs_digest},
         "dataset_id": combined_digest({"inputs": inputs_digest, "spec": repr(spec)})[:16],
         "config": config,
+        # `data simulate-steel` output must never pass for real data downstream.
+        "simulated": (Path(cfg.root) / SIMULATION_FILE).is_file(),
     }
 
 

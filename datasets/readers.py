@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -46,6 +47,8 @@ class SampleSpec:
     binary: bool = False
     mask_threshold: int | None = None
     folder_classes: dict[str, str] = field(default_factory=dict)
+    steel: Any = None  # SteelOptions: samples are photometric-stereo folders under ``root``
+    root: str = ""
 
     @property
     def output_classes(self) -> tuple[str, ...]:
@@ -320,6 +323,17 @@ def dominant_class(mask: np.ndarray, names: tuple[str, ...]) -> str | None:
     return names[int(counts.argmax())] if counts.any() else None
 
 
+def _read_input(ref: SampleRef, spec: SampleSpec) -> tuple[np.ndarray, bytes]:
+    """The sample's image and the bytes that identify its inputs."""
+    if spec.steel is None:
+        return read_image(ref.image_path, spec.channels), Path(ref.image_path).read_bytes()
+    # steel.py builds on this module's discovery helpers, so it is imported here, not above.
+    from defectforge.datasets.steel import folder_digest, read_steel_image
+
+    image = read_steel_image(ref.image_path, spec.root, spec.steel)
+    return image, folder_digest(ref.image_path, spec.root).encode()
+
+
 def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     """Decode, check and encode one sample as a contract row (plus its input digest)."""
     if ref.mask_path is None:
@@ -328,9 +342,9 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
             "no mask found for this image",
             "add <stem>.png to the masks folder, or remove the image (or pass --skip-bad)",
         )
-    image = read_image(ref.image_path, spec.channels)
+    image, image_digest = _read_input(ref, spec)
     mask = read_mask(ref.mask_path, image.shape[:2], spec, ref.folder_class)
-    digest = hashlib.sha256(Path(ref.image_path).read_bytes() + Path(ref.mask_path).read_bytes())
+    digest = hashlib.sha256(image_digest + Path(ref.mask_path).read_bytes())
     return {
         "id": ref.id,
         "image": encode_png(image),

@@ -25,6 +25,13 @@ def _ratios(text: str) -> tuple[float, float, float]:
     return parts
 
 
+def _pair(text: str) -> tuple[float, float]:
+    parts = tuple(float(x) for x in text.split(","))
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError("give two comma-separated numbers, e.g. 1,99")
+    return parts
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -34,7 +41,7 @@ def add_data_commands(commands) -> None:
         dest="data_command", required=True
     )
     build = data.add_parser("build", help="raw folder -> Parquet dataset + manifest.json")
-    build.add_argument("--source", required=True, choices=["neu-seg", "folder"])
+    build.add_argument("--source", required=True, choices=["neu-seg", "folder", "steel"])
     build.add_argument("--root", required=True, help="folder holding the raw images and masks")
     build.add_argument("--out", required=True, help="dataset folder to write")
     build.add_argument("--name", help="dataset name (default: neu-seg or the root folder's name)")
@@ -73,7 +80,35 @@ def add_data_commands(commands) -> None:
         action="store_true",
         help="skip unreadable or inconsistent samples and list them in rejected.csv",
     )
+    build.add_argument(
+        "--maps",
+        type=_names,
+        default=("curvature", "range", "texture"),
+        help="steel: file stems of the R, G, B maps in each sample folder",
+    )
+    build.add_argument(
+        "--robust",
+        action="store_true",
+        help="steel captures: drop each pixel's darkest and brightest light (>= 5 lights)",
+    )
+    build.add_argument(
+        "--clip-percentiles",
+        type=_pair,
+        default=(1.0, 99.0),
+        help="steel: 16-bit/float maps are clipped at these percentiles, then scaled to 8 bits",
+    )
     build.add_argument("--overwrite", action="store_true")
+    simulate = data.add_parser(
+        "simulate-steel",
+        help="render simulated galvanized steel under K lights (a stand-in, not real data)",
+    )
+    simulate.add_argument("--n", type=int, default=300, help="sheets to render")
+    simulate.add_argument("--out", required=True)
+    simulate.add_argument("--lights", type=int, default=6)
+    simulate.add_argument("--size", type=int, default=256)
+    simulate.add_argument("--max-defects", type=int, default=3, help="per sheet (0..max)")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--overwrite", action="store_true")
     augment = data.add_parser("augment", help="offline k-fold paper augmentation of train")
     augment.add_argument("--data", required=True)
     augment.add_argument("--out", required=True)
@@ -429,10 +464,30 @@ def run_mix(args) -> dict:
     return manifest
 
 
+def run_simulate_steel(args) -> None:
+    from defectforge.datasets.steel import write_preview, write_simulation
+    from defectforge.datasets.steel_sim import SimulationConfig
+
+    cfg = SimulationConfig(
+        n=args.n, size=args.size, lights=args.lights, max_defects=args.max_defects, seed=args.seed
+    )
+    summary = write_simulation(cfg, args.out, args.overwrite)
+    preview = write_preview(args.out, Path(args.out) / "preview.png")
+    print(
+        f"wrote {cfg.n} simulated sheets ({cfg.lights} lights, {cfg.size} px) to {args.out}: "
+        f"defects drawn {summary['defects_drawn']}, {summary['defect_free_sheets']} defect-free; "
+        f"preview {preview}"
+    )
+
+
 def run_data(args) -> None:
     from defectforge.datasets.build import BuildConfig
+    from defectforge.datasets.steel import SteelOptions
     from defectforge.trainables.data_jobs import augment_parquet, build_parquet
 
+    if args.data_command == "simulate-steel":
+        run_simulate_steel(args)
+        return
     if args.data_command == "mix":
         manifest = run_mix(args)
     elif args.data_command == "build":
@@ -452,6 +507,7 @@ def run_data(args) -> None:
                 test_fraction=args.test_fraction,
                 skip_bad=args.skip_bad,
                 overwrite=args.overwrite,
+                steel=SteelOptions(args.maps, args.robust, args.clip_percentiles),
             )
         )
     else:
