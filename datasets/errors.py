@@ -13,3 +13,7 @@ class DataError(ValueError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{self.path}: {problem}; {fix}")
+
+    def __reduce__(self):
+        # Ray copies and pickles exceptions raised in workers; rebuild from the three parts.
+        return type(self), (self.path, self.problem, self.fix)

@@ -120,3 +120,12 @@ def test_bad_config_values_are_rejected():
         BuildConfig(source="folder", root=".", out="o", split_ratios=(0.5, 0.2, 0.2))
     with pytest.raises(ValueError, match="unknown source"):
         BuildConfig(source="nope", root=".", out="o")
+
+
+def test_a_data_error_survives_ray_copying_and_pickling_it():
+    import copy
+    import pickle
+
+    error = DataError("runs/x/manifest.json", "no manifest.json", "build it first")
+    for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert str(clone) == str(error) and clone.fix == "build it first"

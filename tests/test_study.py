@@ -166,7 +166,11 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path) -> No
     command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
     with log.open("w") as out:
         driver = subprocess.Popen(
-            [*command, "--address", address], stdout=out, stderr=subprocess.STDOUT, env=env
+            [*command, "--address", address],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=spec_file.parent,
         )
         try:
             _wait_for(lambda: len(_trial_dirs(root)) >= 2, 300, "the second trial")
@@ -191,7 +195,11 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     )
 
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(study_spec(sample_with_test, tmp_path, labelled)))
+    spec = study_spec(sample_with_test, tmp_path, labelled)
+    # Relative to the driver's folder, as users write them; trials run in folders of their own.
+    for key, path in (("real", sample_with_test), ("synthetic", labelled)):
+        spec["dataset"][key] = os.path.relpath(path, tmp_path)
+    spec_file.write_text(yaml.safe_dump(spec))
     root = tmp_path / "t"
     test_split = sample_with_test / "test"
     hidden = sample_with_test.parent / "test-hidden"

@@ -141,7 +141,11 @@ def evaluate_split(model_dir: str | Path, split: str) -> dict:
 
 def final_trial(config: dict, context: StudyContext) -> None:
     with sealed_splits("test"):
-        result = _fit(context, config, f"final-seed{config['seed']}")
+        # The run name carries the final run's (and so the chosen trial's) name: a resumed study
+        # whose best trial changed never restores another configuration's checkpoints.
+        result = _fit(
+            context, config, f"{tune.get_context().get_experiment_name()}-seed{config['seed']}"
+        )
     checkpoint, metrics = best_checkpoint(result)
     with checkpoint.as_directory() as folder:
         test = evaluate_split(folder, "test")
@@ -263,6 +267,11 @@ def _tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
     )
 
 
+def final_run_name(best: dict) -> str:
+    """``final-<trial id>``: one final run per chosen trial."""
+    return f"{FINAL_RUN}-{'_'.join(best['trial'].split('_')[:2])}"
+
+
 def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.Tuner:
     spec = context.spec
     values = dict(best["config"])
@@ -278,7 +287,7 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
             trial_dirname_creator=lambda trial: f"{trial.trial_id}_seed={trial.config['seed']}",
         ),
         run_config=tune.RunConfig(
-            name=FINAL_RUN,
+            name=final_run_name(best),
             storage_path=store.uri,
             failure_config=tune.FailureConfig(max_failures=1),
         ),
@@ -379,9 +388,22 @@ def _context(spec: StudySpec, store: StudyStore) -> StudyContext:
     return StudyContext(spec, store.uri, base_config(spec))
 
 
+def _absolute_data(spec: StudySpec) -> StudySpec:
+    """Dataset paths made absolute against the driver's folder: trials run in folders of their
+    own, where a relative path would name nothing."""
+
+    def absolute(path: str) -> str:
+        return path if not path or is_uri(path) else str(Path(path).resolve())
+
+    data = spec.dataset
+    return replace(
+        spec, dataset=replace(data, real=absolute(data.real), synthetic=absolute(data.synthetic))
+    )
+
+
 def run_study(spec_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
     """Search, then the held-out final step, then the report. Returns the study summary."""
-    spec = load_spec(spec_path)
+    spec = _absolute_data(load_spec(spec_path))
     spec_text = Path(spec_path).read_text()
     _connect(address)
     store = StudyStore(study_root(spec, name))
@@ -414,7 +436,9 @@ def resume_study(root: str, address: str | None = None) -> dict:
         raise FileNotFoundError(f"{root}: no {STUDY_FILE}; pass a folder made by `study run`")
     _connect(address)
     spec = parse_spec(yaml.safe_load(store.read_text(SPEC_FILE)), store.location(SPEC_FILE))
-    return _complete(spec, store)
+    recorded = store.read_json(STUDY_FILE)["spec"]["dataset"]  # as resolved by `study run`
+    data = replace(spec.dataset, real=recorded["real"], synthetic=recorded["synthetic"])
+    return _complete(_absolute_data(replace(spec, dataset=data)), store)
 
 
 def _connect(address: str | None) -> None:
@@ -435,14 +459,21 @@ def _complete(spec: StudySpec, store: StudyStore) -> dict:
     )
     trials = collect_trials(results, spec)
     store.write_json(TRIALS_FILE, trials)
-    finished = [t for t in trials if t[METRIC] is not None]
-    if not finished:
+    failed = [t["trial"] for t in trials if t["status"] == "error"]
+    if failed:
+        write_study_report(store)
+        raise RuntimeError(
+            f"{store.uri}: {len(failed)} trial(s) failed ({', '.join(failed[:3])}...; errors in "
+            f"the report); fix the cause and `defectforge study resume {store.uri}` reruns them, "
+            "then the final step"
+        )
+    best = trials[0]  # collect_trials sorts best first
+    if best[METRIC] is None:
         raise RuntimeError(f"{store.uri}: no trial finished an epoch; see the trial errors above")
     if spec.final.seeds and not store.exists(FINAL_FILE):
-        best = max(finished, key=lambda t: t[METRIC])
         final_results = _run(
             store,
-            FINAL_RUN,
+            final_run_name(best),
             lambda: _final_tuner(context, store, best),
             _trainable(final_trial, context),
         )
