@@ -77,6 +77,8 @@ def _map_files(folder: Path, names: tuple[str, ...]) -> list[Path] | None:
 
 
 def _lights_file(folder: Path, root: Path) -> Path | None:
+    """The nearest lights.json from the sample folder up to (not beyond) the dataset root."""
+    folder, root = folder.resolve(), root.resolve()
     for candidate in (folder, *folder.parents):
         if (candidate / LIGHTS_FILE).is_file():
             return candidate / LIGHTS_FILE
