@@ -26,7 +26,6 @@ from defectforge.datasets.errors import DataError
 from defectforge.datasets.photometric import (
     DEFAULT_CLIP_PERCENTILES,
     MAP_NAMES,
-    check_lights,
     photometric_stereo,
     read_lights,
     stack_maps,
@@ -173,7 +172,7 @@ def read_steel_image(folder: str | Path, root: str | Path, options: SteelOptions
     arrays = [_read_any_depth(p) for p in captures]
     _same_size(captures, arrays)
     normals, albedo = photometric_stereo(
-        np.stack([_linear(a) for a in arrays]), check_lights(lights, lights_path), options.robust
+        np.stack([_linear(a) for a in arrays]), lights, options.robust
     )
     return stack_maps(steel_maps(normals, albedo), options.clip_percentiles)
 
@@ -255,8 +254,7 @@ def write_preview(simulation: str | Path, path: str | Path, samples: int = 4) ->
     )
     for row, folder in zip(np.atleast_2d(axes), sheets, strict=True):
         captures = [_read_any_depth(p) for p in _images(folder)]
-        normals, albedo = photometric_stereo(np.stack([_linear(c) for c in captures]), lights)
-        rgb = stack_maps(steel_maps(normals, albedo))
+        rgb = read_steel_image(folder, simulation, SteelOptions())
         mask = cv2.imread(str(folder / MASK_FILE), cv2.IMREAD_UNCHANGED)
         panels = [_linear(captures[k]) for k in picks] + [rgb[..., i] for i in range(3)]
         panels += [rgb, mask]
