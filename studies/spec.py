@@ -20,6 +20,7 @@ ALGORITHMS = ("optuna", "grid")
 # Field annotations are strings (postponed evaluation); these are the scalar ones specs use.
 FIELD_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
 METRIC = "val_binary_defect_iou"
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 
 class SpecError(ValueError):
@@ -85,6 +86,9 @@ class ResourcesSpec:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     workers_per_trial: int = 1
+    # Custom Ray resources each training worker asks for: node labels that pin training to some
+    # nodes, e.g. {defectforge_worker: 1} (`cluster up`) or {defectforge_gpu_worker: 1} (aws.yaml).
+    custom_per_worker: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,19 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
     return spec
 
 
+def _check_custom_resources(where: str, custom: Any) -> None:
+    key = "resources.custom_per_worker"
+    if not isinstance(custom, dict):
+        raise SpecError(where, key, custom, "must be a mapping", "write {label_name: 1}")
+    for name, amount in custom.items():
+        if name in RESERVED_RESOURCES or not isinstance(name, str):
+            raise SpecError(
+                where, key, name, "not a custom resource", "set CPUs and GPUs with *_per_trial"
+            )
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
+            raise SpecError(where, f"{key}.{name}", amount, "must be a positive number", "use 1")
+
+
 def _check_consistency(where: str, spec: StudySpec) -> None:
     search = spec.search
     if search.algorithm not in ALGORITHMS:
@@ -275,6 +292,7 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
         raise SpecError(
             where, "final.seeds", spec.final.seeds, "an interval needs >= 3 seeds", "use 3 or 0"
         )
+    _check_custom_resources(where, spec.resources.custom_per_worker)
     if spec.resources.workers_per_trial < 1 or spec.resources.cpus_per_trial <= 0:
         raise SpecError(
             where, "resources", spec.resources, "workers >= 1 and cpus > 0 per trial", "fix them"

@@ -334,3 +334,28 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
     assert "| 0.0000 | 3 | 0.6200 | 0.5703 - 0.6697 |" in text
     assert summary["best"][METRIC] == 0.72 and summary["importance"] == {"synthetic_ratio": 1.0}
     assert (tmp_path / "iou_vs_ratio.png").stat().st_size > 5000
+
+
+def test_trial_slots_hold_trials_to_the_limit_and_free_dead_ones(ray_session):
+    import ray
+
+    from defectforge.trainables.slots import TrialSlots, trial_slot
+
+    @ray.remote(num_cpus=0)
+    def hold(slots, holder: str) -> tuple[float, float]:
+        with trial_slot(slots, holder, poll_seconds=0.05):
+            started = time.time()
+            time.sleep(0.5)
+            return started, time.time()
+
+    slots = TrialSlots.remote(1)
+    spans = sorted(ray.get([hold.remote(slots, f"trial-{i}") for i in range(3)]))
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False))
+    assert ray.get(slots.holders.remote()) == []
+
+    short = TrialSlots.remote(1, lease_seconds=0.5)
+    assert ray.get(short.acquire.remote("crashed"))  # never released: its process died
+    assert not ray.get(short.acquire.remote("next"))
+    assert ray.get(short.acquire.remote("crashed"))  # a restarted trial keeps its slot
+    time.sleep(0.6)
+    assert ray.get(short.acquire.remote("next"))

@@ -6,6 +6,7 @@ Errors in user input print one line (``defectforge: error: <file>: <problem>; <f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from defectforge.datasets.errors import DataError  # noqa: E402
 
 USER_ERRORS = (DataError, ValueError, FileNotFoundError, FileExistsError)
+DEFAULT_CLUSTER_STATE = "runs/cluster"
 
 
 def _ratios(text: str) -> tuple[float, float, float]:
@@ -430,6 +432,53 @@ def add_study_commands(commands) -> None:
     export.add_argument("--overwrite", action="store_true")
 
 
+def add_cluster_commands(commands) -> None:
+    cluster = commands.add_parser(
+        "cluster", help="a multi-node Ray cluster on this machine (development, tests)"
+    ).add_subparsers(dest="cluster_command", required=True)
+    up = cluster.add_parser("up", help="start a head and N worker nodes, token auth on")
+    up.add_argument("--workers", type=int, default=2)
+    up.add_argument("--cpus-per-worker", type=int, default=1)
+    up.add_argument("--head-cpus", type=int, default=1)
+    up.add_argument("--object-store-mib", type=int, default=512)
+    up.add_argument("--dashboard-port", type=int, default=8265)
+    for name, text in (
+        ("down", "stop the nodes `cluster up` started (recorded pids only)"),
+        ("status", "the recorded nodes and whether they run"),
+    ):
+        cluster.add_parser(name, help=text)
+    for sub in cluster.choices.values():
+        sub.add_argument("--state", default=DEFAULT_CLUSTER_STATE, help="cluster state folder")
+
+
+def add_job_commands(commands) -> None:
+    submit = commands.add_parser("submit", help="submit a study to a Ray cluster as a Ray Job")
+    submit.add_argument("spec", help="study spec YAML")
+    submit.add_argument("--address", required=True, help="dashboard URL, http://HOST:8265")
+    submit.add_argument("--name", help="study folder name (default: spec name)")
+    submit.add_argument("--wheel", help="a prebuilt defectforge wheel (default: build one)")
+    submit.add_argument(
+        "--no-pip", action="store_true", help="the cluster's image has the dependencies"
+    )
+    submit.add_argument("--wait", action="store_true", help="return when the job ends")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs")
+    jobs = commands.add_parser("jobs", help="list, inspect and stop Ray Jobs").add_subparsers(
+        dest="jobs_command", required=True
+    )
+    jobs.add_parser("list", help="jobs on the cluster, newest first")
+    for name, text in (
+        ("status", "one job's status"),
+        ("logs", "one job's logs"),
+        ("stop", "stop a running job"),
+    ):
+        jobs.add_parser(name, help=text).add_argument("job_id")
+    jobs.choices["logs"].add_argument("--follow", action="store_true")
+    for sub in (submit, *jobs.choices.values()):
+        sub.add_argument("--token-file", help="Ray auth token file (default: Ray's own lookup)")
+    for sub in jobs.choices.values():
+        sub.add_argument("--address", required=True, help="dashboard URL, http://HOST:8265")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="defectforge", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -439,6 +488,8 @@ def parser() -> argparse.ArgumentParser:
     add_synth_commands(commands)
     add_study_commands(commands)
     add_quickstart(commands)
+    add_cluster_commands(commands)
+    add_job_commands(commands)
     return root
 
 
@@ -603,6 +654,91 @@ def run_quickstart(args) -> None:
     quickstart(args.data, Path(args.out), args.epochs)
 
 
+def run_cluster(args) -> None:
+    from defectforge.cluster.local import LocalCluster, LocalClusterConfig
+
+    cluster = LocalCluster(args.state)
+    if args.cluster_command == "up":
+        state = cluster.up(
+            LocalClusterConfig(
+                workers=args.workers,
+                cpus_per_worker=args.cpus_per_worker,
+                head_cpus=args.head_cpus,
+                object_store_mib=args.object_store_mib,
+                dashboard_port=args.dashboard_port,
+            )
+        )
+        print(
+            f"cluster up: head + {args.workers} workers at {state['address']}; dashboard and "
+            f"Jobs API {state['dashboard_url']} (token auth); "
+            f"`defectforge cluster down --state {args.state}` stops it"
+        )
+    elif args.cluster_command == "down":
+        stopped = cluster.down()
+        print(f"stopped {', '.join(stopped)}" if stopped else "no cluster recorded here")
+    else:
+        state = cluster.state()
+        if state is None:
+            print(f"no cluster recorded in {args.state}")
+            return
+        running = {node.role for node in cluster.running()}
+        print(f"{state['address']}  dashboard {state['dashboard_url']}")
+        for node in state["nodes"]:
+            alive = "running" if node["role"] in running else "stopped"
+            print(f"  {node['role']:<10} pid {node['pid']:<8} {alive}  log {node['log']}")
+
+
+@contextlib.contextmanager
+def _jobs_api_errors(address: str):
+    """The Jobs SDK raises RuntimeError for HTTP failures (refused token, unknown job): shown as
+    one line naming the cluster."""
+    from ray.exceptions import RayError
+
+    try:
+        yield
+    except (RuntimeError, RayError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), repr(err))
+        raise ValueError(f"{address}: {first}") from None
+
+
+def run_submit(args) -> int:
+    from defectforge.cluster import jobs
+
+    with _jobs_api_errors(args.address):
+        client = jobs.jobs_client(args.address, args.token_file)
+        job_id = jobs.submit_study(client, args.spec, args.name, args.wheel, not args.no_pip)
+    print(f"submitted {job_id}; watch it at {jobs.job_url(args.address, job_id)}", flush=True)
+    if not (args.wait or args.follow):
+        return 0
+    status = jobs.follow(client, job_id) if args.follow else jobs.wait_for(client, job_id)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def run_jobs(args) -> int:
+    from defectforge.cluster import jobs
+
+    with _jobs_api_errors(args.address):
+        return _jobs_command(jobs, jobs.jobs_client(args.address, args.token_file), args)
+
+
+def _jobs_command(jobs, client, args) -> int:
+    if args.jobs_command == "list":
+        for row in jobs.job_rows(client):
+            print(f"{row['id']:<44} {row['status']:<10} {row['started']:<26} {row['study']}")
+    elif args.jobs_command == "status":
+        print(client.get_job_status(args.job_id).value)
+    elif args.jobs_command == "logs":
+        if args.follow:
+            jobs.follow(client, args.job_id)
+        else:
+            print(client.get_job_logs(args.job_id), end="")
+    else:
+        stopped = client.stop_job(args.job_id)
+        print(f"stop requested for {args.job_id}" if stopped else f"{args.job_id} is not running")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     handlers = {
@@ -613,13 +749,16 @@ def main(argv: list[str] | None = None) -> int:
         "predict": run_predict,
         "study": run_study_command,
         "quickstart": run_quickstart,
+        "cluster": run_cluster,
+        "submit": run_submit,
+        "jobs": run_jobs,
     }
     try:
-        handlers[args.command](args)
+        code = handlers[args.command](args)
     except USER_ERRORS as err:
         print(f"defectforge: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

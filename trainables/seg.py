@@ -93,7 +93,9 @@ def _seg_worker(config: dict) -> None:
             print(epoch_line(metrics, cfg.epochs), flush=True)
         checkpoint = Checkpoint.from_directory(str(folder)) if folder else None
         ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}"
+            {**metrics, "node_id": ray.get_runtime_context().get_node_id()},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}",
         )
 
     checkpoint = starting_checkpoint(config)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -56,8 +57,9 @@ from defectforge.studies.stats import mean_interval
 from defectforge.studies.store import StudyStore, is_uri
 from defectforge.trainables.data_jobs import read_split, sealed_splits
 from defectforge.trainables.mix import check_compatible, plan_for
-from defectforge.trainables.runtime import ensure_ray
+from defectforge.trainables.runtime import check_shared_storage, ensure_ray
 from defectforge.trainables.seg import best_checkpoint, config_from_manifest, make_trainer
+from defectforge.trainables.slots import TrialSlots, trial_slot
 
 SPEC_FILE, STUDY_FILE = "spec.yaml", "study.json"
 TRIALS_FILE, FINAL_FILE = "trials.json", "final.json"
@@ -78,6 +80,7 @@ class StudyContext:
     spec: StudySpec
     root: str
     base: SegConfig
+    slots: Any = None  # a TrialSlots actor: max_concurrent_trials, restored studies included
 
     def trial_config(self, values: dict) -> SegConfig:
         values = dict(values)
@@ -86,7 +89,7 @@ class StudyContext:
 
     def worker_resources(self) -> dict:
         res = self.spec.resources
-        per_worker = {"CPU": res.cpus_per_trial / res.workers_per_trial}
+        per_worker = {"CPU": res.cpus_per_trial / res.workers_per_trial, **res.custom_per_worker}
         if res.gpus_per_trial:
             per_worker["GPU"] = res.gpus_per_trial / res.workers_per_trial
         return per_worker
@@ -114,14 +117,15 @@ def base_config(spec: StudySpec) -> SegConfig:
 
 def _fit(context: StudyContext, values: dict, run_name: str):
     ray.data.DataContext.get_current().enable_progress_bars = False
-    trainer = make_trainer(
-        context.trial_config(values),
-        context.root + f"/{TRAIN_RUNS}",
-        run_name,
-        resources_per_worker=context.worker_resources(),
-        callbacks=(TuneReportCallback(),),
-    )
-    return trainer.fit()
+    with trial_slot(context.slots, tune.get_context().get_trial_id()):
+        trainer = make_trainer(
+            context.trial_config(values),
+            context.root + f"/{TRAIN_RUNS}",
+            run_name,
+            resources_per_worker=context.worker_resources(),
+            callbacks=(TuneReportCallback(),),
+        )
+        return trainer.fit()
 
 
 def search_trial(config: dict, context: StudyContext) -> None:
@@ -385,7 +389,8 @@ def study_root(spec: StudySpec, name: str | None) -> str:
 
 
 def _context(spec: StudySpec, store: StudyStore) -> StudyContext:
-    return StudyContext(spec, store.uri, base_config(spec))
+    slots = TrialSlots.remote(spec.search.max_concurrent_trials)
+    return StudyContext(spec, store.uri, base_config(spec), slots)
 
 
 def _absolute_data(spec: StudySpec) -> StudySpec:
@@ -407,6 +412,7 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
     spec_text = Path(spec_path).read_text()
     _connect(address)
     store = StudyStore(study_root(spec, name))
+    check_shared_storage(store.uri)
     if store.exists(STUDY_FILE):
         raise FileExistsError(
             f"{store.uri}: a study of this name exists; `defectforge study resume {store.uri}` "
@@ -435,6 +441,7 @@ def resume_study(root: str, address: str | None = None) -> dict:
     if not store.exists(STUDY_FILE):
         raise FileNotFoundError(f"{root}: no {STUDY_FILE}; pass a folder made by `study run`")
     _connect(address)
+    check_shared_storage(store.uri)
     spec = parse_spec(yaml.safe_load(store.read_text(SPEC_FILE)), store.location(SPEC_FILE))
     recorded = store.read_json(STUDY_FILE)["spec"]["dataset"]  # as resolved by `study run`
     data = replace(spec.dataset, real=recorded["real"], synthetic=recorded["synthetic"])
@@ -517,6 +524,7 @@ def collect_trials(results: tune.ResultGrid, spec: StudySpec) -> list[dict]:
                 "val_confusion_matrix": best.get("val_confusion_matrix"),
                 "checkpoint_path": best.get("checkpoint_path"),
                 "seconds": sum(line.get("epoch_seconds", 0.0) for line in epochs),
+                "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
                 "error": str(result.error).splitlines()[0][:300] if result.error else None,
             }
         )

@@ -1,0 +1,230 @@
+"""Studies as Ray Jobs: submit a spec to a cluster's Jobs API, and list, follow and stop jobs.
+
+The job's runtime environment carries this project as a wheel built from the working tree
+(unpacked, in ``py_modules``), the spec, and unless told otherwise the project's pip dependencies
+(Ray builds a virtualenv over the node's own packages for them, which takes minutes; nodes whose
+image has them skip it). The Ray auth token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+``~/.ray/auth_token``, as Ray reads it; it is sent as a header, never printed or put on a command
+line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from defectforge.cluster.local import auth_headers, default_token_path
+from defectforge.studies.spec import load_spec
+from defectforge.studies.store import is_uri
+
+PROJECT = "defectforge"
+JOB_SPEC = "spec.yaml"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Ray must match the cluster's own, so it is never reinstalled into a job's environment.
+NOT_SHIPPED = ("ray",)
+POLL_SECONDS = 2.0
+NOT_IN_WHEEL = (
+    *(".git", "runs", "build", "*.egg-info", "__pycache__", ".*cache", ".gpu"),
+    *("docs", "tests", "benchmarks"),
+)
+
+
+def jobs_client(address: str, token_file: str | None = None):
+    """A Jobs SDK client for ``address`` (http://HOST:8265) that sends the Ray token."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(f"--address {address}: give the dashboard URL, e.g. http://HOST:8265")
+    headers = auth_headers(token_file)
+    if not headers:
+        raise FileNotFoundError(
+            f"no Ray auth token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, pass --token-file, "
+            f"or copy the cluster's token to {default_token_path()}"
+        )
+    # Sent as our own header: Ray adds its token only if RAY_AUTH_MODE was set before it loaded.
+    return JobSubmissionClient(address, headers=headers)
+
+
+def project_root() -> Path:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").exists():
+        raise FileNotFoundError(
+            f"{root}: not a source checkout, so no wheel can be built here; pass --wheel "
+            "with a defectforge wheel (pip wheel --no-deps <checkout>)"
+        )
+    return root
+
+
+def build_wheel(out: Path) -> Path:
+    """The project as a wheel built from a copy of its working tree (dependencies not included):
+    a build in place would leave build/ behind, and files deleted since an earlier build there
+    would ride along in the wheel."""
+    source = out / "source"
+    shutil.copytree(project_root(), source, ignore=shutil.ignore_patterns(*NOT_IN_WHEEL))
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out)]
+    if _has_setuptools():
+        command.append("--no-build-isolation")  # no registry needed
+    done = subprocess.run([*command, str(source)], capture_output=True, text=True, check=False)
+    wheels = sorted(out.glob(f"{PROJECT}-*.whl"))
+    if done.returncode or not wheels:
+        raise RuntimeError(f"building the {PROJECT} wheel failed: {done.stderr.strip()[-500:]}")
+    return wheels[-1]
+
+
+def unpacked_package(wheel: Path, out: Path) -> Path:
+    """The ``defectforge`` package folder from a wheel, as the job's ``py_modules`` entry.
+
+    Ray installs a wheel given in py_modules with ``pip install --target`` and so with all its
+    dependencies (torch, Ray itself) into the job's folder; the unpacked folder ships only our
+    code, and Ray names its upload by content, so a changed tree is never served from cache.
+    """
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(out)
+    package = out / PROJECT
+    if not package.is_dir():
+        raise ValueError(f"{wheel}: no {PROJECT}/ package inside; is it a defectforge wheel?")
+    return package
+
+
+def _has_setuptools() -> bool:
+    try:
+        import setuptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def requirements() -> list[str]:
+    """The project's installed runtime requirements, less Ray itself and the dev extras."""
+    found = []
+    for line in importlib.metadata.requires(PROJECT) or []:
+        if "extra ==" in line:
+            continue
+        name = re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower()
+        if name not in NOT_SHIPPED:
+            found.append(line)
+    return found
+
+
+def shipped_spec(spec_path: str | Path) -> str:
+    """The spec as the cluster gets it: relative paths made absolute against this folder, since
+    the job runs in a temporary folder of its own. On a remote cluster such paths must be ones
+    every node mounts (or s3:// / gs:// URIs); the study checks that when it starts."""
+    load_spec(spec_path)  # refuse a malformed spec here, before anything is uploaded
+    data = yaml.safe_load(Path(spec_path).read_text())
+    data["storage_path"] = _absolute(data.get("storage_path", "runs/studies"))
+    dataset = data["dataset"]
+    for key in ("real", "synthetic"):
+        if dataset.get(key):
+            dataset[key] = _absolute(dataset[key])
+    search = data.get("search") or {}
+    if search.get("optuna_storage") and not is_uri(search["optuna_storage"]):
+        search["optuna_storage"] = _absolute(search["optuna_storage"])
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _absolute(path: str) -> str:
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
+
+
+def submit_study(
+    client,
+    spec_path: str | Path,
+    name: str | None = None,
+    wheel: str | None = None,
+    pip_dependencies: bool = True,
+) -> str:
+    """Submit ``study run`` for the spec as a Ray Job; returns the job's submission id."""
+    text = shipped_spec(spec_path)
+    spec_name = name or yaml.safe_load(text)["name"]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="defectforge-job-") as tmp:
+        job_dir = Path(tmp) / "job"
+        job_dir.mkdir()
+        (job_dir / JOB_SPEC).write_text(text)
+        wheel_path = Path(wheel) if wheel else build_wheel(Path(tmp) / "wheel")
+        if not wheel_path.is_file():
+            raise FileNotFoundError(f"--wheel {wheel}: no such file; build one with pip wheel")
+        package = unpacked_package(wheel_path, Path(tmp) / "package")
+        runtime_env = {
+            "working_dir": str(job_dir),
+            "py_modules": [str(package)],
+            "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"},
+        }
+        if pip_dependencies:
+            runtime_env["pip"] = {"packages": requirements(), "pip_check": False}
+        entrypoint = f"python -m defectforge.trainables.cli study run {JOB_SPEC} --address auto"
+        if name:
+            entrypoint += f" --name {name}"
+        return client.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=f"{PROJECT}-{spec_name}-{stamp}",
+            metadata={
+                "study": spec_name,
+                "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            },
+        )
+
+
+def job_url(address: str, job_id: str) -> str:
+    return f"{address.rstrip('/')}/#/jobs/{job_id}"
+
+
+def wait_for(client, job_id: str, timeout_s: float | None = None) -> str:
+    """Poll until the job ends; returns its final status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id}: still {status} after {timeout_s:.0f} s")
+        time.sleep(POLL_SECONDS)
+
+
+def follow(client, job_id: str, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status."""
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(stream())
+    return wait_for(client, job_id)
+
+
+def job_rows(client) -> list[dict]:
+    """Our jobs and any others on the cluster, newest first."""
+    rows = []
+    for job in client.list_jobs():
+        rows.append(
+            {
+                "id": job.submission_id or job.job_id,
+                "status": str(job.status.value),
+                "study": (job.metadata or {}).get("study", ""),
+                "started": _time(job.start_time),
+                "entrypoint": job.entrypoint,
+            }
+        )
+    return sorted(rows, key=lambda row: row["started"], reverse=True)
+
+
+def _time(milliseconds: int | None) -> str:
+    if not milliseconds:
+        return ""
+    moment = datetime.fromtimestamp(milliseconds / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="seconds")

@@ -1,0 +1,362 @@
+"""A real multi-node Ray cluster on one machine, for development and tests.
+
+``up`` starts a head and N worker nodes, each its own ``ray start --block`` process in a process
+group of its own, with its own CPUs and a custom resource label (``defectforge_head``,
+``defectforge_worker`` and ``defectforge_worker_<i>``). Token authentication is on for every
+port; the dashboard and Jobs API bind to 127.0.0.1 only. The cluster keeps its Ray files under a
+temp folder of its own, so ``ray.init()`` elsewhere on the machine does not join it by accident. ``down`` stops only the
+process groups ``up`` recorded in the state file, never processes found by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATE_FILE = "cluster.json"
+HOST = "127.0.0.1"
+HEAD_LABEL, WORKER_LABEL = "defectforge_head", "defectforge_worker"
+
+
+@dataclass(frozen=True)
+class LocalClusterConfig:
+    workers: int = 2
+    cpus_per_worker: int = 1
+    head_cpus: int = 1
+    object_store_mib: int = 512
+    dashboard_port: int = 8265
+    start_timeout_s: float = 120.0
+
+    def check(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers {self.workers}: a cluster needs >= 1 worker node")
+        if self.cpus_per_worker < 1 or self.head_cpus < 0:
+            raise ValueError("--cpus-per-worker must be >= 1 and --head-cpus >= 0")
+        if self.object_store_mib < 80:
+            raise ValueError(f"--object-store-mib {self.object_store_mib}: Ray needs >= 80")
+
+
+@dataclass(frozen=True)
+class NodeProcess:
+    role: str  # "head" or "worker-<i>"
+    pid: int  # also the process group id: each node is a session leader
+    started: str  # the leader's start time, so a reused pid is never mistaken for ours
+    log: str
+
+
+def auth_environment() -> dict[str, str]:
+    """This process's environment with token authentication on. Without a token anywhere Ray
+    looks, one is generated into Ray's default file (as `ray get-auth-token --generate` does;
+    its output, the token, is discarded, never shown)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    if not read_token(env):
+        subprocess.run(
+            [_ray_executable(), "get-auth-token", "--generate"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            check=False,
+        )
+        if not read_token(env):
+            raise FileNotFoundError(
+                f"no Ray auth token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or create "
+                f"{default_token_path()} with `ray get-auth-token --generate`"
+            )
+    return env
+
+
+def default_token_path() -> Path:
+    return Path.home() / ".ray" / "auth_token"
+
+
+def read_token(env: dict[str, str]) -> str:
+    """The token Ray would use, in Ray's order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, the default
+    file; "" if none."""
+    if env.get("RAY_AUTH_TOKEN"):
+        return env["RAY_AUTH_TOKEN"].strip()
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else None
+    path = path or default_token_path()
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _check_port_free(port: int, flag: str) -> None:
+    with socket.socket() as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            raise ValueError(f"{flag} {port}: port in use; pass another one") from None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time as ``ps`` prints it, or None if no such process."""
+    out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def _group_alive(pgid: int) -> bool:
+    _reap(pgid)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalCluster:
+    """The cluster whose state lives in ``state_dir`` (pids, ports, logs)."""
+
+    def __init__(self, state_dir: str | Path):
+        self.state_dir = Path(state_dir)
+        self.state_path = self.state_dir / STATE_FILE
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state(self) -> dict | None:
+        if not self.state_path.exists():
+            return None
+        return json.loads(self.state_path.read_text())
+
+    def _write_state(self, state: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        partial = self.state_path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(state, indent=1))
+        partial.replace(self.state_path)
+
+    def _nodes(self) -> list[NodeProcess]:
+        state = self.state() or {}
+        return [NodeProcess(**node) for node in state.get("nodes", [])]
+
+    def running(self) -> list[NodeProcess]:
+        return [node for node in self._nodes() if self._ours_and_alive(node)]
+
+    @staticmethod
+    def _ours_and_alive(node: NodeProcess) -> bool:
+        leader_start = _start_time(node.pid)
+        if leader_start is not None and leader_start != node.started:
+            return False  # the pid now belongs to someone else
+        # A dead leader's pid cannot be reused while its group still has members.
+        return _group_alive(node.pid)
+
+    # --- up ----------------------------------------------------------------------------------
+
+    def up(self, cfg: LocalClusterConfig) -> dict:
+        cfg.check()
+        if self.running():
+            raise FileExistsError(
+                f"{self.state_path}: a cluster started from here is still up; "
+                f"`defectforge cluster down --state {self.state_dir}` first"
+            )
+        # A development cluster serves no traffic worth draining for Ray's default 30 s on stop.
+        env = {**auth_environment(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5"}
+        _check_port_free(cfg.dashboard_port, "--dashboard-port")
+        gcs_port = free_port()
+        temp_dir = tempfile.mkdtemp(prefix="dfray-", dir="/tmp")  # short: Ray's socket paths
+        state = {
+            "address": "",
+            "dashboard_url": f"http://{HOST}:{cfg.dashboard_port}",
+            "temp_dir": temp_dir,
+            "config": asdict(cfg),
+            "nodes": [],
+        }
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            head = self._start_node(
+                "head",
+                [
+                    "--head",
+                    "--port",
+                    str(gcs_port),
+                    "--temp-dir",
+                    temp_dir,
+                    "--dashboard-host",
+                    HOST,
+                    "--dashboard-port",
+                    str(cfg.dashboard_port),
+                    "--ray-client-server-port",
+                    str(free_port()),
+                    "--num-cpus",
+                    str(cfg.head_cpus),
+                    "--resources",
+                    json.dumps({HEAD_LABEL: 1}),
+                ],
+                cfg,
+                env,
+            )
+            state["nodes"].append(asdict(head))
+            self._write_state(state)
+            self._wait_for_nodes(state, 1, cfg.start_timeout_s)
+            state["address"] = _head_address(temp_dir)
+            self._write_state(state)
+            for i in range(1, cfg.workers + 1):
+                labels = {WORKER_LABEL: 1, f"{WORKER_LABEL}_{i}": 1}
+                worker = self._start_node(
+                    f"worker-{i}",
+                    [
+                        "--address",
+                        state["address"],
+                        "--num-cpus",
+                        str(cfg.cpus_per_worker),
+                        "--resources",
+                        json.dumps(labels),
+                        # Nodes sharing one runtime_resources folder delete each other's job
+                        # files (working_dir, py_modules) when their own workers finish.
+                        "--temp-dir",
+                        f"{temp_dir}/w{i}",
+                    ],
+                    cfg,
+                    env,
+                )
+                state["nodes"].append(asdict(worker))
+                self._write_state(state)
+                # One at a time: nodes registering together can miss Ray's start-up deadline
+                # on a busy machine.
+                self._wait_for_nodes(state, i + 1, cfg.start_timeout_s)
+        except BaseException:
+            self.down()
+            raise
+        return state
+
+    def _start_node(
+        self, role: str, args: list[str], cfg: LocalClusterConfig, env: dict
+    ) -> NodeProcess:
+        log = self.state_dir / f"{role}.log"
+        command = [
+            _ray_executable(),
+            "start",
+            "--block",
+            "--disable-usage-stats",
+            "--object-store-memory",
+            str(cfg.object_store_mib * 2**20),
+            # Ray's fixed default (52365) would clash between nodes on one machine, and with
+            # any other Ray instance on it; the job agent lives there.
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            *args,
+        ]
+        with open(log, "ab") as out:
+            process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        return NodeProcess(role, process.pid, _start_time(process.pid) or "", str(log))
+
+    def _wait_for_nodes(self, state: dict, count: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for node in state["nodes"]:
+                if not _group_alive(node["pid"]):
+                    raise RuntimeError(
+                        f"{node['role']} node exited while starting; see {node['log']}"
+                    )
+            alive = alive_nodes(state["dashboard_url"])
+            if alive is not None and len(alive) >= count:
+                return
+            time.sleep(1.0)
+        raise TimeoutError(
+            f"cluster: {count} node(s) not up after {timeout_s:.0f} s; see the logs in "
+            f"{self.state_dir}"
+        )
+
+    # --- down --------------------------------------------------------------------------------
+
+    def down(self, timeout_s: float = 60.0) -> list[str]:
+        """Stop the recorded nodes (workers first), wait for their process groups to empty,
+        then remove the state and the cluster's temp folder. Returns the roles stopped."""
+        state = self.state()
+        if state is None:
+            return []
+        nodes = [n for n in reversed(self._nodes()) if self._ours_and_alive(n)]
+        for node in nodes:
+            _signal_group(node.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while any(_group_alive(n.pid) for n in nodes) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for node in nodes:
+            _signal_group(node.pid, signal.SIGKILL)
+        still = [n.role for n in nodes if _wait_group_gone(n.pid, 10.0)]
+        if still:
+            raise RuntimeError(f"cluster: {', '.join(still)} would not stop; see {self.state_dir}")
+        shutil.rmtree(state.get("temp_dir", ""), ignore_errors=True)
+        self.state_path.unlink(missing_ok=True)
+        return [n.role for n in nodes]
+
+
+def _reap(pid: int) -> None:
+    """Collect an exited leader started by this very process; a zombie still counts as a member
+    of its group."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not our child: init reaps it
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    """True if the group still has members after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _head_address(temp_dir: str) -> str:
+    """The GCS address the head wrote for others to join (it picks the machine's own IP)."""
+    return (Path(temp_dir) / "ray_current_cluster").read_text().strip()
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else shutil.which("ray") or "ray"
+
+
+def alive_nodes(dashboard_url: str) -> list[dict] | None:
+    """The alive nodes as the dashboard lists them (token sent), or None if it is not up yet."""
+    request = urllib.request.Request(f"{dashboard_url}/nodes?view=summary", headers=auth_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+        return None
+    summary = body.get("data", {}).get("summary", [])
+    return [node for node in summary if node.get("raylet", {}).get("state") == "ALIVE"]
+
+
+def auth_headers(token_file: str | None = None) -> dict[str, str]:
+    """The Authorization header for this machine's Ray token (never printed)."""
+    env = dict(os.environ)
+    if token_file:
+        env["RAY_AUTH_TOKEN_PATH"] = str(Path(token_file).expanduser())
+    token = read_token(env)
+    return {"Authorization": f"Bearer {token}"} if token else {}

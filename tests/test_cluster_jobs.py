@@ -1,0 +1,159 @@
+"""A real 3-node Ray cluster on this machine (`cluster up --workers 2`), a study submitted to it
+through the Jobs API, its export from the client, and `cluster down`; plus the checks that need
+no cluster (spec labels, shipped spec, wheel contents, token handling)."""
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defectforge.cluster import jobs
+from defectforge.cluster.local import (
+    WORKER_LABEL,
+    LocalCluster,
+    LocalClusterConfig,
+    alive_nodes,
+    free_port,
+)
+from defectforge.studies.spec import SpecError, parse_spec
+from defectforge.trainables.cli import main
+
+
+def cluster_spec(data: Path, storage: Path) -> dict:
+    """Two trials at once, each worker asking for a worker label, so they must use two nodes."""
+    return {
+        "name": "on-cluster",
+        "dataset": {"real": str(data), "crop_size": 64},
+        "search_space": {"arch": ["unet", "fpn"], "epochs": 1, "batch_size": 4},
+        "search": {"algorithm": "grid", "max_concurrent_trials": 2},
+        "resources": {"cpus_per_trial": 1, "custom_per_worker": {WORKER_LABEL: 1}},
+        "training": {"max_steps_per_epoch": 2},
+        "storage_path": str(storage),
+        "final": {"seeds": 0},
+    }
+
+
+@pytest.fixture(scope="module")
+def local_cluster(tmp_path_factory):
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    state = cluster.up(LocalClusterConfig(workers=2, dashboard_port=free_port()))
+    yield cluster, state
+    cluster.down()
+
+
+def test_cluster_up_starts_labelled_nodes_behind_a_token(local_cluster):
+    cluster, state = local_cluster
+    nodes = alive_nodes(state["dashboard_url"])
+    labels = [set(node["raylet"]["resourcesTotal"]) for node in nodes]
+    assert len(nodes) == 3
+    assert sum("defectforgeWorker" in names for names in labels) == 2  # the dashboard camelCases
+    assert sum("defectforgeHead" in names for names in labels) == 1
+    assert state["dashboard_url"].startswith("http://127.0.0.1:")
+    with pytest.raises(FileExistsError, match="still up"):
+        cluster.up(LocalClusterConfig(workers=1, dashboard_port=free_port()))
+
+    plain = urllib.request.Request(f"{state['dashboard_url']}/api/jobs/")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(plain, timeout=10)
+    assert refused.value.code == 401
+    wrong = urllib.request.Request(plain.full_url, headers={"Authorization": "Bearer nope"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert refused.value.code == 403
+
+
+def test_a_submitted_study_runs_on_several_nodes_and_exports_from_the_client(
+    local_cluster, sample_dataset, tmp_path, capsys
+):
+    from defectforge.trainables.study import TRIALS_FILE
+
+    _, state = local_cluster
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(cluster_spec(sample_dataset, tmp_path / "studies")))
+    address = state["dashboard_url"]
+
+    code = main(["submit", str(spec_file), "--address", address, "--no-pip", "--wait"])
+
+    out = capsys.readouterr().out
+    job_id = out.split("submitted ")[1].split(";")[0]
+    assert code == 0, jobs.jobs_client(address).get_job_logs(job_id)[-3000:]
+    assert f"{address}/#/jobs/{job_id}" in out and f"job {job_id}: SUCCEEDED" in out
+    root = tmp_path / "studies" / "on-cluster"
+    trials = json.loads((root / TRIALS_FILE).read_text())
+    assert {t["status"] for t in trials} == {"finished"}
+    assert len({node for t in trials for node in t["nodes"]}) == 2
+
+    assert main(["jobs", "list", "--address", address]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["jobs", "status", job_id, "--address", address]) == 0
+    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+
+    assert main(["study", "export", str(root), "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "model.json").exists()
+
+
+def test_cluster_down_stops_every_process_it_started(local_cluster):
+    cluster, state = local_cluster
+    leaders = [node["pid"] for node in state["nodes"]]
+
+    stopped = cluster.down()
+
+    assert stopped == ["worker-2", "worker-1", "head"]
+    for pgid in leaders:
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pgid, 0)
+    assert cluster.state() is None and not Path(state["temp_dir"]).exists()
+    assert cluster.down() == []
+
+
+# --- without a cluster ---------------------------------------------------------------------
+
+
+def test_custom_resources_in_a_spec_are_checked(tmp_path):
+    spec = cluster_spec(tmp_path, tmp_path)
+    assert parse_spec(spec).resources.custom_per_worker == {WORKER_LABEL: 1}
+    for bad, message in (({"CPU": 1}, "not a custom resource"), ({"x": 0}, "positive")):
+        spec["resources"]["custom_per_worker"] = bad
+        with pytest.raises(SpecError, match=message):
+            parse_spec(spec)
+
+
+def test_the_shipped_spec_has_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = cluster_spec(Path("data/real"), Path("runs/studies"))
+    spec["search"]["optuna_storage"] = "runs/study.db"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+
+    shipped = yaml.safe_load(jobs.shipped_spec(tmp_path / "spec.yaml"))
+
+    assert shipped["dataset"]["real"] == str(tmp_path / "data/real")
+    assert shipped["storage_path"] == str(tmp_path / "runs/studies")
+    assert shipped["search"]["optuna_storage"] == str(tmp_path / "runs/study.db")
+    spec["search_space"]["arch"] = "no-such-net"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match="arch"):
+        jobs.shipped_spec(tmp_path / "bad.yaml")
+
+
+def test_the_job_carries_our_code_only(tmp_path):
+    wheel = jobs.build_wheel(tmp_path / "wheel")
+    package = jobs.unpacked_package(wheel, tmp_path / "package")
+
+    assert (package / "cluster" / "jobs.py").is_file()
+    assert (package / "trainables" / "cli.py").is_file()
+    assert not (tmp_path / "package" / "ray").exists()  # no dependencies ride along
+    assert not any(line.lower().startswith("ray") for line in jobs.requirements())
+    assert any(line.startswith("torch") for line in jobs.requirements())
+
+
+def test_the_jobs_commands_need_a_token_and_a_dashboard_url(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert main(["jobs", "list", "--address", "http://127.0.0.1:1"]) == 2
+    assert "no Ray auth token" in capsys.readouterr().err
+    assert main(["jobs", "list", "--address", "127.0.0.1:8265"]) == 2
+    assert "give the dashboard URL" in capsys.readouterr().err
