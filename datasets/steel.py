@@ -97,7 +97,7 @@ def discover_steel(
     for mask in sorted(root.rglob(MASK_FILE)):
         folder = mask.parent
         relative = folder.relative_to(root)
-        sample_id = relative.as_posix().replace("/", "_") or folder.name
+        sample_id = sample_name(folder, root)
         split = next((p for p in relative.parts if p in SPLITS), None)
         refs.append(
             SampleRef(
@@ -115,6 +115,29 @@ def discover_steel(
             "(`defectforge data simulate-steel` writes an example)",
         )
     return refs
+
+
+def steel_sample_folders(root: str | Path) -> list[Path]:
+    """For prediction: every folder under ``root`` (itself included) holding a sample's images,
+    its three maps or its captures; no mask needed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "folder does not exist", "check the --images path")
+    candidates = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
+    folders = [folder for folder in candidates if _images(folder)]
+    if not folders:
+        raise DataError(
+            root,
+            "no steel samples (folders with maps or captures) found",
+            "point --images at a folder of sample folders, as `data build --source steel` reads",
+        )
+    return folders
+
+
+def sample_name(folder: Path, root: Path) -> str:
+    """A sample's id: its path under the root with / as _, as the dataset build names it."""
+    relative = folder.relative_to(root)
+    return relative.as_posix().replace("/", "_") if relative.parts else folder.name
 
 
 def _read_any_depth(path: Path) -> np.ndarray:

@@ -18,6 +18,12 @@ import numpy as np
 from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.readers import list_images, read_image
+from defectforge.datasets.steel import (
+    SteelOptions,
+    read_steel_image,
+    sample_name,
+    steel_sample_folders,
+)
 from defectforge.segmentation.overlay import overlay
 
 EXPORT_FORMAT = "defectforge-export"
@@ -134,10 +140,32 @@ def predict_folder_exported(
     exported = ExportedModel(model, runtime)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = list_images(images)
-    for path in paths:
-        image = read_image(path, exported.channels)
-        mask = exported.predict(image, str(path))
-        write_png(out / f"{path.stem}_mask.png", mask)
-        write_png(out / f"{path.stem}_overlay.png", overlay(image, mask))
-    return len(paths)
+    steel = exported.meta.get("steel")
+    samples = _steel_samples(images, steel) if steel else _image_files(images, exported.channels)
+    count = 0
+    for name, source, read in samples:
+        image = read()
+        mask = exported.predict(image, source)
+        write_png(out / f"{name}_mask.png", mask)
+        write_png(out / f"{name}_overlay.png", overlay(image, mask))
+        count += 1
+    return count
+
+
+def _image_files(images: str | Path, channels: int):
+    for path in list_images(images):
+        yield path.stem, str(path), lambda path=path: read_image(path, channels)
+
+
+def _steel_samples(images: str | Path, steel: dict):
+    """Steel sample folders (maps or raw captures + lights.json), converted to RGB by the rule
+    the training data was built with, as the export recorded it."""
+    options = SteelOptions(
+        map_names=tuple(steel["map_names"]),
+        robust=steel["robust"],
+        clip_percentiles=tuple(steel["clip_percentiles"]),
+    )
+    root = Path(images)
+    for folder in steel_sample_folders(root):
+        name = sample_name(folder, root)
+        yield name, str(folder), lambda folder=folder: read_steel_image(folder, root, options)

@@ -154,3 +154,37 @@ def test_steel_builds_into_a_three_channel_parquet_dataset(simulated, ray_sessio
     assert sum(c["total"] for c in manifest["counts"].values()) == 24
     assert manifest["config"]["steel"]["robust"] is True
     assert manifest["simulated"] is True
+
+
+def test_an_export_of_a_steel_model_predicts_from_raw_captures(simulated, ray_session, tmp_path):
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.datasets.contract import decode_png
+    from defectforge.segmentation.export import export_model
+    from defectforge.segmentation.exported import predict_folder_exported
+    from defectforge.segmentation.models import build_model
+    from defectforge.segmentation.overlay import overlay
+    from defectforge.trainables.data_jobs import build_parquet, read_split
+    from defectforge.trainables.seg import config_from_manifest
+    from defectforge.trainables.study import input_conversion, verification_images
+
+    out, _ = simulated
+    data = tmp_path / "ds"
+    options = SteelOptions(robust=True, clip_percentiles=(2.0, 98.0))
+    build_parquet(BuildConfig(source="steel", root=str(out), out=str(data), steel=options))
+    conversion = input_conversion(str(data))
+    assert conversion["steel"]["robust"] is True
+    assert conversion["steel"]["clip_percentiles"] == [2.0, 98.0]
+    cfg = config_from_manifest(data, crop_size=64)
+    model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
+    images, largest = verification_images(cfg)
+    export_model(model, cfg, images, tmp_path / "export", largest, conversion)
+
+    written = predict_folder_exported(tmp_path / "export", out, tmp_path / "predicted")
+
+    assert written == 24
+    row = read_split(data, "train").take(1)[0]
+    mask = cv2.imread(str(tmp_path / "predicted" / f"{row['id']}_mask.png"), cv2.IMREAD_UNCHANGED)
+    drawn = cv2.imread(str(tmp_path / "predicted" / f"{row['id']}_overlay.png"))
+    # The overlay is drawn on the image predict built from the captures: the training image.
+    expected = overlay(decode_png(row["image"], 3), mask)
+    assert np.array_equal(cv2.cvtColor(drawn, cv2.COLOR_BGR2RGB), expected)

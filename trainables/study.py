@@ -649,4 +649,12 @@ def export_study(root: str, out: str | Path, overwrite: bool = False) -> dict:
         },
         "checkpoint": path,
     }
+    details.update(input_conversion(cfg.data))
     return export_model(model, cfg, images, out, largest, details, overwrite)
+
+
+def input_conversion(data: str) -> dict:
+    """What an export must record for `predict` to turn raw input into what the model saw: for
+    steel, the rule from a rig's maps or captures to the RGB image."""
+    build = read_manifest(data).get("config", {})
+    return {"steel": build["steel"]} if build.get("source") == "steel" else {}
