@@ -408,7 +408,12 @@ def add_quickstart(commands) -> None:
         "quickstart",
         help="build, train and evaluate on the bundled NEU-Seg sample (or --data) on a local Ray",
     )
-    quick.add_argument("--data", help="NEU-Seg root (default: the bundled sample)")
+    quick.add_argument(
+        "--data",
+        help="NEU-Seg root (default: the bundled sample); with --source steel, steel rig output "
+        "(default: a simulated set rendered on the spot)",
+    )
+    quick.add_argument("--source", choices=("neu-seg", "steel"), default="neu-seg")
     quick.add_argument("--out", default="runs/quickstart")
     quick.add_argument("--epochs", type=int, default=None)
 
@@ -651,7 +656,7 @@ def run_study_command(args) -> None:
 def run_quickstart(args) -> None:
     from defectforge.trainables.quickstart import quickstart
 
-    quickstart(args.data, Path(args.out), args.epochs)
+    quickstart(args.data, Path(args.out), args.epochs, args.source)
 
 
 def run_cluster(args) -> None:

@@ -26,9 +26,19 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from defectforge.datasets.batches import BatchMaker
 from defectforge.datasets.contract import read_manifest
 from defectforge.datasets.files import atomic_write, write_json_atomic
-from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_training_state
+from defectforge.segmentation.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    load_model,
+    load_training_state,
+)
 from defectforge.segmentation.config import SegConfig
-from defectforge.segmentation.loop import SELECTION_METRIC, LoopIO, train_segmentation
+from defectforge.segmentation.loop import (
+    SELECTION_METRIC,
+    LoopIO,
+    evaluate,
+    train_segmentation,
+)
 from defectforge.trainables.data_jobs import read_split
 from defectforge.trainables.mix import mixed_train
 from defectforge.trainables.runtime import ensure_ray, resumed_run_name, starting_checkpoint
@@ -172,6 +182,16 @@ def make_trainer(
         ),
         datasets={"train": train, "val": val},
     )
+
+
+def evaluate_split(model_dir: str | Path, split: str) -> dict:
+    """Metrics of a checkpoint on one split of its dataset, whole images as in validation."""
+    model, cfg = load_model(model_dir)
+    maker = BatchMaker(cfg.batch_spec(), train=False)
+    batches = read_split(cfg.data, split).iter_batches(
+        batch_size=cfg.batch_size, batch_format="numpy"
+    )
+    return evaluate(model, (maker(batch) for batch in batches), cfg, torch.device("cpu"))
 
 
 def best_checkpoint(result) -> tuple[Checkpoint, dict]:

@@ -37,13 +37,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from defectforge.datasets.batches import BatchMaker
 from defectforge.datasets.contract import decode_png, read_manifest, split_dir
 from defectforge.datasets.mix import NotEnoughSynthetic
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.export import export_model
-from defectforge.segmentation.loop import evaluate
 from defectforge.studies.report import write_report
 from defectforge.studies.spec import (
     METRIC,
@@ -55,10 +53,15 @@ from defectforge.studies.spec import (
 )
 from defectforge.studies.stats import mean_interval
 from defectforge.studies.store import StudyStore, is_uri
-from defectforge.trainables.data_jobs import read_split, sealed_splits
+from defectforge.trainables.data_jobs import sealed_splits
 from defectforge.trainables.mix import check_compatible, plan_for
 from defectforge.trainables.runtime import check_shared_storage, ensure_ray
-from defectforge.trainables.seg import best_checkpoint, config_from_manifest, make_trainer
+from defectforge.trainables.seg import (
+    best_checkpoint,
+    config_from_manifest,
+    evaluate_split,
+    make_trainer,
+)
 from defectforge.trainables.slots import TrialSlots, trial_slot
 
 SPEC_FILE, STUDY_FILE = "spec.yaml", "study.json"
@@ -131,16 +134,6 @@ def _fit(context: StudyContext, values: dict, run_name: str):
 def search_trial(config: dict, context: StudyContext) -> None:
     with sealed_splits("test"):
         _fit(context, config, tune.get_context().get_trial_id())
-
-
-def evaluate_split(model_dir: str | Path, split: str) -> dict:
-    """Metrics of a checkpoint on one split of its dataset, whole images as in validation."""
-    model, cfg = load_model(model_dir)
-    maker = BatchMaker(cfg.batch_spec(), train=False)
-    batches = read_split(cfg.data, split).iter_batches(
-        batch_size=cfg.batch_size, batch_format="numpy"
-    )
-    return evaluate(model, (maker(batch) for batch in batches), cfg, torch.device("cpu"))
 
 
 def final_trial(config: dict, context: StudyContext) -> None:
