@@ -188,3 +188,17 @@ def test_an_export_of_a_steel_model_predicts_from_raw_captures(simulated, ray_se
     # The overlay is drawn on the image predict built from the captures: the training image.
     expected = overlay(decode_png(row["image"], 3), mask)
     assert np.array_equal(cv2.cvtColor(drawn, cv2.COLOR_BGR2RGB), expected)
+
+
+def test_the_steel_quickstart_runs_on_rig_output(simulated, ray_session, tmp_path):
+    from defectforge.trainables.quickstart import steel_quickstart
+
+    out, _ = simulated
+    metrics = steel_quickstart(str(out), tmp_path / "qs", epochs=1)
+
+    assert 0.0 <= metrics["binary_defect_iou"] <= 1.0
+    assert set(metrics["per_class_iou"]) == set(STEEL_CLASSES)
+    assert json.loads((tmp_path / "qs" / "eval.json").read_text()) == metrics
+    assert (tmp_path / "qs" / "run" / "plots" / "validation_grid.png").stat().st_size > 5000
+    manifest = json.loads((tmp_path / "qs" / "dataset" / "manifest.json").read_text())
+    assert manifest["config"]["steel"]["robust"] is True and manifest["simulated"] is True

@@ -89,7 +89,10 @@ def steel_quickstart(data: str | None, out: Path, epochs: int) -> dict:
     plots = write_run_plots(run)
     print(
         f"\nvalidation binary defect IoU {metrics['binary_defect_iou']:.4f}, per class "
-        + ", ".join(f"{k} {v:.2f}" for k, v in metrics["per_class_iou"].items())
+        + ", ".join(
+            f"{name} {iou:.2f}" if iou is not None else f"{name} (absent)"
+            for name, iou in metrics["per_class_iou"].items()
+        )
     )
     _print_outputs(dataset, run, out, plots)
     return metrics

@@ -10,6 +10,8 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from defectforge.studies.store import is_uri
+
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start a local instance; a no-op if connected.
@@ -64,7 +66,7 @@ def check_shared_storage(root: str) -> None:
     several machines a node-local folder silently loses them. A probe file written here is looked
     for from every alive node; URIs (s3://, gs://) are shared by construction.
     """
-    if "://" in root:
+    if is_uri(root):
         return
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if len(nodes) < 2:
