@@ -141,13 +141,13 @@ def _absolute(path: str) -> str:
 
 def submit_study(
     client,
-    spec_path: str | Path,
+    text: str,
     name: str | None = None,
     wheel: str | None = None,
     pip_dependencies: bool = True,
 ) -> str:
-    """Submit ``study run`` for the spec as a Ray Job; returns the job's submission id."""
-    text = shipped_spec(spec_path)
+    """Submit ``study run`` for a spec (as `shipped_spec` gives it) as a Ray Job; returns the
+    job's submission id."""
     spec_name = name or yaml.safe_load(text)["name"]
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="defectforge-job-") as tmp:

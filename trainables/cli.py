@@ -701,7 +701,7 @@ def _jobs_api_errors(address: str):
 
     try:
         yield
-    except (RuntimeError, RayError) as err:
+    except (RuntimeError, RayError, ConnectionError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), repr(err))
         raise ValueError(f"{address}: {first}") from None
 
@@ -709,9 +709,10 @@ def _jobs_api_errors(address: str):
 def run_submit(args) -> int:
     from defectforge.cluster import jobs
 
+    text = jobs.shipped_spec(args.spec)  # a bad spec is refused before anything connects
     with _jobs_api_errors(args.address):
         client = jobs.jobs_client(args.address, args.token_file)
-        job_id = jobs.submit_study(client, args.spec, args.name, args.wheel, not args.no_pip)
+        job_id = jobs.submit_study(client, text, args.name, args.wheel, not args.no_pip)
     print(f"submitted {job_id}; watch it at {jobs.job_url(args.address, job_id)}", flush=True)
     if not (args.wait or args.follow):
         return 0
