@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -37,6 +38,9 @@ class LocalClusterConfig:
     object_store_mib: int = 512
     dashboard_port: int = 8265
     start_timeout_s: float = 120.0
+    # Linux, as root: the last worker sees an empty folder here (a tmpfs over it, in a mount
+    # namespace of its own), as a machine without the shared mount would; to try storage checks.
+    hide_from_last_worker: str = ""
 
     def check(self) -> None:
         if self.workers < 1:
@@ -45,6 +49,10 @@ class LocalClusterConfig:
             raise ValueError("--cpus-per-worker must be >= 1 and --head-cpus >= 0")
         if self.object_store_mib < 80:
             raise ValueError(f"--object-store-mib {self.object_store_mib}: Ray needs >= 80")
+        if self.hide_from_last_worker and not Path(self.hide_from_last_worker).is_dir():
+            raise ValueError(
+                f"--hide-from-last-worker {self.hide_from_last_worker}: not a folder; create it"
+            )
 
 
 @dataclass(frozen=True)
@@ -225,6 +233,7 @@ class LocalCluster:
                     ],
                     cfg,
                     env,
+                    hidden=cfg.hide_from_last_worker if i == cfg.workers else "",
                 )
                 state["nodes"].append(asdict(worker))
                 self._write_state(state)
@@ -237,7 +246,7 @@ class LocalCluster:
         return state
 
     def _start_node(
-        self, role: str, args: list[str], cfg: LocalClusterConfig, env: dict
+        self, role: str, args: list[str], cfg: LocalClusterConfig, env: dict, hidden: str = ""
     ) -> NodeProcess:
         log = self.state_dir / f"{role}.log"
         command = [
@@ -253,6 +262,8 @@ class LocalCluster:
             str(free_port()),
             *args,
         ]
+        if hidden:
+            command = _without_folder(command, hidden)
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 command,
@@ -329,6 +340,13 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def _without_folder(command: list[str], folder: str) -> list[str]:
+    """``command`` in a private mount namespace where ``folder`` is an empty tmpfs. ``unshare``
+    execs rather than forks, so the recorded pid and process group stay the node's."""
+    mount = f"mount -t tmpfs tmpfs {shlex.quote(folder)} && exec {shlex.join(command)}"
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount]
 
 
 def _head_address(temp_dir: str) -> str:

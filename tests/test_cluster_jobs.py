@@ -4,6 +4,8 @@ no cluster (spec labels, shipped spec, wheel contents, token handling)."""
 
 import json
 import os
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -157,3 +159,40 @@ def test_the_jobs_commands_need_a_token_and_a_dashboard_url(tmp_path, monkeypatc
     assert "no Ray auth token" in capsys.readouterr().err
     assert main(["jobs", "list", "--address", "127.0.0.1:8265"]) == 2
     assert "give the dashboard URL" in capsys.readouterr().err
+
+
+def _can_make_mount_namespaces() -> bool:
+    done = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(
+    not shutil.which("unshare") or not _can_make_mount_namespaces(),
+    reason="needs Linux mount namespaces (root)",
+)
+def test_a_storage_path_one_node_cannot_see_is_refused(sample_dataset, tmp_path, capsys):
+    storage = tmp_path / "studies"
+    storage.mkdir()
+    cluster = LocalCluster(tmp_path / "cluster")
+    state = cluster.up(
+        LocalClusterConfig(
+            workers=1, dashboard_port=free_port(), hide_from_last_worker=str(storage)
+        )
+    )
+    try:
+        spec = cluster_spec(sample_dataset, storage)
+        spec["resources"].pop("custom_per_worker")
+        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+        address = state["dashboard_url"]
+
+        code = main(
+            ["submit", str(tmp_path / "spec.yaml"), "--address", address, "--no-pip", "--wait"]
+        )
+
+        job_id = capsys.readouterr().out.split("submitted ")[1].split(";")[0]
+        logs = jobs.jobs_client(address).get_job_logs(job_id)
+        assert code == 1, logs[-2000:]
+        assert f"storage_path {storage / 'on-cluster'}: not visible from 1 of 2 nodes" in logs
+        assert not list(storage.iterdir())  # refused before anything was written
+    finally:
+        cluster.down()

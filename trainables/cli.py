@@ -447,6 +447,12 @@ def add_cluster_commands(commands) -> None:
     up.add_argument("--head-cpus", type=int, default=1)
     up.add_argument("--object-store-mib", type=int, default=512)
     up.add_argument("--dashboard-port", type=int, default=8265)
+    up.add_argument(
+        "--hide-from-last-worker",
+        default="",
+        metavar="FOLDER",
+        help="Linux, root: the last worker sees FOLDER empty, like a node without a shared mount",
+    )
     for name, text in (
         ("down", "stop the nodes `cluster up` started (recorded pids only)"),
         ("status", "the recorded nodes and whether they run"),
@@ -671,6 +677,7 @@ def run_cluster(args) -> None:
                 head_cpus=args.head_cpus,
                 object_store_mib=args.object_store_mib,
                 dashboard_port=args.dashboard_port,
+                hide_from_last_worker=args.hide_from_last_worker,
             )
         )
         print(

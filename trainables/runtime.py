@@ -71,8 +71,8 @@ def check_shared_storage(root: str) -> None:
     nodes = [node for node in ray.nodes() if node["Alive"]]
     if len(nodes) < 2:
         return
-    folder = Path(root)
-    folder.mkdir(parents=True, exist_ok=True)
+    # Nothing is created for a refused study: the probe goes into the nearest existing folder.
+    folder = next(p for p in (Path(root).resolve(), *Path(root).resolve().parents) if p.is_dir())
     probe = folder / f".shared-storage-probe-{uuid.uuid4().hex}"
     probe.write_text("defectforge")
     try:
