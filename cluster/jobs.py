@@ -2,10 +2,10 @@
 
 The job's runtime environment carries this project as a wheel built from the working tree
 (unpacked, in ``py_modules``), the spec, and unless told otherwise the project's pip dependencies
-(Ray builds a virtualenv over the node's own packages for them: seconds where they are installed,
-minutes where they must be downloaded; nodes whose image has them can skip it). The Ray auth token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-``~/.ray/auth_token``, as Ray reads it; it is sent as a header, never printed or put on a command
-line.
+(Ray builds a virtualenv over the node's own packages for them: seconds where they are
+installed, minutes where they must be downloaded; nodes whose image has them can skip it). The
+Ray auth token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ``~/.ray/auth_token``, as Ray
+reads it; it is sent as a header, never printed or put on a command line.
 """
 
 from __future__ import annotations
