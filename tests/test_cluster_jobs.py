@@ -1,6 +1,7 @@
 """A real 3-node Ray cluster on this machine (`cluster up --workers 2`), a study submitted to it
-through the Jobs API, its export from the client, and `cluster down`; plus the checks that need
-no cluster (spec labels, shipped spec, wheel contents, token handling)."""
+through the Jobs API, its export from the client, and `cluster down`; a 2-node cluster whose
+worker cannot see the study's storage, which the study refuses; plus the checks that need no
+cluster (spec labels, shipped spec, wheel contents, token handling)."""
 
 import json
 import os
