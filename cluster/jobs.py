@@ -27,7 +27,7 @@ import yaml
 
 from defectforge.cluster.local import auth_headers, default_token_path
 from defectforge.studies.spec import load_spec
-from defectforge.studies.store import is_uri
+from defectforge.studies.store import absolute_location
 
 PROJECT = "defectforge"
 JOB_SPEC = "spec.yaml"
@@ -122,21 +122,17 @@ def shipped_spec(spec_path: str | Path) -> str:
     """The spec as the cluster gets it: relative paths made absolute against this folder, since
     the job runs in a temporary folder of its own. On a remote cluster such paths must be ones
     every node mounts (or s3:// / gs:// URIs); the study checks that when it starts."""
-    load_spec(spec_path)  # refuse a malformed spec here, before anything is uploaded
+    spec = load_spec(spec_path)  # refuse a malformed spec here, before anything is uploaded
     data = yaml.safe_load(Path(spec_path).read_text())
-    data["storage_path"] = _absolute(data.get("storage_path", "runs/studies"))
+    data["storage_path"] = absolute_location(spec.storage_path)
     dataset = data["dataset"]
     for key in ("real", "synthetic"):
         if dataset.get(key):
-            dataset[key] = _absolute(dataset[key])
+            dataset[key] = absolute_location(dataset[key])
     search = data.get("search") or {}
-    if search.get("optuna_storage") and not is_uri(search["optuna_storage"]):
-        search["optuna_storage"] = _absolute(search["optuna_storage"])
+    if search.get("optuna_storage"):
+        search["optuna_storage"] = absolute_location(search["optuna_storage"])
     return yaml.safe_dump(data, sort_keys=False)
-
-
-def _absolute(path: str) -> str:
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def submit_study(

@@ -18,6 +18,13 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def absolute_location(location: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI, or "", as given."""
+    if not location or is_uri(location):
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
 class StudyStore:
     def __init__(self, root: str):
         if is_uri(root):

@@ -72,7 +72,8 @@ def check_shared_storage(root: str) -> None:
     if len(nodes) < 2:
         return
     # Nothing is created for a refused study: the probe goes into the nearest existing folder.
-    folder = next(p for p in (Path(root).resolve(), *Path(root).resolve().parents) if p.is_dir())
+    start = Path(root).resolve()
+    folder = next(p for p in (start, *start.parents) if p.is_dir())
     probe = folder / f".shared-storage-probe-{uuid.uuid4().hex}"
     probe.write_text("defectforge")
     try:

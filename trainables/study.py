@@ -52,7 +52,7 @@ from defectforge.studies.spec import (
     parse_spec,
 )
 from defectforge.studies.stats import mean_interval
-from defectforge.studies.store import StudyStore, is_uri
+from defectforge.studies.store import StudyStore, absolute_location, is_uri
 from defectforge.trainables.data_jobs import sealed_splits
 from defectforge.trainables.mix import check_compatible, plan_for
 from defectforge.trainables.runtime import check_shared_storage, ensure_ray
@@ -209,9 +209,9 @@ def _searcher(spec: StudySpec, name: str):
 
 def optuna_url(storage: str) -> str:
     """An SQLAlchemy URL as given, or a plain file path as an sqlite database (folder made)."""
-    if "://" in storage:
+    if is_uri(storage):
         return storage
-    path = Path(storage).expanduser().resolve()
+    path = Path(absolute_location(storage))
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -390,12 +390,12 @@ def _absolute_data(spec: StudySpec) -> StudySpec:
     """Dataset paths made absolute against the driver's folder: trials run in folders of their
     own, where a relative path would name nothing."""
 
-    def absolute(path: str) -> str:
-        return path if not path or is_uri(path) else str(Path(path).resolve())
-
     data = spec.dataset
     return replace(
-        spec, dataset=replace(data, real=absolute(data.real), synthetic=absolute(data.synthetic))
+        spec,
+        dataset=replace(
+            data, real=absolute_location(data.real), synthetic=absolute_location(data.synthetic)
+        ),
     )
 
 
