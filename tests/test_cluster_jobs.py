@@ -6,6 +6,7 @@ cluster (spec labels, shipped spec, wheel contents, token handling)."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -197,3 +198,18 @@ def test_a_storage_path_one_node_cannot_see_is_refused(sample_dataset, tmp_path,
         assert not list(storage.iterdir())  # refused before anything was written
     finally:
         cluster.down()
+
+
+def test_cluster_up_refuses_bad_settings_before_starting_anything(tmp_path, capsys):
+    state = str(tmp_path / "cluster")
+    assert main(["cluster", "up", "--workers", "0", "--state", state]) == 2
+    assert "--workers 0: a cluster needs >= 1 worker node" in capsys.readouterr().err
+    missing = str(tmp_path / "nope")
+    assert main(["cluster", "up", "--hide-from-last-worker", missing, "--state", state]) == 2
+    assert f"--hide-from-last-worker {missing}: not a folder" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        assert main(["cluster", "up", "--dashboard-port", port, "--state", state]) == 2
+    assert f"--dashboard-port {port}: port in use" in capsys.readouterr().err
+    assert not (tmp_path / "cluster").exists()

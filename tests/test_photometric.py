@@ -180,6 +180,9 @@ def test_an_export_of_a_steel_model_predicts_from_raw_captures(simulated, ray_se
     export_model(model, cfg, images, tmp_path / "export", largest, conversion)
 
     written = predict_folder_exported(tmp_path / "export", out, tmp_path / "predicted")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no steel samples .* point --images at"):
+        predict_folder_exported(tmp_path / "export", tmp_path / "empty", tmp_path / "none")
 
     assert written == 24
     row = read_split(data, "train").take(1)[0]
