@@ -5,7 +5,8 @@ The job's runtime environment carries this project as a wheel built from the wor
 (Ray builds a virtualenv over the node's own packages for them: seconds where they are
 installed, minutes where they must be downloaded; nodes whose image has them can skip it). The
 Ray auth token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ``~/.ray/auth_token``, as Ray
-reads it; it is sent as a header, never printed or put on a command line.
+reads it; it is sent as a header, never printed or put on a command line, and a warning says
+so when it would cross the network unencrypted.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.metadata
+import ipaddress
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from defectforge.cluster.local import auth_headers, default_token_path
+from defectforge.datasets.errors import ClusterError, ConfigError
 from defectforge.studies.spec import load_spec
 from defectforge.studies.store import absolute_location
 
@@ -39,6 +44,7 @@ NOT_IN_WHEEL = (
     *(".git", "runs", "build", "*.egg-info", "__pycache__", ".*cache", ".gpu"),
     *("docs", "tests", "benchmarks"),
 )
+_warned_token_in_clear = False
 
 
 def jobs_client(address: str, token_file: str | None = None):
@@ -46,21 +52,48 @@ def jobs_client(address: str, token_file: str | None = None):
     from ray.job_submission import JobSubmissionClient
 
     if not address.startswith(("http://", "https://")):
-        raise ValueError(f"--address {address}: give the dashboard URL, e.g. http://HOST:8265")
+        raise ClusterError(f"--address {address}: give the dashboard URL, e.g. http://HOST:8265")
     headers = auth_headers(token_file)
     if not headers:
-        raise FileNotFoundError(
+        raise ClusterError(
             f"no Ray auth token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, pass --token-file, "
             f"or copy the cluster's token to {default_token_path()}"
         )
+    warn_if_token_in_clear(address)
     # Sent as our own header: Ray adds its token only if RAY_AUTH_MODE was set before it loaded.
     return JobSubmissionClient(address, headers=headers)
+
+
+def warn_if_token_in_clear(address: str) -> None:
+    """Warn once per process, on stderr, when ``address`` is plain http to another machine: the
+    token rides in a header anyone on the path can read and reuse to run code on the cluster."""
+    global _warned_token_in_clear
+    parts = urllib.parse.urlsplit(address)
+    if _warned_token_in_clear or parts.scheme != "http" or _is_loopback(parts.hostname or ""):
+        return
+    _warned_token_in_clear = True
+    print(
+        f"defectforge: warning: the Ray token travels unencrypted to {parts.hostname} (plain "
+        "http); use https, or an SSH tunnel (`ray dashboard CLUSTER.yaml` or `ssh -L "
+        "8265:127.0.0.1:8265 HEAD`) and --address http://127.0.0.1:8265",
+        file=sys.stderr,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: traffic that never leaves this machine."""
+    if host == "localhost":  # urlsplit gives the host name in lower case
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 def project_root() -> Path:
     root = Path(__file__).resolve().parents[1]
     if not (root / "pyproject.toml").exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{root}: not a source checkout, so no wheel can be built here; pass --wheel "
             "with a defectforge wheel (pip wheel --no-deps <checkout>)"
         )
@@ -94,7 +127,7 @@ def unpacked_package(wheel: Path, out: Path) -> Path:
         archive.extractall(out)
     package = out / PROJECT
     if not package.is_dir():
-        raise ValueError(f"{wheel}: no {PROJECT}/ package inside; is it a defectforge wheel?")
+        raise ConfigError(f"{wheel}: no {PROJECT}/ package inside; is it a defectforge wheel?")
     return package
 
 
@@ -152,7 +185,7 @@ def submit_study(
         (job_dir / JOB_SPEC).write_text(text)
         wheel_path = Path(wheel) if wheel else build_wheel(Path(tmp) / "wheel")
         if not wheel_path.is_file():
-            raise FileNotFoundError(f"--wheel {wheel}: no such file; build one with pip wheel")
+            raise ConfigError(f"--wheel {wheel}: no such file; build one with pip wheel")
         package = unpacked_package(wheel_path, Path(tmp) / "package")
         runtime_env = {
             "working_dir": str(job_dir),
@@ -161,11 +194,8 @@ def submit_study(
         }
         if pip_dependencies:
             runtime_env["pip"] = {"packages": requirements(), "pip_check": False}
-        entrypoint = f"python -m defectforge.trainables.cli study run {JOB_SPEC} --address auto"
-        if name:
-            entrypoint += f" --name {name}"
         return client.submit_job(
-            entrypoint=entrypoint,
+            entrypoint=job_entrypoint(name),
             runtime_env=runtime_env,
             submission_id=f"{PROJECT}-{spec_name}-{stamp}",
             metadata={
@@ -173,6 +203,16 @@ def submit_study(
                 "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
             },
         )
+
+
+def job_entrypoint(name: str | None = None) -> str:
+    """The job's command line. Ray runs it through a shell, so every part is quoted: a study
+    name with a space or `;` stays one argument instead of breaking or extending the command."""
+    argv = ["python", "-m", f"{PROJECT}.trainables.cli", "study", "run", JOB_SPEC]
+    argv += ["--address", "auto"]
+    if name:
+        argv += ["--name", name]
+    return shlex.join(argv)
 
 
 def job_url(address: str, job_id: str) -> str:

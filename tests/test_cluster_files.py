@@ -36,6 +36,14 @@ def test_launcher_configs_pass_rays_schema_and_keep_auth_on(name):
         _validate(broken)
 
 
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_configs_make_the_copied_token_private_on_every_node(name):
+    config = _load(name)
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    # setup_commands run on head and workers alike, after file_mounts copied the token.
+    assert "chmod 700 ~/.ray && chmod 600 ~/.ray/auth_token" in config["setup_commands"]
+
+
 def _ray_cluster_spec(manifest: dict) -> dict:
     spec = manifest["spec"]
     return spec["rayClusterSpec"] if manifest["kind"] == "RayJob" else spec
