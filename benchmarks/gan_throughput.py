@@ -1,19 +1,22 @@
 """StyleGAN2 training and generation throughput, printed as a table. Run by hand:
 
-    python benchmarks/gan_throughput.py            # the reference configs at 32 and 64 px, CPU
-    python benchmarks/gan_throughput.py --device cuda --resolutions 128 256 --batch 32
+    python benchmarks/gan_throughput.py --reference ../shared/anchors/stylegan2-ada-pytorch
+    python benchmarks/gan_throughput.py --device cuda --resolutions 64 256 --batch 32 --reference ...
 
-The default rows match the reference measured on 2 CPU cores with NVIDIA's stylegan2-ada-pytorch
-(reference ops): 1 channel, mapping depth 2, channel_base 4096 / channel_max 512, z/w 512, batch 8,
-lazy R1 every 16 steps, path-length regularisation every 4 steps: 2.9 img/s at 32 px and 2.4 img/s
-at 64 px. Training steps include DiffAugment (color,translation,cutout) and the EMA update.
-Each resolution is measured in fp32 (as the reference) and with bf16 mixed precision, which pays
-only where the hardware has native bf16 (GPUs; CPUs with AVX512-BF16 or AMX).
+Every row is one config: 1 channel, mapping depth 2, z/w 512, channel_base 4096 / channel_max 512,
+lazy R1 every 16 steps, path-length regularisation (weight 2) every 4 steps, EMA, DiffAugment
+(color,translation,cutout) in ours. With ``--reference PATH`` (NVIDIA's stylegan2-ada-pytorch
+source; read from there, never part of this project) the same config runs through the official
+code, fp32, in this same process and on the same device, and the table gives our rate as a
+ratio to it: a speed claim is a ratio measured in one run, never against a figure from another
+day. Our bf16 rows (mixed precision) pay only where the hardware has native bf16.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import sys
 import time
 
 import torch
@@ -22,8 +25,8 @@ from defectforge.gan.config import GanConfig
 from defectforge.gan.generate import generate_images
 from defectforge.gan.loop import GanTrainer
 
-REFERENCE_IMG_PER_S = {32: 2.9, 64: 2.4}
 WARMUP_STEPS = 2
+Z_DIM = 512
 
 
 def reference_config(resolution: int, batch: int, precision: str = "fp32") -> GanConfig:
@@ -31,8 +34,8 @@ def reference_config(resolution: int, batch: int, precision: str = "fp32") -> Ga
         data="benchmark",
         channels=1,
         resolution=resolution,
-        z_dim=512,
-        w_dim=512,
+        z_dim=Z_DIM,
+        w_dim=Z_DIM,
         mapping_layers=2,
         channel_base=4096,
         channel_max=512,
@@ -44,22 +47,86 @@ def reference_config(resolution: int, batch: int, precision: str = "fp32") -> Ga
     )
 
 
-def training_rate(cfg: GanConfig, device: torch.device, steps: int) -> float:
-    trainer = GanTrainer(cfg, device)
-    reals = (
-        torch.rand(cfg.batch_size, cfg.channels, cfg.resolution, cfg.resolution, device=device) * 2
-        - 1
-    )
-    # Steps cover whole regularisation cycles so lazy R1/PL costs are counted at their share.
-    steps = max(steps, cfg.r1_interval)
-    for _ in range(WARMUP_STEPS):
-        trainer.step(reals, None)
+def _timed(step, steps: int, batch: int, device: torch.device) -> float:
+    """img/s over ``steps`` calls of ``step(i)`` after a warm-up; steps cover whole
+    regularisation cycles so the lazy R1 and path-length costs count at their share."""
+    steps = max(steps, 16)
+    for i in range(WARMUP_STEPS):
+        step(i)
     _sync(device)
     started = time.perf_counter()
-    for _ in range(steps):
-        trainer.step(reals, None)
+    for i in range(steps):
+        step(i)
     _sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - started), trainer
+    return steps * batch / (time.perf_counter() - started)
+
+
+def training_rate(cfg: GanConfig, device: torch.device, steps: int) -> tuple[float, GanTrainer]:
+    trainer = GanTrainer(cfg, device)
+    reals = torch.rand(cfg.batch_size, 1, cfg.resolution, cfg.resolution, device=device) * 2 - 1
+    rate = _timed(lambda _: trainer.step(reals, None), steps, cfg.batch_size, device)
+    return rate, trainer
+
+
+def official_rate(source: str, cfg: GanConfig, device: torch.device, steps: int) -> float:
+    """The official code's img/s for ``cfg`` (fp32, no ADA), its own loss and lazy-regularised
+    Adam, on ``device``."""
+    sys.path.insert(0, source)
+    from training.loss import StyleGAN2Loss
+    from training.networks import Discriminator, Generator
+
+    common = dict(channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=0)
+    G = Generator(
+        z_dim=cfg.z_dim,
+        c_dim=0,
+        w_dim=cfg.w_dim,
+        img_resolution=cfg.resolution,
+        img_channels=1,
+        mapping_kwargs={"num_layers": cfg.mapping_layers},
+        synthesis_kwargs={**common, "conv_clamp": None},
+    ).to(device)
+    D = Discriminator(
+        c_dim=0,
+        img_resolution=cfg.resolution,
+        img_channels=1,
+        conv_clamp=None,
+        epilogue_kwargs={"mbstd_group_size": 4},
+        **common,
+    ).to(device)
+    G_ema = copy.deepcopy(G).eval()
+    loss = StyleGAN2Loss(
+        device=device,
+        G_mapping=G.mapping,
+        G_synthesis=G.synthesis,
+        D=D,
+        r1_gamma=cfg.effective_r1_gamma,
+        pl_weight=cfg.pl_weight,
+    )
+
+    def adam(module, interval):  # the official lazy-regularisation correction
+        ratio = interval / (interval + 1)
+        return torch.optim.Adam(module.parameters(), lr=0.0025 * ratio, betas=(0, 0.99**ratio))
+
+    opt_g, opt_d = adam(G, cfg.pl_interval), adam(D, cfg.r1_interval)
+    reals = torch.rand(cfg.batch_size, 1, cfg.resolution, cfg.resolution, device=device) * 2 - 1
+    labels = torch.zeros(cfg.batch_size, 0, device=device)
+
+    def step(i: int) -> None:
+        phases = [("Gmain", opt_g, 1), ("Dmain", opt_d, 1)]
+        if i % cfg.pl_interval == 0:
+            phases.insert(1, ("Greg", opt_g, cfg.pl_interval))
+        if i % cfg.r1_interval == 0:
+            phases.append(("Dreg", opt_d, cfg.r1_interval))
+        for phase, optimizer, gain in phases:
+            optimizer.zero_grad(set_to_none=True)
+            latents = torch.randn(cfg.batch_size, cfg.z_dim, device=device)
+            loss.accumulate_gradients(phase, reals, labels, latents, labels, True, gain)
+            optimizer.step()
+        with torch.no_grad():
+            for mine, averaged in zip(G.parameters(), G_ema.parameters(), strict=True):
+                averaged.copy_(mine.lerp(averaged, 0.999))
+
+    return _timed(step, steps, cfg.batch_size, device)
 
 
 def generation_rate(trainer: GanTrainer, count: int) -> float:
@@ -83,25 +150,36 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--reference", help="stylegan2-ada-pytorch source folder: adds the ratio")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(
-        "| resolution | batch | workers | device | precision | train img/s | reference img/s "
-        "| x reference | generate img/s |"
+    where = (
+        f"{device.type} ({torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else (torch.cuda.get_device_name(device))
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| resolution | batch | device | precision | ours train img/s | official img/s (fp32) "
+        "| ours / official | ours generate img/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for resolution in args.resolutions:
+        official = None
+        if args.reference:
+            official = official_rate(
+                args.reference, reference_config(resolution, args.batch), device, args.steps
+            )
         for precision in args.precisions:
             cfg = reference_config(resolution, args.batch, precision)
             rate, trainer = training_rate(cfg, device, args.steps)
-            reference = REFERENCE_IMG_PER_S.get(resolution) if args.batch == 8 else None
-            ratio = f"{rate / reference:.1f}x" if reference and device.type == "cpu" else "-"
+            ratio = f"{rate / official:.2f}x" if official else "-"
             print(
-                f"| {resolution} | {args.batch} | 1 | {device.type} ({torch.get_num_threads()} "
-                f"threads) | {precision} | {rate:.1f} | {reference or '-'} | {ratio} | "
-                f"{generation_rate(trainer, args.generate):.1f} |"
+                f"| {resolution} | {args.batch} | {where} | {precision} | {rate:.1f} | "
+                f"{f'{official:.1f}' if official else '-'} | {ratio} | "
+                f"{generation_rate(trainer, args.generate):.1f} |",
+                flush=True,
             )
 
 

@@ -1,6 +1,6 @@
 """Pseudo-labelling throughput on a Ray Data actor pool, printed as a table. Run by hand:
 
-    python benchmarks/label_throughput.py --labeler runs/neu-dlv3p --images runs/generated
+    python benchmarks/label_throughput.py --labeller runs/neu-dlv3p --images runs/generated
     python benchmarks/label_throughput.py ... --actors 1 --use-gpu       # one GPU per actor
 
 Each row labels every image of ``--images`` (a `gan generate` output or an image folder) with
@@ -25,9 +25,9 @@ from defectforge.trainables.synth import common_size, generated_dataset, label_r
 
 
 def labelling_rate(cfg: LabelConfig, size: tuple[int, int]) -> tuple[int, float]:
-    rows, _, _ = generated_dataset(Path(cfg.images))
+    rows, _ = generated_dataset(Path(cfg.images))
     rows = rows.materialize()
-    labeller_id = run_identity(cfg.labeler, MODEL_FILE)
+    labeller_id = run_identity(cfg.labeller, MODEL_FILE)
     started = time.perf_counter()
     count = label_rows(cfg, rows, size, labeller_id).materialize().count()
     return count, count / (time.perf_counter() - started)
@@ -35,7 +35,7 @@ def labelling_rate(cfg: LabelConfig, size: tuple[int, int]) -> tuple[int, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labeler", required=True, help="run folder of `seg train`")
+    parser.add_argument("--labeller", required=True, help="run folder of `seg train`")
     parser.add_argument("--images", required=True)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch-size", type=int, default=16)
@@ -43,14 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
-    seg = SegConfig.load(Path(args.labeler) / "config.json")
+    seg = SegConfig.load(Path(args.labeller) / "config.json")
     size = common_size(seg.data)
     print("| labeller | image size | actors | device | images | img/s |")
     print("|---|---|---|---|---|---|")
     for actors in args.actors:
         cfg = LabelConfig(
             images=args.images,
-            labeler=args.labeler,
+            labeller=args.labeller,
             actors=actors,
             batch_size=args.batch_size,
             use_gpu=args.use_gpu,

@@ -3,8 +3,9 @@
 ``up`` starts a head and N worker nodes, each its own ``ray start --block`` process in a process
 group of its own, with its own CPUs and a custom resource label (``defectforge_head``,
 ``defectforge_worker`` and ``defectforge_worker_<i>``). Token authentication is on for every
-port; the dashboard and Jobs API bind to 127.0.0.1 only. The cluster keeps its Ray files under a
-temp folder of its own, so ``ray.init()`` elsewhere on the machine does not join it by accident. ``down`` stops only the
+port, with Ray's default token file kept private to this user; the dashboard and Jobs API bind
+to 127.0.0.1 only. The cluster keeps its Ray files under a temp folder of its own, so
+``ray.init()`` elsewhere on the machine does not join it by accident. ``down`` stops only the
 process groups ``up`` recorded in the state file, never processes found by name.
 """
 
@@ -16,6 +17,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,34 +27,37 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.errors import ClusterError
+
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"
 HEAD_LABEL, WORKER_LABEL = "defectforge_head", "defectforge_worker"
 
 
 @dataclass(frozen=True)
-class LocalClusterConfig:
-    workers: int = 2
-    cpus_per_worker: int = 1
-    head_cpus: int = 1
-    object_store_mib: int = 512
-    dashboard_port: int = 8265
-    start_timeout_s: float = 120.0
+class LocalClusterConfig(TypedConfig):
+    kind = "local cluster config"
+
+    workers: int = option(2, "worker nodes", lambda v: v >= 1, ">= 1 (a cluster needs a worker)")
+    cpus_per_worker: int = option(1, "CPUs each worker node offers", lambda v: v >= 1, ">= 1")
+    head_cpus: int = option(1, "CPUs the head node offers", lambda v: v >= 0, ">= 0")
+    object_store_mib: int = option(
+        512, "object store per node", lambda v: v >= 80, ">= 80 (Ray's minimum)"
+    )
+    dashboard_port: int = option(
+        8265, "dashboard and Jobs API port on 127.0.0.1", lambda v: 0 < v < 65536, "a TCP port"
+    )
+    start_timeout_s: float = option(120.0, cli=False)
     # Linux, as root: the last worker sees an empty folder here (a tmpfs over it, in a mount
     # namespace of its own), as a machine without the shared mount would; to try storage checks.
-    hide_from_last_worker: str = ""
-
-    def check(self) -> None:
-        if self.workers < 1:
-            raise ValueError(f"--workers {self.workers}: a cluster needs >= 1 worker node")
-        if self.cpus_per_worker < 1 or self.head_cpus < 0:
-            raise ValueError("--cpus-per-worker must be >= 1 and --head-cpus >= 0")
-        if self.object_store_mib < 80:
-            raise ValueError(f"--object-store-mib {self.object_store_mib}: Ray needs >= 80")
-        if self.hide_from_last_worker and not Path(self.hide_from_last_worker).is_dir():
-            raise ValueError(
-                f"--hide-from-last-worker {self.hide_from_last_worker}: not a folder; create it"
-            )
+    hide_from_last_worker: str = option(
+        "",
+        "Linux, root: the last worker sees FOLDER empty, like a node without a shared mount",
+        lambda folder: Path(folder).is_dir(),
+        "an existing folder",
+        metavar="FOLDER",
+    )
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class NodeProcess:
 def auth_environment() -> dict[str, str]:
     """This process's environment with token authentication on. Without a token anywhere Ray
     looks, one is generated into Ray's default file (as `ray get-auth-token --generate` does;
-    its output, the token, is discarded, never shown)."""
+    its output, the token, is discarded, never shown), private to this user from the start."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
     env.pop("RAY_ADDRESS", None)
     if not read_token(env):
@@ -76,9 +81,10 @@ def auth_environment() -> dict[str, str]:
             stderr=subprocess.DEVNULL,
             env=env,
             check=False,
+            umask=0o077,  # Ray writes the file with the default umask: 0644 in a 0755 folder
         )
         if not read_token(env):
-            raise FileNotFoundError(
+            raise ClusterError(
                 f"no Ray auth token: set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or create "
                 f"{default_token_path()} with `ray get-auth-token --generate`"
             )
@@ -91,12 +97,31 @@ def default_token_path() -> Path:
 
 def read_token(env: dict[str, str]) -> str:
     """The token Ray would use, in Ray's order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, the default
-    file; "" if none."""
+    file; "" if none. The default file is made private first, whoever wrote it."""
     if env.get("RAY_AUTH_TOKEN"):
         return env["RAY_AUTH_TOKEN"].strip()
     path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else None
     path = path or default_token_path()
-    return path.read_text().strip() if path.is_file() else ""
+    if not path.is_file():
+        return ""
+    if path == default_token_path():
+        secure_token_file(path)
+    return path.read_text().strip()
+
+
+def secure_token_file(path: Path) -> None:
+    """Make the token file 0600 and its folder 0700 if either is open to others: Ray (`ray
+    get-auth-token --generate`, a first `ray.init()`) writes it 0644 in a 0755 folder, and anyone
+    who can read it can submit jobs, that is run code, on the cluster."""
+    for target, mode in ((path.parent, 0o700), (path, 0o600)):
+        if stat.S_IMODE(target.stat().st_mode) & 0o077:
+            try:
+                target.chmod(mode)
+            except PermissionError:
+                raise ClusterError(
+                    f"{target}: readable by other users and not ours to change; "
+                    f"`chmod {mode:o} {target}` as its owner"
+                ) from None
 
 
 def free_port() -> int:
@@ -110,7 +135,7 @@ def _check_port_free(port: int, flag: str) -> None:
         try:
             sock.bind((HOST, port))
         except OSError:
-            raise ValueError(f"{flag} {port}: port in use; pass another one") from None
+            raise ClusterError(f"{flag} {port}: port in use; pass another one") from None
 
 
 def _start_time(pid: int) -> str | None:
@@ -168,9 +193,8 @@ class LocalCluster:
     # --- up ----------------------------------------------------------------------------------
 
     def up(self, cfg: LocalClusterConfig) -> dict:
-        cfg.check()
         if self.running():
-            raise FileExistsError(
+            raise ClusterError(
                 f"{self.state_path}: a cluster started from here is still up; "
                 f"`defectforge cluster down --state {self.state_dir}` first"
             )
@@ -213,7 +237,7 @@ class LocalCluster:
             state["nodes"].append(asdict(head))
             self._write_state(state)
             self._wait_for_nodes(state, 1, cfg.start_timeout_s)
-            state["address"] = _head_address(temp_dir)
+            state["address"] = _head_address(temp_dir, head.log, cfg.start_timeout_s)
             self._write_state(state)
             for i in range(1, cfg.workers + 1):
                 labels = {WORKER_LABEL: 1, f"{WORKER_LABEL}_{i}": 1}
@@ -349,9 +373,20 @@ def _without_folder(command: list[str], folder: str) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount]
 
 
-def _head_address(temp_dir: str) -> str:
-    """The GCS address the head wrote for others to join (it picks the machine's own IP)."""
-    return (Path(temp_dir) / "ray_current_cluster").read_text().strip()
+def _head_address(temp_dir: str, head_log: str, timeout_s: float) -> str:
+    """The GCS address the head wrote for others to join (it picks the machine's own IP). The
+    dashboard can list the head as alive before the head has written it, so wait for it."""
+    path = Path(temp_dir) / "ray_current_cluster"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        address = path.read_text().strip() if path.is_file() else ""
+        if address:
+            return address
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"head node: no address in {path} after {timeout_s:.0f} s; see {head_log}"
+            )
+        time.sleep(0.1)
 
 
 def _ray_executable() -> str:

@@ -13,9 +13,13 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from dataclasses import dataclass  # noqa: E402
+
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+from defectforge.datasets.config import TypedConfig, option  # noqa: E402
 
 MAX_SHIFT = 0.2
 MAX_ROTATION_DEGREES = 180.0
@@ -25,10 +29,29 @@ MAX_BRIGHTNESS = 0.25
 OP_PROBABILITY = 0.5
 
 
+STRENGTH_HELP = "the paper's augmentation scaled: 0 none, 1 its full ranges"
+
+
+def valid_strength(strength: float) -> bool:
+    return 0.0 <= strength <= 1.0
+
+
+@dataclass(frozen=True)
+class AugmentConfig(TypedConfig):
+    """The paper's offline k-fold expansion of a train split."""
+
+    kind = "augmentation config"
+
+    factor: int = option(
+        15, "copies of each train image, itself included (paper: 15)", lambda f: f >= 1, ">= 1"
+    )
+    strength: float = option(1.0, STRENGTH_HELP, valid_strength, "in [0, 1]")
+    seed: int = option(0, "seed of the augmented copies")
+
+
 def paper_augmentation(strength: float, seed: int | None = None) -> A.Compose:
-    """An albumentations pipeline for ``(image HxWxC uint8, mask HxW uint8)`` pairs."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"augmentation strength must be in [0, 1], got {strength}")
+    """An albumentations pipeline for ``(image HxWxC uint8, mask HxW uint8)`` pairs; ``strength``
+    as checked by the configs that carry it (``valid_strength``)."""
     s = strength
     if s == 0:
         return A.Compose([], seed=seed)

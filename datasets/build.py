@@ -7,31 +7,29 @@ from __future__ import annotations
 
 import csv
 import os
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
-from defectforge.datasets.contract import SCHEMA, SCHEMA_VERSION, SPLITS, combined_digest
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.readers import (
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.contract import SCHEMA, combined_digest
+from defectforge.datasets.discover import (
     NEU_SEG_CLASSES,
-    SampleRef,
-    SampleSpec,
     discover_folder,
     discover_neu_seg,
-    guess_channels,
-    load_sample,
     read_class_file,
 )
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.readers import guess_channels, load_sample
+from defectforge.datasets.samples import SampleRef, SampleSpec
 from defectforge.datasets.steel import SIMULATION_FILE, SteelOptions, discover_steel
 
 SOURCES = ("neu-seg", "folder", "steel")
-# Extra columns a load produces beside the contract; dropped before writing.
-LOAD_COLUMNS = ("rejected", "input_digest", "pixel_sum", "pixel_sumsq")
+# A load's rows: the contract's columns and what the manifest and --skip-bad need.
 LOAD_SCHEMA = (
     SCHEMA.append(pa.field("rejected", pa.string()))
     .append(pa.field("input_digest", pa.string()))
@@ -40,46 +38,60 @@ LOAD_SCHEMA = (
 )
 
 
+def _ratios_ok(ratios: tuple[float, ...]) -> bool:
+    return len(ratios) == 3 and abs(sum(ratios) - 1) <= 1e-6 and min(ratios) >= 0
+
+
 @dataclass(frozen=True)
-class BuildConfig:
+class BuildConfig(TypedConfig):
     """Everything that decides a dataset's content; saved in its manifest."""
 
-    source: Literal["neu-seg", "folder", "steel"]
-    root: str
-    out: str
-    name: str | None = None
-    classes: tuple[str, ...] | None = None
-    channels: int | None = None
-    binary: bool = False
-    mask_threshold: int | None = None
-    mask_suffix: str = ""
-    class_from_folder: bool = False
-    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    test_fraction: float = 0.0
-    skip_bad: bool = False
-    overwrite: bool = False
-    steel: SteelOptions = field(default_factory=SteelOptions)
+    kind = "build config"
 
-    def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"unknown source {self.source!r}; use one of {', '.join(SOURCES)}")
-        if self.channels not in (None, 1, 3):
-            raise ValueError(f"--channels must be 1 or 3, got {self.channels}")
-        if (
-            len(self.split_ratios) != 3
-            or abs(sum(self.split_ratios) - 1) > 1e-6
-            or min(self.split_ratios) < 0
-        ):
-            raise ValueError(
-                f"--split-ratios must be three non-negative numbers summing to 1, "
-                f"got {self.split_ratios}"
-            )
-        if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
-        if self.mask_threshold is not None and not 1 <= self.mask_threshold <= 255:
-            raise ValueError(f"--mask-threshold must be in 1..255, got {self.mask_threshold}")
-        if self.classes is not None and len(self.classes) < 2:
-            raise ValueError("--classes needs background plus at least one defect class")
+    source: str = option(help="layout of --root", choices=SOURCES)
+    root: str = option(help="folder holding the raw images and masks", path=True)
+    name: str | None = option(None, "dataset name (default: neu-seg or the root folder's name)")
+    classes: tuple[str, ...] | None = option(
+        None,
+        "class names in mask-value order, background first, e.g. background,scratch,dent",
+        lambda c: len(c) >= 2,
+        "background plus at least one defect class",
+    )
+    channels: int | None = option(
+        None, "1 (grey) or 3 (RGB); none: from the first image", choices=(1, 3)
+    )
+    binary: bool = option(False, "all defect classes -> 1")
+    mask_threshold: int | None = option(
+        None,
+        "masks are 0-255 / soft: pixel >= T is defect (class from the folder, or the one "
+        "defect class)",
+        lambda t: 1 <= t <= 255,
+        "in 1..255",
+    )
+    mask_suffix: str = option("", "mask stem suffix, e.g. _mask")
+    class_from_folder: bool = option(False, "each image's defect class is its folder's name")
+    split_ratios: tuple[float, ...] = option(
+        (0.7, 0.15, 0.15),
+        "train,val,test for folders without split subfolders",
+        _ratios_ok,
+        "three non-negative numbers summing to 1",
+    )
+    test_fraction: float = option(
+        0.0,
+        "carve this fraction of train into a test split (NEU-Seg ships none)",
+        lambda f: 0 <= f < 1,
+        "in [0, 1)",
+    )
+    skip_bad: bool = option(
+        False, "skip unreadable or inconsistent samples and list them in rejected.csv"
+    )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        "refuse images with more pixels than this, read from the file header before decoding",
+        lambda n: n >= 1,
+        ">= 1",
+    )
+    steel: SteelOptions = option(SteelOptions(), cli=False)
 
     @property
     def dataset_name(self) -> str:
@@ -116,6 +128,7 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         # Only steel needs the root (lights files above a sample); other ids stay location-free.
         steel=cfg.steel if cfg.source == "steel" else None,
         root=os.path.abspath(cfg.root) if cfg.source == "steel" else "",
+        max_pixels=cfg.max_pixels,
     )
     return refs, spec
 
@@ -151,7 +164,8 @@ class RowLoader:
 
 
 def _plain(value):
-    return None if value is None else str(value)
+    # Ray Data hands a column's missing strings over as None or as a float NaN.
+    return None if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _rejected_row(ref: SampleRef, reason: str) -> dict:
@@ -173,7 +187,7 @@ def _rejected_row(ref: SampleRef, reason: str) -> dict:
     }
 
 
-def check_rejections(summary_rows: list[dict], cfg: BuildConfig, staging: Path) -> list[dict]:
+def check_rejections(summary_rows: list[dict], cfg: BuildConfig, rejected_csv: Path) -> list[dict]:
     """Raise on the first bad file unless --skip-bad; with it, write rejected.csv. Return good rows."""
     rejected = [r for r in summary_rows if r["rejected"]]
     if rejected and not cfg.skip_bad:
@@ -186,7 +200,7 @@ def check_rejections(summary_rows: list[dict], cfg: BuildConfig, staging: Path) 
         )
         raise DataError(*_split_message(first, more))
     if rejected:
-        with open(staging / "rejected.csv", "w", newline="") as handle:
+        with open(rejected_csv, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "reason"])
             for row in rejected:
@@ -203,37 +217,28 @@ def _split_message(message: str, more: str) -> tuple[str, str, str]:
     return path, problem, fix + more
 
 
-def make_manifest(cfg: BuildConfig, spec: SampleSpec, good: list[dict], n_rejected: int) -> dict:
-    """Counts per split/source/class, train pixel statistics, input and content identities."""
-    counts: dict[str, dict] = {}
-    for split in SPLITS:
-        rows = [r for r in good if r["split"] == split]
-        counts[split] = {
-            "total": len(rows),
-            "by_source": dict(Counter(r["source"] for r in rows)),
-            "by_class": dict(Counter(r["defect_class"] or "none" for r in rows)),
-        }
+def build_manifest(
+    cfg: BuildConfig, spec: SampleSpec, good: list[dict], n_rejected: int
+) -> Manifest:
+    """The built dataset's manifest: train pixel statistics, input and content identities."""
     mean, std = pixel_statistics([r for r in good if r["split"] == "train"] or good, spec.channels)
-    inputs_digest = combined_digest({r["id"]: r["input_digest"] for r in good})
     config = asdict(cfg)
     config["root"] = os.path.abspath(cfg.root)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": spec.dataset,
-        "source": cfg.source,
-        "classes": list(spec.output_classes),
-        "channels": spec.channels,
-        "binary": spec.binary,
-        "counts": counts,
-        "rejected": n_rejected,
-        "pixel_mean": mean,
-        "pixel_std": std,
-        "inputs": {"files": len(good), "digest": inputs_digest},
-        "dataset_id": combined_digest({"inputs": inputs_digest, "spec": repr(spec)})[:16],
-        "config": config,
+    return Manifest.built(
+        config,
+        dataset=spec.dataset,
+        source=cfg.source,
+        spec_identity=repr(spec),
+        inputs_digest=combined_digest({r["id"]: r["input_digest"] for r in good}),
+        classes=spec.output_classes,
+        channels=spec.channels,
+        binary=spec.binary,
+        pixel_mean=tuple(mean),
+        pixel_std=tuple(std),
+        rejected=n_rejected,
         # `data simulate-steel` output must never pass for real data downstream.
-        "simulated": (Path(cfg.root) / SIMULATION_FILE).is_file(),
-    }
+        simulated=(Path(cfg.root) / SIMULATION_FILE).is_file(),
+    )
 
 
 def pixel_statistics(rows: list[dict], channels: int) -> tuple[list[float], list[float]]:

@@ -1,31 +1,26 @@
-"""The Parquet contract between folders: schema, PNG cells, split folders, manifest, atomic publish.
+"""The Parquet contract between folders: schema, PNG cells, split folders, content identities.
 
 A dataset directory looks like::
 
-    DIR/manifest.json        counts, classes, channels, pixel statistics, input hashes, config
+    DIR/manifest.json        counts, classes, channels, pixel statistics, lineage (datasets.manifest)
     DIR/<split>/*.parquet    one folder per split (train, val, test), rows as in ``SCHEMA``
 
-One folder per split lets a study open train and val without ever touching test.
+One folder per split lets a study open train and val without ever touching test. Datasets are
+written only through ``datasets.writer``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import UMASK, atomic_write
+from defectforge.datasets.files import atomic_write
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -91,51 +86,20 @@ def split_dir(root: str | Path, split: str) -> Path:
     return Path(root) / split
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            path,
-            "no manifest.json: not a defectforge dataset",
-            "build it with `defectforge data build`",
-        )
-    manifest = json.loads(path.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(
-            path,
-            f"schema version {manifest.get('schema_version')} is not {SCHEMA_VERSION}",
-            "rebuild the dataset with this version of defectforge",
-        )
-    return manifest
-
-
-@contextlib.contextmanager
-def publish_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside ``final``; rename it to ``final`` only if the block succeeds.
-
-    An interrupted or failed build leaves the previous ``final`` (if any) untouched.
-    """
-    final = Path(final).resolve()
-    if final.exists() and not overwrite:
-        raise DataError(
-            final, "output folder already exists", "pass --overwrite or choose another --out"
-        )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    # mkdtemp makes a private (0700) folder; the published one gets ordinary permissions.
-    staging.chmod(0o777 & ~UMASK)
-    try:
-        yield staging
-        if final.exists():
-            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+def split_files(root: str | Path, split: str) -> list[Path]:
+    """A split's Parquet files, each checked to be whole (a truncated file has no footer)."""
+    folder = split_dir(root, split)
+    files = sorted(folder.glob("*.parquet"))
+    for path in files:
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowException, OSError):
+            raise DataError(
+                path,
+                "Parquet file is truncated or corrupt",
+                "rebuild the dataset (the command that wrote it, with --overwrite)",
+            ) from None
+    return files
 
 
 def file_digest(path: str | Path) -> str:

@@ -1,14 +1,16 @@
-"""Small file conventions every component shares: atomic writes, JSON configs, run folders."""
+"""Small file conventions every component shares: atomic writes, JSON, run files, weights."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
+
+from defectforge.datasets.errors import DataError
 
 
 def _read_umask() -> int:
@@ -19,6 +21,14 @@ def _read_umask() -> int:
 
 # Read once at import: os.umask can only be read by setting it, which races with other threads.
 UMASK = _read_umask()
+
+
+def package_version() -> str:
+    """The installed defectforge version ("unknown" when run from a bare source tree)."""
+    try:
+        return importlib.metadata.version("defectforge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -47,29 +57,30 @@ def require_files(folder: str | Path, names: tuple[str, ...], written_by: str) -
     folder = Path(folder)
     for name in names:
         if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"{folder}: no {name}; pass a run folder written by "
-                f"`{written_by}` (or one of its checkpoints)"
+            raise DataError(
+                folder / name,
+                "missing",
+                f"pass a run folder written by `{written_by}` (or one of its checkpoints)",
             )
     return folder
 
 
-class JsonConfig:
-    """Mixin for frozen config dataclasses: JSON round trip that rejects unknown keys."""
+def load_state_dict_file(path: Path, what: str) -> dict:
+    """A weights file loaded safely (tensors only); a damaged or foreign file is a DataError."""
+    import torch  # here, not above: most users of this module never touch weights
 
-    kind = "config"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, values: dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.kind} keys {unknown}; valid: {sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-    @classmethod
-    def load(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(path, f"{what} file not found", "check the path") from None
+    except Exception:  # noqa: BLE001 - torch raises many types; all mean "not a weights file"
+        # torch's own message suggests weights_only=False, which would run code from the file.
+        raise DataError(
+            path,
+            f"{what} file is damaged or not a PyTorch state dict (truncated, tampered, or "
+            "written by something else)",
+            "copy it again from where it was trained, or retrain",
+        ) from None
+    if not isinstance(state, dict):
+        raise DataError(path, f"{what} file holds no state dict", "retrain to write a new one")
+    return state

@@ -1,33 +1,41 @@
-"""Which synthetic images join the real train split for a requested synthetic ratio. No I/O.
+"""Which synthetic images join the real train split for a requested synthetic ratio.
 
 ``ratio = synthetic / (real + synthetic)`` over the train split (the paper's definition); val and
 test never hold synthetic rows. The choice is a seeded, stable order over synthetic ids, so the
-offline mixed dataset and the lazy mix inside a training run pick exactly the same images.
+offline mixed dataset (`data mix`) and the lazy mix inside a training run pick exactly the same
+images: both ask ``plan_for`` and nothing else decides which rows are mixed.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
-from defectforge.datasets.files import JsonConfig
+import pyarrow.parquet as pq
+
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.contract import MANIFEST, split_dir, split_files
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.manifest import Manifest
+
+RATIO_HELP = "synthetic share of the train split: synthetic / (real + synthetic)"
+
+
+def valid_ratio(ratio: float) -> bool:
+    return 0 <= ratio < 1
 
 
 @dataclass(frozen=True)
-class MixConfig(JsonConfig):
+class MixConfig(TypedConfig):
     kind = "mix config"
 
-    ratio: float
-    seed: int = 0
-    per_class: bool = False
-    allow_fewer: bool = False
-
-    def __post_init__(self):
-        if not 0 <= self.ratio < 1:
-            raise ValueError(
-                f"synthetic ratio must be in [0, 1), got {self.ratio}; "
-                "it is synthetic / (real + synthetic) of the train split"
-            )
+    ratio: float = option(help=RATIO_HELP, check=valid_ratio, valid="in [0, 1)")
+    seed: int = option(0, "which synthetic images are chosen")
+    per_class: bool = option(False, "synthetic classes follow the real proportions")
+    allow_fewer: bool = option(
+        False, "too few synthetic images: use them all and record the achieved ratio"
+    )
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,14 @@ class MixPlan:
         total = self.real_count + len(self.synthetic_ids)
         return len(self.synthetic_ids) / total if total else 0.0
 
+    def summary(self) -> str:
+        return (
+            f"{self.real_count} real + {len(self.synthetic_ids)} synthetic images (ratio "
+            f"{self.achieved_ratio:.3f}, requested {self.requested_ratio})"
+        )
 
-class NotEnoughSynthetic(ValueError):
+
+class NotEnoughSynthetic(DataError):
     pass
 
 
@@ -73,6 +87,7 @@ def plan_mix(
     real_by_class: dict[str, int],
     candidates: dict[str, str | None],
     cfg: MixConfig,
+    where: str | Path = "synthetic set",
 ) -> MixPlan:
     """Pick synthetic ids from ``candidates`` (id -> defect class) for ``cfg.ratio``.
 
@@ -91,9 +106,67 @@ def plan_mix(
         if quota > len(pool) and not cfg.allow_fewer:
             what = f"{cls!r} synthetic images" if cls else "synthetic images"
             raise NotEnoughSynthetic(
+                where,
                 f"ratio {cfg.ratio} over {real_count} real train images needs {quota} {what}, "
-                f"only {len(pool)} exist; generate and label more, lower the ratio, or pass "
-                "--allow-fewer to use them all"
+                f"only {len(pool)} exist",
+                "generate and label more, lower the ratio, or pass --allow-fewer to use them all",
             )
         chosen += _stable_order(pool, cfg.seed)[:quota]
     return MixPlan(tuple(sorted(chosen)), real_count, cfg.ratio)
+
+
+def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest, Manifest]:
+    """Both manifests, after checking that the synthetic set is labelled and fits the real one."""
+    real_manifest, synthetic_manifest = Manifest.load(real), Manifest.load(synthetic)
+    where = Path(synthetic) / MANIFEST
+    if synthetic_manifest.section("labelling") is None:
+        raise DataError(
+            where,
+            "these synthetic images have no masks yet",
+            "label them with `defectforge synth label` and mix the labelled folder",
+        )
+    for key, fix in (
+        ("channels", "label images of the real set's channel count"),
+        ("classes", "label with a model trained on this real set (or both --binary)"),
+    ):
+        if getattr(synthetic_manifest, key) != getattr(real_manifest, key):
+            raise DataError(
+                where,
+                f"synthetic {key} {list(_listed(getattr(synthetic_manifest, key)))} differ from "
+                f"the real set's {list(_listed(getattr(real_manifest, key)))}",
+                fix,
+            )
+    return real_manifest, synthetic_manifest
+
+
+def _listed(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def synthetic_candidates(synthetic: str | Path) -> dict[str, str | None]:
+    """Every labelled synthetic id and its defect class."""
+    if not split_dir(synthetic, "train").is_dir():
+        return {}
+    table = pq.read_table(split_files(synthetic, "train"), columns=["id", "defect_class"])
+    return dict(zip(table["id"].to_pylist(), table["defect_class"].to_pylist(), strict=True))
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A planned mix: both manifests, the synthetic ids by class, and the chosen ids."""
+
+    real: Manifest
+    synthetic: Manifest
+    candidates: dict[str, str | None]
+    plan: MixPlan
+
+
+def plan_for(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> Mix:
+    """The mix of ``synthetic`` into ``real``'s train split; a NotEnoughSynthetic before any
+    work when the ratio needs more images than exist."""
+    real_manifest, synthetic_manifest = check_compatible(real, synthetic)
+    train = real_manifest.counts["train"]
+    candidates = synthetic_candidates(synthetic)
+    where = Path(synthetic) / MANIFEST
+    plan = plan_mix(train.total, train.by_class, candidates, cfg, where)
+    return Mix(real_manifest, synthetic_manifest, candidates, plan)

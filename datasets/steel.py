@@ -21,8 +21,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from defectforge.datasets.contract import SPLITS, publish_dir
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.contract import SPLITS
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.images import decode_file
+from defectforge.datasets.outputs import publish_dir
 from defectforge.datasets.photometric import (
     DEFAULT_CLIP_PERCENTILES,
     MAP_NAMES,
@@ -32,7 +35,7 @@ from defectforge.datasets.photometric import (
     steel_maps,
     to_uint8,
 )
-from defectforge.datasets.readers import IMAGE_SUFFIXES, SampleRef, hash_split
+from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, hash_split
 from defectforge.datasets.steel_sim import (
     STEEL_CLASSES,
     SimulationConfig,
@@ -44,22 +47,32 @@ MASK_FILE, BINARY_MASK_FILE, LIGHTS_FILE = "mask.png", "mask_binary.png", "light
 SIMULATION_FILE = "simulation.json"
 
 
+def _clip_ok(percentiles: tuple[float, ...]) -> bool:
+    return len(percentiles) == 2 and 0 <= percentiles[0] < percentiles[1] <= 100
+
+
 @dataclass(frozen=True)
-class SteelOptions:
+class SteelOptions(TypedConfig):
     """How a steel sample becomes one RGB image; recorded in the dataset manifest."""
 
-    map_names: tuple[str, str, str] = MAP_NAMES
-    robust: bool = False  # drop each pixel's darkest and brightest capture (needs >= 5 lights)
-    clip_percentiles: tuple[float, float] = DEFAULT_CLIP_PERCENTILES
+    kind = "steel options"
 
-    def __post_init__(self):
-        if len(self.map_names) != 3 or len(set(self.map_names)) != 3:
-            raise ValueError(f"--maps needs three different names, got {self.map_names}")
-        low, high = self.clip_percentiles
-        if not 0 <= low < high <= 100:
-            raise ValueError(
-                f"--clip-percentiles must satisfy 0 <= low < high <= 100, got {low}, {high}"
-            )
+    map_names: tuple[str, ...] = option(
+        MAP_NAMES,
+        "steel: file stems of the R, G, B maps in each sample folder",
+        lambda names: len(names) == 3 and len(set(names)) == 3,
+        "three different names",
+        flag="--maps",
+    )
+    robust: bool = option(
+        False, "steel captures: drop each pixel's darkest and brightest light (>= 5 lights)"
+    )
+    clip_percentiles: tuple[float, ...] = option(
+        DEFAULT_CLIP_PERCENTILES,
+        "steel: 16-bit/float maps are clipped at these percentiles, then scaled to 8 bits",
+        _clip_ok,
+        "low,high with 0 <= low < high <= 100",
+    )
 
 
 def _images(folder: Path) -> list[Path]:
@@ -141,10 +154,9 @@ def sample_name(folder: Path, root: Path) -> str:
 
 
 def _read_any_depth(path: Path) -> np.ndarray:
-    array = cv2.imread(str(path), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_GRAYSCALE)
-    if array is None:
-        raise DataError(path, "cannot be decoded as an image", "replace or remove the file")
-    return array
+    return decode_file(
+        path, "steel map or capture", flags=cv2.IMREAD_ANYDEPTH | cv2.IMREAD_GRAYSCALE
+    )
 
 
 def _same_size(paths: list[Path], arrays: list[np.ndarray]) -> None:
@@ -185,6 +197,13 @@ def read_steel_image(folder: str | Path, root: str | Path, options: SteelOptions
             f"add the three maps, or the captures with a {LIGHTS_FILE} (here or in a parent folder)",
         )
     lights = read_lights(lights_path)
+    if options.robust and len(lights) < 5:
+        raise DataError(
+            lights_path,
+            f"--robust drops each pixel's darkest and brightest of {len(lights)} lights and "
+            "needs >= 5",
+            "leave out --robust, or capture under more lights",
+        )
     captures = _images(folder)
     if len(captures) != len(lights):
         raise DataError(

@@ -11,15 +11,15 @@ Never present this as real data: it exists for tests, the quickstart and the ste
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from defectforge.datasets.config import TypedConfig, option
 from defectforge.datasets.photometric import light_from_angles, normals_from_height
 
 STEEL_CLASSES = ("background", "scratch", "dent", "inclusion", "patch", "rust", "roll_print")
-DIMENSIONAL = ("scratch", "dent", "inclusion", "roll_print")
 # The paper notes colour defects (patches, rust) outnumber dimensional ones on its line.
 DEFAULT_DEFECT_WEIGHTS = {
     "patch": 0.30,
@@ -31,30 +31,34 @@ DEFAULT_DEFECT_WEIGHTS = {
 }
 
 
-@dataclass(frozen=True)
-class SimulationConfig:
-    n: int = 300
-    size: int = 256
-    lights: int = 6
-    light_elevation: float = 45.0
-    seed: int = 0
-    max_defects: int = 3  # per sheet, 0..max drawn uniformly (defect-free sheets included)
-    defect_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DEFECT_WEIGHTS))
-    specular: float = 0.25  # Blinn-Phong weight at full gloss
-    shininess: float = 30.0
-    noise: float = 0.01  # sensor noise, standard deviation on a 0-1 scale
+def _weights_ok(weights: dict[str, float]) -> bool:
+    unknown = set(weights) - set(STEEL_CLASSES[1:])
+    return not unknown and any(v > 0 for v in weights.values())
 
-    def __post_init__(self):
-        if self.n < 1 or self.size < 32:
-            raise ValueError(f"need n >= 1 and size >= 32, got n={self.n}, size={self.size}")
-        if self.lights < 3:
-            raise ValueError(f"photometric stereo needs >= 3 lights, got {self.lights}")
-        unknown = set(self.defect_weights) - set(STEEL_CLASSES[1:])
-        if unknown or not any(v > 0 for v in self.defect_weights.values()):
-            raise ValueError(
-                f"defect_weights must give positive weights to some of {STEEL_CLASSES[1:]}; "
-                f"unknown: {sorted(unknown)}"
-            )
+
+@dataclass(frozen=True)
+class SimulationConfig(TypedConfig):
+    kind = "simulation config"
+
+    n: int = option(300, "sheets to render", lambda v: v >= 1, ">= 1")
+    size: int = option(256, "sheet side in px", lambda v: v >= 32, ">= 32")
+    lights: int = option(
+        6, "lights (captures per sheet)", lambda v: v >= 3, ">= 3 (photometric stereo)"
+    )
+    light_elevation: float = option(45.0, cli=False)
+    seed: int = option(0, "seed of the whole simulation")
+    max_defects: int = option(
+        3, "defects per sheet, 0..max drawn uniformly", lambda v: v >= 0, ">= 0"
+    )
+    defect_weights: dict[str, float] = option(
+        DEFAULT_DEFECT_WEIGHTS,
+        cli=False,
+        check=_weights_ok,
+        valid=f"positive weights for some of {STEEL_CLASSES[1:]}",
+    )
+    specular: float = option(0.25, cli=False)  # Blinn-Phong weight at full gloss
+    shininess: float = option(30.0, cli=False)
+    noise: float = option(0.01, cli=False)  # sensor noise, standard deviation on a 0-1 scale
 
     def light_directions(self) -> np.ndarray:
         azimuths = np.arange(self.lights) * 360.0 / self.lights

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from defectforge.datasets.files import atomic_write, require_files
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import atomic_write, load_state_dict_file, require_files
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Discriminator, Generator
 
@@ -63,7 +64,13 @@ def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     folder = require_files(folder, (CONFIG_FILE, GENERATOR_FILE), "defectforge gan train")
     cfg = GanConfig.load(folder / CONFIG_FILE)
     generator = build_generator(cfg)
-    generator.load_state_dict(
-        torch.load(folder / GENERATOR_FILE, map_location="cpu", weights_only=True)
-    )
+    state = load_state_dict_file(folder / GENERATOR_FILE, "generator weights")
+    try:
+        generator.load_state_dict(state)
+    except RuntimeError:
+        raise DataError(
+            folder / GENERATOR_FILE,
+            f"the weights do not fit the generator that {CONFIG_FILE} describes",
+            f"keep {GENERATOR_FILE} and {CONFIG_FILE} of the same run together",
+        ) from None
     return generator.to(device).eval().requires_grad_(False), cfg

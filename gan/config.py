@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from defectforge.datasets.files import JsonConfig
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.errors import ConfigError
 from defectforge.gan.diffaug import parse_policy
 
 # bf16 is mixed precision (autocast); it pays on GPUs and on CPUs with native bf16 (AVX512-BF16,
@@ -40,63 +41,83 @@ PROFILES = {
 }
 
 
+def _power_of_two(value: int) -> bool:
+    return 8 <= value <= 1024 and not value & (value - 1)
+
+
+def _policy_ok(policy: str) -> bool:
+    parse_policy(policy)
+    return True
+
+
+AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+POSITIVE = (lambda v: v > 0, "> 0")
+
+
 @dataclass(frozen=True)
-class GanConfig(JsonConfig):
+class GanConfig(TypedConfig):
+    """A GAN run. Options a profile sets (``PROFILES``) default to the ``cpu-small`` values."""
+
     kind = "GAN config"
 
-    data: str
-    channels: int
-    classes: tuple[str, ...] = ()
-    conditional: bool = False
-    defect_class: str | None = None
-    resolution: int = 64
-    z_dim: int = 256
-    w_dim: int = 256
-    mapping_layers: int = 2
-    channel_base: int = 4096
-    channel_max: int = 256
-    batch_size: int = 8
-    kimg: float = 10.0
-    g_lr: float = 0.0025
-    d_lr: float = 0.0025
-    r1_gamma: float = -1.0
-    r1_interval: int = 16
-    pl_weight: float = 0.0
-    pl_interval: int = 4
-    style_mixing_prob: float = 0.9
-    ema_kimg: float = 2.5
-    ema_rampup: float = 0.05
-    diffaug: str = "color,translation,cutout"
-    diffaug_strength: float = 1.0
-    snapshot_kimg: float = 2.0
-    metric_images: int = 256
-    seed: int = 0
-    workers: int = 1
-    use_gpu: bool = False
-    threads: int = 0
-    precision: str = "fp32"
+    data: str = option(help="the dataset (a `data build` folder)", cli=False)
+    channels: int = option(cli=False, choices=(1, 3))
+    classes: tuple[str, ...] = option((), cli=False)
+    conditional: bool = option(False, "condition on defect class")
+    defect_class: str | None = option(None, "train on one defect class only", flag="--class")
+    resolution: int = option(64, "image side in px", _power_of_two, "a power of two in 8..1024")
+    z_dim: int = option(256, "latent size", *AT_LEAST_ONE, cli=False)
+    w_dim: int = option(256, "style size", *AT_LEAST_ONE, cli=False)
+    mapping_layers: int = option(2, "mapping network depth", *AT_LEAST_ONE, cli=False)
+    channel_base: int = option(4096, "channel budget", *AT_LEAST_ONE, cli=False)
+    channel_max: int = option(256, "widest layer", *AT_LEAST_ONE, cli=False)
+    batch_size: int = option(
+        8, "images per batch and worker (even: minibatch-std pairs them)", *AT_LEAST_ONE
+    )
+    kimg: float = option(10.0, "thousands of real images shown", *POSITIVE)
+    g_lr: float = option(0.0025, "generator learning rate", *POSITIVE, cli=False)
+    d_lr: float = option(0.0025, "discriminator learning rate", *POSITIVE, cli=False)
+    r1_gamma: float = option(
+        -1.0, "R1 weight (negative: StyleGAN2-ADA's 0.0002 * resolution^2 / batch)"
+    )
+    r1_interval: int = option(16, "lazy R1 every N steps", *AT_LEAST_ONE, cli=False)
+    pl_weight: float = option(0.0, "path-length regularisation (0: off)", lambda v: v >= 0, ">= 0")
+    pl_interval: int = option(4, "lazy path length every N steps", *AT_LEAST_ONE, cli=False)
+    style_mixing_prob: float = option(0.9, cli=False)
+    ema_kimg: float = option(2.5, cli=False)
+    ema_rampup: float = option(0.05, cli=False)
+    diffaug: str = option(
+        "color,translation,cutout",
+        "DiffAugment policy, e.g. color,translation,cutout ('' for none)",
+        _policy_ok,
+        "a comma-separated list of color, translation, cutout",
+    )
+    diffaug_strength: float = option(1.0, "DiffAugment strength", lambda v: v >= 0, ">= 0")
+    snapshot_kimg: float = option(
+        2.0, "snapshot, SWD and sample grid every this many kimg", *POSITIVE
+    )
+    metric_images: int = option(256, "images per SWD estimate", *AT_LEAST_ONE, cli=False)
+    seed: int = option(0, "seed of weights, latents and batches")
+    workers: int = option(1, "Ray Train workers (gradients averaged)", *AT_LEAST_ONE)
+    use_gpu: bool = option(False, "one GPU per worker")
+    threads: int = option(
+        0, "torch threads per worker (0: its share)", lambda v: v >= 0, ">= 0", cli=False
+    )
+    precision: str = option(
+        "fp32",
+        "bf16: mixed precision, ~1.4x on GPUs and CPUs with native bf16",
+        choices=PRECISIONS,
+    )
 
-    def __post_init__(self):
-        if self.resolution < 8 or self.resolution > 1024 or self.resolution & (self.resolution - 1):
-            raise ValueError(f"resolution must be a power of two in 8..1024, got {self.resolution}")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        parse_policy(self.diffaug)
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
-            )
-        for name in ("batch_size", "workers", "r1_interval", "pl_interval", "mapping_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kimg <= 0 or self.snapshot_kimg <= 0:
-            raise ValueError("kimg and snapshot_kimg must be > 0")
+    def check(self) -> None:
         if self.conditional and len(self.classes) < 2:
-            raise ValueError("--conditional needs a dataset with at least two defect classes")
+            raise ConfigError("--conditional needs a dataset with at least two defect classes")
         if self.defect_class and self.classes and self.defect_class not in self.classes:
-            raise ValueError(f"--class {self.defect_class!r} is not among {list(self.classes)}")
+            raise ConfigError(f"--class {self.defect_class!r} is not among {list(self.classes)}")
         if self.batch_size % 2 and self.batch_size > 1:
-            raise ValueError("batch_size must be even (minibatch-std groups pair samples)")
+            raise ConfigError(
+                f"batch_size = {self.batch_size}: must be even (minibatch-std pairs samples)"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -111,5 +132,5 @@ class GanConfig(JsonConfig):
 
     def with_profile(self, profile: str) -> GanConfig:
         if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+            raise ConfigError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
         return replace(self, **PROFILES[profile])

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from defectforge.datasets.errors import ConfigError
+
 Augment = Callable[[torch.Tensor, float, torch.Generator | None], torch.Tensor]
 
 
@@ -81,7 +83,7 @@ def parse_policy(policy: str) -> list[str]:
     names = [p.strip() for p in policy.split(",") if p.strip()]
     unknown = [n for n in names if n not in POLICIES]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown DiffAugment op(s) {unknown} in {policy!r}; valid: "
             f"{', '.join(POLICIES)} (comma-separated, e.g. color,translation,cutout)"
         )

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectforge.datasets.errors import ConfigError
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Generator
 
@@ -29,7 +30,9 @@ def generate_images(
     """N x H x W x C uint8 images, one per seed; a conditional generator needs ``class_index``:
     one class for all seeds, or one per seed (see ``cycled_classes``)."""
     if cfg.num_classes and class_index is None:
-        raise ValueError(f"this generator is conditional: pass --class, one of {list(cfg.classes)}")
+        raise ConfigError(
+            f"this generator is conditional: pass --class, one of {list(cfg.classes)}"
+        )
     device = next(generator.parameters()).device
     seeds = list(seeds)
     if isinstance(class_index, int):

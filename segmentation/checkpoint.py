@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defectforge.datasets.files import atomic_write, require_files
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import atomic_write, load_state_dict_file, require_files
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.models import build_model
 
@@ -52,5 +53,19 @@ def load_model(
     folder = require_files(folder, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
     cfg = SegConfig.load(folder / CONFIG_FILE)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    load_weights(model, folder / MODEL_FILE, folder / CONFIG_FILE)
     return model.to(device).eval(), cfg
+
+
+def load_weights(model: nn.Module, weights: Path, config: Path) -> None:
+    """Load a weights file into ``model``; one that does not fit its config is a DataError."""
+    state = load_state_dict_file(weights, "model weights")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise DataError(
+            weights,
+            f"the weights do not fit the network that {config.name} describes (another "
+            "architecture, encoder or class count)",
+            f"keep {weights.name} and {config.name} of the same run together",
+        ) from None

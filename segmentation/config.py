@@ -1,18 +1,41 @@
-"""The one typed config of a segmentation run; saved as JSON beside every checkpoint."""
+"""The one typed config of a segmentation run; saved as JSON beside every checkpoint.
+
+Each option is declared once here; the command line's flags (`seg train`) and a study spec's
+searchable keys are derived from these declarations.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
-from defectforge.datasets.files import JsonConfig
-from defectforge.datasets.mix import MixConfig
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.errors import ConfigError
+from defectforge.datasets.mix import RATIO_HELP, MixConfig, valid_ratio
 from defectforge.segmentation.losses import parse_loss
 from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size
 
 
+def _size_ok(value: int) -> bool:
+    return value == 0 or (value >= 32 and value % 32 == 0)
+
+
+def _known(check):
+    """A registry check (raising ConfigError for unknown names) as an option check."""
+
+    def ok(value) -> bool:
+        check(value)
+        return True
+
+    return ok
+
+
+POSITIVE = (lambda v: v >= 1, "an integer >= 1")
+
+
 @dataclass(frozen=True)
-class SegConfig(JsonConfig):
+class SegConfig(TypedConfig):
     """A segmentation run. Data fields (classes, channels, mean, std) come from the manifest.
 
     The defaults are the CPU recipe: native-scale 128-px crops (whole images at evaluation),
@@ -21,73 +44,91 @@ class SegConfig(JsonConfig):
 
     kind = "segmentation config"
 
-    data: str
-    classes: tuple[str, ...]
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    arch: str = "deeplabv3plus"
-    encoder: str = "resnet18"
-    encoder_weights: str | None = None
-    binary: bool = False
-    image_size: int = 0
-    crop_size: int = 128
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    warmup_fraction: float = 0.05
-    loss: str = "ce+dice"
-    tversky_alpha: float = 0.5
-    focal_gamma: float = 2.0
-    aug_strength: float = 0.5
-    seed: int = 0
-    workers: int = 1
-    use_gpu: bool = False
-    threads: int = 0
-    max_steps_per_epoch: int = 0
-    data_manifest_id: str = ""
-    # Lazy real/synthetic mixing: a labelled synthetic dataset and the share of the train split
-    # it makes up (see datasets/mix.py); val and test stay real.
-    synthetic: str = ""
-    synthetic_ratio: float = 0.0
-    mix_seed: int = 0
-    mix_per_class: bool = False
+    data: str = option(help="the dataset (a `data build` folder)", cli=False)
+    classes: tuple[str, ...] = option(cli=False)
+    channels: int = option(cli=False, choices=(1, 3))
+    mean: tuple[float, ...] = option(cli=False)
+    std: tuple[float, ...] = option(cli=False)
+    arch: str = option(
+        "deeplabv3plus",
+        "segmentation-models-pytorch architecture, e.g. deeplabv3plus, pan, unet",
+        _known(check_architecture),
+        searchable=True,
+    )
+    encoder: str = option(
+        "resnet18", "encoder (backbone) name", _known(check_encoder), searchable=True
+    )
+    encoder_weights: str | None = option(
+        None, "'imagenet' (needs network) or a local encoder state-dict file"
+    )
+    binary: bool = option(False, "train defect vs background")
+    image_size: int = option(
+        0, "resize to this square side (0: native scale)", _size_ok, "0 or a multiple of 32"
+    )
+    crop_size: int = option(
+        128,
+        "random training crops at native scale (0: whole images)",
+        _size_ok,
+        "0 or a multiple of 32",
+        searchable=True,
+    )
+    epochs: int = option(10, "training epochs", *POSITIVE, searchable=True)
+    batch_size: int = option(16, "images per batch and worker", *POSITIVE, searchable=True)
+    lr: float = option(2e-3, "peak learning rate", lambda v: v > 0, "> 0", searchable=True)
+    weight_decay: float = option(1e-4, "AdamW weight decay", lambda v: v >= 0, ">= 0")
+    warmup_fraction: float = option(
+        0.05, "share of steps warming up", lambda v: 0 <= v < 1, "in [0, 1)"
+    )
+    loss: str = option(
+        "ce+dice",
+        "weighted sum of ce, dice, focal, tversky, e.g. ce:0.3+tversky",
+        _known(parse_loss),
+        searchable=True,
+    )
+    tversky_alpha: float = option(
+        0.5,
+        "Tversky weight of false positives; 1-alpha weighs missed defects",
+        lambda v: 0 < v < 1,
+        "in (0, 1)",
+        searchable=True,
+    )
+    focal_gamma: float = option(2.0, "focal loss focusing", lambda v: v >= 0, ">= 0")
+    aug_strength: float = option(0.5, STRENGTH_HELP, valid_strength, "in [0, 1]", searchable=True)
+    seed: int = option(
+        0, "seed of weights, batches and augmentation", lambda v: v >= 0, ">= 0", searchable=True
+    )
+    workers: int = option(1, "Ray Train workers (data-parallel)", *POSITIVE)
+    use_gpu: bool = option(False, "one GPU per worker")
+    threads: int = option(
+        0, "torch threads per worker (0: its share of the CPUs)", lambda v: v >= 0, ">= 0"
+    )
+    max_steps_per_epoch: int = option(
+        0, "cap on steps per epoch, for smoke runs (0: whole epochs)", lambda v: v >= 0, ">= 0"
+    )
+    data_manifest_id: str = option("", cli=False)
+    # Lazy real/synthetic mixing (datasets/mix.py decides which rows); val and test stay real.
+    synthetic: str = option("", "a labelled synthetic set (`synth label`) to mix in", path=True)
+    synthetic_ratio: float = option(0.0, RATIO_HELP, valid_ratio, "in [0, 1)", searchable=True)
+    mix_seed: int = option(0, "which synthetic images are chosen")
+    mix_per_class: bool = option(False, "synthetic classes follow the real proportions")
 
-    def __post_init__(self):
-        check_architecture(self.arch)
-        check_encoder(self.encoder)
-        parse_loss(self.loss)
-        positive = ("epochs", "batch_size", "workers")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.aug_strength <= 1:
-            raise ValueError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
-        if not 0 < self.tversky_alpha < 1:
-            raise ValueError(f"tversky_alpha must be in (0, 1), got {self.tversky_alpha}")
-        for name in ("image_size", "crop_size"):
-            value = getattr(self, name)
-            if value and (value < 32 or value % 32):
-                raise ValueError(f"{name} must be 0 or a multiple of 32 (>= 32), got {value}")
+    def check(self) -> None:
         smallest = min_input_size(self.arch)
         for name in ("image_size", "crop_size"):
             value = getattr(self, name)
             if value and value < smallest:
-                raise ValueError(
-                    f"{self.arch} needs inputs of at least {smallest} px; "
+                raise ConfigError(
+                    f"{name} = {value}: {self.arch} needs inputs of at least {smallest} px; "
                     f"set {name} to {smallest} or more"
                 )
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        self.mix_config()
-
-    def mix_config(self) -> MixConfig:
-        """The mixing request (validated); a ratio without a synthetic dataset is an error."""
         if self.synthetic_ratio and not self.synthetic:
-            raise ValueError("synthetic_ratio needs a labelled synthetic dataset (--synthetic)")
+            raise ConfigError("synthetic_ratio needs a labelled synthetic dataset (--synthetic)")
+
+    @property
+    def mix(self) -> MixConfig | None:
+        """The mixing request; None without a synthetic set."""
+        if not self.synthetic:
+            return None
         return MixConfig(self.synthetic_ratio, self.mix_seed, self.mix_per_class)
 
     @property

@@ -15,11 +15,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
 from defectforge.datasets.batches import BatchSpec, padded_side
-from defectforge.datasets.contract import publish_dir
+from defectforge.datasets.contract import decode_png, split_files
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.outputs import check_output, publish_dir
+from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.exported import (
     EXPORT_FORMAT,
@@ -34,10 +38,11 @@ from defectforge.segmentation.inference import predict_batch_logits
 FORMAT_VERSION = 1
 # Exported logits may differ from PyTorch's by float rounding only: this share of their scale.
 RELATIVE_TOLERANCE = 1e-3
+VERIFY_IMAGES = 8
 
 
 class ExportMismatch(RuntimeError):
-    pass
+    """The exported graph computes something else than the model: a bug, never a user's."""
 
 
 class PixelsToLogits(nn.Module):
@@ -92,6 +97,60 @@ def _max_differences(folder: Path, reference: np.ndarray, images: np.ndarray) ->
     }
 
 
+def verification_images(cfg: SegConfig) -> tuple[np.ndarray, tuple[int, int]]:
+    """Up to VERIFY_IMAGES real validation images of the split's most common size, and the
+    largest image size of train and val (the export's padded input in pad mode)."""
+    sizes = [
+        pq.read_table(split_files(cfg.data, s), columns=["height", "width"])
+        for s in ("train", "val")
+    ]
+    largest = (
+        max(max(t["height"].to_pylist(), default=0) for t in sizes),
+        max(max(t["width"].to_pylist(), default=0) for t in sizes),
+    )
+    val = pq.read_table(split_files(cfg.data, "val"), columns=["image", "height", "width"])
+    shapes = list(zip(val["height"].to_pylist(), val["width"].to_pylist(), strict=True))
+    common = max(set(shapes), key=shapes.count)
+    cells = [c for c, s in zip(val["image"].to_pylist(), shapes, strict=True) if s == common]
+    images = np.stack([decode_png(cell, cfg.channels) for cell in cells[:VERIFY_IMAGES]])
+    return images, largest
+
+
+def input_conversion(data: str) -> dict:
+    """What an export must record for `predict` to turn raw input into what the model saw: for
+    steel, the rule from a rig's maps or captures to the RGB image."""
+    build = Manifest.load(data).section("config") or {}
+    return {"steel": build["steel"]} if build.get("source") == "steel" else {}
+
+
+def export_run(
+    model: nn.Module,
+    cfg: SegConfig,
+    out: str | Path,
+    details: dict,
+    overwrite: bool = False,
+    inputs: tuple = (),
+) -> dict:
+    """Export a trained model, checked on real validation images of its own dataset."""
+    images, largest = verification_images(cfg)
+    details = {**details, **input_conversion(cfg.data)}
+    return export_model(model, cfg, images, out, largest, details, overwrite, inputs)
+
+
+def export_trained_run(run: str | Path, out: str | Path, overwrite: bool = False) -> dict:
+    """`seg export`: a `seg train` run's model with its validation metrics."""
+    check_output(out, overwrite, (run,))
+    model, cfg = load_model(run)
+    metrics_file = Path(run) / "metrics.json"
+    best = json.loads(metrics_file.read_text())["best"] if metrics_file.is_file() else {}
+    details = {
+        "metrics": {"val_binary_defect_iou": best.get("val_binary_defect_iou"), "chosen": "run"},
+        "run": str(Path(run).resolve()),
+        "data": {"real_manifest_id": cfg.data_manifest_id, "synthetic_ratio": cfg.synthetic_ratio},
+    }
+    return export_run(model, cfg, out, details, overwrite, inputs=(run,))
+
+
 def export_model(
     model: nn.Module,
     cfg: SegConfig,
@@ -100,6 +159,7 @@ def export_model(
     largest: tuple[int, int],
     details: dict,
     overwrite: bool = False,
+    inputs: tuple = (),
 ) -> dict:
     """Write ``out`` with TorchScript, ONNX and model.json, after checking both exports against
     the PyTorch pipeline on ``images`` (N x H x W x C uint8, real images of one size).
@@ -138,7 +198,7 @@ def export_model(
         "versions": {"torch": torch.__version__},
         **details,
     }
-    with publish_dir(out, overwrite=overwrite) as staging:
+    with publish_dir(out, overwrite, inputs, kind="export") as staging:
         with torch.no_grad():
             _write_torchscript(module, example, staging / TORCHSCRIPT_FILE)
             _write_onnx(module, example, staging / ONNX_FILE)

@@ -16,7 +16,8 @@ import cv2
 import numpy as np
 
 from defectforge.datasets.contract import write_png
-from defectforge.datasets.errors import DataError
+from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.outputs import check_output, publish_dir
 from defectforge.datasets.readers import list_images, read_image
 from defectforge.datasets.steel import (
     SteelOptions,
@@ -31,6 +32,7 @@ MODEL_JSON = "model.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 RUNTIMES = ("onnx", "torchscript")
+EXPORT_FIX = "export the model again (`seg export` or `study export`)"
 CHUNK = 8
 
 
@@ -41,10 +43,13 @@ def is_export(folder: str | Path) -> bool:
 def read_model_json(folder: str | Path) -> dict:
     path = Path(folder) / MODEL_JSON
     if not path.is_file():
-        raise DataError(path, "no model.json: not a defectforge export", "run `study export`")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != EXPORT_FORMAT:
-        raise DataError(path, "not a defectforge export's model.json", "run `study export`")
+        raise DataError(path, "no model.json: not a defectforge export", EXPORT_FIX)
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError:
+        raise DataError(path, "model.json is not valid JSON", EXPORT_FIX) from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise DataError(path, "not a defectforge export's model.json", EXPORT_FIX)
     return meta
 
 
@@ -53,13 +58,21 @@ class ExportedModel:
 
     def __init__(self, folder: str | Path, runtime: str = "onnx"):
         if runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+            raise ConfigError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
         self.folder = Path(folder)
         self.meta = read_model_json(self.folder)
         self.height = self.meta["input"]["height"]
         self.width = self.meta["input"]["width"]
         self.resize = self.meta["preprocess"]["mode"] == "resize"
-        self._run = self._torchscript() if runtime == "torchscript" else self._onnx()
+        try:
+            self._run = self._torchscript() if runtime == "torchscript" else self._onnx()
+        except ImportError:
+            raise
+        except Exception:  # noqa: BLE001 - each runtime has its own error types for a bad file
+            name = TORCHSCRIPT_FILE if runtime == "torchscript" else ONNX_FILE
+            raise DataError(
+                self.folder / name, f"the {runtime} model cannot be loaded (damaged?)", EXPORT_FIX
+            ) from None
 
     @property
     def channels(self) -> int:
@@ -134,38 +147,45 @@ class ExportedModel:
 
 
 def predict_folder_exported(
-    model: str | Path, images: str | Path, out: str | Path, runtime: str = "onnx"
+    model: str | Path,
+    images: str | Path,
+    out: str | Path,
+    runtime: str = "onnx",
+    overwrite: bool = False,
 ) -> int:
     """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` per image, from the export alone."""
+    check_output(out, overwrite, (images, model))
     exported = ExportedModel(model, runtime)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     steel = exported.meta.get("steel")
     samples = _steel_samples(images, steel) if steel else _image_files(images, exported.channels)
     count = 0
-    for name, source, read in samples:
-        image = read()
-        mask = exported.predict(image, source)
-        write_png(out / f"{name}_mask.png", mask)
-        write_png(out / f"{name}_overlay.png", overlay(image, mask))
-        count += 1
+    with publish_dir(out, overwrite, inputs=(images, model), kind="predictions") as staging:
+        for name, source, read in samples:
+            image = read()
+            mask = exported.predict(image, source)
+            write_png(staging / f"{name}_mask.png", mask)
+            write_png(staging / f"{name}_overlay.png", overlay(image, mask))
+            count += 1
     return count
 
 
-def _image_files(images: str | Path, channels: int):
-    for path in list_images(images):
-        yield path.stem, str(path), lambda path=path: read_image(path, channels)
+def _image_files(images: str | Path, channels: int) -> list:
+    return [
+        (path.stem, str(path), lambda path=path: read_image(path, channels))
+        for path in list_images(images)
+    ]
 
 
 def _steel_samples(images: str | Path, steel: dict):
     """Steel sample folders (maps or raw captures + lights.json), converted to RGB by the rule
     the training data was built with, as the export recorded it."""
-    options = SteelOptions(
-        map_names=tuple(steel["map_names"]),
-        robust=steel["robust"],
-        clip_percentiles=tuple(steel["clip_percentiles"]),
-    )
+    options = SteelOptions.from_dict(steel)
     root = Path(images)
-    for folder in steel_sample_folders(root):
-        name = sample_name(folder, root)
-        yield name, str(folder), lambda folder=folder: read_steel_image(folder, root, options)
+    return [
+        (
+            sample_name(folder, root),
+            str(folder),
+            lambda f=folder: read_steel_image(f, root, options),
+        )
+        for folder in steel_sample_folders(root)
+    ]

@@ -14,7 +14,9 @@ from tqdm import tqdm
 from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
 from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.readers import SampleSpec, list_images, read_image, read_mask
+from defectforge.datasets.outputs import check_output, publish_dir
+from defectforge.datasets.readers import list_images, read_image, read_mask
+from defectforge.datasets.samples import SampleSpec
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.metrics import MetricAccumulator
 from defectforge.segmentation.overlay import overlay
@@ -89,15 +91,18 @@ def evaluate_folder(
     return accumulator.summary(names)
 
 
-def predict_folder(model_dir: str | Path, images: str | Path, out: str | Path) -> int:
+def predict_folder(
+    model_dir: str | Path, images: str | Path, out: str | Path, overwrite: bool = False
+) -> int:
     """Write ``<stem>_mask.png`` (class ids) and ``<stem>_overlay.png`` for every image."""
+    check_output(out, overwrite, (images, model_dir))
     model, cfg = load_model(model_dir)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     paths = list_images(images)
-    for path in tqdm(paths, desc="predict", unit="img"):
-        image = read_image(path, cfg.channels)
-        mask = predict_logits(model, cfg.batch_spec(), image).argmax(0).numpy().astype(np.uint8)
-        write_png(out / f"{path.stem}_mask.png", mask)
-        write_png(out / f"{path.stem}_overlay.png", overlay(image, mask))
+    with publish_dir(out, overwrite, inputs=(images, model_dir), kind="predictions") as staging:
+        for path in tqdm(paths, desc="predict", unit="img"):
+            image = read_image(path, cfg.channels)
+            logits = predict_logits(model, cfg.batch_spec(), image)
+            mask = logits.argmax(0).numpy().astype(np.uint8)
+            write_png(staging / f"{path.stem}_mask.png", mask)
+            write_png(staging / f"{path.stem}_overlay.png", overlay(image, mask))
     return len(paths)

@@ -29,10 +29,8 @@ from defectforge.segmentation.checkpoint import (
 )
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.losses import CombinedLoss
-from defectforge.segmentation.metrics import MetricAccumulator
+from defectforge.segmentation.metrics import SELECTION_METRIC, MetricAccumulator
 from defectforge.segmentation.models import build_model
-
-SELECTION_METRIC = "val_binary_defect_iou"
 
 
 @dataclass

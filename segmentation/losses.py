@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectforge.datasets.batches import IGNORE_INDEX
+from defectforge.datasets.errors import ConfigError
 
 EPS = 1.0
 
@@ -78,14 +79,14 @@ def parse_loss(spec: str) -> list[tuple[str, float]]:
     for part in spec.replace(" ", "").split("+"):
         name, _, weight = part.partition(":")
         if name not in LOSSES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown loss {name!r} in {spec!r}; valid: {', '.join(LOSSES)} "
                 "(combine as e.g. 'ce+dice' or 'ce:0.3+tversky:0.7')"
             )
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
-            raise ValueError(f"loss weight {weight!r} in {spec!r} is not a number") from None
+            raise ConfigError(f"loss weight {weight!r} in {spec!r} is not a number") from None
         terms.append((name, value))
     return terms
 

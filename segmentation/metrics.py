@@ -7,6 +7,9 @@ import torch
 
 from defectforge.datasets.batches import IGNORE_INDEX
 
+# The headline, and what picks the best epoch, trial and model everywhere.
+SELECTION_METRIC = "val_binary_defect_iou"
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``cm[t, p]`` = pixels of true class t predicted as p; ignored pixels are left out."""

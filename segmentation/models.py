@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
-import torch
 from torch import nn
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    cls.__name__.lower(): cls for cls in smp._MODEL_ARCHITECTURES
-}
+from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.files import load_state_dict_file
+
+# smp's public name -> class mapping (names are lower-case class names).
+ARCHITECTURES: dict[str, type[nn.Module]] = dict(smp.MODEL_ARCHITECTURES_MAPPING)
 
 
 # PAN's feature-pyramid attention pools the stride-32 features three more times.
@@ -32,13 +33,15 @@ def encoder_names() -> list[str]:
 def check_architecture(arch: str) -> str:
     key = arch.lower().replace("_", "").replace("-", "")
     if key not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; valid: {', '.join(architecture_names())}")
+        raise ConfigError(
+            f"unknown architecture {arch!r}; valid: {', '.join(architecture_names())}"
+        )
     return key
 
 
 def check_encoder(encoder: str) -> str:
     if encoder not in smp.encoders.get_encoder_names():
-        raise ValueError(
+        raise ConfigError(
             f"unknown encoder {encoder!r}; valid include resnet18, resnet34, "
             f"efficientnet-b0, mit_b0 (all: {len(encoder_names())} smp encoders)"
         )
@@ -54,10 +57,10 @@ def build_model(
     or the path of a local ``.pt``/``.pth`` state dict for the encoder.
     """
     if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-    cls = ARCHITECTURES[check_architecture(arch)]
+        raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
     local_file = encoder_weights not in (None, "imagenet")
-    model = cls(
+    model = smp.create_model(
+        check_architecture(arch),
         encoder_name=check_encoder(encoder),
         in_channels=in_channels,
         classes=num_classes,
@@ -71,11 +74,12 @@ def build_model(
 def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None:
     """Load a local encoder state dict; a 3-channel first conv is summed down for grey input."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: encoder weights file not found; pass an existing "
-            "state-dict file, 'imagenet', or nothing"
+        raise DataError(
+            path,
+            "encoder weights file not found",
+            "pass an existing state-dict file, 'imagenet', or nothing",
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state_dict_file(path, "encoder weights")
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
     for key, value in state.items():
@@ -87,8 +91,9 @@ def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None
         ):
             state[key] = value.sum(dim=1, keepdim=True)
     if not set(state) & set(own):
-        raise ValueError(
-            f"{path}: no tensor matches the encoder's parameter names; is it a "
-            "state dict for this encoder?"
+        raise DataError(
+            path,
+            "no tensor matches the encoder's parameter names",
+            "pass a state dict saved from this encoder",
         )
     model.encoder.load_state_dict(state, strict=False)

@@ -13,21 +13,27 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from defectforge.datasets.files import JsonConfig
+from defectforge.datasets.config import TypedConfig, option
+from defectforge.datasets.errors import ConfigError
 from defectforge.datasets.readers import dominant_class
 
 CORRECTION_STEPS = ("fill_holes", "closing", "min_area")
 
 
-@dataclass(frozen=True)
-class Corrections:
-    fill_holes: bool = True
-    closing_kernel: int = 0
-    min_region_area: int = 0
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 
-    def __post_init__(self):
-        if self.closing_kernel < 0 or self.min_region_area < 0:
-            raise ValueError("closing kernel and minimum region area must be >= 0")
+
+@dataclass(frozen=True)
+class Corrections(TypedConfig):
+    """The paper's mask corrections, each its own step."""
+
+    kind = "corrections"
+
+    fill_holes: bool = option(
+        True, "fill holes inside predicted regions (the paper's correction; default on)"
+    )
+    closing_kernel: int = option(0, "morphological closing, kernel side in px", *NON_NEGATIVE)
+    min_region_area: int = option(0, "drop predicted regions smaller than this (px)", *NON_NEGATIVE)
 
     def steps(self) -> tuple[str, ...]:
         """The steps this configuration switches on, in the order they are applied."""
@@ -141,37 +147,41 @@ def pseudo_label(
     return PseudoLabel(mask, confidence, fraction, defect_class, rejected)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """``200x200`` or ``200`` -> (200, 200)."""
+    parts = text.lower().split("x")
+    try:
+        height, width = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise ConfigError(f"give a size as HxW or one side, e.g. 200x200, not {text!r}")
+    return height, width
+
+
 @dataclass(frozen=True)
-class LabelConfig(JsonConfig):
+class LabelConfig(TypedConfig):
     """A labelling job; saved in the labelled dataset's manifest."""
 
     kind = "label config"
 
-    images: str
-    labeler: str
-    fill_holes: bool = True
-    closing_kernel: int = 0
-    min_region_area: int = 0
-    min_confidence: float = 0.0
-    binary: bool = False
-    # Labelled images are resized to height x width (0: the labeller's most common train size),
-    # so synthetic defects appear at the scale the labeller and the real images have.
-    height: int = 0
-    width: int = 0
-    actors: int = 1
-    batch_size: int = 16
-    use_gpu: bool = False
-
-    def __post_init__(self):
-        Corrections(self.fill_holes, self.closing_kernel, self.min_region_area)  # validates
-        if not 0 <= self.min_confidence <= 1:
-            raise ValueError(f"min confidence must be in [0, 1], got {self.min_confidence}")
-        for name in ("actors", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.height < 0 or self.width < 0 or (self.height == 0) != (self.width == 0):
-            raise ValueError("size must be HxW with both sides > 0 (or left out for automatic)")
-
-    @property
-    def corrections(self) -> Corrections:
-        return Corrections(self.fill_holes, self.closing_kernel, self.min_region_area)
+    images: str = option(help="`gan generate` output or a folder of images", path=True)
+    labeller: str = option(help="run folder of `seg train` that labels them", path=True)
+    corrections: Corrections = option(Corrections(), cli=False)
+    min_confidence: float = option(
+        0.0, "drop images labelled less surely", lambda v: 0 <= v <= 1, "in [0, 1]"
+    )
+    binary: bool = option(False, "defect vs background masks")
+    # Labelled at this size (none: the labeller's most common train size), so synthetic defects
+    # appear at the scale the labeller and the real images have.
+    size: tuple[int, ...] = option(
+        (),
+        "label at HxW (none: the labeller's most common train size)",
+        lambda s: not s or (len(s) == 2 and min(s) >= 1),
+        "HxW with both sides >= 1 (or none)",
+        parse=parse_size,
+        metavar="HxW",
+    )
+    actors: int = option(1, "labeller copies (one model each)", lambda v: v >= 1, ">= 1")
+    batch_size: int = option(16, "images per labelling batch", lambda v: v >= 1, ">= 1")
+    use_gpu: bool = option(False, "one GPU per actor")

@@ -17,8 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.segmentation.metrics import SELECTION_METRIC  # noqa: E402
 from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
-from defectforge.studies.spec import METRIC, Range, StudySpec  # noqa: E402
+from defectforge.studies.spec import Range, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -30,7 +31,7 @@ def _save(figure, path: Path) -> None:
 
 
 def _finished(trials: list[dict]) -> list[dict]:
-    return [t for t in trials if t[METRIC] is not None]
+    return [t for t in trials if t[SELECTION_METRIC] is not None]
 
 
 def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> None:
@@ -43,13 +44,13 @@ def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> Non
     for arch, group in sorted(by_arch.items()):
         axis.scatter(
             [t["config"]["synthetic_ratio"] for t in group],
-            [t[METRIC] for t in group],
+            [t[SELECTION_METRIC] for t in group],
             alpha=0.5,
             label=f"{arch} trials",
         )
         per_ratio: dict[float, list] = defaultdict(list)
         for trial in group:
-            per_ratio[trial["config"]["synthetic_ratio"]].append(trial[METRIC])
+            per_ratio[trial["config"]["synthetic_ratio"]].append(trial[SELECTION_METRIC])
         repeated = sorted((r, v) for r, v in per_ratio.items() if len(v) > 1)
         if repeated:
             axis.errorbar(
@@ -85,7 +86,7 @@ def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> Non
 def plot_by_architecture(trials: list[dict], path: Path) -> None:
     groups: dict[str, list[float]] = defaultdict(list)
     for trial in _finished(trials):
-        groups[str(trial["config"].get("arch", "deeplabv3plus"))].append(trial[METRIC])
+        groups[str(trial["config"].get("arch", "deeplabv3plus"))].append(trial[SELECTION_METRIC])
     names = sorted(groups)
     figure, axis = plt.subplots(figsize=(1.6 * len(names) + 2.5, 3.8))
     axis.boxplot([groups[n] for n in names], tick_labels=names)
@@ -120,7 +121,7 @@ def parameter_importance(spec: StudySpec, trials: list[dict]) -> dict[str, float
             optuna.trial.create_trial(
                 params={k: trial["config"][k] for k in searched},
                 distributions={k: _distribution(v) for k, v in searched.items()},
-                value=trial[METRIC],
+                value=trial[SELECTION_METRIC],
             )
         )
     return optuna.importance.get_param_importances(study)
@@ -154,7 +155,7 @@ def _trial_table(trials: list[dict], keys: list[str]) -> list[str]:
             "_".join(trial["trial"].split("_")[:2]),
             trial["status"],
             str(trial["epochs_run"]),
-            _number(trial[METRIC]),
+            _number(trial[SELECTION_METRIC]),
             _number(trial["val_mean_defect_iou"]),
             *[_number(trial["config"].get(k)) for k in keys],
             f"{trial['seconds']:.0f}",
@@ -169,7 +170,7 @@ def _by_configuration_section(trials: list[dict], keys: list[str]) -> list[str]:
     varied = [k for k in keys if k != "seed"]
     groups: dict[tuple, list[float]] = defaultdict(list)
     for trial in _finished(trials):
-        groups[tuple(trial["config"].get(k) for k in varied)].append(trial[METRIC])
+        groups[tuple(trial["config"].get(k) for k in varied)].append(trial[SELECTION_METRIC])
     if len(groups) < 2 or not all(len(v) > 1 for v in groups.values()):
         return []
     lines = [
@@ -237,7 +238,7 @@ def write_report(
         f"{sum(t['status'] == 'stopped early' for t in trials)} stopped early by ASHA, "
         f"{sum(t['status'] == 'error' for t in trials)} failed); "
         f"{sum(t['seconds'] for t in trials) / 60:.1f} trial-minutes",
-        f"- metric: `{METRIC}` (validation during the search; the test split is read only by "
+        f"- metric: `{SELECTION_METRIC}` (validation during the search; the test split is read only by "
         "the final step)",
         f"- spec sha256 `{study['spec_sha256'][:16]}`, created {study['created']}",
         "",
@@ -247,7 +248,7 @@ def write_report(
         lines += [
             f"## Best trial: `{best['trial']}`",
             "",
-            f"Validation binary defect IoU **{best[METRIC]:.4f}** at epoch {best['best_epoch']}; "
+            f"Validation binary defect IoU **{best[SELECTION_METRIC]:.4f}** at epoch {best['best_epoch']}; "
             + ", ".join(f"{k} = {_number(v)}" for k, v in sorted(best["config"].items())),
             "",
         ]

@@ -1,31 +1,43 @@
 """A study spec: what to search, how, on which data and resources, and the held-out final check.
 
-Specs are YAML, typed here and checked when loaded: an error names the key, the value and the fix
-(``SpecError``), before any Ray work starts. A search-space entry is a fixed value, a list
-(choices; the grid's values), or a range ``{low: .., high: .., log: true}``.
+Specs are YAML, typed here and checked when loaded: an error names the file, the key, the value
+and the fix (``SpecError``), before any Ray work starts.
+
+- ``search_space``: the options a trial varies. Its keys are the segmentation options declared
+  searchable in ``SegConfig``; an entry is a fixed value, a list (choices; the grid's values), or
+  a range ``{low: .., high: .., log: true}``. Every value is checked by the option's own check.
+- ``training``: any `seg train` option fixed for every trial (``crop_size``,
+  ``max_steps_per_epoch``, ...), checked the same way; a key is in one of the two, not both.
+- ``dataset``, ``search``, ``resources``, ``final``: typed sections of their own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from defectforge.segmentation.losses import parse_loss
-from defectforge.segmentation.models import check_architecture, check_encoder
+from defectforge.datasets.config import TypedConfig, check_field, field_types, option
+from defectforge.datasets.errors import ConfigError, UserError, one_line
+from defectforge.segmentation.config import SegConfig
 
 ALGORITHMS = ("optuna", "grid")
-# Field annotations are strings (postponed evaluation); these are the scalar ones specs use.
-FIELD_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
-METRIC = "val_binary_defect_iou"
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+DEFAULT_SPACE = {"synthetic_ratio": 0.0}
+# Options a study sets itself, from its data and resources sections.
+STUDY_OWNED = ("workers", "use_gpu", "synthetic", "data_manifest_id")
+# Keys earlier specs put under dataset:, now training: options like the others.
+MOVED_TO_TRAINING = ("image_size", "crop_size", "binary")
 
 
-class SpecError(ValueError):
-    def __init__(self, where: str, key: str, value: Any, problem: str, fix: str):
-        super().__init__(f"{where}: {key} = {value!r}: {problem}; {fix}")
+class SpecError(UserError):
+    """``<file>: <key> = <value>: <problem>; <fix>``, or a message already in that form."""
+
+    def __init__(self, where: str, key: str | None = None, value: Any = None, problem="", fix=""):
+        super().__init__(where if key is None else f"{where}: {key} = {value!r}: {problem}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -35,75 +47,67 @@ class Range:
     log: bool = False
 
 
-def _in_unit_interval(value: float, closed_high: bool = True) -> bool:
-    return 0 <= value <= 1 if closed_high else 0 <= value < 1
+@dataclass(frozen=True)
+class DatasetSpec(TypedConfig):
+    kind = "dataset section"
 
-
-# Per searchable key: (Python type, check of one value, what a valid value is).
-SEARCHABLE: dict[str, tuple[type, Any, str]] = {
-    "synthetic_ratio": (float, lambda v: _in_unit_interval(v, False), "a number in [0, 1)"),
-    "arch": (str, lambda v: check_architecture(v) or True, "an smp architecture name"),
-    "encoder": (str, lambda v: check_encoder(v) or True, "an smp encoder name"),
-    "aug_strength": (float, _in_unit_interval, "a number in [0, 1]"),
-    "loss": (str, lambda v: parse_loss(v) is not None, "a loss spec such as ce+dice"),
-    "tversky_alpha": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "lr": (float, lambda v: v > 0, "a positive number"),
-    "batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
-    "epochs": (int, lambda v: v >= 1, "an integer >= 1"),
-    # Listing seeds on a grid repeats every configuration: the report's error bars.
-    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
-}
-DEFAULT_SPACE = {"synthetic_ratio": 0.0}
+    real: str = option(help="the real dataset (`data build`)")
+    synthetic: str = option("", "a labelled synthetic set (`synth label`), for ratios > 0")
 
 
 @dataclass(frozen=True)
-class DatasetSpec:
-    real: str
-    synthetic: str = ""
-    image_size: int = 0
-    crop_size: int = 128
-    binary: bool = False
+class AshaSpec(TypedConfig):
+    kind = "asha section"
+
+    grace_period: int = option(1, check=lambda v: v >= 1, valid=">= 1")
+    reduction_factor: int = option(2, check=lambda v: v >= 2, valid=">= 2")
 
 
 @dataclass(frozen=True)
-class AshaSpec:
-    grace_period: int = 1
-    reduction_factor: int = 2
+class SearchSpec(TypedConfig):
+    kind = "search section"
+
+    algorithm: str = option("optuna", choices=ALGORITHMS)
+    num_samples: int = option(1, check=lambda v: v >= 1, valid=">= 1")
+    max_concurrent_trials: int = option(1, check=lambda v: v >= 1, valid=">= 1")
+    seed: int = option(0)
+    asha: AshaSpec | None = option(None)
+    optuna_storage: str = option("")
+
+
+def _custom_resources_ok(custom: dict) -> bool:
+    return all(
+        isinstance(name, str)
+        and name not in RESERVED_RESOURCES
+        and isinstance(amount, int | float)
+        and not isinstance(amount, bool)
+        and amount > 0
+        for name, amount in custom.items()
+    )
 
 
 @dataclass(frozen=True)
-class SearchSpec:
-    algorithm: str = "optuna"
-    num_samples: int = 1
-    max_concurrent_trials: int = 1
-    seed: int = 0
-    asha: AshaSpec | None = None
-    optuna_storage: str = ""
+class ResourcesSpec(TypedConfig):
+    kind = "resources section"
 
-
-@dataclass(frozen=True)
-class ResourcesSpec:
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    workers_per_trial: int = 1
+    cpus_per_trial: float = option(1.0, check=lambda v: v > 0, valid="> 0")
+    gpus_per_trial: float = option(0.0, check=lambda v: v >= 0, valid=">= 0")
+    workers_per_trial: int = option(1, check=lambda v: v >= 1, valid=">= 1")
     # Custom Ray resources each training worker asks for: node labels that pin training to some
     # nodes, e.g. {defectforge_worker: 1} (`cluster up`) or {defectforge_gpu_worker: 1} (aws.yaml).
-    custom_per_worker: dict[str, float] = field(default_factory=dict)
+    custom_per_worker: dict[str, float] = option(
+        {},
+        check=_custom_resources_ok,
+        valid="a mapping of custom resource names (not CPU, GPU, memory) to positive amounts",
+    )
 
 
 @dataclass(frozen=True)
-class TrainingSpec:
-    """Per-trial settings that are not searched."""
+class FinalSpec(TypedConfig):
+    kind = "final section"
 
-    max_steps_per_epoch: int = 0  # 0: whole epochs; a cap keeps CPU-sized studies short
-    encoder_weights: str = ""  # "", "imagenet" or a local state-dict file
-    threads: int = 0  # torch threads per worker; 0: the CPUs it was given
-
-
-@dataclass(frozen=True)
-class FinalSpec:
-    seeds: int = 3
-    epochs: int = 0  # 0: as many as the best trial trained
+    seeds: int = option(3, check=lambda v: v == 0 or v >= 3, valid="0, or >= 3 for an interval")
+    epochs: int = option(0, check=lambda v: v >= 0, valid=">= 0 (0: as the best trial)")
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,7 @@ class StudySpec:
     search_space: dict[str, Any]
     search: SearchSpec = field(default_factory=SearchSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
+    training: dict[str, Any] = field(default_factory=dict)
     storage_path: str = "runs/studies"
     final: FinalSpec = field(default_factory=FinalSpec)
     description: str = ""
@@ -127,60 +131,94 @@ class StudySpec:
         return {k: v for k, v in self.search_space.items() if not isinstance(v, list | Range)}
 
 
-def _section(where: str, key: str, values: Any, cls: type, nested: dict | None = None):
-    """Build dataclass ``cls`` from mapping ``values``, rejecting unknown keys and wrong types."""
+SECTIONS = {
+    "dataset": DatasetSpec,
+    "search": SearchSpec,
+    "resources": ResourcesSpec,
+    "final": FinalSpec,
+}
+
+
+def _section(where: str, key: str, values: Any, cls: type[TypedConfig]):
+    """Build section ``cls`` from mapping ``values``: unknown keys, types and checks refused."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise SpecError(where, key, values, "must be a mapping", f"write {key}: followed by keys")
-    known = {f.name: f for f in fields(cls)}
+    if key == "dataset":
+        _refuse_moved_keys(where, values)
+    try:
+        return cls.from_dict(values)
+    except ConfigError as err:
+        raise _spec_error(where, key, err) from None
+
+
+def _spec_error(where: str, section: str, err: ConfigError) -> SpecError:
+    """``<file>: <section>.<option> = <value>: <problem>`` from an option's ConfigError."""
+    text = one_line(str(err))
+    joint = "." if re.match(r"[\w.]+ = ", text) else ": "
+    return SpecError(f"{where}: {section}{joint}{text}; fix it")
+
+
+def _refuse_moved_keys(where: str, values: dict) -> None:
+    for name in MOVED_TO_TRAINING:
+        if name in values:
+            raise SpecError(
+                where,
+                f"dataset.{name}",
+                values[name],
+                "is a training option now",
+                f"move it under training: ({name}: {values[name]})",
+            )
+
+
+def _option_fields() -> dict[str, Field]:
+    """The segmentation options a spec may fix in training: (not data, not set by the study)."""
+    return {
+        f.name: f
+        for f in SegConfig.options()
+        if f.metadata.get("cli") and f.name not in STUDY_OWNED
+    }
+
+
+def _checked_option(where: str, key: str, spec: Field, value: Any) -> Any:
+    try:
+        return check_field(spec, value, field_types(SegConfig)[spec.name])
+    except ConfigError as err:
+        raise _spec_error(where, key.rsplit(".", 1)[0], err) from None
+
+
+def _training(where: str, values: Any) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise SpecError(where, "training", values, "must be a mapping", "write option: value lines")
+    known = _option_fields()
+    checked = {}
     for name, value in values.items():
         if name not in known:
             raise SpecError(
-                where, f"{key}.{name}", value, "unknown key", f"use one of {sorted(known)}"
-            )
-    built = {}
-    for name, value in values.items():
-        if nested and name in nested:
-            built[name] = (
-                None if value is None else _section(where, f"{key}.{name}", value, nested[name])
-            )
-            continue
-        expected = FIELD_TYPES.get(known[name].type)
-        if expected and (
-            not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected)
-        ):
-            raise SpecError(
                 where,
-                f"{key}.{name}",
+                f"training.{name}",
                 value,
-                f"must be of type {known[name].type}",
-                "fix its value",
+                "not a training option",
+                f"use one of {sorted(known)}",
             )
-        built[name] = value
-    return cls(**built)
+        checked[name] = _checked_option(where, f"training.{name}", known[name], value)
+    return checked
 
 
 def _space_entry(where: str, key: str, value: Any) -> Any:
-    if key not in SEARCHABLE:
+    searchable = SegConfig.searchable()
+    if key not in searchable:
         raise SpecError(
-            where, f"search_space.{key}", value, "not a searchable key", f"use {sorted(SEARCHABLE)}"
+            where, f"search_space.{key}", value, "not a searchable key", f"use {sorted(searchable)}"
         )
-    kind, valid, description = SEARCHABLE[key]
-    fix = f"change it to {description}"
+    spec = searchable[key]
+    kind = field_types(SegConfig)[key]
 
     def check(item: Any) -> Any:
-        number = kind in (int, float)
-        ok_type = isinstance(item, kind) or (kind is float and isinstance(item, int))
-        if isinstance(item, bool) or not ok_type:
-            raise SpecError(where, f"search_space.{key}", item, f"must be {description}", fix)
-        try:
-            ok = valid(item)
-        except ValueError as err:
-            raise SpecError(where, f"search_space.{key}", item, str(err), fix) from None
-        if not ok:
-            raise SpecError(where, f"search_space.{key}", item, f"must be {description}", fix)
-        return float(item) if number and kind is float else item
+        return _checked_option(where, f"search_space.{key}", spec, item)
 
     if isinstance(value, dict):
         if set(value) - {"low", "high", "log"} or not {"low", "high"} <= set(value):
@@ -210,6 +248,14 @@ def _space_entry(where: str, key: str, value: Any) -> Any:
     return check(value)
 
 
+def _text_mapping(where: str, key: str, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SpecError(where, key, value, "must be a mapping", f"write {key}: followed by keys")
+    return {str(k): str(v) for k, v in value.items()}
+
+
 def parse_spec(data: Any, where: str = "spec") -> StudySpec:
     if not isinstance(data, dict):
         raise SpecError(where, "(top)", data, "a spec is a mapping", "see studies/specs/")
@@ -223,45 +269,30 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
     space = data["search_space"]
     if not isinstance(space, dict):
         raise SpecError(where, "search_space", space, "must be a mapping", "key: value lines")
+    sections = {key: _section(where, key, data.get(key), cls) for key, cls in SECTIONS.items()}
+    training = _training(where, data.get("training"))
+    for key in set(training) & set(space):
+        raise SpecError(
+            where, f"training.{key}", training[key], "also in search_space", "keep it in one place"
+        )
     spec = StudySpec(
         name=str(data["name"]),
-        dataset=_section(where, "dataset", data["dataset"], DatasetSpec),
         search_space={
             **DEFAULT_SPACE,
             **{k: _space_entry(where, k, v) for k, v in space.items()},
         },
-        search=_section(where, "search", data.get("search"), SearchSpec, {"asha": AshaSpec}),
-        resources=_section(where, "resources", data.get("resources"), ResourcesSpec),
-        training=_section(where, "training", data.get("training"), TrainingSpec),
+        training=training,
         storage_path=str(data.get("storage_path", "runs/studies")),
-        final=_section(where, "final", data.get("final"), FinalSpec),
         description=str(data.get("description", "")),
-        expected_runtime=dict(data.get("expected_runtime") or {}),
+        expected_runtime=_text_mapping(where, "expected_runtime", data.get("expected_runtime")),
+        **sections,
     )
     _check_consistency(where, spec)
     return spec
 
 
-def _check_custom_resources(where: str, custom: Any) -> None:
-    key = "resources.custom_per_worker"
-    if not isinstance(custom, dict):
-        raise SpecError(where, key, custom, "must be a mapping", "write {label_name: 1}")
-    for name, amount in custom.items():
-        if name in RESERVED_RESOURCES or not isinstance(name, str):
-            raise SpecError(
-                where, key, name, "not a custom resource", "set CPUs and GPUs with *_per_trial"
-            )
-        if isinstance(amount, bool) or not isinstance(amount, int | float) or amount <= 0:
-            raise SpecError(where, f"{key}.{name}", amount, "must be a positive number", "use 1")
-
-
 def _check_consistency(where: str, spec: StudySpec) -> None:
-    search = spec.search
-    if search.algorithm not in ALGORITHMS:
-        raise SpecError(
-            where, "search.algorithm", search.algorithm, "unknown", f"use one of {ALGORITHMS}"
-        )
-    if search.algorithm == "grid":
+    if spec.search.algorithm == "grid":
         for key, value in spec.searched().items():
             if isinstance(value, Range):
                 raise SpecError(
@@ -271,11 +302,6 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
                     "a grid search needs lists, not ranges",
                     "list the values or use algorithm: optuna",
                 )
-    for key in ("num_samples", "max_concurrent_trials"):
-        if getattr(search, key) < 1:
-            raise SpecError(
-                where, f"search.{key}", getattr(search, key), "must be >= 1", "raise it"
-            )
     ratios = spec.search_space["synthetic_ratio"]
     uses_synthetic = (
         ratios.high > 0 if isinstance(ratios, Range) else any(r > 0 for r in _listed(ratios))
@@ -287,15 +313,6 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
             spec.dataset.synthetic,
             "synthetic_ratio > 0 needs a labelled synthetic dataset",
             "set dataset.synthetic to a `synth label` output",
-        )
-    if spec.final.seeds and spec.final.seeds < 3:
-        raise SpecError(
-            where, "final.seeds", spec.final.seeds, "an interval needs >= 3 seeds", "use 3 or 0"
-        )
-    _check_custom_resources(where, spec.resources.custom_per_worker)
-    if spec.resources.workers_per_trial < 1 or spec.resources.cpus_per_trial <= 0:
-        raise SpecError(
-            where, "resources", spec.resources, "workers >= 1 and cpus > 0 per trial", "fix them"
         )
 
 
@@ -310,7 +327,8 @@ def load_spec(path: str | Path) -> StudySpec:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise SpecError(
-            str(path), "(yaml)", None, f"not valid YAML ({err})", "fix the syntax"
-        ) from None
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = one_line(getattr(err, "problem", None) or str(err))
+        raise SpecError(f"{path}: not valid YAML at {at}: {problem}; fix the syntax") from None
     return parse_spec(data, str(path))

@@ -41,7 +41,7 @@ def sample_dataset(ray_session, tmp_path_factory) -> Path:
     from defectforge.trainables.data_jobs import build_parquet
 
     out = tmp_path_factory.mktemp("built") / "neu-sample"
-    build_parquet(BuildConfig(source="neu-seg", root=str(SAMPLE), out=str(out)))
+    build_parquet(BuildConfig(source="neu-seg", root=str(SAMPLE)), out)
     return out
 
 
@@ -103,10 +103,15 @@ def generated(ray_session, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def labelled(generated, labeller, tmp_path_factory) -> Path:
-    from defectforge.segmentation.pseudo_label import LabelConfig
+    from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
     from defectforge.trainables.synth import label_synthetic
 
     out = tmp_path_factory.mktemp("labelled") / "synthetic"
-    cfg = LabelConfig(images=str(generated), labeler=str(labeller), min_region_area=20, actors=2)
+    cfg = LabelConfig(
+        images=str(generated),
+        labeller=str(labeller),
+        corrections=Corrections(min_region_area=20),
+        actors=2,
+    )
     label_synthetic(cfg, out)
     return out

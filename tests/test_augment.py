@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from defectforge.datasets.augment import augment_pair, paper_augmentation
+from defectforge.segmentation.config import SegConfig
 
 
 def _drawn_pair():
@@ -42,6 +43,13 @@ def test_full_strength_changes_pixels_and_is_seeded():
     assert changed >= 5
 
 
-def test_strength_out_of_range():
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        paper_augmentation(1.5)
+def test_strength_out_of_range_is_refused_by_every_config_that_carries_it():
+    from defectforge.datasets.augment import AugmentConfig
+    from defectforge.datasets.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strength = 1.5: must be in \[0, 1\]"):
+        AugmentConfig(strength=1.5)
+    with pytest.raises(ConfigError, match=r"aug_strength = -0.1: must be in \[0, 1\]"):
+        SegConfig(
+            data="x", classes=("a", "b"), channels=1, mean=(0.5,), std=(0.2,), aug_strength=-0.1
+        )

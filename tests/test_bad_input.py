@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 
 from defectforge.datasets.build import BuildConfig
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.readers import NEU_SEG_CLASSES, SampleSpec, discover_neu_seg, load_sample
+from defectforge.datasets.discover import NEU_SEG_CLASSES, discover_neu_seg
+from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.readers import load_sample
+from defectforge.datasets.samples import SampleSpec
 from defectforge.trainables.cli import main
 
 SPEC = SampleSpec("neu-seg", NEU_SEG_CLASSES, 1)
@@ -94,32 +97,29 @@ def test_empty_folder_cli_one_line(tmp_path, capsys):
 def test_build_fails_cleanly_and_skip_bad_lists_rejects(ray_session, sample_copy, tmp_path):
     from defectforge.trainables.data_jobs import build_parquet
 
+    out = tmp_path / "out"
+    first = build_parquet(BuildConfig(source="neu-seg", root=str(sample_copy)), out)
     refs = discover_neu_seg(sample_copy)
     cv2.imwrite(refs[0].mask_path, np.zeros((10, 10), np.uint8))
     open(refs[1].image_path, "wb").write(b"garbage")
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous dataset")
-    cfg = BuildConfig(source="neu-seg", root=str(sample_copy), out=str(out), overwrite=True)
+    cfg = BuildConfig(source="neu-seg", root=str(sample_copy))
     with pytest.raises(DataError, match="2 bad files in all"):
-        build_parquet(cfg)
-    assert (out / "keep.txt").read_text() == "previous dataset"
+        build_parquet(cfg, out, overwrite=True)
+    assert Manifest.load(out) == first  # the earlier dataset stands, untouched
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
 
-    skip = BuildConfig(
-        source="neu-seg", root=str(sample_copy), out=str(tmp_path / "skip"), skip_bad=True
-    )
-    manifest = build_parquet(skip)
+    skip = BuildConfig(source="neu-seg", root=str(sample_copy), skip_bad=True)
+    manifest = build_parquet(skip, tmp_path / "skip")
     rejected = (tmp_path / "skip" / "rejected.csv").read_text().splitlines()
-    assert len(rejected) == 3 and manifest["rejected"] == 2
-    assert manifest["counts"]["train"]["total"] + manifest["counts"]["val"]["total"] == 55
+    assert len(rejected) == 3 and manifest.rejected == 2
+    assert manifest.split_total("train") + manifest.split_total("val") == 55
 
 
 def test_bad_config_values_are_rejected():
-    with pytest.raises(ValueError, match="split-ratios"):
-        BuildConfig(source="folder", root=".", out="o", split_ratios=(0.5, 0.2, 0.2))
-    with pytest.raises(ValueError, match="unknown source"):
-        BuildConfig(source="nope", root=".", out="o")
+    with pytest.raises(ConfigError, match="split_ratios"):
+        BuildConfig(source="folder", root=".", split_ratios=(0.5, 0.2, 0.2))
+    with pytest.raises(ConfigError, match="source = 'nope': must be one of"):
+        BuildConfig(source="nope", root=".")
 
 
 def test_a_data_error_survives_ray_copying_and_pickling_it():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from defectforge.datasets.errors import DataError
 from defectforge.segmentation.models import architecture_names, build_model
 
 
@@ -37,5 +38,5 @@ def test_local_encoder_weights_are_loaded_and_grey_conv_is_summed(tmp_path):
     )
     summed = source.encoder.conv1.weight.sum(dim=1, keepdim=True)
     assert torch.allclose(grey.encoder.conv1.weight, summed)
-    with pytest.raises(FileNotFoundError, match="encoder weights file not found"):
+    with pytest.raises(DataError, match="encoder weights file not found"):
         build_model("unet", "resnet18", 1, 2, encoder_weights=str(tmp_path / "missing.pt"))

@@ -5,20 +5,24 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from defectforge.datasets.contract import COLUMNS, SCHEMA, decode_png, read_manifest, split_dir
+from defectforge.datasets.augment import AugmentConfig
+from defectforge.datasets.contract import COLUMNS, SCHEMA, decode_png, split_dir
+from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import read_image
 
 
 def test_parquet_round_trip_and_manifest(sample_dataset, sample_root):
-    manifest = read_manifest(sample_dataset)
-    assert manifest["counts"]["train"]["total"] == 42 and manifest["counts"]["val"]["total"] == 15
-    assert manifest["counts"]["train"]["by_class"] == {
+    manifest = Manifest.load(sample_dataset)
+    assert manifest.split_total("train") == 42 and manifest.split_total("val") == 15
+    assert manifest.counts["train"].by_class == {
         "inclusion": 14,
         "patches": 14,
         "scratches": 14,
     }
-    assert manifest["channels"] == 1 and manifest["classes"][0] == "background"
-    assert 0 < manifest["pixel_mean"][0] < 1 and len(manifest["inputs"]["digest"]) == 64
+    assert manifest.channels == 1 and manifest.classes[0] == "background"
+    assert 0 < manifest.pixel_mean[0] < 1 and len(manifest.inputs["digest"]) == 64
+    saved = json.loads((sample_dataset / "manifest.json").read_text())
+    assert Manifest.from_dict(saved) == manifest and saved["config"]["source"] == "neu-seg"
     table = pq.read_table(split_dir(sample_dataset, "train"))
     assert table.schema.equals(SCHEMA) and tuple(table.column_names) == COLUMNS
     first = sorted((sample_root / "images" / "train").iterdir())[0].stem
@@ -32,14 +36,14 @@ def test_offline_expansion_multiplies_train_only(ray_session, sample_dataset, tm
     from defectforge.trainables.data_jobs import augment_parquet
 
     out = tmp_path / "x3"
-    manifest = augment_parquet(sample_dataset, out, factor=3, strength=1.0, seed=5)
+    manifest = augment_parquet(sample_dataset, out, AugmentConfig(factor=3, strength=1.0, seed=5))
     train = pq.read_table(split_dir(out, "train"))
-    assert train.num_rows == 42 * 3 == manifest["counts"]["train"]["total"]
+    assert train.num_rows == 42 * 3 == manifest.split_total("train")
     assert pq.read_table(split_dir(out, "val")).num_rows == 15
     ids = train["id"].to_pylist()
     assert len(set(ids)) == len(ids) and sum("#aug02" in i for i in ids) == 42
     saved = json.loads((out / "manifest.json").read_text())
-    assert saved["augmentation"]["parent"] == read_manifest(sample_dataset)["dataset_id"]
+    assert saved["augmentation"]["parent"] == Manifest.load(sample_dataset).dataset_id
     assert saved["dataset_id"] != saved["augmentation"]["parent"]
 
 

@@ -145,32 +145,28 @@ def test_steel_builds_into_a_three_channel_parquet_dataset(simulated, ray_sessio
     from defectforge.trainables.data_jobs import build_parquet
 
     out, _ = simulated
-    manifest = build_parquet(
-        BuildConfig(
-            source="steel", root=str(out), out=str(tmp_path / "ds"), steel=SteelOptions(robust=True)
-        )
-    )
-    assert manifest["channels"] == 3 and manifest["classes"] == list(STEEL_CLASSES)
-    assert sum(c["total"] for c in manifest["counts"].values()) == 24
-    assert manifest["config"]["steel"]["robust"] is True
-    assert manifest["simulated"] is True
+    cfg = BuildConfig(source="steel", root=str(out), steel=SteelOptions(robust=True))
+    manifest = build_parquet(cfg, tmp_path / "ds")
+    assert manifest.channels == 3 and manifest.classes == STEEL_CLASSES
+    assert sum(c.total for c in manifest.counts.values()) == 24
+    assert manifest.section("config")["steel"]["robust"] is True
+    assert manifest.simulated is True
 
 
 def test_an_export_of_a_steel_model_predicts_from_raw_captures(simulated, ray_session, tmp_path):
     from defectforge.datasets.build import BuildConfig
     from defectforge.datasets.contract import decode_png
-    from defectforge.segmentation.export import export_model
+    from defectforge.segmentation.export import export_model, input_conversion, verification_images
     from defectforge.segmentation.exported import predict_folder_exported
     from defectforge.segmentation.models import build_model
     from defectforge.segmentation.overlay import overlay
     from defectforge.trainables.data_jobs import build_parquet, read_split
     from defectforge.trainables.seg import config_from_manifest
-    from defectforge.trainables.study import input_conversion, verification_images
 
     out, _ = simulated
     data = tmp_path / "ds"
     options = SteelOptions(robust=True, clip_percentiles=(2.0, 98.0))
-    build_parquet(BuildConfig(source="steel", root=str(out), out=str(data), steel=options))
+    build_parquet(BuildConfig(source="steel", root=str(out), steel=options), data)
     conversion = input_conversion(str(data))
     assert conversion["steel"]["robust"] is True
     assert conversion["steel"]["clip_percentiles"] == [2.0, 98.0]
@@ -194,10 +190,10 @@ def test_an_export_of_a_steel_model_predicts_from_raw_captures(simulated, ray_se
 
 
 def test_the_steel_quickstart_runs_on_rig_output(simulated, ray_session, tmp_path):
-    from defectforge.trainables.quickstart import steel_quickstart
+    from defectforge.trainables.quickstart import quickstart
 
     out, _ = simulated
-    metrics = steel_quickstart(str(out), tmp_path / "qs", epochs=1)
+    metrics = quickstart(str(out), tmp_path / "qs", epochs=1, source="steel")
 
     assert 0.0 <= metrics["binary_defect_iou"] <= 1.0
     assert set(metrics["per_class_iou"]) == set(STEEL_CLASSES)

@@ -5,15 +5,9 @@ import numpy as np
 import pytest
 
 from defectforge.datasets.build import BuildConfig, discover
-from defectforge.datasets.readers import (
-    NEU_SEG_CLASSES,
-    SampleSpec,
-    discover_folder,
-    discover_neu_seg,
-    hash_split,
-    load_sample,
-    read_image,
-)
+from defectforge.datasets.discover import NEU_SEG_CLASSES, discover_folder, discover_neu_seg
+from defectforge.datasets.readers import load_sample, read_image
+from defectforge.datasets.samples import SampleSpec, hash_split
 from tests.conftest import SHARED_DATA
 
 
@@ -54,7 +48,6 @@ def test_folder_reader_on_magnetic_tile_soft_masks(tmp_path):
     cfg = BuildConfig(
         source="folder",
         root=str(tmp_path),
-        out=str(tmp_path / "out"),
         mask_threshold=128,
         class_from_folder=True,
         classes=("background", "MT_Crack"),  # MT_Free names no class: its masks are empty
@@ -78,7 +71,7 @@ def test_folder_reader_paired_layout_with_classes_file(tmp_path):
     cv2.imwrite(str(tmp_path / "images" / "train" / "a.png"), image)
     cv2.imwrite(str(tmp_path / "masks" / "train" / "a.png"), mask)
     (tmp_path / "classes.yaml").write_text("classes: [background, dent, scratch]\n")
-    cfg = BuildConfig(source="folder", root=str(tmp_path), out=str(tmp_path / "o"))
+    cfg = BuildConfig(source="folder", root=str(tmp_path))
     refs, spec = discover(cfg)
     assert spec.classes == ("background", "dent", "scratch") and spec.channels == 3
     assert refs[0].split == "train"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import yaml
 
-from defectforge.studies.spec import METRIC, Range, SpecError, parse_spec
+from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.spec import Range, SpecError, parse_spec
 from defectforge.studies.stats import mean_interval
 
 STUDY_TRAINING = {"max_steps_per_epoch": 2}
@@ -25,18 +26,17 @@ def sample_with_test(ray_session, sample_root, tmp_path_factory) -> Path:
     from defectforge.trainables.data_jobs import build_parquet
 
     out = tmp_path_factory.mktemp("built") / "neu-sample-test"
-    cfg = BuildConfig(source="neu-seg", root=str(sample_root), out=str(out), test_fraction=0.4)
-    build_parquet(cfg)
+    build_parquet(BuildConfig(source="neu-seg", root=str(sample_root), test_fraction=0.4), out)
     return out
 
 
 def study_spec(data: Path, storage: Path, synthetic: Path | None = None, **changes) -> dict:
     spec = {
         "name": "t",
-        "dataset": {"real": str(data), "crop_size": 64},
+        "dataset": {"real": str(data)},
         "search_space": {"synthetic_ratio": 0.0, "epochs": 2, "batch_size": 4},
         "search": {"algorithm": "grid"},
-        "training": STUDY_TRAINING,
+        "training": {**STUDY_TRAINING, "crop_size": 64},
         "storage_path": str(storage),
         "final": {"seeds": 3},
     }
@@ -119,11 +119,7 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
         ({"final": {"seeds": 3}}, r"final.seeds = 3: the dataset .* has no test split"),
         (
             {"search_space": {"arch": "pan", "epochs": 1}},
-            r"search_space.arch = 'pan': pan needs inputs of at least 128 px",
-        ),
-        (
-            {"search": {"algorithm": "grid", "max_concurrent_trials": 2}},
-            r"resources.cpus_per_trial = 1.0: 2 concurrent trial\(s\) x 1.0 CPU leave no CPU",
+            r"search_space.arch = 'pan': crop_size = 64: pan needs inputs of at least 128 px",
         ),
         (
             {"search_space": {"synthetic_ratio": [0.0, 0.5]}},
@@ -135,13 +131,24 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
 def test_a_study_that_would_fail_or_stall_is_refused_before_it_runs(
     changes, message, sample_dataset, sample_with_test, labelled, tmp_path
 ):
-    from defectforge.trainables.study import check_study
+    from defectforge.trainables.study_setup import check_study
 
     data = sample_dataset if "final" in changes else sample_with_test
     synthetic = labelled if "synthetic_ratio" in changes.get("search_space", {}) else None
     spec = parse_spec(study_spec(data, tmp_path, synthetic, **changes))
     with pytest.raises(SpecError, match=message):
         check_study(spec, "spec.yaml")
+
+
+def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test, tmp_path):
+    from defectforge.datasets.errors import ClusterError
+    from defectforge.trainables.study_setup import study_worker_cpus
+
+    two = parse_spec(study_spec(sample_with_test, tmp_path, search={"max_concurrent_trials": 2}))
+    assert study_worker_cpus(two) == 0.5  # 2 trials x 0.5 CPU on the 2-CPU session; 1 for data
+    eight = parse_spec(study_spec(sample_with_test, tmp_path, search={"max_concurrent_trials": 8}))
+    with pytest.raises(ClusterError, match="8 concurrent trial workers need at least 3 CPUs"):
+        study_worker_cpus(eight)
 
 
 def _wait_for(condition, seconds: float, what: str) -> None:
@@ -184,15 +191,12 @@ def test_an_interrupted_study_resumes_reports_and_exports(
 ):
     from defectforge.segmentation import export as export_module
     from defectforge.segmentation.checkpoint import load_model
+    from defectforge.segmentation.export import verification_images
     from defectforge.segmentation.exported import ExportedModel
     from defectforge.segmentation.inference import predict_batch_logits
-    from defectforge.trainables.study import (
-        FINAL_FILE,
-        TRIALS_FILE,
-        export_study,
-        resume_study,
-        verification_images,
-    )
+    from defectforge.studies.export import export_study
+    from defectforge.studies.results import FINAL_FILE, TRIALS_FILE
+    from defectforge.trainables.study import resume_study
 
     spec_file = tmp_path / "spec.yaml"
     spec = study_spec(sample_with_test, tmp_path, labelled)
@@ -309,7 +313,7 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
             "status": "finished",
             "epochs_run": 2,
             "best_epoch": 2,
-            METRIC: score,
+            SELECTION_METRIC: score,
             "val_mean_defect_iou": score,
             "val_per_class_iou": classes,
             "val_confusion_matrix": [[90, 10], [5, 20]],
@@ -320,7 +324,7 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
         for ratio, values in scores.items()
         for i, (seed, score) in enumerate(zip((0, 1, 2), values, strict=True))
     ]
-    trials.sort(key=lambda t: -t[METRIC])
+    trials.sort(key=lambda t: -t[SELECTION_METRIC])
     study = {
         "name": "r",
         "dataset_ids": {"real": "abc", "synthetic": "def"},
@@ -332,7 +336,9 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
     # mean 0.71, sd 0.01, t(0.975, 2) = 4.3027: 0.71 -/+ 0.0248
     assert "| 0.3800 | 3 | 0.7100 | 0.6852 - 0.7348 |" in text
     assert "| 0.0000 | 3 | 0.6200 | 0.5703 - 0.6697 |" in text
-    assert summary["best"][METRIC] == 0.72 and summary["importance"] == {"synthetic_ratio": 1.0}
+    assert summary["best"][SELECTION_METRIC] == 0.72 and summary["importance"] == {
+        "synthetic_ratio": 1.0
+    }
     assert (tmp_path / "iou_vs_ratio.png").stat().st_size > 5000
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from defectforge.datasets.contract import read_manifest, split_dir, write_png
-from defectforge.datasets.errors import DataError
+from defectforge.datasets.augment import AugmentConfig
+from defectforge.datasets.contract import split_dir, write_png
+from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import MixConfig, NotEnoughSynthetic, plan_mix, synthetic_count
 from defectforge.segmentation.pseudo_label import (
     Corrections,
@@ -107,24 +109,26 @@ def test_mix_plan_is_seeded_stable_and_refuses_impossible_ratios():
         plan_mix(60, {}, candidates, MixConfig(0.8))
     fewer = plan_mix(60, {}, candidates, MixConfig(0.8, allow_fewer=True))
     assert len(fewer.synthetic_ids) == 100 and fewer.achieved_ratio == pytest.approx(100 / 160)
-    with pytest.raises(ValueError, match=r"synthetic ratio must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"ratio = 1.0: must be in \[0, 1\)"):
         MixConfig(1.0)
 
 
 def test_label_config_validation():
-    with pytest.raises(ValueError, match="min confidence"):
-        LabelConfig(images="x", labeler="y", min_confidence=1.5)
-    with pytest.raises(ValueError, match="HxW"):
-        LabelConfig(images="x", labeler="y", height=200)
+    with pytest.raises(ConfigError, match="min_confidence = 1.5"):
+        LabelConfig(images="x", labeller="y", min_confidence=1.5)
+    with pytest.raises(ConfigError, match="HxW"):
+        LabelConfig(images="x", labeller="y", size=(200,))
+    with pytest.raises(ConfigError, match="min_region_area = -1"):
+        Corrections(min_region_area=-1)
 
 
 # --- Ray Data jobs on the bundled sample --------------------------------------------------
 
 
 def test_labelling_writes_masks_lineage_report_and_plots(labelled, generated, sample_dataset):
-    manifest = read_manifest(labelled)
+    manifest = Manifest.load(labelled)
     table = pq.read_table(split_dir(labelled, "train"))
-    assert manifest["counts"]["train"]["total"] == table.num_rows == 32
+    assert manifest.split_total("train") == table.num_rows == 32
     rows = table.to_pylist()
     assert {r["source"] for r in rows} == {"synthetic"} and {r["defect_class"] for r in rows} == {
         "patches"
@@ -133,9 +137,9 @@ def test_labelling_writes_masks_lineage_report_and_plots(labelled, generated, sa
     assert {(r["height"], r["width"]) for r in rows} == {(200, 200)}
     assert all(r["mask"] and r["label_confidence"] > 0.99 for r in rows)
     assert all("/seed" in r["origin"] and "|labeller:run-" in r["origin"] for r in rows)
-    lineage = manifest["labelling"]
-    assert lineage["labeller_data_id"] == read_manifest(sample_dataset)["dataset_id"]
-    assert lineage["generated_dataset_id"] == read_manifest(generated)["dataset_id"]
+    lineage = manifest.section("labelling")
+    assert lineage["labeller_data_id"] == Manifest.load(sample_dataset).dataset_id
+    assert lineage["generated_dataset_id"] == Manifest.load(generated).dataset_id
     with open(labelled / "labels.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 32
     quality = json.loads((labelled / "label_quality.json").read_text())
@@ -151,47 +155,49 @@ def test_labelling_drops_unsure_images_and_rejects_a_wrong_channel_count(
 ):
     from defectforge.trainables.synth import label_synthetic
 
-    strict = LabelConfig(images=str(generated), labeler=str(labeller), min_confidence=1.0)
+    strict = LabelConfig(images=str(generated), labeller=str(labeller), min_confidence=1.0)
     result = label_synthetic(strict, tmp_path / "strict")
-    assert result["manifest"]["labelling"]["dropped"] == {"low confidence": 32}
+    assert result["manifest"].section("labelling")["dropped"] == {"low confidence": 32}
     assert not (tmp_path / "strict" / "train").exists()
     colour = tmp_path / "colour"
     colour.mkdir()
     write_png(colour / "a.png", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
     with pytest.raises(DataError, match=r"images have 3 channel\(s\) but the labeller"):
-        label_synthetic(LabelConfig(images=str(colour), labeler=str(labeller)), tmp_path / "x")
+        label_synthetic(LabelConfig(images=str(colour), labeller=str(labeller)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
 def test_offline_and_lazy_mixes_agree_and_keep_val_real(sample_dataset, labelled, tmp_path):
-    from defectforge.trainables.mix import mix_datasets, mixed_train
+    from defectforge.datasets.mix import plan_for
+    from defectforge.trainables.data_jobs import mix_datasets, train_rows
 
-    real = read_manifest(sample_dataset)
+    real = Manifest.load(sample_dataset)
     cfg = MixConfig(0.38, seed=3)
     manifest = mix_datasets(sample_dataset, labelled, cfg, tmp_path / "mixed")
-    n_real = real["counts"]["train"]["total"]
+    n_real = real.split_total("train")
     n_synthetic = synthetic_count(n_real, 0.38)
-    assert manifest["mix"]["synthetic_images"] == n_synthetic
-    assert manifest["counts"]["train"]["by_source"] == {"real": n_real, "synthetic": n_synthetic}
-    assert manifest["mix"]["real_dataset_id"] == real["dataset_id"]
-    assert manifest["mix"]["synthetic_dataset_id"] == read_manifest(labelled)["dataset_id"]
+    mix = manifest.section("mix")
+    assert mix["synthetic_images"] == n_synthetic
+    assert manifest.counts["train"].by_source == {"real": n_real, "synthetic": n_synthetic}
+    assert mix["real_dataset_id"] == real.dataset_id
+    assert mix["synthetic_dataset_id"] == Manifest.load(labelled).dataset_id
     train = pq.read_table(split_dir(tmp_path / "mixed", "train"), columns=["id", "source"])
     val = pq.read_table(split_dir(tmp_path / "mixed", "val"), columns=["source"])
     assert set(val["source"].to_pylist()) == {"real"}
-    lazy, plan = mixed_train(sample_dataset, labelled, cfg)
+    lazy = train_rows(sample_dataset, str(labelled), cfg)
     assert sorted(r["id"] for r in lazy.select_columns(["id"]).take_all()) == sorted(
         train["id"].to_pylist()
     )
-    assert plan.achieved_ratio == manifest["mix"]["achieved_ratio"]
+    assert plan_for(sample_dataset, labelled, cfg).plan.achieved_ratio == mix["achieved_ratio"]
 
 
 def test_ratio_zero_reproduces_the_real_set_and_impossible_ratios_fail(
     sample_dataset, labelled, tmp_path
 ):
-    from defectforge.trainables.mix import mix_datasets
+    from defectforge.trainables.data_jobs import mix_datasets
 
     manifest = mix_datasets(sample_dataset, labelled, MixConfig(0.0), tmp_path / "zero")
-    assert manifest["dataset_id"] == read_manifest(sample_dataset)["dataset_id"]
+    assert manifest.dataset_id == Manifest.load(sample_dataset).dataset_id
     assert (
         pq.read_table(split_dir(tmp_path / "zero", "train"))
         .sort_by("id")
@@ -200,28 +206,27 @@ def test_ratio_zero_reproduces_the_real_set_and_impossible_ratios_fail(
     with pytest.raises(NotEnoughSynthetic, match="--allow-fewer"):
         mix_datasets(sample_dataset, labelled, MixConfig(0.5), tmp_path / "too-many")
     assert not (tmp_path / "too-many").exists()
-    with pytest.raises(ValueError, match="--augment-factor must be >= 1"):
-        mix_datasets(sample_dataset, labelled, MixConfig(0.1), tmp_path / "x", augment_factor=0)
-    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="factor = 0: must be >= 1"):
+        AugmentConfig(factor=0)
 
 
 def test_mix_then_offline_augmentation_expands_train_only(sample_dataset, labelled, tmp_path):
-    from defectforge.trainables.mix import mix_datasets
+    from defectforge.trainables.data_jobs import mix_datasets
 
-    manifest = mix_datasets(
-        sample_dataset, labelled, MixConfig(0.13), tmp_path / "mixed-2x", augment_factor=2
-    )
-    real = read_manifest(sample_dataset)["counts"]
-    n_mixed = real["train"]["total"] + manifest["mix"]["synthetic_images"]
-    assert manifest["counts"]["train"]["total"] == 2 * n_mixed
+    twice = AugmentConfig(factor=2, strength=1.0)
+    manifest = mix_datasets(sample_dataset, labelled, MixConfig(0.13), tmp_path / "mixed-2x", twice)
+    real = Manifest.load(sample_dataset)
+    n_mixed = real.split_total("train") + manifest.section("mix")["synthetic_images"]
+    assert manifest.split_total("train") == 2 * n_mixed
     assert pq.read_table(split_dir(tmp_path / "mixed-2x", "train")).num_rows == 2 * n_mixed
-    assert manifest["counts"]["val"] == real["val"]
-    assert manifest["augmentation"]["factor"] == 2 and manifest["mix"]["requested_ratio"] == 0.13
+    assert manifest.counts["val"] == real.counts["val"]
+    assert manifest.section("augmentation")["factor"] == 2
+    assert manifest.section("mix")["requested_ratio"] == 0.13
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch removed
 
 
 def test_mixing_unlabelled_images_is_a_clear_error(sample_dataset, generated, tmp_path):
-    from defectforge.trainables.mix import mix_datasets
+    from defectforge.trainables.data_jobs import mix_datasets
 
     with pytest.raises(DataError, match="no masks yet.*synth label"):
         mix_datasets(sample_dataset, generated, MixConfig(0.2), tmp_path / "mixed")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from defectforge.datasets.batches import BatchMaker
-from defectforge.datasets.contract import read_manifest, split_dir
+from defectforge.datasets.contract import split_dir
+from defectforge.datasets.manifest import Manifest
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import LoopIO, train_segmentation
@@ -29,13 +30,13 @@ TINY = dict(
 
 
 def _config(dataset: Path, **overrides) -> SegConfig:
-    manifest = read_manifest(dataset)
+    manifest = Manifest.load(dataset)
     return SegConfig(
         data=str(dataset),
-        classes=tuple(manifest["classes"]),
-        channels=manifest["channels"],
-        mean=tuple(manifest["pixel_mean"]),
-        std=tuple(manifest["pixel_std"]),
+        classes=manifest.classes,
+        channels=manifest.channels,
+        mean=manifest.pixel_mean,
+        std=manifest.pixel_std,
         **{**TINY, **overrides},
     )
 
@@ -109,12 +110,12 @@ def test_two_worker_ray_train_then_eval_and_predict_cli(
         sample_dataset, workers=2, epochs=2, max_steps_per_epoch=2, arch="pan", crop_size=128
     )
     run = tmp_path / "run"
-    summary = run_seg_training(cfg, run, cpus_per_worker=0.5)
+    summary = run_seg_training(cfg, run)  # 2 workers on 2 CPUs: each gets half, data keeps one
     assert [row["epoch"] for row in summary["history"]] == [0, 1]
     assert (run / "model.pt").is_file() and (run / "config.json").is_file()
     model, loaded = load_model(run)
     assert loaded == cfg
-    more = run_seg_training(replace(cfg, epochs=3), run, cpus_per_worker=0.5, resume=True)
+    more = run_seg_training(replace(cfg, epochs=3), run, resume=True)
     assert [row["epoch"] for row in more["history"]] == [0, 1, 2]
 
     capsys.readouterr()

@@ -1,9 +1,13 @@
-"""Ray Data jobs over the Parquet contract: build from raw folders, offline augmentation, reading."""
+"""Ray Data jobs over the Parquet contract: build, augment and mix datasets, and read splits.
+
+The rows are made here, with Ray Data; ``datasets.writer`` writes and publishes them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from functools import partial
@@ -14,31 +18,31 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from defectforge.datasets.augment import augment_pair, paper_augmentation
+from defectforge.datasets.augment import AugmentConfig, augment_pair, paper_augmentation
 from defectforge.datasets.build import (
     BuildConfig,
     RowLoader,
+    build_manifest,
     check_rejections,
     discover,
-    make_manifest,
 )
 from defectforge.datasets.contract import (
     COLUMNS,
     SCHEMA,
     SPLITS,
-    combined_digest,
     decode_png,
     encode_png,
-    publish_dir,
-    read_manifest,
     split_dir,
+    split_files,
 )
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import write_json_atomic
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.mix import Mix, MixConfig, plan_for
+from defectforge.datasets.outputs import check_output
+from defectforge.datasets.writer import write_dataset
 from defectforge.trainables.runtime import ensure_ray
 
 LOAD_BATCH = 32
-ROWS_PER_FILE = 1024
 # Splits this process may not read (comma-separated): a study's search seals "test".
 SEALED_SPLITS_ENV = "DEFECTFORGE_SEALED_SPLITS"
 
@@ -58,8 +62,8 @@ def sealed_splits(*splits: str) -> Iterator[None]:
 
 
 def read_split(root: str | Path, split: str) -> ray.data.Dataset:
-    """One split of a built dataset as a Ray Dataset (raises if the split is empty or missing,
-    or sealed by ``sealed_splits``)."""
+    """One split of a built dataset as a Ray Dataset (raises if the split is missing, empty,
+    damaged, or sealed by ``sealed_splits``)."""
     folder = split_dir(root, split)
     if split in os.environ.get(SEALED_SPLITS_ENV, "").split(","):
         raise DataError(
@@ -67,13 +71,42 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
             f"the {split} split is sealed while a study searches (only train and val are read)",
             "it is read once, by the study's final step",
         )
-    if not folder.is_dir():
+    files = split_files(root, split) if folder.is_dir() else []
+    if not files:
         raise DataError(
             folder,
             f"dataset has no {split} split",
             "rebuild it with split ratios that give this split some samples",
         )
-    return ray.data.read_parquet(str(folder), schema=SCHEMA)
+    return ray.data.read_parquet([str(p) for p in files], schema=SCHEMA)
+
+
+def _only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
+    return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
+
+
+def train_rows(
+    data: str | Path, synthetic: str = "", mix: MixConfig | None = None
+) -> ray.data.Dataset:
+    """The train split of ``data``; with a synthetic set and a mix, plus the synthetic rows
+    ``datasets.mix`` chose for it."""
+    train = read_split(data, "train")
+    if not synthetic or mix is None or not mix.ratio:
+        return train
+    return _with_synthetic(train, synthetic, plan_for(data, synthetic, mix))
+
+
+def _with_synthetic(train: ray.data.Dataset, synthetic: str | Path, mix: Mix) -> ray.data.Dataset:
+    print(f"train split: {mix.plan.summary()}", flush=True)
+    if not mix.plan.synthetic_ids:
+        return train
+    chosen = read_split(synthetic, "train").map_batches(
+        partial(_only_ids, ids=mix.plan.synthetic_ids), batch_format="pyarrow"
+    )
+    return train.union(chosen)
+
+
+# --- build --------------------------------------------------------------------------------------
 
 
 def _rows_of_split(table: pa.Table, split: str) -> pa.Table:
@@ -82,45 +115,46 @@ def _rows_of_split(table: pa.Table, split: str) -> pa.Table:
     return table.filter(keep).select(list(COLUMNS)).cast(SCHEMA)
 
 
-def _write_splits(dataset: ray.data.Dataset, staging: Path, counts: dict) -> None:
-    for split in SPLITS:
-        if counts[split]["total"]:
-            part = dataset.map_batches(partial(_rows_of_split, split=split), batch_format="pyarrow")
-            part.write_parquet(str(staging / split), min_rows_per_file=ROWS_PER_FILE)
-
-
-def build_parquet(cfg: BuildConfig) -> dict:
-    """Read, check and write a dataset; the final folder appears only when all of it is written."""
+def build_parquet(cfg: BuildConfig, out: str | Path, overwrite: bool = False) -> Manifest:
+    """Read, check and write a dataset; the folder appears only when all of it is written."""
+    check_output(out, overwrite, (cfg.root,))
     refs, spec = discover(cfg)
     ensure_ray()
-    loaded = (
-        ray.data.from_items([asdict(ref) for ref in refs])
-        .map_batches(
-            RowLoader(spec),
-            batch_size=LOAD_BATCH,
-            batch_format="numpy",
-            zero_copy_batch=True,
-            compute=ray.data.TaskPoolStrategy(),
+    with write_dataset(out, overwrite, inputs=(cfg.root,)) as staging:
+        loaded = (
+            ray.data.from_items([asdict(ref) for ref in refs])
+            .map_batches(
+                RowLoader(spec),
+                batch_size=LOAD_BATCH,
+                batch_format="numpy",
+                zero_copy_batch=True,
+                compute=ray.data.TaskPoolStrategy(),
+            )
+            .materialize()
         )
-        .materialize()
-    )
-    summary = loaded.drop_columns(["image", "mask"]).take_all()
-    with publish_dir(cfg.out, cfg.overwrite) as staging:
-        good = check_rejections(summary, cfg, staging)
-        manifest = make_manifest(cfg, spec, good, len(summary) - len(good))
-        _write_splits(loaded, staging, manifest["counts"])
-        write_json_atomic(staging / "manifest.json", manifest)
-    return manifest
+        summary = loaded.drop_columns(["image", "mask"]).take_all()
+        good = check_rejections(summary, cfg, staging.path("rejected.csv"))
+        for split in SPLITS:
+            if any(row["split"] == split for row in good):
+                part = loaded.map_batches(
+                    partial(_rows_of_split, split=split), batch_format="pyarrow"
+                )
+                staging.write_split(split, part)
+        staging.publish(build_manifest(cfg, spec, good, len(summary) - len(good)))
+    return staging.manifest
 
 
-def _expand(batch: pa.Table, factor: int, strength: float, seed: int, channels: int) -> pa.Table:
+# --- augment ------------------------------------------------------------------------------------
+
+
+def _expand(batch: pa.Table, cfg: AugmentConfig, channels: int) -> pa.Table:
     """Each row once as it is, plus ``factor - 1`` augmented copies with derived ids."""
     rows = []
     for row in batch.to_pylist():
         rows.append(row)
         image, mask = decode_png(row["image"], channels), decode_png(row["mask"], 0)
-        for copy in range(1, factor):
-            transform = paper_augmentation(strength, seed=_copy_seed(seed, row["id"], copy))
+        for copy in range(1, cfg.factor):
+            transform = paper_augmentation(cfg.strength, seed=_copy_seed(cfg.seed, row["id"], copy))
             aug_image, aug_mask = augment_pair(transform, image, mask)
             rows.append(
                 {
@@ -130,7 +164,7 @@ def _expand(batch: pa.Table, factor: int, strength: float, seed: int, channels: 
                     "mask": encode_png(aug_mask),
                     "height": aug_image.shape[0],
                     "width": aug_image.shape[1],
-                    "origin": f"{row['id']}|aug:{seed}:{copy}",
+                    "origin": f"{row['id']}|aug:{cfg.seed}:{copy}",
                 }
             )
     return pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -140,64 +174,67 @@ def _copy_seed(seed: int, sample_id: str, copy: int) -> int:
     return int(np.random.default_rng([seed, copy, *sample_id.encode()]).integers(2**31))
 
 
-def _scaled_counts(counts: dict, factor: int) -> dict:
-    return {
-        "total": counts["total"] * factor,
-        "by_source": {k: v * factor for k, v in counts["by_source"].items()},
-        "by_class": {k: v * factor for k, v in counts["by_class"].items()},
-    }
-
-
 def augment_parquet(
-    data: str | Path,
-    out: str | Path,
-    factor: int = 15,
-    strength: float = 1.0,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> dict:
+    data: str | Path, out: str | Path, cfg: AugmentConfig, overwrite: bool = False
+) -> Manifest:
     """The paper's offline expansion of the train split (val and test are copied unchanged)."""
-    if factor < 1:
-        raise ValueError(f"--factor must be >= 1, got {factor}")
-    paper_augmentation(strength)
-    manifest = read_manifest(data)
+    check_output(out, overwrite, (data,))
+    manifest = Manifest.load(data)
+    manifest.require_masks(data, "augmented")
     ensure_ray()
-    with publish_dir(out, overwrite) as staging:
-        counts = {}
+    with write_dataset(out, overwrite, inputs=(data,)) as staging:
         for split in SPLITS:
-            if not manifest["counts"][split]["total"]:
-                counts[split] = manifest["counts"][split]
+            if not manifest.split_total(split):
                 continue
-            dataset = read_split(data, split)
             if split == "train":
-                dataset = dataset.map_batches(
-                    partial(
-                        _expand,
-                        factor=factor,
-                        strength=strength,
-                        seed=seed,
-                        channels=manifest["channels"],
-                    ),
-                    batch_format="pyarrow",
-                    batch_size=8,
+                expand = partial(_expand, cfg=cfg, channels=manifest.channels)
+                rows = read_split(data, split).map_batches(
+                    expand, batch_format="pyarrow", batch_size=8
                 )
-            dataset.write_parquet(str(staging / split), min_rows_per_file=ROWS_PER_FILE)
-            counts[split] = _scaled_counts(
-                manifest["counts"][split], factor if split == "train" else 1
-            )
-        augmentation = {
-            "factor": factor,
-            "strength": strength,
-            "seed": seed,
-            "parent": manifest["dataset_id"],
-        }
-        derived = {
-            **manifest,
-            "counts": counts,
-            "augmentation": augmentation,
-            "dataset_id": combined_digest(
-                {"parent": manifest["dataset_id"], "augmentation": repr(augmentation)}
-            )[:16],
-        }
-        write_json_atomic(staging / "manifest.json", derived)
-    return derived
+                staging.write_split(split, rows)
+            else:
+                staging.copy_split(data, split)
+        staging.publish(manifest.augmented(cfg.factor, cfg.strength, cfg.seed))
+    return staging.manifest
+
+
+# --- mix ----------------------------------------------------------------------------------------
+
+
+def mix_datasets(
+    real: str | Path,
+    synthetic: str | Path,
+    cfg: MixConfig,
+    out: str | Path,
+    augment: AugmentConfig | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Write the mixed dataset (val and test copied from the real set, never synthetic); with
+    ``augment`` its train split is then expanded offline as by `data augment`."""
+    inputs = (real, synthetic)
+    check_output(out, overwrite, inputs)
+    mix = plan_for(real, synthetic, cfg)
+    ensure_ray()
+    if augment is None:
+        return _write_mix(real, synthetic, mix, cfg, out, overwrite, inputs)
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.mix-", dir=out.parent) as scratch:
+        _write_mix(real, synthetic, mix, cfg, Path(scratch) / "mix", False, inputs)
+        return augment_parquet(Path(scratch) / "mix", out, augment, overwrite)
+
+
+def _write_mix(real, synthetic, mix: Mix, cfg: MixConfig, out, overwrite: bool, inputs) -> Manifest:
+    details = {
+        **{key: value for key, value in asdict(cfg).items() if key != "ratio"},
+        "requested_ratio": cfg.ratio,
+        "achieved_ratio": mix.plan.achieved_ratio,
+        "real_images": mix.plan.real_count,
+        "synthetic_images": len(mix.plan.synthetic_ids),
+    }
+    with write_dataset(out, overwrite, inputs) as staging:
+        staging.write_split("train", _with_synthetic(read_split(real, "train"), synthetic, mix))
+        for split in SPLITS[1:]:
+            staging.copy_split(real, split)
+        staging.publish(mix.real.mixed(mix.synthetic, mix.plan.synthetic_ids, details))
+    return staging.manifest

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 import ray.train
@@ -26,35 +27,42 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from defectforge.datasets.batches import GanBatchMaker
-from defectforge.datasets.contract import (
-    SCHEMA_VERSION,
-    combined_digest,
-    read_manifest,
-    run_identity,
-    split_dir,
-)
-from defectforge.datasets.errors import DataError
+from defectforge.datasets.contract import SCHEMA, encode_png, run_identity, split_files
+from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.files import atomic_write, write_json_atomic
-from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, SAMPLES_FILE, load_gan_state
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.outputs import check_output, check_run_folder, prepare_run_folder
+from defectforge.datasets.writer import write_dataset
+from defectforge.gan.checkpoint import (
+    CONFIG_FILE,
+    GENERATOR_FILE,
+    SAMPLES_FILE,
+    load_gan_state,
+    load_generator,
+)
 from defectforge.gan.config import GanConfig
+from defectforge.gan.generate import generate_images
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.trainables.data_jobs import read_split
-from defectforge.trainables.runtime import ensure_ray, resumed_run_name, starting_checkpoint
+from defectforge.trainables.runtime import (
+    ensure_ray,
+    fit,
+    resumed_run_name,
+    starting_checkpoint,
+    worker_cpus,
+)
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
 
 
 def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **options) -> GanConfig:
-    manifest = read_manifest(data)
+    """The profile's config for this dataset, with ``options`` (the ones the user gave) on top."""
+    manifest = Manifest.load(data)
     base = GanConfig(
-        data=str(Path(data).resolve()),
-        channels=manifest["channels"],
-        classes=tuple(manifest["classes"][1:]),
+        data=str(Path(data).resolve()), channels=manifest.channels, classes=manifest.classes[1:]
     )
-    return replace(
-        base.with_profile(profile), **{k: v for k, v in options.items() if v is not None}
-    )
+    return replace(base.with_profile(profile), **options)
 
 
 def _wanted(cfg: GanConfig):
@@ -73,7 +81,7 @@ def real_images(cfg: GanConfig, split: str = "train") -> ray.data.Dataset:
 
 def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
     """The first ``metric_images`` real images (seeded shuffle) at the GAN resolution, uint8."""
-    table = pq.read_table(split_dir(cfg.data, split), columns=["image", "defect_class"])
+    table = pq.read_table(split_files(cfg.data, split), columns=["image", "defect_class"])
     keep = _wanted(cfg)
     cells = [r["image"] for r in table.to_pylist() if keep(r)]
     if not cells:
@@ -145,19 +153,18 @@ def _gan_worker(config: dict) -> None:
 
 
 def run_gan_training(
-    cfg: GanConfig,
-    out: str | Path,
-    resume: bool = False,
-    max_failures: int = 2,
-    cpus_per_worker: float = 1.0,
+    cfg: GanConfig, out: str | Path, resume: bool = False, max_failures: int = 2
 ) -> dict:
     """Train (or, with ``resume``, continue a finished run to ``cfg.kimg``) and publish the
-    lowest-SWD snapshot's generator and grid, the metric history and every grid in ``out``."""
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    lowest-SWD snapshot's generator and grid, the metric history and every grid in ``out``.
+    Every input is checked before ``out`` is made, so a refused run leaves no folder."""
+    out = check_run_folder(out, (cfg.data,))
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
+    cpus = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
+    reals = real_images(cfg)
+    prepare_run_folder(out, inputs=(cfg.data,), kind="GAN run")
     trainer = TorchTrainer(
         _gan_worker,
         train_loop_config={
@@ -169,7 +176,7 @@ def run_gan_training(
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
             use_gpu=cfg.use_gpu,
-            resources_per_worker=None if cfg.use_gpu else {"CPU": cpus_per_worker},
+            resources_per_worker=cpus,
         ),
         run_config=RunConfig(
             name=name,
@@ -180,9 +187,9 @@ def run_gan_training(
                 num_to_keep=3, checkpoint_score_attribute="swd", checkpoint_score_order="min"
             ),
         ),
-        datasets={"train": real_images(cfg)},
+        datasets={"train": reals},
     )
-    result = trainer.fit()
+    result = fit(trainer)
     best_checkpoint, best_metrics = min(
         result.best_checkpoints, key=lambda pair: pair[1].get("swd", float("inf"))
     )
@@ -205,8 +212,25 @@ def _class_index(cfg: GanConfig, class_name: str | None) -> int | None:
     if class_name is None:
         return None
     if class_name not in cfg.classes:
-        raise ValueError(f"--class {class_name!r} is not among {list(cfg.classes)}")
+        raise ConfigError(f"--class {class_name!r} is not among {list(cfg.classes)}")
     return cfg.classes.index(class_name)
+
+
+def _generated_row(identity: str, seed: int, image: np.ndarray, cfg: GanConfig, class_name) -> dict:
+    return {
+        "id": f"gan/{identity}/seed{seed:05d}",
+        "image": encode_png(image),
+        "mask": None,
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "channels": image.shape[2],
+        "dataset": Path(cfg.data).name,
+        "source": "synthetic",
+        "split": "train",
+        "defect_class": class_name or cfg.defect_class,
+        "label_confidence": None,
+        "origin": f"{identity}/seed{seed}",
+    }
 
 
 def write_generated(
@@ -216,59 +240,30 @@ def write_generated(
     truncation_psi: float = 1.0,
     class_name: str | None = None,
     overwrite: bool = False,
-) -> dict:
-    """PNG per seed plus a Parquet dataset of synthetic rows (no masks yet) with a manifest."""
-    import pyarrow as pa
-
-    from defectforge.datasets.contract import SCHEMA, encode_png, publish_dir
-    from defectforge.gan.checkpoint import load_generator
-    from defectforge.gan.generate import generate_images
-
+) -> Manifest:
+    """PNG per seed plus a dataset of synthetic rows (no masks yet) with its manifest."""
+    check_output(out, overwrite, (model,))
     generator, cfg = load_generator(model)
-    images = generate_images(generator, cfg, seeds, truncation_psi, _class_index(cfg, class_name))
+    class_index = _class_index(cfg, class_name)
     identity = run_identity(model, GENERATOR_FILE)
-    rows = []
-    with publish_dir(out, overwrite) as staging:
-        (staging / "train").mkdir()
-        for seed, image in zip(seeds, images, strict=True):
-            png = encode_png(image)
-            (staging / f"seed{seed:05d}.png").write_bytes(png)
-            rows.append(
-                {
-                    "id": f"gan/{identity}/seed{seed:05d}",
-                    "image": png,
-                    "mask": None,
-                    "height": image.shape[0],
-                    "width": image.shape[1],
-                    "channels": image.shape[2],
-                    "dataset": Path(cfg.data).name,
-                    "source": "synthetic",
-                    "split": "train",
-                    "defect_class": class_name or cfg.defect_class,
-                    "label_confidence": None,
-                    "origin": f"{identity}/seed{seed}",
-                }
-            )
-        pq.write_table(
-            pa.Table.from_pylist(rows, schema=SCHEMA), staging / "train" / "generated.parquet"
-        )
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "dataset": f"gan-{identity}",
-            "dataset_id": combined_digest(
-                {"generator": identity, "seeds": repr(seeds), "psi": repr(truncation_psi)}
-            )[:16],
-            "source": "synthetic",
-            "channels": cfg.channels,
-            "generator": identity,
+    with write_dataset(out, overwrite, inputs=(model,)) as staging:
+        images = generate_images(generator, cfg, seeds, truncation_psi, class_index)
+        rows = [
+            _generated_row(identity, seed, image, cfg, class_name)
+            for seed, image in zip(seeds, images, strict=True)
+        ]
+        for row, seed in zip(rows, seeds, strict=True):
+            staging.path(f"seed{seed:05d}.png").write_bytes(row["image"])
+        staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
+        generation = {
             "seeds": seeds,
             "truncation_psi": truncation_psi,
             "class": class_name,
-            "counts": {"train": {"total": len(rows), "by_source": {"synthetic": len(rows)}}},
             "gan_config": asdict(cfg),
         }
-        write_json_atomic(staging / "manifest.json", manifest)
-    return manifest
+        classes = ("background", *cfg.classes) if cfg.classes else ("background", "defect")
+        staging.publish(Manifest.generated(identity, classes, cfg.channels, generation))
+    return staging.manifest
 
 
 def generator_metrics(
@@ -281,8 +276,7 @@ def generator_metrics(
     """SWD (and FID/KID given local Inception weights) between ``count`` generated images and
     as many real images of the run's (or another) dataset. A conditional generator is scored on
     ``class_name`` against real images of that class, or on every class in turn."""
-    from defectforge.gan.checkpoint import load_generator
-    from defectforge.gan.generate import cycled_classes, generate_images
+    from defectforge.gan.generate import cycled_classes
     from defectforge.gan.loop import METRIC_SEED
     from defectforge.gan.metrics import inception_metrics, sliced_wasserstein
 

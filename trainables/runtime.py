@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from defectforge.datasets.errors import ClusterError, DataError
 from defectforge.studies.store import is_uri
 
 
@@ -28,9 +30,57 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         address=address,
         num_cpus=num_cpus if local else None,
         dashboard_host="127.0.0.1",
-        logging_level=logging.WARNING,
+        # Ray's own notices stay in its log files; the terminal shows defectforge's lines.
+        logging_level=logging.ERROR,
         runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}} if local else None,
     )
+
+
+# Ray Data's read and map tasks each take one CPU: whatever workers and actors hold, this much
+# stays free for them, or a job that reads data through Ray Data waits forever.
+DATA_CPUS = 1.0
+# Below this share a worker would get too little time to make progress.
+MIN_WORKER_CPUS = 0.25
+
+
+def worker_cpus(count: int, wanted: float = 1.0, what: str = "workers") -> float:
+    """CPUs for each of ``count`` workers or actors: ``wanted``, or less so that DATA_CPUS stay
+    free for Ray Data beside them. A cluster too small even for that is refused in one line."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    share = min(wanted, (total - DATA_CPUS) / count) if count else wanted
+    if share < MIN_WORKER_CPUS:
+        needed = count * MIN_WORKER_CPUS + DATA_CPUS
+        raise ClusterError(
+            f"{count} {what} need at least {needed:g} CPUs ({MIN_WORKER_CPUS:g} each plus "
+            f"{DATA_CPUS:g} for reading data) and this Ray cluster has {total:g}; ask for "
+            f"fewer {what} or add CPUs"
+        )
+    return share
+
+
+def fit(runner):
+    """``runner.fit()`` (a Ray Train trainer or a Tune tuner) with Ctrl-C reaching the caller.
+
+    Run from the main thread, both install a SIGINT handler of their own that aborts the run
+    and then exits the process from inside the handler, which no caller can turn into a message.
+    From another thread they leave SIGINT alone (as inside Tune): this thread gets
+    KeyboardInterrupt, and the run ends with the process, its checkpoints kept for a resume.
+    """
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = runner.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below, unchanged
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="defectforge-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def latest_checkpoint_dir(storage: Path) -> Path | None:
@@ -44,7 +94,9 @@ def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:
     """Name for a Ray run that continues a finished one, and the checkpoint it starts from."""
     previous = latest_checkpoint_dir(storage)
     if previous is None:
-        raise FileNotFoundError(f"{storage.parent}: no checkpoint to resume from; train it first")
+        raise DataError(
+            storage.parent, "no checkpoint to resume from", "train it first (without --resume)"
+        )
     return f"{base}-from-{previous.name}", previous
 
 
@@ -89,7 +141,7 @@ def check_shared_storage(root: str) -> None:
         probe.unlink(missing_ok=True)
     blind = [node["NodeManagerAddress"] for node, ok in zip(nodes, seen, strict=True) if not ok]
     if blind:
-        raise ValueError(
+        raise ClusterError(
             f"storage_path {root}: not visible from {len(blind)} of {len(nodes)} nodes "
             f"({', '.join(sorted(set(blind)))}); on a multi-node cluster use a folder every node "
             "mounts (NFS, a shared volume) or an s3:// / gs:// URI"

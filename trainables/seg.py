@@ -24,8 +24,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from defectforge.datasets.batches import BatchMaker
-from defectforge.datasets.contract import read_manifest
 from defectforge.datasets.files import atomic_write, write_json_atomic
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.outputs import check_run_folder, prepare_run_folder
 from defectforge.segmentation.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -33,15 +34,16 @@ from defectforge.segmentation.checkpoint import (
     load_training_state,
 )
 from defectforge.segmentation.config import SegConfig
-from defectforge.segmentation.loop import (
-    SELECTION_METRIC,
-    LoopIO,
-    evaluate,
-    train_segmentation,
+from defectforge.segmentation.loop import LoopIO, evaluate, train_segmentation
+from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.trainables.data_jobs import read_split, train_rows
+from defectforge.trainables.runtime import (
+    ensure_ray,
+    fit,
+    resumed_run_name,
+    starting_checkpoint,
+    worker_cpus,
 )
-from defectforge.trainables.data_jobs import read_split
-from defectforge.trainables.mix import mixed_train
-from defectforge.trainables.runtime import ensure_ray, resumed_run_name, starting_checkpoint
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
@@ -49,14 +51,15 @@ RUN_NAME = "train"
 
 def config_from_manifest(data: str | Path, **options) -> SegConfig:
     """A SegConfig whose data fields (classes, channels, statistics) come from the dataset."""
-    manifest = read_manifest(data)
+    manifest = Manifest.load(data)
+    manifest.require_masks(data, "trained on")
     return SegConfig(
         data=str(Path(data).resolve()),
-        classes=tuple(manifest["classes"]),
-        channels=manifest["channels"],
-        mean=tuple(manifest["pixel_mean"]),
-        std=tuple(manifest["pixel_std"]),
-        data_manifest_id=manifest["dataset_id"],
+        classes=manifest.classes,
+        channels=manifest.channels,
+        mean=manifest.pixel_mean,
+        std=manifest.pixel_std,
+        data_manifest_id=manifest.dataset_id,
         **options,
     )
 
@@ -135,19 +138,6 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     )
 
 
-def training_split(cfg: SegConfig) -> ray.data.Dataset:
-    """The real train split, or (with ``cfg.synthetic``) real + synthetic at the config's ratio."""
-    if not cfg.synthetic:
-        return read_split(cfg.data, "train")
-    train, plan = mixed_train(cfg.data, cfg.synthetic, cfg.mix_config())
-    print(
-        f"train split: {plan.real_count} real + {len(plan.synthetic_ids)} synthetic images "
-        f"(ratio {plan.achieved_ratio:.3f}, requested {plan.requested_ratio})",
-        flush=True,
-    )
-    return train
-
-
 def make_trainer(
     cfg: SegConfig,
     storage: str,
@@ -160,7 +150,7 @@ def make_trainer(
     """A TorchTrainer over the config's splits; Ray keeps the run under ``storage``/``name``
     (a local path or a pyarrow URI) and restores it by name after an interruption.
     ``resources_per_worker`` None: Ray's default (1 CPU, plus 1 GPU with ``cfg.use_gpu``)."""
-    train, val = training_split(cfg), read_split(cfg.data, "val")
+    train, val = train_rows(cfg.data, cfg.synthetic, cfg.mix), read_split(cfg.data, "val")
     return TorchTrainer(
         _seg_worker,
         train_loop_config={
@@ -199,27 +189,26 @@ def best_checkpoint(result) -> tuple[Checkpoint, dict]:
     return max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0)
 
 
-def run_seg_training(
-    cfg: SegConfig, out: str | Path, cpus_per_worker: float = 1.0, resume: bool = False
-) -> dict:
+def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> dict:
     """Train on Ray, then publish the best checkpoint's model and metrics into ``out``.
 
     An interrupted run restarts from its latest checkpoint when the same command runs again (Ray
     Train restores a run by name); ``resume`` continues a finished one, e.g. to more epochs.
+    Every input is checked before ``out`` is made, so a refused run leaves no folder.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_run_folder(out, (cfg.data, cfg.synthetic))
     ensure_ray()
     # Per-operator bars of every epoch's data stream drown the epoch lines; Ray Train's own
     # reporting and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    storage = out.resolve() / "ray"
+    storage = out / "ray"
     name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
-    resources = None if cfg.use_gpu else {"CPU": cpus_per_worker}
+    resources = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     trainer = make_trainer(
         cfg, str(storage), name, resume_from=previous, resources_per_worker=resources
     )
-    result = trainer.fit()
+    prepare_run_folder(out, inputs=(cfg.data, cfg.synthetic), kind="segmentation run")
+    result = fit(trainer)
     best, best_metrics = best_checkpoint(result)
     with result.checkpoint.as_directory() as latest:
         history = load_training_state(latest)["history"]

@@ -30,19 +30,20 @@ from defectforge.datasets.contract import (
     COLUMNS,
     MANIFEST,
     SCHEMA,
-    SCHEMA_VERSION,
-    SPLITS,
     combined_digest,
     decode_png,
     encode_png,
-    publish_dir,
-    read_manifest,
+    file_digest,
     run_identity,
     split_dir,
+    split_files,
 )
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write, require_files, write_json_atomic
+from defectforge.datasets.files import require_files, write_json_atomic
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import guess_channels, list_images, read_image
+from defectforge.datasets.writer import write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.inference import predict_batch_logits, predict_logits
@@ -53,8 +54,8 @@ from defectforge.segmentation.report import (
     plot_correction_quality,
     plot_label_grid,
 )
-from defectforge.trainables.data_jobs import ROWS_PER_FILE, read_split
-from defectforge.trainables.runtime import ensure_ray
+from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.runtime import ensure_ray, worker_cpus
 
 # The labelling output: the contract's columns plus what the report and the filter need.
 LABELLED_SCHEMA = pa.schema(
@@ -75,11 +76,8 @@ def _device(use_gpu: bool) -> torch.device:
 
 
 def _actor_input(rows: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
-    """Rows in blocks of a few batches, read before any actor starts.
-
-    One block goes to one actor, so a single-file input would keep all but one actor idle; and
-    actors holding every CPU would leave none for the read tasks feeding them.
-    """
+    """Rows in blocks of a few batches: one block goes to one actor, so a single-file input
+    would otherwise keep all but one actor idle."""
     return rows.repartition(
         target_num_rows_per_block=cfg.batch_size * BATCHES_PER_BLOCK
     ).materialize()
@@ -90,7 +88,7 @@ class _Labeller:
 
     def __init__(self, cfg: dict, size: tuple[int, int], labeller_id: str):
         self.cfg = LabelConfig.from_dict(cfg)
-        self.model, self.seg = load_model(self.cfg.labeler, _device(self.cfg.use_gpu))
+        self.model, self.seg = load_model(self.cfg.labeller, _device(self.cfg.use_gpu))
         self.size, self.labeller_id = size, labeller_id
 
     def _image(self, cell: bytes) -> np.ndarray:
@@ -159,7 +157,7 @@ class _QualityScorer:
 
     def __init__(self, cfg: dict):
         self.cfg = LabelConfig.from_dict(cfg)
-        self.model, self.seg = load_model(self.cfg.labeler, _device(self.cfg.use_gpu))
+        self.model, self.seg = load_model(self.cfg.labeller, _device(self.cfg.use_gpu))
         self.variants = quality_variants(self.cfg.corrections)
         self.binary = self.cfg.binary or self.seg.binary
         self.num_classes = 2 if self.binary else len(self.seg.classes)
@@ -180,17 +178,28 @@ class _QualityScorer:
         return {f"cm_{name}": np.stack(values) for name, values in matrices.items()}
 
 
+def _actor_options(cfg: LabelConfig) -> dict:
+    """The actor pool: ``cfg.actors`` copies, each with its GPU, or a CPU share that leaves
+    Ray Data's tasks room beside them."""
+    resources = (
+        {"num_gpus": 1}
+        if cfg.use_gpu
+        else {"num_cpus": worker_cpus(cfg.actors, what="labelling actors")}
+    )
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=cfg.actors),
+        "batch_size": cfg.batch_size,
+        "batch_format": "pyarrow",
+        **resources,
+    }
+
+
 def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
     """IoU of the labeller on its dataset's val split per correction variant (None: no val)."""
     if not (split_dir(seg.data, "val")).is_dir():
         return None
     scored = _actor_input(read_split(seg.data, "val"), cfg).map_batches(
-        _QualityScorer,
-        fn_constructor_kwargs={"cfg": asdict(cfg)},
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_gpus=1 if cfg.use_gpu else 0,
+        _QualityScorer, fn_constructor_kwargs={"cfg": asdict(cfg)}, **_actor_options(cfg)
     )
     totals: dict[str, np.ndarray] = {}
     for batch in scored.iter_batches(batch_format="numpy"):
@@ -204,11 +213,10 @@ def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
     }
 
 
-def generated_dataset(images: Path) -> tuple[ray.data.Dataset, int, dict]:
-    """Rows of a `gan generate` output (Parquet + manifest) or of a plain folder of images."""
+def generated_dataset(images: Path) -> tuple[ray.data.Dataset, Manifest]:
+    """Rows and manifest of a `gan generate` output, or of a plain folder of images."""
     if (images / MANIFEST).is_file():
-        manifest = read_manifest(images)
-        return read_split(images, "train"), manifest["channels"], manifest
+        return read_split(images, "train"), Manifest.load(images)
     paths = list_images(images)
     channels = guess_channels(paths[0])
     rows = []
@@ -227,12 +235,19 @@ def generated_dataset(images: Path) -> tuple[ray.data.Dataset, int, dict]:
             }
         )
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    return ray.data.from_arrow(table), channels, {"dataset": images.name, "dataset_id": None}
+    files = combined_digest({path.name: file_digest(path) for path in paths})
+    manifest = Manifest.generated(
+        f"folder-{images.name}",
+        ("background", "defect"),
+        channels,
+        {"folder": str(images), "files": files},
+    )
+    return ray.data.from_arrow(table), manifest
 
 
 def common_size(data: str | Path) -> tuple[int, int]:
     """The most frequent (height, width) of a dataset's train images."""
-    table = pq.read_table(split_dir(data, "train"), columns=["height", "width"])
+    table = pq.read_table(split_files(data, "train"), columns=["height", "width"])
     sizes = Counter(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
     return sizes.most_common(1)[0][0]
 
@@ -248,12 +263,12 @@ def _automatic_size(seg: SegConfig) -> tuple[int, int]:
 
 
 def _check_labeller(cfg: LabelConfig, images_channels: int) -> SegConfig:
-    folder = require_files(cfg.labeler, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
+    folder = require_files(cfg.labeller, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
     seg = SegConfig.load(folder / CONFIG_FILE)
     if seg.channels != images_channels:
         raise DataError(
             cfg.images,
-            f"images have {images_channels} channel(s) but the labeller {cfg.labeler} was "
+            f"images have {images_channels} channel(s) but the labeller {cfg.labeller} was "
             f"trained on {seg.channels}",
             f"label with a segmentation model trained on {images_channels}-channel images",
         )
@@ -274,50 +289,32 @@ def _kept_rows(table: pa.Table) -> pa.Table:
 
 
 def _labelled_manifest(
-    cfg: LabelConfig, seg: SegConfig, source: dict, summary: list[dict], ids: dict
-) -> dict:
+    cfg: LabelConfig, seg: SegConfig, generated: Manifest, summary: list[dict], ids: dict
+) -> Manifest:
     kept = [row for row in summary if not row["rejected"]]
-    classes = list(_label_classes(cfg, seg))
     mean, std = pixel_statistics(kept, seg.channels) if kept else ([], [])
-    empty = {"total": 0, "by_source": {}, "by_class": {}}
-    counts = {split: dict(empty) for split in SPLITS}
-    counts["train"] = {
-        "total": len(kept),
-        "by_source": {"synthetic": len(kept)} if kept else {},
-        "by_class": dict(Counter(row["defect_class"] or "none" for row in kept)),
-    }
     confidences = [row["label_confidence"] for row in summary]
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": f"synthetic-{source['dataset']}",
-        "source": "synthetic",
-        "classes": classes,
-        "channels": seg.channels,
-        "binary": cfg.binary or seg.binary,
-        "counts": counts,
-        "pixel_mean": mean,
-        "pixel_std": std,
-        "labelling": {
-            "config": asdict(cfg),
-            "labeller": ids["labeller"],
-            "labeller_data_id": seg.data_manifest_id,
-            "generated_dataset_id": source.get("dataset_id"),
-            "generator": source.get("generator"),
-            "size": list(ids["size"]),
-            "images": len(summary),
-            "kept": len(kept),
-            "dropped": dict(Counter(row["rejected"] for row in summary if row["rejected"])),
-            "confidence_quartiles": np.quantile(confidences, [0.25, 0.5, 0.75]).tolist(),
-        },
-        "dataset_id": combined_digest(
-            {
-                "generated": str(source.get("dataset_id")),
-                "labeller": ids["labeller"],
-                "config": repr(asdict(cfg)),
-                "kept": repr(sorted(row["id"] for row in kept)),
-            }
-        )[:16],
+    labelling = {
+        "config": asdict(cfg),
+        "labeller": ids["labeller"],
+        "labeller_data_id": seg.data_manifest_id,
+        "generated_dataset_id": generated.dataset_id,
+        "generator": (generated.section("generation") or {}).get("generator"),
+        "size": list(ids["size"]),
+        "images": len(summary),
+        "kept": len(kept),
+        "kept_ids_digest": combined_digest({row["id"]: "" for row in kept}),
+        "dropped": dict(Counter(row["rejected"] for row in summary if row["rejected"])),
+        "confidence_quartiles": np.quantile(confidences, [0.25, 0.5, 0.75]).tolist(),
     }
+    return generated.labelled(
+        _label_classes(cfg, seg),
+        cfg.binary or seg.binary,
+        labelling,
+        channels=seg.channels,
+        pixel_mean=tuple(mean),
+        pixel_std=tuple(std),
+    )
 
 
 def label_rows(
@@ -326,52 +323,38 @@ def label_rows(
     """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, lazily."""
     return _actor_input(rows, cfg).map_batches(
         _Labeller,
-        fn_constructor_kwargs={
-            "cfg": asdict(cfg),
-            "size": size,
-            "labeller_id": labeller_id,
-        },
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        batch_size=cfg.batch_size,
-        batch_format="pyarrow",
-        num_gpus=1 if cfg.use_gpu else 0,
+        fn_constructor_kwargs={"cfg": asdict(cfg), "size": size, "labeller_id": labeller_id},
+        **_actor_options(cfg),
     )
 
 
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Label generated images with a trained segmentation model; keep the confident ones."""
     images = Path(cfg.images)
+    check_output(out, overwrite, (cfg.images, cfg.labeller))
     ensure_ray()
-    generated, channels, source = generated_dataset(images)
-    seg = _check_labeller(cfg, channels)
-    size = (cfg.height, cfg.width) if cfg.height else _automatic_size(seg)
-    labeller_id = run_identity(cfg.labeler, MODEL_FILE)
-    labelled = label_rows(cfg, generated, size, labeller_id).materialize()
-    summary = labelled.drop_columns(["image", "mask"]).take_all()
-    quality = label_quality(cfg, seg)
-    with publish_dir(out, overwrite) as staging:
+    generated, source = generated_dataset(images)
+    seg = _check_labeller(cfg, source.channels)
+    size = tuple(cfg.size) or _automatic_size(seg)
+    labeller_id = run_identity(cfg.labeller, MODEL_FILE)
+    with write_dataset(out, overwrite, inputs=(cfg.images, cfg.labeller)) as staging:
+        labelled = label_rows(cfg, generated, size, labeller_id).materialize()
+        summary = labelled.drop_columns(["image", "mask"]).take_all()
+        quality = label_quality(cfg, seg)
         if any(not row["rejected"] for row in summary):
-            kept = labelled.map_batches(_kept_rows, batch_format="pyarrow")
-            kept.write_parquet(str(staging / "train"), min_rows_per_file=ROWS_PER_FILE)
-        atomic_write(
-            staging / "labels.csv", lambda tmp: Path(tmp).write_bytes(_labels_csv(summary))
-        )
-        manifest = _labelled_manifest(
-            cfg,
-            seg,
-            source,
-            summary,
-            {"labeller": labeller_id, "size": size},
-        )
+            staging.write_split("train", labelled.map_batches(_kept_rows, batch_format="pyarrow"))
+        staging.path("labels.csv").write_bytes(_labels_csv(summary))
         if quality is not None:
-            write_json_atomic(staging / "label_quality.json", quality)
-            plot_correction_quality(quality, staging / "plots" / "label_quality.png")
+            write_json_atomic(staging.path("label_quality.json"), quality)
+            plot_correction_quality(quality, staging.path("plots/label_quality.png"))
         plot_confidence_histogram(
             [row["label_confidence"] for row in summary],
             cfg.min_confidence,
-            staging / "plots" / "confidence.png",
+            staging.path("plots/confidence.png"),
         )
         grid_rows = labelled.limit(GRID_ROWS).take_all()
-        plot_label_grid(grid_rows, seg.channels, staging / "plots" / "synthetic_labels.png")
-        write_json_atomic(staging / MANIFEST, manifest)
-    return {"manifest": manifest, "quality": quality}
+        plot_label_grid(grid_rows, seg.channels, staging.path("plots/synthetic_labels.png"))
+        staging.publish(
+            _labelled_manifest(cfg, seg, source, summary, {"labeller": labeller_id, "size": size})
+        )
+    return {"manifest": staging.manifest, "quality": quality}

@@ -1,0 +1,151 @@
+"""Find samples on disk: the NEU-Seg layout and any folder of images with masks.
+
+Discovery only lists paths, so it is fast; decoding and checking happen per sample in
+``readers.load_sample``, which the Parquet build runs in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from defectforge.datasets.contract import SPLITS
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.samples import (
+    IMAGE_SUFFIXES,
+    SampleRef,
+    carve_test_split,
+    hash_split,
+)
+
+NEU_SEG_CLASSES = ("background", "inclusion", "patches", "scratches")
+CLASS_FILES = ("classes.yaml", "classes.yml", "classes.json")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
+
+
+def _require_images(root: Path, found: list) -> None:
+    if not found:
+        raise DataError(
+            root,
+            f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})",
+            "point --root at the folder that holds the images",
+        )
+
+
+def discover_neu_seg(root: str | Path, test_fraction: float = 0.0) -> list[SampleRef]:
+    """NEU-Seg layout: ``images/<split>/<stem>.jpg`` with ``masks/<split>/<stem>.png``."""
+    root = Path(root)
+    if not (root / "images").is_dir():
+        raise DataError(
+            root,
+            "no images/ folder (NEU-Seg layout is images/<split>, masks/<split>)",
+            "point --root at the NEU-Seg folder or use --source folder",
+        )
+    refs = []
+    for split_folder in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
+        if split_folder.name not in SPLITS:
+            raise DataError(
+                split_folder,
+                f"unknown split folder {split_folder.name!r}",
+                f"rename it to one of {', '.join(SPLITS)}",
+            )
+        for image in _images_in(split_folder):
+            sample_id = f"neu-seg/{split_folder.name}/{image.stem}"
+            mask = root / "masks" / split_folder.name / f"{image.stem}.png"
+            refs.append(
+                SampleRef(
+                    sample_id,
+                    str(image),
+                    str(mask) if mask.is_file() else None,
+                    carve_test_split(sample_id, split_folder.name, test_fraction),
+                )
+            )
+    _require_images(root, refs)
+    return refs
+
+
+def _find_mask(
+    folder: Path, stem: str, mask_suffix: str, exclude: Path | None = None
+) -> Path | None:
+    for suffix in (".png", ".bmp", ".tif", ".tiff"):
+        candidate = folder / f"{stem}{mask_suffix}{suffix}"
+        if candidate != exclude and candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_mask_file(path: Path, mask_suffix: str) -> bool:
+    if mask_suffix:
+        return path.stem.endswith(mask_suffix)
+    # Without a suffix, a PNG beside a same-stem image of another format is that image's mask.
+    return path.suffix.lower() == ".png" and any(
+        path.with_suffix(s).is_file() for s in IMAGE_SUFFIXES if s != ".png"
+    )
+
+
+def discover_folder(
+    root: str | Path,
+    dataset: str,
+    split_ratios: tuple[float, float, float],
+    mask_suffix: str = "",
+    class_from_folder: bool = False,
+) -> list[SampleRef]:
+    """Generic layout: ``images/`` + ``masks/`` trees, or masks beside their images.
+
+    A first path component named train/val/test sets the split; otherwise a hash of the id does.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "folder does not exist", "check the --root path")
+    paired = (root / "images").is_dir() and (root / "masks").is_dir()
+    image_root = root / "images" if paired else root
+    images = [p for p in _images_in(image_root) if paired or not _is_mask_file(p, mask_suffix)]
+    _require_images(root, images)
+    refs = []
+    for image in images:
+        relative = image.relative_to(image_root)
+        sample_id = f"{dataset}/{relative.with_suffix('').as_posix()}"
+        if paired:
+            mask = _find_mask((root / "masks" / relative).parent, image.stem, mask_suffix)
+        else:
+            mask = _find_mask(image.parent, image.stem, mask_suffix, exclude=image)
+        first = relative.parts[0] if len(relative.parts) > 1 else ""
+        split = first if first in SPLITS else hash_split(sample_id, split_ratios)
+        folder_class = _top_folder(relative) if class_from_folder else None
+        refs.append(
+            SampleRef(sample_id, str(image), str(mask) if mask else None, split, folder_class)
+        )
+    return refs
+
+
+def _top_folder(relative: Path) -> str | None:
+    """The first folder under the root that is not a split folder: the class's folder."""
+    folders = [part for part in relative.parts[:-1] if part not in SPLITS]
+    return folders[0] if folders else None
+
+
+def read_class_file(root: str | Path) -> tuple[tuple[str, ...] | None, dict[str, str]]:
+    """Class names (index = mask value) and folder-to-class names from a classes file, if any.
+
+    Format (YAML or JSON): ``classes: [background, crack, ...]`` and optionally
+    ``folders: {MT_Crack: crack, MT_Free: background}``.
+    """
+    for name in CLASS_FILES:
+        path = Path(root) / name
+        if path.is_file():
+            content = (json.loads if path.suffix == ".json" else yaml.safe_load)(path.read_text())
+            if not isinstance(content, dict) or not isinstance(content.get("classes"), list):
+                raise DataError(
+                    path,
+                    "expected a mapping with a 'classes' list",
+                    "write e.g. `classes: [background, scratch]`",
+                )
+            return tuple(str(c) for c in content["classes"]), dict(content.get("folders") or {})
+    return None, {}

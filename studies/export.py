@@ -1,0 +1,74 @@
+"""A study's deliverable: the chosen model, exported with its metrics and lineage.
+
+The chosen model is the final seed with the best validation score (its test score is known),
+else the search's best trial. Its checkpoint is fetched from the study's storage (local or a
+pyarrow filesystem) and exported as every run is (``segmentation.export.export_run``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from defectforge.segmentation.checkpoint import load_model
+from defectforge.segmentation.export import export_run
+from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.results import FINAL_FILE, STUDY_FILE, TRIALS_FILE, require_trials
+from defectforge.studies.store import StudyStore, is_uri
+
+
+def chosen_model(store: StudyStore) -> tuple[str, dict]:
+    """The checkpoint to ship and the metrics that go with it."""
+    trials = store.read_json(TRIALS_FILE)
+    if store.exists(FINAL_FILE):
+        final = store.read_json(FINAL_FILE)
+        seed = max(final["seeds"], key=lambda s: s["best_val_binary_defect_iou"])
+        metrics = {
+            "val_binary_defect_iou": seed["best_val_binary_defect_iou"],
+            "test_binary_defect_iou": seed["test_binary_defect_iou"],
+            "test_mean_defect_iou": seed["test_mean_defect_iou"],
+            "final_test_binary_defect_iou_interval": final["test_binary_defect_iou"],
+            "chosen": f"final run, seed {seed['seed']} (best validation of the final seeds)",
+        }
+        return seed["best_checkpoint_path"], metrics
+    best = next(t for t in trials if t[SELECTION_METRIC] is not None)
+    metrics = {
+        "val_binary_defect_iou": best[SELECTION_METRIC],
+        "chosen": f"search trial {best['trial']} (no final step: no test score)",
+    }
+    return best["checkpoint_path"], metrics
+
+
+def _local_copy(store: StudyStore, checkpoint: str, scratch: str) -> Path:
+    """A local folder holding the checkpoint (copied from the study's filesystem if remote)."""
+    if not is_uri(store.uri):
+        return Path(checkpoint)
+    pafs.copy_files(checkpoint, scratch, source_filesystem=store.fs)
+    return Path(scratch)
+
+
+def export_study(root: str, out: str | Path, overwrite: bool = False) -> dict:
+    store = StudyStore(root)
+    require_trials(store, root)
+    study = store.read_json(STUDY_FILE)
+    checkpoint, metrics = chosen_model(store)
+    with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
+        model, cfg = load_model(_local_copy(store, checkpoint, scratch))
+    details = {
+        "metrics": metrics,
+        "study": {
+            "name": study["name"],
+            "root": study["root"],
+            "spec_sha256": study["spec_sha256"],
+        },
+        "data": {
+            "real_manifest_id": study["dataset_ids"]["real"],
+            "synthetic_manifest_id": study["dataset_ids"].get("synthetic"),
+            "synthetic_ratio": cfg.synthetic_ratio,
+        },
+        "checkpoint": checkpoint,
+    }
+    inputs = () if is_uri(store.uri) else (store.uri,)
+    return export_run(model, cfg, out, details, overwrite, inputs)

@@ -1,0 +1,124 @@
+"""A study's results from its trials' records: the trial table, the final summary, the report.
+
+No Ray here: the runner (``trainables.study``) turns Tune's results into ``TrialRecord``s (a
+trial's name, configuration, error and its reported lines), and everything after that, including
+redrawing the report of a finished study, reads only the study's own files.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from defectforge.datasets.errors import DataError
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.report import write_report
+from defectforge.studies.spec import StudySpec, parse_spec
+from defectforge.studies.stats import mean_interval
+from defectforge.studies.store import StudyStore
+
+SPEC_FILE, STUDY_FILE = "spec.yaml", "study.json"
+TRIALS_FILE, FINAL_FILE = "trials.json", "final.json"
+REPORT_DIR = "report"
+DEFAULT_EPOCHS = SegConfig.__dataclass_fields__["epochs"].default
+FINAL_KEYS = (
+    "seed",
+    "best_epoch",
+    "best_val_binary_defect_iou",
+    "test_binary_defect_iou",
+    "test_mean_defect_iou",
+    "test",
+    "best_checkpoint_path",
+)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One Tune trial as the study keeps it: what it ran, how it ended, what it reported."""
+
+    name: str
+    config: dict
+    error: str | None
+    lines: list[dict]
+
+
+def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
+    """One row of trials.json: the trial's values, status and best epoch's validation metrics."""
+    epochs = [line for line in record.lines if line.get(SELECTION_METRIC) is not None]
+    best = max(epochs, key=lambda line: line[SELECTION_METRIC]) if epochs else {}
+    planned = record.config.get("epochs", spec.training.get("epochs", DEFAULT_EPOCHS))
+    status = "error" if record.error else "finished" if len(epochs) >= planned else "stopped early"
+    return {
+        "trial": record.name,
+        "config": {k: record.config.get(k) for k in spec.search_space},
+        "status": status,
+        "epochs_run": len(epochs),
+        "best_epoch": best.get("epoch"),
+        SELECTION_METRIC: best.get(SELECTION_METRIC),
+        "val_mean_defect_iou": best.get("val_mean_defect_iou"),
+        "val_per_class_iou": best.get("val_per_class_iou"),
+        "val_confusion_matrix": best.get("val_confusion_matrix"),
+        "checkpoint_path": best.get("checkpoint_path"),
+        "seconds": sum(line.get("epoch_seconds", 0.0) for line in epochs),
+        "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
+        "error": record.error.splitlines()[0][:300] if record.error else None,
+    }
+
+
+def trial_rows(records: list[TrialRecord], spec: StudySpec) -> list[dict]:
+    """Every trial's row, best first."""
+    rows = [trial_row(record, spec) for record in records]
+    return sorted(rows, key=lambda row: row[SELECTION_METRIC] or -1.0, reverse=True)
+
+
+def summarize_final(records: list[TrialRecord], best: dict) -> dict:
+    """The final seeds' test scores and their mean with its 95% interval."""
+    seeds = []
+    for record in records:
+        lines = [line for line in record.lines if "test_binary_defect_iou" in line]
+        if record.error or not lines:
+            raise RuntimeError(f"final seed run {record.name} failed: {record.error}")
+        seeds.append({k: v for k, v in lines[-1].items() if k in FINAL_KEYS})
+    seeds.sort(key=lambda row: row["seed"])
+    return {
+        "config": best["config"],
+        "from_trial": best["trial"],
+        "seeds": seeds,
+        "test_binary_defect_iou": mean_interval([s["test_binary_defect_iou"] for s in seeds]),
+        "test_mean_defect_iou": mean_interval([s["test_mean_defect_iou"] or 0.0 for s in seeds]),
+        "val_binary_defect_iou": mean_interval([s["best_val_binary_defect_iou"] for s in seeds]),
+    }
+
+
+def stored_spec(store: StudyStore) -> StudySpec:
+    return parse_spec(yaml.safe_load(store.read_text(SPEC_FILE)), store.location(SPEC_FILE))
+
+
+def write_study_report(store: StudyStore) -> dict:
+    """Render report.md and its PNGs from the study's files; returns the summary it shows."""
+    study = store.read_json(STUDY_FILE)
+    trials = store.read_json(TRIALS_FILE)
+    final = store.read_json(FINAL_FILE) if store.exists(FINAL_FILE) else None
+    with tempfile.TemporaryDirectory(prefix="defectforge-report-") as folder:
+        summary = write_report(Path(folder), stored_spec(store), study, trials, final)
+        store.upload_folder(folder, REPORT_DIR)
+    return {**summary, "location": store.location(f"{REPORT_DIR}/{summary['report']}")}
+
+
+def require_trials(store: StudyStore, root: str) -> None:
+    if not store.exists(TRIALS_FILE):
+        raise DataError(
+            store.location(TRIALS_FILE),
+            "no trial results yet",
+            f"`defectforge study resume {root}` finishes the study",
+        )
+
+
+def report_only(root: str) -> dict:
+    store = StudyStore(root)
+    require_trials(store, root)
+    return write_study_report(store)

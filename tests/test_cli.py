@@ -1,0 +1,76 @@
+"""The command line: flags derived from the config declarations, help with defaults, version,
+one-line errors, and only the chosen command's modules imported."""
+
+import subprocess
+import sys
+
+import pytest
+
+from defectforge.trainables.cli import main, parser
+
+BLOCKED = """
+import sys
+for name in ("ray", "segmentation_models_pytorch", "albumentations"):
+    sys.modules[name] = None  # importing any of them now fails
+from defectforge.trainables.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_predict_needs_neither_ray_nor_smp_nor_albumentations():
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED, "predict", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--runtime" in done.stdout
+
+
+def test_flags_come_from_the_config_declarations_with_their_defaults(capsys):
+    from defectforge.segmentation.config import SegConfig
+
+    with pytest.raises(SystemExit):
+        main(["seg", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for spec in SegConfig.options():
+        if spec.metadata["cli"]:
+            assert "--" + spec.name.replace("_", "-") in text
+    assert (
+        "--crop-size N random training crops at native scale (0: whole images) (default: 128)"
+        in text
+    )
+    with pytest.raises(SystemExit):
+        main(["gan", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 64; 256 with --profile gpu)" in text
+
+
+def test_given_flags_only_override_the_config(tmp_path):
+    from defectforge.segmentation.config import SegConfig
+    from defectforge.trainables.cli.options import given
+
+    args = parser(["seg"]).parse_args(
+        ["seg", "train", "--data", "d", "--out", "o", "--epochs", "3", "--no-binary"]
+    )
+    assert given(args, SegConfig) == {"epochs": 3, "binary": False}
+
+
+def test_version_and_a_bad_flag_value_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("defectforge ")
+    with pytest.raises(SystemExit) as exited:
+        main(["seg", "train", "--data", "d", "--out", "o", "--epochs", "many"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1
+    assert "--epochs: invalid int value: 'many'" in err and "--help" in err
+
+
+def test_an_internal_bug_keeps_its_traceback(monkeypatch):
+    from defectforge.trainables.cli import study
+
+    def broken(args):
+        raise ValueError("a bug, not the user's mistake")
+
+    monkeypatch.setattr(study, "run", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["study", "report", "somewhere"])

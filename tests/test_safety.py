@@ -1,0 +1,356 @@
+"""Nothing a user types may destroy data, hang, or end in a traceback (issue 14).
+
+Every refusal is checked the same way: exit code 2, one line on stderr naming the file and the
+fix, and nothing lost or left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.outputs import OUTPUT_RECORD, publish_dir
+from defectforge.trainables.cli import main
+
+
+def refused(capsys, argv: list[str], *expected: str) -> str:
+    """Run the CLI; it must exit 2 with one stderr line holding every ``expected`` text."""
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def no_leftovers(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+# --- 1. --out over an input, --overwrite over a folder defectforge did not write -------------
+
+
+def test_build_into_its_own_root_is_refused_and_the_raw_images_stay(sample_copy, capsys):
+    before = snapshot(sample_copy)
+    for out in (sample_copy, sample_copy.parent):
+        refused(
+            capsys,
+            ["data", "build", "--source", "neu-seg", "--root", str(sample_copy)]
+            + ["--out", str(out), "--overwrite"],
+            f"{out}: --out is the input {sample_copy} or contains it",
+            "choose an --out outside",
+        )
+    assert snapshot(sample_copy) == before
+
+
+def test_overwrite_refuses_a_folder_defectforge_did_not_write(sample_root, tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("my notes")
+    refused(
+        capsys,
+        ["data", "build", "--source", "neu-seg", "--root", str(sample_root)]
+        + ["--out", str(notes), "--overwrite"],
+        f"{notes}: --overwrite replaces only folders defectforge wrote",
+        "move the folder away yourself",
+    )
+    assert (notes / "todo.txt").read_text() == "my notes" and no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data", "augment", "--data", "{data}", "--out", "{data}", "--overwrite"],
+        ["data", "mix", "--real", "{data}", "--synthetic", "{labelled}", "--ratio", "0.1"]
+        + ["--out", "{labelled}/..", "--overwrite"],
+        ["synth", "label", "--images", "{generated}", "--labeller", "{labeller}"]
+        + ["--out", "{generated}", "--overwrite"],
+        ["gan", "generate", "--model", "{labeller}", "--out", "{labeller}", "--overwrite"],
+        ["seg", "export", "{labeller}", "--out", "{labeller}", "--overwrite"],
+        ["seg", "train", "--data", "{data}", "--out", "{data}"],
+        ["predict", "--model", "{labeller}", "--images", "{images}", "--out", "{images}/.."]
+        + ["--overwrite"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_every_command_refuses_an_out_over_its_inputs(
+    command, sample_dataset, labelled, generated, labeller, sample_copy, capsys, ray_session
+):
+    paths = {
+        "data": sample_dataset,
+        "labelled": labelled,
+        "generated": generated,
+        "labeller": labeller,
+        "images": sample_copy / "images" / "val",
+    }
+    argv = [part.format(**paths) for part in command]
+    watched = [paths[key] for key in paths if any(f"{{{key}}}" in part for part in command)]
+    before = [snapshot(folder) for folder in watched]
+    refused(capsys, argv, "or contains it", "choose an --out outside")
+    assert [snapshot(folder) for folder in watched] == before
+
+
+def test_overwrite_replaces_what_defectforge_wrote(sample_root, tmp_path, capsys):
+    out = tmp_path / "ds"
+    argv = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / OUTPUT_RECORD).read_text())["kind"] == "dataset"
+    refused(capsys, argv, f"{out}: output folder already exists", "pass --overwrite")
+    assert main([*argv, "--overwrite", "--test-fraction", "0.2"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["test"]["total"] > 0
+    assert no_leftovers(tmp_path)
+
+
+# --- 2. two writers of one --out ---------------------------------------------------------------
+
+
+def test_the_second_of_two_concurrent_writers_fails_and_the_first_result_stands(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(DataError, match="another run wrote this folder while this one was running"):
+        with publish_dir(final) as first:
+            (first / "who.txt").write_text("first")
+            with publish_dir(final) as second:  # both started before either finished
+                (second / "who.txt").write_text("second")
+            assert (final / "who.txt").read_text() == "second"  # the inner one finished first
+    assert (final / "who.txt").read_text() == "second"
+    assert no_leftovers(tmp_path)
+
+
+def driver_env() -> dict[str, str]:
+    """A command-line process's environment: it joins the session's Ray as a driver of its own."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    return {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_ADDRESS": address}
+
+
+def test_concurrent_builds_to_one_out_leave_one_whole_dataset(sample_root, tmp_path, ray_session):
+    """Two real `data build` processes, started together without --overwrite."""
+    out = tmp_path / "ds"
+    command = [sys.executable, "-m", "defectforge.trainables.cli", "data", "build"]
+    command += ["--source", "neu-seg", "--root", str(sample_root), "--out", str(out)]
+    env = driver_env()
+    runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2).strip().splitlines()[-1]
+    assert str(out) in loser and ("already exists" in loser or "another run wrote" in loser)
+    assert json.loads((out / "manifest.json").read_text())["counts"]["train"]["total"] == 42
+    assert no_leftovers(tmp_path)
+
+
+# --- 6. workers and actors never starve Ray Data --------------------------------------------
+
+
+def test_more_workers_than_the_cluster_can_feed_are_refused_before_anything(
+    sample_dataset, tmp_path, capsys, ray_session
+):
+    refused(
+        capsys,
+        ["seg", "train", "--data", str(sample_dataset), "--out", str(tmp_path / "run")]
+        + ["--workers", "8"],
+        "8 workers need at least 3 CPUs",
+        "this Ray cluster has 2",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+# --- 7, 8. files that lie, are locked, or claim to be huge ----------------------------------
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` grey pixels (data cut short)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_huge_header_is_refused_before_decoding_and_skip_bad_skips_it(
+    sample_copy, tmp_path, capsys, ray_session
+):
+    victim = sorted((sample_copy / "images" / "train").glob("*.jpg"))[0]
+    victim.with_suffix(".png").write_bytes(_png_header_claiming(100_000, 100_000))
+    victim.unlink()
+    argv = ["data", "build", "--source", "neu-seg", "--root", str(sample_copy)]
+    refused(
+        capsys,
+        [*argv, "--out", str(tmp_path / "a")],
+        f"{victim.with_suffix('.png')}: image header claims 100000 x 100000 pixels",
+        "above the limit of 100 MP",
+        "--max-pixels",
+    )
+    assert not (tmp_path / "a").exists()
+    assert main([*argv, "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
+    rejected = (tmp_path / "b" / "rejected.csv").read_text()
+    assert victim.stem in rejected and "header claims" in rejected
+    refused(
+        capsys,
+        [*argv, "--out", str(tmp_path / "c"), "--max-pixels", "1000", "--skip-bad"],
+        "every sample was rejected",
+    )
+
+
+def test_an_unreadable_file_is_a_data_error_naming_it(sample_copy, monkeypatch):
+    from defectforge.datasets.discover import discover_neu_seg
+    from defectforge.datasets.readers import load_sample
+    from defectforge.datasets.samples import SampleSpec
+
+    ref = discover_neu_seg(sample_copy)[0]
+    original = Path.read_bytes
+
+    def locked(path: Path) -> bytes:
+        if str(path) == ref.image_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return original(path)
+
+    monkeypatch.setattr(Path, "read_bytes", locked)  # root reads chmod-000 files anyway
+    with pytest.raises(DataError, match="image cannot be read: permission denied; make it"):
+        load_sample(ref, SampleSpec("neu-seg", ("background", "a", "b", "c"), 1))
+
+
+def test_a_png_named_jpg_is_read_by_its_content(sample_copy):
+    from defectforge.datasets.images import decode_file
+
+    jpg = sorted((sample_copy / "images" / "train").glob("*.jpg"))[0]
+    pixels = cv2.imread(str(jpg), cv2.IMREAD_UNCHANGED)
+    ok, png = cv2.imencode(".png", pixels)
+    jpg.write_bytes(png.tobytes())
+    assert np.array_equal(decode_file(jpg), pixels)
+    jpg.write_bytes(png.tobytes()[:-30])
+    with pytest.raises(DataError, match=r"PNG is truncated .*its content is PNG, not what .jpg"):
+        decode_file(jpg)
+
+
+# --- 9. paths leave the command line absolute ------------------------------------------------
+
+
+def test_relative_paths_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
+    from defectforge.trainables.cli import parser
+
+    monkeypatch.chdir(tmp_path)
+    args = parser().parse_args(
+        ["data", "build", "--source", "folder", "--root", "raw", "--out", "ds"]
+    )
+    assert args.root == str(tmp_path / "raw") and args.out == str(tmp_path / "ds")
+    args = parser().parse_args(["seg", "train", "--data", "ds", "--out", "r", "--synthetic", "s"])
+    assert args.synthetic == str(tmp_path / "s")
+
+
+# --- 10, 11. damaged models and datasets ------------------------------------------------------
+
+
+def test_damaged_model_files_are_one_line_naming_the_file(labeller, sample_copy, tmp_path, capsys):
+    images = sample_copy / "images" / "val"
+    run = tmp_path / "run"
+    shutil.copytree(labeller, run)
+    argv = ["predict", "--model", str(run), "--images", str(images), "--out", str(tmp_path / "p")]
+    weights = run / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = refused(capsys, argv, f"{weights}: model weights file is damaged", "copy it again")
+    assert "weights_only" not in err
+    shutil.copy(labeller / "model.pt", weights)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "arch": "unet"}))
+    refused(capsys, argv, f"{weights}: the weights do not fit the network that config.json")
+    (run / "config.json").write_text("{not json")
+    refused(capsys, argv, f"{run / 'config.json'}: not a valid segmentation config")
+    (run / "config.json").write_text(json.dumps({**config, "arch": "segnet"}))
+    refused(capsys, argv, "config.json: not a valid segmentation config", "unknown architecture")
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_truncated_parquet_file_is_one_line_suggesting_a_rebuild(
+    sample_dataset, tmp_path, capsys, ray_session
+):
+    data = tmp_path / "ds"
+    shutil.copytree(sample_dataset, data)
+    damaged = sorted((data / "train").glob("*.parquet"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    refused(
+        capsys,
+        ["seg", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"],
+        f"{damaged}: Parquet file is truncated or corrupt",
+        "rebuild the dataset",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+# --- 12. option values -------------------------------------------------------------------------
+
+
+def test_negative_steps_per_epoch_are_refused_before_anything(sample_dataset, tmp_path, capsys):
+    refused(
+        capsys,
+        ["seg", "train", "--data", str(sample_dataset), "--out", str(tmp_path / "run")]
+        + ["--max-steps-per-epoch", "-1"],
+        "max_steps_per_epoch = -1: must be >= 0",
+    )
+    assert not (tmp_path / "run").exists()
+
+
+# --- 13. failures leave nothing behind; Ctrl-C is one line -----------------------------------
+
+
+def test_failed_commands_leave_no_empty_folder(sample_dataset, tmp_path, capsys, ray_session):
+    refused(
+        capsys,
+        ["seg", "train", "--data", str(sample_dataset), "--out", str(tmp_path / "r"), "--resume"],
+        "no checkpoint to resume from",
+    )
+    refused(
+        capsys,
+        ["predict", "--model", str(tmp_path), "--images", str(tmp_path / "nope")]
+        + ["--out", str(tmp_path / "p")],
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, ray_session):
+    command = [sys.executable, "-m", "defectforge.trainables.cli", "seg", "train"]
+    command += ["--data", str(sample_dataset), "--out", str(tmp_path / "run"), "--epochs", "50"]
+    command += ["--crop-size", "64", "--batch-size", "4", "--max-steps-per-epoch", "2"]
+    env = driver_env()
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 240
+        while "epoch 2/50" not in log.read_text() and time.monotonic() < deadline:
+            assert run.poll() is None, log.read_text()[-2000:]
+            time.sleep(0.5)
+        run.send_signal(signal.SIGINT)
+        code = run.wait(timeout=120)
+    text = log.read_text()
+    assert code == 130, text[-2000:]
+    ours = [line for line in text.splitlines() if line.startswith("defectforge:")]
+    assert ours == [
+        "defectforge: interrupted; run the same command again to continue from the latest "
+        "checkpoint"
+    ]
+    assert "Traceback" not in text

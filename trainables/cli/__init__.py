@@ -1,0 +1,67 @@
+"""The ``defectforge`` command line: one module per command group, at the top of the stack.
+
+Only the command being run has its options built and its modules imported: `predict` with an
+export needs neither Ray nor segmentation-models-pytorch nor albumentations, as a production
+line has none of them.
+
+A mistake in what the user gave (any ``UserError``, also when Ray raised it inside a task or a
+worker) prints one line, ``defectforge: error: <file>: <problem>; <fix>``, and exits 2. Ctrl-C
+prints one line saying how to continue and exits 130. Anything else is a defect of defectforge
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from defectforge.datasets.errors import one_line, user_error_in  # noqa: E402
+from defectforge.datasets.files import package_version  # noqa: E402
+from defectforge.trainables.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
+from defectforge.trainables.cli.options import Parser  # noqa: E402
+
+INTERRUPTED = 130
+MODULES = (data, seg, gan, synth, study, quickstart, cluster)
+# command -> the module that builds and runs it
+COMMANDS = {name: module for module in MODULES for name in module.COMMANDS}
+
+
+def _chosen(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def parser(argv: list[str] | None = None) -> Parser:
+    """The parser, with the options of the command in ``argv`` (every command's, if None)."""
+    chosen = _chosen(argv) if argv is not None else None
+    root = Parser(
+        prog="defectforge",
+        description="Few-shot defect segmentation: GAN-synthesised defects, pseudo-labels and "
+        "Ray studies of the synthetic ratio.",
+    )
+    root.add_argument("--version", action="version", version=f"defectforge {package_version()}")
+    commands = root.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for name, module in COMMANDS.items():
+        text = module.COMMANDS[name]
+        sub = commands.add_parser(name, help=text, description=text)
+        if argv is None or name == chosen:
+            module.build(name, sub)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser(argv).parse_args(argv)
+    module = COMMANDS[args.command]
+    try:
+        return module.run(args) or 0
+    except KeyboardInterrupt:
+        print(f"defectforge: interrupted; {module.interrupted_hint(args)}", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as err:
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        print(f"defectforge: error: {one_line(str(user_error))}", file=sys.stderr)
+        return 2

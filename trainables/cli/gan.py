@@ -1,0 +1,97 @@
+"""``defectforge gan``: train, generate, metrics."""
+
+from __future__ import annotations
+
+import json
+
+from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
+
+COMMANDS = {"gan": "StyleGAN2 + DiffAugment: train, generate, metrics"}
+
+
+def build(name: str, parser) -> None:
+    from defectforge.gan.config import PROFILES, GanConfig
+
+    sub = parser.add_subparsers(dest="gan_command", required=True)
+    train = sub.add_parser("train", help="train on a Parquet dataset with Ray Train")
+    train.add_argument("--data", required=True, type=absolute_path, help="dataset (`data build`)")
+    train.add_argument("--out", required=True, type=absolute_path, help="run folder")
+    train.add_argument(
+        "--profile",
+        default="cpu-small",
+        choices=sorted(PROFILES),
+        help="network size and defaults: cpu-small (minutes on CPUs) or gpu (default: cpu-small)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest snapshot up to --kimg",
+    )
+    add_options(train, GanConfig, profiles={"gpu": PROFILES["gpu"]})
+    generate = sub.add_parser("generate", help="images by seed -> PNGs + Parquet rows")
+    generate.add_argument("--model", required=True, type=absolute_path, help="run of `gan train`")
+    add_out(generate)
+    generate.add_argument("--n", type=int, default=100, help="images, seeds 0..n-1 (default: 100)")
+    generate.add_argument("--seeds", help="comma-separated seeds or a range a-b (overrides --n)")
+    generate.add_argument("--truncation", type=float, default=1.0, help="psi (default: 1.0)")
+    generate.add_argument("--class", dest="class_name", help="class of a conditional generator")
+    metrics = sub.add_parser("metrics", help="sliced Wasserstein distance to real images")
+    metrics.add_argument("--model", required=True, type=absolute_path)
+    metrics.add_argument(
+        "--data", type=absolute_path, help="dataset to compare with (default: the training data)"
+    )
+    metrics.add_argument("--n", type=int, default=0, help="images per set (default: config's)")
+    metrics.add_argument(
+        "--inception", type=absolute_path, help="local torchvision inception_v3 weights: FID/KID"
+    )
+    metrics.add_argument(
+        "--class",
+        dest="class_name",
+        help="score one class (default: all, a conditional G's in turn)",
+    )
+
+
+def parse_seeds(text: str | None, count: int) -> list[int]:
+    from defectforge.datasets.errors import ConfigError
+
+    try:
+        if not text:
+            return list(range(count))
+        if "-" in text and "," not in text:
+            first, last = (int(x) for x in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give seeds as 0,5,9 or a range 0-99") from None
+
+
+def run(args) -> None:
+    from defectforge.gan.config import GanConfig
+    from defectforge.trainables import gan
+
+    if args.gan_command == "train":
+        cfg = gan.gan_config_from_manifest(args.data, args.profile, **given(args, GanConfig))
+        summary = gan.run_gan_training(cfg, args.out, resume=args.resume)
+        final, best = summary["final"], summary["best"]
+        print(
+            f"kimg {final['kimg']:.2f}: SWD {final.get('swd', float('nan')):.1f}; published the "
+            f"lowest-SWD snapshot (kimg {best['kimg']:.2f}, SWD {best['swd']:.1f}) with metrics "
+            f"and sample grids in {args.out}"
+        )
+    elif args.gan_command == "generate":
+        seeds = parse_seeds(args.seeds, args.n)
+        gan.write_generated(
+            args.model, args.out, seeds, args.truncation, args.class_name, args.overwrite
+        )
+        print(f"wrote {len(seeds)} images (PNG + Parquet) to {args.out}")
+    else:
+        result = gan.generator_metrics(
+            args.model, args.data, args.n, args.inception, args.class_name
+        )
+        print(json.dumps(result))
+
+
+def interrupted_hint(args) -> str:
+    if args.gan_command == "train":
+        return "run the same command again to continue from the latest snapshot"
+    return "nothing was published under --out; run the command again"

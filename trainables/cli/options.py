@@ -1,0 +1,160 @@
+"""Command-line flags derived from config declarations (``datasets.config.option``).
+
+A flag's name, type, default shown in ``--help``, choices and help text all come from the
+option's one declaration. Flags not given are left out of the parsed arguments, so the config's
+own default (or a profile's) applies, exactly as when the config is built in code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from dataclasses import MISSING, Field
+from pathlib import Path
+from typing import Any
+
+from defectforge.datasets.config import TypedConfig, field_types, scalar_type
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like every other error of the tool."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        raise SystemExit(2)
+
+
+def absolute_path(text: str) -> str:
+    """Paths leave the command line absolute: workers on a cluster run in other folders."""
+    return str(Path(text).expanduser().resolve())
+
+
+def add_out(parser: argparse.ArgumentParser, what: str = "dataset folder to write") -> None:
+    """``--out`` and ``--overwrite``, as every command that publishes a folder has them."""
+    parser.add_argument("--out", required=True, type=absolute_path, help=what)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out if defectforge wrote it (never another folder)",
+    )
+
+
+def flag_of(spec: Field) -> str:
+    return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """``X`` for ``X | None``; the annotation itself otherwise."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _is_tuple(annotation: Any) -> bool:
+    return typing.get_origin(_unwrapped(annotation)) is tuple
+
+
+def _element_type(annotation: Any) -> type:
+    inner = _unwrapped(annotation)
+    return typing.get_args(inner)[0] if _is_tuple(annotation) else inner
+
+
+def _reader(spec: Field, annotation: Any):
+    """How the flag's text becomes the option's value."""
+    if spec.metadata.get("parse"):
+        return spec.metadata["parse"]
+    if spec.metadata.get("path"):
+        return absolute_path
+    element = _element_type(annotation)
+    if not _is_tuple(annotation):
+        return element
+
+    def items(text: str) -> tuple:
+        return tuple(element(part.strip()) for part in text.split(",") if part.strip())
+
+    items.__name__ = f"comma-separated {element.__name__}"  # argparse names it in errors
+    return items
+
+
+def _metavar(spec: Field, annotation: Any) -> str:
+    if spec.metadata.get("path"):
+        return "PATH"
+    name = {int: "N", float: "X", str: "NAME"}.get(_element_type(annotation), "VALUE")
+    return f"{name},..." if _is_tuple(annotation) else name
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, TypedConfig):
+        return "see the options above"
+    return "none" if value is None or value == "" else str(value)
+
+
+def _default_of(spec: Field, defaults: dict[str, Any] | None) -> tuple[Any, bool]:
+    """(the default a flag stands for, whether it has one)."""
+    if defaults and spec.name in defaults:
+        return defaults[spec.name], True
+    if spec.default is not MISSING:
+        return spec.default, True
+    if spec.default_factory is not MISSING:
+        return spec.default_factory(), True
+    return None, False
+
+
+def _help(spec: Field, default: Any, profiles: dict[str, dict] | None) -> str:
+    shown = f"default: {_shown(default)}"
+    for name, values in (profiles or {}).items():
+        if spec.name in values:
+            shown += f"; {_shown(values[spec.name])} with --profile {name}"
+    text = spec.metadata.get("help", "")
+    return (f"{text} ({shown})" if text else f"({shown})").replace("%", "%%")
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    cls: type[TypedConfig],
+    skip: tuple[str, ...] = (),
+    prefix: str = "",
+    profiles: dict[str, dict] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """A flag for every command-line option of ``cls`` (not in ``skip``). ``prefix`` names them
+    ``--<prefix><name>``; ``profiles`` lists per-profile defaults in the help; ``defaults``
+    replaces a default for this command."""
+    hints = field_types(cls)
+    for spec in cls.options():
+        if not spec.metadata.get("cli") or spec.name in skip:
+            continue
+        default, has_default = _default_of(spec, defaults)
+        kwargs: dict[str, Any] = {
+            "dest": prefix.replace("-", "_") + spec.name,
+            "default": argparse.SUPPRESS,
+            "help": _help(spec, default, profiles) if has_default else spec.metadata["help"],
+        }
+        kind, _ = scalar_type(hints[spec.name])
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _reader(spec, hints[spec.name])
+            kwargs["metavar"] = spec.metadata.get("metavar") or _metavar(spec, hints[spec.name])
+            if spec.metadata.get("choices"):
+                kwargs["choices"] = spec.metadata["choices"]
+                kwargs.pop("metavar")
+            kwargs["required"] = not has_default
+        flag = flag_of(spec) if not prefix else f"--{prefix}{flag_of(spec)[2:]}"
+        parser.add_argument(flag, **kwargs)
+
+
+def given(args: argparse.Namespace, cls: type[TypedConfig], prefix: str = "") -> dict[str, Any]:
+    """The options of ``cls`` the user gave on the command line, by name."""
+    dest = prefix.replace("-", "_")
+    return {
+        spec.name: getattr(args, dest + spec.name)
+        for spec in cls.options()
+        if spec.metadata.get("cli") and hasattr(args, dest + spec.name)
+    }

@@ -1,0 +1,134 @@
+"""``defectforge seg`` (train, eval, export) and ``defectforge predict``."""
+
+from __future__ import annotations
+
+import json
+
+from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
+
+COMMANDS = {
+    "seg": "train, evaluate and export segmentation models",
+    "predict": "mask and overlay PNGs for a folder of images (a run or an export)",
+}
+
+
+def build(name: str, parser) -> None:
+    if name == "predict":
+        _build_predict(parser)
+        return
+    from defectforge.segmentation.config import SegConfig
+
+    sub = parser.add_subparsers(dest="seg_command", required=True)
+    train = sub.add_parser("train", help="train on a Parquet dataset with Ray Train")
+    train.add_argument("--data", required=True, type=absolute_path, help="dataset (`data build`)")
+    train.add_argument("--out", required=True, type=absolute_path, help="run folder")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out, e.g. to more --epochs"
+    )
+    add_options(train, SegConfig)
+    evaluate = sub.add_parser("eval", help="evaluate a trained model on a folder of images")
+    evaluate.add_argument("--model", required=True, type=absolute_path, help="run folder")
+    evaluate.add_argument("--images", required=True, type=absolute_path)
+    evaluate.add_argument("--masks", required=True, type=absolute_path)
+    evaluate.add_argument("--binary", action="store_true", help="score defect vs background only")
+    evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    export = sub.add_parser("export", help="a run's model -> TorchScript + ONNX + model.json")
+    export.add_argument("run", type=absolute_path, help="run folder of `seg train`")
+    add_out(export, "export folder to write")
+
+
+def _build_predict(predict) -> None:
+    predict.add_argument(
+        "--model",
+        required=True,
+        type=absolute_path,
+        help="a run folder (seg train) or an export (seg/study export)",
+    )
+    predict.add_argument("--images", required=True, type=absolute_path)
+    add_out(predict, "folder for the masks and overlays")
+    predict.add_argument(
+        "--runtime",
+        choices=["onnx", "torchscript"],
+        default="onnx",
+        help="for an export: which of its two files runs (default: onnx)",
+    )
+
+
+def run(args) -> None:
+    if args.command == "predict":
+        _predict(args)
+    elif args.seg_command == "train":
+        _train(args)
+    elif args.seg_command == "export":
+        _export(args)
+    else:
+        _evaluate(args)
+
+
+def _train(args) -> None:
+    from defectforge.segmentation.config import SegConfig
+    from defectforge.segmentation.report import write_run_plots
+    from defectforge.trainables.seg import config_from_manifest, run_seg_training
+
+    cfg = config_from_manifest(args.data, **given(args, SegConfig))
+    summary = run_seg_training(cfg, args.out, resume=args.resume)
+    write_run_plots(args.out)
+    print(best_line(args.out, summary["best"]))
+
+
+def best_line(out, best: dict) -> str:
+    return (
+        f"best epoch {best['epoch']}: val binary defect IoU "
+        f"{best['val_binary_defect_iou']:.4f}, mean defect IoU "
+        f"{best['val_mean_defect_iou'] or 0:.4f}; model and plots in {out}"
+    )
+
+
+def _evaluate(args) -> None:
+    from defectforge.segmentation.inference import evaluate_folder
+
+    result = evaluate_folder(args.model, args.images, args.masks, args.binary, args.mask_threshold)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"binary defect IoU {result['binary_defect_iou']:.4f}, mean defect IoU "
+            f"{result['mean_defect_iou']:.4f}, per class {result['per_class_iou']}"
+        )
+
+
+def export_line(meta: dict, out) -> str:
+    check = meta["verification"]
+    return (
+        f"exported {meta['architecture']} to {out}: max |logit difference| vs PyTorch on "
+        f"{check['images']} val images "
+        + ", ".join(f"{k} {v:.2e}" for k, v in check["max_abs_logit_difference"].items())
+    )
+
+
+def _export(args) -> None:
+    from defectforge.segmentation.export import export_trained_run
+
+    print(export_line(export_trained_run(args.run, args.out, args.overwrite), args.out))
+
+
+def _predict(args) -> None:
+    # An export runs with onnxruntime or torch.jit alone: nothing else is imported for it.
+    from defectforge.segmentation.exported import is_export, predict_folder_exported
+
+    if is_export(args.model):
+        written = predict_folder_exported(
+            args.model, args.images, args.out, args.runtime, args.overwrite
+        )
+    else:
+        from defectforge.segmentation.inference import predict_folder
+
+        written = predict_folder(args.model, args.images, args.out, args.overwrite)
+    print(f"wrote {written} mask and overlay PNGs to {args.out}")
+
+
+def interrupted_hint(args) -> str:
+    if getattr(args, "seg_command", None) == "train":
+        return "run the same command again to continue from the latest checkpoint"
+    return "nothing was published under --out; run the command again"

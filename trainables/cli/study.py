@@ -1,0 +1,71 @@
+"""``defectforge study``: run, resume, report, export."""
+
+from __future__ import annotations
+
+from defectforge.trainables.cli.options import absolute_path, add_out
+
+COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export"}
+
+
+def build(name: str, parser) -> None:
+    study = parser.add_subparsers(dest="study_command", required=True)
+    run = study.add_parser("run", help="search, held-out final step, report")
+    run.add_argument("spec", type=absolute_path, help="study spec YAML (see studies/specs/)")
+    run.add_argument("--name", help="study folder name under storage_path (default: spec name)")
+    run.add_argument("--address", help="Ray address: auto or ray://HOST:10001 (default: local)")
+    resume = study.add_parser("resume", help="continue a study whose driver stopped")
+    resume.add_argument("dir", help="the study folder (storage_path/name)")
+    resume.add_argument("--address")
+    report = study.add_parser("report", help="redraw report.md and its plots")
+    report.add_argument("dir")
+    export = study.add_parser("export", help="best model -> TorchScript + ONNX + model.json")
+    export.add_argument("dir")
+    add_out(export, "export folder to write")
+
+
+def study_line(summary: dict) -> str:
+    best, final = summary["best"], summary["final"]
+    line = f"best trial {best['trial']}: val binary defect IoU {best['val_binary_defect_iou']:.4f}"
+    if final:
+        test = final["test_binary_defect_iou"]
+        line += (
+            f"; held-out test {test['mean']:.4f} ± {test['half_width']:.4f} "
+            f"(95% CI, {test['n']} seeds)"
+        )
+    return line
+
+
+def run(args) -> None:
+    if args.study_command == "export":
+        from defectforge.studies.export import export_study
+        from defectforge.trainables.cli.seg import export_line
+
+        meta = export_study(args.dir, args.out, args.overwrite)
+        print(export_line(meta, args.out) + f" ({meta['metrics']['chosen']})")
+        return
+    if args.study_command == "report":
+        from defectforge.studies.results import report_only
+
+        summary = report_only(args.dir)
+    else:
+        from defectforge.trainables import study
+
+        if args.study_command == "run":
+            summary = study.run_study(args.spec, args.name, args.address)
+        else:
+            summary = study.resume_study(args.dir, args.address)
+    print(study_line(summary))
+    print(f"report: {summary['location']}")
+
+
+def interrupted_hint(args) -> str:
+    if args.study_command == "run":
+        from defectforge.studies.spec import load_spec
+        from defectforge.studies.store import absolute_location
+
+        spec = load_spec(args.spec)
+        root = absolute_location(f"{spec.storage_path.rstrip('/')}/{args.name or spec.name}")
+        return f"`defectforge study resume {root}` continues the study where it stopped"
+    if args.study_command == "resume":
+        return f"`defectforge study resume {args.dir}` continues it again"
+    return "nothing was published; run the command again"
