@@ -56,7 +56,7 @@ def plain_loop(cfg: SegConfig, steps: int) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    criterion = CombinedLoss(cfg.loss, cfg)
+    criterion = CombinedLoss(cfg.loss, cfg.tversky_alpha, cfg.focal_gamma)
     loader = DataLoader(
         InMemoryPairs(cfg),
         batch_size=cfg.batch_size,

@@ -117,7 +117,7 @@ def train_segmentation(cfg: SegConfig, io: LoopIO) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total_steps, cfg.warmup_fraction)
     )
-    criterion = CombinedLoss(cfg.loss, cfg)
+    criterion = CombinedLoss(cfg.loss, cfg.tversky_alpha, cfg.focal_gamma)
     start_epoch, best, history = 0, -1.0, []
     if io.resume_from is not None:
         state = load_training_state(io.resume_from)

@@ -65,11 +65,12 @@ class CrossEntropy(nn.Module):
         return F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
 
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "ce": lambda cfg: CrossEntropy(),
-    "dice": lambda cfg: TverskyLoss(0.5, 0.5),
-    "focal": lambda cfg: FocalLoss(cfg.focal_gamma),
-    "tversky": lambda cfg: TverskyLoss(cfg.tversky_alpha, 1 - cfg.tversky_alpha),
+# name -> constructor from (tversky_alpha, focal_gamma)
+LOSSES: dict[str, Callable[[float, float], nn.Module]] = {
+    "ce": lambda alpha, gamma: CrossEntropy(),
+    "dice": lambda alpha, gamma: TverskyLoss(0.5, 0.5),
+    "focal": lambda alpha, gamma: FocalLoss(gamma),
+    "tversky": lambda alpha, gamma: TverskyLoss(alpha, 1 - alpha),
 }
 
 
@@ -92,11 +93,13 @@ def parse_loss(spec: str) -> list[tuple[str, float]]:
 
 
 class CombinedLoss(nn.Module):
-    def __init__(self, spec: str, cfg):
+    """The weighted sum a loss spec names; ``tversky_alpha`` weighs false positives."""
+
+    def __init__(self, spec: str, tversky_alpha: float = 0.5, focal_gamma: float = 2.0):
         super().__init__()
         terms = parse_loss(spec)
         self.weights = [weight for _, weight in terms]
-        self.terms = nn.ModuleList([LOSSES[name](cfg) for name, _ in terms])
+        self.terms = nn.ModuleList([LOSSES[name](tversky_alpha, focal_gamma) for name, _ in terms])
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(

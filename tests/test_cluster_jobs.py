@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -99,6 +100,31 @@ def test_a_submitted_study_runs_on_several_nodes_and_exports_from_the_client(
 
     assert main(["study", "export", str(root), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.json").exists()
+
+
+def test_joining_the_cluster_without_its_token_is_one_line_at_once(
+    local_cluster, sample_dataset, tmp_path
+):
+    _, state = local_cluster
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(cluster_spec(sample_dataset, tmp_path / "studies")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), NO_ALBUMENTATIONS_UPDATE="1")  # no ~/.ray/auth_token here
+    command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
+    done = subprocess.run(
+        [*command, "--address", state["address"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"defectforge: error: {state['address']}: the cluster wants its auth token and none was "
+        "found here; set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's "
+        "token file, or copy it to ~/.ray/auth_token (readable by you alone)"
+    )
+    assert not (tmp_path / "studies").exists()
 
 
 def test_cluster_down_stops_every_process_it_started(local_cluster):

@@ -70,10 +70,7 @@ def test_loss_spec_parsing_and_errors():
 
 
 def test_combined_loss_ignores_padding():
-    class Cfg:
-        tversky_alpha, focal_gamma = 0.5, 2.0
-
-    loss = CombinedLoss("ce+dice+focal+tversky", Cfg())
+    loss = CombinedLoss("ce+dice+focal+tversky", tversky_alpha=0.5, focal_gamma=2.0)
     target = torch.full((1, 4, 4), IGNORE_INDEX)
     target[0, :2] = 1
     logits = _logits_for(torch.where(target == IGNORE_INDEX, 0, target), 2)

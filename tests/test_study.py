@@ -88,6 +88,14 @@ def test_search_space_becomes_tune_domains_and_readable_trial_names():
         config = {"arch": "pan", "synthetic_ratio": 0.38}
 
     assert trial_label(Trial, ("arch", "synthetic_ratio")) == "ab12c_00003_arch=pan,ratio=0.38"
+    assert trial_label(Trial, ()) == "ab12c_00003"
+
+
+def test_an_optuna_spec_with_nothing_searched_runs_plain_repeats():
+    from defectforge.trainables.study import _searcher
+
+    fixed = parse_spec({"name": "f", "dataset": {"real": "x"}, "search_space": {"epochs": 1}})
+    assert fixed.search.algorithm == "optuna" and _searcher(fixed, "f") is None
 
 
 def test_optuna_storage_takes_a_file_or_a_url(tmp_path):

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import ray
+from ray.exceptions import AuthenticationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from defectforge.datasets.errors import ClusterError, DataError
@@ -18,7 +19,8 @@ from defectforge.studies.store import is_uri
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or RAY_ADDRESS), else start a local instance; a no-op if connected.
 
-    Token authentication stays as Ray configures it; the dashboard binds to 127.0.0.1. Only a
+    Token authentication stays on (joining a cluster asks for it); the dashboard binds to
+    127.0.0.1. Only a
     local instance gets a runtime environment from here: a cluster's nodes carry their own
     environment, and a Ray Job's driver may not add to the job's.
     """
@@ -26,14 +28,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     local = address in (None, "local")
-    ray.init(
-        address=address,
-        num_cpus=num_cpus if local else None,
-        dashboard_host="127.0.0.1",
-        # Ray's own notices stay in its log files; the terminal shows defectforge's lines.
-        logging_level=logging.ERROR,
-        runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}} if local else None,
-    )
+    joining = address if not local else os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(
+            address=address,
+            num_cpus=num_cpus if local else None,
+            dashboard_host="127.0.0.1",
+            # Ray's own notices stay in its log files; the terminal shows defectforge's lines.
+            logging_level=logging.ERROR,
+            runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}} if local else None,
+        )
+    except AuthenticationError:
+        # Raised at once because the command line turns token mode on (trainables.cli).
+        raise ClusterError(
+            f"{joining}: the cluster wants its auth token and none was found here; set "
+            "RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's token file, "
+            "or copy it to ~/.ray/auth_token (readable by you alone)"
+        ) from None
 
 
 # Ray Data's read and map tasks each take one CPU: whatever workers and actors hold, this much

@@ -145,11 +145,13 @@ def trial_label(trial, searched: tuple[str, ...]) -> str:
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     parts = [f"{ABBREVIATIONS.get(k, k)}={short(trial.config.get(k))}" for k in searched]
-    return re.sub(r"[^\w=.,+-]", "_", f"{trial.trial_id}_" + ",".join(parts))[:120]
+    label = "_".join([trial.trial_id, ",".join(parts)] if parts else [trial.trial_id])
+    return re.sub(r"[^\w=.,+-]", "_", label)[:120]
 
 
 def _searcher(spec: StudySpec, name: str):
-    if spec.search.algorithm == "grid":
+    # Optuna has nothing to choose when every value is fixed: the trials are plain repeats.
+    if spec.search.algorithm == "grid" or not spec.searched():
         return None
     import optuna
 
