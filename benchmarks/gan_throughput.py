@@ -105,7 +105,7 @@ def official_rate(source: str, cfg: GanConfig, device: torch.device, steps: int)
 
     def adam(module, interval):  # the official lazy-regularisation correction
         ratio = interval / (interval + 1)
-        return torch.optim.Adam(module.parameters(), lr=0.0025 * ratio, betas=(0, 0.99**ratio))
+        return torch.optim.Adam(module.parameters(), lr=0.0025 * ratio, betas=(0.0, 0.99**ratio))
 
     opt_g, opt_d = adam(G, cfg.pl_interval), adam(D, cfg.r1_interval)
     reals = torch.rand(cfg.batch_size, 1, cfg.resolution, cfg.resolution, device=device) * 2 - 1

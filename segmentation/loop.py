@@ -95,7 +95,10 @@ def evaluate(
             images, masks = _as_tensors(batch, device, device.type == "cuda")
             accumulator.update(model(images).float(), masks)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(accumulator.cm)
+        # NCCL (GPU workers) reduces only tensors on the GPU; gloo takes them where they are.
+        cm = accumulator.cm.to(device)
+        dist.all_reduce(cm)
+        accumulator.cm = cm.cpu()
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, accumulator.per_image)
         accumulator.per_image = [t for part in gathered for t in part]
