@@ -110,6 +110,26 @@ def test_optuna_storage_takes_a_file_or_a_url(tmp_path):
     assert optuna_url("postgresql://db/optuna") == "postgresql://db/optuna"
 
 
+def test_two_concurrent_trials_on_two_cpus_finish(sample_with_test, tmp_path):
+    """As many trial workers as the session has CPUs: each gets half, Ray Data keeps one."""
+    from defectforge.studies.results import TRIALS_FILE
+    from defectforge.trainables.study import run_study
+
+    spec = study_spec(
+        sample_with_test,
+        tmp_path,
+        search={"max_concurrent_trials": 2},
+        search_space={"arch": ["unet", "fpn"], "epochs": 1, "batch_size": 4},
+        final={"seeds": 0},
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_study(spec_file)
+    trials = json.loads((tmp_path / "t" / TRIALS_FILE).read_text())
+    assert sorted(t["config"]["arch"] for t in trials) == ["fpn", "unet"]
+    assert {t["status"] for t in trials} == {"finished"}
+
+
 def test_the_test_split_is_sealed_during_a_search(sample_with_test):
     from defectforge.datasets.errors import DataError
     from defectforge.trainables.data_jobs import read_split, sealed_splits
