@@ -34,6 +34,8 @@ class BatchSpec:
     aug_strength: float = 0.0
     binary: bool = False
     min_input: int = SIZE_MULTIPLE
+    # Share of training crops centred on a defect pixel of their image (when it has one).
+    defect_crop_prob: float = 0.0
 
 
 def round_up(value: int, multiple: int = SIZE_MULTIPLE) -> int:
@@ -54,10 +56,27 @@ def resize_pair(image: np.ndarray, mask: np.ndarray | None, size: int):
     return resized, mask
 
 
-def random_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator):
+def random_crop(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    rng: np.random.Generator,
+    defect_prob: float = 0.0,
+):
+    """A ``size`` crop: anywhere, or with probability ``defect_prob`` (when the mask has a
+    defect) placed so that a randomly chosen defect pixel lies inside it, at a random offset."""
     image, mask = pad_to(image, mask, max(size, image.shape[0]), max(size, image.shape[1]))
-    top = int(rng.integers(0, image.shape[0] - size + 1))
-    left = int(rng.integers(0, image.shape[1] - size + 1))
+    top_range, left_range = image.shape[0] - size, image.shape[1] - size
+    defect = (mask > 0) & (mask != IGNORE_INDEX)
+    if defect_prob and rng.random() < defect_prob and defect.any():
+        rows, cols = np.nonzero(defect)
+        pick = int(rng.integers(len(rows)))
+        row, col = int(rows[pick]), int(cols[pick])
+        top = int(rng.integers(max(0, row - size + 1), min(row, top_range) + 1))
+        left = int(rng.integers(max(0, col - size + 1), min(col, left_range) + 1))
+    else:
+        top = int(rng.integers(0, top_range + 1))
+        left = int(rng.integers(0, left_range + 1))
     return image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
 
 
@@ -134,7 +153,9 @@ class BatchMaker:
         if self.spec.image_size:
             image, mask = resize_pair(image, mask, self.spec.image_size)
         if self.train and self.spec.crop_size:
-            image, mask = random_crop(image, mask, self.spec.crop_size, rng)
+            image, mask = random_crop(
+                image, mask, self.spec.crop_size, rng, self.spec.defect_crop_prob
+            )
         return image, mask
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,9 +34,18 @@ SOURCES = ("neu-seg", "folder", "steel")
 LOAD_SCHEMA = (
     SCHEMA.append(pa.field("rejected", pa.string()))
     .append(pa.field("input_digest", pa.string()))
+    .append(pa.field("mask_missing", pa.bool_()))
     .append(pa.field("pixel_sum", pa.list_(pa.float64())))
     .append(pa.field("pixel_sumsq", pa.list_(pa.float64())))
 )
+
+
+def _group_rule_ok(rule: str) -> bool:
+    try:
+        re.compile(rule)
+    except re.error:
+        return False
+    return True
 
 
 def _ratios_ok(ratios: tuple[float, ...]) -> bool:
@@ -82,6 +92,18 @@ class BuildConfig(TypedConfig):
         lambda f: 0 <= f < 1,
         "in [0, 1)",
     )
+    missing_mask: str = option(
+        "error",
+        "an image without a mask: error, or background (defect-free, as in good/ folders)",
+        choices=("error", "background"),
+    )
+    group_by: str = option(
+        "",
+        "keep groups in one split: parent (the image's folder), or a regex on the path under "
+        "--root whose first group names the group, e.g. 'Part(\\d+)'; none: each image alone",
+        _group_rule_ok,
+        "parent or a valid regular expression",
+    )
     skip_bad: bool = option(
         False, "skip unreadable or inconsistent samples and list them in rejected.csv"
     )
@@ -113,7 +135,12 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         channels = 3
     else:
         refs = discover_folder(
-            cfg.root, cfg.dataset_name, cfg.split_ratios, cfg.mask_suffix, cfg.class_from_folder
+            cfg.root,
+            cfg.dataset_name,
+            cfg.split_ratios,
+            cfg.mask_suffix,
+            cfg.class_from_folder,
+            cfg.group_by,
         )
         file_classes, folder_classes = read_class_file(cfg.root)
         classes = cfg.classes or file_classes or _default_folder_classes(cfg, refs, folder_classes)
@@ -129,6 +156,7 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         steel=cfg.steel if cfg.source == "steel" else None,
         root=os.path.abspath(cfg.root) if cfg.source == "steel" else "",
         max_pixels=cfg.max_pixels,
+        missing_mask_is_background=cfg.missing_mask == "background",
     )
     return refs, spec
 
@@ -164,8 +192,9 @@ class RowLoader:
 
 
 def _plain(value):
-    # Ray Data hands a column's missing strings over as None or as a float NaN.
-    return None if value is None or (isinstance(value, float) and value != value) else str(value)
+    # Ray Data hands a column of missing strings over as NaNs (float32), a mixed one as Nones.
+    missing = value is None or (isinstance(value, float | np.floating) and np.isnan(value))
+    return None if missing else str(value)
 
 
 def _rejected_row(ref: SampleRef, reason: str) -> dict:
@@ -182,6 +211,7 @@ def _rejected_row(ref: SampleRef, reason: str) -> dict:
         "origin": ref.image_path,
         "rejected": reason,
         "input_digest": "",
+        "mask_missing": False,
         "pixel_sum": [],
         "pixel_sumsq": [],
     }
@@ -236,6 +266,7 @@ def build_manifest(
         pixel_mean=tuple(mean),
         pixel_std=tuple(std),
         rejected=n_rejected,
+        missing_masks=sum(bool(r["mask_missing"]) for r in good),
         # `data simulate-steel` output must never pass for real data downstream.
         simulated=(Path(cfg.root) / SIMULATION_FILE).is_file(),
     )

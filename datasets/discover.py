@@ -7,6 +7,7 @@ Discovery only lists paths, so it is fast; decoding and checking happen per samp
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -90,16 +91,32 @@ def _is_mask_file(path: Path, mask_suffix: str) -> bool:
     )
 
 
+def group_key(relative: Path, group_by: str) -> str | None:
+    """What keeps samples together in one split: ``parent`` (the image's folder), a regular
+    expression (its first group, else its whole match, on the path under the root), or nothing."""
+    if not group_by:
+        return None
+    text = relative.with_suffix("").as_posix()
+    if group_by == "parent":
+        return relative.parent.as_posix()
+    match = re.search(group_by, text)
+    if match is None:
+        return text  # not matched: a group of its own
+    return match.group(1) if match.groups() else match.group(0)
+
+
 def discover_folder(
     root: str | Path,
     dataset: str,
     split_ratios: tuple[float, float, float],
     mask_suffix: str = "",
     class_from_folder: bool = False,
+    group_by: str = "",
 ) -> list[SampleRef]:
     """Generic layout: ``images/`` + ``masks/`` trees, or masks beside their images.
 
-    A first path component named train/val/test sets the split; otherwise a hash of the id does.
+    A first path component named train/val/test sets the split; otherwise a hash of the id does,
+    or of its group (``group_by``), so near-duplicates (one part, one coil) share a split.
     """
     root = Path(root)
     if not root.is_dir():
@@ -117,7 +134,9 @@ def discover_folder(
         else:
             mask = _find_mask(image.parent, image.stem, mask_suffix, exclude=image)
         first = relative.parts[0] if len(relative.parts) > 1 else ""
-        split = first if first in SPLITS else hash_split(sample_id, split_ratios)
+        group = group_key(relative, group_by)
+        hashed = f"{dataset}/group/{group}" if group is not None else sample_id
+        split = first if first in SPLITS else hash_split(hashed, split_ratios)
         folder_class = _top_folder(relative) if class_from_folder else None
         refs.append(
             SampleRef(sample_id, str(image), str(mask) if mask else None, split, folder_class)

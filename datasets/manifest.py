@@ -50,6 +50,7 @@ class Manifest:
     masks: bool = True  # False for generated images that are not labelled yet
     counts: dict[str, SplitCounts] = field(default_factory=dict)
     rejected: int = 0
+    missing_masks: int = 0  # images read as all background for want of a mask
     simulated: bool = False  # rendered stand-in data: never to pass for real data downstream
     inputs: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)

@@ -137,15 +137,20 @@ def _read_input(ref: SampleRef, spec: SampleSpec) -> tuple[np.ndarray, bytes]:
 
 def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     """Decode, check and encode one sample as a contract row (plus its input digest)."""
-    if ref.mask_path is None:
+    if ref.mask_path is None and not spec.missing_mask_is_background:
         raise DataError(
             ref.image_path,
             "no mask found for this image",
-            "add <stem>.png to the masks folder, or remove the image (or pass --skip-bad)",
+            "add <stem>.png to the masks folder, pass --missing-mask background if images "
+            "without a mask are defect-free, or remove the image (or pass --skip-bad)",
         )
     image, image_digest = _read_input(ref, spec)
-    mask = read_mask(ref.mask_path, image.shape[:2], spec, ref.folder_class)
-    digest = hashlib.sha256(image_digest + Path(ref.mask_path).read_bytes())
+    if ref.mask_path is None:
+        mask, mask_bytes = np.zeros(image.shape[:2], np.uint8), b"no mask"
+    else:
+        mask = read_mask(ref.mask_path, image.shape[:2], spec, ref.folder_class)
+        mask_bytes = Path(ref.mask_path).read_bytes()
+    digest = hashlib.sha256(image_digest + mask_bytes)
     return {
         "id": ref.id,
         "image": encode_png(image),
@@ -160,6 +165,7 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
         "label_confidence": None,
         "origin": ref.image_path,
         "input_digest": digest.hexdigest(),
+        "mask_missing": ref.mask_path is None,
         "pixel_sum": image.reshape(-1, spec.channels).sum(axis=0, dtype=np.float64).tolist(),
         "pixel_sumsq": (image.reshape(-1, spec.channels).astype(np.float64) ** 2)
         .sum(axis=0)
@@ -167,11 +173,17 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     }
 
 
-def list_images(folder: str | Path) -> list[Path]:
+def list_images(folder: str | Path, exclude_suffix: str = "") -> list[Path]:
+    """The images directly in ``folder`` (masks named ``<stem><exclude_suffix>`` left out)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "folder does not exist", "check the --images path")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not (exclude_suffix and p.stem.endswith(exclude_suffix))
+    )
     if not images:
         raise DataError(
             folder,

@@ -34,6 +34,7 @@ class SampleSpec:
     binary: bool = False
     mask_threshold: int | None = None
     folder_classes: dict[str, str] = field(default_factory=dict)
+    missing_mask_is_background: bool = False  # an image without a mask is all background
     steel: Any = None  # SteelOptions: samples are photometric-stereo folders under ``root``
     root: str = ""
     # Refuses, never changes content: left out of the repr that identifies a dataset.

@@ -72,6 +72,19 @@ class SegConfig(TypedConfig):
         "0 or a multiple of 32",
         searchable=True,
     )
+    defect_crop_prob: float = option(
+        0.0,
+        "share of training crops centred on a defect (rare, small defects in large images)",
+        lambda v: 0 <= v <= 1,
+        "in [0, 1]",
+        searchable=True,
+    )
+    defect_oversample: int = option(
+        1,
+        "each image with a defect is seen this many times per epoch (1: once, as the others)",
+        *POSITIVE,
+        searchable=True,
+    )
     epochs: int = option(10, "training epochs", *POSITIVE, searchable=True)
     batch_size: int = option(16, "images per batch and worker", *POSITIVE, searchable=True)
     lr: float = option(2e-3, "peak learning rate", lambda v: v > 0, "> 0", searchable=True)
@@ -148,4 +161,5 @@ class SegConfig(TypedConfig):
             self.crop_size,
             self.aug_strength,
             self.binary,
+            defect_crop_prob=self.defect_crop_prob,
         )

@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from defectforge.datasets.batches import BatchSpec, padded_side
+from defectforge.datasets.batches import SIZE_MULTIPLE, BatchSpec
 from defectforge.datasets.contract import decode_png, split_files
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.outputs import check_output, publish_dir
-from defectforge.segmentation.checkpoint import load_model
+from defectforge.segmentation.checkpoint import load_model, unwrap
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.exported import (
     EXPORT_FORMAT,
@@ -34,8 +34,15 @@ from defectforge.segmentation.exported import (
     ExportedModel,
 )
 from defectforge.segmentation.inference import predict_batch_logits
+from defectforge.segmentation.models import min_input_size
+from defectforge.segmentation.predictions import stored_operating_point
+from defectforge.segmentation.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SMP_FOLDER = "smp"
+# Exported graphs take any height and width up to this (larger images are tiled anyway).
+MAX_SIDE = 8192
+EXAMPLE_SIDE = 256
 # Exported logits may differ from PyTorch's by float rounding only: this share of their scale.
 RELATIVE_TOLERANCE = 1e-3
 VERIFY_IMAGES = 8
@@ -58,13 +65,34 @@ class PixelsToLogits(nn.Module):
         return self.network((pixels - self.offset) / self.scale)
 
 
-def export_input_size(cfg: SegConfig, largest: tuple[int, int]) -> tuple[int, int]:
-    """The export's fixed input: the training resize, else the largest image padded as in
-    training (smaller images are padded up to it)."""
+def _example_and_dims(cfg: SegConfig) -> tuple[torch.Tensor, dict]:
+    """An example input to trace, and the ONNX graph's dynamic dimensions: any height and width
+    that are multiples of 32 (and at least the architecture's minimum) in pad mode; the one
+    training size in resize mode. The batch is always free."""
     if cfg.image_size:
-        return cfg.image_size, cfg.image_size
-    spec = cfg.batch_spec()
-    return padded_side(largest[0], spec), padded_side(largest[1], spec)
+        side = cfg.image_size
+        return torch.zeros(1, cfg.channels, side, side), {0: torch.export.Dim("batch")}
+    low = max(1, -(-min_input_size(cfg.arch) // SIZE_MULTIPLE))
+    height = torch.export.Dim("height_32", min=low, max=MAX_SIDE // SIZE_MULTIPLE)
+    width = torch.export.Dim("width_32", min=low, max=MAX_SIDE // SIZE_MULTIPLE)
+    side = max(EXAMPLE_SIDE, low * SIZE_MULTIPLE)
+    dims = {0: torch.export.Dim("batch"), 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}
+    return torch.zeros(1, cfg.channels, side, side), dims
+
+
+def _input_meta(cfg: SegConfig) -> dict:
+    fixed = (
+        {"height": cfg.image_size, "width": cfg.image_size}
+        if cfg.image_size
+        else {
+            "multiple": SIZE_MULTIPLE,
+            "min_side": min_input_size(cfg.arch),
+            "max_side": MAX_SIDE,
+            "tile": DEFAULT_TILE,
+            "overlap": DEFAULT_OVERLAP,
+        }
+    )
+    return {**fixed, "layout": "NCHW", "dtype": "float32", "pixel_range": [0, 255]}
 
 
 def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -74,7 +102,7 @@ def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> 
         torch.jit.trace(module, example).save(str(path))
 
 
-def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_onnx(module: nn.Module, example: torch.Tensor, dims: dict, path: Path) -> None:
     # The exporter prints its stages to stdout; the caller prints one line for the whole export.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -84,7 +112,7 @@ def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
             str(path),
             input_names=["pixels"],
             output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamic_shapes=(dims,),
             external_data=False,
             verbose=False,
         )
@@ -97,23 +125,13 @@ def _max_differences(folder: Path, reference: np.ndarray, images: np.ndarray) ->
     }
 
 
-def verification_images(cfg: SegConfig) -> tuple[np.ndarray, tuple[int, int]]:
-    """Up to VERIFY_IMAGES real validation images of the split's most common size, and the
-    largest image size of train and val (the export's padded input in pad mode)."""
-    sizes = [
-        pq.read_table(split_files(cfg.data, s), columns=["height", "width"])
-        for s in ("train", "val")
-    ]
-    largest = (
-        max(max(t["height"].to_pylist(), default=0) for t in sizes),
-        max(max(t["width"].to_pylist(), default=0) for t in sizes),
-    )
+def verification_images(cfg: SegConfig) -> np.ndarray:
+    """Up to VERIFY_IMAGES real validation images of the split's most common size."""
     val = pq.read_table(split_files(cfg.data, "val"), columns=["image", "height", "width"])
     shapes = list(zip(val["height"].to_pylist(), val["width"].to_pylist(), strict=True))
     common = max(set(shapes), key=shapes.count)
     cells = [c for c, s in zip(val["image"].to_pylist(), shapes, strict=True) if s == common]
-    images = np.stack([decode_png(cell, cfg.channels) for cell in cells[:VERIFY_IMAGES]])
-    return images, largest
+    return np.stack([decode_png(cell, cfg.channels) for cell in cells[:VERIFY_IMAGES]])
 
 
 def input_conversion(data: str) -> dict:
@@ -132,9 +150,8 @@ def export_run(
     inputs: tuple = (),
 ) -> dict:
     """Export a trained model, checked on real validation images of its own dataset."""
-    images, largest = verification_images(cfg)
     details = {**details, **input_conversion(cfg.data)}
-    return export_model(model, cfg, images, out, largest, details, overwrite, inputs)
+    return export_model(model, cfg, verification_images(cfg), out, details, overwrite, inputs)
 
 
 def export_trained_run(run: str | Path, out: str | Path, overwrite: bool = False) -> dict:
@@ -148,6 +165,9 @@ def export_trained_run(run: str | Path, out: str | Path, overwrite: bool = False
         "run": str(Path(run).resolve()),
         "data": {"real_manifest_id": cfg.data_manifest_id, "synthetic_ratio": cfg.synthetic_ratio},
     }
+    point = stored_operating_point(run)
+    if point:
+        details["operating_point"] = point
     return export_run(model, cfg, out, details, overwrite, inputs=(run,))
 
 
@@ -156,20 +176,19 @@ def export_model(
     cfg: SegConfig,
     images: np.ndarray,
     out: str | Path,
-    largest: tuple[int, int],
     details: dict,
     overwrite: bool = False,
     inputs: tuple = (),
 ) -> dict:
-    """Write ``out`` with TorchScript, ONNX and model.json, after checking both exports against
-    the PyTorch pipeline on ``images`` (N x H x W x C uint8, real images of one size).
+    """Write ``out`` with TorchScript, ONNX, model.json and the network for
+    ``smp.from_pretrained`` (``smp/``), after checking both exports against the PyTorch pipeline
+    on ``images`` (N x H x W x C uint8, real images of one size).
 
-    ``details`` (metrics, study, data lineage) goes into model.json as given.
+    ``details`` (metrics, study, data lineage, operating point) goes into model.json as given.
     """
     model = model.cpu().eval()
-    height, width = export_input_size(cfg, largest)
     module = PixelsToLogits(model, cfg.mean, cfg.std).eval()
-    example = torch.zeros(1, cfg.channels, height, width)
+    example, dims = _example_and_dims(cfg)
     spec: BatchSpec = cfg.batch_spec()
     reference = predict_batch_logits(model, spec, images).numpy()
     meta = {
@@ -177,21 +196,16 @@ def export_model(
         "format_version": FORMAT_VERSION,
         "classes": list(cfg.output_classes),
         "channels": cfg.channels,
-        "input": {
-            "height": height,
-            "width": width,
-            "layout": "NCHW",
-            "dtype": "float32",
-            "pixel_range": [0, 255],
-        },
+        "input": _input_meta(cfg),
         "preprocess": {
             "mode": "resize" if cfg.image_size else "pad",
             "rule": "area-resize to the input, logits resized back bilinearly"
             if cfg.image_size
-            else "reflect-pad bottom/right to the input, logits cropped back",
+            else "reflect-pad bottom/right to a multiple of 32, logits cropped back; images "
+            "larger than the tile are tiled with overlap and blended",
         },
         "normalisation": {"mean": list(cfg.mean), "std": list(cfg.std), "in_graph": True},
-        "files": {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE},
+        "files": {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE, "smp": SMP_FOLDER},
         "architecture": cfg.arch,
         "encoder": cfg.encoder,
         "training_config": json.loads(cfg.to_json()),
@@ -201,7 +215,9 @@ def export_model(
     with publish_dir(out, overwrite, inputs, kind="export") as staging:
         with torch.no_grad():
             _write_torchscript(module, example, staging / TORCHSCRIPT_FILE)
-            _write_onnx(module, example, staging / ONNX_FILE)
+            _write_onnx(module, example, dims, staging / ONNX_FILE)
+        # The bare network (normalisation not included) for smp.from_pretrained.
+        unwrap(model).save_pretrained(str(staging / SMP_FOLDER))
         # ExportedModel reads model.json for the input size and rule; write it before checking.
         (staging / MODEL_JSON).write_text(json.dumps(meta, indent=2))
         differences = _max_differences(staging, reference, images)

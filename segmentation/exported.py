@@ -15,9 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import ConfigError, DataError
-from defectforge.datasets.outputs import check_output, publish_dir
+from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import list_images, read_image
 from defectforge.datasets.steel import (
     SteelOptions,
@@ -25,7 +24,9 @@ from defectforge.datasets.steel import (
     sample_name,
     steel_sample_folders,
 )
-from defectforge.segmentation.overlay import overlay
+from defectforge.segmentation.decisions import softmax
+from defectforge.segmentation.predictions import operating_point, write_predictions
+from defectforge.segmentation.tiling import DEFAULT_OVERLAP, tiled_logits
 
 EXPORT_FORMAT = "defectforge-export"
 MODEL_JSON = "model.json"
@@ -33,7 +34,6 @@ TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 RUNTIMES = ("onnx", "torchscript")
 EXPORT_FIX = "export the model again (`seg export` or `study export`)"
-CHUNK = 8
 
 
 def is_export(folder: str | Path) -> bool:
@@ -54,18 +54,25 @@ def read_model_json(folder: str | Path) -> dict:
 
 
 class ExportedModel:
-    """Logits and masks from an export folder, for images of the export's channel count."""
+    """Logits, probabilities and masks from an export folder, for images of any size with the
+    export's channel count: padded to what the graph takes, tiled above its tile size, or
+    resized whole for a model trained on resized images."""
 
-    def __init__(self, folder: str | Path, runtime: str = "onnx"):
+    def __init__(self, folder: str | Path, runtime: str = "onnx", device: str = "cpu"):
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
         self.folder = Path(folder)
         self.meta = read_model_json(self.folder)
-        self.height = self.meta["input"]["height"]
-        self.width = self.meta["input"]["width"]
+        spec = self.meta["input"]
         self.resize = self.meta["preprocess"]["mode"] == "resize"
+        # Format 1 exports take one fixed size; format 2 any multiple of ``multiple``.
+        self.fixed = None if "multiple" in spec else (spec["height"], spec["width"])
+        self.multiple, self.min_side = spec.get("multiple", 1), spec.get("min_side", 1)
+        self.tile = spec.get("tile") or min(self.fixed)
+        self.overlap = spec.get("overlap", DEFAULT_OVERLAP)
         try:
-            self._run = self._torchscript() if runtime == "torchscript" else self._onnx()
+            loader = self._torchscript if runtime == "torchscript" else self._onnx
+            self._run = loader(device)
         except ImportError:
             raise
         except Exception:  # noqa: BLE001 - each runtime has its own error types for a bad file
@@ -78,72 +85,91 @@ class ExportedModel:
     def channels(self) -> int:
         return self.meta["channels"]
 
-    def _torchscript(self):
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(self.meta["classes"])
+
+    def _torchscript(self, device: str):
         import torch
 
         with warnings.catch_warnings():
             # Deprecated upstream in favour of torch.export, which needs Python model code.
             warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(str(self.folder / TORCHSCRIPT_FILE), map_location="cpu")
+            module = torch.jit.load(str(self.folder / TORCHSCRIPT_FILE), map_location=device)
         module.eval()
 
         def run(pixels: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return module(torch.from_numpy(pixels)).numpy()
+                return module(torch.from_numpy(pixels).to(device)).cpu().numpy()
 
         return run
 
-    def _onnx(self):
+    def _onnx(self, device: str):
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(
-            str(self.folder / ONNX_FILE), providers=["CPUExecutionProvider"]
-        )
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise DataError(
+                    self.folder / ONNX_FILE,
+                    "onnxruntime here has no CUDA provider",
+                    "pip install 'defectforge[gpu]' (onnxruntime-gpu), or --device cpu",
+                )
+            providers = ["CUDAExecutionProvider", *providers]
+        session = onnxruntime.InferenceSession(str(self.folder / ONNX_FILE), providers=providers)
         name = session.get_inputs()[0].name
         return lambda pixels: session.run(None, {name: pixels})[0]
 
-    def _network_input(self, image: np.ndarray, source: str) -> np.ndarray:
+    def _input_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.fixed:
+            return self.fixed
+
+        def side(value: int) -> int:
+            return -(-max(value, self.min_side) // self.multiple) * self.multiple
+
+        return side(height), side(width)
+
+    def _network_logits(self, image: np.ndarray) -> np.ndarray:
+        """K x h x w logits for an image that fits the graph after padding (or resizing)."""
         height, width = image.shape[:2]
         if self.resize:
-            image = cv2.resize(image, (self.width, self.height), interpolation=cv2.INTER_AREA)
-        elif height > self.height or width > self.width:
-            raise DataError(
-                source,
-                f"image is {height}x{width}, larger than the export's input "
-                f"{self.height}x{self.width}",
-                "crop it, or export a model trained with image_size (resize mode)",
-            )
+            target_h, target_w = self.fixed
+            image = cv2.resize(image, (target_w, target_h), interpolation=cv2.INTER_AREA)
         else:
+            target_h, target_w = self._input_size(height, width)
             image = cv2.copyMakeBorder(
-                image, 0, self.height - height, 0, self.width - width, cv2.BORDER_REFLECT_101
+                image, 0, target_h - height, 0, target_w - width, cv2.BORDER_REFLECT_101
             )
-        return image.reshape(self.height, self.width, -1)
-
-    def _back_to_image(self, logits: np.ndarray, height: int, width: int) -> np.ndarray:
+        pixels = image.reshape(target_h, target_w, -1).transpose(2, 0, 1)[None]
+        logits = self._run(np.ascontiguousarray(pixels, dtype=np.float32))[0]
         if not self.resize:
             return logits[:, :height, :width]
-        planes = [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in logits]
-        return np.stack(planes)
+        return np.stack(
+            [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in logits]
+        )
 
-    def logits(self, images: np.ndarray, source: str = "images") -> np.ndarray:
-        """N x K x H x W float32 logits for N x H x W x C uint8 images of one size."""
-        if images.ndim != 4 or images.shape[3] != self.channels:
+    def image_logits(self, image: np.ndarray, source: str = "image") -> np.ndarray:
+        """K x H x W logits for one H x W x C image of any size."""
+        if image.ndim != 3 or image.shape[2] != self.channels:
             raise DataError(
                 source,
-                f"expected N x H x W x {self.channels} images, got shape {images.shape}",
+                f"expected an H x W x {self.channels} image, got shape {image.shape}",
                 f"give {self.channels}-channel images",
             )
-        height, width = images.shape[1:3]
-        pixels = np.stack([self._network_input(image, source) for image in images])
-        pixels = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2), dtype=np.float32)
-        out = np.concatenate(
-            [self._run(pixels[i : i + CHUNK]) for i in range(0, len(pixels), CHUNK)]
-        )
-        return np.stack([self._back_to_image(plane, height, width) for plane in out])
+        if self.resize:
+            return self._network_logits(image)
+        return tiled_logits(image, self._network_logits, self.tile, self.overlap)
+
+    def logits(self, images: np.ndarray, source: str = "images") -> np.ndarray:
+        """N x K x H x W logits for N x H x W x C images."""
+        return np.stack([self.image_logits(image, source) for image in images])
+
+    def probabilities(self, image: np.ndarray, source: str = "image") -> np.ndarray:
+        return softmax(self.image_logits(image, source))
 
     def predict(self, image: np.ndarray, source: str = "image") -> np.ndarray:
         """H x W uint8 class ids for one H x W x C image."""
-        return self.logits(image[None], source)[0].argmax(0).astype(np.uint8)
+        return self.image_logits(image, source).argmax(0).astype(np.uint8)
 
 
 def predict_folder_exported(
@@ -152,27 +178,30 @@ def predict_folder_exported(
     out: str | Path,
     runtime: str = "onnx",
     overwrite: bool = False,
-) -> int:
-    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` per image, from the export alone."""
+    threshold: float | None = None,
+    min_area: int | None = None,
+    device: str = "cpu",
+    mask_suffix: str = "",
+) -> list[dict]:
+    """Masks, overlays and predictions.csv per image (or steel sample), from the export alone;
+    verdicts at the export's operating point, with ``threshold``/``min_area`` on top."""
     check_output(out, overwrite, (images, model))
-    exported = ExportedModel(model, runtime)
+    exported = ExportedModel(model, runtime, device)
     steel = exported.meta.get("steel")
-    samples = _steel_samples(images, steel) if steel else _image_files(images, exported.channels)
-    count = 0
-    with publish_dir(out, overwrite, inputs=(images, model), kind="predictions") as staging:
-        for name, source, read in samples:
-            image = read()
-            mask = exported.predict(image, source)
-            write_png(staging / f"{name}_mask.png", mask)
-            write_png(staging / f"{name}_overlay.png", overlay(image, mask))
-            count += 1
-    return count
+    if steel:
+        samples = _steel_samples(images, steel)
+    else:
+        samples = _image_files(images, exported.channels, mask_suffix)
+    point = operating_point(exported.meta.get("operating_point"), threshold, min_area)
+    return write_predictions(
+        samples, exported.probabilities, exported.classes, point, out, overwrite, (images, model)
+    )
 
 
-def _image_files(images: str | Path, channels: int) -> list:
+def _image_files(images: str | Path, channels: int, mask_suffix: str = "") -> list:
     return [
         (path.stem, str(path), lambda path=path: read_image(path, channels))
-        for path in list_images(images)
+        for path in list_images(images, exclude_suffix=mask_suffix)
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import cv2
@@ -12,14 +13,19 @@ from torch import nn
 from tqdm import tqdm
 
 from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
-from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.outputs import check_output, publish_dir
+from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
 from defectforge.segmentation.checkpoint import load_model
-from defectforge.segmentation.metrics import MetricAccumulator
-from defectforge.segmentation.overlay import overlay
+from defectforge.segmentation.decisions import findings, softmax, verdict_counts
+from defectforge.segmentation.metrics import MetricAccumulator, auroc
+from defectforge.segmentation.predictions import (
+    operating_point,
+    stored_operating_point,
+    write_predictions,
+)
+from defectforge.segmentation.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_logits
 
 
 @torch.no_grad()
@@ -51,16 +57,30 @@ def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torc
     return predict_batch_logits(model, spec, image[None])[0]
 
 
-def _mask_for(image: Path, masks: Path) -> Path:
-    for suffix in (".png", ".bmp", ".tif", ".tiff"):
-        candidate = masks / f"{image.stem}{suffix}"
-        if candidate.is_file():
+def image_probabilities(
+    model: nn.Module,
+    spec: BatchSpec,
+    image: np.ndarray,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+) -> np.ndarray:
+    """K x H x W class probabilities for one image of any size: tiled at native scale (whole
+    images up to ``tile``), or resized whole when the model was trained on resized images."""
+    if spec.image_size:
+        logits = predict_logits(model, spec, image).numpy()
+    else:
+        logits = tiled_logits(
+            image, lambda part: predict_logits(model, spec, part).numpy(), tile, overlap
+        )
+    return softmax(logits)
+
+
+def _mask_for(image: Path, masks: Path, suffix: str) -> Path | None:
+    for extension in (".png", ".bmp", ".tif", ".tiff"):
+        candidate = masks / f"{image.stem}{suffix}{extension}"
+        if candidate.is_file() and candidate != image:
             return candidate
-    raise DataError(
-        image,
-        f"no mask named {image.stem}.png in {masks}",
-        "give every image a mask with the same stem",
-    )
+    return None
 
 
 def evaluate_folder(
@@ -69,40 +89,86 @@ def evaluate_folder(
     masks: str | Path,
     binary: bool = False,
     mask_threshold: int | None = None,
+    mask_suffix: str = "",
+    missing_mask_is_background: bool = False,
 ) -> dict:
-    """Metrics over every image of a folder, at native resolution."""
+    """Pixel metrics over every image of a folder at native resolution, and image-level ones:
+    AUROC of the image score (its highest defect probability) and the verdicts at the run's
+    operating point against the truth (an image whose true mask has a defect should be NG)."""
     model, cfg = load_model(model_dir)
-    spec = cfg.batch_spec()
-    classes = cfg.output_classes
+    point = operating_point(stored_operating_point(model_dir), None, None)
     # Masks on disk carry the dataset's classes; a binary model's masks are binarised after the check.
     mask_spec = SampleSpec(
         "eval", tuple(cfg.classes), cfg.channels, binary=cfg.binary, mask_threshold=mask_threshold
     )
-    names = ["background", "defect"] if binary else list(classes)
+    names = ["background", "defect"] if binary else list(cfg.output_classes)
     accumulator = MetricAccumulator(len(names))
-    for path in tqdm(list_images(images), desc="evaluate", unit="img"):
+    scores, defective, verdicts = [], [], []
+    for path in tqdm(list_images(images, exclude_suffix=mask_suffix), desc="evaluate", unit="img"):
         image = read_image(path, cfg.channels)
-        truth = read_mask(_mask_for(path, Path(masks)), image.shape[:2], mask_spec, None)
-        pred = predict_logits(model, spec, image).argmax(0)
+        truth = _truth(
+            path, Path(masks), image.shape[:2], mask_spec, mask_suffix, missing_mask_is_background
+        )
+        probabilities = image_probabilities(model, cfg.batch_spec(), image)
+        pred = torch.from_numpy(probabilities.argmax(0).astype(np.int64))
         truth_t = torch.from_numpy(truth.astype(np.int64))
         if binary:
             pred, truth_t = (pred > 0).long(), (truth_t > 0).long()
         accumulator.update(pred[None], truth_t[None])
-    return accumulator.summary(names)
+        row = findings(probabilities, cfg.output_classes, point)
+        scores.append(row["max_defect_probability"])
+        defective.append(bool(truth.any()))
+        verdicts.append(row["verdict"])
+    counts = verdict_counts(verdicts, defective)
+    image_level = {
+        "images": len(verdicts),
+        "image_auroc": auroc(scores, defective),
+        "operating_point": asdict(point),
+        "recall": counts["true_ng"] / max(1, counts["true_ng"] + counts["missed_ng"]),
+        "false_alarm_rate": counts["false_ng"] / max(1, counts["false_ng"] + counts["true_ok"]),
+        "verdicts": counts,
+    }
+    return {**accumulator.summary(names), **image_level}
+
+
+def _truth(path, masks, shape, spec, suffix, missing_is_background) -> np.ndarray:
+    mask = _mask_for(path, masks, suffix)
+    if mask is None:
+        if missing_is_background:
+            return np.zeros(shape, np.uint8)
+        raise DataError(
+            path,
+            f"no mask named {path.stem}{suffix}.png (or .bmp, .tif) in {masks}",
+            "give every image a mask with the same stem (--mask-suffix for a suffix), or pass "
+            "--missing-mask background if images without one are defect-free",
+        )
+    return read_mask(mask, shape, spec, None)
 
 
 def predict_folder(
-    model_dir: str | Path, images: str | Path, out: str | Path, overwrite: bool = False
-) -> int:
-    """Write ``<stem>_mask.png`` (class ids) and ``<stem>_overlay.png`` for every image."""
+    model_dir: str | Path,
+    images: str | Path,
+    out: str | Path,
+    overwrite: bool = False,
+    threshold: float | None = None,
+    min_area: int | None = None,
+    mask_suffix: str = "",
+) -> list[dict]:
+    """Masks, overlays and predictions.csv (verdicts at the run's calibrated operating point,
+    or the default, with ``threshold``/``min_area`` on top) for every image of a folder."""
     check_output(out, overwrite, (images, model_dir))
     model, cfg = load_model(model_dir)
-    paths = list_images(images)
-    with publish_dir(out, overwrite, inputs=(images, model_dir), kind="predictions") as staging:
-        for path in tqdm(paths, desc="predict", unit="img"):
-            image = read_image(path, cfg.channels)
-            logits = predict_logits(model, cfg.batch_spec(), image)
-            mask = logits.argmax(0).numpy().astype(np.uint8)
-            write_png(staging / f"{path.stem}_mask.png", mask)
-            write_png(staging / f"{path.stem}_overlay.png", overlay(image, mask))
-    return len(paths)
+    point = operating_point(stored_operating_point(model_dir), threshold, min_area)
+    samples = [
+        (path.stem, str(path), lambda path=path: read_image(path, cfg.channels))
+        for path in list_images(images, exclude_suffix=mask_suffix)
+    ]
+    return write_predictions(
+        samples,
+        lambda image, _: image_probabilities(model, cfg.batch_spec(), image),
+        cfg.output_classes,
+        point,
+        out,
+        overwrite,
+        (images, model_dir),
+    )

@@ -77,3 +77,16 @@ class MetricAccumulator:
     def summary(self, class_names: list[str]) -> dict:
         per_image = torch.cat(self.per_image).numpy() if self.per_image else None
         return summarize(self.cm.numpy(), class_names, per_image)
+
+
+def auroc(scores: list[float], positive: list[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` separating positives from negatives (the
+    Mann-Whitney statistic, ties counted half); None without both kinds of example."""
+    from scipy.stats import rankdata
+
+    scores_array, labels = np.asarray(scores, float), np.asarray(positive, bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(scores_array)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

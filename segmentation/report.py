@@ -174,3 +174,31 @@ def plot_correction_quality(quality: dict, path: Path) -> None:
     )
     axis.legend(loc="lower right")
     _save(figure, path)
+
+
+def plot_operating_point(calibration: dict, path: Path) -> None:
+    """Recall and false-alarm rate against the probability threshold (at the chosen minimum
+    area), with the chosen point marked: what moving the threshold would trade."""
+    curve = calibration["curve"]
+    point = calibration["operating_point"]
+    thresholds = [row["threshold"] for row in curve]
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    axis.plot(
+        thresholds, [row["recall"] for row in curve], "o-", label="recall (defective images NG)"
+    )
+    axis.plot(
+        thresholds,
+        [row["false_alarm_rate"] for row in curve],
+        "s-",
+        label="false-alarm rate (defect-free images NG)",
+    )
+    axis.axvline(point["threshold"], color="black", linestyle=":", label="chosen threshold")
+    axis.set_xlabel("defect probability threshold")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_title(
+        f"operating point: threshold {point['threshold']}, min area {point['min_area']} px "
+        f"({calibration['images']} val images)",
+        fontsize=9,
+    )
+    axis.legend(fontsize=8)
+    _save(figure, path)

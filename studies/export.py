@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from defectforge.datasets.outputs import check_output
+from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.export import export_run
 from defectforge.segmentation.metrics import SELECTION_METRIC
@@ -49,13 +51,26 @@ def _local_copy(store: StudyStore, checkpoint: str, scratch: str) -> Path:
     return Path(scratch)
 
 
-def export_study(root: str, out: str | Path, overwrite: bool = False) -> dict:
+def export_study(
+    root: str,
+    out: str | Path,
+    overwrite: bool = False,
+    target_recall: float | None = None,
+    target_false_alarm: float | None = None,
+) -> dict:
+    """Export the chosen model; with a target, its operating point is calibrated on the val
+    split first and shipped in model.json."""
     store = StudyStore(root)
     require_trials(store, root)
+    check_output(out, overwrite, () if is_uri(store.uri) else (store.uri,))
     study = store.read_json(STUDY_FILE)
     checkpoint, metrics = chosen_model(store)
+    calibration = None
     with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
-        model, cfg = load_model(_local_copy(store, checkpoint, scratch))
+        local = _local_copy(store, checkpoint, scratch)
+        model, cfg = load_model(local)
+        if target_recall is not None or target_false_alarm is not None:
+            calibration = calibrate_run(local, target_recall, target_false_alarm, store=False)
     details = {
         "metrics": metrics,
         "study": {
@@ -70,5 +85,8 @@ def export_study(root: str, out: str | Path, overwrite: bool = False) -> dict:
         },
         "checkpoint": checkpoint,
     }
+    if calibration:
+        details["operating_point"] = calibration["operating_point"]
+        details["calibration"] = {k: calibration[k] for k in ("recall", "false_alarm_rate", "met")}
     inputs = () if is_uri(store.uri) else (store.uri,)
     return export_run(model, cfg, out, details, overwrite, inputs)

@@ -172,10 +172,9 @@ def test_an_export_of_a_steel_model_predicts_from_raw_captures(simulated, ray_se
     assert conversion["steel"]["clip_percentiles"] == [2.0, 98.0]
     cfg = config_from_manifest(data, crop_size=64)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
-    images, largest = verification_images(cfg)
-    export_model(model, cfg, images, tmp_path / "export", largest, conversion)
+    export_model(model, cfg, verification_images(cfg), tmp_path / "export", conversion)
 
-    written = predict_folder_exported(tmp_path / "export", out, tmp_path / "predicted")
+    written = len(predict_folder_exported(tmp_path / "export", out, tmp_path / "predicted"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty: no steel samples .* point --images at"):
         predict_folder_exported(tmp_path / "export", tmp_path / "empty", tmp_path / "none")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -353,4 +354,6 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
         "defectforge: interrupted; run the same command again to continue from the latest "
         "checkpoint"
     ]
-    assert "Traceback" not in text
+    # No traceback of the command itself (Ray's own actors log theirs with a "(name pid=..)"
+    # prefix, e.g. when another Ray instance runs on the machine).
+    assert not re.search(r"^Traceback", text, re.MULTILINE), text[-3000:]

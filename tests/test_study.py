@@ -267,7 +267,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     assert meta["data"]["real_manifest_id"] and meta["study"]["name"] == "t"
     chosen = max(final["seeds"], key=lambda s: s["best_val_binary_defect_iou"])
     model, cfg = load_model(chosen["best_checkpoint_path"])
-    images, _ = verification_images(cfg)
+    images = verification_images(cfg)
     reference = predict_batch_logits(model, cfg.batch_spec(), images).numpy()
     for runtime in ("onnx", "torchscript"):
         exported = ExportedModel(out, runtime).logits(images)

@@ -86,14 +86,24 @@ def _only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
 
 
 def train_rows(
-    data: str | Path, synthetic: str = "", mix: MixConfig | None = None
+    data: str | Path,
+    synthetic: str = "",
+    mix: MixConfig | None = None,
+    defect_oversample: int = 1,
 ) -> ray.data.Dataset:
     """The train split of ``data``; with a synthetic set and a mix, plus the synthetic rows
-    ``datasets.mix`` chose for it."""
+    ``datasets.mix`` chose for it; every row with a defect ``defect_oversample`` times."""
     train = read_split(data, "train")
-    if not synthetic or mix is None or not mix.ratio:
-        return train
-    return _with_synthetic(train, synthetic, plan_for(data, synthetic, mix))
+    if synthetic and mix is not None and mix.ratio:
+        train = _with_synthetic(train, synthetic, plan_for(data, synthetic, mix))
+    if defect_oversample > 1:
+        defective = train.map_batches(_defective, batch_format="pyarrow")
+        train = train.union(*[defective] * (defect_oversample - 1))
+    return train
+
+
+def _defective(table: pa.Table) -> pa.Table:
+    return table.filter(pc.is_valid(table["defect_class"]))
 
 
 def _with_synthetic(train: ray.data.Dataset, synthetic: str | Path, mix: Mix) -> ray.data.Dataset:

@@ -150,7 +150,8 @@ def make_trainer(
     """A TorchTrainer over the config's splits; Ray keeps the run under ``storage``/``name``
     (a local path or a pyarrow URI) and restores it by name after an interruption.
     ``resources_per_worker`` None: Ray's default (1 CPU, plus 1 GPU with ``cfg.use_gpu``)."""
-    train, val = train_rows(cfg.data, cfg.synthetic, cfg.mix), read_split(cfg.data, "val")
+    train = train_rows(cfg.data, cfg.synthetic, cfg.mix, cfg.defect_oversample)
+    val = read_split(cfg.data, "val")
     return TorchTrainer(
         _seg_worker,
         train_loop_config={

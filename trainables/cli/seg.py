@@ -32,7 +32,27 @@ def build(name: str, parser) -> None:
     evaluate.add_argument("--masks", required=True, type=absolute_path)
     evaluate.add_argument("--binary", action="store_true", help="score defect vs background only")
     evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
+    evaluate.add_argument("--mask-suffix", default="", help="mask stem suffix, e.g. _label")
+    evaluate.add_argument(
+        "--missing-mask",
+        choices=("error", "background"),
+        default="error",
+        help="an image without a mask: error, or defect-free (default: error)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    calibrate = sub.add_parser(
+        "calibrate", help="choose the OK/NG operating point on the run's val split"
+    )
+    calibrate.add_argument("run", type=absolute_path, help="run folder of `seg train`")
+    target = calibrate.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--target-recall", type=float, help="share of defective images to call NG, e.g. 0.95"
+    )
+    target.add_argument(
+        "--target-false-alarm",
+        type=float,
+        help="largest share of defect-free images to call NG, e.g. 0.05",
+    )
     export = sub.add_parser("export", help="a run's model -> TorchScript + ONNX + model.json")
     export.add_argument("run", type=absolute_path, help="run folder of `seg train`")
     add_out(export, "export folder to write")
@@ -53,17 +73,30 @@ def _build_predict(predict) -> None:
         default="onnx",
         help="for an export: which of its two files runs (default: onnx)",
     )
+    predict.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="for an export: where it runs (cuda: onnxruntime-gpu or torch with CUDA)",
+    )
+    predict.add_argument(
+        "--threshold", type=float, help="defect probability for NG (default: the calibrated one)"
+    )
+    predict.add_argument(
+        "--min-area", type=int, help="pixels of the largest region for NG (default: calibrated)"
+    )
+    predict.add_argument(
+        "--mask-suffix", default="", help="skip files named <stem><suffix> (masks beside images)"
+    )
 
 
 def run(args) -> None:
     if args.command == "predict":
         _predict(args)
-    elif args.seg_command == "train":
-        _train(args)
-    elif args.seg_command == "export":
-        _export(args)
     else:
-        _evaluate(args)
+        {"train": _train, "export": _export, "eval": _evaluate, "calibrate": _calibrate}[
+            args.seg_command
+        ](args)
 
 
 def _train(args) -> None:
@@ -88,14 +121,41 @@ def best_line(out, best: dict) -> str:
 def _evaluate(args) -> None:
     from defectforge.segmentation.inference import evaluate_folder
 
-    result = evaluate_folder(args.model, args.images, args.masks, args.binary, args.mask_threshold)
+    result = evaluate_folder(
+        args.model,
+        args.images,
+        args.masks,
+        args.binary,
+        args.mask_threshold,
+        args.mask_suffix,
+        args.missing_mask == "background",
+    )
     if args.json:
         print(json.dumps(result))
-    else:
-        print(
-            f"binary defect IoU {result['binary_defect_iou']:.4f}, mean defect IoU "
-            f"{result['mean_defect_iou']:.4f}, per class {result['per_class_iou']}"
-        )
+        return
+    auroc = result["image_auroc"]
+    print(
+        f"binary defect IoU {result['binary_defect_iou']:.4f}, mean defect IoU "
+        f"{result['mean_defect_iou'] or 0:.4f}; images {result['images']}: AUROC "
+        f"{'n/a' if auroc is None else f'{auroc:.4f}'}, at threshold "
+        f"{result['operating_point']['threshold']} / min area "
+        f"{result['operating_point']['min_area']} px: recall {result['recall']:.3f}, "
+        f"false-alarm rate {result['false_alarm_rate']:.3f} {result['verdicts']}"
+    )
+
+
+def _calibrate(args) -> None:
+    from defectforge.segmentation.calibrate import calibrate_run
+
+    result = calibrate_run(args.run, args.target_recall, args.target_false_alarm)
+    point = result["operating_point"]
+    met = "" if result["met"] else " (target not reached: the closest point)"
+    print(
+        f"operating point: defect probability >= {point['threshold']} over at least "
+        f"{point['min_area']} px; on {result['images']} val images ({result['defective_images']} "
+        f"defective) recall {result['recall']:.3f}, false-alarm rate "
+        f"{result['false_alarm_rate']:.3f}{met}; stored in {args.run}"
+    )
 
 
 def export_line(meta: dict, out) -> str:
@@ -117,15 +177,29 @@ def _predict(args) -> None:
     # An export runs with onnxruntime or torch.jit alone: nothing else is imported for it.
     from defectforge.segmentation.exported import is_export, predict_folder_exported
 
+    point = {"threshold": args.threshold, "min_area": args.min_area}
     if is_export(args.model):
-        written = predict_folder_exported(
-            args.model, args.images, args.out, args.runtime, args.overwrite
+        rows = predict_folder_exported(
+            args.model,
+            args.images,
+            args.out,
+            args.runtime,
+            args.overwrite,
+            device=args.device,
+            mask_suffix=args.mask_suffix,
+            **point,
         )
     else:
         from defectforge.segmentation.inference import predict_folder
 
-        written = predict_folder(args.model, args.images, args.out, args.overwrite)
-    print(f"wrote {written} mask and overlay PNGs to {args.out}")
+        rows = predict_folder(
+            args.model, args.images, args.out, args.overwrite, mask_suffix=args.mask_suffix, **point
+        )
+    flagged = sum(row["verdict"] == "NG" for row in rows)
+    print(
+        f"{len(rows)} images: {flagged} NG, {len(rows) - flagged} OK; masks, overlays and "
+        f"predictions.csv in {args.out}"
+    )
 
 
 def interrupted_hint(args) -> str:

@@ -21,6 +21,11 @@ def build(name: str, parser) -> None:
     export = study.add_parser("export", help="best model -> TorchScript + ONNX + model.json")
     export.add_argument("dir")
     add_out(export, "export folder to write")
+    target = export.add_mutually_exclusive_group()
+    target.add_argument(
+        "--target-recall", type=float, help="calibrate the OK/NG point on val first (e.g. 0.95)"
+    )
+    target.add_argument("--target-false-alarm", type=float, help="or for a false-alarm budget")
 
 
 def study_line(summary: dict) -> str:
@@ -40,7 +45,9 @@ def run(args) -> None:
         from defectforge.studies.export import export_study
         from defectforge.trainables.cli.seg import export_line
 
-        meta = export_study(args.dir, args.out, args.overwrite)
+        meta = export_study(
+            args.dir, args.out, args.overwrite, args.target_recall, args.target_false_alarm
+        )
         print(export_line(meta, args.out) + f" ({meta['metrics']['chosen']})")
         return
     if args.study_command == "report":

@@ -1,0 +1,76 @@
+"""What `predict` writes for a folder: per image its mask, an overlay and one row of
+``predictions.csv`` (verdict and its evidence), published whole. numpy and OpenCV only, so the
+PyTorch path and the export runtime write exactly the same files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from defectforge.datasets.contract import write_png
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.files import write_json_atomic
+from defectforge.datasets.outputs import publish_dir
+from defectforge.segmentation.decisions import OPERATING_POINT_FILE, OperatingPoint, findings
+from defectforge.segmentation.overlay import overlay
+
+PREDICTIONS_FILE = "predictions.csv"
+# (name for the output files, what to call it in errors, how to read it)
+Sample = tuple[str, str, Callable[[], np.ndarray]]
+
+
+def operating_point(stored: dict | None, threshold: float | None, min_area: int | None):
+    """The stored operating point (or the default), with what the user gave on top."""
+    point = OperatingPoint.from_dict(stored) if stored else OperatingPoint()
+    given = {k: v for k, v in (("threshold", threshold), ("min_area", min_area)) if v is not None}
+    return replace(point, **given)
+
+
+def stored_operating_point(folder: str | Path) -> dict | None:
+    """A run's calibrated operating point (``seg calibrate``), if it has one."""
+    path = Path(folder) / OPERATING_POINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["operating_point"]
+    except (ValueError, KeyError):
+        raise DataError(path, "not a calibration record", "run `seg calibrate` again") from None
+
+
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_predictions(
+    samples: list[Sample],
+    probabilities_of: Callable[[np.ndarray, str], np.ndarray],
+    classes: tuple[str, ...],
+    point: OperatingPoint,
+    out: str | Path,
+    overwrite: bool = False,
+    inputs: tuple = (),
+) -> list[dict]:
+    """Masks, overlays and ``predictions.csv`` for every sample, into a new ``out``."""
+    rows = []
+    with publish_dir(out, overwrite, inputs, kind="predictions") as staging:
+        for name, source, read in tqdm(samples, desc="predict", unit="img"):
+            image = read()
+            probabilities = probabilities_of(image, source)
+            mask = probabilities.argmax(0).astype(np.uint8)
+            write_png(staging / f"{name}_mask.png", mask)
+            write_png(staging / f"{name}_overlay.png", overlay(image, mask))
+            rows.append({"image": name, **findings(probabilities, classes, point)})
+        (staging / PREDICTIONS_FILE).write_text(_csv(rows))
+        write_json_atomic(staging / OPERATING_POINT_FILE, {"operating_point": asdict(point)})
+    return rows

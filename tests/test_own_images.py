@@ -1,0 +1,268 @@
+"""Your own images to a deployed inspector (issue 16): a folder in a factory's layout, defect-aware
+crops, tiled inference, verdicts with a calibrated operating point, exports of any run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from defectforge.datasets.errors import DataError
+from defectforge.trainables.cli import main
+
+PARTS, PER_PART, HEIGHT, WIDTH = 6, 4, 64, 192
+
+
+def write_parts(root: Path, missing_labels: int = 0) -> Path:
+    """A small set in the layout of public inspection sets such as KolektorSDD: one folder per
+    physical part, ``PartK.jpg`` beside ``PartK_label.bmp``, masks 0/255, a thin crack in a
+    third of the images and none in the rest."""
+    rng = np.random.default_rng(7)
+    for part in range(PARTS):
+        folder = root / f"kos{part:02d}"
+        folder.mkdir(parents=True)
+        for k in range(PER_PART):
+            image = (110 + rng.normal(0, 6, (HEIGHT, WIDTH))).clip(0, 255).astype(np.uint8)
+            label = np.zeros((HEIGHT, WIDTH), np.uint8)
+            if (part * PER_PART + k) % 3 == 0:
+                row = int(rng.integers(10, HEIGHT - 10))
+                left = int(rng.integers(0, WIDTH - 60))
+                cv2.line(label, (left, row), (left + 50, row + 4), 255, 2)
+                image[label > 0] = 40
+            cv2.imwrite(str(folder / f"Part{k}.jpg"), image)
+            cv2.imwrite(str(folder / f"Part{k}_label.bmp"), label)
+    empty = [p for p in sorted(root.rglob("*_label.bmp")) if not cv2.imread(str(p), 0).any()]
+    for label in empty[:missing_labels]:  # defect-free images, as a good/ folder holds them
+        label.unlink()
+    return root
+
+
+LAYOUT = ["--source", "folder", "--mask-suffix", "_label", "--mask-threshold", "128"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    return write_parts(tmp_path_factory.mktemp("parts") / "kolektor-like")
+
+
+# --- reading any folder ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [["--classes", "background,crack"], ["--binary"]])
+def test_a_factory_layout_with_0_255_masks_builds(classes, parts, tmp_path, ray_session):
+    from defectforge.datasets.manifest import Manifest
+
+    out = tmp_path / "ds"
+    assert main(["data", "build", "--root", str(parts), *LAYOUT, *classes, "--out", str(out)]) == 0
+    manifest = Manifest.load(out)
+    assert sum(c.total for c in manifest.counts.values()) == PARTS * PER_PART
+    defect = "crack" if "--classes" in classes else "defect"
+    found = sum(c.by_class.get(defect, 0) for c in manifest.counts.values())
+    assert found == PARTS * PER_PART // 3  # every cracked image, its class the one defect class
+
+
+def test_thresholded_masks_of_several_classes_need_the_class_named(parts, tmp_path, capsys):
+    from defectforge.datasets.build import BuildConfig, discover
+    from defectforge.datasets.readers import load_sample
+
+    cfg = BuildConfig(
+        source="folder",
+        root=str(parts),
+        mask_suffix="_label",
+        mask_threshold=128,
+        classes=("background", "crack", "dent"),
+    )
+    refs, spec = discover(cfg)
+    cracked = next(r for r in refs if r.id.endswith("kos00/Part0"))
+    with pytest.raises(DataError, match=r"\['crack', 'dent'\] are possible.*--class-from-folder"):
+        load_sample(cracked, spec)
+
+
+def test_images_without_a_mask_can_be_read_as_defect_free(tmp_path, capsys, ray_session):
+    from defectforge.datasets.manifest import Manifest
+
+    root = write_parts(tmp_path / "raw", missing_labels=3)
+    argv = ["data", "build", "--root", str(root), *LAYOUT]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "no mask found for this image" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--missing-mask", "background"]) == 0
+    manifest = Manifest.load(tmp_path / "b")
+    assert (
+        manifest.missing_masks == 3 and manifest.section("config")["missing_mask"] == "background"
+    )
+
+
+def test_group_by_keeps_each_part_in_one_split(parts):
+    from defectforge.datasets.discover import discover_folder
+
+    for rule in ("parent", r"(kos\d+)"):
+        refs = discover_folder(parts, "k", (0.5, 0.25, 0.25), "_label", group_by=rule)
+        by_part: dict[str, set] = {}
+        for ref in refs:
+            by_part.setdefault(ref.id.split("/")[1], set()).add(ref.split)
+        assert all(len(splits) == 1 for splits in by_part.values())
+        assert len({split for splits in by_part.values() for split in splits}) > 1
+
+
+# --- rare, small defects -------------------------------------------------------------------
+
+
+def test_defect_crops_always_hold_a_defect_and_random_ones_mostly_do_not():
+    from defectforge.datasets.batches import random_crop
+
+    image = np.zeros((400, 400, 1), np.uint8)
+    mask = np.zeros((400, 400), np.uint8)
+    mask[300:303, 50:60] = 1
+    rng = np.random.default_rng(0)
+    aware = [random_crop(image, mask, 64, rng, 1.0)[1].any() for _ in range(200)]
+    plain = [random_crop(image, mask, 64, rng, 0.0)[1].any() for _ in range(200)]
+    assert all(aware) and sum(plain) < 40
+
+
+class PixelWise(nn.Module):
+    """A network that sees one pixel at a time: tiling cannot change its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x))
+
+
+def test_tiled_logits_equal_whole_image_logits():
+    from defectforge.datasets.batches import BatchSpec
+    from defectforge.segmentation.inference import image_probabilities, predict_logits
+    from defectforge.segmentation.tiling import tile_starts, tiled_logits
+
+    torch.manual_seed(0)
+    model, spec = PixelWise().eval(), BatchSpec(1, (0.5,), (0.2,))
+    image = np.random.default_rng(1).integers(0, 255, (500, 1260, 1), np.uint8)
+    whole = predict_logits(model, spec, image).numpy()
+    tiled = tiled_logits(image, lambda part: predict_logits(model, spec, part).numpy(), 256, 48)
+    assert tiled.shape == (3, 500, 1260) and np.abs(tiled - whole).max() < 1e-5
+    small = image[:200, :300]
+    assert np.array_equal(
+        image_probabilities(model, spec, small, tile=512).argmax(0),
+        predict_logits(model, spec, small).numpy().argmax(0),
+    )
+    assert tile_starts(1260, 256, 48)[-1] == 1260 - 256 and tile_starts(100, 256, 48) == [0]
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+
+def test_findings_and_calibration_pick_the_expected_operating_point():
+    from defectforge.segmentation.decisions import OperatingPoint, calibrate, findings
+
+    probabilities = np.zeros((2, 20, 20), np.float32)
+    probabilities[0] = 1.0
+    probabilities[:, 2:5, 2:6] = [[[0.1]], [[0.9]]]  # a 12-pixel region at 0.9
+    row = findings(probabilities, ("background", "crack"), OperatingPoint(0.5, 10))
+    assert row == {
+        "verdict": "NG",
+        "max_defect_probability": 0.9,
+        "largest_region_px": 12,
+        "crack_px": 12,
+    }
+    assert (
+        findings(probabilities, ("background", "crack"), OperatingPoint(0.5, 13))["verdict"] == "OK"
+    )
+    # Defective images show a 40-pixel region; defect-free ones a 6-pixel speck of noise.
+    largest = [[40] * 19] * 4 + [[6] * 19] * 4
+    defective = [True] * 4 + [False] * 4
+    point = calibrate(largest, defective, target_recall=1.0)
+    assert point["recall"] == 1.0 and point["false_alarm_rate"] == 0.0 and point["met"]
+    assert 6 < point["operating_point"]["min_area"] <= 40
+    strict = calibrate(largest, defective, target_false_alarm=0.0)
+    assert strict["false_alarm_rate"] == 0.0 and strict["recall"] == 1.0
+
+
+# --- the whole walk, as the README shows it --------------------------------------------------
+
+
+def test_from_a_factory_folder_to_verdicts(parts, tmp_path, capsys, ray_session):
+    data, run, export = tmp_path / "ds", tmp_path / "run", tmp_path / "export"
+    assert (
+        main(
+            ["data", "build", "--root", str(parts), *LAYOUT, "--binary", "--group-by", "parent"]
+            + ["--split-ratios", "0.5,0.5,0", "--out", str(data)]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["seg", "train", "--data", str(data), "--out", str(run), "--epochs", "2"]
+            + ["--crop-size", "64", "--batch-size", "4", "--defect-crop-prob", "0.5"]
+            + ["--defect-oversample", "2", "--max-steps-per-epoch", "4"]
+        )
+        == 0
+    )
+    assert json.loads((run / "config.json").read_text())["defect_crop_prob"] == 0.5
+    capsys.readouterr()
+    assert main(["seg", "calibrate", str(run), "--target-recall", "0.9"]) == 0
+    assert "operating point: defect probability >=" in capsys.readouterr().out
+    assert (run / "plots" / "operating_point.png").stat().st_size > 5000
+    stored = json.loads((run / "operating_point.json").read_text())["operating_point"]
+
+    folder = parts / "kos00"
+    assert (
+        main(
+            ["seg", "eval", "--model", str(run), "--images", str(folder), "--masks", str(folder)]
+            + ["--mask-suffix", "_label", "--mask-threshold", "128", "--json"]
+        )
+        == 0
+    )
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["images"] == PER_PART and scored["operating_point"] == stored
+    assert set(scored["verdicts"]) == {"true_ng", "false_ng", "true_ok", "missed_ng"}
+
+    assert main(["seg", "export", str(run), "--out", str(export)]) == 0
+    meta = json.loads((export / "model.json").read_text())
+    assert meta["operating_point"] == stored and meta["input"]["multiple"] == 32
+    assert (
+        main(
+            ["predict", "--model", str(export), "--images", str(folder)]
+            + ["--mask-suffix", "_label", "--out", str(tmp_path / "pred")]
+        )
+        == 0
+    )
+    with open(tmp_path / "pred" / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image"] for r in rows] == [f"Part{k}" for k in range(PER_PART)]
+    assert {r["verdict"] for r in rows} <= {"OK", "NG"}
+    assert set(rows[0]) == {
+        "image",
+        "verdict",
+        "max_defect_probability",
+        "largest_region_px",
+        "defect_px",
+    }
+    assert len(list((tmp_path / "pred").glob("*_mask.png"))) == PER_PART
+
+
+def test_an_export_predicts_any_size_and_loads_in_smp(labeller, tmp_path):
+    import segmentation_models_pytorch as smp
+
+    from defectforge.segmentation.checkpoint import load_model
+    from defectforge.segmentation.export import export_trained_run
+    from defectforge.segmentation.exported import ExportedModel
+    from defectforge.segmentation.inference import image_probabilities
+
+    export_trained_run(labeller, tmp_path / "export")
+    model, cfg = load_model(labeller)
+    large = np.random.default_rng(3).integers(0, 255, (600, 700, 1), np.uint8)
+    reference = image_probabilities(model, cfg.batch_spec(), large)
+    for runtime in ("onnx", "torchscript"):
+        exported = ExportedModel(tmp_path / "export", runtime).probabilities(large)
+        assert exported.shape == reference.shape and np.abs(exported - reference).max() < 1e-3
+    network = smp.from_pretrained(str(tmp_path / "export" / "smp")).eval()
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.allclose(network(x), model(x), atol=1e-5)
