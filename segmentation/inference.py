@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
+from defectforge.datasets.contract import decode_png, split_files
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import list_images, read_image, read_mask
@@ -83,37 +86,25 @@ def _mask_for(image: Path, masks: Path, suffix: str) -> Path | None:
     return None
 
 
-def evaluate_folder(
-    model_dir: str | Path,
-    images: str | Path,
-    masks: str | Path,
-    binary: bool = False,
-    mask_threshold: int | None = None,
-    mask_suffix: str = "",
-    missing_mask_is_background: bool = False,
+def evaluate_pairs(
+    model_dir: str | Path, pairs: Iterable[tuple[np.ndarray, np.ndarray]], binary: bool = False
 ) -> dict:
-    """Pixel metrics over every image of a folder at native resolution, and image-level ones:
+    """Pixel metrics over (image, true mask) pairs at native resolution, and image-level ones:
     AUROC of the image score (its highest defect probability) and the verdicts at the run's
     operating point against the truth (an image whose true mask has a defect should be NG)."""
     model, cfg = load_model(model_dir)
     point = operating_point(stored_operating_point(model_dir), None, None)
-    # Masks on disk carry the dataset's classes; a binary model's masks are binarised after the check.
-    mask_spec = SampleSpec(
-        "eval", tuple(cfg.classes), cfg.channels, binary=cfg.binary, mask_threshold=mask_threshold
-    )
     names = ["background", "defect"] if binary else list(cfg.output_classes)
     accumulator = MetricAccumulator(len(names))
     scores, defective, verdicts = [], [], []
-    for path in tqdm(list_images(images, exclude_suffix=mask_suffix), desc="evaluate", unit="img"):
-        image = read_image(path, cfg.channels)
-        truth = _truth(
-            path, Path(masks), image.shape[:2], mask_spec, mask_suffix, missing_mask_is_background
-        )
+    for image, truth in pairs:
         probabilities = image_probabilities(model, cfg.batch_spec(), image)
         pred = torch.from_numpy(probabilities.argmax(0).astype(np.int64))
         truth_t = torch.from_numpy(truth.astype(np.int64))
+        if binary or cfg.binary:
+            truth_t = (truth_t > 0).long()
         if binary:
-            pred, truth_t = (pred > 0).long(), (truth_t > 0).long()
+            pred = (pred > 0).long()
         accumulator.update(pred[None], truth_t[None])
         row = findings(probabilities, cfg.output_classes, point)
         scores.append(row["max_defect_probability"])
@@ -129,6 +120,50 @@ def evaluate_folder(
         "verdicts": counts,
     }
     return {**accumulator.summary(names), **image_level}
+
+
+def evaluate_folder(
+    model_dir: str | Path,
+    images: str | Path,
+    masks: str | Path,
+    binary: bool = False,
+    mask_threshold: int | None = None,
+    mask_suffix: str = "",
+    missing_mask_is_background: bool = False,
+) -> dict:
+    """``evaluate_pairs`` over a folder of images and one of masks (same stem, or a suffix)."""
+    _, cfg = load_model(model_dir)
+    # Masks on disk carry the dataset's classes; a binary model's masks are binarised after the check.
+    mask_spec = SampleSpec(
+        "eval", tuple(cfg.classes), cfg.channels, binary=cfg.binary, mask_threshold=mask_threshold
+    )
+
+    def pairs():
+        for path in tqdm(
+            list_images(images, exclude_suffix=mask_suffix), desc="evaluate", unit="img"
+        ):
+            image = read_image(path, cfg.channels)
+            shape = image.shape[:2]
+            yield (
+                image,
+                _truth(
+                    path, Path(masks), shape, mask_spec, mask_suffix, missing_mask_is_background
+                ),
+            )
+
+    return evaluate_pairs(model_dir, pairs(), binary)
+
+
+def evaluate_dataset_split(model_dir: str | Path, split: str, binary: bool = False) -> dict:
+    """``evaluate_pairs`` over one split of the dataset the run was trained on."""
+    _, cfg = load_model(model_dir)
+    table = pq.read_table(split_files(cfg.data, split), columns=["image", "mask"])
+    cells = zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True)
+    pairs = (
+        (decode_png(image, cfg.channels), decode_png(mask, 0))
+        for image, mask in tqdm(cells, total=table.num_rows, desc=f"evaluate {split}", unit="img")
+    )
+    return evaluate_pairs(model_dir, pairs, binary)
 
 
 def _truth(path, masks, shape, spec, suffix, missing_is_background) -> np.ndarray:

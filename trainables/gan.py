@@ -44,6 +44,7 @@ from defectforge.gan.config import GanConfig
 from defectforge.gan.generate import generate_images
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
     ensure_ray,
     fit,
@@ -124,8 +125,13 @@ def _gan_worker(config: dict) -> None:
             reals.append(metric_reals(cfg))
         return reals[0]
 
+    recorder = RunRecorder(config["run_dir"]) if rank == 0 else None
+
     def report(metrics: dict, folder: Path | None) -> None:
         name = f"kimg_{metrics['kimg']:09.3f}"
+        if recorder is not None:
+            grid = folder / SAMPLES_FILE if folder is not None else None
+            recorder.record(metrics, round(metrics["kimg"] * 1000), grid)
         if folder is not None:
             samples.mkdir(parents=True, exist_ok=True)
             atomic_write(samples / f"{name}.png", partial(shutil.copyfile, folder / SAMPLES_FILE))
@@ -152,6 +158,15 @@ def _gan_worker(config: dict) -> None:
         )
 
 
+def _kimg_done(metrics: dict) -> float:
+    return metrics["kimg"]
+
+
+def _snapshot_summary(metrics: dict) -> str:
+    swd = f"SWD {metrics['swd']:.1f}, " if "swd" in metrics else ""
+    return f"{swd}{metrics.get('img_per_s', 0):.1f} img/s"
+
+
 def run_gan_training(
     cfg: GanConfig, out: str | Path, resume: bool = False, max_failures: int = 2
 ) -> dict:
@@ -170,6 +185,7 @@ def run_gan_training(
         train_loop_config={
             "gan": asdict(cfg),
             "samples_dir": str(out / "samples"),
+            "run_dir": str(out),
             "resume_from": str(previous) if previous else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -189,7 +205,7 @@ def run_gan_training(
         ),
         datasets={"train": reals},
     )
-    result = fit(trainer)
+    result = fit(trainer, ProgressBar(out, cfg.kimg, "kimg", _kimg_done, _snapshot_summary))
     best_checkpoint, best_metrics = min(
         result.best_checkpoints, key=lambda pair: pair[1].get("swd", float("inf"))
     )

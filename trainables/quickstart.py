@@ -13,13 +13,12 @@ from defectforge.datasets.errors import ConfigError
 from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.steel import SteelOptions, write_simulation
 from defectforge.datasets.steel_sim import SimulationConfig
-from defectforge.segmentation.report import write_run_plots
+from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.trainables.data_jobs import build_parquet
 from defectforge.trainables.runtime import ensure_ray
-from defectforge.trainables.seg import config_from_manifest, evaluate_split, run_seg_training
+from defectforge.trainables.seg import config_from_manifest, run_seg_training
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
-SOURCES = ("neu-seg", "steel", "folder")
 # Epochs: the bundled sample is tiny, so more of them; a full set needs fewer.
 SAMPLE_EPOCHS, FULL_EPOCHS, STEEL_EPOCHS = 12, 5, 8
 # The simulated steel stand-in when no rig data is given: 160 sheets of 128 px, 6 lights.
@@ -35,7 +34,7 @@ def _build_config(source: str, data: str | None, out: Path, options: dict) -> Bu
     root = Path(data) if data else SAMPLE_ROOT
     if source == "steel" and not data:
         root = out / "steel-sim"
-        print(f"[0/4] rendering {STEEL_SIMULATION.n} simulated sheets (not real data) to {root}")
+        print(f"[0/3] rendering {STEEL_SIMULATION.n} simulated sheets (not real data) to {root}")
         write_simulation(STEEL_SIMULATION, root, overwrite=True)
     return BuildConfig(source=source, root=str(root), **{**steel, **options})
 
@@ -61,17 +60,15 @@ def quickstart(
     cfg = _build_config(source, data, out, build_options or {})
     epochs = _epochs(source, data, epochs)
     dataset, run = out / "dataset", out / "run"
-    print(f"[1/4] building Parquet from {cfg.root}")
+    print(f"[1/3] building Parquet from {cfg.root}")
     build_parquet(cfg, dataset, overwrite=True)
-    print(f"[2/4] training DeepLabV3+ (resnet18, {epochs} epochs) with Ray Train")
+    print(f"[2/3] training DeepLabV3+ (resnet18, {epochs} epochs) with Ray Train, then its plots")
     small = source == "neu-seg" and not data
     seg = config_from_manifest(dataset, epochs=epochs, batch_size=8 if small else 16)
-    run_seg_training(seg, run)
-    print("[3/4] evaluating on the validation split, whole images at native size")
-    metrics = evaluate_split(run, "val")
+    plots = run_seg_training(seg, run)["plots"]
+    print("[3/3] evaluating on the validation split, whole images at native size")
+    metrics = evaluate_dataset_split(run, "val")
     write_json_atomic(out / "eval.json", metrics)
-    print("[4/4] writing plots")
-    plots = write_run_plots(run)
     per_class = ", ".join(
         f"{name} {iou:.2f}" if iou is not None else f"{name} (absent)"
         for name, iou in metrics["per_class_iou"].items()

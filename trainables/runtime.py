@@ -9,11 +9,13 @@ import uuid
 from pathlib import Path
 
 import ray
+import ray.data
 from ray.exceptions import AuthenticationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from defectforge.datasets.errors import ClusterError, DataError
 from defectforge.studies.store import is_uri
+from defectforge.trainables import VERBOSE_ENV
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -29,13 +31,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     local = address in (None, "local")
     joining = address if not local else os.environ.get("RAY_ADDRESS")
+    verbose = bool(os.environ.get(VERBOSE_ENV))
     try:
         ray.init(
             address=address,
             num_cpus=num_cpus if local else None,
             dashboard_host="127.0.0.1",
-            # Ray's own notices stay in its log files; the terminal shows defectforge's lines.
-            logging_level=logging.ERROR,
+            # Ray's own lines (and its workers' output) stay in its log files unless verbose:
+            # the terminal shows progress bars and defectforge's one-line summaries.
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            log_to_driver=verbose,
             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}} if local else None,
         )
     except AuthenticationError:
@@ -45,6 +50,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             "RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's token file, "
             "or copy it to ~/.ray/auth_token (readable by you alone)"
         ) from None
+    quiet_ray_data()
 
 
 # Ray Data's read and map tasks each take one CPU: whatever workers and actors hold, this much
@@ -69,13 +75,14 @@ def worker_cpus(count: int, wanted: float = 1.0, what: str = "workers") -> float
     return share
 
 
-def fit(runner):
+def fit(runner, progress=None):
     """``runner.fit()`` (a Ray Train trainer or a Tune tuner) with Ctrl-C reaching the caller.
 
     Run from the main thread, both install a SIGINT handler of their own that aborts the run
     and then exits the process from inside the handler, which no caller can turn into a message.
     From another thread they leave SIGINT alone (as inside Tune): this thread gets
     KeyboardInterrupt, and the run ends with the process, its checkpoints kept for a resume.
+    ``progress`` (a ``progress.ProgressBar``) is polled while the run goes on.
     """
     outcome: dict = {}
 
@@ -87,11 +94,27 @@ def fit(runner):
 
     thread = threading.Thread(target=target, name="defectforge-fit", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
+    try:
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            if progress is not None:
+                progress.poll()
+    finally:
+        if progress is not None:
+            progress.close()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's execution plans and progress log lines only with --verbose; a single
+    overall bar per dataset where the terminal shows bars."""
+    if os.environ.get(VERBOSE_ENV):
+        return
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_operator_progress_bars = False
 
 
 def latest_checkpoint_dir(storage: Path) -> Path | None:

@@ -30,13 +30,14 @@ from defectforge.datasets.outputs import check_run_folder, prepare_run_folder
 from defectforge.segmentation.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
-    load_model,
     load_training_state,
 )
 from defectforge.segmentation.config import SegConfig
-from defectforge.segmentation.loop import LoopIO, evaluate, train_segmentation
+from defectforge.segmentation.loop import LoopIO, train_segmentation
 from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.segmentation.report import write_run_plots
 from defectforge.trainables.data_jobs import read_split, train_rows
+from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
     ensure_ray,
     fit,
@@ -101,9 +102,13 @@ def _seg_worker(config: dict) -> None:
             batch_size=cfg.batch_size, collate_fn=_torch_collate(val_maker)
         )
 
+    recorder = RunRecorder(config["run_dir"]) if config.get("run_dir") and rank == 0 else None
+
     def report(metrics: dict, folder: Path | None) -> None:
         if rank == 0:
             print(epoch_line(metrics, cfg.epochs), flush=True)
+        if recorder is not None:
+            recorder.record(metrics, metrics["epoch"])
         checkpoint = Checkpoint.from_directory(str(folder)) if folder else None
         ray.train.report(
             {**metrics, "node_id": ray.get_runtime_context().get_node_id()},
@@ -129,6 +134,17 @@ def _seg_worker(config: dict) -> None:
         )
 
 
+def _epochs_done(metrics: dict) -> float:
+    return metrics["epoch"] + 1
+
+
+def _epoch_summary(metrics: dict) -> str:
+    return (
+        f"loss {metrics['train_loss']:.3f}, val IoU {metrics['val_binary_defect_iou']:.3f}, "
+        f"{metrics['train_img_per_s']:.1f} img/s"
+    )
+
+
 def epoch_line(metrics: dict, epochs: int) -> str:
     return (
         f"epoch {metrics['epoch'] + 1}/{epochs}: loss {metrics['train_loss']:.4f}, "
@@ -146,10 +162,12 @@ def make_trainer(
     max_failures: int = 1,
     resources_per_worker: dict | None = None,
     callbacks: tuple = (),
+    run_dir: Path | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer over the config's splits; Ray keeps the run under ``storage``/``name``
     (a local path or a pyarrow URI) and restores it by name after an interruption.
-    ``resources_per_worker`` None: Ray's default (1 CPU, plus 1 GPU with ``cfg.use_gpu``)."""
+    ``resources_per_worker`` None: Ray's default (1 CPU, plus 1 GPU with ``cfg.use_gpu``).
+    ``run_dir``: where rank 0 records progress and TensorBoard events (studies: Tune does)."""
     train = train_rows(cfg.data, cfg.synthetic, cfg.mix, cfg.defect_oversample)
     val = read_split(cfg.data, "val")
     return TorchTrainer(
@@ -158,6 +176,7 @@ def make_trainer(
             "seg": asdict(cfg),
             "train_rows": train.count(),
             "resume_from": str(resume_from) if resume_from else None,
+            "run_dir": str(run_dir) if run_dir else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources_per_worker
@@ -175,23 +194,13 @@ def make_trainer(
     )
 
 
-def evaluate_split(model_dir: str | Path, split: str) -> dict:
-    """Metrics of a checkpoint on one split of its dataset, whole images as in validation."""
-    model, cfg = load_model(model_dir)
-    maker = BatchMaker(cfg.batch_spec(), train=False)
-    batches = read_split(cfg.data, split).iter_batches(
-        batch_size=cfg.batch_size, batch_format="numpy"
-    )
-    return evaluate(model, (maker(batch) for batch in batches), cfg, torch.device("cpu"))
-
-
 def best_checkpoint(result) -> tuple[Checkpoint, dict]:
     """The kept checkpoint with the best validation score, and its metrics."""
     return max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0)
 
 
 def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> dict:
-    """Train on Ray, then publish the best checkpoint's model and metrics into ``out``.
+    """Train on Ray, then publish the best checkpoint's model, metrics and plots into ``out``.
 
     An interrupted run restarts from its latest checkpoint when the same command runs again (Ray
     Train restores a run by name); ``resume`` continues a finished one, e.g. to more epochs.
@@ -206,10 +215,10 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
     resources = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     trainer = make_trainer(
-        cfg, str(storage), name, resume_from=previous, resources_per_worker=resources
+        cfg, str(storage), name, resume_from=previous, resources_per_worker=resources, run_dir=out
     )
     prepare_run_folder(out, inputs=(cfg.data, cfg.synthetic), kind="segmentation run")
-    result = fit(trainer)
+    result = fit(trainer, ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary))
     best, best_metrics = best_checkpoint(result)
     with result.checkpoint.as_directory() as latest:
         history = load_training_state(latest)["history"]
@@ -218,4 +227,6 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
             atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))
     summary = {"best": best_metrics, "history": history, "config": asdict(cfg)}
     write_json_atomic(out / "metrics.json", summary)
-    return summary
+    plots = write_run_plots(out)
+    RunRecorder(out).image(out / "plots" / "validation_grid.png", best_metrics["epoch"])
+    return {**summary, "plots": plots}

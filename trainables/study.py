@@ -33,6 +33,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from defectforge.datasets.errors import ClusterError, DataError
+from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.studies.results import (
     DEFAULT_EPOCHS,
@@ -52,7 +53,6 @@ from defectforge.trainables.data_jobs import sealed_splits
 from defectforge.trainables.runtime import check_shared_storage, ensure_ray, fit
 from defectforge.trainables.seg import (
     best_checkpoint,
-    evaluate_split,
     make_trainer,
 )
 from defectforge.trainables.slots import TrialSlots, trial_slot
@@ -102,7 +102,7 @@ def final_trial(config: dict, context: StudyContext) -> None:
         )
     checkpoint, metrics = best_checkpoint(result)
     with checkpoint.as_directory() as folder:
-        test = evaluate_split(folder, "test")
+        test = evaluate_dataset_split(folder, "test")
     tune.report(
         {
             "seed": config["seed"],

@@ -22,6 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from defectforge.datasets.errors import one_line, user_error_in  # noqa: E402
 from defectforge.datasets.files import package_version  # noqa: E402
+from defectforge.trainables import VERBOSE_ENV  # noqa: E402
 from defectforge.trainables.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
 from defectforge.trainables.cli.options import Parser  # noqa: E402
 
@@ -44,6 +45,12 @@ def parser(argv: list[str] | None = None) -> Parser:
         "Ray studies of the synthetic ratio.",
     )
     root.add_argument("--version", action="version", version=f"defectforge {package_version()}")
+    root.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own log lines and its workers' output (they are always in Ray's "
+        "log files)",
+    )
     commands = root.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, module in COMMANDS.items():
         text = module.COMMANDS[name]
@@ -56,6 +63,8 @@ def parser(argv: list[str] | None = None) -> Parser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(argv).parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     module = COMMANDS[args.command]
     try:
         return module.run(args) or 0

@@ -28,8 +28,14 @@ def build(name: str, parser) -> None:
     add_options(train, SegConfig)
     evaluate = sub.add_parser("eval", help="evaluate a trained model on a folder of images")
     evaluate.add_argument("--model", required=True, type=absolute_path, help="run folder")
-    evaluate.add_argument("--images", required=True, type=absolute_path)
-    evaluate.add_argument("--masks", required=True, type=absolute_path)
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", type=absolute_path, help="a folder of images (with --masks)")
+    source.add_argument(
+        "--split",
+        choices=("train", "val", "test"),
+        help="or a split of the dataset the run was trained on",
+    )
+    evaluate.add_argument("--masks", type=absolute_path, help="their masks (same stem)")
     evaluate.add_argument("--binary", action="store_true", help="score defect vs background only")
     evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
     evaluate.add_argument("--mask-suffix", default="", help="mask stem suffix, e.g. _label")
@@ -101,12 +107,10 @@ def run(args) -> None:
 
 def _train(args) -> None:
     from defectforge.segmentation.config import SegConfig
-    from defectforge.segmentation.report import write_run_plots
     from defectforge.trainables.seg import config_from_manifest, run_seg_training
 
     cfg = config_from_manifest(args.data, **given(args, SegConfig))
     summary = run_seg_training(cfg, args.out, resume=args.resume)
-    write_run_plots(args.out)
     print(best_line(args.out, summary["best"]))
 
 
@@ -119,17 +123,20 @@ def best_line(out, best: dict) -> str:
 
 
 def _evaluate(args) -> None:
-    from defectforge.segmentation.inference import evaluate_folder
+    from defectforge.segmentation.inference import evaluate_dataset_split, evaluate_folder
 
-    result = evaluate_folder(
-        args.model,
-        args.images,
-        args.masks,
-        args.binary,
-        args.mask_threshold,
-        args.mask_suffix,
-        args.missing_mask == "background",
-    )
+    if args.split:
+        result = evaluate_dataset_split(args.model, args.split, args.binary)
+    else:
+        result = evaluate_folder(
+            args.model,
+            args.images,
+            args.masks or args.images,
+            args.binary,
+            args.mask_threshold,
+            args.mask_suffix,
+            args.missing_mask == "background",
+        )
     if args.json:
         print(json.dumps(result))
         return
