@@ -54,6 +54,19 @@ def test_given_flags_only_override_the_config(tmp_path):
     assert given(args, SegConfig) == {"epochs": 3, "binary": False}
 
 
+@pytest.mark.parametrize("flags", [[], ["--source", "steel", "--data", "rig"]])
+def test_quickstart_flags_make_a_build_config(tmp_path, flags):
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.trainables.cli.options import given
+    from defectforge.trainables.cli.quickstart import QUICKSTART_OWNS
+    from defectforge.trainables.quickstart import _build_config
+
+    args = parser(["quickstart"]).parse_args(["quickstart", *flags, "--test-fraction", "0.2"])
+    options = given(args, BuildConfig, skip=QUICKSTART_OWNS)
+    cfg = _build_config(args.source, args.data, tmp_path, options)
+    assert (cfg.source, cfg.test_fraction) == (args.source, 0.2)
+
+
 def test_version_and_a_bad_flag_value_are_one_line(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--version"])

@@ -150,11 +150,14 @@ def add_options(
         parser.add_argument(flag, **kwargs)
 
 
-def given(args: argparse.Namespace, cls: type[TypedConfig], prefix: str = "") -> dict[str, Any]:
-    """The options of ``cls`` the user gave on the command line, by name."""
+def given(
+    args: argparse.Namespace, cls: type[TypedConfig], prefix: str = "", skip: tuple = ()
+) -> dict[str, Any]:
+    """The options of ``cls`` the user gave on the command line, by name; ``skip`` as for
+    ``add_options`` (names a command declares itself, whose values are not build options)."""
     dest = prefix.replace("-", "_")
     return {
         spec.name: getattr(args, dest + spec.name)
         for spec in cls.options()
-        if spec.metadata.get("cli") and hasattr(args, dest + spec.name)
+        if spec.metadata.get("cli") and spec.name not in skip and hasattr(args, dest + spec.name)
     }

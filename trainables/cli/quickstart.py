@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from defectforge.trainables.cli.options import absolute_path, add_options, given
 
+# BuildConfig fields quickstart declares itself (--source, and --data for the root).
+QUICKSTART_OWNS = ("source", "root")
+
 COMMANDS = {
     "quickstart": "build, train and evaluate on the bundled NEU-Seg sample (or your data) locally"
 }
@@ -29,14 +32,14 @@ def build(name: str, quick) -> None:
     )
     quick.add_argument("--epochs", type=int, help="(default: 12 on the sample, 5 or 8 otherwise)")
     build = quick.add_argument_group("build options (as for `data build`)")
-    add_options(build, BuildConfig, skip=("source", "root"))
+    add_options(build, BuildConfig, skip=QUICKSTART_OWNS)
 
 
 def run(args) -> None:
     from defectforge.datasets.build import BuildConfig
     from defectforge.trainables.quickstart import quickstart
 
-    options = given(args, BuildConfig)
+    options = given(args, BuildConfig, skip=QUICKSTART_OWNS)
     quickstart(args.data, args.out, args.epochs, args.source, options)
 
 
