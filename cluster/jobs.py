@@ -158,10 +158,16 @@ def shipped_spec(spec_path: str | Path) -> str:
     spec = load_spec(spec_path)  # refuse a malformed spec here, before anything is uploaded
     data = yaml.safe_load(Path(spec_path).read_text())
     data["storage_path"] = absolute_location(spec.storage_path)
-    dataset = data["dataset"]
-    for key in ("real", "synthetic"):
-        if dataset.get(key):
-            dataset[key] = absolute_location(dataset[key])
+    for section, key in (
+        ("dataset", "real"),
+        ("dataset", "synthetic"),
+        ("data", "root"),
+        ("labeller", "run"),
+        ("gan", "run"),
+    ):
+        values = data.get(section) or {}
+        if values.get(key):
+            values[key] = absolute_location(values[key])
     search = data.get("search") or {}
     if search.get("optuna_storage"):
         search["optuna_storage"] = absolute_location(search["optuna_storage"])
@@ -241,6 +247,28 @@ def follow(client, job_id: str, out=sys.stdout) -> str:
 
     asyncio.run(stream())
     return wait_for(client, job_id)
+
+
+STAGE_LINE = re.compile(r"\[stage \d+/\d+\] .*")
+# A progress bar's text as tqdm redraws it: "<what>: 42%|####  | 3/7 [...]"
+BAR = re.compile(r"(\w[\w ]*): +\d+%\|[^|]*\| *([\d.]+/[\d.]+) \[[^]]*\]")
+
+
+def job_progress(logs: str) -> str:
+    """Where a study job is, from its log: the latest stage line, and the latest progress bar
+    (epochs, kimg, images labelled) or Tune's trial count."""
+    parts = []
+    stages = STAGE_LINE.findall(logs)
+    if stages:
+        parts.append(stages[-1])
+    bars = BAR.findall(logs)
+    if bars:
+        what, done = bars[-1]
+        parts.append(f"{what} {done}")
+    trials = re.findall(r"Trial status: ([^\n]*)", logs)
+    if trials:
+        parts.append(f"trials: {trials[-1].strip()}")
+    return "; ".join(parts)
 
 
 def job_rows(client) -> list[dict]:

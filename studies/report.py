@@ -214,6 +214,23 @@ def _final_section(final: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _stages_section(stages: list[dict]) -> list[str]:
+    """What made the study's data, stage by stage (a study whose data was given has none)."""
+    if not stages:
+        return []
+    rows = [
+        f"| {s['name']} | `{s['key']}` | {s['status']} | {s['seconds']:.1f} | `{s['folder']}` |"
+        for s in stages
+    ]
+    header = [
+        "## Stages",
+        "",
+        "| stage | key | status | seconds | output |",
+        "|---|---|---|---|---|",
+    ]
+    return [*header, *rows, ""]
+
+
 def write_report(
     folder: Path, spec: StudySpec, study: dict, trials: list[dict], final: dict | None
 ) -> dict:
@@ -242,6 +259,7 @@ def write_report(
         "the final step)",
         f"- spec sha256 `{study['spec_sha256'][:16]}`, created {study['created']}",
         "",
+        *_stages_section(study.get("stages", [])),
     ]
     pictures = []
     if best:

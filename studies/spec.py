@@ -21,8 +21,10 @@ from typing import Any
 import yaml
 
 from defectforge.datasets.config import TypedConfig, check_field, field_types, option
-from defectforge.datasets.errors import ConfigError, UserError, one_line
+from defectforge.datasets.errors import ConfigError, one_line
 from defectforge.segmentation.config import SegConfig
+from defectforge.studies.errors import SpecError
+from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
 
 ALGORITHMS = ("optuna", "grid")
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
@@ -31,13 +33,6 @@ DEFAULT_SPACE = {"synthetic_ratio": 0.0}
 STUDY_OWNED = ("workers", "use_gpu", "synthetic", "data_manifest_id")
 # Keys earlier specs put under dataset:, now training: options like the others.
 MOVED_TO_TRAINING = ("image_size", "crop_size", "binary")
-
-
-class SpecError(UserError):
-    """``<file>: <key> = <value>: <problem>; <fix>``, or a message already in that form."""
-
-    def __init__(self, where: str, key: str | None = None, value: Any = None, problem="", fix=""):
-        super().__init__(where if key is None else f"{where}: {key} = {value!r}: {problem}; {fix}")
 
 
 @dataclass(frozen=True)
@@ -51,8 +46,10 @@ class Range:
 class DatasetSpec(TypedConfig):
     kind = "dataset section"
 
-    real: str = option(help="the real dataset (`data build`)")
-    synthetic: str = option("", "a labelled synthetic set (`synth label`), for ratios > 0")
+    real: str = option("", "the real dataset (`data build`); made by the data stage if absent")
+    synthetic: str = option(
+        "", "a labelled synthetic set (`synth label`) for ratios > 0; or made by the label stage"
+    )
 
 
 @dataclass(frozen=True)
@@ -122,6 +119,7 @@ class StudySpec:
     final: FinalSpec = field(default_factory=FinalSpec)
     description: str = ""
     expected_runtime: dict[str, str] = field(default_factory=dict)
+    stages: Stages = field(default_factory=Stages)
 
     def searched(self) -> dict[str, Any]:
         """The keys that vary (lists and ranges)."""
@@ -259,11 +257,11 @@ def _text_mapping(where: str, key: str, value: Any) -> dict[str, str]:
 def parse_spec(data: Any, where: str = "spec") -> StudySpec:
     if not isinstance(data, dict):
         raise SpecError(where, "(top)", data, "a spec is a mapping", "see studies/specs/")
-    known = {f.name for f in fields(StudySpec)}
+    known = ({f.name for f in fields(StudySpec)} - {"stages"}) | set(ORDER)
     for key in data:
         if key not in known:
             raise SpecError(where, key, data[key], "unknown key", f"use one of {sorted(known)}")
-    for key in ("name", "dataset", "search_space"):
+    for key in ("name", "search_space"):
         if key not in data:
             raise SpecError(where, key, None, "missing", f"add a {key} section")
     space = data["search_space"]
@@ -285,6 +283,7 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
         storage_path=str(data.get("storage_path", "runs/studies")),
         description=str(data.get("description", "")),
         expected_runtime=_text_mapping(where, "expected_runtime", data.get("expected_runtime")),
+        stages=parse_stages(where, data),
         **sections,
     )
     _check_consistency(where, spec)
@@ -306,13 +305,46 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
     uses_synthetic = (
         ratios.high > 0 if isinstance(ratios, Range) else any(r > 0 for r in _listed(ratios))
     )
-    if uses_synthetic and not spec.dataset.synthetic:
+    stages = spec.stages
+    if uses_synthetic and not (spec.dataset.synthetic or stages.label):
         raise SpecError(
             where,
             "dataset.synthetic",
             spec.dataset.synthetic,
             "synthetic_ratio > 0 needs a labelled synthetic dataset",
-            "set dataset.synthetic to a `synth label` output",
+            "set dataset.synthetic to a `synth label` output, or add generate and label stages",
+        )
+    if not (spec.dataset.real or stages.data):
+        raise SpecError(
+            where, "dataset.real", None, "missing", "give a built dataset, or a data stage"
+        )
+    _check_stage_inputs(where, spec)
+
+
+def _check_stage_inputs(where: str, spec: StudySpec) -> None:
+    """Every stage needs what it is made from: given, or made by an earlier stage."""
+    stages = spec.stages
+    needs = {
+        "generate": ("gan",),
+        "label": ("generate", "labeller"),
+    }
+    for stage, inputs in needs.items():
+        for needed in inputs if getattr(stages, stage) is not None else ():
+            if getattr(stages, needed) is None:
+                raise SpecError(
+                    where,
+                    stage,
+                    settings_of(getattr(stages, stage)),
+                    f"needs a {needed} section (options to make it, or run: PATH)",
+                    f"add {needed}:",
+                )
+    if stages.label and spec.dataset.synthetic:
+        raise SpecError(
+            where,
+            "dataset.synthetic",
+            spec.dataset.synthetic,
+            "given, and also made by the label stage",
+            "keep one of the two",
         )
 
 

@@ -72,14 +72,22 @@ def test_cluster_up_starts_labelled_nodes_behind_a_token(local_cluster):
     assert refused.value.code == 403
 
 
-def test_a_submitted_study_runs_on_several_nodes_and_exports_from_the_client(
-    local_cluster, sample_dataset, tmp_path, capsys
+def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
+    local_cluster, sample_dataset, labeller, tmp_path, capsys
 ):
     from defectforge.studies.results import TRIALS_FILE
 
     _, state = local_cluster
+    spec = cluster_spec(sample_dataset, tmp_path / "studies")
+    # A GAN of two workers (one CPU each: every node has one), its images labelled, mixed in.
+    spec["gan"] = {"resolution": 32, "kimg": 0.032, "snapshot_kimg": 0.032, "workers": 2}
+    spec["gan"]["metric_images"] = 16
+    spec["generate"] = {"count": 16}
+    spec["labeller"] = {"run": str(labeller)}
+    spec["label"] = {"min_confidence": 0.0}
+    spec["search_space"]["synthetic_ratio"] = 0.1
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(cluster_spec(sample_dataset, tmp_path / "studies")))
+    spec_file.write_text(yaml.safe_dump(spec))
     address = state["dashboard_url"]
 
     code = main(["submit", str(spec_file), "--address", address, "--no-pip", "--wait"])
@@ -92,11 +100,14 @@ def test_a_submitted_study_runs_on_several_nodes_and_exports_from_the_client(
     trials = json.loads((root / TRIALS_FILE).read_text())
     assert {t["status"] for t in trials} == {"finished"}
     assert len({node for t in trials for node in t["nodes"]}) == 2
+    gan = next((tmp_path / "studies" / "stages").glob("gan-*"))
+    assert len(json.loads((gan / "metrics.json").read_text())["nodes"]) == 2
 
     assert main(["jobs", "list", "--address", address]) == 0
     assert job_id in capsys.readouterr().out
     assert main(["jobs", "status", job_id, "--address", address]) == 0
-    assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    status, where = capsys.readouterr().out.strip().splitlines()
+    assert status == "SUCCEEDED" and where.startswith("[stage 4/4] label ")
 
     assert main(["study", "export", str(root), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.json").exists()

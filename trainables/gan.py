@@ -118,17 +118,15 @@ def _gan_worker(config: dict) -> None:
     )
     maker = GanBatchMaker(cfg.channels, cfg.resolution, cfg.classes if cfg.conditional else ())
     samples = Path(config["samples_dir"])
-    reals: list[np.ndarray] = []
-
-    def real_for_metric() -> np.ndarray:
-        if not reals:
-            reals.append(metric_reals(cfg))
-        return reals[0]
+    # Read by the driver and shipped in the object store: no worker reads the dataset's files.
+    reals = ray.get(config["metric_reals"])
 
     recorder = RunRecorder(config["run_dir"]) if rank == 0 else None
+    nodes = _worker_nodes(context.get_world_size())
 
     def report(metrics: dict, folder: Path | None) -> None:
         name = f"kimg_{metrics['kimg']:09.3f}"
+        metrics = {**metrics, "nodes": nodes}
         if recorder is not None:
             grid = folder / SAMPLES_FILE if folder is not None else None
             recorder.record(metrics, round(metrics["kimg"] * 1000), grid)
@@ -150,12 +148,22 @@ def _gan_worker(config: dict) -> None:
             GanLoopIO(
                 real_batches=_endless(ray.train.get_dataset_shard("train"), cfg, maker),
                 report=report,
-                real_for_metric=real_for_metric,
+                real_for_metric=lambda: reals,
                 resume_from=Path(resume) if resume else None,
                 device=get_device(),
                 rank=rank,
             ),
         )
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node ids the run's workers train on (reported with every snapshot)."""
+    node = ray.get_runtime_context().get_node_id()
+    gathered = [node]
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, node)
+    return sorted(set(gathered))
 
 
 def _kimg_done(metrics: dict) -> float:
@@ -186,6 +194,7 @@ def run_gan_training(
             "gan": asdict(cfg),
             "samples_dir": str(out / "samples"),
             "run_dir": str(out),
+            "metric_reals": ray.put(metric_reals(cfg)),
             "resume_from": str(previous) if previous else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
@@ -205,7 +214,8 @@ def run_gan_training(
         ),
         datasets={"train": reals},
     )
-    result = fit(trainer, ProgressBar(out, cfg.kimg, "kimg", _kimg_done, _snapshot_summary))
+    bar = ProgressBar(out, cfg.kimg, "kimg", _kimg_done, _snapshot_summary, name="gan")
+    result = fit(trainer, bar)
     best_checkpoint, best_metrics = min(
         result.best_checkpoints, key=lambda pair: pair[1].get("swd", float("inf"))
     )
@@ -219,6 +229,7 @@ def run_gan_training(
         "final": history[-1],
         "history": history,
         "config": asdict(cfg),
+        "nodes": best_metrics.get("nodes", []),
     }
     write_json_atomic(out / "metrics.json", summary)
     return summary

@@ -71,11 +71,12 @@ class ProgressBar:
         unit: str,
         position: Callable[[dict], float],
         describe: Callable[[dict], str],
+        name: str = "train",
     ):
         self.path = Path(run) / PROGRESS_FILE
         self.offset = self.path.stat().st_size if self.path.is_file() else 0
         self.position, self.describe = position, describe
-        self.bar = tqdm(total=total, unit=unit, desc="train", dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit=unit, desc=name, dynamic_ncols=True)
 
     def poll(self) -> None:
         if not self.path.is_file():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -35,6 +36,7 @@ from ray.tune.search.optuna import OptunaSearch
 from defectforge.datasets.errors import ClusterError, DataError
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.export import export_study
 from defectforge.studies.results import (
     DEFAULT_EPOCHS,
     FINAL_FILE,
@@ -49,7 +51,9 @@ from defectforge.studies.results import (
 )
 from defectforge.studies.spec import Range, StudySpec, load_spec
 from defectforge.studies.store import StudyStore, absolute_location, is_uri
+from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.data_jobs import sealed_splits
+from defectforge.trainables.pipeline import Pipeline
 from defectforge.trainables.runtime import check_shared_storage, ensure_ray, fit
 from defectforge.trainables.seg import (
     best_checkpoint,
@@ -219,8 +223,14 @@ def _tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
             name=SEARCH_RUN,
             storage_path=store.uri,
             failure_config=tune.FailureConfig(max_failures=1),
+            verbose=tune_verbosity(),
         ),
     )
+
+
+def tune_verbosity() -> int:
+    """Tune's status table of trials (1); every reported result as well only with --verbose."""
+    return 3 if os.environ.get(VERBOSE_ENV) else 1
 
 
 def final_run_name(best: dict) -> str:
@@ -246,6 +256,7 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
             name=final_run_name(best),
             storage_path=store.uri,
             failure_config=tune.FailureConfig(max_failures=1),
+            verbose=tune_verbosity(),
         ),
     )
 
@@ -288,37 +299,42 @@ def _absolute_data(spec: StudySpec) -> StudySpec:
 
 
 def run_study(spec_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
-    """Search, then the held-out final step, then the report. Returns the study summary."""
+    """Stages, search, the held-out final step, the report and the export the spec asks for.
+    Run again with the same spec and name, a study that stopped continues where it was."""
     spec = _absolute_data(load_spec(spec_path))
     spec_text = Path(spec_path).read_text()
+    digest = hashlib.sha256(spec_text.encode()).hexdigest()
     _connect(address)
     store = StudyStore(study_root(spec, name))
     check_shared_storage(store.uri)
     if store.exists(STUDY_FILE):
-        raise DataError(
-            store.uri,
-            "a study of this name exists",
-            f"`defectforge study resume {store.uri}` continues it, or pass --name for a new one",
-        )
-    ids = check_study(spec, str(spec_path))
+        if store.read_json(STUDY_FILE)["spec_sha256"] != digest:
+            raise DataError(
+                store.uri,
+                "a study of this name exists, made from another spec",
+                f"`defectforge study resume {store.uri}` continues it, or pass --name for a new one",
+            )
+        print(f"continuing the study in {store.uri} (same spec)", flush=True)
+        return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
+    if not spec.stages.given():
+        check_study(spec, str(spec_path))  # refused before anything is written
     store.write_text(SPEC_FILE, spec_text)
     store.write_json(
         STUDY_FILE,
         {
             "name": name or spec.name,
             "root": store.uri,
-            "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest(),
+            "spec_sha256": digest,
             "spec": asdict(spec),
-            "dataset_ids": ids,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"ray": ray.__version__, "torch": torch.__version__},
         },
     )
-    return _complete(spec, store)
+    return _prepare_and_complete(spec, store, str(spec_path))
 
 
 def resume_study(root: str, address: str | None = None) -> dict:
-    """Continue a study whose driver stopped: unfinished trials run, finished ones do not."""
+    """Continue a study whose driver stopped: finished stages and trials are not run again."""
     store = StudyStore(root)
     if not store.exists(STUDY_FILE):
         raise DataError(
@@ -326,10 +342,37 @@ def resume_study(root: str, address: str | None = None) -> dict:
         )
     _connect(address)
     check_shared_storage(store.uri)
+    return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
+
+
+def _recorded_spec(store: StudyStore) -> StudySpec:
+    """The stored spec with the dataset paths `study run` resolved."""
     spec = stored_spec(store)
-    recorded = store.read_json(STUDY_FILE)["spec"]["dataset"]  # as resolved by `study run`
+    recorded = store.read_json(STUDY_FILE)["spec"]["dataset"]
     data = replace(spec.dataset, real=recorded["real"], synthetic=recorded["synthetic"])
-    return _complete(_absolute_data(replace(spec, dataset=data)), store)
+    return _absolute_data(replace(spec, dataset=data))
+
+
+def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dict:
+    """The stages (made, continued or reused), the checks and the study's record, then search,
+    final step, report and export."""
+    pipeline = Pipeline(spec) if spec.stages.given() else None
+    if pipeline is not None:
+        spec = pipeline.run()
+    study = store.read_json(STUDY_FILE)
+    if "dataset_ids" not in study:
+        study.update(dataset_ids=check_study(spec, where), spec=asdict(spec))
+    if pipeline is not None:
+        study["stages"] = pipeline.records()
+    store.write_json(STUDY_FILE, study)
+    summary = _complete(spec, store)
+    export = spec.stages.export
+    if export is not None:
+        target = store.location("export")
+        print(f"exporting the chosen model to {target}", flush=True)
+        export_study(store.uri, target, True, export.target_recall, export.target_false_alarm)
+        summary["export"] = target
+    return summary
 
 
 def _connect(address: str | None) -> None:

@@ -143,6 +143,9 @@ def run_jobs(args) -> int:
                 print(f"{row['id']:<44} {row['status']:<10} {row['started']:<26} {row['study']}")
         elif args.jobs_command == "status":
             print(client.get_job_status(args.job_id).value)
+            where = jobs.job_progress(client.get_job_logs(args.job_id))
+            if where:
+                print(where)
         elif args.jobs_command == "logs":
             if args.follow:
                 jobs.follow(client, args.job_id)

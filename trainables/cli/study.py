@@ -63,6 +63,8 @@ def run(args) -> None:
             summary = study.resume_study(args.dir, args.address)
     print(study_line(summary))
     print(f"report: {summary['location']}")
+    if summary.get("export"):
+        print(f"export: {summary['export']}")
 
 
 def interrupted_hint(args) -> str:

@@ -1,0 +1,181 @@
+"""The stages a study spec may ask for before its search: how its data is made.
+
+    data      a raw source, built as `data build` builds it (BuildConfig options)
+    labeller  a segmentation run trained on that data (`seg train` options), or {run: PATH}
+    gan       a StyleGAN2 run on that data ({profile: ..., GanConfig options}), or {run: PATH}
+    generate  images from the GAN (count, truncation, class, first seed)
+    label     those images labelled by the labeller (`synth label` options)
+    export    the study's chosen model exported, optionally calibrated (target_recall, ...)
+
+Every stage is optional; a spec that gives `dataset.real` (and `dataset.synthetic`) as paths
+needs none. Each stage's output is identified by a key: a hash of the stage's own settings and
+the keys (or dataset ids) of its inputs, so it changes exactly when what the stage would make
+changes, and an output made once under a storage root is reused by every study that asks for it.
+No Ray here: ``trainables.pipeline`` runs the stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from defectforge.datasets.build import BuildConfig
+from defectforge.datasets.config import TypedConfig, check_field, field_types, option
+from defectforge.datasets.errors import ConfigError, one_line
+from defectforge.gan.config import PROFILES, GanConfig
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
+from defectforge.studies.errors import SpecError
+
+ORDER = ("data", "labeller", "gan", "generate", "label", "export")
+RUN_KEY = "run"
+# Set by the pipeline from other stages, never in the spec.
+DERIVED = {"labeller": ("data",), "gan": ("data",), "label": ("images", "labeller")}
+
+
+@dataclass(frozen=True)
+class GenerateSpec(TypedConfig):
+    kind = "generate section"
+
+    count: int = option(500, "images to generate", lambda v: v >= 1, ">= 1")
+    first_seed: int = option(
+        0, "seeds first_seed .. first_seed + count - 1", lambda v: v >= 0, ">= 0"
+    )
+    truncation: float = option(1.0, "truncation psi", lambda v: 0 < v <= 2, "in (0, 2]")
+    class_name: str | None = option(None, "class of a conditional generator")
+
+
+def _rate(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+@dataclass(frozen=True)
+class ExportSpec(TypedConfig):
+    kind = "export section"
+
+    target_recall: float | None = option(
+        None, "calibrate for this recall first", _rate, "in [0, 1]"
+    )
+    target_false_alarm: float | None = option(
+        None, "or for this false-alarm rate", _rate, "in [0, 1]"
+    )
+
+    def check(self) -> None:
+        if self.target_recall is not None and self.target_false_alarm is not None:
+            raise ConfigError("give one of target_recall and target_false_alarm, not both")
+
+
+@dataclass(frozen=True)
+class Stages:
+    data: BuildConfig | None = None
+    labeller: dict | None = None  # {"run": path} or seg options
+    gan: dict | None = None  # {"run": path} or {"profile": ..., GAN options}
+    generate: GenerateSpec | None = None
+    label: dict | None = None  # LabelConfig + Corrections options
+    export: ExportSpec | None = None
+
+    def given(self) -> list[str]:
+        return [name for name in ORDER if getattr(self, name) is not None]
+
+    def made(self, name: str) -> bool:
+        """Whether the pipeline makes this stage's output (rather than reading a given run)."""
+        section = getattr(self, name)
+        return section is not None and not (isinstance(section, dict) and RUN_KEY in section)
+
+
+def _options_of(
+    *classes: type[TypedConfig], skip: tuple[str, ...] = (), every: bool = False
+) -> dict:
+    """The options a section may set: the command line's (``every``: all but ``skip``)."""
+    return {
+        spec.name: (cls, spec)
+        for cls in classes
+        for spec in cls.options()
+        if (every or spec.metadata.get("cli")) and spec.name not in skip
+    }
+
+
+def _checked_options(where: str, stage: str, values: dict, known: dict) -> dict:
+    checked = {}
+    for name, value in values.items():
+        if name not in known:
+            raise SpecError(
+                f"{where}: {stage}.{name} = {value!r}: not a {stage} option; use one of "
+                f"{sorted(known)}; fix it"
+            )
+        cls, spec = known[name]
+        try:
+            checked[name] = check_field(spec, value, field_types(cls)[name])
+        except ConfigError as err:
+            raise SpecError(f"{where}: {stage}.{one_line(str(err))}; fix it") from None
+    return checked
+
+
+def _run_or_options(where: str, stage: str, values: dict, known: dict) -> dict:
+    if RUN_KEY in values:
+        if set(values) != {RUN_KEY} or not isinstance(values[RUN_KEY], str):
+            raise SpecError(
+                f"{where}: {stage} = {values!r}: give either run: PATH (an existing run) or "
+                "the options of a run to train, not both; fix it"
+            )
+        return {RUN_KEY: values[RUN_KEY]}
+    return _checked_options(where, stage, values, known)
+
+
+def _gan_options(where: str, values: dict) -> dict:
+    profile = values.get("profile", "cpu-small")
+    if profile not in PROFILES:
+        raise SpecError(
+            f"{where}: gan.profile = {profile!r}: must be one of {', '.join(PROFILES)}; fix it"
+        )
+    rest = {k: v for k, v in values.items() if k != "profile"}
+    # Network sizes too (z_dim, channel_base, ...): a spec may ask for any GAN the code builds.
+    known = _options_of(GanConfig, skip=("data", "channels", "classes"), every=True)
+    return {"profile": profile, **_run_or_options(where, "gan", rest, known)}
+
+
+def parse_stages(where: str, data: dict) -> Stages:
+    """The stage sections of a spec (``data`` the whole spec mapping), each checked."""
+    found: dict[str, Any] = {}
+    for name in ORDER:
+        values = data.get(name)
+        if values is None:
+            continue
+        if name == "export" and values is True:
+            values = {}
+        if not isinstance(values, dict):
+            raise SpecError(f"{where}: {name} = {values!r}: must be a mapping; fix it")
+        try:
+            if name == "data":
+                found[name] = BuildConfig.from_dict(values)
+            elif name == "generate":
+                found[name] = GenerateSpec.from_dict(values)
+            elif name == "export":
+                found[name] = ExportSpec.from_dict(values)
+            elif name == "labeller":
+                found[name] = _run_or_options(where, name, values, _options_of(SegConfig))
+            elif name == "gan":
+                found[name] = _gan_options(where, values)
+            else:
+                known = _options_of(LabelConfig, Corrections, skip=DERIVED["label"])
+                found[name] = _checked_options(where, name, values, known)
+        except ConfigError as err:
+            raise SpecError(f"{where}: {name}: {one_line(str(err))}; fix it") from None
+    return Stages(**found)
+
+
+def stage_key(name: str, settings: Any, inputs: dict[str, str]) -> str:
+    """The identity of a stage's output: its name, settings and its inputs' identities."""
+    text = json.dumps(
+        {"stage": name, "settings": settings, "inputs": inputs}, sort_keys=True, default=str
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def settings_of(section: Any) -> Any:
+    """A stage section as plain data (for its key and its record)."""
+    if isinstance(section, TypedConfig):
+        return json.loads(section.to_json())
+    return section

@@ -1,0 +1,137 @@
+"""The whole method as one resumable study (issue 17): stages keyed by what they are made from,
+reused when made, continued when interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defectforge.studies.spec import SpecError, parse_spec
+from defectforge.studies.stages import stage_key
+
+
+def test_stage_keys_change_when_and_only_when_their_inputs_change():
+    gan = {"profile": "cpu-small", "resolution": 32, "kimg": 0.1}
+    base = stage_key("gan", gan, {"data": "abc"})
+    assert stage_key("gan", dict(reversed(list(gan.items()))), {"data": "abc"}) == base
+    assert stage_key("gan", {**gan, "kimg": 0.2}, {"data": "abc"}) != base
+    assert stage_key("gan", gan, {"data": "abd"}) != base
+    assert stage_key("labeller", gan, {"data": "abc"}) != base
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ({"label": {}, "labeller": {"run": "x"}}, "label = {}: needs a generate section"),
+        ({"generate": {"count": 8}}, "generate = .*: needs a gan section"),
+        ({"labeller": {"run": "x", "epochs": 2}}, "give either run: PATH .* or the options"),
+        ({"gan": {"profile": "huge"}}, "gan.profile = 'huge': must be one of cpu-small, gpu"),
+        ({"gan": {"kimg": -1}}, "gan.kimg = -1.0: must be > 0"),
+        ({"labeller": {"lr": 0}}, "labeller.lr = 0.0: must be > 0"),
+        ({"generate": {"count": 0}, "gan": {"run": "g"}}, "generate: count = 0: must be >= 1"),
+        ({"data": {"source": "neu-seg"}}, "data: root = None: missing"),
+        ({"export": {"target_recall": 2}}, "export: target_recall = 2.0: must be in"),
+    ],
+)
+def test_stage_sections_are_checked_when_the_spec_loads(stages, message):
+    spec = {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **stages}
+    with pytest.raises(SpecError, match=message):
+        parse_spec(spec, "p.yaml")
+
+
+def test_a_jobs_progress_is_read_from_its_log():
+    from defectforge.cluster.jobs import job_progress
+
+    log = (
+        "[stage 2/5] labeller 1a2b: done in 70 s\n[stage 3/5] gan 3c4d: running\n"
+        "gan:  25%|##5       | 0.032/0.128 [00:20<01:00, 0.0016kimg/s, SWD 210.0]\r"
+        "gan:  50%|#####     | 0.064/0.128 [00:40<00:40, 0.0016kimg/s, SWD 205.1]\r"
+    )
+    assert job_progress(log) == "[stage 3/5] gan 3c4d: running; gan 0.064/0.128"
+    assert job_progress("nothing yet") == ""
+
+
+def pipeline_spec(sample_root: Path, labeller: Path, storage: Path) -> dict:
+    """A tiny pipeline: the sample built, a given labeller, a GAN of a few snapshots, generated
+    and labelled images, one trial with them, an export."""
+    return {
+        "name": "pipe",
+        "data": {"source": "neu-seg", "root": str(sample_root), "test_fraction": 0.4},
+        "labeller": {"run": str(labeller)},
+        "gan": {"resolution": 32, "kimg": 0.128, "snapshot_kimg": 0.032, "metric_images": 16},
+        "generate": {"count": 24},
+        "label": {"min_confidence": 0.0},
+        "search_space": {"synthetic_ratio": 0.2, "epochs": 1, "batch_size": 4},
+        "training": {"crop_size": 64, "max_steps_per_epoch": 2},
+        "search": {"algorithm": "grid"},
+        "storage_path": str(storage),
+        "final": {"seeds": 0},
+        "export": {},
+    }
+
+
+def _gan_snapshots(storage: Path) -> list[Path]:
+    return sorted((storage / "stages").glob("gan-*/ray/*/kimg_*"))
+
+
+def test_a_pipeline_study_resumes_inside_its_gan_stage_and_reuses_what_it_made(
+    ray_session, sample_root, labeller, tmp_path
+):
+    import ray
+
+    from defectforge.trainables.pipeline import Pipeline
+    from defectforge.trainables.study import resume_study
+
+    storage = tmp_path / "studies"
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(pipeline_spec(sample_root, labeller, storage)))
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        try:  # killed once the GAN has a snapshot past kimg 0: a driver lost mid-GAN
+            while len(_gan_snapshots(storage)) < 2:
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[
+                    -3000:
+                ]
+                time.sleep(0.5)
+        finally:
+            driver.kill()
+            driver.wait()
+    gan_folder = next((storage / "stages").glob("gan-*"))
+    assert not (gan_folder / "stage.json").exists()  # stopped inside the stage
+
+    summary = resume_study(str(storage / "pipe"))
+
+    study = json.loads((storage / "pipe" / "study.json").read_text())
+    statuses = {stage["name"]: stage["status"] for stage in study["stages"]}
+    assert statuses == {
+        "data": "reused",
+        "labeller": "given",
+        "gan": "ran",
+        "generate": "ran",
+        "label": "ran",
+    }
+    history = json.loads((gan_folder / "metrics.json").read_text())["history"]
+    kimgs = [round(row["kimg"], 3) for row in history]
+    assert kimgs == sorted(set(kimgs)) and kimgs[0] == 0.0 and kimgs[-1] >= 0.128
+    assert len(list(gan_folder.glob("ray/*"))) == 1  # continued in its own run, not restarted
+    assert (storage / "pipe" / "export" / "model.onnx").is_file()
+    assert summary["export"] == str(storage / "pipe" / "export")
+    report = (storage / "pipe" / "report" / "report.md").read_text()
+    assert "## Stages" in report and "| gan |" in report
+
+    # The same stages asked for again (by this or any study under this storage) are reused.
+    again = Pipeline(parse_spec(yaml.safe_load(spec_file.read_text()), str(spec_file)))
+    again.run()
+    assert {run.status for run in again.runs} == {"reused", "given"}

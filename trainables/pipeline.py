@@ -1,0 +1,179 @@
+"""A study's stages (``studies.stages``), run in order before its search.
+
+Each stage's output goes to ``<storage_path>/stages/<stage>-<key>/``; a stage whose output is
+complete there (its ``stage.json`` written after it finished) is reused, by this study or any
+other asking for the same thing, and one that was interrupted continues: a training stage
+restarts from its latest checkpoint (Ray Train restores the run by name in the same folder), a
+dataset stage, published only when whole, runs again. Every stage is announced with its key and
+how it ended, and the study records them all (``study.json``, the report).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from defectforge.datasets.contract import run_identity
+from defectforge.datasets.errors import ConfigError
+from defectforge.datasets.files import write_json_atomic
+from defectforge.datasets.manifest import Manifest
+from defectforge.gan.checkpoint import GENERATOR_FILE
+from defectforge.segmentation.checkpoint import MODEL_FILE
+from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
+from defectforge.studies.spec import StudySpec
+from defectforge.studies.stages import RUN_KEY, settings_of, stage_key
+from defectforge.studies.store import absolute_location, is_uri
+
+STAGES_DIR = "stages"
+STAGE_RECORD = "stage.json"
+MADE_IN_ORDER = ("data", "labeller", "gan", "generate", "label")
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """How one stage went: made now ("ran"), found made ("reused") or given as a path."""
+
+    name: str
+    key: str
+    folder: str
+    status: str
+    seconds: float
+
+
+def _announce(index: int, total: int, text: str) -> None:
+    print(f"[stage {index}/{total}] {text}", flush=True)
+
+
+class Pipeline:
+    """Runs the made stages of one spec under one storage root."""
+
+    def __init__(self, spec: StudySpec):
+        if is_uri(spec.storage_path):
+            raise ConfigError(
+                f"storage_path {spec.storage_path}: a spec with stages writes its data to a "
+                "folder; use a local or mounted path (every node must see it on a cluster)"
+            )
+        self.spec = spec
+        self.root = Path(absolute_location(spec.storage_path)) / STAGES_DIR
+        self.runs: list[StageRun] = []
+        self.outputs: dict[str, str] = {}
+        self.ids: dict[str, str] = {}
+        names = [n for n in MADE_IN_ORDER if getattr(spec.stages, n) is not None]
+        self.total = len(names)
+
+    # --- one stage ---------------------------------------------------------------------------
+
+    def _stage(self, name: str, settings: Any, inputs: dict[str, str], make) -> str:
+        """The stage's output folder: reused if complete, else made by ``make(folder)``."""
+        key = stage_key(name, settings, inputs)
+        folder = self.root / f"{name}-{key}"
+        index = len(self.runs) + 1
+        if (folder / STAGE_RECORD).is_file():
+            _announce(index, self.total, f"{name} {key}: reused {folder}")
+            self.runs.append(StageRun(name, key, str(folder), "reused", 0.0))
+            return str(folder)
+        _announce(index, self.total, f"{name} {key}: running")
+        started = time.monotonic()
+        make(folder)
+        seconds = round(time.monotonic() - started, 1)
+        record = {"stage": name, "key": key, "settings": settings, "inputs": inputs}
+        write_json_atomic(folder / STAGE_RECORD, {**record, "seconds": seconds})
+        _announce(index, self.total, f"{name} {key}: done in {seconds:g} s")
+        self.runs.append(StageRun(name, key, str(folder), "ran", seconds))
+        return str(folder)
+
+    def _given(self, name: str, path: str, identity: str) -> str:
+        self.runs.append(StageRun(name, identity, path, "given", 0.0))
+        _announce(len(self.runs), self.total, f"{name}: given {path}")
+        return path
+
+    # --- the stages, in order -----------------------------------------------------------------
+
+    def _data(self) -> str:
+        from defectforge.trainables.data_jobs import build_parquet
+
+        stages = self.spec.stages
+        if stages.data is None:
+            return self.spec.dataset.real
+        cfg = replace(stages.data, root=absolute_location(stages.data.root))
+        return self._stage(
+            "data", settings_of(cfg), {}, lambda out: build_parquet(cfg, out, overwrite=True)
+        )
+
+    def _labeller(self, data: str) -> str | None:
+        from defectforge.trainables.seg import config_from_manifest, run_seg_training
+
+        section = self.spec.stages.labeller
+        if section is None:
+            return None
+        if RUN_KEY in section:
+            path = absolute_location(section[RUN_KEY])
+            return self._given("labeller", path, run_identity(path, MODEL_FILE))
+
+        def train(out: Path) -> None:
+            run_seg_training(config_from_manifest(data, **section), out)
+
+        return self._stage("labeller", section, {"data": self.ids["data"]}, train)
+
+    def _gan(self, data: str) -> str | None:
+        from defectforge.trainables.gan import gan_config_from_manifest, run_gan_training
+
+        section = self.spec.stages.gan
+        if section is None:
+            return None
+        if RUN_KEY in section:
+            path = absolute_location(section[RUN_KEY])
+            return self._given("gan", path, run_identity(path, GENERATOR_FILE))
+        options = {k: v for k, v in section.items() if k != "profile"}
+
+        def train(out: Path) -> None:
+            cfg = gan_config_from_manifest(data, section["profile"], **options)
+            run_gan_training(cfg, out)
+
+        return self._stage("gan", section, {"data": self.ids["data"]}, train)
+
+    def _generate(self, gan: str) -> str:
+        from defectforge.trainables.gan import write_generated
+
+        section = self.spec.stages.generate
+        seeds = list(range(section.first_seed, section.first_seed + section.count))
+
+        def make(out: Path) -> None:
+            write_generated(gan, out, seeds, section.truncation, section.class_name, overwrite=True)
+
+        inputs = {"gan": run_identity(gan, GENERATOR_FILE)}
+        return self._stage("generate", settings_of(section), inputs, make)
+
+    def _label(self, generated: str, labeller: str) -> str:
+        from defectforge.trainables.synth import label_synthetic
+
+        section = self.spec.stages.label
+        correction_names = set(Corrections.__dataclass_fields__)
+        corrections = Corrections(**{k: v for k, v in section.items() if k in correction_names})
+        rest = {k: v for k, v in section.items() if k not in correction_names}
+        cfg = LabelConfig(images=generated, labeller=labeller, corrections=corrections, **rest)
+        inputs = {
+            "generated": Manifest.load(generated).dataset_id,
+            "labeller": run_identity(labeller, MODEL_FILE),
+        }
+        return self._stage(
+            "label", section, inputs, lambda out: label_synthetic(cfg, out, overwrite=True)
+        )
+
+    def run(self) -> StudySpec:
+        """Every stage the spec asks for; the spec with its dataset paths set to their outputs."""
+        data = self._data()
+        self.ids["data"] = Manifest.load(data).dataset_id
+        labeller = self._labeller(data)
+        gan = self._gan(data)
+        synthetic = self.spec.dataset.synthetic
+        if self.spec.stages.generate is not None:
+            generated = self._generate(gan)
+            synthetic = self._label(generated, labeller) if self.spec.stages.label else ""
+        dataset = replace(self.spec.dataset, real=data, synthetic=synthetic)
+        return replace(self.spec, dataset=dataset)
+
+    def records(self) -> list[dict]:
+        return [asdict(run) for run in self.runs]
