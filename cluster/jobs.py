@@ -205,6 +205,7 @@ def submit_study(
             runtime_env=runtime_env,
             submission_id=f"{PROJECT}-{spec_name}-{stamp}",
             metadata={
+                "job_name": name or spec_name,  # the dashboard's Name column
                 "study": spec_name,
                 "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
             },

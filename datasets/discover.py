@@ -19,6 +19,7 @@ from defectforge.datasets.samples import (
     SampleRef,
     carve_test_split,
     hash_split,
+    is_mask_file,
 )
 
 NEU_SEG_CLASSES = ("background", "inclusion", "patches", "scratches")
@@ -82,15 +83,6 @@ def _find_mask(
     return None
 
 
-def _is_mask_file(path: Path, mask_suffix: str) -> bool:
-    if mask_suffix:
-        return path.stem.endswith(mask_suffix)
-    # Without a suffix, a PNG beside a same-stem image of another format is that image's mask.
-    return path.suffix.lower() == ".png" and any(
-        path.with_suffix(s).is_file() for s in IMAGE_SUFFIXES if s != ".png"
-    )
-
-
 def group_key(relative: Path, group_by: str) -> str | None:
     """What keeps samples together in one split: ``parent`` (the image's folder), a regular
     expression (its first group, else its whole match, on the path under the root), or nothing."""
@@ -123,7 +115,7 @@ def discover_folder(
         raise DataError(root, "folder does not exist", "check the --root path")
     paired = (root / "images").is_dir() and (root / "masks").is_dir()
     image_root = root / "images" if paired else root
-    images = [p for p in _images_in(image_root) if paired or not _is_mask_file(p, mask_suffix)]
+    images = [p for p in _images_in(image_root) if paired or not is_mask_file(p, mask_suffix)]
     _require_images(root, images)
     refs = []
     for image in images:

@@ -11,7 +11,7 @@ import numpy as np
 from defectforge.datasets.contract import encode_png
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS, decode_file
-from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, SampleSpec
+from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, SampleSpec, is_mask_file
 from defectforge.datasets.steel import folder_digest, read_steel_image
 
 # JPEG round-off never makes a grey image's three channels differ by more than this.
@@ -173,16 +173,15 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     }
 
 
-def list_images(folder: str | Path, exclude_suffix: str = "") -> list[Path]:
-    """The images directly in ``folder`` (masks named ``<stem><exclude_suffix>`` left out)."""
+def list_images(folder: str | Path, mask_suffix: str = "") -> list[Path]:
+    """The images directly in ``folder``; masks beside them (``is_mask_file``) left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "folder does not exist", "check the --images path")
     images = sorted(
         p
         for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and not (exclude_suffix and p.stem.endswith(exclude_suffix))
+        if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p, mask_suffix)
     )
     if not images:
         raise DataError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from defectforge.datasets.contract import SPLITS
@@ -64,4 +65,14 @@ def carve_test_split(sample_id: str, split: str, test_fraction: float) -> str:
         "test"
         if hash_split(sample_id, (1 - test_fraction, 0.0, test_fraction)) == "test"
         else split
+    )
+
+
+def is_mask_file(path: Path, mask_suffix: str) -> bool:
+    """Whether ``path`` is a mask lying beside its image rather than an image: named with the
+    mask suffix, or, without one, a PNG beside a same-stem image of another format."""
+    if mask_suffix:
+        return path.stem.endswith(mask_suffix)
+    return path.suffix.lower() == ".png" and any(
+        path.with_suffix(s).is_file() for s in IMAGE_SUFFIXES if s != ".png"
     )

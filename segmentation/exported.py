@@ -201,7 +201,7 @@ def predict_folder_exported(
 def _image_files(images: str | Path, channels: int, mask_suffix: str = "") -> list:
     return [
         (path.stem, str(path), lambda path=path: read_image(path, channels))
-        for path in list_images(images, exclude_suffix=mask_suffix)
+        for path in list_images(images, mask_suffix)
     ]
 
 

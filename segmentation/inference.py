@@ -139,9 +139,7 @@ def evaluate_folder(
     )
 
     def pairs():
-        for path in tqdm(
-            list_images(images, exclude_suffix=mask_suffix), desc="evaluate", unit="img"
-        ):
+        for path in tqdm(list_images(images, mask_suffix), desc="evaluate", unit="img"):
             image = read_image(path, cfg.channels)
             shape = image.shape[:2]
             yield (
@@ -196,7 +194,7 @@ def predict_folder(
     point = operating_point(stored_operating_point(model_dir), threshold, min_area)
     samples = [
         (path.stem, str(path), lambda path=path: read_image(path, cfg.channels))
-        for path in list_images(images, exclude_suffix=mask_suffix)
+        for path in list_images(images, mask_suffix)
     ]
     return write_predictions(
         samples,

@@ -115,6 +115,7 @@ def parameter_importance(spec: StudySpec, trials: list[dict]) -> dict[str, float
     searched = {k: v for k, v in spec.searched().items() if len(_values(v)) > 1 and k != "seed"}
     if not searched:
         raise ValueError("nothing varies between trials")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a scratch study, not news to the user
     study = optuna.create_study(direction="maximize")
     for trial in _finished(trials):
         study.add_trial(
@@ -231,6 +232,16 @@ def _stages_section(stages: list[dict]) -> list[str]:
     return [*header, *rows, ""]
 
 
+def _data_line(study: dict) -> str:
+    """The datasets the trials read: as resolved when the study started (a pipeline's stages
+    fill in paths its spec leaves out)."""
+    dataset, ids = study["spec"]["dataset"], study["dataset_ids"]
+    line = f"- data: `{dataset['real']}` (id `{ids['real']}`)"
+    if dataset.get("synthetic"):
+        line += f", synthetic `{dataset['synthetic']}` (id `{ids['synthetic']}`)"
+    return line
+
+
 def write_report(
     folder: Path, spec: StudySpec, study: dict, trials: list[dict], final: dict | None
 ) -> dict:
@@ -244,12 +255,7 @@ def write_report(
         "",
         spec.description or "",
         "",
-        f"- data: `{spec.dataset.real}` (id `{study['dataset_ids']['real']}`)"
-        + (
-            f", synthetic `{spec.dataset.synthetic}` (id `{study['dataset_ids']['synthetic']}`)"
-            if spec.dataset.synthetic
-            else ""
-        ),
+        _data_line(study),
         f"- search: {spec.search.algorithm}, {len(trials)} trials "
         f"({sum(t['status'] == 'finished' for t in trials)} finished, "
         f"{sum(t['status'] == 'stopped early' for t in trials)} stopped early by ASHA, "

@@ -1,6 +1,7 @@
 """The command line: flags derived from the config declarations, help with defaults, version,
 one-line errors, and only the chosen command's modules imported."""
 
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,14 @@ def test_quickstart_flags_make_a_build_config(tmp_path, flags):
     options = given(args, BuildConfig, skip=QUICKSTART_OWNS)
     cfg = _build_config(args.source, args.data, tmp_path, options)
     assert (cfg.source, cfg.test_fraction) == (args.source, 0.2)
+
+
+def test_a_dashboard_address_for_the_ray_work_is_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["--address", "http://head:8265", "gan", "train", "--data", "d", "--out", "o"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and "defectforge submit" in err
+    assert "RAY_ADDRESS" not in os.environ
 
 
 def test_version_and_a_bad_flag_value_are_one_line(capsys):

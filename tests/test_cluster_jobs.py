@@ -72,35 +72,48 @@ def test_cluster_up_starts_labelled_nodes_behind_a_token(local_cluster):
     assert refused.value.code == 403
 
 
-def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
-    local_cluster, sample_dataset, labeller, tmp_path, capsys
-):
-    from defectforge.studies.results import TRIALS_FILE
-
+@pytest.fixture(scope="module")
+def submitted_pipeline(local_cluster, sample_dataset, labeller, tmp_path_factory):
+    """A pipeline study submitted once through the Jobs API and waited for: two trials at once
+    on two labelled nodes, after a GAN of two workers whose images are labelled and mixed in."""
     _, state = local_cluster
-    spec = cluster_spec(sample_dataset, tmp_path / "studies")
-    # A GAN of two workers (one CPU each: every node has one), its images labelled, mixed in.
+    folder = tmp_path_factory.mktemp("submitted")
+    spec = cluster_spec(sample_dataset, folder / "studies")
     spec["gan"] = {"resolution": 32, "kimg": 0.032, "snapshot_kimg": 0.032, "workers": 2}
     spec["gan"]["metric_images"] = 16
     spec["generate"] = {"count": 16}
     spec["labeller"] = {"run": str(labeller)}
     spec["label"] = {"min_confidence": 0.0}
     spec["search_space"]["synthetic_ratio"] = 0.1
-    spec_file = tmp_path / "spec.yaml"
+    spec_file = folder / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     address = state["dashboard_url"]
+    done = subprocess.run(
+        [sys.executable, "-m", "defectforge.trainables.cli", "submit", str(spec_file)]
+        + ["--address", address, "--no-pip", "--wait"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
+    job_id = done.stdout.split("submitted ")[1].split(";")[0]
+    return {"address": address, "job": job_id, "folder": folder, "done": done}
 
-    code = main(["submit", str(spec_file), "--address", address, "--no-pip", "--wait"])
 
-    out = capsys.readouterr().out
-    job_id = out.split("submitted ")[1].split(";")[0]
-    assert code == 0, jobs.jobs_client(address).get_job_logs(job_id)[-3000:]
-    assert f"{address}/#/jobs/{job_id}" in out and f"job {job_id}: SUCCEEDED" in out
-    root = tmp_path / "studies" / "on-cluster"
+def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
+    submitted_pipeline, tmp_path, capsys
+):
+    from defectforge.studies.results import TRIALS_FILE
+
+    address, job_id = submitted_pipeline["address"], submitted_pipeline["job"]
+    done, folder = submitted_pipeline["done"], submitted_pipeline["folder"]
+    assert done.returncode == 0, jobs.jobs_client(address).get_job_logs(job_id)[-3000:]
+    assert f"{address}/#/jobs/{job_id}" in done.stdout
+    assert f"job {job_id}: SUCCEEDED" in done.stdout
+    root = folder / "studies" / "on-cluster"
     trials = json.loads((root / TRIALS_FILE).read_text())
     assert {t["status"] for t in trials} == {"finished"}
     assert len({node for t in trials for node in t["nodes"]}) == 2
-    gan = next((tmp_path / "studies" / "stages").glob("gan-*"))
+    gan = next((folder / "studies" / "stages").glob("gan-*"))
     assert len(json.loads((gan / "metrics.json").read_text())["nodes"]) == 2
 
     assert main(["jobs", "list", "--address", address]) == 0
@@ -111,6 +124,74 @@ def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
 
     assert main(["study", "export", str(root), "--out", str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.json").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Where the browser test leaves its screenshots (the README's come from there); else tmp_path.
+SCREENSHOTS_ENV = "DEFECTFORGE_SCREENSHOTS"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (Debian: apt-get install -y chromium)")
+def test_the_dashboard_shows_the_job_its_stages_and_its_trials(submitted_pipeline, tmp_path):
+    """In a real headless Chromium: the dashboard asks for the token, lists the submitted job,
+    and its page shows the job's log with the stages and the trials by their names."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    address, job_id = submitted_pipeline["address"], submitted_pipeline["job"]
+    token = jobs.auth_headers(None)["Authorization"].split(" ", 1)[1]
+    shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{address}/#/jobs")
+            page.get_by_placeholder("Enter your authentication token").fill(token)
+            page.get_by_role("button", name="Submit").click()
+            row = page.get_by_role("row").filter(has_text=job_id)
+            row.get_by_text("SUCCEEDED").wait_for(timeout=60_000)
+            assert row.get_by_role("cell").nth(1).inner_text().strip() == "on-cluster"  # Name
+            page.screenshot(path=str(shots / "dashboard-jobs.png"))
+
+            page.goto(f"{address}/#/jobs/{job_id}")
+            # The log view draws only the lines in sight; its keyword filter brings them there.
+            keyword = page.get_by_label("Keyword")
+            try:
+                keyword.fill("stage 2/4")
+                page.get_by_text("stage 2/4] gan").first.wait_for(timeout=60_000)
+                keyword.fill("_arch=")
+                page.get_by_text("_arch=unet").first.wait_for(timeout=60_000)
+                page.get_by_text("_arch=fpn").first.wait_for(timeout=60_000)
+            finally:
+                page.screenshot(path=str(shots / "dashboard-job.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (shots / "dashboard-jobs.png").stat().st_size > 20_000
+
+
+def test_a_stage_command_alone_runs_on_the_cluster_with_address(local_cluster, tmp_path):
+    """`defectforge --address ADDR COMMAND`: the command's Ray work joins the running cluster
+    instead of starting a Ray of its own."""
+    _, state = local_cluster
+    sample = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
+    out = tmp_path / "built"
+    done = subprocess.run(
+        [sys.executable, "-m", "defectforge.trainables.cli", "--address", state["address"]]
+        + ["data", "build", "--source", "neu-seg", "--root", str(sample), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "manifest.json").is_file()
+    # It ran as a driver of the cluster (listed there), not on a Ray of its own.
+    drivers = json.loads(
+        urllib.request.urlopen(
+            urllib.request.Request(
+                f"{state['dashboard_url']}/api/jobs/", headers=jobs.auth_headers(None)
+            ),
+            timeout=10,
+        ).read()
+    )
+    assert any("data build" in (job.get("entrypoint") or "") for job in drivers)
 
 
 def test_joining_the_cluster_without_its_token_is_one_line_at_once(

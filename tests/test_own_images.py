@@ -99,6 +99,18 @@ def test_images_without_a_mask_can_be_read_as_defect_free(tmp_path, capsys, ray_
     )
 
 
+def test_masks_beside_their_images_are_not_taken_for_images(tmp_path):
+    """As magnetic-tile lays them out (name.jpg beside its mask name.png), and with a suffix:
+    predict and seg eval must see each image once, never its mask."""
+    from defectforge.datasets.readers import list_images
+
+    picture = np.zeros((8, 8), np.uint8)
+    for name in ("a.jpg", "a.png", "b.png", "c.bmp", "c_label.bmp"):
+        cv2.imwrite(str(tmp_path / name), picture)
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png", "c.bmp", "c_label.bmp"]
+    assert [p.name for p in list_images(tmp_path, "_label")] == ["a.jpg", "a.png", "b.png", "c.bmp"]
+
+
 def test_group_by_keeps_each_part_in_one_split(parts):
     from defectforge.datasets.discover import discover_folder
 

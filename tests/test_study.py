@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
@@ -305,8 +306,21 @@ def _predict_without_ray_or_smp(export: Path, tmp_path: Path) -> None:
         )
     masks = sorted((out / "onnx").glob("*_mask.png"))
     assert len(masks) == 15
-    for mask in masks:
-        assert mask.read_bytes() == (out / "torchscript" / mask.name).read_bytes()
+    differ = sum(
+        np.count_nonzero(
+            cv2.imread(str(m), -1) != cv2.imread(str(out / "torchscript" / m.name), -1)
+        )
+        for m in masks
+    )
+    # The two runtimes' logits differ by ~1e-5: a pixel whose two best classes tie that closely
+    # may flip (1 of 600,000 was seen), nothing more.
+    assert differ <= 10
+    verdicts = [
+        (out / runtime / "predictions.csv").read_text() for runtime in ("onnx", "torchscript")
+    ]
+    assert [line.split(",")[1] for line in verdicts[0].splitlines()] == [
+        line.split(",")[1] for line in verdicts[1].splitlines()
+    ]
     shutil.rmtree(out)
 
 
@@ -356,11 +370,13 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
     study = {
         "name": "r",
         "dataset_ids": {"real": "abc", "synthetic": "def"},
+        "spec": {"dataset": {"real": "/data/real", "synthetic": "/data/labelled"}},
         "spec_sha256": "0" * 64,
         "created": "now",
     }
     summary = write_report(tmp_path, spec, study, trials, None)
     text = (tmp_path / "report.md").read_text()
+    assert "- data: `/data/real` (id `abc`), synthetic `/data/labelled` (id `def`)" in text
     # mean 0.71, sd 0.01, t(0.975, 2) = 4.3027: 0.71 -/+ 0.0248
     assert "| 0.3800 | 3 | 0.7100 | 0.6852 - 0.7348 |" in text
     assert "| 0.0000 | 3 | 0.6200 | 0.5703 - 0.6697 |" in text

@@ -84,8 +84,10 @@ class Pipeline:
         self.runs.append(StageRun(name, key, str(folder), "ran", seconds))
         return str(folder)
 
-    def _given(self, name: str, path: str, identity: str) -> str:
-        self.runs.append(StageRun(name, identity, path, "given", 0.0))
+    def _given(self, name: str, section: dict, weights: str) -> str:
+        """A training stage given as ``{run: PATH}``: that run, identified by its weights."""
+        path = absolute_location(section[RUN_KEY])
+        self.runs.append(StageRun(name, run_identity(path, weights), path, "given", 0.0))
         _announce(len(self.runs), self.total, f"{name}: given {path}")
         return path
 
@@ -109,8 +111,7 @@ class Pipeline:
         if section is None:
             return None
         if RUN_KEY in section:
-            path = absolute_location(section[RUN_KEY])
-            return self._given("labeller", path, run_identity(path, MODEL_FILE))
+            return self._given("labeller", section, MODEL_FILE)
 
         def train(out: Path) -> None:
             run_seg_training(config_from_manifest(data, **section), out)
@@ -124,8 +125,7 @@ class Pipeline:
         if section is None:
             return None
         if RUN_KEY in section:
-            path = absolute_location(section[RUN_KEY])
-            return self._given("gan", path, run_identity(path, GENERATOR_FILE))
+            return self._given("gan", section, GENERATOR_FILE)
         options = {k: v for k, v in section.items() if k != "profile"}
 
         def train(out: Path) -> None:

@@ -28,6 +28,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     if ray.is_initialized():
+        quiet_ray_data()
         return
     local = address in (None, "local")
     joining = address if not local else os.environ.get("RAY_ADDRESS")
@@ -112,6 +113,9 @@ def quiet_ray_data() -> None:
     overall bar per dataset where the terminal shows bars."""
     if os.environ.get(VERBOSE_ENV):
         return
+    # Ray Data configures its loggers again later (for each dataset's log file); this variable,
+    # which it reads then, keeps its INFO lines off the terminal after that too.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_operator_progress_bars = False

@@ -20,7 +20,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # reason, instead of retrying for 20 s. Token authentication stays on for local instances too.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from defectforge.datasets.errors import one_line, user_error_in  # noqa: E402
+from defectforge.datasets.errors import ClusterError, one_line, user_error_in  # noqa: E402
 from defectforge.datasets.files import package_version  # noqa: E402
 from defectforge.trainables import VERBOSE_ENV  # noqa: E402
 from defectforge.trainables.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
@@ -32,8 +32,19 @@ MODULES = (data, seg, gan, synth, study, quickstart, cluster)
 COMMANDS = {name: module for module in MODULES for name in module.COMMANDS}
 
 
+# Options before the command that take a value (the value is not the command).
+ROOT_VALUE_OPTIONS = ("--address",)
+
+
 def _chosen(argv: list[str]) -> str | None:
-    return next((arg for arg in argv if not arg.startswith("-")), None)
+    """The command: the first word that is neither an option nor a root option's value."""
+    words = iter(argv)
+    for word in words:
+        if word in ROOT_VALUE_OPTIONS:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def parser(argv: list[str] | None = None) -> Parser:
@@ -51,6 +62,13 @@ def parser(argv: list[str] | None = None) -> Parser:
         help="also show Ray's own log lines and its workers' output (they are always in Ray's "
         "log files)",
     )
+    root.add_argument(
+        "--address",
+        dest="ray_address",
+        metavar="auto|ray://HOST:10001",
+        help="run the command's Ray work on this running cluster (every stage command: data, "
+        "seg, gan, synth, study); default: a local Ray started for the command",
+    )
     commands = root.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, module in COMMANDS.items():
         text = module.COMMANDS[name]
@@ -60,6 +78,16 @@ def parser(argv: list[str] | None = None) -> Parser:
     return root
 
 
+def join_cluster(address: str) -> None:
+    """Every Ray start of this process joins ``address`` (Ray reads RAY_ADDRESS)."""
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"--address {address}: a dashboard (Jobs API) address; give a Ray address (auto or "
+            "ray://HOST:10001) here, or send a study with `defectforge submit`"
+        )
+    os.environ["RAY_ADDRESS"] = address
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser(argv).parse_args(argv)
@@ -67,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"
     module = COMMANDS[args.command]
     try:
+        if args.ray_address:
+            join_cluster(args.ray_address)
         return module.run(args) or 0
     except KeyboardInterrupt:
         print(f"defectforge: interrupted; {module.interrupted_hint(args)}", file=sys.stderr)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 
 from defectforge.cluster.local import LocalClusterConfig
+from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.cli.options import absolute_path, add_options, given
 
 COMMANDS = {
@@ -122,6 +125,9 @@ def run_submit(args) -> int:
     from defectforge.cluster import jobs
 
     text = jobs.shipped_spec(args.spec)  # a bad spec is refused before anything connects
+    if not os.environ.get(VERBOSE_ENV):  # the Jobs SDK's upload lines (INFO) stay quiet
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     with _jobs_api_errors(args.address):
         client = jobs.jobs_client(args.address, args.token_file)
         job_id = jobs.submit_study(client, text, args.name, args.wheel, not args.no_pip)
