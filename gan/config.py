@@ -37,6 +37,7 @@ PROFILES = {
         snapshot_kimg=50.0,
         metric_images=2048,
         precision="bf16",
+        pl_weight=2.0,  # path-length regularisation on, as in StyleGAN2's config F
     ),
 }
 

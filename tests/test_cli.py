@@ -43,6 +43,10 @@ def test_flags_come_from_the_config_declarations_with_their_defaults(capsys):
         main(["gan", "train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 64; 256 with --profile gpu)" in text
+    assert (
+        "--pl-weight X path-length regularisation (0: off) (default: 0.0; 2.0 with --profile gpu)"
+        in text
+    )
 
 
 def test_given_flags_only_override_the_config(tmp_path):
