@@ -39,13 +39,26 @@ def check_architecture(arch: str) -> str:
     return key
 
 
+# smp's prefix for any timm model as an encoder (e.g. tu-xception41, dilated for DeepLabV3+).
+TIMM_PREFIX = "tu-"
+
+
+def _timm_has(name: str) -> bool:
+    import timm  # installed with segmentation-models-pytorch
+
+    return timm.is_model(name)
+
+
 def check_encoder(encoder: str) -> str:
-    if encoder not in smp.encoders.get_encoder_names():
-        raise ConfigError(
-            f"unknown encoder {encoder!r}; valid include resnet18, resnet34, "
-            f"efficientnet-b0, mit_b0 (all: {len(encoder_names())} smp encoders)"
-        )
-    return encoder
+    if encoder in smp.encoders.get_encoder_names():
+        return encoder
+    if encoder.startswith(TIMM_PREFIX) and _timm_has(encoder[len(TIMM_PREFIX) :]):
+        return encoder
+    raise ConfigError(
+        f"unknown encoder {encoder!r}; valid include resnet18, resnet34, efficientnet-b0, "
+        f"mit_b0 (all: {len(encoder_names())} smp encoders) and tu-<any timm model>, e.g. "
+        "tu-xception41"
+    )
 
 
 def build_model(

@@ -21,9 +21,20 @@ def test_unknown_architecture_lists_the_valid_ones():
     assert "deeplabv3plus" in architecture_names()
 
 
+def test_the_papers_xception_backbone_through_timm_is_dilated_for_deeplabv3plus():
+    model = build_model("deeplabv3plus", "tu-xception41", 1, 4).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 1, 64, 64))
+    assert out.shape == (1, 4, 64, 64)
+    # DeepLabV3+ takes the encoder at output stride 16: the last stage is dilated, not strided.
+    assert model.encoder.model.feature_info.reduction()[-1] == 16
+
+
 def test_unknown_encoder_and_channels():
     with pytest.raises(ValueError, match="unknown encoder"):
         build_model("pan", "resnet19", 1, 2)
+    with pytest.raises(ValueError, match="tu-<any timm model>"):
+        build_model("pan", "tu-no-such-model", 1, 2)
     with pytest.raises(ValueError, match="in_channels must be 1 or 3"):
         build_model("pan", "resnet18", 2, 2)
 
