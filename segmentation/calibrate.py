@@ -11,15 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from defectforge.datasets.contract import decode_png, split_files
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import write_json_atomic
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.decisions import OPERATING_POINT_FILE, calibrate, largest_by_threshold
-from defectforge.segmentation.inference import image_probabilities
+from defectforge.segmentation.inference import dataset_split_pairs, image_probabilities
 from defectforge.segmentation.report import plot_operating_point
 
 
@@ -31,26 +27,10 @@ def calibrate_run(
 ) -> dict:
     """The operating point for a target; with ``store``, written beside the run's model."""
     model, cfg = load_model(run)
-    files = split_files(cfg.data, "val") if (Path(cfg.data) / "val").is_dir() else []
-    if not files:
-        raise DataError(
-            Path(cfg.data) / "val",
-            "the run's dataset has no val split here to calibrate on",
-            "calibrate where the dataset the run was trained on is",
-        )
-    table = pq.read_table(files, columns=["image", "mask"])
     largest, defective = [], []
-    for image_cell, mask_cell in tqdm(
-        zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True),
-        total=table.num_rows,
-        desc="calibrate",
-        unit="img",
-    ):
-        probabilities = image_probabilities(
-            model, cfg.batch_spec(), decode_png(image_cell, cfg.channels)
-        )
-        largest.append(largest_by_threshold(probabilities))
-        defective.append(bool(np.any(decode_png(mask_cell, 0) > 0)))
+    for image, mask in dataset_split_pairs(cfg, "val", "calibrate"):
+        largest.append(largest_by_threshold(image_probabilities(model, cfg.batch_spec(), image)))
+        defective.append(bool(np.any(mask > 0)))
     result = calibrate(largest, defective, target_recall, target_false_alarm)
     if not store:
         return result

@@ -17,7 +17,6 @@ import numpy as np
 
 from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.outputs import check_output
-from defectforge.datasets.readers import list_images, read_image
 from defectforge.datasets.steel import (
     SteelOptions,
     read_steel_image,
@@ -25,7 +24,11 @@ from defectforge.datasets.steel import (
     steel_sample_folders,
 )
 from defectforge.segmentation.decisions import softmax
-from defectforge.segmentation.predictions import operating_point, write_predictions
+from defectforge.segmentation.predictions import (
+    image_samples,
+    operating_point,
+    write_predictions,
+)
 from defectforge.segmentation.tiling import DEFAULT_OVERLAP, tiled_logits
 
 EXPORT_FORMAT = "defectforge-export"
@@ -191,18 +194,11 @@ def predict_folder_exported(
     if steel:
         samples = _steel_samples(images, steel)
     else:
-        samples = _image_files(images, exported.channels, mask_suffix)
+        samples = image_samples(images, exported.channels, mask_suffix)
     point = operating_point(exported.meta.get("operating_point"), threshold, min_area)
     return write_predictions(
         samples, exported.probabilities, exported.classes, point, out, overwrite, (images, model)
     )
-
-
-def _image_files(images: str | Path, channels: int, mask_suffix: str = "") -> list:
-    return [
-        (path.stem, str(path), lambda path=path: read_image(path, channels))
-        for path in list_images(images, mask_suffix)
-    ]
 
 
 def _steel_samples(images: str | Path, steel: dict):

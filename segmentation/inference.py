@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,9 +21,11 @@ from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
 from defectforge.segmentation.checkpoint import load_model
-from defectforge.segmentation.decisions import findings, softmax, verdict_counts
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.decisions import OperatingPoint, findings, softmax, verdict_counts
 from defectforge.segmentation.metrics import MetricAccumulator, auroc
 from defectforge.segmentation.predictions import (
+    image_samples,
     operating_point,
     stored_operating_point,
     write_predictions,
@@ -86,14 +88,21 @@ def _mask_for(image: Path, masks: Path, suffix: str) -> Path | None:
     return None
 
 
+def run_operating_point(model_dir: str | Path) -> OperatingPoint:
+    """The run's calibrated operating point, or the default one."""
+    return operating_point(stored_operating_point(model_dir), None, None)
+
+
 def evaluate_pairs(
-    model_dir: str | Path, pairs: Iterable[tuple[np.ndarray, np.ndarray]], binary: bool = False
+    model: nn.Module,
+    cfg: SegConfig,
+    point: OperatingPoint,
+    pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+    binary: bool = False,
 ) -> dict:
     """Pixel metrics over (image, true mask) pairs at native resolution, and image-level ones:
-    AUROC of the image score (its highest defect probability) and the verdicts at the run's
-    operating point against the truth (an image whose true mask has a defect should be NG)."""
-    model, cfg = load_model(model_dir)
-    point = operating_point(stored_operating_point(model_dir), None, None)
+    AUROC of the image score (its highest defect probability) and the verdicts at ``point``
+    against the truth (an image whose true mask has a defect should be NG)."""
     names = ["background", "defect"] if binary else list(cfg.output_classes)
     accumulator = MetricAccumulator(len(names))
     scores, defective, verdicts = [], [], []
@@ -132,7 +141,7 @@ def evaluate_folder(
     missing_mask_is_background: bool = False,
 ) -> dict:
     """``evaluate_pairs`` over a folder of images and one of masks (same stem, or a suffix)."""
-    _, cfg = load_model(model_dir)
+    model, cfg = load_model(model_dir)
     # Masks on disk carry the dataset's classes; a binary model's masks are binarised after the check.
     mask_spec = SampleSpec(
         "eval", tuple(cfg.classes), cfg.channels, binary=cfg.binary, mask_threshold=mask_threshold
@@ -149,19 +158,31 @@ def evaluate_folder(
                 ),
             )
 
-    return evaluate_pairs(model_dir, pairs(), binary)
+    return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs(), binary)
+
+
+def dataset_split_pairs(
+    cfg: SegConfig, split: str, desc: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decoded (image, mask) pairs of one split of the dataset a run was trained on."""
+    files = split_files(cfg.data, split)
+    if not files:
+        raise DataError(
+            Path(cfg.data) / split,
+            f"the run's dataset has no {split} split here",
+            "run this where the dataset the run was trained on is",
+        )
+    table = pq.read_table(files, columns=["image", "mask"])
+    cells = zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True)
+    for image, mask in tqdm(cells, total=table.num_rows, desc=desc, unit="img"):
+        yield decode_png(image, cfg.channels), decode_png(mask, 0)
 
 
 def evaluate_dataset_split(model_dir: str | Path, split: str, binary: bool = False) -> dict:
     """``evaluate_pairs`` over one split of the dataset the run was trained on."""
-    _, cfg = load_model(model_dir)
-    table = pq.read_table(split_files(cfg.data, split), columns=["image", "mask"])
-    cells = zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True)
-    pairs = (
-        (decode_png(image, cfg.channels), decode_png(mask, 0))
-        for image, mask in tqdm(cells, total=table.num_rows, desc=f"evaluate {split}", unit="img")
-    )
-    return evaluate_pairs(model_dir, pairs, binary)
+    model, cfg = load_model(model_dir)
+    pairs = dataset_split_pairs(cfg, split, f"evaluate {split}")
+    return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs, binary)
 
 
 def _truth(path, masks, shape, spec, suffix, missing_is_background) -> np.ndarray:
@@ -192,12 +213,8 @@ def predict_folder(
     check_output(out, overwrite, (images, model_dir))
     model, cfg = load_model(model_dir)
     point = operating_point(stored_operating_point(model_dir), threshold, min_area)
-    samples = [
-        (path.stem, str(path), lambda path=path: read_image(path, cfg.channels))
-        for path in list_images(images, mask_suffix)
-    ]
     return write_predictions(
-        samples,
+        image_samples(images, cfg.channels, mask_suffix),
         lambda image, _: image_probabilities(model, cfg.batch_spec(), image),
         cfg.output_classes,
         point,

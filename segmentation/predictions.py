@@ -18,12 +18,21 @@ from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.outputs import publish_dir
+from defectforge.datasets.readers import list_images, read_image
 from defectforge.segmentation.decisions import OPERATING_POINT_FILE, OperatingPoint, findings
 from defectforge.segmentation.overlay import overlay
 
 PREDICTIONS_FILE = "predictions.csv"
 # (name for the output files, what to call it in errors, how to read it)
 Sample = tuple[str, str, Callable[[], np.ndarray]]
+
+
+def image_samples(images: str | Path, channels: int, mask_suffix: str = "") -> list[Sample]:
+    """The images of a folder (masks beside them left out) as samples, each read when needed."""
+    return [
+        (path.stem, str(path), lambda path=path: read_image(path, channels))
+        for path in list_images(images, mask_suffix)
+    ]
 
 
 def operating_point(stored: dict | None, threshold: float | None, min_area: int | None):

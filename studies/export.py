@@ -62,7 +62,8 @@ def export_study(
     split first and shipped in model.json."""
     store = StudyStore(root)
     require_trials(store, root)
-    check_output(out, overwrite, () if is_uri(store.uri) else (store.uri,))
+    inputs = () if is_uri(store.uri) else (store.uri,)
+    check_output(out, overwrite, inputs)
     study = store.read_json(STUDY_FILE)
     checkpoint, metrics = chosen_model(store)
     calibration = None
@@ -88,5 +89,4 @@ def export_study(
     if calibration:
         details["operating_point"] = calibration["operating_point"]
         details["calibration"] = {k: calibration[k] for k in ("recall", "false_alarm_rate", "met")}
-    inputs = () if is_uri(store.uri) else (store.uri,)
     return export_run(model, cfg, out, details, overwrite, inputs)

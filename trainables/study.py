@@ -316,8 +316,8 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
             )
         print(f"continuing the study in {store.uri} (same spec)", flush=True)
         return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
-    if not spec.stages.given():
-        check_study(spec, str(spec_path))  # refused before anything is written
+    # Refused before anything is written; a spec with stages is checked once they have run.
+    checked = {} if spec.stages.given() else {"dataset_ids": check_study(spec, str(spec_path))}
     store.write_text(SPEC_FILE, spec_text)
     store.write_json(
         STUDY_FILE,
@@ -326,6 +326,7 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
             "root": store.uri,
             "spec_sha256": digest,
             "spec": asdict(spec),
+            **checked,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"ray": ray.__version__, "torch": torch.__version__},
         },
