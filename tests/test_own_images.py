@@ -278,3 +278,10 @@ def test_an_export_predicts_any_size_and_loads_in_smp(labeller, tmp_path):
     network = smp.from_pretrained(str(tmp_path / "export" / "smp")).eval()
     x = torch.rand(1, 1, 64, 64)
     assert torch.allclose(network(x), model(x), atol=1e-5)
+
+
+def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
+    # The sample is built without a test split.
+    assert main(["seg", "eval", "--model", str(labeller), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "has no test split here" in err
