@@ -162,22 +162,31 @@ class BatchMaker:
 class GanBatchMaker:
     """PNG image cells -> ``{"image": N x C x R x R float in [-1, 1], "label": N int64}``.
 
-    Images are resized (area) to the GAN resolution; labels index ``classes`` by the row's
-    ``defect_class`` (-1 when it has none).
+    Images are resized (area) to the GAN resolution, or, with ``crop_seed``, cut as random
+    native-scale R x R crops (seeded), so that generated images share the real images' scale.
+    Labels index ``classes`` by the row's ``defect_class`` (-1 when it has none).
     """
 
-    def __init__(self, channels: int, resolution: int, classes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        channels: int,
+        resolution: int,
+        classes: tuple[str, ...] = (),
+        crop_seed: int | None = None,
+    ):
         self.channels, self.resolution = channels, resolution
         self.class_index = {name: index for index, name in enumerate(classes)}
+        self.crop_rng = None if crop_seed is None else np.random.default_rng(crop_seed)
+
+    def _view(self, image: np.ndarray) -> np.ndarray:
+        if self.crop_rng is None:
+            return resize_pair(image, None, self.resolution)[0]
+        no_mask = np.zeros(image.shape[:2], np.uint8)
+        return random_crop(image, no_mask, self.resolution, self.crop_rng)[0]
 
     def images(self, cells) -> np.ndarray:
         """N x R x R x C uint8, the GAN's view of real images."""
-        return np.stack(
-            [
-                resize_pair(decode_png(cell, self.channels), None, self.resolution)[0]
-                for cell in cells
-            ]
-        )
+        return np.stack([self._view(decode_png(cell, self.channels)) for cell in cells])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = self.images(batch["image"]).astype(np.float32) / 127.5 - 1

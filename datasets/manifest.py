@@ -1,8 +1,8 @@
 """A dataset's manifest, typed: what it holds, where it came from, and its identity.
 
-Every dataset folder has one ``manifest.json``. A manifest is made in one of five ways: built
-from raw files (``built``), or derived from others: ``augmented``, ``mixed``, ``labelled``,
-``generated``. Each way records its details in a lineage section of the same name (``config``
+Every dataset folder has one ``manifest.json``. A manifest is made in one of six ways: built
+from raw files (``built``), or derived from others: ``subset``, ``augmented``, ``mixed``,
+``labelled``, ``generated``. Each way records its details in a lineage section of the same name (``config``
 for a build) and gives the dataset an id that changes exactly when its content would. Counts per
 split are filled in by ``datasets.writer`` from the rows actually written.
 """
@@ -19,7 +19,7 @@ from defectforge.datasets.contract import MANIFEST, SCHEMA_VERSION, SPLITS, comb
 from defectforge.datasets.errors import DataError
 
 # Lineage sections, one per way a manifest is made.
-LINEAGE = ("config", "augmentation", "mix", "labelling", "generation")
+LINEAGE = ("config", "subset", "augmentation", "mix", "labelling", "generation")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Manifest:
                 "label them with `defectforge synth label` and use the labelled folder",
             )
 
-    # --- the five ways a manifest is made ----------------------------------------------------
+    # --- the six ways a manifest is made -----------------------------------------------------
 
     @classmethod
     def built(
@@ -155,12 +155,38 @@ class Manifest:
             **values,
         )
 
+    def subset(
+        self, details: dict, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...]
+    ) -> Manifest:
+        """Some of the rows, listed by id in ``details``; normalisation from the kept train rows
+        alone (the images left out may be test images now)."""
+        derived = self._derived("subset", {**details, "parent": self.dataset_id})
+        return replace(derived, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std))
+
+    def pasted(self, details: dict, data: str) -> Manifest:
+        """Copy-paste images cut from this dataset's train rows (at ``data``): exact masks."""
+        labelling = {
+            "labeller": "copy-paste (exact masks)",
+            "generator": "copy-paste",
+            "config": details,
+            "trained_on": [training_source("copy-paste source", data, self.dataset_id)],
+        }
+        derived = self._derived("labelling", labelling)
+        return replace(derived, dataset=f"copy-paste-{self.dataset}", source="synthetic")
+
     def augmented(self, factor: int, strength: float, seed: int) -> Manifest:
         details = {"factor": factor, "strength": strength, "seed": seed, "parent": self.dataset_id}
         return self._derived("augmentation", details)
 
-    def mixed(self, synthetic: Manifest, synthetic_ids: tuple[str, ...], details: dict) -> Manifest:
-        """Real rows plus chosen synthetic ones; no synthetic rows keeps the real identity."""
+    def mixed(
+        self,
+        synthetic: Manifest,
+        synthetic_ids: tuple[str, ...],
+        details: dict,
+        real_ids: tuple[str, ...] = (),
+    ) -> Manifest:
+        """Real rows (``real_ids``, or all) plus chosen synthetic ones; all real rows and no
+        synthetic ones keep the real identity."""
         mix = {
             **details,
             "real_dataset_id": self.dataset_id,
@@ -170,8 +196,12 @@ class Manifest:
                 for key in ("labeller", "generator", "config")
             },
         }
-        mixed = self._derived("mix", mix, identity={"synthetic": repr(synthetic_ids)})
-        return mixed if synthetic_ids else replace(mixed, dataset_id=self.dataset_id)
+        chosen = {
+            "synthetic": repr(synthetic_ids),
+            **({"real": repr(real_ids)} if real_ids else {}),
+        }
+        mixed = self._derived("mix", mix, identity=chosen)
+        return mixed if synthetic_ids or real_ids else replace(mixed, dataset_id=self.dataset_id)
 
     def labelled(
         self, classes: tuple[str, ...], binary: bool, labelling: dict, **values
@@ -216,6 +246,12 @@ class Manifest:
             ),
             lineage={**self.lineage, step: details},
         )
+
+
+def training_source(role: str, data: str, dataset_id: str) -> dict:
+    """A dataset a synthetic set's maker learnt from (or cut from); the leakage check reads these
+    (``datasets.leakage``)."""
+    return {"role": role, "data": data, "dataset_id": dataset_id}
 
 
 def _canonical(details: dict) -> str:

@@ -9,7 +9,7 @@ images: both ask ``plan_for`` and nothing else decides which rows are mixed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,9 +17,14 @@ import pyarrow.parquet as pq
 from defectforge.datasets.config import TypedConfig, option
 from defectforge.datasets.contract import MANIFEST, split_dir, split_files
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.leakage import check_no_leakage
 from defectforge.datasets.manifest import Manifest
 
 RATIO_HELP = "synthetic share of the train split: synthetic / (real + synthetic)"
+REAL_COUNT_HELP = (
+    "real train images kept, drawn stratified (0: all); synthetic ones then replace the rest: "
+    "the paper's rows of e.g. 100 real + 100 synthetic are real_count 100, ratio 0.5"
+)
 
 
 def valid_ratio(ratio: float) -> bool:
@@ -36,6 +41,9 @@ class MixConfig(TypedConfig):
     allow_fewer: bool = option(
         False, "too few synthetic images: use them all and record the achieved ratio"
     )
+    real_count: int = option(
+        0, REAL_COUNT_HELP, lambda v: v >= 0, ">= 0 (0: every real train image)"
+    )
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class MixPlan:
     synthetic_ids: tuple[str, ...]
     real_count: int
     requested_ratio: float
+    real_ids: tuple[str, ...] = ()  # the real train rows kept; empty: all of them
 
     @property
     def achieved_ratio(self) -> float:
@@ -65,11 +74,11 @@ def synthetic_count(real_count: int, ratio: float) -> int:
     return round(ratio * real_count / (1 - ratio))
 
 
-def _stable_order(ids: list[str], seed: int) -> list[str]:
+def stable_order(ids: list[str], seed: int) -> list[str]:
     return sorted(ids, key=lambda i: hashlib.sha256(f"{seed}\0{i}".encode()).digest())
 
 
-def _share_by_class(total: int, real_by_class: dict[str, int]) -> dict[str, int]:
+def share_by_class(total: int, real_by_class: dict[str, int]) -> dict[str, int]:
     """Split ``total`` over the classes in proportion to the real counts (largest remainder)."""
     weights = {c: n for c, n in real_by_class.items() if n > 0}
     whole = sum(weights.values())
@@ -80,6 +89,20 @@ def _share_by_class(total: int, real_by_class: dict[str, int]) -> dict[str, int]
     ]:
         shares[c] += 1
     return shares
+
+
+def stratified_ids(classes: dict[str, str | None], count: int, seed: int) -> list[str]:
+    """``count`` ids of ``classes`` (id -> defect class, None for defect-free) in the classes'
+    proportions (largest remainder), each class's ids in a seeded stable order."""
+    by_class: dict[str, list[str]] = {}
+    for sample_id, name in classes.items():
+        by_class.setdefault(name or "none", []).append(sample_id)
+    quotas = share_by_class(count, {name: len(ids) for name, ids in by_class.items()})
+    return sorted(
+        chosen
+        for name, quota in quotas.items()
+        for chosen in stable_order(by_class[name], seed)[:quota]
+    )
 
 
 def plan_mix(
@@ -97,7 +120,7 @@ def plan_mix(
     wanted = synthetic_count(real_count, cfg.ratio)
     if cfg.per_class:
         defect_counts = {c: n for c, n in real_by_class.items() if c != "none"}
-        quotas = _share_by_class(wanted, defect_counts) if wanted else {}
+        quotas = share_by_class(wanted, defect_counts) if wanted else {}
     else:
         quotas = {None: wanted}
     chosen: list[str] = []
@@ -111,12 +134,13 @@ def plan_mix(
                 f"only {len(pool)} exist",
                 "generate and label more, lower the ratio, or pass --allow-fewer to use them all",
             )
-        chosen += _stable_order(pool, cfg.seed)[:quota]
+        chosen += stable_order(pool, cfg.seed)[:quota]
     return MixPlan(tuple(sorted(chosen)), real_count, cfg.ratio)
 
 
 def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest, Manifest]:
-    """Both manifests, after checking that the synthetic set is labelled and fits the real one."""
+    """Both manifests, after checking that the synthetic set is labelled, fits the real one and
+    was not made from the real one's val or test images."""
     real_manifest, synthetic_manifest = Manifest.load(real), Manifest.load(synthetic)
     where = Path(synthetic) / MANIFEST
     if synthetic_manifest.section("labelling") is None:
@@ -136,6 +160,7 @@ def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest,
                 f"the real set's {list(_listed(getattr(real_manifest, key)))}",
                 fix,
             )
+    check_no_leakage(real, real_manifest, synthetic)
     return real_manifest, synthetic_manifest
 
 
@@ -143,12 +168,25 @@ def _listed(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def synthetic_candidates(synthetic: str | Path) -> dict[str, str | None]:
-    """Every labelled synthetic id and its defect class."""
-    if not split_dir(synthetic, "train").is_dir():
+def train_classes(root: str | Path) -> dict[str, str | None]:
+    """Every train id of a dataset and its defect class."""
+    if not split_dir(root, "train").is_dir():
         return {}
-    table = pq.read_table(split_files(synthetic, "train"), columns=["id", "defect_class"])
+    table = pq.read_table(split_files(root, "train"), columns=["id", "defect_class"])
     return dict(zip(table["id"].to_pylist(), table["defect_class"].to_pylist(), strict=True))
+
+
+def _kept_real(real: str | Path, total: int, cfg: MixConfig) -> tuple[str, ...]:
+    """The real train ids a replace-mode mix keeps (stratified, seeded); () keeps them all."""
+    if not cfg.real_count:
+        return ()
+    if cfg.real_count > total:
+        raise DataError(
+            Path(real) / MANIFEST,
+            f"real_count {cfg.real_count} is more than the {total} real train images",
+            f"ask for at most {total}, or 0 for all of them",
+        )
+    return tuple(stratified_ids(train_classes(real), cfg.real_count, cfg.seed))
 
 
 @dataclass(frozen=True)
@@ -166,7 +204,8 @@ def plan_for(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> Mix:
     work when the ratio needs more images than exist."""
     real_manifest, synthetic_manifest = check_compatible(real, synthetic)
     train = real_manifest.counts["train"]
-    candidates = synthetic_candidates(synthetic)
+    real_ids = _kept_real(real, train.total, cfg)
+    candidates = train_classes(synthetic)
     where = Path(synthetic) / MANIFEST
-    plan = plan_mix(train.total, train.by_class, candidates, cfg, where)
-    return Mix(real_manifest, synthetic_manifest, candidates, plan)
+    plan = plan_mix(len(real_ids) or train.total, train.by_class, candidates, cfg, where)
+    return Mix(real_manifest, synthetic_manifest, candidates, replace(plan, real_ids=real_ids))

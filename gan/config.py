@@ -64,9 +64,15 @@ class GanConfig(TypedConfig):
     data: str = option(help="the dataset (a `data build` folder)", cli=False)
     channels: int = option(cli=False, choices=(1, 3))
     classes: tuple[str, ...] = option((), cli=False)
+    data_manifest_id: str = option("", cli=False)
     conditional: bool = option(False, "condition on defect class")
     defect_class: str | None = option(None, "train on one defect class only", flag="--class")
     resolution: int = option(64, "image side in px", _power_of_two, "a power of two in 8..1024")
+    native_crops: bool = option(
+        False,
+        "learn random native-scale crops of side --resolution, not whole images resized: "
+        "generated images then have the real images' scale",
+    )
     z_dim: int = option(256, "latent size", *AT_LEAST_ONE, cli=False)
     w_dim: int = option(256, "style size", *AT_LEAST_ONE, cli=False)
     mapping_layers: int = option(2, "mapping network depth", *AT_LEAST_ONE, cli=False)

@@ -12,7 +12,7 @@ from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
 from defectforge.datasets.config import TypedConfig, option
 from defectforge.datasets.errors import ConfigError
-from defectforge.datasets.mix import RATIO_HELP, MixConfig, valid_ratio
+from defectforge.datasets.mix import RATIO_HELP, REAL_COUNT_HELP, MixConfig, valid_ratio
 from defectforge.segmentation.losses import parse_loss
 from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size
 
@@ -32,6 +32,8 @@ def _known(check):
 
 
 POSITIVE = (lambda v: v >= 1, "an integer >= 1")
+# gan: the study's dataset.synthetic (GAN images, pseudo-labelled); copy_paste: dataset.copy_paste.
+SYNTHETIC_SOURCES = ("gan", "copy_paste")
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class SegConfig(TypedConfig):
     synthetic_ratio: float = option(0.0, RATIO_HELP, valid_ratio, "in [0, 1)", searchable=True)
     mix_seed: int = option(0, "which synthetic images are chosen")
     mix_per_class: bool = option(False, "synthetic classes follow the real proportions")
+    real_count: int = option(0, REAL_COUNT_HELP, lambda v: v >= 0, ">= 0", searchable=True)
+    # Which of a study's synthetic sets a trial mixes in (the study sets ``synthetic`` from it).
+    synthetic_source: str = option("gan", cli=False, choices=SYNTHETIC_SOURCES, searchable=True)
 
     def check(self) -> None:
         smallest = min_input_size(self.arch)
@@ -136,13 +141,20 @@ class SegConfig(TypedConfig):
                 )
         if self.synthetic_ratio and not self.synthetic:
             raise ConfigError("synthetic_ratio needs a labelled synthetic dataset (--synthetic)")
+        if self.real_count and not self.synthetic_ratio:
+            raise ConfigError(
+                f"real_count = {self.real_count}: keeps fewer real images so that synthetic ones "
+                "replace them; give a synthetic_ratio > 0 with it"
+            )
 
     @property
     def mix(self) -> MixConfig | None:
         """The mixing request; None without a synthetic set."""
         if not self.synthetic:
             return None
-        return MixConfig(self.synthetic_ratio, self.mix_seed, self.mix_per_class)
+        return MixConfig(
+            self.synthetic_ratio, self.mix_seed, self.mix_per_class, real_count=self.real_count
+        )
 
     @property
     def output_classes(self) -> tuple[str, ...]:

@@ -128,7 +128,8 @@ def evaluate_pairs(
         "false_alarm_rate": counts["false_ng"] / max(1, counts["false_ng"] + counts["true_ok"]),
         "verdicts": counts,
     }
-    return {**accumulator.summary(names), **image_level}
+    per_image = {"per_image_binary_iou": accumulator.per_image_iou()}
+    return {**accumulator.summary(names), **image_level, **per_image}
 
 
 def evaluate_folder(

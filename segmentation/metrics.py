@@ -78,6 +78,12 @@ class MetricAccumulator:
         per_image = torch.cat(self.per_image).numpy() if self.per_image else None
         return summarize(self.cm.numpy(), class_names, per_image)
 
+    def per_image_iou(self) -> list[float | None]:
+        """Each image's binary defect IoU in the order seen; None where it has no defect and
+        none was predicted (IoU undefined: a correct OK)."""
+        rows = torch.cat(self.per_image).tolist() if self.per_image else []
+        return [_iou(*row) for row in rows]
+
 
 def auroc(scores: list[float], positive: list[bool]) -> float | None:
     """Area under the ROC curve of ``scores`` separating positives from negatives (the

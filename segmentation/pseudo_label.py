@@ -172,11 +172,12 @@ class LabelConfig(TypedConfig):
         0.0, "drop images labelled less surely", lambda v: 0 <= v <= 1, "in [0, 1]"
     )
     binary: bool = option(False, "defect vs background masks")
-    # Labelled at this size (none: the labeller's most common train size), so synthetic defects
-    # appear at the scale the labeller and the real images have.
+    # Labelled at the scale the labeller and the real images have: native-scale GAN crops as
+    # they are, whole images resized by the GAN back to the real images' size.
     size: tuple[int, ...] = option(
         (),
-        "label at HxW (none: the labeller's most common train size)",
+        "label at HxW (none: the generated images' own size if the GAN learnt native-scale "
+        "crops, else the labeller's most common train size)",
         lambda s: not s or (len(s) == 2 and min(s) >= 1),
         "HxW with both sides >= 1 (or none)",
         parse=parse_size,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 from defectforge.datasets.outputs import check_output
 from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
@@ -43,14 +41,6 @@ def chosen_model(store: StudyStore) -> tuple[str, dict]:
     return best["checkpoint_path"], metrics
 
 
-def _local_copy(store: StudyStore, checkpoint: str, scratch: str) -> Path:
-    """A local folder holding the checkpoint (copied from the study's filesystem if remote)."""
-    if not is_uri(store.uri):
-        return Path(checkpoint)
-    pafs.copy_files(checkpoint, scratch, source_filesystem=store.fs)
-    return Path(scratch)
-
-
 def export_study(
     root: str,
     out: str | Path,
@@ -68,7 +58,7 @@ def export_study(
     checkpoint, metrics = chosen_model(store)
     calibration = None
     with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
-        local = _local_copy(store, checkpoint, scratch)
+        local = store.local_copy(checkpoint, scratch)
         model, cfg = load_model(local)
         if target_recall is not None or target_false_alarm is not None:
             calibration = calibrate_run(local, target_recall, target_false_alarm, store=False)

@@ -19,7 +19,12 @@ import numpy as np  # noqa: E402
 from defectforge.datasets.files import atomic_write  # noqa: E402
 from defectforge.segmentation.metrics import SELECTION_METRIC  # noqa: E402
 from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
-from defectforge.studies.spec import Range, StudySpec  # noqa: E402
+from defectforge.studies.compare import (  # noqa: E402
+    comparison_section,
+    plot_paired_differences,
+    plot_per_image_iou,
+)
+from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -112,7 +117,9 @@ def parameter_importance(spec: StudySpec, trials: list[dict]) -> dict[str, float
     import optuna
 
     # Seeds are repeats, not a choice: their share would only measure noise.
-    searched = {k: v for k, v in spec.searched().items() if len(_values(v)) > 1 and k != "seed"}
+    searched = {
+        k: v for k, v in spec.searched().items() if len(_values(v)) > 1 and k not in ("seed", ARMS)
+    }
     if not searched:
         raise ValueError("nothing varies between trials")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a scratch study, not news to the user
@@ -237,19 +244,26 @@ def _data_line(study: dict) -> str:
     fill in paths its spec leaves out)."""
     dataset, ids = study["spec"]["dataset"], study["dataset_ids"]
     line = f"- data: `{dataset['real']}` (id `{ids['real']}`)"
-    if dataset.get("synthetic"):
+    if dataset.get("synthetic") and "synthetic" in ids:
         line += f", synthetic `{dataset['synthetic']}` (id `{ids['synthetic']}`)"
+    if dataset.get("copy_paste") and "copy_paste" in ids:
+        line += f", copy-paste `{dataset['copy_paste']}` (id `{ids['copy_paste']}`)"
     return line
 
 
 def write_report(
-    folder: Path, spec: StudySpec, study: dict, trials: list[dict], final: dict | None
+    folder: Path,
+    spec: StudySpec,
+    study: dict,
+    trials: list[dict],
+    final: dict | None,
+    comparison: dict | None = None,
 ) -> dict:
     """Write report.md and its PNGs into ``folder``; returns a short summary."""
     folder.mkdir(parents=True, exist_ok=True)
     finished = _finished(trials)
     best = finished[0] if finished else None
-    keys = sorted(spec.searched())
+    keys = spec.varied()
     lines = [
         f"# Study `{study['name']}`",
         "",
@@ -283,6 +297,11 @@ def write_report(
     lines += _by_configuration_section(trials, keys)
     if final:
         lines += _final_section(final)
+    if comparison:
+        lines += comparison_section(comparison)
+        plot_per_image_iou(comparison, folder / "per_image_iou.png")
+        plot_paired_differences(comparison, folder / "paired_differences.png")
+        pictures[:0] = ["paired_differences.png", "per_image_iou.png"]
     plot_iou_vs_ratio(trials, final, folder / "iou_vs_ratio.png")
     pictures.insert(0, "iou_vs_ratio.png")
     if len({str(t["config"].get("arch")) for t in finished}) > 1:
@@ -306,6 +325,7 @@ def write_report(
     return {
         "best": best,
         "final": final,
+        "comparison": comparison,
         "importance": importance,
         "trials": len(trials),
         "report": REPORT_FILE,

@@ -16,6 +16,7 @@ import yaml
 from defectforge.datasets.errors import DataError
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.compare import COMPARE_FILE
 from defectforge.studies.report import write_report
 from defectforge.studies.spec import StudySpec, parse_spec
 from defectforge.studies.stats import mean_interval
@@ -54,7 +55,7 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     status = "error" if record.error else "finished" if len(epochs) >= planned else "stopped early"
     return {
         "trial": record.name,
-        "config": {k: record.config.get(k) for k in spec.search_space},
+        "config": {k: record.config.get(k) for k in _shown_keys(spec)},
         "status": status,
         "epochs_run": len(epochs),
         "best_epoch": best.get("epoch"),
@@ -67,6 +68,12 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
         "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
         "error": record.error.splitlines()[0][:300] if record.error else None,
     }
+
+
+def _shown_keys(spec: StudySpec) -> list[str]:
+    """A trial's options worth a column: fixed and varied ones (and a compare study's seeds)."""
+    seeds = ["seed"] if spec.search.algorithm == "compare" else []
+    return sorted({*spec.fixed(), *spec.varied(), *seeds})
 
 
 def trial_rows(records: list[TrialRecord], spec: StudySpec) -> list[dict]:
@@ -103,8 +110,9 @@ def write_study_report(store: StudyStore) -> dict:
     study = store.read_json(STUDY_FILE)
     trials = store.read_json(TRIALS_FILE)
     final = store.read_json(FINAL_FILE) if store.exists(FINAL_FILE) else None
+    comparison = store.read_json(COMPARE_FILE) if store.exists(COMPARE_FILE) else None
     with tempfile.TemporaryDirectory(prefix="defectforge-report-") as folder:
-        summary = write_report(Path(folder), stored_spec(store), study, trials, final)
+        summary = write_report(Path(folder), stored_spec(store), study, trials, final, comparison)
         store.upload_folder(folder, REPORT_DIR)
     return {**summary, "location": store.location(f"{REPORT_DIR}/{summary['report']}")}
 

@@ -6,6 +6,8 @@ and the fix (``SpecError``), before any Ray work starts.
 - ``search_space``: the options a trial varies. Its keys are the segmentation options declared
   searchable in ``SegConfig``; an entry is a fixed value, a list (choices; the grid's values), or
   a range ``{low: .., high: .., log: true}``. Every value is checked by the option's own check.
+  ``arms``: a list of mappings of such options, each one point (e.g. ``{synthetic_ratio: 0.5,
+  real_count: 100}``), crossed with the other lists like one more grid key.
 - ``training``: any `seg train` option fixed for every trial (``crop_size``,
   ``max_steps_per_epoch``, ...), checked the same way; a key is in one of the two, not both.
 - ``dataset``, ``search``, ``resources``, ``final``: typed sections of their own.
@@ -26,7 +28,9 @@ from defectforge.segmentation.config import SegConfig
 from defectforge.studies.errors import SpecError
 from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
 
-ALGORITHMS = ("optuna", "grid")
+# compare: no search; every grid point is an arm trained with final.seeds seeds and scored on test.
+ALGORITHMS = ("optuna", "grid", "compare")
+ARMS = "arms"
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 DEFAULT_SPACE = {"synthetic_ratio": 0.0}
 # Options a study sets itself, from its data and resources sections.
@@ -49,6 +53,9 @@ class DatasetSpec(TypedConfig):
     real: str = option("", "the real dataset (`data build`); made by the data stage if absent")
     synthetic: str = option(
         "", "a labelled synthetic set (`synth label`) for ratios > 0; or made by the label stage"
+    )
+    copy_paste: str = option(
+        "", "a copy-paste set (`synth copy-paste`) for synthetic_source copy_paste; or its stage"
     )
 
 
@@ -97,6 +104,9 @@ class ResourcesSpec(TypedConfig):
         check=_custom_resources_ok,
         valid="a mapping of custom resource names (not CPU, GPU, memory) to positive amounts",
     )
+    # A one-worker trial trains in its Tune process; false makes it a Ray Train run of one
+    # worker, as trials of several workers are (benchmarks/study_overhead.py compares the two).
+    one_worker_in_process: bool = option(True)
 
 
 @dataclass(frozen=True)
@@ -122,11 +132,33 @@ class StudySpec:
     stages: Stages = field(default_factory=Stages)
 
     def searched(self) -> dict[str, Any]:
-        """The keys that vary (lists and ranges)."""
+        """The keys that vary (lists and ranges; ``arms`` is one of them)."""
         return {k: v for k, v in self.search_space.items() if isinstance(v, list | Range)}
 
     def fixed(self) -> dict[str, Any]:
         return {k: v for k, v in self.search_space.items() if not isinstance(v, list | Range)}
+
+    def varied(self) -> list[str]:
+        """The option names that differ between trials: searched keys and the arms' keys."""
+        arms = self.search_space.get(ARMS, [])
+        in_arms = {key for arm in arms for key in arm}
+        return sorted((set(self.searched()) - {ARMS}) | in_arms)
+
+    def values_of(self, key: str) -> list:
+        """Every value ``key`` takes in the space (a range as its two ends)."""
+        found = [arm[key] for arm in self.search_space.get(ARMS, []) if key in arm]
+        value = self.search_space.get(key)
+        if isinstance(value, Range):
+            found += [value.low, value.high]
+        elif value is not None:
+            found += value if isinstance(value, list) else [value]
+        return found
+
+
+def trial_values(config: dict) -> dict:
+    """A trial's options, its arm's mapping merged in."""
+    values = {k: v for k, v in config.items() if k != ARMS}
+    return {**values, **config.get(ARMS, {})}
 
 
 SECTIONS = {
@@ -246,6 +278,45 @@ def _space_entry(where: str, key: str, value: Any) -> Any:
     return check(value)
 
 
+def _arms(where: str, value: Any, space: dict) -> list[dict]:
+    """``search_space.arms``: a non-empty list of mappings of searchable options to one value."""
+    key = f"search_space.{ARMS}"
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(a, dict) and a for a in value)
+    ):
+        raise SpecError(
+            where,
+            key,
+            value,
+            "must be a list of mappings, one per arm",
+            "write e.g. - {synthetic_ratio: 0.38, synthetic_source: gan}",
+        )
+    arms = []
+    for arm in value:
+        for name in set(arm) & set(space):
+            raise SpecError(
+                where, f"{key}.{name}", arm[name], "also a search_space key", "keep it in one place"
+            )
+        checked = {name: _space_entry(where, name, item) for name, item in arm.items()}
+        for name, item in checked.items():
+            if isinstance(item, list | Range):
+                raise SpecError(
+                    where, f"{key}.{name}", arm[name], "an arm holds one value per key", "give one"
+                )
+        arms.append(checked)
+    return arms
+
+
+def _search_space(where: str, space: dict) -> dict:
+    entries = {k: _space_entry(where, k, v) for k, v in space.items() if k != ARMS}
+    arms = _arms(where, space[ARMS], space) if ARMS in space else []
+    in_arms = {key for arm in arms for key in arm}
+    defaults = {k: v for k, v in DEFAULT_SPACE.items() if k not in in_arms}
+    return {**defaults, **entries, **({ARMS: arms} if arms else {})}
+
+
 def _text_mapping(where: str, key: str, value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -275,10 +346,7 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
         )
     spec = StudySpec(
         name=str(data["name"]),
-        search_space={
-            **DEFAULT_SPACE,
-            **{k: _space_entry(where, k, v) for k, v in space.items()},
-        },
+        search_space=_search_space(where, space),
         training=training,
         storage_path=str(data.get("storage_path", "runs/studies")),
         description=str(data.get("description", "")),
@@ -291,22 +359,57 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
 
 
 def _check_consistency(where: str, spec: StudySpec) -> None:
-    if spec.search.algorithm == "grid":
+    algorithm = spec.search.algorithm
+    if algorithm in ("grid", "compare"):
         for key, value in spec.searched().items():
             if isinstance(value, Range):
                 raise SpecError(
                     where,
                     f"search_space.{key}",
                     value,
-                    "a grid search needs lists, not ranges",
+                    f"a {algorithm} search needs lists, not ranges",
                     "list the values or use algorithm: optuna",
                 )
-    ratios = spec.search_space["synthetic_ratio"]
-    uses_synthetic = (
-        ratios.high > 0 if isinstance(ratios, Range) else any(r > 0 for r in _listed(ratios))
-    )
+    elif ARMS in spec.search_space:
+        raise SpecError(
+            where,
+            f"search_space.{ARMS}",
+            "...",
+            "arms need a grid",
+            "use algorithm: grid or compare",
+        )
+    if algorithm == "compare":
+        _check_compare(where, spec)
+    _check_synthetic_sources(where, spec)
+    if not (spec.dataset.real or spec.stages.data):
+        raise SpecError(
+            where, "dataset.real", None, "missing", "give a built dataset, or a data stage"
+        )
+    _check_stage_inputs(where, spec)
+
+
+def _check_compare(where: str, spec: StudySpec) -> None:
+    if "seed" in spec.search_space:
+        raise SpecError(
+            where,
+            "search_space.seed",
+            spec.search_space["seed"],
+            "a compare study draws its seeds itself (final.seeds per arm, the same for every arm)",
+            "remove it and set final.seeds",
+        )
+    if not spec.final.seeds:
+        raise SpecError(
+            where, "final.seeds", 0, "a compare study needs seeds per arm", "set final.seeds: 3"
+        )
+
+
+def _check_synthetic_sources(where: str, spec: StudySpec) -> None:
+    """Every synthetic set a trial may mix in is given, or made by a stage."""
+    if not any(ratio > 0 for ratio in spec.values_of("synthetic_ratio")):
+        return
+    sources = set(spec.values_of("synthetic_source")) or {"gan"}
     stages = spec.stages
-    if uses_synthetic and not (spec.dataset.synthetic or stages.label):
+    if "gan" in sources and not (spec.dataset.synthetic or stages.label):
         raise SpecError(
             where,
             "dataset.synthetic",
@@ -314,11 +417,14 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
             "synthetic_ratio > 0 needs a labelled synthetic dataset",
             "set dataset.synthetic to a `synth label` output, or add generate and label stages",
         )
-    if not (spec.dataset.real or stages.data):
+    if "copy_paste" in sources and not (spec.dataset.copy_paste or stages.copy_paste):
         raise SpecError(
-            where, "dataset.real", None, "missing", "give a built dataset, or a data stage"
+            where,
+            "dataset.copy_paste",
+            spec.dataset.copy_paste,
+            "synthetic_source copy_paste needs a copy-paste set",
+            "set dataset.copy_paste to a `synth copy-paste` output, or add a copy_paste stage",
         )
-    _check_stage_inputs(where, spec)
 
 
 def _check_stage_inputs(where: str, spec: StudySpec) -> None:
@@ -338,18 +444,15 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
                     f"needs a {needed} section (options to make it, or run: PATH)",
                     f"add {needed}:",
                 )
-    if stages.label and spec.dataset.synthetic:
-        raise SpecError(
-            where,
-            "dataset.synthetic",
-            spec.dataset.synthetic,
-            "given, and also made by the label stage",
-            "keep one of the two",
-        )
-
-
-def _listed(value: Any) -> list:
-    return value if isinstance(value, list) else [value]
+    for stage, key in (("label", "synthetic"), ("copy_paste", "copy_paste")):
+        if getattr(stages, stage) and getattr(spec.dataset, key):
+            raise SpecError(
+                where,
+                f"dataset.{key}",
+                getattr(spec.dataset, key),
+                f"given, and also made by the {stage} stage",
+                "keep one of the two",
+            )
 
 
 def load_spec(path: str | Path) -> StudySpec:

@@ -1,10 +1,12 @@
 """The stages a study spec may ask for before its search: how its data is made.
 
     data      a raw source, built as `data build` builds it (BuildConfig options)
+    subset    a few-shot subset of it, as `data subset` draws it (train, val, rest_as_test, seed)
     labeller  a segmentation run trained on that data (`seg train` options), or {run: PATH}
     gan       a StyleGAN2 run on that data ({profile: ..., GanConfig options}), or {run: PATH}
     generate  images from the GAN (count, truncation, class, first seed)
     label     those images labelled by the labeller (`synth label` options)
+    copy_paste  the control arm: `synth copy-paste` images cut from the (subset) data's train split
     export    the study's chosen model exported, optionally calibrated (target_recall, ...)
 
 Every stage is optional; a spec that gives `dataset.real` (and `dataset.synthetic`) as paths
@@ -23,13 +25,15 @@ from typing import Any
 
 from defectforge.datasets.build import BuildConfig
 from defectforge.datasets.config import TypedConfig, check_field, field_types, option
+from defectforge.datasets.copy_paste import CopyPasteConfig
 from defectforge.datasets.errors import ConfigError, one_line
+from defectforge.datasets.subset import SubsetConfig
 from defectforge.gan.config import PROFILES, GanConfig
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
 
-ORDER = ("data", "labeller", "gan", "generate", "label", "export")
+ORDER = ("data", "subset", "labeller", "gan", "generate", "label", "copy_paste", "export")
 RUN_KEY = "run"
 # Set by the pipeline from other stages, never in the spec.
 DERIVED = {"labeller": ("data",), "gan": ("data",), "label": ("images", "labeller")}
@@ -70,10 +74,12 @@ class ExportSpec(TypedConfig):
 @dataclass(frozen=True)
 class Stages:
     data: BuildConfig | None = None
+    subset: SubsetConfig | None = None
     labeller: dict | None = None  # {"run": path} or seg options
     gan: dict | None = None  # {"run": path} or {"profile": ..., GAN options}
     generate: GenerateSpec | None = None
     label: dict | None = None  # LabelConfig + Corrections options
+    copy_paste: CopyPasteConfig | None = None
     export: ExportSpec | None = None
 
     def given(self) -> list[str]:
@@ -83,6 +89,15 @@ class Stages:
         """Whether the pipeline makes this stage's output (rather than reading a given run)."""
         section = getattr(self, name)
         return section is not None and not (isinstance(section, dict) and RUN_KEY in section)
+
+
+TYPED_SECTIONS = {
+    "data": BuildConfig,
+    "subset": SubsetConfig,
+    "generate": GenerateSpec,
+    "copy_paste": CopyPasteConfig,
+    "export": ExportSpec,
+}
 
 
 def _options_of(
@@ -148,12 +163,8 @@ def parse_stages(where: str, data: dict) -> Stages:
         if not isinstance(values, dict):
             raise SpecError(f"{where}: {name} = {values!r}: must be a mapping; fix it")
         try:
-            if name == "data":
-                found[name] = BuildConfig.from_dict(values)
-            elif name == "generate":
-                found[name] = GenerateSpec.from_dict(values)
-            elif name == "export":
-                found[name] = ExportSpec.from_dict(values)
+            if name in TYPED_SECTIONS:
+                found[name] = TYPED_SECTIONS[name].from_dict(values)
             elif name == "labeller":
                 found[name] = _run_or_options(where, name, values, _options_of(SegConfig))
             elif name == "gan":

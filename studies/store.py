@@ -66,10 +66,26 @@ class StudyStore:
     def read_json(self, relative: str) -> Any:
         return json.loads(self.read_text(relative))
 
-    def upload_folder(self, local: str | Path, relative: str) -> None:
-        """Copy every file of a local folder to ``relative`` (no-op copy cost when local)."""
-        for path in sorted(Path(local).rglob("*")):
-            if path.is_file():
-                self.write_bytes(
-                    f"{relative}/{path.relative_to(local).as_posix()}", path.read_bytes()
-                )
+    def upload_folder(self, local: str | Path, relative: str, last: str = "") -> None:
+        """Copy every file of a local folder to ``relative``; ``last`` (a file name) is copied
+        after all the others, so its presence says the folder is complete."""
+        files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+        for path in sorted(files, key=lambda p: p.name == last):
+            self.write_bytes(f"{relative}/{path.relative_to(local).as_posix()}", path.read_bytes())
+
+    def subfolders(self, relative: str) -> list[str]:
+        """The names of the folders directly under ``relative`` (none if it is not there)."""
+        selector = pafs.FileSelector(self._full(relative), allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+    def delete_folder(self, relative: str) -> None:
+        self.fs.delete_dir(self._full(relative))
+
+    def local_copy(self, location: str, scratch: str | Path) -> Path:
+        """The folder at ``location`` (a path, or a URI on this store's filesystem) as a local
+        folder: itself on a local disk, else copied into ``scratch``."""
+        if not is_uri(location):
+            return Path(location)
+        pafs.copy_files(location, str(scratch), destination_filesystem=pafs.LocalFileSystem())
+        return Path(scratch)

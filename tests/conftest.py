@@ -76,9 +76,11 @@ def labeller(sample_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def generated(ray_session, tmp_path_factory) -> Path:
+def generated(sample_dataset, tmp_path_factory) -> Path:
+    """Images of an untrained generator, recorded as learnt from the sample's train split."""
     import torch
 
+    from defectforge.datasets.manifest import Manifest
     from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
     from defectforge.gan.config import GanConfig
     from defectforge.trainables.gan import write_generated
@@ -86,7 +88,8 @@ def generated(ray_session, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("gan") / "run"
     run.mkdir()
     cfg = GanConfig(
-        data="neu-sample",
+        data=str(sample_dataset),
+        data_manifest_id=Manifest.load(sample_dataset).dataset_id,
         channels=1,
         resolution=32,
         z_dim=16,

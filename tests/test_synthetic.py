@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from defectforge.datasets.augment import AugmentConfig
-from defectforge.datasets.contract import split_dir, write_png
+from defectforge.datasets.contract import split_dir, split_files, write_png
 from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import MixConfig, NotEnoughSynthetic, plan_mix, synthetic_count
@@ -230,3 +230,42 @@ def test_mixing_unlabelled_images_is_a_clear_error(sample_dataset, generated, tm
 
     with pytest.raises(DataError, match="no masks yet.*synth label"):
         mix_datasets(sample_dataset, generated, MixConfig(0.2), tmp_path / "mixed")
+
+
+def test_an_interrupted_labelling_labels_only_the_parts_not_done(
+    generated, labeller, labelled, tmp_path, monkeypatch
+):
+    from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
+    from defectforge.trainables import synth
+
+    monkeypatch.setattr(synth, "PART_ROWS", 16)  # the 32 images in two parts
+    labelled_parts = []
+    label_rows = synth.label_rows
+
+    def interrupted_at_the_second(*args):
+        if len(labelled_parts) == 1:
+            raise KeyboardInterrupt
+        labelled_parts.append(args[1])
+        return label_rows(*args)
+
+    cfg = LabelConfig(
+        images=str(generated),
+        labeller=str(labeller),
+        corrections=Corrections(min_region_area=20),
+    )
+    out = tmp_path / "synthetic"
+    monkeypatch.setattr(synth, "label_rows", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        synth.label_synthetic(cfg, out)
+    assert not out.exists()
+    (parts,) = tmp_path.glob(".synthetic.labelling-*")
+    assert len(list(parts.glob("part-*.parquet"))) == 1
+    labelled_parts.clear()
+    monkeypatch.setattr(
+        synth, "label_rows", lambda *args: labelled_parts.append(1) or label_rows(*args)
+    )
+    synth.label_synthetic(cfg, out)
+    assert len(labelled_parts) == 1 and not parts.exists()  # the second part only
+    ours, fresh = (pq.read_table(split_files(d, "train")).sort_by("id") for d in (out, labelled))
+    assert ours.column("id").equals(fresh.column("id"))
+    assert ours.column("mask").equals(fresh.column("mask"))

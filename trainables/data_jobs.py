@@ -81,7 +81,7 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
     return ray.data.read_parquet([str(p) for p in files], schema=SCHEMA)
 
 
-def _only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
+def only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
     return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
 
 
@@ -108,10 +108,12 @@ def _defective(table: pa.Table) -> pa.Table:
 
 def _with_synthetic(train: ray.data.Dataset, synthetic: str | Path, mix: Mix) -> ray.data.Dataset:
     print(f"train split: {mix.plan.summary()}", flush=True)
+    if mix.plan.real_ids:
+        train = train.map_batches(partial(only_ids, ids=mix.plan.real_ids), batch_format="pyarrow")
     if not mix.plan.synthetic_ids:
         return train
     chosen = read_split(synthetic, "train").map_batches(
-        partial(_only_ids, ids=mix.plan.synthetic_ids), batch_format="pyarrow"
+        partial(only_ids, ids=mix.plan.synthetic_ids), batch_format="pyarrow"
     )
     return train.union(chosen)
 
@@ -246,5 +248,7 @@ def _write_mix(real, synthetic, mix: Mix, cfg: MixConfig, out, overwrite: bool, 
         staging.write_split("train", _with_synthetic(read_split(real, "train"), synthetic, mix))
         for split in SPLITS[1:]:
             staging.copy_split(real, split)
-        staging.publish(mix.real.mixed(mix.synthetic, mix.plan.synthetic_ids, details))
+        staging.publish(
+            mix.real.mixed(mix.synthetic, mix.plan.synthetic_ids, details, mix.plan.real_ids)
+        )
     return staging.manifest

@@ -61,7 +61,10 @@ def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **opt
     """The profile's config for this dataset, with ``options`` (the ones the user gave) on top."""
     manifest = Manifest.load(data)
     base = GanConfig(
-        data=str(Path(data).resolve()), channels=manifest.channels, classes=manifest.classes[1:]
+        data=str(Path(data).resolve()),
+        data_manifest_id=manifest.dataset_id,
+        channels=manifest.channels,
+        classes=manifest.classes[1:],
     )
     return replace(base.with_profile(profile), **options)
 
@@ -92,7 +95,13 @@ def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
             "check --class against the dataset's classes",
         )
     order = np.random.default_rng(cfg.seed).permutation(len(cells))[: cfg.metric_images]
-    return GanBatchMaker(cfg.channels, cfg.resolution).images([cells[i] for i in order])
+    maker = GanBatchMaker(cfg.channels, cfg.resolution, crop_seed=_crop_seed(cfg, rank=-1))
+    return maker.images([cells[i] for i in order])
+
+
+def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
+    """Each worker's crops differ; the metric reals (rank -1) are the same crops every time."""
+    return cfg.seed * 1000 + rank + 1 if cfg.native_crops else None
 
 
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker):
@@ -116,7 +125,12 @@ def _gan_worker(config: dict) -> None:
     torch.set_num_threads(
         cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
     )
-    maker = GanBatchMaker(cfg.channels, cfg.resolution, cfg.classes if cfg.conditional else ())
+    maker = GanBatchMaker(
+        cfg.channels,
+        cfg.resolution,
+        cfg.classes if cfg.conditional else (),
+        crop_seed=_crop_seed(cfg, rank),
+    )
     samples = Path(config["samples_dir"])
     # Read by the driver and shipped in the object store: no worker reads the dataset's files.
     reals = ray.get(config["metric_reals"])

@@ -28,7 +28,7 @@ from defectforge.studies.store import absolute_location, is_uri
 
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
-MADE_IN_ORDER = ("data", "labeller", "gan", "generate", "label")
+MADE_IN_ORDER = ("data", "subset", "labeller", "gan", "generate", "label", "copy_paste")
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,32 @@ class Pipeline:
             "data", settings_of(cfg), {}, lambda out: build_parquet(cfg, out, overwrite=True)
         )
 
+    def _subset(self, data: str) -> str:
+        from defectforge.datasets.subset import subset_dataset
+
+        section = self.spec.stages.subset
+        if section is None:
+            return data
+        return self._stage(
+            "subset",
+            settings_of(section),
+            {"data": self.ids["data"]},
+            lambda out: subset_dataset(data, out, section, overwrite=True),
+        )
+
+    def _copy_paste(self, data: str) -> str:
+        from defectforge.datasets.copy_paste import copy_paste_dataset
+
+        section = self.spec.stages.copy_paste
+        if section is None:
+            return self.spec.dataset.copy_paste
+        return self._stage(
+            "copy_paste",
+            settings_of(section),
+            {"data": self.ids["data"]},
+            lambda out: copy_paste_dataset(data, out, section, overwrite=True),
+        )
+
     def _labeller(self, data: str) -> str | None:
         from defectforge.trainables.seg import config_from_manifest, run_seg_training
 
@@ -166,13 +192,16 @@ class Pipeline:
         """Every stage the spec asks for; the spec with its dataset paths set to their outputs."""
         data = self._data()
         self.ids["data"] = Manifest.load(data).dataset_id
+        data = self._subset(data)
+        self.ids["data"] = Manifest.load(data).dataset_id
         labeller = self._labeller(data)
         gan = self._gan(data)
         synthetic = self.spec.dataset.synthetic
         if self.spec.stages.generate is not None:
             generated = self._generate(gan)
             synthetic = self._label(generated, labeller) if self.spec.stages.label else ""
-        dataset = replace(self.spec.dataset, real=data, synthetic=synthetic)
+        copy_paste = self._copy_paste(data)
+        dataset = replace(self.spec.dataset, real=data, synthetic=synthetic, copy_paste=copy_paste)
         return replace(self.spec, dataset=dataset)
 
     def records(self) -> list[dict]:

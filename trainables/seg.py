@@ -72,23 +72,29 @@ def _torch_collate(maker: BatchMaker):
     return collate
 
 
-def _seg_worker(config: dict) -> None:
-    cfg = SegConfig.from_dict(config["seg"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(
-        cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
-    )
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+def seg_loop_io(
+    cfg: SegConfig,
+    train_data,
+    val_data,
+    train_count: int,
+    report,
+    *,
+    world: int = 1,
+    rank: int = 0,
+    resume_from: Path | None = None,
+    device: torch.device | None = None,
+    prepare=lambda model: model,
+) -> LoopIO:
+    """The loop's batches and callbacks over ``train_data``/``val_data`` (a Ray Dataset, or a
+    Ray Train worker's shard of one: both iterate the same way)."""
     train_maker = BatchMaker(cfg.batch_spec(), train=True, seed=cfg.seed * 1000 + rank)
     val_maker = BatchMaker(cfg.batch_spec(), train=False)
-    steps = config["train_rows"] // (world * cfg.batch_size)
+    steps = train_count // (world * cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
 
     def train_batches(epoch: int):
-        return train_shard.iter_torch_batches(
+        return train_data.iter_torch_batches(
             batch_size=cfg.batch_size,
             collate_fn=_torch_collate(train_maker),
             drop_last=True,
@@ -98,10 +104,30 @@ def _seg_worker(config: dict) -> None:
         )
 
     def val_batches():
-        return val_shard.iter_torch_batches(
+        return val_data.iter_torch_batches(
             batch_size=cfg.batch_size, collate_fn=_torch_collate(val_maker)
         )
 
+    return LoopIO(
+        train_batches=train_batches,
+        val_batches=val_batches,
+        steps_per_epoch=max(steps, 1),
+        report=report,
+        resume_from=resume_from,
+        device=device or torch.device("cpu"),
+        prepare_model=prepare,
+        rank=rank,
+        on_epoch_start=train_maker.set_epoch,
+    )
+
+
+def _seg_worker(config: dict) -> None:
+    cfg = SegConfig.from_dict(config["seg"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(
+        cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
+    )
     recorder = RunRecorder(config["run_dir"]) if config.get("run_dir") and rank == 0 else None
 
     def report(metrics: dict, folder: Path | None) -> None:
@@ -120,16 +146,17 @@ def _seg_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as resume:
         train_segmentation(
             cfg,
-            LoopIO(
-                train_batches=train_batches,
-                val_batches=val_batches,
-                steps_per_epoch=max(steps, 1),
-                report=report,
+            seg_loop_io(
+                cfg,
+                ray.train.get_dataset_shard("train"),
+                ray.train.get_dataset_shard("val"),
+                config["train_rows"],
+                report,
+                world=world,
+                rank=rank,
                 resume_from=Path(resume) if resume else None,
                 device=get_device(),
-                prepare_model=prepare_model if world > 1 else (lambda m: m),
-                rank=rank,
-                on_epoch_start=train_maker.set_epoch,
+                prepare=prepare_model if world > 1 else (lambda m: m),
             ),
         )
 

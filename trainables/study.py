@@ -1,17 +1,23 @@
-"""Studies on Ray Tune: every trial is a Ray Train segmentation run; Optuna or a grid picks them.
+"""Studies on Ray Tune: every trial is a segmentation run; Optuna or a grid picks them.
+
+A trial of one worker trains in its own Tune process (``trainables.trial``); a trial of several
+workers is a Ray Train run of them.
 
 A study folder (``storage_path/name``, local or a pyarrow URI) holds::
 
     spec.yaml, study.json     the spec as given, and what it resolved to (data ids, versions)
     search/                   the Tune experiment (Tuner.restore resumes it)
     final/                    the Tune run of the held-out step: the best configuration, >= 3 seeds
-    train/<trial>/            each trial's Ray Train run: per-epoch checkpoints
+    compare/                  a compare study's one Tune run instead: every arm x the final seeds
+    train/<trial>/            each trial's epoch checkpoints (the best and the latest kept)
     trials.json, final.json   one row per trial; test metrics per seed with the 95% interval
+    compare.json              a compare study's arms on test and their paired differences
     report/                   report.md and its PNGs (written by ``defectforge.studies.report``)
 
 Results, the report and the export are read from these files without Ray (``studies.results``,
 ``studies.export``). The search reads only train and val: every search trial runs inside ``sealed_splits("test")``,
-which makes ``read_split`` refuse the test split. Only the final step reads it.
+which makes ``read_split`` refuse the test split. Only the final step (and a compare study's
+trials, after training) reads it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from functools import partial
@@ -36,6 +43,7 @@ from ray.tune.search.optuna import OptunaSearch
 from defectforge.datasets.errors import ClusterError, DataError
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.compare import COMPARE_FILE, summarize_comparison
 from defectforge.studies.export import export_study
 from defectforge.studies.results import (
     DEFAULT_EPOCHS,
@@ -49,7 +57,7 @@ from defectforge.studies.results import (
     trial_rows,
     write_study_report,
 )
-from defectforge.studies.spec import Range, StudySpec, load_spec
+from defectforge.studies.spec import Range, StudySpec, load_spec, trial_values
 from defectforge.studies.store import StudyStore, absolute_location, is_uri
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.data_jobs import sealed_splits
@@ -66,11 +74,13 @@ from defectforge.trainables.study_setup import (
     check_study,
     study_worker_cpus,
 )
+from defectforge.trainables.trial import TrainedTrial, train_in_trial
 
-SEARCH_RUN, FINAL_RUN, TRAIN_RUNS = "search", "final", "train"
+SEARCH_RUN, FINAL_RUN, COMPARE_RUN, TRAIN_RUNS = "search", "final", "compare", "train"
+DATASET_PATHS = ("real", "synthetic", "copy_paste")
 # Final retrains use seeds the search never used, so the interval is an honest estimate.
 FINAL_SEED_BASE = 1000
-# A Tune trial only drives its Ray Train run, whose workers hold the trial's CPUs and GPUs. Even
+# A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs and GPUs. Even
 # 0.01 CPU here would leave a 2-CPU machine 0.99 CPU beside one worker: too little for a Ray Data
 # read task (1 CPU), and the study would stall. Memory alone reserves nothing the others need.
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
@@ -79,17 +89,22 @@ DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 # --- trials (run inside Tune's trial actors) ---------------------------------------------------
 
 
-def _fit(context: StudyContext, values: dict, run_name: str):
+def _fit(context: StudyContext, values: dict, run_name: str) -> TrainedTrial:
+    """Train one trial: in this process with one worker, else as a Ray Train run."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     with trial_slot(context.slots, tune.get_context().get_trial_id()):
+        cfg = context.trial_config(values)
+        if context.in_process:
+            return train_in_trial(cfg, StudyStore(context.root), f"{TRAIN_RUNS}/{run_name}")
         trainer = make_trainer(
-            context.trial_config(values),
+            cfg,
             context.root + f"/{TRAIN_RUNS}",
             run_name,
             resources_per_worker=context.worker_resources(),
             callbacks=(TuneReportCallback(),),
         )
-        return trainer.fit()
+        checkpoint, metrics = best_checkpoint(trainer.fit())
+        return TrainedTrial(checkpoint.path, metrics)
 
 
 def search_trial(config: dict, context: StudyContext) -> None:
@@ -98,24 +113,32 @@ def search_trial(config: dict, context: StudyContext) -> None:
 
 
 def final_trial(config: dict, context: StudyContext) -> None:
+    # The run name carries the final run's (and so the chosen trial's) name: a resumed study
+    # whose best trial changed never restores another configuration's checkpoints.
+    experiment = tune.get_context().get_experiment_name()
+    _held_out_trial(config, context, f"{experiment}-seed{config['seed']}")
+
+
+def compare_trial(config: dict, context: StudyContext) -> None:
+    _held_out_trial(config, context, tune.get_context().get_trial_id())
+
+
+def _held_out_trial(config: dict, context: StudyContext, run_name: str) -> None:
+    """Train with the test split sealed, then score the best epoch's model on test."""
     with sealed_splits("test"):
-        # The run name carries the final run's (and so the chosen trial's) name: a resumed study
-        # whose best trial changed never restores another configuration's checkpoints.
-        result = _fit(
-            context, config, f"{tune.get_context().get_experiment_name()}-seed{config['seed']}"
-        )
-    checkpoint, metrics = best_checkpoint(result)
-    with checkpoint.as_directory() as folder:
+        trained = _fit(context, config, run_name)
+    with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
+        folder = StudyStore(context.root).local_copy(trained.checkpoint, scratch)
         test = evaluate_dataset_split(folder, "test")
     tune.report(
         {
             "seed": config["seed"],
-            "best_epoch": metrics["epoch"],
-            "best_val_binary_defect_iou": metrics[SELECTION_METRIC],
+            "best_epoch": trained.metrics["epoch"],
+            "best_val_binary_defect_iou": trained.metrics[SELECTION_METRIC],
             "test_binary_defect_iou": test["binary_defect_iou"],
             "test_mean_defect_iou": test["mean_defect_iou"],
             "test": test,
-            "best_checkpoint_path": checkpoint.path,
+            "best_checkpoint_path": trained.checkpoint,
         }
     )
 
@@ -135,11 +158,16 @@ def _tune_domain(value, grid: bool):
 
 
 def param_space(spec: StudySpec) -> dict:
-    grid = spec.search.algorithm == "grid"
+    grid = spec.search.algorithm in ("grid", "compare")
     return {key: _tune_domain(value, grid) for key, value in spec.search_space.items()}
 
 
-ABBREVIATIONS = {"synthetic_ratio": "ratio", "aug_strength": "aug", "tversky_alpha": "alpha"}
+ABBREVIATIONS = {
+    "synthetic_ratio": "ratio",
+    "synthetic_source": "source",
+    "aug_strength": "aug",
+    "tversky_alpha": "alpha",
+}
 
 
 def trial_label(trial, searched: tuple[str, ...]) -> str:
@@ -148,7 +176,8 @@ def trial_label(trial, searched: tuple[str, ...]) -> str:
     def short(value) -> str:
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    parts = [f"{ABBREVIATIONS.get(k, k)}={short(trial.config.get(k))}" for k in searched]
+    values = trial_values(trial.config)
+    parts = [f"{ABBREVIATIONS.get(k, k)}={short(values.get(k))}" for k in searched]
     label = "_".join([trial.trial_id, ",".join(parts)] if parts else [trial.trial_id])
     return re.sub(r"[^\w=.,+-]", "_", label)[:120]
 
@@ -200,12 +229,14 @@ def _scheduler(spec: StudySpec):
 
 
 def _trainable(function, context: StudyContext):
-    return tune.with_resources(tune.with_parameters(function, context=context), DRIVER_RESOURCES)
+    # A one-worker trial trains in its own process and holds the worker's share itself.
+    resources = context.worker_resources() if context.in_process else DRIVER_RESOURCES
+    return tune.with_resources(tune.with_parameters(function, context=context), resources)
 
 
 def _tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
     spec = context.spec
-    label = partial(trial_label, searched=tuple(sorted(spec.searched())))
+    label = partial(trial_label, searched=tuple(spec.varied()))
     return tune.Tuner(
         _trainable(search_trial, context),
         param_space=param_space(spec),
@@ -238,12 +269,40 @@ def final_run_name(best: dict) -> str:
     return f"{FINAL_RUN}-{'_'.join(best['trial'].split('_')[:2])}"
 
 
+def _final_seeds(spec: StudySpec) -> list[int]:
+    return [FINAL_SEED_BASE + i for i in range(spec.final.seeds)]
+
+
+def _compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
+    """Every arm (grid point) with the final step's seeds, each scored on test."""
+    spec = context.spec
+    values = param_space(spec)
+    if spec.final.epochs:
+        values["epochs"] = spec.final.epochs
+    label = partial(trial_label, searched=(*spec.varied(), "seed"))
+    return tune.Tuner(
+        _trainable(compare_trial, context),
+        param_space={**values, "seed": tune.grid_search(_final_seeds(spec))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.search.max_concurrent_trials,
+            trial_name_creator=label,
+            trial_dirname_creator=label,
+        ),
+        run_config=tune.RunConfig(
+            name=COMPARE_RUN,
+            storage_path=store.uri,
+            failure_config=tune.FailureConfig(max_failures=1),
+            verbose=tune_verbosity(),
+        ),
+    )
+
+
 def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.Tuner:
     spec = context.spec
     values = dict(best["config"])
     if spec.final.epochs:
         values["epochs"] = spec.final.epochs
-    seeds = [FINAL_SEED_BASE + i for i in range(spec.final.seeds)]
+    seeds = _final_seeds(spec)
     return tune.Tuner(
         _trainable(final_trial, context),
         param_space={**values, "seed": tune.grid_search(seeds)},
@@ -290,12 +349,8 @@ def _absolute_data(spec: StudySpec) -> StudySpec:
     own, where a relative path would name nothing."""
 
     data = spec.dataset
-    return replace(
-        spec,
-        dataset=replace(
-            data, real=absolute_location(data.real), synthetic=absolute_location(data.synthetic)
-        ),
-    )
+    paths = {key: absolute_location(getattr(data, key)) for key in DATASET_PATHS}
+    return replace(spec, dataset=replace(data, **paths))
 
 
 def run_study(spec_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
@@ -350,7 +405,7 @@ def _recorded_spec(store: StudyStore) -> StudySpec:
     """The stored spec with the dataset paths `study run` resolved."""
     spec = stored_spec(store)
     recorded = store.read_json(STUDY_FILE)["spec"]["dataset"]
-    data = replace(spec.dataset, real=recorded["real"], synthetic=recorded["synthetic"])
+    data = replace(spec.dataset, **{key: recorded.get(key, "") for key in DATASET_PATHS})
     return _absolute_data(replace(spec, dataset=data))
 
 
@@ -388,20 +443,13 @@ def _connect(address: str | None) -> None:
 
 def _complete(spec: StudySpec, store: StudyStore) -> dict:
     context = _context(spec, store)
+    if spec.search.algorithm == "compare":
+        return _complete_comparison(context, store)
     name = store.read_json(STUDY_FILE)["name"]
     results = _run(
         store, SEARCH_RUN, lambda: _tuner(context, store, name), _trainable(search_trial, context)
     )
-    trials = trial_rows(trial_records(results), spec)
-    store.write_json(TRIALS_FILE, trials)
-    failed = [t["trial"] for t in trials if t["status"] == "error"]
-    if failed:
-        write_study_report(store)
-        raise RuntimeError(
-            f"{store.uri}: {len(failed)} trial(s) failed ({', '.join(failed[:3])}...; errors in "
-            f"the report); fix the cause and `defectforge study resume {store.uri}` reruns them, "
-            "then the final step"
-        )
+    trials = _record_trials(store, results, spec)
     best = trials[0]  # collect_trials sorts best first
     if best[SELECTION_METRIC] is None:
         raise RuntimeError(f"{store.uri}: no trial finished an epoch; see the trial errors above")
@@ -414,6 +462,32 @@ def _complete(spec: StudySpec, store: StudyStore) -> dict:
         )
         store.write_json(FINAL_FILE, summarize_final(trial_records(final_results), best))
     return write_study_report(store)
+
+
+def _complete_comparison(context: StudyContext, store: StudyStore) -> dict:
+    results = _run(
+        store,
+        COMPARE_RUN,
+        lambda: _compare_tuner(context, store),
+        _trainable(compare_trial, context),
+    )
+    _record_trials(store, results, context.spec)
+    store.write_json(COMPARE_FILE, summarize_comparison(trial_records(results), context.spec))
+    return write_study_report(store)
+
+
+def _record_trials(store: StudyStore, results: tune.ResultGrid, spec: StudySpec) -> list[dict]:
+    """trials.json, best first; a RuntimeError naming the failed trials if any failed."""
+    trials = trial_rows(trial_records(results), spec)
+    store.write_json(TRIALS_FILE, trials)
+    failed = [t["trial"] for t in trials if t["status"] == "error"]
+    if failed:
+        write_study_report(store)
+        raise RuntimeError(
+            f"{store.uri}: {len(failed)} trial(s) failed ({', '.join(failed[:3])}...; errors in "
+            f"the report); fix the cause and `defectforge study resume {store.uri}` reruns them"
+        )
+    return trials
 
 
 def _result_lines(result) -> list[dict]:
@@ -431,7 +505,7 @@ def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
     return [
         TrialRecord(
             name=Path(result.path).name,
-            config=dict(result.config),
+            config=trial_values(dict(result.config)),
             error=str(result.error) if result.error else None,
             lines=_result_lines(result),
         )

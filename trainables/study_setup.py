@@ -10,7 +10,7 @@ from defectforge.datasets.errors import ConfigError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
-from defectforge.studies.spec import Range, SpecError, StudySpec
+from defectforge.studies.spec import ARMS, SpecError, StudySpec, trial_values
 from defectforge.trainables.runtime import worker_cpus
 from defectforge.trainables.seg import config_from_manifest
 
@@ -26,9 +26,17 @@ class StudyContext:
     worker_cpus: float = 1.0  # per training worker, as study_worker_cpus settled it
 
     def trial_config(self, values: dict) -> SegConfig:
-        values = dict(values)
+        values = trial_values(values)
         ratio = values.get("synthetic_ratio", 0.0)
-        return replace(self.base, **values, synthetic=self.spec.dataset.synthetic if ratio else "")
+        source = values.get("synthetic_source", "gan")
+        synthetic = synthetic_set(self.spec, source) if ratio else ""
+        return replace(self.base, **values, synthetic=synthetic)
+
+    @property
+    def in_process(self) -> bool:
+        """One worker per trial: it trains in the trial's own process, no Ray Train run."""
+        resources = self.spec.resources
+        return resources.workers_per_trial == 1 and resources.one_worker_in_process
 
     def worker_resources(self) -> dict:
         res = self.spec.resources
@@ -36,6 +44,19 @@ class StudyContext:
         if res.gpus_per_trial:
             per_worker["GPU"] = res.gpus_per_trial / res.workers_per_trial
         return per_worker
+
+
+def synthetic_set(spec: StudySpec, source: str) -> str:
+    """The dataset a synthetic source names: GAN images or copy-paste ones."""
+    return spec.dataset.copy_paste if source == "copy_paste" else spec.dataset.synthetic
+
+
+def _synthetic_sources(spec: StudySpec) -> dict[str, str]:
+    """The synthetic sets the study's trials may mix in, by source."""
+    if not any(ratio > 0 for ratio in spec.values_of("synthetic_ratio")):
+        return {}
+    sources = spec.values_of("synthetic_source") or ["gan"]
+    return {source: synthetic_set(spec, source) for source in sorted(set(sources))}
 
 
 def base_config(spec: StudySpec) -> SegConfig:
@@ -52,8 +73,9 @@ def check_study(spec: StudySpec, where: str) -> dict:
     """Refuse what would fail or hang later: data, test split, configs, resources."""
     manifest = Manifest.load(spec.dataset.real)
     ids = {"real": manifest.dataset_id}
-    if spec.dataset.synthetic:
-        ids["synthetic"] = check_compatible(spec.dataset.real, spec.dataset.synthetic)[1].dataset_id
+    for source, path in _synthetic_sources(spec).items():
+        key = "synthetic" if source == "gan" else source
+        ids[key] = check_compatible(spec.dataset.real, path)[1].dataset_id
     if spec.final.seeds and not manifest.split_total("test"):
         raise SpecError(
             where,
@@ -63,41 +85,48 @@ def check_study(spec: StudySpec, where: str) -> dict:
             "rebuild it with `data build --test-fraction 0.1` (NEU-Seg) or set final.seeds: 0",
         )
     base = base_config(spec)
-    _check_enough_synthetic(spec, base, where)
-    for key, value in spec.search_space.items():
-        candidates = [value.low, value.high] if isinstance(value, Range) else _as_list(value)
-        for candidate in candidates:
-            try:
-                replace(base, **{key: candidate, "synthetic": spec.dataset.synthetic})
-            except ConfigError as err:
-                raise SpecError(
-                    where, f"search_space.{key}", candidate, str(err), "change the value"
-                ) from None
+    for path in _synthetic_sources(spec).values():
+        _check_enough_synthetic(spec, replace(base, synthetic=path), where)
+    _check_values(spec, base, where)
     study_worker_cpus(spec)
     return ids
 
 
 def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> None:
     """A trial asking for more synthetic images than exist would only fail once it ran."""
-    ratios = spec.search_space.get("synthetic_ratio", 0.0)
-    largest = ratios.high if isinstance(ratios, Range) else max(_as_list(ratios))
+    largest = max(spec.values_of("synthetic_ratio"))
     if not largest:
         return
-    mix = replace(base, synthetic=spec.dataset.synthetic, synthetic_ratio=largest).mix
+    for real_count in set(spec.values_of("real_count")) | {0}:
+        mix = replace(base, synthetic_ratio=largest, real_count=real_count).mix
+        try:
+            plan_for(spec.dataset.real, base.synthetic, mix)
+        except NotEnoughSynthetic as err:
+            raise SpecError(
+                where,
+                "search_space.synthetic_ratio",
+                largest,
+                err.problem,
+                "lower the largest ratio or generate and label more images",
+            ) from None
+
+
+def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
+    """Every value of the space, in every arm, makes a valid trial config."""
+    # Any path will do for the checks between options (ratio > 0 needs a synthetic set).
+    marker = {"synthetic": spec.dataset.synthetic or spec.dataset.copy_paste or "synthetic"}
+    for arm in spec.search_space.get(ARMS) or [{}]:
+        arm_base = _checked(base, {**arm, **marker}, where, "search_space.arms", arm)
+        for key in set(spec.search_space) - {ARMS}:
+            for candidate in spec.values_of(key):
+                _checked(arm_base, {key: candidate}, where, f"search_space.{key}", candidate)
+
+
+def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegConfig:
     try:
-        plan_for(spec.dataset.real, spec.dataset.synthetic, mix)
-    except NotEnoughSynthetic as err:
-        raise SpecError(
-            where,
-            "search_space.synthetic_ratio",
-            largest,
-            err.problem,
-            "lower the largest ratio or generate and label more images",
-        ) from None
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
+        return replace(base, **values)
+    except ConfigError as err:
+        raise SpecError(where, key, shown, str(err), "change the value") from None
 
 
 def study_worker_cpus(spec: StudySpec) -> float:

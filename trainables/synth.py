@@ -7,14 +7,20 @@
     OUT/labels.csv          every image: confidence, defect fraction, class, kept or why not
     OUT/label_quality.json  the labeller on real val images, raw and after each correction
     OUT/plots/*.png         synthetic images with their masks, confidence histogram, quality bars
+
+Images are labelled part by part (``PART_ROWS`` each, in id order); each finished part is kept
+in ``.OUT.labelling-<key>/`` beside OUT until the dataset is published, so an interrupted run
+(the same command again, or `study resume` of a pipeline) labels only the parts not done.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import shutil
 from collections import Counter
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -39,8 +45,8 @@ from defectforge.datasets.contract import (
     split_files,
 )
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import require_files, write_json_atomic
-from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.files import atomic_write, require_files, write_json_atomic
+from defectforge.datasets.manifest import Manifest, training_source
 from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import guess_channels, list_images, read_image
 from defectforge.datasets.writer import write_dataset
@@ -54,7 +60,7 @@ from defectforge.segmentation.report import (
     plot_correction_quality,
     plot_label_grid,
 )
-from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.data_jobs import only_ids, read_split
 from defectforge.trainables.runtime import ensure_ray, worker_cpus
 
 # The labelling output: the contract's columns plus what the report and the filter need.
@@ -69,6 +75,8 @@ LABELLED_SCHEMA = pa.schema(
 )
 GRID_ROWS = 16
 BATCHES_PER_BLOCK = 4
+# Images per saved part: at most this much labelling is lost to an interruption.
+PART_ROWS = 512
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -252,7 +260,12 @@ def common_size(data: str | Path) -> tuple[int, int]:
     return sizes.most_common(1)[0][0]
 
 
-def _automatic_size(seg: SegConfig) -> tuple[int, int]:
+def _automatic_size(seg: SegConfig, generated: Manifest) -> tuple[int, int]:
+    """Native-scale GAN crops are labelled as they are; whole images resized by the GAN are
+    brought back to the real images' size."""
+    gan = (generated.section("generation") or {}).get("gan_config") or {}
+    if gan.get("native_crops"):
+        return (gan["resolution"], gan["resolution"])
     if not split_dir(seg.data, "train").is_dir():
         raise DataError(
             seg.data,
@@ -296,6 +309,7 @@ def _labelled_manifest(
     confidences = [row["label_confidence"] for row in summary]
     labelling = {
         "config": asdict(cfg),
+        "trained_on": _trained_on(seg, generated),
         "labeller": ids["labeller"],
         "labeller_data_id": seg.data_manifest_id,
         "generated_dataset_id": generated.dataset_id,
@@ -317,6 +331,15 @@ def _labelled_manifest(
     )
 
 
+def _trained_on(seg: SegConfig, generated: Manifest) -> list[dict]:
+    """The datasets the labeller and (for GAN images) the GAN learnt from."""
+    sources = [training_source("labeller", seg.data, seg.data_manifest_id)]
+    gan = (generated.section("generation") or {}).get("gan_config")
+    if gan is not None:
+        sources.append(training_source("GAN", gan["data"], gan.get("data_manifest_id", "")))
+    return sources
+
+
 def label_rows(
     cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int], labeller_id: str
 ) -> ray.data.Dataset:
@@ -328,6 +351,39 @@ def label_rows(
     )
 
 
+def _part_file(parts: Path, index: int, ids: tuple[str, ...]) -> Path:
+    return parts / f"part-{index:05d}-{combined_digest(dict.fromkeys(ids, ''))[:12]}.parquet"
+
+
+def labelled_parts(
+    cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int], labeller_id: str, parts: Path
+) -> ray.data.Dataset:
+    """``rows`` labelled part by part, each part saved in ``parts`` when done; parts found there
+    (an interrupted run of the same labelling) are read, not labelled again."""
+    ids = sorted(row["id"] for row in rows.select_columns(["id"]).take_all())
+    parts.mkdir(parents=True, exist_ok=True)
+    files = []
+    for index, start in enumerate(range(0, len(ids), PART_ROWS)):
+        chunk = tuple(ids[start : start + PART_ROWS])
+        path = _part_file(parts, index, chunk)
+        if not path.is_file():
+            chunk_rows = rows.map_batches(partial(only_ids, ids=chunk), batch_format="pyarrow")
+            labelled = label_rows(cfg, chunk_rows, size, labeller_id).materialize()
+            table = pa.concat_tables(ray.get(labelled.to_arrow_refs()))
+            atomic_write(path, partial(pq.write_table, table.cast(LABELLED_SCHEMA)))
+        files.append(str(path))
+    return ray.data.read_parquet(files, schema=LABELLED_SCHEMA)
+
+
+def _parts_folder(out: str | Path, cfg: LabelConfig, generated: Manifest, labeller_id: str) -> Path:
+    """Where an interrupted labelling of exactly this input and config left its parts."""
+    key = combined_digest(
+        {"config": cfg.to_json(), "images": generated.dataset_id, "labeller": labeller_id}
+    )[:12]
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.labelling-{key}"
+
+
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Label generated images with a trained segmentation model; keep the confident ones."""
     images = Path(cfg.images)
@@ -335,10 +391,11 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
     ensure_ray()
     generated, source = generated_dataset(images)
     seg = _check_labeller(cfg, source.channels)
-    size = tuple(cfg.size) or _automatic_size(seg)
+    size = tuple(cfg.size) or _automatic_size(seg, source)
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
+    parts = _parts_folder(out, cfg, source, labeller_id)
     with write_dataset(out, overwrite, inputs=(cfg.images, cfg.labeller)) as staging:
-        labelled = label_rows(cfg, generated, size, labeller_id).materialize()
+        labelled = labelled_parts(cfg, generated, size, labeller_id, parts).materialize()
         summary = labelled.drop_columns(["image", "mask"]).take_all()
         quality = label_quality(cfg, seg)
         if any(not row["rejected"] for row in summary):
@@ -357,4 +414,5 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
         staging.publish(
             _labelled_manifest(cfg, seg, source, summary, {"labeller": labeller_id, "size": size})
         )
+    shutil.rmtree(parts, ignore_errors=True)
     return {"manifest": staging.manifest, "quality": quality}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
 
-COMMANDS = {"data": "build, simulate, augment and mix Parquet datasets"}
+COMMANDS = {"data": "build, simulate, subset, augment and mix Parquet datasets"}
 MIX_AUGMENT = "augment-"
 
 
@@ -14,6 +14,7 @@ def build(name: str, parser) -> None:
     from defectforge.datasets.mix import MixConfig
     from defectforge.datasets.steel import SteelOptions
     from defectforge.datasets.steel_sim import SimulationConfig
+    from defectforge.datasets.subset import SubsetConfig
 
     data = parser.add_subparsers(dest="data_command", required=True)
     builder = data.add_parser("build", help="raw folder -> Parquet dataset + manifest.json")
@@ -26,6 +27,12 @@ def build(name: str, parser) -> None:
     )
     add_options(simulate, SimulationConfig)
     add_out(simulate, "folder of sample folders to write")
+    subset = data.add_parser(
+        "subset", help="few-shot subset: N train images, stratified by defect class, seeded"
+    )
+    subset.add_argument("--data", required=True, type=absolute_path, help="dataset to draw from")
+    add_options(subset, SubsetConfig)
+    add_out(subset)
     augment = data.add_parser("augment", help="offline k-fold paper augmentation of train")
     augment.add_argument("--data", required=True, type=absolute_path, help="dataset to expand")
     add_options(augment, AugmentConfig)
@@ -56,6 +63,12 @@ def run(args) -> None:
             **given(args, BuildConfig), steel=SteelOptions(**given(args, SteelOptions))
         )
         manifest = build_parquet(cfg, args.out, args.overwrite)
+    elif args.data_command == "subset":
+        from defectforge.datasets.subset import SubsetConfig, subset_dataset
+
+        manifest = subset_dataset(
+            args.data, args.out, SubsetConfig(**given(args, SubsetConfig)), args.overwrite
+        )
     elif args.data_command == "augment":
         manifest = augment_parquet(
             args.data, args.out, AugmentConfig(**given(args, AugmentConfig)), args.overwrite

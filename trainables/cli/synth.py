@@ -1,13 +1,14 @@
-"""``defectforge synth``: pseudo-label generated images."""
+"""``defectforge synth``: pseudo-label generated images; copy-paste images (the control arm)."""
 
 from __future__ import annotations
 
-from defectforge.trainables.cli.options import add_options, add_out, given
+from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
 
-COMMANDS = {"synth": "pseudo-label generated images"}
+COMMANDS = {"synth": "pseudo-label generated images, or make copy-paste ones"}
 
 
 def build(name: str, parser) -> None:
+    from defectforge.datasets.copy_paste import CopyPasteConfig
     from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 
     synth = parser.add_subparsers(dest="synth_command", required=True)
@@ -15,9 +16,21 @@ def build(name: str, parser) -> None:
     add_options(label, LabelConfig)
     add_options(label, Corrections)
     add_out(label)
+    copy_paste = synth.add_parser(
+        "copy-paste",
+        help="defect regions of real train images pasted into others: exact masks, no GAN",
+    )
+    copy_paste.add_argument(
+        "--real", required=True, type=absolute_path, help="real dataset (`data build`)"
+    )
+    add_options(copy_paste, CopyPasteConfig)
+    add_out(copy_paste)
 
 
 def run(args) -> None:
+    if args.synth_command == "copy-paste":
+        _copy_paste(args)
+        return
     from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
     from defectforge.trainables.synth import label_synthetic
 
@@ -35,6 +48,18 @@ def run(args) -> None:
             f"labeller on real val, {variant}: binary defect IoU "
             f"{summary['binary_defect_iou']:.4f}, mean defect IoU {summary['mean_defect_iou']:.4f}"
         )
+
+
+def _copy_paste(args) -> None:
+    from defectforge.datasets.copy_paste import CopyPasteConfig, copy_paste_dataset
+
+    cfg = CopyPasteConfig(**given(args, CopyPasteConfig))
+    manifest = copy_paste_dataset(args.real, args.out, cfg, args.overwrite)
+    by_class = manifest.counts["train"].by_class
+    print(
+        f"wrote {args.out}: {cfg.count} copy-paste images ({by_class}) from "
+        f"{manifest.section('labelling')['config']['regions']} defect regions of {args.real}"
+    )
 
 
 def interrupted_hint(args) -> str:

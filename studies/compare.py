@@ -1,0 +1,211 @@
+"""A compare study's answer: every arm on the held-out test split, and each arm against ratio 0.
+
+Each arm (a grid point) ran with the same seeds; a seed fixes the weights' start and the batch
+order's seed, so the arm minus its ratio-0 baseline at the same seed is a paired difference, and
+its mean gets a Student-t interval. Per-image IoUs (every test image, averaged over the seeds)
+give the paper's per-image IoU curves. No Ray here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.studies.spec import StudySpec  # noqa: E402
+from defectforge.studies.stats import mean_interval  # noqa: E402
+
+COMPARE_FILE = "compare.json"
+# What makes an arm's training data differ from its baseline's; every other key must match.
+MIX_KEYS = ("synthetic_ratio", "synthetic_source", "real_count")
+SEED_KEYS = (
+    "seed",
+    "best_epoch",
+    "best_val_binary_defect_iou",
+    "test_binary_defect_iou",
+    "test_mean_defect_iou",
+    "best_checkpoint_path",
+)
+
+
+def arm_label(arm: dict) -> str:
+    """``gan 0.38, arch=pan``; ``real only``; ``copy_paste 0.5 (100 real)``."""
+    ratio = arm.get("synthetic_ratio") or 0
+    mix = f"{arm.get('synthetic_source') or 'gan'} {ratio:g}" if ratio else "real only"
+    if ratio and arm.get("real_count"):
+        mix += f" ({arm['real_count']} real)"
+    return ", ".join([mix, *(f"{k}={v}" for k, v in arm.items() if k not in MIX_KEYS)])
+
+
+def _test_line(record) -> dict:
+    lines = [line for line in record.lines if "test_binary_defect_iou" in line]
+    if record.error or not lines:
+        raise RuntimeError(f"compare run {record.name} failed: {record.error}")
+    return lines[-1]
+
+
+def _per_image_mean(runs: list[list[float | None]]) -> list[float | None]:
+    """Each test image's IoU averaged over the seeds (None where every seed left it undefined)."""
+    means = []
+    for scores in zip(*runs, strict=True):
+        known = [s for s in scores if s is not None]
+        means.append(float(np.mean(known)) if known else None)
+    return means
+
+
+def _baseline(arm: dict, arms: list[dict]) -> dict | None:
+    """The ratio-0 arm that differs from ``arm`` only in its training data's mix."""
+    same = {k: v for k, v in arm.items() if k not in MIX_KEYS}
+    for other in arms:
+        if not other.get("synthetic_ratio") and all(other.get(k) == v for k, v in same.items()):
+            return other
+    return None
+
+
+def _paired(arm: dict, baseline: dict) -> dict:
+    theirs = {s["seed"]: s["test_binary_defect_iou"] for s in baseline["seeds"]}
+    differences = {
+        s["seed"]: s["test_binary_defect_iou"] - theirs[s["seed"]]
+        for s in arm["seeds"]
+        if s["seed"] in theirs
+    }
+    interval = mean_interval(list(differences.values())) if len(differences) > 1 else None
+    verdict = "cannot be told apart"
+    if interval and interval["low"] > 0:
+        verdict = "helps"
+    elif interval and interval["high"] < 0:
+        verdict = "hurts"
+    return {
+        "arm": arm["label"],
+        "baseline": baseline["label"],
+        "differences": differences,
+        "interval": interval,
+        "verdict": verdict,
+    }
+
+
+def summarize_comparison(records: list, spec: StudySpec) -> dict:
+    """compare.json: per arm its seeds, the test IoU's interval and per-image IoUs; per arm with
+    synthetic images, the paired difference against its ratio-0 baseline."""
+    keys = [k for k in spec.varied() if k != "seed"]
+    grouped: dict[tuple, list] = defaultdict(list)
+    for record in records:
+        line = _test_line(record)
+        arm = tuple(record.config.get(k) for k in keys)
+        grouped[arm].append(line)
+    arms = []
+    for values, lines in grouped.items():
+        arm = dict(zip(keys, values, strict=True))
+        lines.sort(key=lambda line: line["seed"])
+        seeds = [{k: line.get(k) for k in SEED_KEYS} for line in lines]
+        scores = [s["test_binary_defect_iou"] for s in seeds]
+        arms.append(
+            {
+                "arm": arm,
+                "label": arm_label(arm),
+                "seeds": seeds,
+                "test_binary_defect_iou": mean_interval(scores) if len(scores) > 1 else None,
+                "per_image_binary_iou": _per_image_mean(
+                    [line["test"]["per_image_binary_iou"] for line in lines]
+                ),
+            }
+        )
+    arms.sort(key=lambda a: (bool(a["arm"].get("synthetic_ratio")), a["label"]))
+    paired = []
+    for arm in arms:
+        baseline = _baseline(arm["arm"], [a["arm"] for a in arms])
+        if arm["arm"].get("synthetic_ratio") and baseline is not None:
+            base = next(a for a in arms if a["arm"] == baseline)
+            paired.append(_paired(arm, base))
+    return {"keys": keys, "arms": arms, "paired": paired}
+
+
+def _save(figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(figure)
+
+
+def plot_per_image_iou(comparison: dict, path: Path) -> None:
+    """Each arm's per-image test IoUs, sorted: the share of test images at or above an IoU."""
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for arm in comparison["arms"]:
+        scores = sorted((s for s in arm["per_image_binary_iou"] if s is not None), reverse=True)
+        if scores:
+            share = np.arange(1, len(scores) + 1) / len(scores)
+            axis.plot(share, scores, label=f"{arm['label']} (median {np.median(scores):.3f})")
+    axis.set(
+        xlabel="share of test images (sorted by IoU)",
+        ylabel="binary defect IoU of the image (mean over seeds)",
+        title="Per-image IoU on the test split",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    axis.legend(fontsize=7)
+    _save(figure, path)
+
+
+def plot_paired_differences(comparison: dict, path: Path) -> None:
+    """Each arm minus its ratio-0 baseline (same seeds): the mean and its 95% interval."""
+    rows = [p for p in comparison["paired"] if p["interval"]]
+    figure, axis = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.5))
+    for index, row in enumerate(rows):
+        interval = row["interval"]
+        axis.errorbar(
+            [interval["mean"]],
+            [index],
+            xerr=[[interval["mean"] - interval["low"]], [interval["high"] - interval["mean"]]],
+            fmt="o",
+            capsize=4,
+        )
+        differences = list(row["differences"].values())
+        axis.scatter(differences, [index] * len(differences), marker="x", color="grey", zorder=3)
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [row["arm"] for row in rows], fontsize=7)
+    axis.set(
+        xlabel="test binary defect IoU minus ratio 0 (same seed); 95% t-interval, x: seeds",
+        title="Does the synthetic data help?",
+    )
+    _save(figure, path)
+
+
+def comparison_section(comparison: dict) -> list[str]:
+    """Report lines: the arms on test, then each against its baseline."""
+    lines = [
+        "## Arms on the held-out test split",
+        "",
+        "| arm | seeds | test binary IoU (mean) | 95% interval | median per-image IoU |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in comparison["arms"]:
+        interval = arm["test_binary_defect_iou"]
+        scores = [s for s in arm["per_image_binary_iou"] if s is not None]
+        median = f"{np.median(scores):.4f}" if scores else "-"
+        low_high = f"{interval['low']:.4f} - {interval['high']:.4f}" if interval else "-"
+        mean = interval["mean"] if interval else arm["seeds"][0]["test_binary_defect_iou"]
+        lines.append(
+            f"| {arm['label']} | {len(arm['seeds'])} | {mean:.4f} | {low_high} | {median} |"
+        )
+    lines += [
+        "",
+        "## Against ratio 0, paired by seed",
+        "",
+        "| arm | baseline | mean difference | 95% interval | per seed | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in comparison["paired"]:
+        interval = row["interval"]
+        per_seed = ", ".join(f"{d:+.4f}" for d in row["differences"].values())
+        if interval:
+            cells = f"{interval['mean']:+.4f} | {interval['low']:+.4f} - {interval['high']:+.4f}"
+        else:
+            cells = "- | -"
+        lines.append(
+            f"| {row['arm']} | {row['baseline']} | {cells} | {per_seed} | {row['verdict']} |"
+        )
+    return [*lines, ""]

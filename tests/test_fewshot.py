@@ -1,0 +1,271 @@
+"""The few-shot question's tools: stratified subsets, replace-mode mixes, the leakage check,
+copy-paste images with exact masks, per-image IoU, arms compared on test, ASHA stopping a trial."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from defectforge.datasets.contract import decode_png, split_files
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.manifest import Manifest
+from defectforge.studies.spec import SpecError, parse_spec
+
+
+def _classes(root: Path, split: str) -> dict[str, str | None]:
+    table = pq.read_table(split_files(root, split), columns=["id", "defect_class"])
+    return dict(zip(table["id"].to_pylist(), table["defect_class"].to_pylist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def few(sample_dataset, tmp_path_factory) -> Path:
+    """12 of the sample's 42 train images, 6 of its 15 val; the rest are the test split."""
+    from defectforge.datasets.subset import SubsetConfig, subset_dataset
+
+    out = tmp_path_factory.mktemp("few") / "few"
+    subset_dataset(sample_dataset, out, SubsetConfig(train=12, val=6, rest_as_test=True))
+    return out
+
+
+def test_a_subset_is_seeded_stratified_and_lists_its_ids(sample_dataset, few, tmp_path):
+    from defectforge.datasets.subset import SubsetConfig, subset_dataset
+
+    parent, manifest = _classes(sample_dataset, "train"), Manifest.load(few)
+    kept = _classes(few, "train")
+    assert sorted(kept) == manifest.section("subset")["train_ids"] and len(kept) == 12
+    wanted = Counter(c or "none" for c in parent.values())
+    for name, count in Counter(c or "none" for c in kept.values()).items():
+        assert abs(count - 12 * wanted[name] / len(parent)) < 1  # proportional, rounded
+    assert manifest.counts["val"].total == 6
+    assert manifest.counts["test"].total == (42 - 12) + (15 - 6)
+    assert set(_classes(few, "test")).isdisjoint(kept)
+    assert manifest.pixel_mean != Manifest.load(sample_dataset).pixel_mean  # from the 12 alone
+    again = subset_dataset(sample_dataset, tmp_path / "again", SubsetConfig(train=12, val=6))
+    other = subset_dataset(sample_dataset, tmp_path / "other", SubsetConfig(train=12, seed=1))
+    assert again.section("subset")["train_ids"] == manifest.section("subset")["train_ids"]
+    assert other.section("subset")["train_ids"] != manifest.section("subset")["train_ids"]
+    assert again.counts["test"].total == 0  # without rest_as_test the rest is left out
+    with pytest.raises(DataError, match="more train images than the 42"):
+        subset_dataset(sample_dataset, tmp_path / "big", SubsetConfig(train=43))
+
+
+@pytest.fixture(scope="module")
+def pasted(few, tmp_path_factory) -> Path:
+    from defectforge.datasets.copy_paste import CopyPasteConfig, copy_paste_dataset
+
+    out = tmp_path_factory.mktemp("pasted") / "cp"
+    copy_paste_dataset(few, out, CopyPasteConfig(count=24, pastes=1, seed=3))
+    return out
+
+
+def test_copy_paste_masks_are_exactly_the_pasted_pixels():
+    from defectforge.datasets.copy_paste import paste
+
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 255, (40, 50, 1), dtype=np.uint8)
+    target_mask = np.zeros((40, 50), np.uint8)
+    target_mask[:5] = 2
+    pixels = rng.integers(0, 255, (12, 16, 1), dtype=np.uint8)
+    inside = np.zeros((12, 16), bool)
+    inside[2:10, 3:14] = True
+    image, mask = paste(target, target_mask, pixels, inside, 3, (4, 20), feather=2)
+    box = (slice(4, 16), slice(20, 36))
+    assert np.array_equal(mask[box] == 3, inside)  # the mask is the region, no more, no less
+    deep = np.zeros_like(inside)
+    deep[4:8, 5:12] = True  # more than 2 px (the feather) inside the region
+    assert np.array_equal(image[box][deep], pixels[deep])
+    outside = np.ones((40, 50), bool)
+    outside[2:18, 18:38] = False  # beyond the region's edge and its feather
+    assert np.array_equal(image[outside], target[outside])
+    assert np.array_equal(mask[:4], target_mask[:4])  # the target's own defects stay
+
+
+def test_a_copy_paste_set_is_labelled_exactly_and_mixes_like_gan_images(few, pasted):
+    from defectforge.datasets.mix import MixConfig, plan_for
+
+    manifest = Manifest.load(pasted)
+    assert manifest.counts["train"].total == 24 and manifest.source == "synthetic"
+    table = pq.read_table(split_files(pasted, "train"))
+    columns = (table[name].to_pylist() for name in ("image", "mask", "defect_class"))
+    for image, mask, cls in zip(*columns, strict=True):
+        values = np.unique(decode_png(mask, 0))
+        assert values.max() > 0 and cls is not None  # each image got a defect
+        assert decode_png(image, 1).shape[:2] == decode_png(mask, 0).shape
+    assert all(o.startswith("copy-paste: ") for o in table["origin"].to_pylist())
+    mix = plan_for(few, pasted, MixConfig(ratio=0.5))
+    assert len(mix.plan.synthetic_ids) == 12
+
+
+def test_replace_mode_keeps_real_count_real_images_and_the_synthetic_count_follows(
+    few, pasted, tmp_path
+):
+    from defectforge.datasets.mix import MixConfig, plan_for
+
+    mix = plan_for(few, pasted, MixConfig(ratio=0.5, real_count=8))
+    assert len(mix.plan.real_ids) == 8 and len(mix.plan.synthetic_ids) == 8
+    assert set(mix.plan.real_ids) <= set(_classes(few, "train"))
+    assert plan_for(few, pasted, MixConfig(ratio=0.5, real_count=8)).plan == mix.plan
+    with pytest.raises(DataError, match="real_count 13 is more than the 12"):
+        plan_for(few, pasted, MixConfig(ratio=0.5, real_count=13))
+
+
+def test_synthetic_data_made_from_a_studys_test_images_is_refused(sample_dataset, few, labelled):
+    from defectforge.datasets.mix import check_compatible
+
+    # The labelled fixture's GAN and labeller learnt from the whole sample's train split, which
+    # is mostly the few-shot subset's test split now.
+    with pytest.raises(DataError, match=r"learnt from \d+ image\(s\) that are in .*test split"):
+        check_compatible(few, labelled)
+    check_compatible(sample_dataset, labelled)  # their own dataset: no leakage
+
+
+def test_per_image_iou_is_each_images_own():
+    import torch
+
+    from defectforge.segmentation.metrics import MetricAccumulator
+
+    truth = torch.zeros(3, 4, 4, dtype=torch.long)
+    truth[0, :2] = 1  # 8 defect pixels
+    pred = truth.clone()
+    pred[0, 2, :2] = 1  # 2 false positives: 8 / 10
+    pred[2, 0, 0] = 1  # a defect-free image with one false positive: 0
+    accumulator = MetricAccumulator(2)
+    accumulator.update(pred, truth)
+    assert accumulator.per_image_iou() == [0.8, None, 0.0]
+
+
+def _compare_spec(few: Path, pasted: Path, storage: Path) -> dict:
+    return {
+        "name": "cmp",
+        "dataset": {"real": str(few), "copy_paste": str(pasted)},
+        "search_space": {
+            "arms": [
+                {"synthetic_ratio": 0.0},
+                {"synthetic_ratio": 0.4, "synthetic_source": "copy_paste"},
+            ],
+            "epochs": 1,
+            "batch_size": 4,
+        },
+        "search": {"algorithm": "compare"},
+        "training": {"max_steps_per_epoch": 1, "crop_size": 64},
+        "storage_path": str(storage),
+        "final": {"seeds": 3},
+    }
+
+
+def test_compare_specs_are_checked():
+    spec = {
+        "name": "c",
+        "dataset": {"real": "r"},
+        "search_space": {"arms": [{"synthetic_ratio": 0.3, "synthetic_source": "copy_paste"}]},
+        "search": {"algorithm": "compare"},
+    }
+    with pytest.raises(SpecError, match="synthetic_source copy_paste needs a copy-paste set"):
+        parse_spec(spec)
+    with pytest.raises(SpecError, match="draws its seeds itself"):
+        parse_spec({**spec, "search_space": {"seed": [0, 1, 2]}})
+    with pytest.raises(SpecError, match="arms need a grid"):
+        parse_spec({**spec, "search": {"algorithm": "optuna"}})
+    with pytest.raises(SpecError, match="an arm holds one value per key"):
+        parse_spec({**spec, "search_space": {"arms": [{"synthetic_ratio": [0.1, 0.2]}]}})
+    parsed = parse_spec({**spec, "dataset": {"real": "r", "copy_paste": "c"}})
+    assert "synthetic_ratio" not in parsed.fixed()  # the arms set it
+    assert parsed.varied() == ["synthetic_ratio", "synthetic_source"]
+
+
+def test_a_compare_study_scores_every_arm_on_test_paired_by_seed(few, pasted, tmp_path):
+    from defectforge.trainables.study import run_study
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(_compare_spec(few, pasted, tmp_path / "studies")))
+    summary = run_study(spec_file)
+    comparison = summary["comparison"]
+    labels = [arm["label"] for arm in comparison["arms"]]
+    assert labels == ["real only", "copy_paste 0.4"]
+    for arm in comparison["arms"]:
+        assert [s["seed"] for s in arm["seeds"]] == [1000, 1001, 1002]
+        assert len(arm["per_image_binary_iou"]) == Manifest.load(few).counts["test"].total
+    (paired,) = comparison["paired"]
+    theirs, ours = (
+        {s["seed"]: s["test_binary_defect_iou"] for s in arm["seeds"]} for arm in comparison["arms"]
+    )
+    expected = [ours[seed] - theirs[seed] for seed in sorted(ours)]
+    assert list(paired["differences"].values()) == pytest.approx(expected)
+    assert paired["verdict"] in ("helps", "hurts", "cannot be told apart")
+    report = Path(summary["location"]).parent
+    text = (report / "report.md").read_text()
+    assert "## Against ratio 0, paired by seed" in text and "copy_paste 0.4" in text
+    assert (report / "per_image_iou.png").stat().st_size > 0
+    stored = json.loads((tmp_path / "studies" / "cmp" / "compare.json").read_text())
+    assert stored["paired"][0]["arm"] == "copy_paste 0.4"
+
+
+def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(
+    ray_session, tmp_path
+):
+    from ray import tune
+
+    from defectforge.trainables.study import _scheduler
+
+    spec = parse_spec(
+        {
+            "name": "a",
+            "dataset": {"real": "r"},
+            "search_space": {"epochs": 4, "lr": [0.01, 0.001]},
+            "search": {"algorithm": "grid", "asha": {"grace_period": 1, "reduction_factor": 2}},
+        }
+    )
+
+    def epochs(config):
+        # The first trial (lr 0.01) scores 0.5 an epoch, the second 0.1: behind at every rung.
+        for _ in range(config["epochs"]):
+            tune.report({"val_binary_defect_iou": (0.5 if config["lr"] == 0.01 else 0.1)})
+
+    tuner = tune.Tuner(
+        epochs,
+        param_space={"epochs": 4, "lr": tune.grid_search([0.01, 0.001])},
+        tune_config=tune.TuneConfig(
+            metric="val_binary_defect_iou",
+            mode="max",
+            scheduler=_scheduler(spec),
+            max_concurrent_trials=1,
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
+    )
+    results = {r.config["lr"]: r.metrics["training_iteration"] for r in tuner.fit()}
+    assert results == {0.01: 4, 0.001: 1}
+
+
+def test_subset_and_copy_paste_stages_are_made_once_and_reused(ray_session, sample_root, tmp_path):
+    from defectforge.trainables.pipeline import Pipeline
+
+    spec = parse_spec(
+        {
+            "name": "p",
+            "data": {"source": "neu-seg", "root": str(sample_root)},
+            "subset": {"train": 10, "rest_as_test": True},
+            "copy_paste": {"count": 6},
+            "search_space": {
+                "arms": [
+                    {"synthetic_ratio": 0.0},
+                    {"synthetic_ratio": 0.3, "synthetic_source": "copy_paste"},
+                ]
+            },
+            "search": {"algorithm": "compare"},
+            "storage_path": str(tmp_path),
+        }
+    )
+    first = Pipeline(spec)
+    made = first.run()
+    assert Manifest.load(made.dataset.real).counts["train"].total == 10
+    pasted = Manifest.load(made.dataset.copy_paste)
+    assert pasted.counts["train"].total == 6
+    (source,) = pasted.section("labelling")["trained_on"]
+    assert source["dataset_id"] == Manifest.load(made.dataset.real).dataset_id
+    again = Pipeline(spec)
+    assert again.run() == made
+    assert [r["status"] for r in again.records()] == ["reused"] * 3

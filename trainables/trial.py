@@ -1,0 +1,95 @@
+"""A study trial trained in the trial's own process: one worker, no nested Ray Train run.
+
+A Ray Train run per trial starts a controller, a worker group and a dataset split coordinator
+before its first batch; a trial of one worker needs none of them (``benchmarks/
+study_overhead.py`` measures the difference). Its Tune actor holds the worker's resources,
+streams its Ray Datasets itself, and keeps its epoch checkpoints in the study folder as a Train
+run would (``train/<trial>/epoch_NNN/``, the best and the latest kept), from where a restored
+trial continues and the final step and the export read them. Trials of several workers keep the
+Train run (``trainables.study``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from ray import tune
+
+from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.loop import train_segmentation
+from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.store import StudyStore
+from defectforge.trainables.data_jobs import read_split, train_rows
+from defectforge.trainables.seg import seg_loop_io
+
+# Written last into an epoch folder: a folder holding it is complete.
+METRICS_FILE = "metrics.json"
+
+
+@dataclass(frozen=True)
+class TrainedTrial:
+    """Where a trial's best epoch checkpoint lives (a path or a URI), and that epoch's metrics."""
+
+    checkpoint: str
+    metrics: dict
+
+
+def _score(metrics: dict) -> float:
+    return metrics.get(SELECTION_METRIC) or 0.0
+
+
+class EpochFolders:
+    """A trial's epoch checkpoints in the study's storage, pruned to the best and the latest."""
+
+    def __init__(self, store: StudyStore, run: str):
+        self.store, self.run = store, run
+        self.saved = {
+            name: store.read_json(f"{run}/{name}/{METRICS_FILE}")
+            for name in store.subfolders(run)
+            if store.exists(f"{run}/{name}/{METRICS_FILE}")
+        }
+
+    def latest(self) -> str | None:
+        return max(self.saved) if self.saved else None
+
+    def best(self) -> str:
+        """The first epoch with the best validation score (as the trial table picks it)."""
+        return max(sorted(self.saved), key=lambda name: _score(self.saved[name]))
+
+    def save(self, folder: Path, metrics: dict) -> str:
+        name = f"epoch_{metrics['epoch']:03d}"
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, default=str))
+        self.store.upload_folder(folder, f"{self.run}/{name}", last=METRICS_FILE)
+        self.saved[name] = metrics
+        for old in set(self.saved) - {self.best(), self.latest()}:
+            self.store.delete_folder(f"{self.run}/{old}")
+            del self.saved[old]
+        return name
+
+
+def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
+    """Train ``cfg`` (one worker) here, continuing from the latest epoch saved under ``run``."""
+    torch.set_num_threads(cfg.threads or 1)
+    folders = EpochFolders(store, run)
+    train = train_rows(cfg.data, cfg.synthetic, cfg.mix, cfg.defect_oversample)
+    val = read_split(cfg.data, "val")
+    node = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict, folder: Path | None) -> None:
+        name = folders.save(folder, metrics)
+        location = store.location(f"{run}/{name}")
+        tune.report({**metrics, "node_id": node, "checkpoint_path": location})
+
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
+        latest = folders.latest()
+        resume = store.local_copy(store.location(f"{run}/{latest}"), scratch) if latest else None
+        io = seg_loop_io(cfg, train, val, train.count(), report, resume_from=resume, device=device)
+        train_segmentation(cfg, io)
+    best = folders.best()
+    return TrainedTrial(store.location(f"{run}/{best}"), folders.saved[best])
