@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from defectforge.datasets.errors import DataError
@@ -100,6 +101,24 @@ def split_files(root: str | Path, split: str) -> list[Path]:
                 "rebuild the dataset (the command that wrote it, with --overwrite)",
             ) from None
     return files
+
+
+def read_split_table(root: str | Path, split: str, columns: list[str] | None = None):
+    """One split of a dataset as a pyarrow Table; None if the dataset has no such split."""
+    if not split_dir(root, split).is_dir():
+        return None
+    return pq.read_table(split_files(root, split), columns=columns)
+
+
+def only_ids(table: pa.Table, ids) -> pa.Table:
+    """The rows of ``table`` whose id is in ``ids``."""
+    return table.filter(pc.is_in(table["id"], value_set=pa.array(list(ids), pa.string())))
+
+
+def without_ids(table: pa.Table, ids) -> pa.Table:
+    """The rows of ``table`` whose id is not in ``ids``."""
+    inside = pc.is_in(table["id"], value_set=pa.array(list(ids), pa.string()))
+    return table.filter(pc.invert(inside))
 
 
 def file_digest(path: str | Path) -> str:

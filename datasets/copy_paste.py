@@ -2,9 +2,9 @@
 
 Defect regions (connected components of one class) are cut with their masks from the real train
 images and pasted, flipped, rotated by a multiple of 90 degrees and scaled, into other train
-images, their edges blended over ``feather`` pixels. The mask is the pasted region exactly; the
-blend only touches pixels within ``feather`` of its edge, so every pixel deeper inside is the
-source's own. If GAN images do not beat these, the GAN adds nothing a cheap cut-and-paste does not.
+images, their edges blended over ``feather`` pixels on either side (weight 1/2 on the edge).
+The mask is the pasted region exactly; the blend only touches pixels within ``feather`` of its
+edge, so every pixel deeper inside is the source's own. If GAN images do not beat these, the GAN adds nothing a cheap cut-and-paste does not.
 """
 
 from __future__ import annotations
@@ -15,17 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.contract import (
-    MANIFEST,
-    SCHEMA,
-    decode_png,
-    encode_png,
-    split_dir,
-    split_files,
-)
+from defectforge.datasets.contract import MANIFEST, SCHEMA, decode_png, encode_png, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.outputs import check_output
@@ -129,11 +121,11 @@ def paste(
 
 
 def _train_samples(data: str | Path, channels: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    if not split_dir(data, "train").is_dir():
+    table = read_split_table(data, "train", columns=["id", "image", "mask"])
+    if table is None:
         raise DataError(
             Path(data) / MANIFEST, "dataset has no train split", "build one with train images"
         )
-    table = pq.read_table(split_files(data, "train"), columns=["id", "image", "mask"])
     columns = (table[name].to_pylist() for name in ("id", "image", "mask"))
     return [
         (sample_id, decode_png(image, channels), decode_png(mask, 0))
@@ -142,12 +134,14 @@ def _train_samples(data: str | Path, channels: int) -> list[tuple[str, np.ndarra
 
 
 def _made(index: int, samples, regions: list[Region], cfg: CopyPasteConfig):
-    """The ``index``-th image: a train image with 1..pastes regions of other images pasted in."""
+    """The ``index``-th image: a train image with 1..pastes regions of other images pasted in
+    (of itself only where no other image has one)."""
     rng = np.random.default_rng([cfg.seed, index])
     target_id, image, mask = samples[int(rng.integers(len(samples)))]
+    others = [region for region in regions if region.source_id != target_id] or regions
     sources = []
     for _ in range(int(rng.integers(1, cfg.pastes + 1))):
-        region = regions[int(rng.integers(len(regions)))]
+        region = others[int(rng.integers(len(others)))]
         pixels, inside = transformed(region, rng, cfg.scale, image.shape[:2])
         top = int(rng.integers(image.shape[0] - inside.shape[0] + 1))
         left = int(rng.integers(image.shape[1] - inside.shape[1] + 1))
@@ -197,5 +191,6 @@ def copy_paste_dataset(
     with write_dataset(out, overwrite, inputs=(data,)) as staging:
         staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
         details = {**asdict(cfg), "regions": len(regions)}
-        staging.publish(manifest.pasted(details, str(Path(data).resolve())))
+        train_ids = sorted(sample_id for sample_id, _, _ in samples)
+        staging.publish(manifest.pasted(details, str(Path(data).resolve()), train_ids))
     return staging.manifest

@@ -1,57 +1,46 @@
 """No leakage: what made a synthetic set must not have seen the evaluation images it is judged on.
 
-A labelled synthetic set records the datasets its makers learnt from (``trained_on``: the GAN's
-data, the labeller's, or the real set copy-paste cut from). Mixing it into a real dataset is
-refused when any of those makers trained on an image that is in the real dataset's val or test
-split, found by sample id: a GAN trained on all of NEU-Seg's train images leaks into a few-shot
-study whose test split is the images its 163 left out.
+A labelled synthetic set records, when it is made, the datasets its makers learnt from
+(``trained_on``: the GAN's data, the labeller's, or the real set copy-paste cut from), each with
+its dataset id and the ids of its train split. Mixing the set into a real dataset is refused
+when any maker's train ids meet that dataset's val or test ids: a GAN trained on all of
+NEU-Seg's train images leaks into a few-shot study whose test split is the images its 163 left
+out. Only the manifests and the real dataset's id columns are read.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from defectforge.datasets.contract import MANIFEST, split_dir, split_files
+from defectforge.datasets.contract import MANIFEST, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 
 HELD_OUT = ("val", "test")
+FIXES = {
+    "GAN": "train the GAN on {root}'s train split only",
+    "labeller": "train the labeller on {root}'s train split only",
+    "copy-paste source": "make the copy-paste set from {root} itself",
+}
 
 
 def split_ids(root: str | Path, splits: tuple[str, ...]) -> set[str]:
     """The sample ids in ``splits`` of a dataset (splits it lacks hold none)."""
     found: set[str] = set()
     for split in splits:
-        if split_dir(root, split).is_dir():
-            found.update(pq.read_table(split_files(root, split), columns=["id"])["id"].to_pylist())
+        table = read_split_table(root, split, columns=["id"])
+        if table is not None:
+            found.update(table["id"].to_pylist())
     return found
 
 
-def _seen_ids(source: dict, where: Path) -> set[str]:
-    """The train ids of the dataset a maker learnt from, if it is still there unchanged."""
-    data, role = source["data"], source["role"]
-    try:
-        recorded = Manifest.load(data).dataset_id
-    except DataError:
-        recorded = None
-    if recorded is None or (source["dataset_id"] and recorded != source["dataset_id"]):
-        raise DataError(
-            where,
-            f"its {role} learnt from {data}, which is gone or has changed, so it cannot be "
-            "checked against this dataset's val and test images",
-            f"train the {role} on this dataset again, or restore {data}",
-        )
-    return split_ids(data, ("train",))
-
-
-def check_no_leakage(real_root: str | Path, real: Manifest, synthetic_root: str | Path) -> None:
-    """Refuse a synthetic set whose GAN, labeller or copy-paste source saw a val or test image
-    of ``real``."""
+def check_no_leakage(
+    real_root: str | Path, real: Manifest, synthetic_root: str | Path, synthetic: Manifest
+) -> None:
+    """Refuse a synthetic set whose GAN, labeller or copy-paste source learnt from a val or
+    test image of ``real``."""
     where = Path(synthetic_root) / MANIFEST
-    labelling = Manifest.load(synthetic_root).section("labelling") or {}
-    sources = labelling.get("trained_on")
+    sources = (synthetic.section("labelling") or {}).get("trained_on")
     if sources is None:
         raise DataError(
             where,
@@ -62,14 +51,22 @@ def check_no_leakage(real_root: str | Path, real: Manifest, synthetic_root: str 
     held_out = None
     for source in sources:
         if source["dataset_id"] == real.dataset_id:
-            continue  # trained on this very dataset: it reads only the train split
+            continue  # made from this very dataset, whose train split alone it read
+        role, fix = source["role"], FIXES[source["role"]].format(root=real_root)
+        if source.get("train_ids") is None:
+            raise DataError(
+                where,
+                f"its {role} learnt from {source['data']}, which was not there to list when the "
+                "set was made, so it cannot be checked against this dataset's val and test images",
+                fix,
+            )
         held_out = held_out if held_out is not None else split_ids(real_root, HELD_OUT)
-        leaked = sorted(_seen_ids(source, where) & held_out)
+        leaked = sorted(set(source["train_ids"]) & held_out)
         if leaked:
             raise DataError(
                 where,
-                f"its {source['role']} learnt from {len(leaked)} image(s) that are in "
-                f"{real_root}'s val or test split (e.g. {leaked[0]}): they would be judged on "
-                "images their synthetic data was made from",
-                f"train the {source['role']} on {real_root}'s train split only",
+                f"its {role} learnt from {len(leaked)} image(s) that are in {real_root}'s val or "
+                f"test split (e.g. {leaked[0]}): they would be judged on images their synthetic "
+                "data was made from",
+                fix,
             )

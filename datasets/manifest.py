@@ -163,13 +163,14 @@ class Manifest:
         derived = self._derived("subset", {**details, "parent": self.dataset_id})
         return replace(derived, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std))
 
-    def pasted(self, details: dict, data: str) -> Manifest:
+    def pasted(self, details: dict, data: str, train_ids: list[str]) -> Manifest:
         """Copy-paste images cut from this dataset's train rows (at ``data``): exact masks."""
+        source = training_source("copy-paste source", data, self.dataset_id, train_ids)
         labelling = {
             "labeller": "copy-paste (exact masks)",
             "generator": "copy-paste",
             "config": details,
-            "trained_on": [training_source("copy-paste source", data, self.dataset_id)],
+            "trained_on": [source],
         }
         derived = self._derived("labelling", labelling)
         return replace(derived, dataset=f"copy-paste-{self.dataset}", source="synthetic")
@@ -248,10 +249,10 @@ class Manifest:
         )
 
 
-def training_source(role: str, data: str, dataset_id: str) -> dict:
-    """A dataset a synthetic set's maker learnt from (or cut from); the leakage check reads these
-    (``datasets.leakage``)."""
-    return {"role": role, "data": data, "dataset_id": dataset_id}
+def training_source(role: str, data: str, dataset_id: str, train_ids: list[str] | None) -> dict:
+    """A dataset a synthetic set's maker learnt from (or cut from), with the ids of its train
+    split (None: not there to list); the leakage check reads these (``datasets.leakage``)."""
+    return {"role": role, "data": data, "dataset_id": dataset_id, "train_ids": train_ids}
 
 
 def _canonical(details: dict) -> str:

@@ -12,10 +12,8 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.contract import MANIFEST, split_dir, split_files
+from defectforge.datasets.contract import MANIFEST, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.leakage import check_no_leakage
 from defectforge.datasets.manifest import Manifest
@@ -49,18 +47,18 @@ class MixConfig(TypedConfig):
 @dataclass(frozen=True)
 class MixPlan:
     synthetic_ids: tuple[str, ...]
-    real_count: int
+    real_rows: int
     requested_ratio: float
     real_ids: tuple[str, ...] = ()  # the real train rows kept; empty: all of them
 
     @property
     def achieved_ratio(self) -> float:
-        total = self.real_count + len(self.synthetic_ids)
+        total = self.real_rows + len(self.synthetic_ids)
         return len(self.synthetic_ids) / total if total else 0.0
 
     def summary(self) -> str:
         return (
-            f"{self.real_count} real + {len(self.synthetic_ids)} synthetic images (ratio "
+            f"{self.real_rows} real + {len(self.synthetic_ids)} synthetic images (ratio "
             f"{self.achieved_ratio:.3f}, requested {self.requested_ratio})"
         )
 
@@ -106,7 +104,7 @@ def stratified_ids(classes: dict[str, str | None], count: int, seed: int) -> lis
 
 
 def plan_mix(
-    real_count: int,
+    real_rows: int,
     real_by_class: dict[str, int],
     candidates: dict[str, str | None],
     cfg: MixConfig,
@@ -117,7 +115,7 @@ def plan_mix(
     ``real_by_class`` counts real train images per defect class ("none" for defect-free images);
     with ``per_class`` the synthetic images follow the real images' defect-class proportions.
     """
-    wanted = synthetic_count(real_count, cfg.ratio)
+    wanted = synthetic_count(real_rows, cfg.ratio)
     if cfg.per_class:
         defect_counts = {c: n for c, n in real_by_class.items() if c != "none"}
         quotas = share_by_class(wanted, defect_counts) if wanted else {}
@@ -130,12 +128,12 @@ def plan_mix(
             what = f"{cls!r} synthetic images" if cls else "synthetic images"
             raise NotEnoughSynthetic(
                 where,
-                f"ratio {cfg.ratio} over {real_count} real train images needs {quota} {what}, "
+                f"ratio {cfg.ratio} over {real_rows} real train images needs {quota} {what}, "
                 f"only {len(pool)} exist",
                 "generate and label more, lower the ratio, or pass --allow-fewer to use them all",
             )
         chosen += stable_order(pool, cfg.seed)[:quota]
-    return MixPlan(tuple(sorted(chosen)), real_count, cfg.ratio)
+    return MixPlan(tuple(sorted(chosen)), real_rows, cfg.ratio)
 
 
 def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest, Manifest]:
@@ -160,7 +158,7 @@ def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest,
                 f"the real set's {list(_listed(getattr(real_manifest, key)))}",
                 fix,
             )
-    check_no_leakage(real, real_manifest, synthetic)
+    check_no_leakage(real, real_manifest, synthetic, synthetic_manifest)
     return real_manifest, synthetic_manifest
 
 
@@ -170,9 +168,9 @@ def _listed(value) -> tuple:
 
 def train_classes(root: str | Path) -> dict[str, str | None]:
     """Every train id of a dataset and its defect class."""
-    if not split_dir(root, "train").is_dir():
+    table = read_split_table(root, "train", columns=["id", "defect_class"])
+    if table is None:
         return {}
-    table = pq.read_table(split_files(root, "train"), columns=["id", "defect_class"])
     return dict(zip(table["id"].to_pylist(), table["defect_class"].to_pylist(), strict=True))
 
 

@@ -14,11 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from defectforge.datasets.build import pixel_statistics
 from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.contract import MANIFEST, SPLITS, decode_png, split_dir, split_files
+from defectforge.datasets.contract import (
+    MANIFEST,
+    SPLITS,
+    decode_png,
+    only_ids,
+    read_split_table,
+    without_ids,
+)
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stratified_ids
@@ -50,11 +56,11 @@ class SubsetConfig(TypedConfig):
     seed: int = option(0, "which images are drawn")
 
 
-def _split_table(root: str | Path, split: str) -> pa.Table | None:
-    return pq.read_table(split_files(root, split)) if split_dir(root, split).is_dir() else None
-
-
-def _kept(table: pa.Table, split: str, count: int, seed: int, where: Path) -> list[str]:
+def _kept(table: pa.Table | None, split: str, count: int, seed: int, where: Path) -> list[str]:
+    if table is None:
+        raise DataError(
+            where, f"dataset has no {split} split to draw {count} from", f"drop --{split}"
+        )
     ids = table["id"].to_pylist()
     if count > len(ids):
         raise DataError(
@@ -66,29 +72,26 @@ def _kept(table: pa.Table, split: str, count: int, seed: int, where: Path) -> li
     return stratified_ids(classes, count, seed)
 
 
-def _only(table: pa.Table, ids: list[str], keep: bool) -> pa.Table:
-    inside = pc.is_in(table["id"], value_set=pa.array(ids, pa.string()))
-    return table.filter(inside if keep else pc.invert(inside))
-
-
 def _as_test(table: pa.Table) -> pa.Table:
     column = table.schema.get_field_index("split")
     return table.set_column(column, "split", pa.array(["test"] * len(table), pa.string()))
 
 
 def _pixel_statistics(table: pa.Table, channels: int) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 1] of the images in ``table``."""
-    total = np.zeros(channels)
-    total_sq = np.zeros(channels)
-    pixels = 0
+    """Per-channel mean and std in [0, 1] of the images in ``table`` (as a build computes them)."""
+    rows = []
     for cell in table["image"].to_pylist():
-        image = decode_png(cell, channels).reshape(-1, channels).astype(np.float64) / 255
-        total += image.sum(axis=0)
-        total_sq += (image**2).sum(axis=0)
-        pixels += len(image)
-    mean = total / pixels
-    std = np.sqrt(np.maximum(total_sq / pixels - mean**2, 1e-12))
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+        image = decode_png(cell, channels).astype(np.float64)
+        pixels = image.reshape(-1, channels)
+        rows.append(
+            {
+                "height": image.shape[0],
+                "width": image.shape[1],
+                "pixel_sum": pixels.sum(axis=0).tolist(),
+                "pixel_sumsq": (pixels**2).sum(axis=0).tolist(),
+            }
+        )
+    return pixel_statistics(rows, channels)
 
 
 def subset_dataset(
@@ -99,28 +102,24 @@ def subset_dataset(
     manifest = Manifest.load(data)
     manifest.require_masks(data, "subset")
     where = Path(data) / MANIFEST
-    tables = {split: _split_table(data, split) for split in SPLITS}
-    if tables["train"] is None:
-        raise DataError(where, "dataset has no train split", "subset a dataset with train images")
+    tables = {split: read_split_table(data, split) for split in SPLITS}
     kept = {"train": _kept(tables["train"], "train", cfg.train, cfg.seed, where)}
-    if cfg.val and tables["val"] is not None:
+    if cfg.val:
         kept["val"] = _kept(tables["val"], "val", cfg.val, cfg.seed, where)
-    left_out = [_only(tables[split], ids, keep=False) for split, ids in kept.items()]
+    left_out = [without_ids(tables[split], ids) for split, ids in kept.items()]
+    for split, ids in kept.items():
+        tables[split] = only_ids(tables[split], ids)
+    if cfg.rest_as_test:
+        parts = [t for t in (tables["test"], *map(_as_test, left_out)) if t is not None]
+        tables["test"] = pa.concat_tables(parts)
+    if cfg.test:
+        kept["test"] = _kept(tables["test"], "test", cfg.test, cfg.seed, where)
+        tables["test"] = only_ids(tables["test"], kept["test"])
     with write_dataset(out, overwrite, inputs=(data,)) as staging:
-        for split in ("train", "val"):
-            if split in kept:
-                tables[split] = _only(tables[split], kept[split], keep=True)
-        if cfg.rest_as_test:
-            parts = [t for t in (tables["test"], *map(_as_test, left_out)) if t is not None]
-            tables["test"] = pa.concat_tables(parts)
-        if cfg.test and tables["test"] is not None:
-            kept["test"] = _kept(tables["test"], "test", cfg.test, cfg.seed, where)
-            tables["test"] = _only(tables["test"], kept["test"], keep=True)
         for split, table in tables.items():
             if table is not None and len(table):
                 staging.write_split(split, table)
         mean, std = _pixel_statistics(tables["train"], manifest.channels)
         listed = {f"{split}_ids": kept.get(split) for split in SPLITS}
-        details = {**asdict(cfg), **listed}
-        staging.publish(manifest.subset(details, mean, std))
+        staging.publish(manifest.subset({**asdict(cfg), **listed}, mean, std))
     return staging.manifest

@@ -99,10 +99,12 @@ def evaluate_pairs(
     point: OperatingPoint,
     pairs: Iterable[tuple[np.ndarray, np.ndarray]],
     binary: bool = False,
+    per_image: bool = False,
 ) -> dict:
     """Pixel metrics over (image, true mask) pairs at native resolution, and image-level ones:
     AUROC of the image score (its highest defect probability) and the verdicts at ``point``
-    against the truth (an image whose true mask has a defect should be NG)."""
+    against the truth (an image whose true mask has a defect should be NG); with ``per_image``
+    also each image's binary defect IoU, in the pairs' order."""
     names = ["background", "defect"] if binary else list(cfg.output_classes)
     accumulator = MetricAccumulator(len(names))
     scores, defective, verdicts = [], [], []
@@ -128,8 +130,9 @@ def evaluate_pairs(
         "false_alarm_rate": counts["false_ng"] / max(1, counts["false_ng"] + counts["true_ok"]),
         "verdicts": counts,
     }
-    per_image = {"per_image_binary_iou": accumulator.per_image_iou()}
-    return {**accumulator.summary(names), **image_level, **per_image}
+    if per_image:
+        image_level["per_image_binary_iou"] = accumulator.per_image_iou()
+    return {**accumulator.summary(names), **image_level}
 
 
 def evaluate_folder(
@@ -179,11 +182,13 @@ def dataset_split_pairs(
         yield decode_png(image, cfg.channels), decode_png(mask, 0)
 
 
-def evaluate_dataset_split(model_dir: str | Path, split: str, binary: bool = False) -> dict:
+def evaluate_dataset_split(
+    model_dir: str | Path, split: str, binary: bool = False, per_image: bool = False
+) -> dict:
     """``evaluate_pairs`` over one split of the dataset the run was trained on."""
     model, cfg = load_model(model_dir)
     pairs = dataset_split_pairs(cfg, split, f"evaluate {split}")
-    return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs, binary)
+    return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs, binary, per_image)
 
 
 def _truth(path, masks, shape, spec, suffix, missing_is_background) -> np.ndarray:

@@ -18,12 +18,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defectforge.datasets.files import atomic_write  # noqa: E402
-from defectforge.studies.spec import StudySpec  # noqa: E402
+from defectforge.studies.spec import MIX_DEFAULTS, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 COMPARE_FILE = "compare.json"
 # What makes an arm's training data differ from its baseline's; every other key must match.
-MIX_KEYS = ("synthetic_ratio", "synthetic_source", "real_count")
+MIX_KEYS = tuple(MIX_DEFAULTS)
+# What the report keeps of each seed's held-out run (final.json keeps its test metrics too).
 SEED_KEYS = (
     "seed",
     "best_epoch",
@@ -68,14 +69,27 @@ def _baseline(arm: dict, arms: list[dict]) -> dict | None:
     return None
 
 
-def _paired(arm: dict, baseline: dict) -> dict:
-    theirs = {s["seed"]: s["test_binary_defect_iou"] for s in baseline["seeds"]}
-    differences = {
-        s["seed"]: s["test_binary_defect_iou"] - theirs[s["seed"]]
-        for s in arm["seeds"]
-        if s["seed"] in theirs
+def _scores(seeds: list[dict]) -> dict[int, float]:
+    """Each seed's test IoU (a seed whose IoU is undefined, no defect anywhere, is left out)."""
+    return {
+        s["seed"]: s["test_binary_defect_iou"]
+        for s in seeds
+        if s["test_binary_defect_iou"] is not None
     }
-    interval = mean_interval(list(differences.values())) if len(differences) > 1 else None
+
+
+def _interval(values: list[float]) -> dict | None:
+    return mean_interval(values) if len(values) > 1 else None
+
+
+def _paired(arm: dict, baseline: dict) -> dict:
+    ours, theirs = _scores(arm["seeds"]), _scores(baseline["seeds"])
+    differences = [
+        {"seed": seed, "difference": score - theirs[seed]}
+        for seed, score in sorted(ours.items())
+        if seed in theirs
+    ]
+    interval = _interval([d["difference"] for d in differences])
     verdict = "cannot be told apart"
     if interval and interval["low"] > 0:
         verdict = "helps"
@@ -93,7 +107,8 @@ def _paired(arm: dict, baseline: dict) -> dict:
 def summarize_comparison(records: list, spec: StudySpec) -> dict:
     """compare.json: per arm its seeds, the test IoU's interval and per-image IoUs; per arm with
     synthetic images, the paired difference against its ratio-0 baseline."""
-    keys = [k for k in spec.varied() if k != "seed"]
+    # The mix options are part of every arm, set or not, so its label and baseline are right.
+    keys = sorted(set(spec.varied()) | {k for k in MIX_KEYS if k in spec.fixed()})
     grouped: dict[tuple, list] = defaultdict(list)
     for record in records:
         line = _test_line(record)
@@ -104,13 +119,12 @@ def summarize_comparison(records: list, spec: StudySpec) -> dict:
         arm = dict(zip(keys, values, strict=True))
         lines.sort(key=lambda line: line["seed"])
         seeds = [{k: line.get(k) for k in SEED_KEYS} for line in lines]
-        scores = [s["test_binary_defect_iou"] for s in seeds]
         arms.append(
             {
                 "arm": arm,
                 "label": arm_label(arm),
                 "seeds": seeds,
-                "test_binary_defect_iou": mean_interval(scores) if len(scores) > 1 else None,
+                "test_binary_defect_iou": _interval(list(_scores(seeds).values())),
                 "per_image_binary_iou": _per_image_mean(
                     [line["test"]["per_image_binary_iou"] for line in lines]
                 ),
@@ -163,7 +177,7 @@ def plot_paired_differences(comparison: dict, path: Path) -> None:
             fmt="o",
             capsize=4,
         )
-        differences = list(row["differences"].values())
+        differences = [d["difference"] for d in row["differences"]]
         axis.scatter(differences, [index] * len(differences), marker="x", color="grey", zorder=3)
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set_yticks(range(len(rows)), [row["arm"] for row in rows], fontsize=7)
@@ -187,10 +201,8 @@ def comparison_section(comparison: dict) -> list[str]:
         scores = [s for s in arm["per_image_binary_iou"] if s is not None]
         median = f"{np.median(scores):.4f}" if scores else "-"
         low_high = f"{interval['low']:.4f} - {interval['high']:.4f}" if interval else "-"
-        mean = interval["mean"] if interval else arm["seeds"][0]["test_binary_defect_iou"]
-        lines.append(
-            f"| {arm['label']} | {len(arm['seeds'])} | {mean:.4f} | {low_high} | {median} |"
-        )
+        mean = f"{interval['mean']:.4f}" if interval else "-"
+        lines.append(f"| {arm['label']} | {len(arm['seeds'])} | {mean} | {low_high} | {median} |")
     lines += [
         "",
         "## Against ratio 0, paired by seed",
@@ -200,7 +212,7 @@ def comparison_section(comparison: dict) -> list[str]:
     ]
     for row in comparison["paired"]:
         interval = row["interval"]
-        per_seed = ", ".join(f"{d:+.4f}" for d in row["differences"].values())
+        per_seed = ", ".join(f"{d['difference']:+.4f}" for d in row["differences"])
         if interval:
             cells = f"{interval['mean']:+.4f} | {interval['low']:+.4f} - {interval['high']:+.4f}"
         else:

@@ -15,8 +15,8 @@ import yaml
 
 from defectforge.datasets.errors import DataError
 from defectforge.segmentation.config import SegConfig
-from defectforge.segmentation.metrics import SELECTION_METRIC
-from defectforge.studies.compare import COMPARE_FILE
+from defectforge.segmentation.metrics import SELECTION_METRIC, best_epoch
+from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS
 from defectforge.studies.report import write_report
 from defectforge.studies.spec import StudySpec, parse_spec
 from defectforge.studies.stats import mean_interval
@@ -26,15 +26,8 @@ SPEC_FILE, STUDY_FILE = "spec.yaml", "study.json"
 TRIALS_FILE, FINAL_FILE = "trials.json", "final.json"
 REPORT_DIR = "report"
 DEFAULT_EPOCHS = SegConfig.__dataclass_fields__["epochs"].default
-FINAL_KEYS = (
-    "seed",
-    "best_epoch",
-    "best_val_binary_defect_iou",
-    "test_binary_defect_iou",
-    "test_mean_defect_iou",
-    "test",
-    "best_checkpoint_path",
-)
+KEPT_BEST = "best_checkpoint_path"
+FINAL_KEYS = (*SEED_KEYS, "test")
 
 
 @dataclass(frozen=True)
@@ -50,7 +43,9 @@ class TrialRecord:
 def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     """One row of trials.json: the trial's values, status and best epoch's validation metrics."""
     epochs = [line for line in record.lines if line.get(SELECTION_METRIC) is not None]
-    best = max(epochs, key=lambda line: line[SELECTION_METRIC]) if epochs else {}
+    best = best_epoch(record.lines) or {}
+    # A trial that keeps its own checkpoints says which one is its best on every line.
+    kept = next((line[KEPT_BEST] for line in reversed(record.lines) if KEPT_BEST in line), None)
     planned = record.config.get("epochs", spec.training.get("epochs", DEFAULT_EPOCHS))
     status = "error" if record.error else "finished" if len(epochs) >= planned else "stopped early"
     return {
@@ -63,7 +58,7 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
         "val_mean_defect_iou": best.get("val_mean_defect_iou"),
         "val_per_class_iou": best.get("val_per_class_iou"),
         "val_confusion_matrix": best.get("val_confusion_matrix"),
-        "checkpoint_path": best.get("checkpoint_path"),
+        "checkpoint_path": kept or best.get("checkpoint_path"),
         "seconds": sum(line.get("epoch_seconds", 0.0) for line in epochs),
         "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
         "error": record.error.splitlines()[0][:300] if record.error else None,

@@ -15,8 +15,10 @@ and the fix (``SpecError``), before any Ray work starts.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import Field, dataclass, field, fields
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
 # compare: no search; every grid point is an arm trained with final.seeds seeds and scored on test.
 ALGORITHMS = ("optuna", "grid", "compare")
 ARMS = "arms"
+# What decides a trial's training data, and each one's value when a spec does not set it.
+MIX_DEFAULTS = {"synthetic_ratio": 0.0, "synthetic_source": "gan", "real_count": 0}
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 DEFAULT_SPACE = {"synthetic_ratio": 0.0}
 # Options a study sets itself, from its data and resources sections.
@@ -104,9 +108,11 @@ class ResourcesSpec(TypedConfig):
         check=_custom_resources_ok,
         valid="a mapping of custom resource names (not CPU, GPU, memory) to positive amounts",
     )
-    # A one-worker trial trains in its Tune process; false makes it a Ray Train run of one
-    # worker, as trials of several workers are (benchmarks/study_overhead.py compares the two).
-    one_worker_in_process: bool = option(True)
+    one_worker_in_process: bool = option(
+        True,
+        "a one-worker trial trains in its own Tune process; false: a Ray Train run of one "
+        "worker, as trials of several workers are (benchmarks/study_overhead.py compares them)",
+    )
 
 
 @dataclass(frozen=True)
@@ -146,13 +152,32 @@ class StudySpec:
 
     def values_of(self, key: str) -> list:
         """Every value ``key`` takes in the space (a range as its two ends)."""
-        found = [arm[key] for arm in self.search_space.get(ARMS, []) if key in arm]
+        in_arms = [arm[key] for arm in self.search_space.get(ARMS, []) if key in arm]
+        return in_arms + self._outside_arms(key)
+
+    def _outside_arms(self, key: str) -> list:
         value = self.search_space.get(key)
+        if value is None:
+            return []
         if isinstance(value, Range):
-            found += [value.low, value.high]
-        elif value is not None:
-            found += value if isinstance(value, list) else [value]
-        return found
+            return [value.low, value.high]
+        return value if isinstance(value, list) else [value]
+
+    def mix_points(self) -> list[dict]:
+        """Every (synthetic_ratio, synthetic_source, real_count) a trial may train with: an
+        arm's own values, else the space's (a range as its two ends), else the defaults."""
+        points = []
+        for arm in self.search_space.get(ARMS) or [{}]:
+            options = [
+                [arm[key]] if key in arm else self._outside_arms(key) or [default]
+                for key, default in MIX_DEFAULTS.items()
+            ]
+            points += [dict(zip(MIX_DEFAULTS, combo, strict=True)) for combo in product(*options)]
+        return points
+
+    def synthetic_sources(self) -> set[str]:
+        """The synthetic sets some trial mixes in (gan, copy_paste)."""
+        return {p["synthetic_source"] for p in self.mix_points() if p["synthetic_ratio"] > 0}
 
 
 def trial_values(config: dict) -> dict:
@@ -305,7 +330,17 @@ def _arms(where: str, value: Any, space: dict) -> list[dict]:
                 raise SpecError(
                     where, f"{key}.{name}", arm[name], "an arm holds one value per key", "give one"
                 )
+        if not checked.get("synthetic_ratio") and {"synthetic_source", "real_count"} & set(checked):
+            raise SpecError(
+                where,
+                key,
+                arm,
+                "an arm with synthetic_ratio 0 mixes nothing in",
+                "drop its synthetic_source and real_count",
+            )
         arms.append(checked)
+    if len({json.dumps(arm, sort_keys=True) for arm in arms}) < len(arms):
+        raise SpecError(where, key, value, "lists an arm twice", "keep one of each")
     return arms
 
 
@@ -389,6 +424,21 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
 
 
 def _check_compare(where: str, spec: StudySpec) -> None:
+    search = spec.search
+    unused = {
+        "asha": (search.asha, None),
+        "num_samples": (search.num_samples, 1),
+        "optuna_storage": (search.optuna_storage, ""),
+    }
+    for key, (value, default) in unused.items():
+        if value != default:
+            raise SpecError(
+                where,
+                f"search.{key}",
+                value,
+                "a compare study trains every arm with every seed to the end; it searches nothing",
+                "remove it",
+            )
     if "seed" in spec.search_space:
         raise SpecError(
             where,
@@ -405,9 +455,7 @@ def _check_compare(where: str, spec: StudySpec) -> None:
 
 def _check_synthetic_sources(where: str, spec: StudySpec) -> None:
     """Every synthetic set a trial may mix in is given, or made by a stage."""
-    if not any(ratio > 0 for ratio in spec.values_of("synthetic_ratio")):
-        return
-    sources = set(spec.values_of("synthetic_source")) or {"gan"}
+    sources = spec.synthetic_sources()
     stages = spec.stages
     if "gan" in sources and not (spec.dataset.synthetic or stages.label):
         raise SpecError(

@@ -83,9 +83,15 @@ class StudyStore:
         self.fs.delete_dir(self._full(relative))
 
     def local_copy(self, location: str, scratch: str | Path) -> Path:
-        """The folder at ``location`` (a path, or a URI on this store's filesystem) as a local
-        folder: itself on a local disk, else copied into ``scratch``."""
-        if not is_uri(location):
+        """The folder at ``location`` as a local folder: itself on a local disk, else copied into
+        ``scratch``. ``location`` is a URI, or a path on this store's filesystem (Ray Train
+        gives checkpoint paths on s3 without the scheme)."""
+        if is_uri(location):
+            source, path = pafs.FileSystem.from_uri(location)
+        elif is_uri(self.uri):
+            source, path = self.fs, location
+        else:
             return Path(location)
-        pafs.copy_files(location, str(scratch), destination_filesystem=pafs.LocalFileSystem())
+        local = pafs.LocalFileSystem()
+        pafs.copy_files(path, str(scratch), source_filesystem=source, destination_filesystem=local)
         return Path(scratch)

@@ -172,6 +172,17 @@ def test_compare_specs_are_checked():
         parse_spec({**spec, "search": {"algorithm": "optuna"}})
     with pytest.raises(SpecError, match="an arm holds one value per key"):
         parse_spec({**spec, "search_space": {"arms": [{"synthetic_ratio": [0.1, 0.2]}]}})
+    with pytest.raises(SpecError, match="an arm with synthetic_ratio 0 mixes nothing in"):
+        parse_spec({**spec, "search_space": {"arms": [{"synthetic_source": "copy_paste"}]}})
+    with pytest.raises(SpecError, match="lists an arm twice"):
+        parse_spec({**spec, "search_space": {"arms": [{"synthetic_ratio": 0.0}] * 2}})
+    with pytest.raises(SpecError, match="search.asha .* searches nothing"):
+        parse_spec({**spec, "search": {"algorithm": "compare", "asha": {}}})
+    # An arm that names no source mixes GAN images: the GAN set is needed too.
+    mixed = {"arms": [{"synthetic_ratio": 0.3, "synthetic_source": "copy_paste"},
+                      {"synthetic_ratio": 0.3}]}  # fmt: skip
+    with pytest.raises(SpecError, match="needs a labelled synthetic dataset"):
+        parse_spec({**spec, "dataset": {"real": "r", "copy_paste": "c"}, "search_space": mixed})
     parsed = parse_spec({**spec, "dataset": {"real": "r", "copy_paste": "c"}})
     assert "synthetic_ratio" not in parsed.fixed()  # the arms set it
     assert parsed.varied() == ["synthetic_ratio", "synthetic_source"]
@@ -194,7 +205,8 @@ def test_a_compare_study_scores_every_arm_on_test_paired_by_seed(few, pasted, tm
         {s["seed"]: s["test_binary_defect_iou"] for s in arm["seeds"]} for arm in comparison["arms"]
     )
     expected = [ours[seed] - theirs[seed] for seed in sorted(ours)]
-    assert list(paired["differences"].values()) == pytest.approx(expected)
+    assert [d["seed"] for d in paired["differences"]] == sorted(ours)
+    assert [d["difference"] for d in paired["differences"]] == pytest.approx(expected)
     assert paired["verdict"] in ("helps", "hurts", "cannot be told apart")
     report = Path(summary["location"]).parent
     text = (report / "report.md").read_text()
@@ -202,6 +214,27 @@ def test_a_compare_study_scores_every_arm_on_test_paired_by_seed(few, pasted, tm
     assert (report / "per_image_iou.png").stat().st_size > 0
     stored = json.loads((tmp_path / "studies" / "cmp" / "compare.json").read_text())
     assert stored["paired"][0]["arm"] == "copy_paste 0.4"
+
+
+def test_a_trial_keeps_its_best_and_latest_epoch_by_the_trial_tables_rule(tmp_path):
+    from defectforge.studies.store import StudyStore
+    from defectforge.trainables.trial import EpochFolders
+
+    store = StudyStore(str(tmp_path / "study"))
+    folders = EpochFolders(store, "train/t1")
+    scores = [0.2, None, 0.5, 0.5, 0.4, 0.1, 0.3, 0.3, 0.3, 0.3, 0.45]  # epochs 0-10
+    for epoch, score in enumerate(scores):
+        checkpoint = tmp_path / "checkpoint"
+        checkpoint.mkdir(exist_ok=True)
+        (checkpoint / "model.pt").write_bytes(b"weights %d" % epoch)
+        folders.save(checkpoint, {"epoch": epoch, "val_binary_defect_iou": score})
+        folders.prune()
+    # The first of the two 0.5 epochs is the best; epoch_010 sorts after epoch_009.
+    assert store.subfolders("train/t1") == ["epoch_002", "epoch_010"]
+    again = EpochFolders(store, "train/t1")  # a restored trial finds both
+    assert (again.best(), again.latest()) == ("epoch_002", "epoch_010")
+    (tmp_path / "study/train/t1/epoch_011").mkdir()  # cut short: no epoch_metrics.json
+    assert EpochFolders(store, "train/t1").latest() == "epoch_010"
 
 
 def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(

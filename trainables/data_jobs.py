@@ -32,6 +32,7 @@ from defectforge.datasets.contract import (
     SPLITS,
     decode_png,
     encode_png,
+    only_ids,
     split_dir,
     split_files,
 )
@@ -79,10 +80,6 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
             "rebuild it with split ratios that give this split some samples",
         )
     return ray.data.read_parquet([str(p) for p in files], schema=SCHEMA)
-
-
-def only_ids(table: pa.Table, ids: tuple[str, ...]) -> pa.Table:
-    return table.filter(pc.is_in(table["id"], value_set=pa.array(ids, pa.string())))
 
 
 def train_rows(
@@ -241,7 +238,7 @@ def _write_mix(real, synthetic, mix: Mix, cfg: MixConfig, out, overwrite: bool, 
         **{key: value for key, value in asdict(cfg).items() if key != "ratio"},
         "requested_ratio": cfg.ratio,
         "achieved_ratio": mix.plan.achieved_ratio,
-        "real_images": mix.plan.real_count,
+        "real_images": mix.plan.real_rows,
         "synthetic_images": len(mix.plan.synthetic_ids),
     }
     with write_dataset(out, overwrite, inputs) as staging:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 import ray.train
@@ -66,7 +67,23 @@ def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **opt
         channels=manifest.channels,
         classes=manifest.classes[1:],
     )
-    return replace(base.with_profile(profile), **options)
+    cfg = replace(base.with_profile(profile), **options)
+    if cfg.native_crops:
+        _check_crops_fit(cfg)
+    return cfg
+
+
+def _check_crops_fit(cfg: GanConfig) -> None:
+    """Native-scale crops of side ``resolution`` need train images at least that large (a
+    smaller one would be padded with its own mirror image, which the GAN would learn)."""
+    sizes = pq.read_table(split_files(cfg.data, "train"), columns=["height", "width"])
+    smallest = min(pc.min(sizes["height"]).as_py(), pc.min(sizes["width"]).as_py())
+    if smallest < cfg.resolution:
+        raise ConfigError(
+            f"--native-crops at --resolution {cfg.resolution}: the smallest train image of "
+            f"{cfg.data} has a side of {smallest} px; lower --resolution to {smallest} or less, "
+            "or drop --native-crops"
+        )
 
 
 def _wanted(cfg: GanConfig):

@@ -78,6 +78,7 @@ from defectforge.trainables.trial import TrainedTrial, train_in_trial
 
 SEARCH_RUN, FINAL_RUN, COMPARE_RUN, TRAIN_RUNS = "search", "final", "compare", "train"
 DATASET_PATHS = ("real", "synthetic", "copy_paste")
+IN_PROCESS_KEY = "one_worker_in_process"
 # Final retrains use seeds the search never used, so the interval is an honest estimate.
 FINAL_SEED_BASE = 1000
 # A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs and GPUs. Even
@@ -128,8 +129,8 @@ def _held_out_trial(config: dict, context: StudyContext, run_name: str) -> None:
     with sealed_splits("test"):
         trained = _fit(context, config, run_name)
     with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
-        folder = StudyStore(context.root).local_copy(trained.checkpoint, scratch)
-        test = evaluate_dataset_split(folder, "test")
+        folder = StudyStore(context.root).local_copy(trained.checkpoint_location, scratch)
+        test = evaluate_dataset_split(folder, "test", per_image=True)
     tune.report(
         {
             "seed": config["seed"],
@@ -138,7 +139,7 @@ def _held_out_trial(config: dict, context: StudyContext, run_name: str) -> None:
             "test_binary_defect_iou": test["binary_defect_iou"],
             "test_mean_defect_iou": test["mean_defect_iou"],
             "test": test,
-            "best_checkpoint_path": trained.checkpoint,
+            "best_checkpoint_path": trained.checkpoint_location,
         }
     )
 
@@ -341,7 +342,12 @@ def study_root(spec: StudySpec, name: str | None) -> str:
 
 def _context(spec: StudySpec, store: StudyStore) -> StudyContext:
     slots = TrialSlots.remote(spec.search.max_concurrent_trials)
-    return StudyContext(spec, store.uri, base_config(spec), slots, study_worker_cpus(spec))
+    # A study keeps the trial runner it started with: a study begun before one-worker trials
+    # trained in-process (no record) keeps its Ray Train runs, whose checkpoints it resumes.
+    runner = store.read_json(STUDY_FILE).get(IN_PROCESS_KEY, False)
+    in_process = runner and spec.resources.workers_per_trial == 1
+    cpus = study_worker_cpus(spec)
+    return StudyContext(spec, store.uri, base_config(spec), slots, cpus, in_process)
 
 
 def _absolute_data(spec: StudySpec) -> StudySpec:
@@ -381,6 +387,7 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
             "root": store.uri,
             "spec_sha256": digest,
             "spec": asdict(spec),
+            IN_PROCESS_KEY: spec.resources.one_worker_in_process,
             **checked,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"ray": ray.__version__, "torch": torch.__version__},

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from defectforge.datasets.errors import ConfigError
+from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
@@ -24,6 +24,7 @@ class StudyContext:
     base: SegConfig
     slots: Any = None  # a TrialSlots actor: max_concurrent_trials, restored studies included
     worker_cpus: float = 1.0  # per training worker, as study_worker_cpus settled it
+    in_process: bool = False  # one worker per trial, trained in the trial's own process
 
     def trial_config(self, values: dict) -> SegConfig:
         values = trial_values(values)
@@ -31,12 +32,6 @@ class StudyContext:
         source = values.get("synthetic_source", "gan")
         synthetic = synthetic_set(self.spec, source) if ratio else ""
         return replace(self.base, **values, synthetic=synthetic)
-
-    @property
-    def in_process(self) -> bool:
-        """One worker per trial: it trains in the trial's own process, no Ray Train run."""
-        resources = self.spec.resources
-        return resources.workers_per_trial == 1 and resources.one_worker_in_process
 
     def worker_resources(self) -> dict:
         res = self.spec.resources
@@ -53,10 +48,7 @@ def synthetic_set(spec: StudySpec, source: str) -> str:
 
 def _synthetic_sources(spec: StudySpec) -> dict[str, str]:
     """The synthetic sets the study's trials may mix in, by source."""
-    if not any(ratio > 0 for ratio in spec.values_of("synthetic_ratio")):
-        return {}
-    sources = spec.values_of("synthetic_source") or ["gan"]
-    return {source: synthetic_set(spec, source) for source in sorted(set(sources))}
+    return {source: synthetic_set(spec, source) for source in sorted(spec.synthetic_sources())}
 
 
 def base_config(spec: StudySpec) -> SegConfig:
@@ -85,29 +77,37 @@ def check_study(spec: StudySpec, where: str) -> dict:
             "rebuild it with `data build --test-fraction 0.1` (NEU-Seg) or set final.seeds: 0",
         )
     base = base_config(spec)
-    for path in _synthetic_sources(spec).values():
-        _check_enough_synthetic(spec, replace(base, synthetic=path), where)
+    _check_enough_synthetic(spec, base, where)
     _check_values(spec, base, where)
     study_worker_cpus(spec)
     return ids
 
 
 def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> None:
-    """A trial asking for more synthetic images than exist would only fail once it ran."""
-    largest = max(spec.values_of("synthetic_ratio"))
-    if not largest:
-        return
-    for real_count in set(spec.values_of("real_count")) | {0}:
-        mix = replace(base, synthetic_ratio=largest, real_count=real_count).mix
+    """A trial asking for more synthetic (or real) images than exist would only fail once it
+    ran: every mix a trial may ask for is planned now."""
+    for point in spec.mix_points():
+        if not point["synthetic_ratio"]:
+            continue
+        mix = replace(
+            base,
+            synthetic=synthetic_set(spec, point["synthetic_source"]),
+            synthetic_ratio=point["synthetic_ratio"],
+            real_count=point["real_count"],
+        )
         try:
-            plan_for(spec.dataset.real, base.synthetic, mix)
+            plan_for(spec.dataset.real, mix.synthetic, mix.mix)
         except NotEnoughSynthetic as err:
             raise SpecError(
                 where,
                 "search_space.synthetic_ratio",
-                largest,
+                point["synthetic_ratio"],
                 err.problem,
                 "lower the largest ratio or generate and label more images",
+            ) from None
+        except DataError as err:
+            raise SpecError(
+                where, "search_space.real_count", point["real_count"], err.problem, err.fix
             ) from None
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 from collections import Counter
 from dataclasses import asdict
@@ -40,6 +41,8 @@ from defectforge.datasets.contract import (
     decode_png,
     encode_png,
     file_digest,
+    only_ids,
+    read_split_table,
     run_identity,
     split_dir,
     split_files,
@@ -60,7 +63,7 @@ from defectforge.segmentation.report import (
     plot_correction_quality,
     plot_label_grid,
 )
-from defectforge.trainables.data_jobs import only_ids, read_split
+from defectforge.trainables.data_jobs import read_split
 from defectforge.trainables.runtime import ensure_ray, worker_cpus
 
 # The labelling output: the contract's columns plus what the report and the filter need.
@@ -77,6 +80,7 @@ GRID_ROWS = 16
 BATCHES_PER_BLOCK = 4
 # Images per saved part: at most this much labelling is lost to an interruption.
 PART_ROWS = 512
+PARTS_PREFIX = ".{name}.labelling-"
 
 
 def _device(use_gpu: bool) -> torch.device:
@@ -263,7 +267,7 @@ def common_size(data: str | Path) -> tuple[int, int]:
 def _automatic_size(seg: SegConfig, generated: Manifest) -> tuple[int, int]:
     """Native-scale GAN crops are labelled as they are; whole images resized by the GAN are
     brought back to the real images' size."""
-    gan = (generated.section("generation") or {}).get("gan_config") or {}
+    gan = generator_config(generated) or {}
     if gan.get("native_crops"):
         return (gan["resolution"], gan["resolution"])
     if not split_dir(seg.data, "train").is_dir():
@@ -331,13 +335,24 @@ def _labelled_manifest(
     )
 
 
+def _train_ids(data: str) -> list[str] | None:
+    table = read_split_table(data, "train", columns=["id"]) if Path(data).is_dir() else None
+    return None if table is None else sorted(table["id"].to_pylist())
+
+
 def _trained_on(seg: SegConfig, generated: Manifest) -> list[dict]:
-    """The datasets the labeller and (for GAN images) the GAN learnt from."""
-    sources = [training_source("labeller", seg.data, seg.data_manifest_id)]
-    gan = (generated.section("generation") or {}).get("gan_config")
+    """The datasets the labeller and (for GAN images) the GAN learnt from, with their train ids."""
+    sources = [training_source("labeller", seg.data, seg.data_manifest_id, _train_ids(seg.data))]
+    gan = generator_config(generated)
     if gan is not None:
-        sources.append(training_source("GAN", gan["data"], gan.get("data_manifest_id", "")))
+        data, data_id = gan["data"], gan.get("data_manifest_id", "")
+        sources.append(training_source("GAN", data, data_id, _train_ids(data)))
     return sources
+
+
+def generator_config(generated: Manifest) -> dict | None:
+    """The GAN config that made a generated set (None for images from a folder)."""
+    return (generated.section("generation") or {}).get("gan_config")
 
 
 def label_rows(
@@ -375,13 +390,22 @@ def labelled_parts(
     return ray.data.read_parquet(files, schema=LABELLED_SCHEMA)
 
 
-def _parts_folder(out: str | Path, cfg: LabelConfig, generated: Manifest, labeller_id: str) -> Path:
-    """Where an interrupted labelling of exactly this input and config left its parts."""
+# LabelConfig options that change how fast labels come, not what they are.
+SPEED_OPTIONS = ("actors", "batch_size", "use_gpu")
+
+
+def _parts_folder(out: Path, cfg: LabelConfig, generated: Manifest, labeller_id: str) -> Path:
+    """Where an interrupted labelling of exactly this input, labeller and output-deciding
+    config left its parts."""
+    settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in SPEED_OPTIONS}
     key = combined_digest(
-        {"config": cfg.to_json(), "images": generated.dataset_id, "labeller": labeller_id}
+        {
+            "config": json.dumps(settings, sort_keys=True),
+            "images": generated.dataset_id,
+            "labeller": labeller_id,
+        }
     )[:12]
-    out = Path(out).resolve()
-    return out.parent / f".{out.name}.labelling-{key}"
+    return out.parent / f"{PARTS_PREFIX.format(name=out.name)}{key}"
 
 
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
@@ -393,6 +417,7 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
     seg = _check_labeller(cfg, source.channels)
     size = tuple(cfg.size) or _automatic_size(seg, source)
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
+    out = Path(out).resolve()
     parts = _parts_folder(out, cfg, source, labeller_id)
     with write_dataset(out, overwrite, inputs=(cfg.images, cfg.labeller)) as staging:
         labelled = labelled_parts(cfg, generated, size, labeller_id, parts).materialize()
@@ -414,5 +439,6 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
         staging.publish(
             _labelled_manifest(cfg, seg, source, summary, {"labeller": labeller_id, "size": size})
         )
-    shutil.rmtree(parts, ignore_errors=True)
+    for leftover in out.parent.glob(f"{PARTS_PREFIX.format(name=out.name)}*"):
+        shutil.rmtree(leftover, ignore_errors=True)  # this run's parts, and any other run's
     return {"manifest": staging.manifest, "quality": quality}

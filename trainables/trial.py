@@ -3,10 +3,10 @@
 A Ray Train run per trial starts a controller, a worker group and a dataset split coordinator
 before its first batch; a trial of one worker needs none of them (``benchmarks/
 study_overhead.py`` measures the difference). Its Tune actor holds the worker's resources,
-streams its Ray Datasets itself, and keeps its epoch checkpoints in the study folder as a Train
-run would (``train/<trial>/epoch_NNN/``, the best and the latest kept), from where a restored
-trial continues and the final step and the export read them. Trials of several workers keep the
-Train run (``trainables.study``).
+streams its Ray Datasets itself, and keeps its epoch checkpoints in the study folder
+(``train/<trial>/epoch_NNN/``, the best and the latest kept), from where a restored trial
+continues and the final step and the export read them. Trials of several workers keep the Train
+run (``trainables.study``).
 """
 
 from __future__ import annotations
@@ -22,25 +22,26 @@ from ray import tune
 
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
-from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.segmentation.metrics import best_epoch
+from defectforge.studies.results import KEPT_BEST
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import read_split, train_rows
 from defectforge.trainables.seg import seg_loop_io
 
 # Written last into an epoch folder: a folder holding it is complete.
-METRICS_FILE = "metrics.json"
+EPOCH_METRICS = "epoch_metrics.json"
 
 
 @dataclass(frozen=True)
 class TrainedTrial:
     """Where a trial's best epoch checkpoint lives (a path or a URI), and that epoch's metrics."""
 
-    checkpoint: str
+    checkpoint_location: str
     metrics: dict
 
 
-def _score(metrics: dict) -> float:
-    return metrics.get(SELECTION_METRIC) or 0.0
+def _epoch_of(name: str) -> int:
+    return int(name.removeprefix("epoch_"))
 
 
 class EpochFolders:
@@ -49,27 +50,36 @@ class EpochFolders:
     def __init__(self, store: StudyStore, run: str):
         self.store, self.run = store, run
         self.saved = {
-            name: store.read_json(f"{run}/{name}/{METRICS_FILE}")
+            name: store.read_json(f"{run}/{name}/{EPOCH_METRICS}")
             for name in store.subfolders(run)
-            if store.exists(f"{run}/{name}/{METRICS_FILE}")
+            if store.exists(f"{run}/{name}/{EPOCH_METRICS}")
         }
 
+    def _names(self) -> list[str]:
+        return sorted(self.saved, key=_epoch_of)
+
     def latest(self) -> str | None:
-        return max(self.saved) if self.saved else None
+        return self._names()[-1] if self.saved else None
 
     def best(self) -> str:
-        """The first epoch with the best validation score (as the trial table picks it)."""
-        return max(sorted(self.saved), key=lambda name: _score(self.saved[name]))
+        """The best epoch by the trial table's rule (``best_epoch``); the latest if none scored."""
+        best = best_epoch([self.saved[name] for name in self._names()])
+        return f"epoch_{best['epoch']:03d}" if best else self.latest()
 
-    def save(self, folder: Path, metrics: dict) -> str:
+    def location(self, name: str) -> str:
+        return self.store.location(f"{self.run}/{name}")
+
+    def save(self, folder: Path, metrics: dict) -> None:
         name = f"epoch_{metrics['epoch']:03d}"
-        (folder / METRICS_FILE).write_text(json.dumps(metrics, default=str))
-        self.store.upload_folder(folder, f"{self.run}/{name}", last=METRICS_FILE)
+        (folder / EPOCH_METRICS).write_text(json.dumps(metrics, default=str))
+        self.store.upload_folder(folder, f"{self.run}/{name}", last=EPOCH_METRICS)
         self.saved[name] = metrics
-        for old in set(self.saved) - {self.best(), self.latest()}:
-            self.store.delete_folder(f"{self.run}/{old}")
-            del self.saved[old]
-        return name
+
+    def prune(self) -> None:
+        """Delete every epoch folder but the best and the latest."""
+        for name in set(self.saved) - {self.best(), self.latest()}:
+            self.store.delete_folder(f"{self.run}/{name}")
+            del self.saved[name]
 
 
 def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
@@ -81,15 +91,23 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
     node = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, folder: Path | None) -> None:
-        name = folders.save(folder, metrics)
-        location = store.location(f"{run}/{name}")
-        tune.report({**metrics, "node_id": node, "checkpoint_path": location})
+        folders.save(folder, metrics)
+        name = f"epoch_{metrics['epoch']:03d}"
+        tune.report(
+            {
+                **metrics,
+                "node_id": node,
+                "checkpoint_path": folders.location(name),
+                KEPT_BEST: folders.location(folders.best()),
+            }
+        )
+        folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
     device = torch.device("cuda" if cfg.use_gpu else "cpu")
     with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
         latest = folders.latest()
-        resume = store.local_copy(store.location(f"{run}/{latest}"), scratch) if latest else None
+        resume = store.local_copy(folders.location(latest), scratch) if latest else None
         io = seg_loop_io(cfg, train, val, train.count(), report, resume_from=resume, device=device)
         train_segmentation(cfg, io)
     best = folders.best()
-    return TrainedTrial(store.location(f"{run}/{best}"), folders.saved[best])
+    return TrainedTrial(folders.location(best), folders.saved[best])
