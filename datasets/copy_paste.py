@@ -20,9 +20,8 @@ from defectforge.datasets.config import TypedConfig, option
 from defectforge.datasets.contract import MANIFEST, SCHEMA, decode_png, encode_png, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import dominant_class
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.writer import derived_from, write_dataset
 
 COPY_PASTE = "copy-paste"
 
@@ -154,9 +153,7 @@ def copy_paste_dataset(
     data: str | Path, out: str | Path, cfg: CopyPasteConfig, overwrite: bool = False
 ) -> Manifest:
     """``cfg.count`` copy-paste images made from ``data``'s train split, as a labelled set."""
-    check_output(out, overwrite, (data,))
-    manifest = Manifest.load(data)
-    manifest.require_masks(data, "cut from")
+    manifest = derived_from(data, out, overwrite, "cut from")
     samples = _train_samples(data, manifest.channels)
     regions = [
         region

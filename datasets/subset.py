@@ -28,8 +28,7 @@ from defectforge.datasets.contract import (
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stratified_ids
-from defectforge.datasets.outputs import check_output
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.writer import derived_from, write_dataset
 
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 
@@ -98,9 +97,7 @@ def subset_dataset(
     data: str | Path, out: str | Path, cfg: SubsetConfig, overwrite: bool = False
 ) -> Manifest:
     """Write the subset of ``data`` that ``cfg`` asks for; val and test untouched unless asked."""
-    check_output(out, overwrite, (data,))
-    manifest = Manifest.load(data)
-    manifest.require_masks(data, "subset")
+    manifest = derived_from(data, out, overwrite, "subset")
     where = Path(data) / MANIFEST
     tables = {split: read_split_table(data, split) for split in SPLITS}
     kept = {"train": _kept(tables["train"], "train", cfg.train, cfg.seed, where)}

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from defectforge.datasets.contract import MANIFEST, SCHEMA, SPLITS, split_dir
 from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.manifest import Manifest, SplitCounts
-from defectforge.datasets.outputs import publish_dir
+from defectforge.datasets.outputs import check_output, publish_dir
 
 ROWS_PER_FILE = 1024
 COUNT_COLUMNS = ["source", "defect_class"]
@@ -81,6 +81,15 @@ class DatasetStaging:
                 raise RuntimeError(f"{path}: rows written outside the Parquet contract's schema")
         table = pq.read_table(folder, columns=COUNT_COLUMNS)
         return SplitCounts.of(table["source"].to_pylist(), table["defect_class"].to_pylist())
+
+
+def derived_from(data: str | Path, out: str | Path, overwrite: bool, use: str) -> Manifest:
+    """The manifest of the dataset another is made from, after the output rules (never over it)
+    and the check that it has masks (``use``: what is done with them)."""
+    check_output(out, overwrite, (data,))
+    manifest = Manifest.load(data)
+    manifest.require_masks(data, use)
+    return manifest
 
 
 @contextlib.contextmanager

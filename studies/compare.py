@@ -198,10 +198,11 @@ def comparison_section(comparison: dict) -> list[str]:
     ]
     for arm in comparison["arms"]:
         interval = arm["test_binary_defect_iou"]
-        scores = [s for s in arm["per_image_binary_iou"] if s is not None]
-        median = f"{np.median(scores):.4f}" if scores else "-"
+        per_image = [s for s in arm["per_image_binary_iou"] if s is not None]
+        median = f"{np.median(per_image):.4f}" if per_image else "-"
         low_high = f"{interval['low']:.4f} - {interval['high']:.4f}" if interval else "-"
-        mean = f"{interval['mean']:.4f}" if interval else "-"
+        scores = list(_scores(arm["seeds"]).values())
+        mean = f"{np.mean(scores):.4f}" if scores else "-"
         lines.append(f"| {arm['label']} | {len(arm['seeds'])} | {mean} | {low_high} | {median} |")
     lines += [
         "",

@@ -15,6 +15,7 @@ from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.export import export_run
 from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.studies.compare import COMPARE_FILE
 from defectforge.studies.results import FINAL_FILE, STUDY_FILE, TRIALS_FILE, require_trials
 from defectforge.studies.store import StudyStore, is_uri
 
@@ -34,10 +35,13 @@ def chosen_model(store: StudyStore) -> tuple[str, dict]:
         }
         return seed["best_checkpoint_path"], metrics
     best = next(t for t in trials if t[SELECTION_METRIC] is not None)
-    metrics = {
-        "val_binary_defect_iou": best[SELECTION_METRIC],
-        "chosen": f"search trial {best['trial']} (no final step: no test score)",
-    }
+    chosen = (
+        f"compare trial {best['trial']} (best validation of every arm and seed; the arms' "
+        "test scores are in compare.json)"
+        if store.exists(COMPARE_FILE)
+        else f"search trial {best['trial']} (no final step: no test score)"
+    )
+    metrics = {"val_binary_defect_iou": best[SELECTION_METRIC], "chosen": chosen}
     return best["checkpoint_path"], metrics
 
 

@@ -40,7 +40,7 @@ from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
 from defectforge.datasets.outputs import check_output
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.writer import derived_from, write_dataset
 from defectforge.trainables.runtime import ensure_ray
 
 LOAD_BATCH = 32
@@ -187,9 +187,7 @@ def augment_parquet(
     data: str | Path, out: str | Path, cfg: AugmentConfig, overwrite: bool = False
 ) -> Manifest:
     """The paper's offline expansion of the train split (val and test are copied unchanged)."""
-    check_output(out, overwrite, (data,))
-    manifest = Manifest.load(data)
-    manifest.require_masks(data, "augmented")
+    manifest = derived_from(data, out, overwrite, "augmented")
     ensure_ray()
     with write_dataset(out, overwrite, inputs=(data,)) as staging:
         for split in SPLITS:

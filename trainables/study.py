@@ -178,7 +178,8 @@ def trial_label(trial, searched: tuple[str, ...]) -> str:
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     values = trial_values(trial.config)
-    parts = [f"{ABBREVIATIONS.get(k, k)}={short(values.get(k))}" for k in searched]
+    # An arm leaves out the keys it does not set: they are at their defaults.
+    parts = [f"{ABBREVIATIONS.get(k, k)}={short(values[k])}" for k in searched if k in values]
     label = "_".join([trial.trial_id, ",".join(parts)] if parts else [trial.trial_id])
     return re.sub(r"[^\w=.,+-]", "_", label)[:120]
 
@@ -251,12 +252,17 @@ def _tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
             trial_name_creator=label,
             trial_dirname_creator=label,
         ),
-        run_config=tune.RunConfig(
-            name=SEARCH_RUN,
-            storage_path=store.uri,
-            failure_config=tune.FailureConfig(max_failures=1),
-            verbose=tune_verbosity(),
-        ),
+        run_config=_run_config(store, SEARCH_RUN),
+    )
+
+
+def _run_config(store: StudyStore, name: str) -> tune.RunConfig:
+    """A Tune run of the study: under its folder, a failed trial retried once."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=store.uri,
+        failure_config=tune.FailureConfig(max_failures=1),
+        verbose=tune_verbosity(),
     )
 
 
@@ -289,12 +295,7 @@ def _compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
             trial_name_creator=label,
             trial_dirname_creator=label,
         ),
-        run_config=tune.RunConfig(
-            name=COMPARE_RUN,
-            storage_path=store.uri,
-            failure_config=tune.FailureConfig(max_failures=1),
-            verbose=tune_verbosity(),
-        ),
+        run_config=_run_config(store, COMPARE_RUN),
     )
 
 
@@ -312,12 +313,7 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
             trial_name_creator=lambda trial: f"{trial.trial_id}_final_seed={trial.config['seed']}",
             trial_dirname_creator=lambda trial: f"{trial.trial_id}_seed={trial.config['seed']}",
         ),
-        run_config=tune.RunConfig(
-            name=final_run_name(best),
-            storage_path=store.uri,
-            failure_config=tune.FailureConfig(max_failures=1),
-            verbose=tune_verbosity(),
-        ),
+        run_config=_run_config(store, final_run_name(best)),
     )
 
 
