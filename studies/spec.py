@@ -408,9 +408,9 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
     elif ARMS in spec.search_space:
         raise SpecError(
             where,
-            f"search_space.{ARMS}",
-            "...",
-            "arms need a grid",
+            "search.algorithm",
+            algorithm,
+            "search_space.arms need a grid",
             "use algorithm: grid or compare",
         )
     if algorithm == "compare":

@@ -81,9 +81,10 @@ DATASET_PATHS = ("real", "synthetic", "copy_paste")
 IN_PROCESS_KEY = "one_worker_in_process"
 # Final retrains use seeds the search never used, so the interval is an honest estimate.
 FINAL_SEED_BASE = 1000
-# A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs and GPUs. Even
-# 0.01 CPU here would leave a 2-CPU machine 0.99 CPU beside one worker: too little for a Ray Data
-# read task (1 CPU), and the study would stall. Memory alone reserves nothing the others need.
+# A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs
+# and GPUs. Even 0.01 CPU here would leave a 2-CPU machine 0.99 CPU beside one worker: too little
+# for a Ray Data read task (1 CPU), and the study would stall. Memory alone reserves nothing the
+# others need.
 DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 
 

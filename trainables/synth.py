@@ -336,7 +336,7 @@ def _labelled_manifest(
 
 
 def _train_ids(data: str) -> list[str] | None:
-    table = read_split_table(data, "train", columns=["id"]) if Path(data).is_dir() else None
+    table = read_split_table(data, "train", columns=["id"])
     return None if table is None else sorted(table["id"].to_pylist())
 
 
@@ -375,6 +375,7 @@ def labelled_parts(
 ) -> ray.data.Dataset:
     """``rows`` labelled part by part, each part saved in ``parts`` when done; parts found there
     (an interrupted run of the same labelling) are read, not labelled again."""
+    rows = rows.materialize()  # read once: every part filters these rows, not the files again
     ids = sorted(row["id"] for row in rows.select_columns(["id"]).take_all())
     parts.mkdir(parents=True, exist_ok=True)
     files = []
