@@ -47,12 +47,15 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     # A trial that keeps its own checkpoints says which one is its best on every line.
     kept = next((line[KEPT_BEST] for line in reversed(record.lines) if KEPT_BEST in line), None)
     planned = record.config.get("epochs", spec.training.get("epochs", DEFAULT_EPOCHS))
-    status = "error" if record.error else "finished" if len(epochs) >= planned else "stopped early"
+    # Numbered, not counted: a trial resumed from its own epoch checkpoint reports only the
+    # epochs after it to Tune.
+    epochs_run = max((line.get("epoch", -1) for line in epochs), default=-1) + 1
+    status = "error" if record.error else "finished" if epochs_run >= planned else "stopped early"
     return {
         "trial": record.name,
         "config": {k: record.config.get(k) for k in _shown_keys(spec)},
         "status": status,
-        "epochs_run": len(epochs),
+        "epochs_run": epochs_run,
         "best_epoch": best.get("epoch"),
         SELECTION_METRIC: best.get(SELECTION_METRIC),
         "val_mean_defect_iou": best.get("val_mean_defect_iou"),

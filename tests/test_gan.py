@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment, parse_policy
@@ -344,3 +345,95 @@ def test_ray_train_run_snapshots_resumes_and_generates(
     assert scored["images"] == 8 and scored["swd"] > 0
     assert main(["gan", "metrics", "--model", str(run), "--class", "rust"]) == 2
     assert "--class 'rust' is not among" in capsys.readouterr().err
+
+
+@pytest.fixture
+def shard_passes(monkeypatch) -> list:
+    """Counts the Ray Data passes a GAN worker's feed starts."""
+    from defectforge.trainables import gan
+
+    passes, start_pass = [], gan._shard_pass
+    monkeypatch.setattr(gan, "_shard_pass", lambda *a, **k: passes.append(1) or start_pass(*a, **k))
+    return passes
+
+
+def _feed(rows: int, batch: int):
+    """A GAN worker's real batches over a Ray dataset of ``rows`` flat images (value = row)."""
+    import ray.data
+
+    from defectforge.datasets.batches import GanBatchMaker
+    from defectforge.datasets.contract import encode_png
+    from defectforge.trainables.gan import _endless
+
+    images = [encode_png(np.full((40, 40), 5 * row, np.uint8)) for row in range(rows)]
+    shard = ray.data.from_items([{"image": i, "defect_class": "x"} for i in images])
+    return _endless(shard, tiny_config(batch_size=batch), GanBatchMaker(1, 32, crop_seed=0))
+
+
+def _rows_of(batch: dict) -> list[int]:
+    return [round(float(value)) for value in (batch["image"][:, 0, 0, 0] + 1) * 127.5 / 5]
+
+
+def test_a_small_shard_is_read_once_then_replayed_with_every_image_in_a_new_order(
+    ray_session, shard_passes
+):
+    feed = _feed(rows=10, batch=4)
+    first_pass = [_rows_of(next(feed)) for _ in range(2)]  # 10 rows, full batches only
+    replayed = [_rows_of(next(feed)) for _ in range(8)]  # four epochs of two batches
+
+    assert len(shard_passes) == 1
+    assert all(len(rows) == 4 for rows in first_pass + replayed)
+    assert set(sum(replayed, [])) == set(range(10))  # the rows the first pass left out too
+    epochs = [sum(replayed[i : i + 2], []) for i in range(0, 8, 2)]
+    assert all(len(set(epoch)) == 8 for epoch in epochs)  # no row twice within an epoch
+    assert len({tuple(epoch) for epoch in epochs}) == 4  # reshuffled every epoch
+
+
+def test_a_shard_over_the_memory_limit_streams_every_epoch(ray_session, shard_passes, monkeypatch):
+    from defectforge.trainables import gan
+
+    monkeypatch.setattr(gan, "CACHED_SHARD_BYTES", 1)
+    feed = _feed(rows=8, batch=4)
+    batches = [_rows_of(next(feed)) for _ in range(6)]
+
+    assert len(shard_passes) == 3 and all(len(rows) == 4 for rows in batches)
+
+
+def _average_on_rank(rank: int, store_file: str, results: str) -> None:
+    import torch.distributed as dist
+
+    from defectforge.gan import loop
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    loop.GRADIENT_BUCKET_BYTES = 64  # several buckets from a few small gradients
+    module = nn.ModuleList([nn.Linear(5, 3), nn.Linear(3, 2), nn.Linear(2, 1).double()])
+    for index, parameter in enumerate(module.parameters()):
+        parameter.grad = torch.full_like(parameter, float(rank * 10 + index))
+    module[1].bias.grad = None  # a parameter without a gradient is left alone
+    loop._average_gradients(module)
+    grads = [None if p.grad is None else p.grad.tolist() for p in module.parameters()]
+    torch.save(grads, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_gradients_are_averaged_over_workers_bucket_by_bucket(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_average_on_rank, args=(str(tmp_path / "store"), str(tmp_path / "g")), nprocs=2)
+    first, second = (torch.load(tmp_path / f"g.{rank}") for rank in range(2))
+    assert first == second
+    for index, grad in enumerate(first):  # rank 0 gave index, rank 1 10 + index
+        if index == 3:  # module[1].bias
+            assert grad is None
+        else:
+            assert set(torch.tensor(grad).flatten().tolist()) == {index + 5.0}
+
+
+def test_buckets_hold_one_dtype_up_to_the_size_limit(monkeypatch):
+    from defectforge.gan import loop
+
+    monkeypatch.setattr(loop, "GRADIENT_BUCKET_BYTES", 64)
+    floats = [torch.zeros(4), torch.zeros(4), torch.zeros(20), torch.zeros(2), torch.zeros(1)]
+    tensors = floats + [torch.zeros(2, dtype=torch.float64)]
+    # 16 + 16 bytes; 80 alone (over the limit); 8 + 4; the float64 one on its own
+    assert [len(bucket) for bucket in loop._buckets(tensors)] == [2, 1, 2, 1]

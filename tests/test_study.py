@@ -228,7 +228,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     from defectforge.trainables.study import resume_study
 
     spec_file = tmp_path / "spec.yaml"
-    spec = study_spec(sample_with_test, tmp_path, labelled)
+    spec = study_spec(sample_with_test, tmp_path, labelled, final={"epochs": 1})
     # Relative to the driver's folder, as users write them; trials run in folders of their own.
     for key, path in (("real", sample_with_test), ("synthetic", labelled)):
         spec["dataset"][key] = os.path.relpath(path, tmp_path)

@@ -99,3 +99,15 @@ def test_load_spec_reports_file_problems(tmp_path):
     broken.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="broken.yaml: not valid YAML at line 2, column 1: "):
         load_spec(broken)
+
+
+def test_a_trial_resumed_from_its_own_checkpoint_counts_every_epoch_it_ran():
+    from defectforge.studies.results import TrialRecord, trial_row
+
+    spec = parse_spec({"name": "r", "dataset": {"real": "r"}, "search_space": {"epochs": 6}})
+    # Restored at epoch 3: Tune's record of the trial holds epochs 3-5 and the test line.
+    lines = [{"epoch": e, "val_binary_defect_iou": 0.1 * e} for e in (3, 4, 5)]
+    resumed = trial_row(TrialRecord("t", {"epochs": 6}, None, [*lines, {"test": 1}]), spec)
+    assert (resumed["status"], resumed["epochs_run"], resumed["best_epoch"]) == ("finished", 6, 5)
+    cut = trial_row(TrialRecord("t", {"epochs": 6}, None, lines[:2]), spec)
+    assert (cut["status"], cut["epochs_run"]) == ("stopped early", 5)

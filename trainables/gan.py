@@ -11,6 +11,7 @@ The run folder::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 from dataclasses import asdict, replace
@@ -55,6 +56,8 @@ from defectforge.trainables.runtime import (
 )
 
 SHUFFLE_BUFFER = 256
+# Encoded images a GAN worker keeps after its first pass; larger shards stream every epoch.
+CACHED_SHARD_BYTES = 1 << 30
 RUN_NAME = "train"
 
 
@@ -122,17 +125,43 @@ def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
 
 
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker):
-    epoch = 0
-    while True:
-        for batch in shard.iter_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            batch_format="numpy",
-            local_shuffle_buffer_size=SHUFFLE_BUFFER,
-            local_shuffle_seed=cfg.seed + epoch,
-        ):
-            yield {key: torch.from_numpy(value) for key, value in maker(batch).items()}
-        epoch += 1
+    """Real batches forever. The first pass streams the shard; a shard that fits in
+    ``CACHED_SHARD_BYTES`` (a few-shot set) is then replayed from memory, reshuffled each epoch:
+    a Ray Data pass per epoch fed 131 img/s on 163 images, replay 2,005 (gan_data_feed.py)."""
+    cached, size = [], 0
+    for batch in _shard_pass(shard, cfg, epoch=0, drop_last=False):
+        size += sum(len(cell) for cell in batch["image"])
+        cached = cached if size > CACHED_SHARD_BYTES else cached + [batch]
+        if len(batch["image"]) == cfg.batch_size:
+            yield _tensors(maker(batch))
+    if size > CACHED_SHARD_BYTES:
+        yield from _streamed(shard, cfg, maker)
+    cells = {key: np.concatenate([batch[key] for batch in cached]) for key in cached[0]}
+    for epoch in itertools.count(1):
+        order = np.random.default_rng(cfg.seed + epoch).permutation(len(cells["image"]))
+        for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            yield _tensors(maker({key: values[rows] for key, values in cells.items()}))
+
+
+def _streamed(shard, cfg: GanConfig, maker: GanBatchMaker):
+    for epoch in itertools.count(1):
+        for batch in _shard_pass(shard, cfg, epoch):
+            yield _tensors(maker(batch))
+
+
+def _shard_pass(shard, cfg: GanConfig, epoch: int, drop_last: bool = True):
+    return shard.iter_batches(
+        batch_size=cfg.batch_size,
+        drop_last=drop_last,
+        batch_format="numpy",
+        local_shuffle_buffer_size=SHUFFLE_BUFFER,
+        local_shuffle_seed=cfg.seed + epoch,
+    )
+
+
+def _tensors(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(value) for key, value in batch.items()}
 
 
 def _gan_worker(config: dict) -> None:

@@ -250,6 +250,7 @@ def _tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
             scheduler=_scheduler(spec),
             num_samples=spec.search.num_samples,
             max_concurrent_trials=spec.search.max_concurrent_trials,
+            reuse_actors=context.in_process,
             trial_name_creator=label,
             trial_dirname_creator=label,
         ),
@@ -293,6 +294,7 @@ def _compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
         param_space={**values, "seed": tune.grid_search(_final_seeds(spec))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.search.max_concurrent_trials,
+            reuse_actors=context.in_process,
             trial_name_creator=label,
             trial_dirname_creator=label,
         ),
@@ -311,6 +313,7 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
         param_space={**values, "seed": tune.grid_search(seeds)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.search.max_concurrent_trials,
+            reuse_actors=context.in_process,
             trial_name_creator=lambda trial: f"{trial.trial_id}_final_seed={trial.config['seed']}",
             trial_dirname_creator=lambda trial: f"{trial.trial_id}_seed={trial.config['seed']}",
         ),
