@@ -437,3 +437,10 @@ def test_buckets_hold_one_dtype_up_to_the_size_limit(monkeypatch):
     tensors = floats + [torch.zeros(2, dtype=torch.float64)]
     # 16 + 16 bytes; 80 alone (over the limit); 8 + 4; the float64 one on its own
     assert [len(bucket) for bucket in loop._buckets(tensors)] == [2, 1, 2, 1]
+
+
+def test_a_worker_with_fewer_images_than_a_batch_is_told_so(ray_session):
+    from defectforge.datasets.errors import DataError
+
+    with pytest.raises(DataError, match="got 3 train image.* fewer than one batch of 4"):
+        next(_feed(rows=3, batch=4))

@@ -131,11 +131,20 @@ def _endless(shard, cfg: GanConfig, maker: GanBatchMaker):
     cached, size = [], 0
     for batch in _shard_pass(shard, cfg, epoch=0, drop_last=False):
         size += sum(len(cell) for cell in batch["image"])
-        cached = cached if size > CACHED_SHARD_BYTES else cached + [batch]
+        if size <= CACHED_SHARD_BYTES:
+            cached.append(batch)
         if len(batch["image"]) == cfg.batch_size:
             yield _tensors(maker(batch))
     if size > CACHED_SHARD_BYTES:
+        cached.clear()
         yield from _streamed(shard, cfg, maker)
+    rows = sum(len(batch["image"]) for batch in cached)
+    if rows < cfg.batch_size:
+        raise DataError(
+            cfg.data,
+            f"a GAN worker got {rows} train image(s), fewer than one batch of {cfg.batch_size}",
+            "lower --batch-size or --workers, or add images",
+        )
     cells = {key: np.concatenate([batch[key] for batch in cached]) for key in cached[0]}
     for epoch in itertools.count(1):
         order = np.random.default_rng(cfg.seed + epoch).permutation(len(cells["image"]))
