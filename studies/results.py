@@ -48,8 +48,8 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     kept = next((line[KEPT_BEST] for line in reversed(record.lines) if KEPT_BEST in line), None)
     planned = record.config.get("epochs", spec.training.get("epochs", DEFAULT_EPOCHS))
     # Numbered, not counted: a trial resumed from its own epoch checkpoint reports only the
-    # epochs after it to Tune.
-    epochs_run = max((line.get("epoch", -1) for line in epochs), default=-1) + 1
+    # epochs after it to Tune (and its best_* below cover only those).
+    epochs_run = max((line.get("epoch", -1) for line in record.lines), default=-1) + 1
     status = "error" if record.error else "finished" if epochs_run >= planned else "stopped early"
     return {
         "trial": record.name,

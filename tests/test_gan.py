@@ -357,7 +357,7 @@ def shard_passes(monkeypatch) -> list:
     return passes
 
 
-def _feed(rows: int, batch: int):
+def _feed(rows: int, batch: int, replay: bool = True):
     """A GAN worker's real batches over a Ray dataset of ``rows`` flat images (value = row)."""
     import ray.data
 
@@ -367,7 +367,8 @@ def _feed(rows: int, batch: int):
 
     images = [encode_png(np.full((40, 40), 5 * row, np.uint8)) for row in range(rows)]
     shard = ray.data.from_items([{"image": i, "defect_class": "x"} for i in images])
-    return _endless(shard, tiny_config(batch_size=batch), GanBatchMaker(1, 32, crop_seed=0))
+    cfg = tiny_config(batch_size=batch)
+    return _endless(shard, cfg, GanBatchMaker(1, 32, crop_seed=0), replay)
 
 
 def _rows_of(batch: dict) -> list[int]:
@@ -389,14 +390,20 @@ def test_a_small_shard_is_read_once_then_replayed_with_every_image_in_a_new_orde
     assert len({tuple(epoch) for epoch in epochs}) == 4  # reshuffled every epoch
 
 
-def test_a_shard_over_the_memory_limit_streams_every_epoch(ray_session, shard_passes, monkeypatch):
-    from defectforge.trainables import gan
-
-    monkeypatch.setattr(gan, "CACHED_SHARD_BYTES", 1)
-    feed = _feed(rows=8, batch=4)
+def test_without_replay_every_epoch_is_a_new_pass(ray_session, shard_passes):
+    feed = _feed(rows=8, batch=4, replay=False)
     batches = [_rows_of(next(feed)) for _ in range(6)]
 
     assert len(shard_passes) == 3 and all(len(rows) == 4 for rows in batches)
+
+
+def test_the_driver_decides_replay_from_the_train_splits_size(sample_dataset, monkeypatch):
+    from defectforge.trainables import gan
+
+    cfg = tiny_config(data=str(sample_dataset))
+    assert gan.replays_in_memory(cfg)  # the bundled sample: a few hundred kB
+    monkeypatch.setattr(gan, "CACHED_SHARD_BYTES", 1000)
+    assert not gan.replays_in_memory(cfg)
 
 
 def _average_on_rank(rank: int, store_file: str, results: str) -> None:

@@ -56,7 +56,7 @@ from defectforge.trainables.runtime import (
 )
 
 SHUFFLE_BUFFER = 256
-# Encoded images a GAN worker keeps after its first pass; larger shards stream every epoch.
+# Encoded train images up to which GAN workers keep their shard after the first pass.
 CACHED_SHARD_BYTES = 1 << 30
 RUN_NAME = "train"
 
@@ -124,33 +124,49 @@ def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
     return cfg.seed * 1000 + rank + 1 if cfg.native_crops else None
 
 
-def _endless(shard, cfg: GanConfig, maker: GanBatchMaker):
-    """Real batches forever. The first pass streams the shard; a shard that fits in
-    ``CACHED_SHARD_BYTES`` (a few-shot set) is then replayed from memory, reshuffled each epoch:
-    a Ray Data pass per epoch fed 131 img/s on 163 images, replay 2,005 (gan_data_feed.py)."""
-    cached, size = [], 0
+def replays_in_memory(cfg: GanConfig) -> bool:
+    """Whether workers keep their shard after the first pass: the train split's encoded images
+    (Parquet metadata, no read) fit in ``CACHED_SHARD_BYTES``. Decided once, on the driver, so
+    every rank does the same: a rank still streaming would wait at the split's epoch barrier
+    for ranks that never come back to it."""
+    size = 0
+    for file in split_files(cfg.data, "train"):
+        metadata = pq.ParquetFile(file).metadata
+        for group in range(metadata.num_row_groups):
+            row_group = metadata.row_group(group)
+            for column in range(row_group.num_columns):
+                if row_group.column(column).path_in_schema == "image":
+                    size += row_group.column(column).total_uncompressed_size
+    return size <= CACHED_SHARD_BYTES
+
+
+def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
+    """Real batches forever. The first pass streams the shard; with ``replay`` (a small train
+    split, ``replays_in_memory``) its rows are kept and replayed from memory, reshuffled each
+    epoch: a Ray Data pass per epoch fed 131 img/s on 163 images, replay 2,005
+    (gan_data_feed.py). Otherwise every epoch is a new pass."""
+    cached, rows = [], 0
     for batch in _shard_pass(shard, cfg, epoch=0, drop_last=False):
-        size += sum(len(cell) for cell in batch["image"])
-        if size <= CACHED_SHARD_BYTES:
+        rows += len(batch["image"])
+        if replay:
             cached.append(batch)
         if len(batch["image"]) == cfg.batch_size:
             yield _tensors(maker(batch))
-    if size > CACHED_SHARD_BYTES:
-        cached.clear()
-        yield from _streamed(shard, cfg, maker)
-    rows = sum(len(batch["image"]) for batch in cached)
     if rows < cfg.batch_size:
         raise DataError(
             cfg.data,
             f"a GAN worker got {rows} train image(s), fewer than one batch of {cfg.batch_size}",
             "lower --batch-size or --workers, or add images",
         )
+    if not replay:
+        yield from _streamed(shard, cfg, maker)
     cells = {key: np.concatenate([batch[key] for batch in cached]) for key in cached[0]}
+    del cached
     for epoch in itertools.count(1):
         order = np.random.default_rng(cfg.seed + epoch).permutation(len(cells["image"]))
         for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            rows = order[start : start + cfg.batch_size]
-            yield _tensors(maker({key: values[rows] for key, values in cells.items()}))
+            picked = order[start : start + cfg.batch_size]
+            yield _tensors(maker({key: values[picked] for key, values in cells.items()}))
 
 
 def _streamed(shard, cfg: GanConfig, maker: GanBatchMaker):
@@ -215,7 +231,9 @@ def _gan_worker(config: dict) -> None:
         train_gan(
             cfg,
             GanLoopIO(
-                real_batches=_endless(ray.train.get_dataset_shard("train"), cfg, maker),
+                real_batches=_endless(
+                    ray.train.get_dataset_shard("train"), cfg, maker, config["replay_reals"]
+                ),
                 report=report,
                 real_for_metric=lambda: reals,
                 resume_from=Path(resume) if resume else None,
@@ -264,6 +282,7 @@ def run_gan_training(
             "samples_dir": str(out / "samples"),
             "run_dir": str(out),
             "metric_reals": ray.put(metric_reals(cfg)),
+            "replay_reals": replays_in_memory(cfg),
             "resume_from": str(previous) if previous else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
