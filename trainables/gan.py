@@ -129,15 +129,15 @@ def replays_in_memory(cfg: GanConfig) -> bool:
     (Parquet metadata, no read) fit in ``CACHED_SHARD_BYTES``. Decided once, on the driver, so
     every rank does the same: a rank still streaming would wait at the split's epoch barrier
     for ranks that never come back to it."""
-    size = 0
-    for file in split_files(cfg.data, "train"):
-        metadata = pq.ParquetFile(file).metadata
-        for group in range(metadata.num_row_groups):
-            row_group = metadata.row_group(group)
-            for column in range(row_group.num_columns):
-                if row_group.column(column).path_in_schema == "image":
-                    size += row_group.column(column).total_uncompressed_size
+    size = sum(_image_bytes(file) for file in split_files(cfg.data, "train"))
     return size <= CACHED_SHARD_BYTES
+
+
+def _image_bytes(parquet_file) -> int:
+    metadata = pq.read_metadata(parquet_file)
+    column = metadata.schema.names.index("image")
+    groups = range(metadata.num_row_groups)
+    return sum(metadata.row_group(g).column(column).total_uncompressed_size for g in groups)
 
 
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):

@@ -243,18 +243,28 @@ def _tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
     return tune.Tuner(
         _trainable(search_trial, context),
         param_space=param_space(spec),
-        tune_config=tune.TuneConfig(
+        tune_config=_tune_config(
+            context,
+            label,
             metric=SELECTION_METRIC,
             mode="max",
             search_alg=_searcher(spec, name),
             scheduler=_scheduler(spec),
             num_samples=spec.search.num_samples,
-            max_concurrent_trials=spec.search.max_concurrent_trials,
-            reuse_actors=context.in_process,
-            trial_name_creator=label,
-            trial_dirname_creator=label,
         ),
         run_config=_run_config(store, SEARCH_RUN),
+    )
+
+
+def _tune_config(context: StudyContext, name, dirname=None, **search) -> tune.TuneConfig:
+    """What every Tune run of the study shares: its trial concurrency, trial names, and
+    one-worker trials reusing their process for the next trial."""
+    return tune.TuneConfig(
+        max_concurrent_trials=context.spec.search.max_concurrent_trials,
+        reuse_actors=context.in_process,
+        trial_name_creator=name,
+        trial_dirname_creator=dirname or name,
+        **search,
     )
 
 
@@ -292,12 +302,7 @@ def _compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
     return tune.Tuner(
         _trainable(compare_trial, context),
         param_space={**values, "seed": tune.grid_search(_final_seeds(spec))},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=spec.search.max_concurrent_trials,
-            reuse_actors=context.in_process,
-            trial_name_creator=label,
-            trial_dirname_creator=label,
-        ),
+        tune_config=_tune_config(context, label),
         run_config=_run_config(store, COMPARE_RUN),
     )
 
@@ -311,11 +316,10 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
     return tune.Tuner(
         _trainable(final_trial, context),
         param_space={**values, "seed": tune.grid_search(seeds)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=spec.search.max_concurrent_trials,
-            reuse_actors=context.in_process,
-            trial_name_creator=lambda trial: f"{trial.trial_id}_final_seed={trial.config['seed']}",
-            trial_dirname_creator=lambda trial: f"{trial.trial_id}_seed={trial.config['seed']}",
+        tune_config=_tune_config(
+            context,
+            lambda trial: f"{trial.trial_id}_final_seed={trial.config['seed']}",
+            lambda trial: f"{trial.trial_id}_seed={trial.config['seed']}",
         ),
         run_config=_run_config(store, final_run_name(best)),
     )
