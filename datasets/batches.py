@@ -163,7 +163,8 @@ class GanBatchMaker:
     """PNG image cells -> ``{"image": N x C x R x R float in [-1, 1], "label": N int64}``.
 
     Images are resized (area) to the GAN resolution, or, with ``crop_seed``, cut as random
-    native-scale R x R crops (seeded), so that generated images share the real images' scale.
+    native-scale R x R crops (seeded), so that generated images share the real images' scale;
+    with ``defect_crops`` that share of crops is placed over a defect pixel of the row's mask.
     Labels index ``classes`` by the row's ``defect_class`` (-1 when it has none).
     """
 
@@ -173,23 +174,31 @@ class GanBatchMaker:
         resolution: int,
         classes: tuple[str, ...] = (),
         crop_seed: int | None = None,
+        defect_crops: float = 0.0,
     ):
         self.channels, self.resolution = channels, resolution
         self.class_index = {name: index for index, name in enumerate(classes)}
         self.crop_rng = None if crop_seed is None else np.random.default_rng(crop_seed)
+        self.defect_crops = defect_crops
 
-    def _view(self, image: np.ndarray) -> np.ndarray:
+    def _view(self, image: np.ndarray, mask_cell=None) -> np.ndarray:
         if self.crop_rng is None:
             return resize_pair(image, None, self.resolution)[0]
-        no_mask = np.zeros(image.shape[:2], np.uint8)
-        return random_crop(image, no_mask, self.resolution, self.crop_rng)[0]
+        mask = decode_png(mask_cell, 0) if mask_cell is not None else None
+        if mask is None or mask.shape != image.shape[:2]:
+            mask = np.zeros(image.shape[:2], np.uint8)
+        return random_crop(image, mask, self.resolution, self.crop_rng, self.defect_crops)[0]
 
-    def images(self, cells) -> np.ndarray:
-        """N x R x R x C uint8, the GAN's view of real images."""
-        return np.stack([self._view(decode_png(cell, self.channels)) for cell in cells])
+    def images(self, cells, masks=None) -> np.ndarray:
+        """N x R x R x C uint8, the GAN's view of real images (``masks``: their mask cells)."""
+        masks = [None] * len(cells) if masks is None else masks
+        return np.stack(
+            [self._view(decode_png(c, self.channels), m) for c, m in zip(cells, masks, strict=True)]
+        )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = self.images(batch["image"]).astype(np.float32) / 127.5 - 1
+        images = self.images(batch["image"], batch.get("mask"))
+        images = images.astype(np.float32) / 127.5 - 1
         labels = [self.class_index.get(name, -1) for name in batch.get("defect_class", [])]
         return {
             "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),

@@ -73,6 +73,13 @@ class GanConfig(TypedConfig):
         "learn random native-scale crops of side --resolution, not whole images resized: "
         "generated images then have the real images' scale",
     )
+    defect_crops: float = option(
+        0.0,
+        "with --native-crops, the share of crops placed over a defect pixel (the masks say "
+        "where): on large images with small defects, random crops are mostly background",
+        lambda v: 0 <= v <= 1,
+        "between 0 and 1",
+    )
     z_dim: int = option(256, "latent size", *AT_LEAST_ONE, cli=False)
     w_dim: int = option(256, "style size", *AT_LEAST_ONE, cli=False)
     mapping_layers: int = option(2, "mapping network depth", *AT_LEAST_ONE, cli=False)
@@ -121,6 +128,10 @@ class GanConfig(TypedConfig):
             raise ConfigError("--conditional needs a dataset with at least two defect classes")
         if self.defect_class and self.classes and self.defect_class not in self.classes:
             raise ConfigError(f"--class {self.defect_class!r} is not among {list(self.classes)}")
+        if self.defect_crops and not self.native_crops:
+            raise ConfigError(
+                f"--defect-crops {self.defect_crops:g} places native-scale crops: add --native-crops"
+            )
         if self.batch_size % 2 and self.batch_size > 1:
             raise ConfigError(
                 f"batch_size = {self.batch_size}: must be even (minibatch-std pairs samples)"

@@ -116,21 +116,31 @@ def summarize_comparison(records: list, spec: StudySpec) -> dict:
         grouped[arm].append(line)
     arms = []
     for values, lines in grouped.items():
-        arm = dict(zip(keys, values, strict=True))
         lines.sort(key=lambda line: line["seed"])
-        seeds = [{k: line.get(k) for k in SEED_KEYS} for line in lines]
         arms.append(
-            {
-                "arm": arm,
-                "label": arm_label(arm),
-                "seeds": seeds,
-                "test_binary_defect_iou": _interval(list(_scores(seeds).values())),
-                "per_image_binary_iou": _per_image_mean(
-                    [line["test"]["per_image_binary_iou"] for line in lines]
-                ),
-            }
+            arm_entry(
+                dict(zip(keys, values, strict=True)),
+                [{k: line.get(k) for k in SEED_KEYS} for line in lines],
+                _per_image_mean([line["test"]["per_image_binary_iou"] for line in lines]),
+            )
         )
-    arms.sort(key=lambda a: (bool(a["arm"].get("synthetic_ratio")), a["label"]))
+    return comparison_of(keys, arms)
+
+
+def arm_entry(arm: dict, seeds: list[dict], per_image: list[float | None]) -> dict:
+    """One arm of compare.json: its seeds' scores and their interval, its per-image IoUs."""
+    return {
+        "arm": arm,
+        "label": arm_label(arm),
+        "seeds": seeds,
+        "test_binary_defect_iou": _interval(list(_scores(seeds).values())),
+        "per_image_binary_iou": per_image,
+    }
+
+
+def comparison_of(keys: list[str], arms: list[dict]) -> dict:
+    """The arms in report order, and each arm with synthetic images against its baseline."""
+    arms = sorted(arms, key=lambda a: (bool(a["arm"].get("synthetic_ratio")), a["label"]))
     paired = []
     for arm in arms:
         baseline = _baseline(arm["arm"], [a["arm"] for a in arms])

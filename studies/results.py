@@ -27,6 +27,9 @@ TRIALS_FILE, FINAL_FILE = "trials.json", "final.json"
 REPORT_DIR = "report"
 DEFAULT_EPOCHS = SegConfig.__dataclass_fields__["epochs"].default
 KEPT_BEST = "best_checkpoint_path"
+# The kept best epoch's own metrics, on every line of a trial that keeps its checkpoints: a trial
+# restored from its epoch checkpoint reports only the epochs after it, and its best may be older.
+KEPT_BEST_METRICS = "kept_best_metrics"
 FINAL_KEYS = (*SEED_KEYS, "test")
 
 
@@ -43,12 +46,13 @@ class TrialRecord:
 def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     """One row of trials.json: the trial's values, status and best epoch's validation metrics."""
     epochs = [line for line in record.lines if line.get(SELECTION_METRIC) is not None]
-    best = best_epoch(record.lines) or {}
-    # A trial that keeps its own checkpoints says which one is its best on every line.
-    kept = next((line[KEPT_BEST] for line in reversed(record.lines) if KEPT_BEST in line), None)
+    # A trial that keeps its own checkpoints says which one is its best, and its metrics, on
+    # every line.
+    kept = next((line for line in reversed(record.lines) if KEPT_BEST in line), {})
+    best = kept.get(KEPT_BEST_METRICS) or best_epoch(record.lines) or {}
     planned = record.config.get("epochs", spec.training.get("epochs", DEFAULT_EPOCHS))
     # Numbered, not counted: a trial resumed from its own epoch checkpoint reports only the
-    # epochs after it to Tune (and its best_* below cover only those).
+    # epochs after it to Tune.
     epochs_run = max((line.get("epoch", -1) for line in record.lines), default=-1) + 1
     status = "error" if record.error else "finished" if epochs_run >= planned else "stopped early"
     return {
@@ -61,7 +65,7 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
         "val_mean_defect_iou": best.get("val_mean_defect_iou"),
         "val_per_class_iou": best.get("val_per_class_iou"),
         "val_confusion_matrix": best.get("val_confusion_matrix"),
-        "checkpoint_path": kept or best.get("checkpoint_path"),
+        "checkpoint_path": kept.get(KEPT_BEST) or best.get("checkpoint_path"),
         "seconds": sum(line.get("epoch_seconds", 0.0) for line in epochs),
         "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
         "error": record.error.splitlines()[0][:300] if record.error else None,

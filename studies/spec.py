@@ -121,6 +121,14 @@ class FinalSpec(TypedConfig):
 
     seeds: int = option(3, check=lambda v: v == 0 or v >= 3, valid="0, or >= 3 for an interval")
     epochs: int = option(0, check=lambda v: v >= 0, valid=">= 0 (0: as the best trial)")
+    first_seed: int = option(
+        1000,
+        "seeds first_seed, first_seed + 1, ...: a second compare study from 1003 adds seeds "
+        "to arms a first one ran with 1000-1002",
+        # Final retrains use seeds no search trial used, so their interval is an honest estimate.
+        check=lambda v: v >= 1000,
+        valid=">= 1000 (seeds below are the search trials')",
+    )
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectforge.datasets.errors import ConfigError
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment, parse_policy
 from defectforge.gan.generate import generate_images
@@ -451,3 +452,54 @@ def test_a_worker_with_fewer_images_than_a_batch_is_told_so(ray_session):
 
     with pytest.raises(DataError, match="got 3 train image.* fewer than one batch of 4"):
         next(_feed(rows=3, batch=4))
+
+
+def _sheet_with_one_defect() -> tuple[bytes, bytes]:
+    """A 128-px sheet (value = column, so a crop's first pixel tells where it was cut) with a
+    4 x 4 defect in its bottom-right corner."""
+    from defectforge.datasets.contract import encode_png
+
+    image = np.tile(np.arange(128, dtype=np.uint8), (128, 1))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[120:124, 120:124] = 1
+    return encode_png(image), encode_png(mask)
+
+
+def test_native_crops_keep_scale_and_defect_crops_land_on_the_defect():
+    from defectforge.datasets.batches import GanBatchMaker
+
+    image, mask = _sheet_with_one_defect()
+    crops = GanBatchMaker(1, 32, crop_seed=0).images([image] * 64, [mask] * 64)
+    # Native scale: neighbouring columns differ by one grey level, as in the sheet.
+    assert crops.shape == (64, 32, 32, 1) and (np.diff(crops[..., 0], axis=2) == 1).all()
+    # Random crops rarely reach the corner; defect crops always hold a defect pixel
+    # (the defect spans columns 120-123, so the crop starts at column 89 or later).
+    assert (crops[:, 0, 0, 0] >= 89).mean() < 0.3
+    on_defect = GanBatchMaker(1, 32, crop_seed=0, defect_crops=1.0).images(
+        [image] * 64, [mask] * 64
+    )
+    assert (on_defect[:, 0, 0, 0] >= 89).all()
+    # A half share: some crops over the defect, the rest anywhere.
+    half = GanBatchMaker(1, 32, crop_seed=0, defect_crops=0.5).images([image] * 64, [mask] * 64)
+    assert 0.3 < (half[:, 0, 0, 0] >= 89).mean() < 1.0
+
+
+def test_defect_crops_need_native_crops_and_masks():
+    with pytest.raises(ConfigError, match="add --native-crops"):
+        tiny_config(defect_crops=0.5)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        tiny_config(native_crops=True, defect_crops=1.5)
+
+
+def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
+    import ray.data
+
+    from defectforge.trainables.gan import _batch_maker, _endless
+
+    image, mask = _sheet_with_one_defect()
+    shard = ray.data.from_items([{"image": image, "mask": mask, "defect_class": "x"}] * 8)
+    cfg = tiny_config(native_crops=True, defect_crops=1.0)
+    feed = _endless(shard, cfg, _batch_maker(cfg, rank=0), replay=True)
+    for _ in range(3):  # the streamed first pass, then replays
+        first_columns = (next(feed)["image"][:, 0, 0, 0] + 1) * 127.5
+        assert (first_columns >= 89 - 0.5).all()

@@ -111,3 +111,22 @@ def test_a_trial_resumed_from_its_own_checkpoint_counts_every_epoch_it_ran():
     assert (resumed["status"], resumed["epochs_run"], resumed["best_epoch"]) == ("finished", 6, 5)
     cut = trial_row(TrialRecord("t", {"epochs": 6}, None, lines[:2]), spec)
     assert (cut["status"], cut["epochs_run"]) == ("stopped early", 5)
+
+
+def test_a_resumed_trial_row_shows_its_kept_best_epoch_from_before_the_resume():
+    from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS, TrialRecord, trial_row
+
+    spec = parse_spec({"name": "r", "dataset": {"real": "r"}, "search_space": {"epochs": 4}})
+    before = {"epoch": 1, "val_binary_defect_iou": 0.9, "val_per_class_iou": [0.8, 0.7]}
+    lines = [
+        {
+            "epoch": e,
+            "val_binary_defect_iou": 0.5,
+            KEPT_BEST: "t/epoch_001",
+            KEPT_BEST_METRICS: before,
+        }
+        for e in (2, 3)
+    ]
+    row = trial_row(TrialRecord("t", {"epochs": 4}, None, lines), spec)
+    assert (row["best_epoch"], row["val_binary_defect_iou"]) == (1, 0.9)
+    assert (row["val_per_class_iou"], row["checkpoint_path"]) == ([0.8, 0.7], "t/epoch_001")

@@ -73,6 +73,8 @@ def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **opt
     cfg = replace(base.with_profile(profile), **options)
     if cfg.native_crops:
         _check_crops_fit(cfg)
+    if cfg.defect_crops:
+        manifest.require_masks(data, "cropped over their defects (--defect-crops)")
     return cfg
 
 
@@ -98,25 +100,38 @@ def _wanted(cfg: GanConfig):
     return keep
 
 
+def _columns(cfg: GanConfig) -> list[str]:
+    """What the GAN reads of a row: masks only where they place its crops."""
+    return ["image", "defect_class", *(["mask"] if cfg.defect_crops else [])]
+
+
 def real_images(cfg: GanConfig, split: str = "train") -> ray.data.Dataset:
-    dataset = read_split(cfg.data, split).select_columns(["image", "defect_class"])
+    dataset = read_split(cfg.data, split).select_columns(_columns(cfg))
     return dataset.filter(_wanted(cfg))
 
 
+def _batch_maker(cfg: GanConfig, rank: int) -> GanBatchMaker:
+    classes = cfg.classes if cfg.conditional else ()
+    crop_seed = _crop_seed(cfg, rank)
+    return GanBatchMaker(cfg.channels, cfg.resolution, classes, crop_seed, cfg.defect_crops)
+
+
 def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
-    """The first ``metric_images`` real images (seeded shuffle) at the GAN resolution, uint8."""
-    table = pq.read_table(split_files(cfg.data, split), columns=["image", "defect_class"])
+    """The first ``metric_images`` real images (seeded shuffle) at the GAN resolution, uint8,
+    cropped as the GAN sees them."""
+    table = pq.read_table(split_files(cfg.data, split), columns=_columns(cfg))
     keep = _wanted(cfg)
-    cells = [r["image"] for r in table.to_pylist() if keep(r)]
-    if not cells:
+    rows = [row for row in table.to_pylist() if keep(row)]
+    if not rows:
         raise DataError(
             cfg.data,
             f"no {split} images match the requested class",
             "check --class against the dataset's classes",
         )
-    order = np.random.default_rng(cfg.seed).permutation(len(cells))[: cfg.metric_images]
-    maker = GanBatchMaker(cfg.channels, cfg.resolution, crop_seed=_crop_seed(cfg, rank=-1))
-    return maker.images([cells[i] for i in order])
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.metric_images]
+    picked = [rows[i] for i in order]
+    masks = [row["mask"] for row in picked] if cfg.defect_crops else None
+    return _batch_maker(cfg, rank=-1).images([row["image"] for row in picked], masks)
 
 
 def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
@@ -196,12 +211,7 @@ def _gan_worker(config: dict) -> None:
     torch.set_num_threads(
         cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
     )
-    maker = GanBatchMaker(
-        cfg.channels,
-        cfg.resolution,
-        cfg.classes if cfg.conditional else (),
-        crop_seed=_crop_seed(cfg, rank),
-    )
+    maker = _batch_maker(cfg, rank)
     samples = Path(config["samples_dir"])
     # Read by the driver and shipped in the object store: no worker reads the dataset's files.
     reals = ray.get(config["metric_reals"])

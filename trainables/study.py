@@ -79,8 +79,6 @@ from defectforge.trainables.trial import TrainedTrial, train_in_trial
 SEARCH_RUN, FINAL_RUN, COMPARE_RUN, TRAIN_RUNS = "search", "final", "compare", "train"
 DATASET_PATHS = ("real", "synthetic", "copy_paste")
 IN_PROCESS_KEY = "one_worker_in_process"
-# Final retrains use seeds the search never used, so the interval is an honest estimate.
-FINAL_SEED_BASE = 1000
 # A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs
 # and GPUs. Even 0.01 CPU here would leave a 2-CPU machine 0.99 CPU beside one worker: too little
 # for a Ray Data read task (1 CPU), and the study would stall. Memory alone reserves nothing the
@@ -289,7 +287,7 @@ def final_run_name(best: dict) -> str:
 
 
 def _final_seeds(spec: StudySpec) -> list[int]:
-    return [FINAL_SEED_BASE + i for i in range(spec.final.seeds)]
+    return [spec.final.first_seed + i for i in range(spec.final.seeds)]
 
 
 def _compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:

@@ -23,7 +23,7 @@ from ray import tune
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
 from defectforge.segmentation.metrics import best_epoch
-from defectforge.studies.results import KEPT_BEST
+from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import read_split, train_rows
 from defectforge.trainables.seg import seg_loop_io
@@ -92,13 +92,14 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
 
     def report(metrics: dict, folder: Path | None) -> None:
         folders.save(folder, metrics)
-        name = f"epoch_{metrics['epoch']:03d}"
+        name, best = f"epoch_{metrics['epoch']:03d}", folders.best()
         tune.report(
             {
                 **metrics,
                 "node_id": node,
                 "checkpoint_path": folders.location(name),
-                KEPT_BEST: folders.location(folders.best()),
+                KEPT_BEST: folders.location(best),
+                KEPT_BEST_METRICS: folders.saved[best],
             }
         )
         folders.prune()  # after the report: an epoch Tune never heard of is never the one kept

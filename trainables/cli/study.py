@@ -1,10 +1,10 @@
-"""``defectforge study``: run, resume, report, export."""
+"""``defectforge study``: run, resume, report, export, pool."""
 
 from __future__ import annotations
 
 from defectforge.trainables.cli.options import absolute_path, add_out
 
-COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export"}
+COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export, pool"}
 
 
 def build(name: str, parser) -> None:
@@ -26,6 +26,11 @@ def build(name: str, parser) -> None:
         "--target-recall", type=float, help="calibrate the OK/NG point on val first (e.g. 0.95)"
     )
     target.add_argument("--target-false-alarm", type=float, help="or for a false-alarm budget")
+    pool = study.add_parser(
+        "pool", help="pool the seeds of compare studies of one spec (different final.first_seed)"
+    )
+    pool.add_argument("dirs", nargs="+", help="the compare studies' folders")
+    add_out(pool, "folder for the pooled compare.json, report.md and plots")
 
 
 def study_line(summary: dict) -> str:
@@ -40,7 +45,26 @@ def study_line(summary: dict) -> str:
     return line
 
 
+def _paired_line(row: dict) -> str:
+    interval = row["interval"]
+    if not interval:
+        return f"{row['arm']} vs {row['baseline']}: too few paired seeds for an interval"
+    return (
+        f"{row['arm']} vs {row['baseline']}: {interval['mean']:+.4f} "
+        f"[{interval['low']:+.4f}, {interval['high']:+.4f}] over {interval['n']} seeds: "
+        f"{row['verdict']}"
+    )
+
+
 def run(args) -> None:
+    if args.study_command == "pool":
+        from defectforge.studies.pool import write_pool
+
+        comparison = write_pool(args.dirs, args.out, args.overwrite)
+        for row in comparison["paired"]:
+            print(_paired_line(row))
+        print(f"report: {args.out}/report.md")
+        return
     if args.study_command == "export":
         from defectforge.studies.export import export_study
         from defectforge.trainables.cli.seg import export_line
