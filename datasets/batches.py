@@ -15,6 +15,7 @@ import numpy as np
 
 from defectforge.datasets.augment import augment_pair, paper_augmentation
 from defectforge.datasets.contract import decode_png
+from defectforge.datasets.errors import DataError
 
 IGNORE_INDEX = 255
 # Encoders downsample by 32; inputs are padded up to a multiple of it.
@@ -184,9 +185,16 @@ class GanBatchMaker:
     def _view(self, image: np.ndarray, mask_cell=None) -> np.ndarray:
         if self.crop_rng is None:
             return resize_pair(image, None, self.resolution)[0]
-        mask = decode_png(mask_cell, 0) if mask_cell is not None else None
-        if mask is None or mask.shape != image.shape[:2]:
-            mask = np.zeros(image.shape[:2], np.uint8)
+        mask = np.zeros(image.shape[:2], np.uint8)  # no mask cell: no defect to crop over
+        if mask_cell is not None:
+            mask = decode_png(mask_cell, 0)
+            if mask.shape != image.shape[:2]:
+                raise DataError(
+                    "a GAN train row",
+                    f"its mask is {mask.shape[1]}x{mask.shape[0]} px and its image "
+                    f"{image.shape[1]}x{image.shape[0]}",
+                    "rebuild the dataset with `defectforge data build` (it checks mask sizes)",
+                )
         return random_crop(image, mask, self.resolution, self.crop_rng, self.defect_crops)[0]
 
     def images(self, cells, masks=None) -> np.ndarray:

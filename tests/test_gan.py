@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectforge.datasets.errors import ConfigError
+from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment, parse_policy
 from defectforge.gan.generate import generate_images
@@ -484,7 +484,14 @@ def test_native_crops_keep_scale_and_defect_crops_land_on_the_defect():
     assert 0.3 < (half[:, 0, 0, 0] >= 89).mean() < 1.0
 
 
-def test_defect_crops_need_native_crops_and_masks():
+def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size():
+    from defectforge.datasets.batches import GanBatchMaker
+    from defectforge.datasets.contract import encode_png
+
+    image, _ = _sheet_with_one_defect()
+    small_mask = encode_png(np.zeros((64, 64), np.uint8))
+    with pytest.raises(DataError, match="its mask is 64x64 px and its image 128x128"):
+        GanBatchMaker(1, 32, crop_seed=0, defect_crops=1.0).images([image], [small_mask])
     with pytest.raises(ConfigError, match="add --native-crops"):
         tiny_config(defect_crops=0.5)
     with pytest.raises(ConfigError, match="between 0 and 1"):

@@ -101,6 +101,47 @@ def test_studies_of_another_question_or_the_same_seeds_are_refused(two_studies, 
         pool_comparisons([two_studies[0], two_studies[0]])
     with pytest.raises(DataError, match="no compare.json"):
         pool_comparisons([two_studies[0], str(tmp_path)])
+    other_final = _study(tmp_path / "final", [], [], spec={"final": {"seeds": 3, "epochs": 6}})
+    with pytest.raises(DataError, match="asks another question"):
+        pool_comparisons([two_studies[0], other_final])
+
+
+def test_an_arm_with_seeds_its_baseline_lacks_is_refused(two_studies, tmp_path):
+    from defectforge.studies.pool import pool_comparisons
+
+    gan_only = _study(
+        tmp_path / "gan-only",
+        [_arm({"synthetic_ratio": 0.38, "synthetic_source": "gan"}, {1003: 0.5}, [0.1, 0.2, 0.3])],
+        ["synthetic_ratio", "synthetic_source"],
+    )
+    with pytest.raises(DataError, match=r"ran seed\(s\) \[1003\] that its baseline 'real only'"):
+        pool_comparisons([two_studies[0], gan_only])
+
+
+def test_arms_of_one_study_only_and_its_own_synthetic_sets_pool(two_studies, tmp_path):
+    from defectforge.studies.pool import pool_comparisons
+
+    # Copy-paste arms only: this study lists no GAN set, and its copy-paste arm is new.
+    keys = ["synthetic_ratio", "synthetic_source"]
+    pasted = _study(
+        tmp_path / "pasted",
+        [
+            _arm({"synthetic_ratio": 0.0}, {1005: 0.5, 1006: 0.52}, [0.1, 0.2, 0.3]),
+            _arm({"synthetic_ratio": 0.38, "synthetic_source": "copy_paste"},
+                 {1005: 0.6, 1006: 0.62}, [0.4, 0.5, 0.6]),
+        ],
+        keys,
+        ids={"real": "r1", "copy_paste": "c1"},
+        spec={"final": {"seeds": 2, "first_seed": 1005}},
+    )  # fmt: skip
+    comparison = pool_comparisons([*two_studies, pasted])
+    by_label = {arm["label"]: arm for arm in comparison["arms"]}
+    assert [s["seed"] for s in by_label["real only"]["seeds"]] == list(range(1000, 1007))
+    assert [s["seed"] for s in by_label["copy_paste 0.38"]["seeds"]] == [1005, 1006]
+    # Every arm spelt with every study's keys, and each paired with the pooled baseline.
+    assert all(set(arm["arm"]) == set(comparison["keys"]) for arm in comparison["arms"])
+    pairs = {p["arm"]: [d["seed"] for d in p["differences"]] for p in comparison["paired"]}
+    assert pairs == {"copy_paste 0.38": [1005, 1006], "gan 0.38": list(range(1000, 1005))}
 
 
 def test_final_seeds_start_at_first_seed_and_stay_clear_of_search_seeds():

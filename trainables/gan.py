@@ -141,18 +141,21 @@ def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
 
 def replays_in_memory(cfg: GanConfig) -> bool:
     """Whether workers keep their shard after the first pass: the train split's encoded images
-    (Parquet metadata, no read) fit in ``CACHED_SHARD_BYTES``. Decided once, on the driver, so
-    every rank does the same: a rank still streaming would wait at the split's epoch barrier
-    for ranks that never come back to it."""
-    size = sum(_image_bytes(file) for file in split_files(cfg.data, "train"))
+    (and masks, where the GAN reads them; Parquet metadata, no read) fit in
+    ``CACHED_SHARD_BYTES``. Decided once, on the driver, so every rank does the same: a rank
+    still streaming would wait at the split's epoch barrier for ranks that never come back."""
+    cells = [name for name in _columns(cfg) if name != "defect_class"]
+    size = sum(_column_bytes(file, cells) for file in split_files(cfg.data, "train"))
     return size <= CACHED_SHARD_BYTES
 
 
-def _image_bytes(parquet_file) -> int:
+def _column_bytes(parquet_file, names: list[str]) -> int:
     metadata = pq.read_metadata(parquet_file)
-    column = metadata.schema.names.index("image")
+    columns = [metadata.schema.names.index(name) for name in names]
     groups = range(metadata.num_row_groups)
-    return sum(metadata.row_group(g).column(column).total_uncompressed_size for g in groups)
+    return sum(
+        metadata.row_group(g).column(c).total_uncompressed_size for g in groups for c in columns
+    )
 
 
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):

@@ -99,6 +99,8 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
                 "node_id": node,
                 "checkpoint_path": folders.location(name),
                 KEPT_BEST: folders.location(best),
+                # Nested: the study reads result.json as written; Tune's CSV and TensorBoard
+                # loggers flatten it into columns of their own.
                 KEPT_BEST_METRICS: folders.saved[best],
             }
         )
