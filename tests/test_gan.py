@@ -510,3 +510,36 @@ def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
     for _ in range(3):  # the streamed first pass, then replays
         first_columns = (next(feed)["image"][:, 0, 0, 0] + 1) * 127.5
         assert (first_columns >= 89 - 0.5).all()
+
+
+def _fake_run(root: Path, swds: list[tuple[float, float]]) -> Path:
+    """A GAN run folder as `gan train` leaves it mid-way: progress lines and sample grids."""
+    import cv2
+
+    (root / "samples").mkdir(parents=True)
+    lines = [json.dumps({"kimg": kimg, "swd": swd}) for kimg, swd in swds]
+    (root / "progress.jsonl").write_text("\n".join(lines) + "\n")
+    for kimg, _ in swds:
+        grid = np.full((32, 32, 3), int(kimg * 10), np.uint8)
+        cv2.imwrite(str(root / "samples" / f"kimg_{kimg:09.3f}.png"), grid)
+    return root
+
+
+def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
+    import cv2
+
+    from defectforge.gan.report import write_comparison
+
+    # The "on" run was resumed at kimg 2: its kimg-2 line appears twice, the latest counts.
+    on = _fake_run(tmp_path / "on", [(0, 200.0), (2, 150.0), (2, 140.0), (4, 120.0)])
+    off = _fake_run(tmp_path / "off", [(0, 200.0), (2, 160.0), (4, 170.0)])
+    rows = write_comparison({"on": on, "off": off}, tmp_path / "cmp", kimg=4)
+    assert rows == [
+        {"run": "on", "swd_at_kimg": 120.0, "lowest_swd": 120.0, "lowest_at_kimg": 4},
+        {"run": "off", "swd_at_kimg": 170.0, "lowest_swd": 160.0, "lowest_at_kimg": 2},
+    ]
+    assert (tmp_path / "cmp" / "swd.png").stat().st_size > 0
+    side_by_side = cv2.imread(str(tmp_path / "cmp" / "samples_kimg4.png"))
+    assert side_by_side.shape[1] == 2 * (32 + 8)  # two grids, each with its gap
+    with pytest.raises(DataError, match="no sample grid at kimg 6"):
+        write_comparison({"on": on, "off": off}, tmp_path / "cmp", kimg=6)

@@ -1,4 +1,4 @@
-"""``defectforge gan``: train, generate, metrics."""
+"""``defectforge gan``: train, generate, compare, metrics."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
 
-COMMANDS = {"gan": "StyleGAN2 + DiffAugment: train, generate, metrics"}
+COMMANDS = {"gan": "StyleGAN2 + DiffAugment: train, generate, compare, metrics"}
 
 
 def build(name: str, parser) -> None:
@@ -35,6 +35,13 @@ def build(name: str, parser) -> None:
     generate.add_argument("--seeds", help="comma-separated seeds or a range a-b (overrides --n)")
     generate.add_argument("--truncation", type=float, default=1.0, help="psi (default: 1.0)")
     generate.add_argument("--class", dest="class_name", help="class of a conditional generator")
+    compare = sub.add_parser(
+        "compare", help="runs side by side: SWD curves and sample grids at one kimg (PNGs)"
+    )
+    compare.add_argument("runs", nargs="+", type=absolute_path, help="`gan train` run folders")
+    compare.add_argument("--labels", help="comma-separated names (default: the folder names)")
+    compare.add_argument("--kimg", type=float, required=True, help="kimg of the sample grids")
+    compare.add_argument("--out", required=True, type=absolute_path, help="folder for the PNGs")
     metrics = sub.add_parser("metrics", help="sliced Wasserstein distance to real images")
     metrics.add_argument("--model", required=True, type=absolute_path)
     metrics.add_argument(
@@ -78,6 +85,8 @@ def run(args) -> None:
             f"lowest-SWD snapshot (kimg {best['kimg']:.2f}, SWD {best['swd']:.1f}) with metrics "
             f"and sample grids in {args.out}"
         )
+    elif args.gan_command == "compare":
+        _compare(args)
     elif args.gan_command == "generate":
         seeds = parse_seeds(args.seeds, args.n)
         gan.write_generated(
@@ -89,6 +98,26 @@ def run(args) -> None:
             args.model, args.data, args.n, args.inception, args.class_name
         )
         print(json.dumps(result))
+
+
+def _compare(args) -> None:
+    from pathlib import Path
+
+    from defectforge.datasets.errors import ConfigError
+    from defectforge.gan.report import CURVES_FILE, write_comparison
+
+    labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
+    if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
+        raise ConfigError(f"--labels: give {len(args.runs)} different names, one per run")
+    rows = write_comparison(
+        dict(zip(labels, map(Path, args.runs), strict=True)), Path(args.out), args.kimg
+    )
+    print(f"| run | SWD x1e3 at kimg {args.kimg:g} | lowest SWD (kimg) |")
+    print("|---|---|---|")
+    for row in rows:
+        at = "-" if row["swd_at_kimg"] is None else f"{row['swd_at_kimg']:.1f}"
+        print(f"| {row['run']} | {at} | {row['lowest_swd']:.1f} ({row['lowest_at_kimg']:g}) |")
+    print(f"plots: {args.out}/{CURVES_FILE}, {args.out}/samples_kimg{args.kimg:g}.png")
 
 
 def interrupted_hint(args) -> str:

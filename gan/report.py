@@ -1,0 +1,84 @@
+"""GAN runs side by side: their SWD over kimg, and their sample grids at one kimg.
+
+For ablations (DiffAugment on vs off, two seeds, two profiles): every run's snapshots score SWD
+against the same real crops when they share data, resolution and seed, so the curves compare.
+Reads only the runs' own files (``metrics.json`` of a finished run, else ``progress.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from defectforge.datasets.errors import DataError  # noqa: E402
+from defectforge.datasets.files import atomic_write  # noqa: E402
+
+PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
+CURVES_FILE = "swd.png"
+
+
+def swd_history(run: Path) -> list[dict]:
+    """Each snapshot's metrics in kimg order, one per kimg (a resumed run repeats lines)."""
+    summary, progress = run / SUMMARY_FILE, run / PROGRESS_FILE
+    if summary.is_file():
+        lines = json.loads(summary.read_text())["history"]
+    elif progress.is_file():
+        lines = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    else:
+        raise DataError(run, "no metrics.json or progress.jsonl", "name a `gan train` run folder")
+    by_kimg = {line["kimg"]: line for line in lines if "swd" in line}
+    return [by_kimg[kimg] for kimg in sorted(by_kimg)]
+
+
+def _labelled(picture: np.ndarray, label: str) -> np.ndarray:
+    band = np.full((24, picture.shape[1], 3), 255, np.uint8)
+    cv2.putText(band, label, (4, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    return np.vstack([band, picture])
+
+
+def _sample_grid(run: Path, kimg: float) -> np.ndarray:
+    path = run / "samples" / f"kimg_{kimg:09.3f}.png"
+    grid = cv2.imread(str(path))
+    if grid is None:
+        raise DataError(path, f"no sample grid at kimg {kimg:g}", "pick a kimg every run reached")
+    return grid
+
+
+def write_comparison(runs: dict[str, Path], out: Path, kimg: float) -> list[dict]:
+    """``swd.png`` (every run's SWD curve) and ``samples_kimgK.png`` (their grids at ``kimg``,
+    side by side) in ``out``; returns per run its label, SWD at ``kimg`` and lowest SWD."""
+    histories = {label: swd_history(run) for label, run in runs.items()}
+    grids = [_labelled(_sample_grid(run, kimg), label) for label, run in runs.items()]
+    out.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(6.4, 4))
+    for label, history in histories.items():
+        axis.plot([h["kimg"] for h in history], [h["swd"] for h in history], "o-", label=label)
+    axis.set(xlabel="kimg", ylabel="SWD x1e3 (lower is closer to the real images)")
+    axis.legend(fontsize=8)
+    atomic_write(
+        out / CURVES_FILE,
+        lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"),
+    )
+    plt.close(figure)
+    height = max(grid.shape[0] for grid in grids)
+    padded = [
+        np.pad(g, ((0, height - g.shape[0]), (0, 8), (0, 0)), constant_values=255) for g in grids
+    ]
+    encoded = cv2.imencode(".png", np.hstack(padded))[1].tobytes()
+    atomic_write(out / f"samples_kimg{kimg:g}.png", lambda tmp: Path(tmp).write_bytes(encoded))
+    return [
+        {
+            "run": label,
+            "swd_at_kimg": next((h["swd"] for h in history if h["kimg"] == kimg), None),
+            "lowest_swd": min(h["swd"] for h in history),
+            "lowest_at_kimg": min(history, key=lambda h: h["swd"])["kimg"],
+        }
+        for label, history in histories.items()
+    ]
