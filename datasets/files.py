@@ -48,6 +48,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def save_png(figure, path: str | Path) -> Path:
+    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt  # only callers that draw figures pay for it
+
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(figure)
+    return Path(path)
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))

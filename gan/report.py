@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defectforge.datasets.errors import DataError  # noqa: E402
-from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.datasets.files import atomic_write, save_png  # noqa: E402
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
 CURVES_FILE = "swd.png"
@@ -62,11 +62,7 @@ def write_comparison(runs: dict[str, Path], out: Path, kimg: float) -> list[dict
         axis.plot([h["kimg"] for h in history], [h["swd"] for h in history], "o-", label=label)
     axis.set(xlabel="kimg", ylabel="SWD x1e3 (lower is closer to the real images)")
     axis.legend(fontsize=8)
-    atomic_write(
-        out / CURVES_FILE,
-        lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"),
-    )
-    plt.close(figure)
+    save_png(figure, out / CURVES_FILE)
     height = max(grid.shape[0] for grid in grids)
     padded = [
         np.pad(g, ((0, height - g.shape[0]), (0, 8), (0, 0)), constant_values=255) for g in grids

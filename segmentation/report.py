@@ -13,17 +13,12 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
-from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.datasets.files import save_png  # noqa: E402
 from defectforge.segmentation.checkpoint import load_model  # noqa: E402
 from defectforge.segmentation.inference import predict_logits  # noqa: E402
 from defectforge.segmentation.overlay import overlay  # noqa: E402
 
 GRID_IMAGES = 6
-
-
-def _save(figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(figure)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -38,7 +33,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         right.plot(epochs, [row.get(key) for row in history], marker="o", label=label)
     right.set(xlabel="epoch", ylabel="IoU", title="Validation", ylim=(0, 1))
     right.legend()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_per_class_iou(per_class: dict, path: Path) -> None:
@@ -48,7 +43,7 @@ def plot_per_class_iou(per_class: dict, path: Path) -> None:
     bars = axis.bar(names, values, color="#4878a8")
     axis.bar_label(bars, fmt="%.3f")
     axis.set(ylabel="IoU", ylim=(0, 1), title="Per-class IoU (validation)")
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> None:
@@ -74,7 +69,7 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> Non
         ylabel="true",
         title="Confusion matrix (rows sum to 1)",
     )
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_validation_grid(run_dir: Path, data_dir: str, path: Path) -> None:
@@ -100,7 +95,7 @@ def plot_validation_grid(run_dir: Path, data_dir: str, path: Path) -> None:
             axis.imshow(picture, cmap="gray" if picture.ndim == 2 else None, vmin=0, vmax=255)
             axis.set_title(title, fontsize=8)
             axis.axis("off")
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def write_run_plots(run_dir: str | Path) -> list[Path]:
@@ -139,7 +134,7 @@ def plot_label_grid(rows: list[dict], channels: int, path: Path, columns: int = 
         left.set_title(f"conf {row['label_confidence']:.2f}", fontsize=7)
         right.imshow(overlay(image, mask))
         right.set_title(f"{row['defect_class'] or '-'} ({verdict})", fontsize=7)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_confidence_histogram(confidences: list[float], threshold: float, path: Path) -> None:
@@ -152,7 +147,7 @@ def plot_confidence_histogram(confidences: list[float], threshold: float, path: 
         title=f"Pseudo-label confidence ({len(confidences)} generated images)",
     )
     axis.legend()
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_correction_quality(quality: dict, path: Path) -> None:
@@ -173,7 +168,7 @@ def plot_correction_quality(quality: dict, path: Path) -> None:
         title="Labeller on real validation images, by mask correction",
     )
     axis.legend(loc="lower right")
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_operating_point(calibration: dict, path: Path) -> None:
@@ -201,4 +196,4 @@ def plot_operating_point(calibration: dict, path: Path) -> None:
         fontsize=9,
     )
     axis.legend(fontsize=8)
-    _save(figure, path)
+    save_png(figure, path)

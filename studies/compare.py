@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.datasets.files import save_png  # noqa: E402
 from defectforge.studies.spec import MIX_DEFAULTS, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
@@ -150,11 +150,6 @@ def comparison_of(keys: list[str], arms: list[dict]) -> dict:
     return {"keys": keys, "arms": arms, "paired": paired}
 
 
-def _save(figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(figure)
-
-
 def plot_per_image_iou(comparison: dict, path: Path) -> None:
     """Each arm's per-image test IoUs, sorted: the share of test images at or above an IoU."""
     figure, axis = plt.subplots(figsize=(6.4, 4))
@@ -171,7 +166,7 @@ def plot_per_image_iou(comparison: dict, path: Path) -> None:
         ylim=(0, 1),
     )
     axis.legend(fontsize=7)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_paired_differences(comparison: dict, path: Path) -> None:
@@ -195,7 +190,7 @@ def plot_paired_differences(comparison: dict, path: Path) -> None:
         xlabel="test binary defect IoU minus ratio 0 (same seed); 95% t-interval, x: seeds",
         title="Does the synthetic data help?",
     )
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def comparison_section(comparison: dict) -> list[str]:

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.datasets.files import atomic_write  # noqa: E402
+from defectforge.datasets.files import atomic_write, save_png  # noqa: E402
 from defectforge.segmentation.metrics import SELECTION_METRIC  # noqa: E402
 from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
 from defectforge.studies.compare import (  # noqa: E402
@@ -28,11 +28,6 @@ from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"
-
-
-def _save(figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(figure)
 
 
 def _finished(trials: list[dict]) -> list[dict]:
@@ -85,7 +80,7 @@ def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> Non
         ylim=(0, 1),
     )
     axis.legend(fontsize=8)
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def plot_by_architecture(trials: list[dict], path: Path) -> None:
@@ -98,7 +93,7 @@ def plot_by_architecture(trials: list[dict], path: Path) -> None:
     for index, name in enumerate(names, start=1):
         axis.scatter([index] * len(groups[name]), groups[name], alpha=0.6, zorder=3)
     axis.set(ylabel="best validation binary defect IoU", title="Trials per architecture")
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def _distribution(value):
@@ -144,7 +139,7 @@ def plot_importance(importance: dict[str, float], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
     axis.barh(names, [importance[n] for n in names], color="#4878a8")
     axis.set(xlabel="importance (Optuna, sums to 1)", title="What mattered for defect IoU")
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def _number(value) -> str:
