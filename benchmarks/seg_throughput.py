@@ -7,13 +7,15 @@ crop with albumentations, the same model, loss and optimiser.
 
 Run by hand (it takes a few minutes and wants the machine to itself):
 
-    python benchmarks/seg_throughput.py --data runs/neu --steps 100
+    python benchmarks/seg_throughput.py --data runs/neu --steps 100 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import tempfile
 import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -80,7 +82,7 @@ def plain_loop(cfg: SegConfig, steps: int) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - started)
 
 
-def ray_path(cfg: SegConfig, steps: int, out: str) -> float:
+def ray_path(cfg: SegConfig, out: str) -> float:
     from defectforge.trainables.seg import run_seg_training
 
     summary = run_seg_training(cfg, out)
@@ -91,10 +93,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="a built dataset (defectforge data build)")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each path, alternating")
     parser.add_argument("--arch", default="deeplabv3plus")
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--out", default="runs/bench-seg")
     args = parser.parse_args()
 
     from defectforge.trainables.seg import config_from_manifest
@@ -107,17 +109,24 @@ def main() -> None:
         epochs=1,
         max_steps_per_epoch=args.steps,
     )
-    plain = plain_loop(cfg, args.steps)
-    ray_rate = ray_path(cfg, args.steps, args.out)
-    print("\n| path | model | crop | batch | steps | img/s | vs plain |")
-    print("|---|---|---|---|---|---|---|")
-    for name, rate in (
-        ("plain in-memory DataLoader", plain),
-        ("Parquet -> Ray Data -> Ray Train", ray_rate),
+    # Alternating the two paths spreads any drift of the machine over both.
+    rates: dict[str, list[float]] = {"plain": [], "ray": []}
+    with tempfile.TemporaryDirectory(prefix="bench-seg-") as runs:
+        for repeat in range(args.repeats):
+            rates["plain"].append(plain_loop(cfg, args.steps))
+            rates["ray"].append(ray_path(cfg, f"{runs}/{repeat}"))
+    plain = statistics.median(rates["plain"])
+    print("\n| path | model | crop | batch | steps | img/s per repeat | median | vs plain |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, key in (
+        ("plain in-memory DataLoader", "plain"),
+        ("Parquet -> Ray Data -> Ray Train", "ray"),
     ):
+        each = ", ".join(f"{rate:.1f}" for rate in rates[key])
+        median = statistics.median(rates[key])
         print(
             f"| {name} | {cfg.arch}/{cfg.encoder} | {cfg.crop_size} | {cfg.batch_size} | "
-            f"{args.steps} | {rate:.1f} | {rate / plain:.0%} |"
+            f"{args.steps} | {each} | {median:.1f} | {median / plain:.0%} |"
         )
 
 

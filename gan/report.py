@@ -18,10 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defectforge.datasets.errors import DataError  # noqa: E402
-from defectforge.datasets.files import atomic_write, save_png  # noqa: E402
+from defectforge.datasets.files import save_png, write_json_atomic  # noqa: E402
+from defectforge.datasets.outputs import publish_dir  # noqa: E402
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
-CURVES_FILE = "swd.png"
+CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
 
 
 def swd_history(run: Path) -> list[dict]:
@@ -51,30 +52,41 @@ def _sample_grid(run: Path, kimg: float) -> np.ndarray:
     return grid
 
 
-def write_comparison(runs: dict[str, Path], out: Path, kimg: float) -> list[dict]:
-    """``swd.png`` (every run's SWD curve) and ``samples_kimgK.png`` (their grids at ``kimg``,
-    side by side) in ``out``; returns per run its label, SWD at ``kimg`` and lowest SWD."""
+def write_comparison(
+    runs: dict[str, Path], out: Path, kimg: float, overwrite: bool = False
+) -> list[dict]:
+    """``swd.png`` (every run's SWD curve), ``samples_kimgK.png`` (their grids at ``kimg``, side
+    by side) and ``comparison.json`` (the runs and the returned rows), published as the folder
+    ``out``; returns per run its label, SWD at ``kimg`` and lowest SWD."""
     histories = {label: swd_history(run) for label, run in runs.items()}
     grids = [_labelled(_sample_grid(run, kimg), label) for label, run in runs.items()]
-    out.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(6.4, 4))
-    for label, history in histories.items():
-        axis.plot([h["kimg"] for h in history], [h["swd"] for h in history], "o-", label=label)
-    axis.set(xlabel="kimg", ylabel="SWD x1e3 (lower is closer to the real images)")
-    axis.legend(fontsize=8)
-    save_png(figure, out / CURVES_FILE)
-    height = max(grid.shape[0] for grid in grids)
-    padded = [
-        np.pad(g, ((0, height - g.shape[0]), (0, 8), (0, 0)), constant_values=255) for g in grids
-    ]
-    encoded = cv2.imencode(".png", np.hstack(padded))[1].tobytes()
-    atomic_write(out / f"samples_kimg{kimg:g}.png", lambda tmp: Path(tmp).write_bytes(encoded))
-    return [
-        {
-            "run": label,
-            "swd_at_kimg": next((h["swd"] for h in history if h["kimg"] == kimg), None),
-            "lowest_swd": min(h["swd"] for h in history),
-            "lowest_at_kimg": min(history, key=lambda h: h["swd"])["kimg"],
-        }
-        for label, history in histories.items()
-    ]
+    rows = [_summary_row(label, history, kimg) for label, history in histories.items()]
+    with publish_dir(out, overwrite, inputs=tuple(runs.values()), kind="gan comparison") as folder:
+        figure, axis = plt.subplots(figsize=(6.4, 4))
+        for label, history in histories.items():
+            axis.plot([h["kimg"] for h in history], [h["swd"] for h in history], "o-", label=label)
+        axis.set(xlabel="kimg", ylabel="SWD x1e3 (lower is closer to the real images)")
+        axis.legend(fontsize=8)
+        save_png(figure, folder / CURVES_FILE)
+        height = max(grid.shape[0] for grid in grids)
+        padded = [
+            np.pad(g, ((0, height - g.shape[0]), (0, 8), (0, 0)), constant_values=255)
+            for g in grids
+        ]
+        # The folder is published whole, so plain writes into it are safe.
+        cv2.imwrite(str(folder / f"samples_kimg{kimg:g}.png"), np.hstack(padded))
+        runs_by_label = {label: str(run) for label, run in runs.items()}
+        write_json_atomic(
+            folder / COMPARISON_FILE, {"kimg": kimg, "runs": runs_by_label, "rows": rows}
+        )
+    return rows
+
+
+def _summary_row(label: str, history: list[dict], kimg: float) -> dict:
+    lowest = min(history, key=lambda h: h["swd"])
+    return {
+        "run": label,
+        "swd_at_kimg": next((h["swd"] for h in history if h["kimg"] == kimg), None),
+        "lowest_swd": lowest["swd"],
+        "lowest_at_kimg": lowest["kimg"],
+    }

@@ -4,6 +4,7 @@ one-line errors, and only the chosen command's modules imported."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,3 +101,25 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(study, "run", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["study", "report", "somewhere"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_interrupted_command_finds_the_grandchildren_it_must_end():
+    """What `entry` ends after Ctrl-C: the whole tree below it, as a local Ray's raylet
+    starts agents of its own that outlive it."""
+    from defectforge.trainables.cli import _descendants
+
+    child = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
+    try:
+        for _ in range(100):
+            if _descendants(child.pid):
+                break
+            time.sleep(0.05)
+        grandchildren = _descendants(child.pid)
+        assert len(grandchildren) == 1  # the sleep
+        assert {child.pid, *grandchildren} <= set(_descendants(os.getpid()))
+    finally:
+        for pid in _descendants(child.pid):
+            os.kill(pid, 9)
+        child.kill()
+        child.wait()

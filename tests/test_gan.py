@@ -490,8 +490,10 @@ def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size():
 
     image, _ = _sheet_with_one_defect()
     small_mask = encode_png(np.zeros((64, 64), np.uint8))
-    with pytest.raises(DataError, match="its mask is 64x64 px and its image 128x128"):
-        GanBatchMaker(1, 32, crop_seed=0, defect_crops=1.0).images([image], [small_mask])
+    with pytest.raises(DataError, match="sheet_7.png: its mask is 64x64 px and its image 128x128"):
+        GanBatchMaker(1, 32, crop_seed=0, defect_crops=1.0).images(
+            [image], [small_mask], ["/data/sheet_7.png"]
+        )
     with pytest.raises(ConfigError, match="add --native-crops"):
         tiny_config(defect_crops=0.5)
     with pytest.raises(ConfigError, match="between 0 and 1"):
@@ -541,5 +543,18 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     assert (tmp_path / "cmp" / "swd.png").stat().st_size > 0
     side_by_side = cv2.imread(str(tmp_path / "cmp" / "samples_kimg4.png"))
     assert side_by_side.shape[1] == 2 * (32 + 8)  # two grids, each with its gap
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["rows"] == rows
     with pytest.raises(DataError, match="no sample grid at kimg 6"):
-        write_comparison({"on": on, "off": off}, tmp_path / "cmp", kimg=6)
+        write_comparison({"on": on, "off": off}, tmp_path / "cmp6", kimg=6)
+    assert not (tmp_path / "cmp6").exists()
+    # A folder of the user's own is never written into; an earlier comparison is replaced only
+    # when asked.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "swd.png").write_bytes(b"the user's own plot")
+    with pytest.raises(DataError, match="already exists"):
+        write_comparison({"on": on, "off": off}, tmp_path / "mine", kimg=4)
+    assert (tmp_path / "mine" / "swd.png").read_bytes() == b"the user's own plot"
+    with pytest.raises(DataError, match="already exists"):
+        write_comparison({"on": on}, tmp_path / "cmp", kimg=2)
+    assert write_comparison({"on": on}, tmp_path / "cmp", kimg=2, overwrite=True)[0]["run"] == "on"
+    assert not (tmp_path / "cmp" / "samples_kimg4.png").exists()

@@ -12,8 +12,11 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # Read by Ray when it loads: joining a cluster without its token then fails at once with a
@@ -107,3 +110,40 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"defectforge: error: {one_line(str(user_error))}", file=sys.stderr)
         return 2
+
+
+def entry() -> None:
+    """The process entry point (the ``defectforge`` script, ``python -m``): ``main``'s code.
+
+    After Ctrl-C the run's thread is still inside Ray (``runtime.fit``). Letting Python finalise
+    around it shut Ray down under that thread and now and then ended in a segmentation fault
+    instead of 130, so the process ends at once instead, with the processes it started (a local
+    Ray instance, data loaders): checkpoints are already on disk, and a cluster it joined drops
+    the run's actors when its driver goes.
+    """
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        os._exit(code)
+    sys.exit(code)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Linux /proc; none found elsewhere). Ray's own fate sharing
+    ends a local instance's raylet with its driver but leaves the raylet's agents running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (name) state ppid ...": the name may hold spaces and parentheses
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(stat.parent.name))
+    found, waiting = [], [root]
+    while waiting:
+        below = children.get(waiting.pop(), [])
+        found += below
+        waiting += below
+    return found

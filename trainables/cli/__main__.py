@@ -1,7 +1,5 @@
 """``python -m defectforge.trainables.cli``: how a Ray Job runs the command line."""
 
-import sys
+from defectforge.trainables.cli import entry
 
-from defectforge.trainables.cli import main
-
-sys.exit(main())
+entry()

@@ -41,7 +41,7 @@ def build(name: str, parser) -> None:
     compare.add_argument("runs", nargs="+", type=absolute_path, help="`gan train` run folders")
     compare.add_argument("--labels", help="comma-separated names (default: the folder names)")
     compare.add_argument("--kimg", type=float, required=True, help="kimg of the sample grids")
-    compare.add_argument("--out", required=True, type=absolute_path, help="folder for the PNGs")
+    add_out(compare, "folder to publish the PNGs and comparison.json in")
     metrics = sub.add_parser("metrics", help="sliced Wasserstein distance to real images")
     metrics.add_argument("--model", required=True, type=absolute_path)
     metrics.add_argument(
@@ -110,7 +110,10 @@ def _compare(args) -> None:
     if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
         raise ConfigError(f"--labels: give {len(args.runs)} different names, one per run")
     rows = write_comparison(
-        dict(zip(labels, map(Path, args.runs), strict=True)), Path(args.out), args.kimg
+        dict(zip(labels, map(Path, args.runs), strict=True)),
+        Path(args.out),
+        args.kimg,
+        args.overwrite,
     )
     print(f"| run | SWD x1e3 at kimg {args.kimg:g} | lowest SWD (kimg) |")
     print("|---|---|---|")
