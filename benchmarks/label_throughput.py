@@ -3,9 +3,13 @@
     python benchmarks/label_throughput.py --labeller runs/neu-dlv3p --images runs/generated
     python benchmarks/label_throughput.py ... --actors 1 --use-gpu       # one GPU per actor
 
-Each row labels every image of ``--images`` (a `gan generate` output or an image folder) with
-``--actors`` copies of the labeller, at the labeller's common train size, including the mask
-corrections and PNG encoding; the clock includes actor start-up (one model load per actor).
+Each actor count labels the first N images of ``--images`` (a `gan generate` output or an image
+folder) for each N of ``--counts``, at the labeller's common train size and the pipeline's batch
+size, mask corrections and PNG encoding included. The clock runs from the start of the labelling
+to the last labelled row: it holds a fixed cost (actor start-up, one model load each, and the
+pool's first and last blocks) and a per-image cost. Two counts separate them: the marginal rate
+is (N2 - N1) / (t2 - t1), the fixed cost what is left of t1. Ratios to one actor are in the
+same run.
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from defectforge.trainables.runtime import ensure_ray
 from defectforge.trainables.synth import common_size, generated_dataset, label_rows
 
 
-def labelling_rate(cfg: LabelConfig, size: tuple[int, int]) -> tuple[int, float]:
+def labelling_seconds(cfg: LabelConfig, size: tuple[int, int], count: int) -> float:
     rows, _ = generated_dataset(Path(cfg.images))
-    rows = rows.materialize()
+    rows = rows.limit(count).materialize()
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
     started = time.perf_counter()
-    count = label_rows(cfg, rows, size, labeller_id).materialize().count()
-    return count, count / (time.perf_counter() - started)
+    labelled = label_rows(cfg, rows, size, labeller_id).materialize().count()
+    if labelled != count:
+        raise SystemExit(f"--images holds {labelled} images, fewer than --counts {count}")
+    return time.perf_counter() - started
 
 
 def main() -> None:
@@ -38,15 +44,21 @@ def main() -> None:
     parser.add_argument("--labeller", required=True, help="run folder of `seg train`")
     parser.add_argument("--images", required=True)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--counts", type=int, nargs=2, default=[128, 384], metavar=("N1", "N2"))
+    parser.add_argument("--batch-size", type=int, default=LabelConfig().batch_size)
     parser.add_argument("--use-gpu", action="store_true")
     args = parser.parse_args()
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
     seg = SegConfig.load(Path(args.labeller) / "config.json")
     size = common_size(seg.data)
-    print("| labeller | image size | actors | device | images | img/s |")
-    print("|---|---|---|---|---|---|")
+    small, large = sorted(args.counts)
+    print(
+        f"| labeller | image size | batch | actors | device | s for {small} | s for {large} "
+        f"| img/s overall ({large}) | marginal img/s | fixed s | marginal vs 1 actor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    single = None
     for actors in args.actors:
         cfg = LabelConfig(
             images=args.images,
@@ -55,11 +67,16 @@ def main() -> None:
             batch_size=args.batch_size,
             use_gpu=args.use_gpu,
         )
-        count, rate = labelling_rate(cfg, size)
+        t_small, t_large = (labelling_seconds(cfg, size, n) for n in (small, large))
+        marginal = (large - small) / (t_large - t_small)
+        single = single or (marginal if actors == 1 else None)
+        ratio = f"{marginal / single:.2f}x" if single else "-"
         device = "gpu" if args.use_gpu else "cpu"
         print(
-            f"| {seg.arch}/{seg.encoder} | {size[0]}x{size[1]} | {actors} | {device} | {count} "
-            f"| {rate:.1f} |"
+            f"| {seg.arch}/{seg.encoder} | {size[0]}x{size[1]} | {args.batch_size} | {actors} | "
+            f"{device} | {t_small:.1f} | {t_large:.1f} | {large / t_large:.1f} | "
+            f"{marginal:.1f} | {t_small - small / marginal:.1f} | {ratio} |",
+            flush=True,
         )
 
 

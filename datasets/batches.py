@@ -182,7 +182,7 @@ class GanBatchMaker:
         self.crop_rng = None if crop_seed is None else np.random.default_rng(crop_seed)
         self.defect_crops = defect_crops
 
-    def _view(self, image: np.ndarray, mask_cell=None, source: str | None = None) -> np.ndarray:
+    def _view(self, image: np.ndarray, mask_cell=None, origin: str | None = None) -> np.ndarray:
         if self.crop_rng is None:
             return resize_pair(image, None, self.resolution)[0]
         mask = np.zeros(image.shape[:2], np.uint8)  # no mask cell: no defect to crop over
@@ -190,27 +190,27 @@ class GanBatchMaker:
             mask = decode_png(mask_cell, 0)
             if mask.shape != image.shape[:2]:
                 raise DataError(
-                    source or "a GAN train row",
+                    origin or "a GAN train row",
                     f"its mask is {mask.shape[1]}x{mask.shape[0]} px and its image "
                     f"{image.shape[1]}x{image.shape[0]}",
                     "rebuild the dataset with `defectforge data build` (it checks mask sizes)",
                 )
         return random_crop(image, mask, self.resolution, self.crop_rng, self.defect_crops)[0]
 
-    def images(self, cells, masks=None, sources=None) -> np.ndarray:
+    def images(self, cells, masks=None, origins=None) -> np.ndarray:
         """N x R x R x C uint8, the GAN's view of real images (``masks``: their mask cells,
-        ``sources``: their rows' source files, named in errors)."""
+        ``origins``: the image files they came from, named in errors)."""
         masks = [None] * len(cells) if masks is None else masks
-        sources = [None] * len(cells) if sources is None else sources
+        origins = [None] * len(cells) if origins is None else origins
         return np.stack(
             [
-                self._view(decode_png(cell, self.channels), mask, source)
-                for cell, mask, source in zip(cells, masks, sources, strict=True)
+                self._view(decode_png(cell, self.channels), mask, origin)
+                for cell, mask, origin in zip(cells, masks, origins, strict=True)
             ]
         )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = self.images(batch["image"], batch.get("mask"), batch.get("source"))
+        images = self.images(batch["image"], batch.get("mask"), batch.get("origin"))
         images = images.astype(np.float32) / 127.5 - 1
         labels = [self.class_index.get(name, -1) for name in batch.get("defect_class", [])]
         return {

@@ -4,7 +4,8 @@
   otherwise replace the raw images with the dataset).
 - ``--overwrite`` replaces only a folder defectforge wrote: one holding its output record
   (``defectforge.json``) or, for folders written by earlier versions, a dataset manifest, an
-  export's model.json or a steel simulation's record. Anything else is refused.
+  export's model.json or a steel simulation's record. Anything else is refused, and so is a
+  training run's folder (its checkpoints are hours of work; a run is continued, never replaced).
 - A folder is written under a temporary name beside the target and renamed into place at the
   end, so a failed or interrupted command leaves nothing under the final name. The rename never
   replaces a folder that appeared meanwhile (another run to the same ``--out``): that run's
@@ -91,7 +92,23 @@ def check_output(out: str | Path, overwrite: bool, inputs: tuple = (), flag: str
             f"{OUTPUT_RECORD} (nor a dataset manifest or export record)",
             f"choose another {flag}, or move the folder away yourself",
         )
+    if _is_training_run(final):
+        raise DataError(
+            final,
+            "--overwrite never replaces a training run's folder (its checkpoints would go)",
+            f"choose another {flag}, or move the run away yourself",
+        )
     return final
+
+
+def _is_training_run(folder: Path) -> bool:
+    """A `seg train` / `gan train` folder: its record says so, or (earlier versions) it holds
+    Ray Train storage."""
+    record = folder / OUTPUT_RECORD
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(record.read_text()).get("kind", "").endswith("run"):
+            return True
+    return (folder / "ray").is_dir()
 
 
 def output_record(kind: str, details: dict | None = None) -> dict:

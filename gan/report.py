@@ -74,7 +74,9 @@ def write_comparison(
             for g in grids
         ]
         # The folder is published whole, so plain writes into it are safe.
-        cv2.imwrite(str(folder / f"samples_kimg{kimg:g}.png"), np.hstack(padded))
+        grids_file = folder / f"samples_kimg{kimg:g}.png"
+        if not cv2.imwrite(str(grids_file), np.hstack(padded)):
+            raise OSError(f"{grids_file}: the PNG could not be written")
         runs_by_label = {label: str(run) for label, run in runs.items()}
         write_json_atomic(
             folder / COMPARISON_FILE, {"kimg": kimg, "runs": runs_by_label, "rows": rows}

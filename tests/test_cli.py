@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -123,3 +124,45 @@ def test_an_interrupted_command_finds_the_grandchildren_it_must_end():
             os.kill(pid, 9)
         child.kill()
         child.wait()
+
+
+INTERRUPTED_COMMAND = """
+import subprocess, sys, time
+from pathlib import Path
+from defectforge.trainables import cli
+
+PID_FILE = Path(sys.argv[1])
+
+def run(args):  # a command that has started a process tree when Ctrl-C comes
+    subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! > {PID_FILE}.tmp; mv {PID_FILE}.tmp {PID_FILE}; wait"])
+    while not PID_FILE.is_file():
+        time.sleep(0.05)
+    raise KeyboardInterrupt
+
+cli.seg.run = run
+sys.argv = ["defectforge", "seg", "train", "--data", "d", "--out", "o"]
+cli.entry()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_ends_the_command_with_130_and_every_process_it_started(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_COMMAND, str(pid_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().startswith("defectforge: interrupted;"), done.stderr
+    grandchild = Path("/proc") / pid_file.read_text().strip()
+    for _ in range(100):  # gone, or a zombie waiting for init to reap it
+        try:
+            if ") Z" in (grandchild / "stat").read_text():
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the command's grandchild {grandchild.name} still runs")

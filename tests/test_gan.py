@@ -484,15 +484,19 @@ def test_native_crops_keep_scale_and_defect_crops_land_on_the_defect():
     assert 0.3 < (half[:, 0, 0, 0] >= 89).mean() < 1.0
 
 
-def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size():
+def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size(sample_dataset):
     from defectforge.datasets.batches import GanBatchMaker
-    from defectforge.datasets.contract import encode_png
+    from defectforge.datasets.contract import encode_png, split_files
+    from defectforge.trainables.gan import _columns
 
-    image, _ = _sheet_with_one_defect()
-    small_mask = encode_png(np.zeros((64, 64), np.uint8))
-    with pytest.raises(DataError, match="sheet_7.png: its mask is 64x64 px and its image 128x128"):
-        GanBatchMaker(1, 32, crop_seed=0, defect_crops=1.0).images(
-            [image], [small_mask], ["/data/sheet_7.png"]
+    # A built row as the GAN reads it with defect crops, its mask swapped for one of another size.
+    cfg = tiny_config(data=str(sample_dataset), native_crops=True, defect_crops=1.0)
+    row = pq.read_table(split_files(sample_dataset, "train")[0], columns=_columns(cfg)).slice(0, 1)
+    row = row.to_pylist()[0]
+    small_mask = encode_png(np.zeros((16, 16), np.uint8))
+    with pytest.raises(DataError, match=f"{Path(row['origin']).name}: its mask is 16x16 px"):
+        GanBatchMaker(1, 32, crop_seed=0, defect_crops=1.0)(
+            {"image": [row["image"]], "mask": [small_mask], "origin": [row["origin"]]}
         )
     with pytest.raises(ConfigError, match="add --native-crops"):
         tiny_config(defect_crops=0.5)
@@ -558,3 +562,15 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
         write_comparison({"on": on}, tmp_path / "cmp", kimg=2)
     assert write_comparison({"on": on}, tmp_path / "cmp", kimg=2, overwrite=True)[0]["run"] == "on"
     assert not (tmp_path / "cmp" / "samples_kimg4.png").exists()
+    # Nor, even with --overwrite, the user's folder, a run it compares, or another training run.
+    from defectforge.datasets.outputs import prepare_run_folder
+
+    other_run = prepare_run_folder(tmp_path / "other-run", kind="GAN run")
+    for out, refusal in (
+        (tmp_path / "mine", "replaces only folders defectforge wrote"),
+        (on, "is the input"),
+        (other_run, "never replaces a training run"),
+    ):
+        with pytest.raises(DataError, match=refusal):
+            write_comparison({"on": on, "off": off}, out, kimg=4, overwrite=True)
+    assert (tmp_path / "mine" / "swd.png").read_bytes() == b"the user's own plot"

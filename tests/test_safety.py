@@ -79,6 +79,26 @@ def test_overwrite_refuses_a_folder_defectforge_did_not_write(sample_root, tmp_p
     assert (notes / "todo.txt").read_text() == "my notes" and no_leftovers(tmp_path)
 
 
+def test_overwrite_never_replaces_a_training_run(sample_root, tmp_path, capsys):
+    from defectforge.datasets.outputs import prepare_run_folder
+
+    run = prepare_run_folder(tmp_path / "gan-run", kind="GAN run")
+    (run / "snapshot.pt").write_bytes(b"hours of training")
+    earlier = tmp_path / "earlier-run"  # a run of an earlier version: Ray storage, no record
+    (earlier / "ray").mkdir(parents=True)
+    (earlier / "manifest.json").write_text('{"schema_version": 1}')
+    for folder in (run, earlier):
+        refused(
+            capsys,
+            ["data", "build", "--source", "neu-seg", "--root", str(sample_root)]
+            + ["--out", str(folder), "--overwrite"],
+            f"{folder}: --overwrite never replaces a training run's folder",
+            "move the run away yourself",
+        )
+    assert (run / "snapshot.pt").read_bytes() == b"hours of training"
+    assert (earlier / "ray").is_dir() and no_leftovers(tmp_path)
+
+
 @pytest.mark.parametrize(
     "command",
     [
@@ -360,3 +380,17 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
     # No traceback of the command itself (Ray's own actors log theirs with a "(name pid=..)"
     # prefix, e.g. when another Ray instance runs on the machine).
     assert not re.search(r"^Traceback", text, re.MULTILINE), text[-3000:]
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
+    import torch
+
+    from defectforge.trainables.runtime import latest_checkpoint_dir
+
+    whole, cut = tmp_path / "run" / "epoch_001", tmp_path / "run" / "epoch_002"
+    for folder in (whole, cut):
+        folder.mkdir(parents=True)
+        torch.save({"weights": torch.zeros(1000)}, folder / "model.pt")
+    data = (cut / "model.pt").read_bytes()
+    (cut / "model.pt").write_bytes(data[: len(data) // 2])  # the copy killed half-way
+    assert latest_checkpoint_dir(tmp_path) == whole

@@ -101,9 +101,9 @@ def _wanted(cfg: GanConfig):
 
 
 def _columns(cfg: GanConfig) -> list[str]:
-    """What the GAN reads of a row: masks (and their source, for errors) only where they place
-    its crops."""
-    return ["image", "defect_class", *(["mask", "source"] if cfg.defect_crops else [])]
+    """What the GAN reads of a row: masks (and the image's file, for errors) only where they
+    place its crops."""
+    return ["image", "defect_class", *(["mask", "origin"] if cfg.defect_crops else [])]
 
 
 def real_images(cfg: GanConfig, split: str = "train") -> ray.data.Dataset:
@@ -132,8 +132,8 @@ def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
     order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.metric_images]
     picked = [rows[i] for i in order]
     masks = [row["mask"] for row in picked] if cfg.defect_crops else None
-    sources = [row["source"] for row in picked] if cfg.defect_crops else None
-    return _batch_maker(cfg, rank=-1).images([row["image"] for row in picked], masks, sources)
+    origins = [row["origin"] for row in picked] if cfg.defect_crops else None
+    return _batch_maker(cfg, rank=-1).images([row["image"] for row in picked], masks, origins)
 
 
 def _crop_seed(cfg: GanConfig, rank: int) -> int | None:

@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 import uuid
+import zipfile
 from pathlib import Path
 
 import ray
@@ -122,10 +123,17 @@ def quiet_ray_data() -> None:
 
 
 def latest_checkpoint_dir(storage: Path) -> Path | None:
-    """The newest checkpoint folder under a run's Ray storage, across the first run and any
-    resumed ones. Checkpoint names sort in training order (``epoch_003``, ``kimg_00012.000``)."""
-    folders = [p for p in storage.glob("*/*_*") if p.is_dir() and any(p.glob("*.pt"))]
+    """The newest whole checkpoint folder under a run's Ray storage, across the first run and
+    any resumed ones. Checkpoint names sort in training order (``epoch_003``, ``kimg_00012.000``).
+    Ray copies a checkpoint into its final folder in place, so a process killed mid-copy leaves
+    one with a cut ``.pt`` file (a zip archive missing its end): such a folder is passed over."""
+    folders = [p for p in storage.glob("*/*_*") if p.is_dir() and _whole_checkpoint(p)]
     return max(folders, key=lambda p: p.name) if folders else None
+
+
+def _whole_checkpoint(folder: Path) -> bool:
+    weights = list(folder.glob("*.pt"))
+    return bool(weights) and all(zipfile.is_zipfile(file) for file in weights)
 
 
 def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:

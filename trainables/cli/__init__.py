@@ -117,19 +117,45 @@ def entry() -> None:
 
     After Ctrl-C the run's thread is still inside Ray (``runtime.fit``). Letting Python finalise
     around it shut Ray down under that thread and now and then ended in a segmentation fault
-    instead of 130, so the process ends at once instead, with the processes it started (a local
-    Ray instance, data loaders): checkpoints are already on disk, and a cluster it joined drops
-    the run's actors when its driver goes.
+    instead of 130, so the process ends at once instead, with every process it started (a local
+    Ray instance and its agents, data loaders). What the run wrote stays: the checkpoints it
+    completed, which a resume starts from. A Ray Client session (``ray://``) is closed first,
+    so the cluster stops the run now rather than after the client's reconnection grace period.
     """
     code = main()
     if code == INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for pid in _descendants(os.getpid()):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the ending
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        _close_client_session()
+        _end_descendants()
         os._exit(code)
     sys.exit(code)
+
+
+def _close_client_session() -> None:
+    if "ray" not in sys.modules:
+        return
+    from ray.util.client import ray as client
+
+    if client.is_connected():
+        with contextlib.suppress(Exception):  # ending anyway; nothing to tell the user
+            client.disconnect()
+
+
+def _end_descendants() -> None:
+    """Stop the whole tree first (a stopped process forks no more), then kill it: killing
+    parent by parent would let orphans slip out of the tree."""
+    stopped: set[int] = set()
+    while new := set(_descendants(os.getpid())) - stopped:
+        for pid in new:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _descendants(root: int) -> list[int]:
