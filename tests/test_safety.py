@@ -52,13 +52,27 @@ def no_leftovers(folder: Path) -> bool:
 # --- 1. --out over an input, --overwrite over a folder defectforge did not write -------------
 
 
+def build_over(root: Path, out: Path) -> list[str]:
+    """`data build` of ``root`` into ``out`` with --overwrite."""
+    return [
+        "data",
+        "build",
+        "--source",
+        "neu-seg",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--overwrite",
+    ]
+
+
 def test_build_into_its_own_root_is_refused_and_the_raw_images_stay(sample_copy, capsys):
     before = snapshot(sample_copy)
     for out in (sample_copy, sample_copy.parent):
         refused(
             capsys,
-            ["data", "build", "--source", "neu-seg", "--root", str(sample_copy)]
-            + ["--out", str(out), "--overwrite"],
+            build_over(sample_copy, out),
             f"{out}: --out is the input {sample_copy} or contains it",
             "choose an --out outside",
         )
@@ -71,8 +85,7 @@ def test_overwrite_refuses_a_folder_defectforge_did_not_write(sample_root, tmp_p
     (notes / "todo.txt").write_text("my notes")
     refused(
         capsys,
-        ["data", "build", "--source", "neu-seg", "--root", str(sample_root)]
-        + ["--out", str(notes), "--overwrite"],
+        build_over(sample_root, notes),
         f"{notes}: --overwrite replaces only folders defectforge wrote",
         "move the folder away yourself",
     )
@@ -90,8 +103,7 @@ def test_overwrite_never_replaces_a_training_run(sample_root, tmp_path, capsys):
     for folder in (run, earlier):
         refused(
             capsys,
-            ["data", "build", "--source", "neu-seg", "--root", str(sample_root)]
-            + ["--out", str(folder), "--overwrite"],
+            build_over(sample_root, folder),
             f"{folder}: --overwrite never replaces a training run's folder",
             "move the run away yourself",
         )
