@@ -27,6 +27,9 @@ from defectforge.segmentation.pseudo_label import LabelConfig
 from defectforge.trainables.runtime import ensure_ray
 from defectforge.trainables.synth import common_size, generated_dataset, label_rows
 
+# What `synth label` and a pipeline's label stage use unless told otherwise.
+PIPELINE_BATCH = LabelConfig.__dataclass_fields__["batch_size"].default
+
 
 def labelling_seconds(cfg: LabelConfig, size: tuple[int, int], count: int) -> float:
     rows, _ = generated_dataset(Path(cfg.images))
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--images", required=True)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--counts", type=int, nargs=2, default=[128, 384], metavar=("N1", "N2"))
-    parser.add_argument("--batch-size", type=int, default=LabelConfig().batch_size)
+    parser.add_argument("--batch-size", type=int, default=PIPELINE_BATCH)
     parser.add_argument("--use-gpu", action="store_true")
     args = parser.parse_args()
     ensure_ray()
