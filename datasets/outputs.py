@@ -146,8 +146,9 @@ def publish_dir(
 
 def _move_into_place(staging: Path, final: Path, overwrite: bool, flag: str) -> None:
     if overwrite and final.exists() and not _is_empty_folder(final):
-        # Checked again here: the folder may have changed since the command started.
-        if not written_by_defectforge(final):
+        # Checked again here: the folder may have changed since the command started (a `gan
+        # train` to the same folder, say).
+        if not written_by_defectforge(final) or _is_training_run(final):
             raise DataError(final, "the folder was replaced meanwhile", f"choose another {flag}")
         retired = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, retired)

@@ -158,6 +158,22 @@ def test_overwrite_replaces_what_defectforge_wrote(sample_root, tmp_path, capsys
 # --- 2. two writers of one --out ---------------------------------------------------------------
 
 
+def test_a_training_run_that_took_the_folder_meanwhile_is_not_replaced(tmp_path):
+    from defectforge.datasets.outputs import output_record
+
+    final = tmp_path / "out"
+    with publish_dir(final) as first:
+        (first / "who.txt").write_text("earlier output")
+    with pytest.raises(DataError, match="the folder was replaced meanwhile"):
+        with publish_dir(final, overwrite=True) as staging:
+            (staging / "who.txt").write_text("new output")
+            # meanwhile `gan train --out out` took the folder over as its run
+            (final / OUTPUT_RECORD).write_text(json.dumps(output_record("GAN run")))
+            (final / "snapshot.pt").write_bytes(b"hours of training")
+    assert (final / "snapshot.pt").read_bytes() == b"hours of training"
+    assert no_leftovers(tmp_path)
+
+
 def test_the_second_of_two_concurrent_writers_fails_and_the_first_result_stands(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(DataError, match="another run wrote this folder while this one was running"):
