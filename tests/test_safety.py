@@ -144,7 +144,7 @@ def test_every_command_refuses_an_out_over_its_inputs(
     assert [snapshot(folder) for folder in watched] == before
 
 
-def test_overwrite_replaces_what_defectforge_wrote(sample_root, tmp_path, capsys):
+def test_overwrite_replaces_what_defectforge_wrote(sample_root, tmp_path, capsys, ray_session):
     out = tmp_path / "ds"
     argv = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", str(out)]
     assert main(argv) == 0
