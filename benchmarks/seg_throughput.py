@@ -1,13 +1,15 @@
 """Training throughput: the full Ray path vs a plain in-memory torch loop, same model and batch.
 
-Ray path: Parquet -> Ray Data shard -> decode + augmentation + crop -> model, inside Ray Train,
-timed by the loop itself over one epoch's training steps (validation excluded).
+Ray path: Parquet -> Ray Data -> decode + augmentation + crop -> model, inside Ray Train, timed
+by the loop itself over one epoch's training steps (validation excluded). Its rows are read
+once and replayed from memory when they fit (``datasets.replay``, the default: "memory"), or
+streamed as a Ray Data pass per epoch ("stream", forced here by a zero cache limit).
 Plain loop: images decoded into memory once, a torch DataLoader doing the same augmentation and
 crop with albumentations, the same model, loss and optimiser.
 
 Run by hand (it takes a few minutes and wants the machine to itself):
 
-    python benchmarks/seg_throughput.py --data runs/neu --steps 100 --repeats 3
+    python benchmarks/seg_throughput.py --data runs/neu --steps 60 --repeats 3
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
 from defectforge.segmentation.config import SegConfig  # noqa: E402
 from defectforge.segmentation.losses import CombinedLoss  # noqa: E402
 from defectforge.segmentation.models import build_model  # noqa: E402
-
-WARMUP_STEPS = 3
 
 
 class InMemoryPairs(Dataset):
@@ -67,26 +67,34 @@ def plain_loop(cfg: SegConfig, steps: int) -> float:
         num_workers=1,
         persistent_workers=True,
     )
+    # The clock starts when the first batch arrives, as the training loop's own does (its
+    # train_img_per_s): the first steps' warm-up counts on both sides.
     done, started = 0, None
-    while done < steps + WARMUP_STEPS:
+    while done < steps:
         for images, masks in loader:
-            if done == WARMUP_STEPS:
-                started = time.perf_counter()
+            started = started or time.perf_counter()
             loss = criterion(model(images), masks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             done += 1
-            if done >= steps + WARMUP_STEPS:
+            if done >= steps:
                 break
     return steps * cfg.batch_size / (time.perf_counter() - started)
 
 
-def ray_path(cfg: SegConfig, out: str) -> float:
+def ray_path(cfg: SegConfig, out: str, feed: str) -> tuple[float, float]:
+    """(img/s over the timed steps, seconds of the epoch's training and validation)."""
+    from defectforge.datasets import replay
     from defectforge.trainables.seg import run_seg_training
 
-    summary = run_seg_training(cfg, out)
-    return summary["history"][-1]["train_img_per_s"]
+    limit = replay.CACHED_SPLIT_BYTES
+    replay.CACHED_SPLIT_BYTES = limit if feed == "memory" else 0
+    try:
+        epoch = run_seg_training(cfg, out)["history"][-1]
+    finally:
+        replay.CACHED_SPLIT_BYTES = limit
+    return epoch["train_img_per_s"], epoch["epoch_seconds"]
 
 
 def main() -> None:
@@ -99,6 +107,13 @@ def main() -> None:
     parser.add_argument("--arch", default="deeplabv3plus")
     parser.add_argument("--crop-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--feeds",
+        nargs="+",
+        default=["memory", "stream"],
+        choices=["memory", "stream"],
+        help="the Ray path's feeds to run",
+    )
     args = parser.parse_args()
 
     from defectforge.trainables.runtime import ensure_ray
@@ -112,26 +127,33 @@ def main() -> None:
         epochs=1,
         max_steps_per_epoch=args.steps,
     )
-    # Alternating the two paths spreads any drift of the machine over both; Ray is up before
-    # the first plain run, so every plain run has its idle processes beside it as the others do.
+    # Alternating the paths spreads any drift of the machine over all; Ray is up before the
+    # first plain run, so every plain run has its idle processes beside it as the others do.
     ensure_ray()
-    rates: dict[str, list[float]] = {"plain": [], "ray": []}
+    paths = {"plain": "plain in-memory DataLoader"}
+    paths.update({feed: f"Parquet -> Ray Data -> Ray Train ({feed})" for feed in args.feeds})
+    rates: dict[str, list[float]] = {key: [] for key in paths}
+    epoch_seconds: dict[str, list[float]] = {key: [] for key in args.feeds}
     with tempfile.TemporaryDirectory(prefix="bench-seg-") as runs:
         for repeat in range(args.repeats):
             rates["plain"].append(plain_loop(cfg, args.steps))
-            rates["ray"].append(ray_path(cfg, f"{runs}/{repeat}"))
+            for feed in args.feeds:
+                rate, seconds = ray_path(cfg, f"{runs}/{feed}-{repeat}", feed)
+                rates[feed].append(rate)
+                epoch_seconds[feed].append(seconds)
     plain = statistics.median(rates["plain"])
-    print("\n| path | model | crop | batch | steps | img/s per repeat | median | vs plain |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, key in (
-        ("plain in-memory DataLoader", "plain"),
-        ("Parquet -> Ray Data -> Ray Train", "ray"),
-    ):
+    print(
+        "\n| path | model | crop | batch | steps | img/s per repeat | median | vs plain "
+        "| epoch s (median, train + val) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for key, name in paths.items():
         each = ", ".join(f"{rate:.1f}" for rate in rates[key])
         median = statistics.median(rates[key])
+        seconds = f"{statistics.median(epoch_seconds[key]):.1f}" if key in epoch_seconds else "-"
         print(
             f"| {name} | {cfg.arch}/{cfg.encoder} | {cfg.crop_size} | {cfg.batch_size} | "
-            f"{args.steps} | {each} | {median:.1f} | {median / plain:.0%} |"
+            f"{args.steps} | {each} | {median:.1f} | {median / plain:.0%} | {seconds} |"
         )
 
 

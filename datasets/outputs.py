@@ -28,6 +28,9 @@ from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import UMASK, package_version, write_json_atomic
 
 OUTPUT_RECORD = "defectforge.json"
+# The output kinds that hold a training run's checkpoints (`prepare_run_folder`).
+SEG_RUN, GAN_RUN = "segmentation run", "GAN run"
+TRAINING_RUN_KINDS = (SEG_RUN, GAN_RUN)
 # Artefacts of earlier versions, written before every output carried OUTPUT_RECORD.
 EARLIER_ARTEFACTS = {
     "manifest.json": "schema_version",
@@ -106,7 +109,7 @@ def _is_training_run(folder: Path) -> bool:
     Ray Train storage."""
     record = folder / OUTPUT_RECORD
     with contextlib.suppress(OSError, ValueError):
-        if json.loads(record.read_text()).get("kind", "").endswith("run"):
+        if json.loads(record.read_text()).get("kind") in TRAINING_RUN_KINDS:
             return True
     return (folder / "ray").is_dir()
 
@@ -194,9 +197,12 @@ def check_run_folder(out: str | Path, inputs: tuple = ()) -> Path:
     return folder
 
 
-def prepare_run_folder(out: str | Path, inputs: tuple = (), kind: str = "run") -> Path:
-    """The checked run folder, created with its output record. Call it after every other input
+def prepare_run_folder(out: str | Path, kind: str, inputs: tuple = ()) -> Path:
+    """The checked run folder, created with its output record (``kind``: one of
+    ``TRAINING_RUN_KINDS``, which no --overwrite replaces). Call it after every other input
     check, so a refused command leaves no folder behind."""
+    if kind not in TRAINING_RUN_KINDS:
+        raise ValueError(f"{kind!r} is not one of {TRAINING_RUN_KINDS}")
     folder = check_run_folder(out, inputs)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / OUTPUT_RECORD).is_file():

@@ -292,13 +292,13 @@ def test_subset_and_copy_paste_stages_are_made_once_and_reused(ray_session, samp
             "storage_path": str(tmp_path),
         }
     )
-    first = Pipeline(spec)
+    first = Pipeline(spec, "spec.yaml")
     made = first.run()
     assert Manifest.load(made.dataset.real).counts["train"].total == 10
     pasted = Manifest.load(made.dataset.copy_paste)
     assert pasted.counts["train"].total == 6
     (source,) = pasted.section("labelling")["trained_on"]
     assert source["dataset_id"] == Manifest.load(made.dataset.real).dataset_id
-    again = Pipeline(spec)
+    again = Pipeline(spec, "spec.yaml")
     assert again.run() == made
     assert [r["status"] for r in again.records()] == ["reused"] * 3

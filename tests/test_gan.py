@@ -367,7 +367,8 @@ def _feed(rows: int, batch: int, replay: bool = True):
     from defectforge.trainables.gan import _endless
 
     images = [encode_png(np.full((40, 40), 5 * row, np.uint8)) for row in range(rows)]
-    shard = ray.data.from_items([{"image": i, "defect_class": "x"} for i in images])
+    items = [{"id": f"s{n:03d}", "image": i, "defect_class": "x"} for n, i in enumerate(images)]
+    shard = ray.data.from_items(items)
     cfg = tiny_config(batch_size=batch)
     return _endless(shard, cfg, GanBatchMaker(1, 32, crop_seed=0), replay)
 
@@ -399,11 +400,12 @@ def test_without_replay_every_epoch_is_a_new_pass(ray_session, shard_passes):
 
 
 def test_the_driver_decides_replay_from_the_train_splits_size(sample_dataset, monkeypatch):
+    from defectforge.datasets import replay
     from defectforge.trainables import gan
 
     cfg = tiny_config(data=str(sample_dataset))
     assert gan.replays_in_memory(cfg)  # the bundled sample: a few hundred kB
-    monkeypatch.setattr(gan, "CACHED_SHARD_BYTES", 1000)
+    monkeypatch.setattr(replay, "CACHED_SPLIT_BYTES", 1000)
     assert not gan.replays_in_memory(cfg)
 
 
@@ -510,7 +512,11 @@ def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
     from defectforge.trainables.gan import _batch_maker, _endless
 
     image, mask = _sheet_with_one_defect()
-    shard = ray.data.from_items([{"image": image, "mask": mask, "defect_class": "x"}] * 8)
+    rows = [
+        {"id": f"s{n}", "image": image, "mask": mask, "defect_class": "x", "origin": "sheet.png"}
+        for n in range(8)
+    ]
+    shard = ray.data.from_items(rows)
     cfg = tiny_config(native_crops=True, defect_crops=1.0)
     feed = _endless(shard, cfg, _batch_maker(cfg, rank=0), replay=True)
     for _ in range(3):  # the streamed first pass, then replays
@@ -563,9 +569,9 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     assert write_comparison({"on": on}, tmp_path / "cmp", kimg=2, overwrite=True)[0]["run"] == "on"
     assert not (tmp_path / "cmp" / "samples_kimg4.png").exists()
     # Nor, even with --overwrite, the user's folder, a run it compares, or another training run.
-    from defectforge.datasets.outputs import prepare_run_folder
+    from defectforge.datasets.outputs import GAN_RUN, prepare_run_folder
 
-    other_run = prepare_run_folder(tmp_path / "other-run", kind="GAN run")
+    other_run = prepare_run_folder(tmp_path / "other-run", GAN_RUN)
     for out, refusal in (
         (tmp_path / "mine", "replaces only folders defectforge wrote"),
         (on, "is the input"),
@@ -574,3 +580,29 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
         with pytest.raises(DataError, match=refusal):
             write_comparison({"on": on, "off": off}, out, kimg=4, overwrite=True)
     assert (tmp_path / "mine" / "swd.png").read_bytes() == b"the user's own plot"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"conditional": True, "classes": ("inclusion", "patches", "scratches")},
+        {"defect_class": "patches"},
+        {"defect_class": "scratches"},
+    ],
+)
+def test_the_gan_learns_from_the_rows_its_class_options_ask_for(sample_dataset, options):
+    import pyarrow.parquet as pq
+
+    from defectforge.datasets.contract import split_files
+    from defectforge.trainables.gan import metric_reals, real_images
+
+    classes = pq.read_table(split_files(sample_dataset, "train"))["defect_class"].to_pylist()
+    if "defect_class" in options:
+        expected = classes.count(options["defect_class"])
+    else:
+        expected = len(classes) - (classes.count(None) if options else 0)
+    cfg = tiny_config(data=str(sample_dataset), metric_images=1000, **options)
+
+    assert 0 < expected and real_images(cfg).count() == expected
+    assert len(metric_reals(cfg)) == expected

@@ -132,6 +132,54 @@ def test_a_pipeline_study_resumes_inside_its_gan_stage_and_reuses_what_it_made(
     assert "## Stages" in report and "| gan |" in report
 
     # The same stages asked for again (by this or any study under this storage) are reused.
-    again = Pipeline(parse_spec(yaml.safe_load(spec_file.read_text()), str(spec_file)))
+    again = Pipeline(
+        parse_spec(yaml.safe_load(spec_file.read_text()), str(spec_file)), str(spec_file)
+    )
     again.run()
     assert {run.status for run in again.runs} == {"reused", "given"}
+
+
+def test_too_few_generated_images_are_refused_before_the_gan_trains(
+    ray_session, sample_root, tmp_path
+):
+    from defectforge.trainables.pipeline import Pipeline
+
+    spec = pipeline_spec(sample_root, tmp_path / "no-labeller-needed", tmp_path / "storage")
+    spec["generate"] = {"count": 2}
+    spec["search_space"]["synthetic_ratio"] = [0.0, 0.38]
+
+    with pytest.raises(SpecError, match=r"generate.count = 2: ratio 0.38 over \d+ real train"):
+        Pipeline(parse_spec(spec, "spec.yaml"), "spec.yaml").run()
+    made = sorted(p.name.split("-")[0] for p in (tmp_path / "storage" / "stages").iterdir())
+    assert made == ["data"]  # neither the labeller nor the GAN stage started
+
+
+def test_a_study_stopped_by_its_checks_takes_the_corrected_spec(
+    ray_session, sample_root, tmp_path, capsys
+):
+    import ray
+
+    from defectforge.datasets.errors import DataError
+    from defectforge.trainables.study import run_study
+
+    storage, spec_file = tmp_path / "storage", tmp_path / "spec.yaml"
+    spec = pipeline_spec(sample_root, tmp_path / "no-labeller-needed", storage)
+    spec["search_space"]["synthetic_ratio"] = [0.0, 0.38]
+    address = ray.get_runtime_context().gcs_address
+    for count in (2, 3):  # the second spec is "corrected", yet still too small: refused again
+        spec["generate"] = {"count": count}
+        spec_file.write_text(yaml.safe_dump(spec))
+        with pytest.raises(SpecError, match=f"generate.count = {count}:"):
+            run_study(spec_file, address=address)
+
+    assert "was refused before its search; starting it from this spec" in capsys.readouterr().out
+    recorded = json.loads((storage / "pipe" / "study.json").read_text())
+    assert recorded["spec"]["stages"]["generate"]["count"] == 3
+
+    # Stopped while running (no refusal recorded), it keeps its spec.
+    del recorded["refused_before_search"]
+    (storage / "pipe" / "study.json").write_text(json.dumps(recorded))
+    spec["generate"] = {"count": 4}
+    spec_file.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DataError, match="a study of this name exists, made from another spec"):
+        run_study(spec_file, address=address)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.outputs import OUTPUT_RECORD, publish_dir
+from defectforge.datasets.outputs import GAN_RUN, OUTPUT_RECORD, publish_dir
 from defectforge.trainables.cli import main
 
 
@@ -95,7 +95,7 @@ def test_overwrite_refuses_a_folder_defectforge_did_not_write(sample_root, tmp_p
 def test_overwrite_never_replaces_a_training_run(sample_root, tmp_path, capsys):
     from defectforge.datasets.outputs import prepare_run_folder
 
-    run = prepare_run_folder(tmp_path / "gan-run", kind="GAN run")
+    run = prepare_run_folder(tmp_path / "gan-run", GAN_RUN)
     (run / "snapshot.pt").write_bytes(b"hours of training")
     earlier = tmp_path / "earlier-run"  # a run of an earlier version: Ray storage, no record
     (earlier / "ray").mkdir(parents=True)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import ray.data
 import ray.train
 import torch
+from ray.data.expressions import Expr, col
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
@@ -33,7 +34,8 @@ from defectforge.datasets.contract import SCHEMA, encode_png, run_identity, spli
 from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import check_output, check_run_folder, prepare_run_folder
+from defectforge.datasets.outputs import GAN_RUN, check_output, check_run_folder, prepare_run_folder
+from defectforge.datasets.replay import CachedRows, encoded_bytes, within_cache_limit
 from defectforge.datasets.writer import write_dataset
 from defectforge.gan.checkpoint import (
     CONFIG_FILE,
@@ -56,8 +58,6 @@ from defectforge.trainables.runtime import (
 )
 
 SHUFFLE_BUFFER = 256
-# Encoded train images up to which GAN workers keep their shard after the first pass.
-CACHED_SHARD_BYTES = 1 << 30
 RUN_NAME = "train"
 
 
@@ -91,24 +91,24 @@ def _check_crops_fit(cfg: GanConfig) -> None:
         )
 
 
-def _wanted(cfg: GanConfig):
-    def keep(row: dict) -> bool:
-        if cfg.defect_class:
-            return row["defect_class"] == cfg.defect_class
-        return row["defect_class"] is not None if cfg.conditional else True
-
-    return keep
+def _wanted(cfg: GanConfig) -> Expr | None:
+    """The rows the GAN learns from, as a predicate both Ray Data and pyarrow evaluate natively
+    (None: every row)."""
+    if cfg.defect_class:
+        return col("defect_class") == cfg.defect_class
+    return col("defect_class").is_not_null() if cfg.conditional else None
 
 
 def _columns(cfg: GanConfig) -> list[str]:
     """What the GAN reads of a row: masks (and the image's file, for errors) only where they
     place its crops."""
-    return ["image", "defect_class", *(["mask", "origin"] if cfg.defect_crops else [])]
+    return ["id", "image", "defect_class", *(["mask", "origin"] if cfg.defect_crops else [])]
 
 
 def real_images(cfg: GanConfig, split: str = "train") -> ray.data.Dataset:
     dataset = read_split(cfg.data, split).select_columns(_columns(cfg))
-    return dataset.filter(_wanted(cfg))
+    wanted = _wanted(cfg)
+    return dataset if wanted is None else dataset.filter(expr=wanted)
 
 
 def _batch_maker(cfg: GanConfig, rank: int) -> GanBatchMaker:
@@ -121,8 +121,8 @@ def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
     """The first ``metric_images`` real images (seeded shuffle) at the GAN resolution, uint8,
     cropped as the GAN sees them."""
     table = pq.read_table(split_files(cfg.data, split), columns=_columns(cfg))
-    keep = _wanted(cfg)
-    rows = [row for row in table.to_pylist() if keep(row)]
+    wanted = _wanted(cfg)
+    rows = (table if wanted is None else table.filter(wanted.to_pyarrow())).to_pylist()
     if not rows:
         raise DataError(
             cfg.data,
@@ -144,20 +144,9 @@ def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
 def replays_in_memory(cfg: GanConfig) -> bool:
     """Whether workers keep their shard after the first pass: the train split's encoded images
     (and masks, where the GAN reads them; Parquet metadata, no read) fit in
-    ``CACHED_SHARD_BYTES``. Decided once, on the driver, so every rank does the same: a rank
-    still streaming would wait at the split's epoch barrier for ranks that never come back."""
-    cells = [name for name in _columns(cfg) if name != "defect_class"]
-    size = sum(_column_bytes(file, cells) for file in split_files(cfg.data, "train"))
-    return size <= CACHED_SHARD_BYTES
-
-
-def _column_bytes(parquet_file, names: list[str]) -> int:
-    metadata = pq.read_metadata(parquet_file)
-    columns = [metadata.schema.names.index(name) for name in names]
-    groups = range(metadata.num_row_groups)
-    return sum(
-        metadata.row_group(g).column(c).total_uncompressed_size for g in groups for c in columns
-    )
+    ``replay.CACHED_SPLIT_BYTES``. Decided once, on the driver, so every rank does the same: a
+    rank still streaming would wait at the split's epoch barrier for ranks that never come back."""
+    return within_cache_limit(encoded_bytes(cfg.data, "train", _columns(cfg)))
 
 
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
@@ -165,11 +154,11 @@ def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
     split, ``replays_in_memory``) its rows are kept and replayed from memory, reshuffled each
     epoch: a Ray Data pass per epoch fed 131 img/s on 163 images, replay 2,005
     (gan_data_feed.py). Otherwise every epoch is a new pass."""
-    cached, rows = [], 0
+    kept, rows = [], 0
     for batch in _shard_pass(shard, cfg, epoch=0, drop_last=False):
         rows += len(batch["image"])
         if replay:
-            cached.append(batch)
+            kept.append(batch)
         if len(batch["image"]) == cfg.batch_size:
             yield _tensors(maker(batch))
     if rows < cfg.batch_size:
@@ -180,13 +169,11 @@ def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
         )
     if not replay:
         yield from _streamed(shard, cfg, maker)
-    cells = {key: np.concatenate([batch[key] for batch in cached]) for key in cached[0]}
-    del cached
+    cached = CachedRows(kept, columns=tuple(_columns(cfg)))
+    del kept
     for epoch in itertools.count(1):
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(cells["image"]))
-        for start in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            picked = order[start : start + cfg.batch_size]
-            yield _tensors(maker({key: values[picked] for key, values in cells.items()}))
+        for batch in cached.batches(cfg.batch_size, shuffle_seed=cfg.seed + epoch):
+            yield _tensors(maker(batch))
 
 
 def _streamed(shard, cfg: GanConfig, maker: GanBatchMaker):
@@ -289,7 +276,7 @@ def run_gan_training(
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
     cpus = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     reals = real_images(cfg)
-    prepare_run_folder(out, inputs=(cfg.data,), kind="GAN run")
+    prepare_run_folder(out, GAN_RUN, inputs=(cfg.data,))
     trainer = TorchTrainer(
         _gan_worker,
         train_loop_config={

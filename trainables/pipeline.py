@@ -19,9 +19,11 @@ from defectforge.datasets.contract import run_identity
 from defectforge.datasets.errors import ConfigError
 from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.mix import synthetic_count
 from defectforge.gan.checkpoint import GENERATOR_FILE
 from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
+from defectforge.studies.errors import SpecError
 from defectforge.studies.spec import StudySpec
 from defectforge.studies.stages import RUN_KEY, settings_of, stage_key
 from defectforge.studies.store import absolute_location, is_uri
@@ -49,13 +51,13 @@ def _announce(index: int, total: int, text: str) -> None:
 class Pipeline:
     """Runs the made stages of one spec under one storage root."""
 
-    def __init__(self, spec: StudySpec):
+    def __init__(self, spec: StudySpec, where: str):
         if is_uri(spec.storage_path):
             raise ConfigError(
                 f"storage_path {spec.storage_path}: a spec with stages writes its data to a "
                 "folder; use a local or mounted path (every node must see it on a cluster)"
             )
-        self.spec = spec
+        self.spec, self.where = spec, where
         self.root = Path(absolute_location(spec.storage_path)) / STAGES_DIR
         self.runs: list[StageRun] = []
         self.outputs: dict[str, str] = {}
@@ -194,6 +196,7 @@ class Pipeline:
         self.ids["data"] = Manifest.load(data).dataset_id
         data = self._subset(data)
         self.ids["data"] = Manifest.load(data).dataset_id
+        self._check_generate_count(data)
         labeller = self._labeller(data)
         gan = self._gan(data)
         synthetic = self.spec.dataset.synthetic
@@ -203,6 +206,30 @@ class Pipeline:
         copy_paste = self._copy_paste(data)
         dataset = replace(self.spec.dataset, real=data, synthetic=synthetic, copy_paste=copy_paste)
         return replace(self.spec, dataset=dataset)
+
+    def _check_generate_count(self, data: str) -> None:
+        """Labelling only ever drops images: a generate count below what a GAN mix of the
+        search needs would fail after the labeller and the GAN trained, so it is refused once
+        the real train split is known."""
+        section = self.spec.stages.generate
+        if section is None:
+            return
+        train = Manifest.load(data).counts["train"].total
+        for point in self.spec.mix_points():
+            if point["synthetic_source"] != "gan" or not point["synthetic_ratio"]:
+                continue
+            real = point["real_count"] or train
+            needed = synthetic_count(real, point["synthetic_ratio"])
+            if section.count < needed:
+                raise SpecError(
+                    self.where,
+                    "generate.count",
+                    section.count,
+                    f"ratio {point['synthetic_ratio']} over {real} real train images needs "
+                    f"{needed} labelled synthetic images, and labelling keeps only some",
+                    f"generate at least {needed} plus a margin for the images labelling drops "
+                    "(or lower the largest ratio)",
+                )
 
     def records(self) -> list[dict]:
         return [asdict(run) for run in self.runs]

@@ -26,7 +26,13 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from defectforge.datasets.batches import BatchMaker
 from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import check_run_folder, prepare_run_folder
+from defectforge.datasets.outputs import SEG_RUN, check_run_folder, prepare_run_folder
+from defectforge.datasets.replay import (
+    CachedRows,
+    encoded_bytes,
+    prefetched,
+    within_cache_limit,
+)
 from defectforge.segmentation.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -79,6 +85,7 @@ def seg_loop_io(
     train_count: int,
     report,
     *,
+    in_memory: bool = False,
     world: int = 1,
     rank: int = 0,
     resume_from: Path | None = None,
@@ -86,31 +93,18 @@ def seg_loop_io(
     prepare=lambda model: model,
 ) -> LoopIO:
     """The loop's batches and callbacks over ``train_data``/``val_data`` (a Ray Dataset, or a
-    Ray Train worker's shard of one: both iterate the same way)."""
+    Ray Train worker's shard of one: both iterate the same way). With ``in_memory``
+    (``fits_in_memory``) both are read once, before the first step, and every epoch replays
+    them from memory; otherwise every epoch is a new Ray Data pass."""
     train_maker = BatchMaker(cfg.batch_spec(), train=True, seed=cfg.seed * 1000 + rank)
     val_maker = BatchMaker(cfg.batch_spec(), train=False)
     steps = train_count // (world * cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-
-    def train_batches(epoch: int):
-        return train_data.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            collate_fn=_torch_collate(train_maker),
-            drop_last=True,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER,
-            local_shuffle_seed=cfg.seed + epoch,
-            prefetch_batches=2,
-        )
-
-    def val_batches():
-        return val_data.iter_torch_batches(
-            batch_size=cfg.batch_size, collate_fn=_torch_collate(val_maker)
-        )
-
+    feed = _replayed_from_memory if in_memory else _ray_data_passes
     return LoopIO(
-        train_batches=train_batches,
-        val_batches=val_batches,
+        train_batches=feed(train_data, cfg, train_maker, train=True, rank=rank),
+        val_batches=partial(feed(val_data, cfg, val_maker, train=False, rank=rank), 0),
         steps_per_epoch=max(steps, 1),
         report=report,
         resume_from=resume_from,
@@ -119,6 +113,52 @@ def seg_loop_io(
         rank=rank,
         on_epoch_start=train_maker.set_epoch,
     )
+
+
+def _ray_data_passes(data, cfg: SegConfig, maker: BatchMaker, train: bool, rank: int):
+    """Epoch -> a Ray Data pass over ``data``; for training, locally shuffled, whole batches."""
+
+    def epoch_batches(epoch: int):
+        options = {"batch_size": cfg.batch_size, "collate_fn": _torch_collate(maker)}
+        if train:
+            options.update(
+                drop_last=True,
+                local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                local_shuffle_seed=cfg.seed + epoch,
+            )
+        return data.iter_torch_batches(prefetch_batches=2, **options)
+
+    return epoch_batches
+
+
+def _replayed_from_memory(data, cfg: SegConfig, maker: BatchMaker, train: bool, rank: int):
+    """Epoch -> a pass over ``data``'s rows, read once on the first call and kept in memory;
+    for training, reshuffled per epoch and rank, whole batches. Batches are prepared two ahead
+    in a thread."""
+    cached: CachedRows | None = None
+
+    def epoch_batches(epoch: int):
+        nonlocal cached
+        if cached is None:
+            cached = CachedRows(data.iter_batches(batch_size=256, batch_format="numpy"))
+        seed = (cfg.seed, rank, epoch) if train else None
+        rows = cached.batches(cfg.batch_size, seed, drop_last=train)
+        return prefetched(_torch_collate(maker)(batch) for batch in rows)
+
+    return epoch_batches
+
+
+def fits_in_memory(cfg: SegConfig) -> bool:
+    """Whether a worker keeps its train and val rows in memory (``seg_loop_io``'s in_memory):
+    their encoded images and masks, counted from Parquet metadata (every synthetic row and every
+    oversampled copy as if all were chosen), are within ``replay.CACHED_SPLIT_BYTES``. A Ray
+    Train run decides once, on its driver, so that every rank does the same."""
+    cells = ("image", "mask")
+    train = encoded_bytes(cfg.data, "train", cells)
+    if cfg.synthetic and cfg.synthetic_ratio:
+        train += encoded_bytes(cfg.synthetic, "train", cells)
+    total = train * cfg.defect_oversample + encoded_bytes(cfg.data, "val", cells)
+    return within_cache_limit(total)
 
 
 def _seg_worker(config: dict) -> None:
@@ -152,6 +192,7 @@ def _seg_worker(config: dict) -> None:
                 ray.train.get_dataset_shard("val"),
                 config["train_rows"],
                 report,
+                in_memory=config["in_memory"],
                 world=world,
                 rank=rank,
                 resume_from=Path(resume) if resume else None,
@@ -202,6 +243,7 @@ def make_trainer(
         train_loop_config={
             "seg": asdict(cfg),
             "train_rows": train.count(),
+            "in_memory": fits_in_memory(cfg),
             "resume_from": str(resume_from) if resume_from else None,
             "run_dir": str(run_dir) if run_dir else None,
         },
@@ -244,7 +286,7 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     trainer = make_trainer(
         cfg, str(storage), name, resume_from=previous, resources_per_worker=resources, run_dir=out
     )
-    prepare_run_folder(out, inputs=(cfg.data, cfg.synthetic), kind="segmentation run")
+    prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
     result = fit(trainer, ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary))
     best, best_metrics = best_checkpoint(result)
     with result.checkpoint.as_directory() as latest:

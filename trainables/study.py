@@ -40,7 +40,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from defectforge.datasets.errors import ClusterError, DataError
+from defectforge.datasets.errors import ClusterError, DataError, UserError
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE, summarize_comparison
@@ -79,6 +79,9 @@ from defectforge.trainables.trial import TrainedTrial, train_in_trial
 SEARCH_RUN, FINAL_RUN, COMPARE_RUN, TRAIN_RUNS = "search", "final", "compare", "train"
 DATASET_PATHS = ("real", "synthetic", "copy_paste")
 IN_PROCESS_KEY = "one_worker_in_process"
+# Recorded when a study's stages or checks refuse it before its search: then, and only then, a
+# `study run` of another spec may take its place.
+REFUSED_KEY = "refused_before_search"
 # A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs
 # and GPUs. Even 0.01 CPU here would leave a 2-CPU machine 0.99 CPU beside one worker: too little
 # for a Ray Data read task (1 CPU), and the study would stall. Memory alone reserves nothing the
@@ -371,14 +374,22 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
     store = StudyStore(study_root(spec, name))
     check_shared_storage(store.uri)
     if store.exists(STUDY_FILE):
-        if store.read_json(STUDY_FILE)["spec_sha256"] != digest:
+        recorded = store.read_json(STUDY_FILE)
+        if recorded["spec_sha256"] == digest:
+            print(f"continuing the study in {store.uri} (same spec)", flush=True)
+            return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
+        if REFUSED_KEY not in recorded:
             raise DataError(
                 store.uri,
                 "a study of this name exists, made from another spec",
                 f"`defectforge study resume {store.uri}` continues it, or pass --name for a new one",
             )
-        print(f"continuing the study in {store.uri} (same spec)", flush=True)
-        return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
+        # Its stages or checks refused it, so no trial ran and no driver is at work in it: the
+        # corrected spec takes its place (the stages made so far are kept and reused).
+        print(
+            f"the study in {store.uri} was refused before its search; starting it from this spec",
+            flush=True,
+        )
     # Refused before anything is written; a spec with stages is checked once they have run.
     checked = {} if spec.stages.given() else {"dataset_ids": check_study(spec, str(spec_path))}
     store.write_text(SPEC_FILE, spec_text)
@@ -421,12 +432,18 @@ def _recorded_spec(store: StudyStore) -> StudySpec:
 def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dict:
     """The stages (made, continued or reused), the checks and the study's record, then search,
     final step, report and export."""
-    pipeline = Pipeline(spec) if spec.stages.given() else None
-    if pipeline is not None:
-        spec = pipeline.run()
+    pipeline = Pipeline(spec, where) if spec.stages.given() else None
     study = store.read_json(STUDY_FILE)
-    if "dataset_ids" not in study:
-        study.update(dataset_ids=check_study(spec, where), spec=asdict(spec))
+    try:
+        if pipeline is not None:
+            spec = pipeline.run()
+        if "dataset_ids" not in study:
+            study.update(dataset_ids=check_study(spec, where), spec=asdict(spec))
+    except UserError as error:
+        if "dataset_ids" not in study:
+            store.write_json(STUDY_FILE, {**study, REFUSED_KEY: str(error)})
+        raise
+    study.pop(REFUSED_KEY, None)
     if pipeline is not None:
         study["stages"] = pipeline.records()
     store.write_json(STUDY_FILE, study)

@@ -26,7 +26,7 @@ from defectforge.segmentation.metrics import best_epoch
 from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import read_split, train_rows
-from defectforge.trainables.seg import seg_loop_io
+from defectforge.trainables.seg import fits_in_memory, seg_loop_io
 
 # Written last into an epoch folder: a folder holding it is complete.
 EPOCH_METRICS = "epoch_metrics.json"
@@ -110,7 +110,16 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
     with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
         latest = folders.latest()
         resume = store.local_copy(folders.location(latest), scratch) if latest else None
-        io = seg_loop_io(cfg, train, val, train.count(), report, resume_from=resume, device=device)
+        io = seg_loop_io(
+            cfg,
+            train,
+            val,
+            train.count(),
+            report,
+            in_memory=fits_in_memory(cfg),
+            resume_from=resume,
+            device=device,
+        )
         train_segmentation(cfg, io)
     best = folders.best()
     return TrainedTrial(folders.location(best), folders.saved[best])
