@@ -90,6 +90,47 @@ def test_resume_reproduces_the_uninterrupted_run(sample_dataset, tmp_path, monke
     assert straight[-1][0]["train_loss"] == resumed[-1][0]["train_loss"]
 
 
+def _in_memory_run(cfg: SegConfig, checkpoints: list, resume_from=None) -> None:
+    """``cfg`` trained through the Ray Data feed read into memory (a one-worker trial's feed)."""
+    from defectforge.trainables.data_jobs import read_split, train_rows
+    from defectforge.trainables.seg import seg_loop_io
+
+    def record(metrics, folder):
+        checkpoints.append(torch.load(Path(folder) / "model.pt", weights_only=True))
+        target = Path(folder).parent / f"kept-{metrics['epoch']}"
+        if not target.exists():
+            import shutil
+
+            shutil.copytree(folder, target)
+
+    train = train_rows(cfg.data)
+    io = seg_loop_io(
+        cfg,
+        train,
+        read_split(cfg.data, "val"),
+        train.count(),
+        record,
+        in_memory=True,
+        resume_from=resume_from,
+    )
+    train_segmentation(cfg, io)
+
+
+def test_a_resume_from_memory_replays_the_uninterrupted_runs_batches(
+    sample_dataset, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    cfg = _config(sample_dataset)
+    straight: list = []
+    _in_memory_run(cfg, straight)
+    resumed: list = []
+    _in_memory_run(cfg, resumed, resume_from=tmp_path / "kept-0")
+
+    assert len(straight) == 2 and len(resumed) == 1
+    for key in straight[-1]:
+        assert torch.equal(straight[-1][key], resumed[-1][key]), key
+
+
 def test_config_rejects_typos_and_bad_values(sample_dataset):
     with pytest.raises(ValueError, match="unknown segmentation config keys"):
         SegConfig.from_dict({**json.loads(_config(sample_dataset).to_json()), "lr_rate": 1})
