@@ -3,7 +3,8 @@
 Ray path: Parquet -> Ray Data -> decode + augmentation + crop -> model, inside Ray Train, timed
 by the loop itself over one epoch's training steps (validation excluded). Its rows are read
 once and replayed from memory when they fit (``datasets.replay``, the default: "memory"), or
-streamed as a Ray Data pass per epoch ("stream", forced here by a zero cache limit).
+streamed as a Ray Data pass per epoch ("stream", forced here by a zero cache limit). "trial":
+the same loop and feed in a one-CPU Ray task, as a one-worker study trial trains.
 Plain loop: images decoded into memory once, a torch DataLoader doing the same augmentation and
 crop with albumentations, the same model, loss and optimiser.
 
@@ -54,6 +55,13 @@ class InMemoryPairs(Dataset):
         return torch.from_numpy(x), torch.from_numpy(mask.astype(np.int64))
 
 
+FEEDS = {
+    "memory": "Parquet -> Ray Data -> Ray Train (memory)",
+    "stream": "Parquet -> Ray Data -> Ray Train (stream)",
+    "trial": "Parquet -> Ray Data -> a Ray task, no Train run (memory)",
+}
+
+
 def plain_loop(cfg: SegConfig, steps: int) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes).train()
@@ -83,6 +91,34 @@ def plain_loop(cfg: SegConfig, steps: int) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - started)
 
 
+def trial_path(cfg: SegConfig) -> tuple[float, float]:
+    """The training loop with the in-memory feed in a Ray task of one CPU: where a one-worker
+    study trial trains (a Ray worker process, no Ray Train run)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def train_in_a_task(cfg: SegConfig) -> dict:
+        from defectforge.segmentation.loop import train_segmentation
+        from defectforge.trainables.data_jobs import read_split, train_rows
+        from defectforge.trainables.seg import fits_in_memory, seg_loop_io
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        train, epochs = train_rows(cfg.data), []
+        io = seg_loop_io(
+            cfg,
+            train,
+            read_split(cfg.data, "val"),
+            train.count(),
+            lambda metrics, _: epochs.append(metrics),
+            in_memory=fits_in_memory(cfg),
+        )
+        train_segmentation(cfg, io)
+        return epochs[-1]
+
+    epoch = ray.get(train_in_a_task.remote(cfg))
+    return epoch["train_img_per_s"], epoch["epoch_seconds"]
+
+
 def ray_path(cfg: SegConfig, out: str, feed: str) -> tuple[float, float]:
     """(img/s over the timed steps, seconds of the epoch's training and validation)."""
     from defectforge.datasets import replay
@@ -110,8 +146,8 @@ def main() -> None:
     parser.add_argument(
         "--feeds",
         nargs="+",
-        default=["memory", "stream"],
-        choices=["memory", "stream"],
+        default=list(FEEDS),
+        choices=list(FEEDS),
         help="the Ray path's feeds to run",
     )
     args = parser.parse_args()
@@ -131,14 +167,15 @@ def main() -> None:
     # first plain run, so every plain run has its idle processes beside it as the others do.
     ensure_ray()
     paths = {"plain": "plain in-memory DataLoader"}
-    paths.update({feed: f"Parquet -> Ray Data -> Ray Train ({feed})" for feed in args.feeds})
+    paths.update({feed: FEEDS[feed] for feed in args.feeds})
     rates: dict[str, list[float]] = {key: [] for key in paths}
     epoch_seconds: dict[str, list[float]] = {key: [] for key in args.feeds}
     with tempfile.TemporaryDirectory(prefix="bench-seg-") as runs:
         for repeat in range(args.repeats):
             rates["plain"].append(plain_loop(cfg, args.steps))
             for feed in args.feeds:
-                rate, seconds = ray_path(cfg, f"{runs}/{feed}-{repeat}", feed)
+                run = f"{runs}/{feed}-{repeat}"
+                rate, seconds = trial_path(cfg) if feed == "trial" else ray_path(cfg, run, feed)
                 rates[feed].append(rate)
                 epoch_seconds[feed].append(seconds)
     plain = statistics.median(rates["plain"])
