@@ -10,6 +10,9 @@ source; read from there, never part of this project) the same config runs throug
 code, fp32, in this same process and on the same device, and the table gives our rate as a
 ratio to it: a speed claim is a ratio measured in one run, never against a figure from another
 day. Our bf16 rows (mixed precision) pay only where the hardware has native bf16.
+``--convolutions`` adds a second table: how much of our training step is convolution (FLOPs
+from torch's FlopCounterMode, time from the torch profiler, over one 16-step R1 cycle) and the
+rate the step would reach if everything else took no time at all.
 """
 
 from __future__ import annotations
@@ -129,6 +132,27 @@ def official_rate(source: str, cfg: GanConfig, device: torch.device, steps: int)
     return _timed(step, steps, cfg.batch_size, device)
 
 
+def convolution_share(trainer: GanTrainer, device: torch.device) -> dict[str, float]:
+    """Our step's convolutions over one R1 cycle: GFLOP, seconds, share of the profiled time."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cycle = trainer.cfg.r1_interval
+    reals = torch.rand(trainer.cfg.batch_size, 1, trainer.cfg.resolution, trainer.cfg.resolution)
+    reals = reals.to(device) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(cycle):
+            trainer.step(reals, None)
+    flops = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "conv" in str(op))
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(cycle):
+            trainer.step(reals, None)
+    events = profiled.key_averages()
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key) / 1e6
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    return {"gflop": flops / 1e9, "conv_s": conv, "total_s": total}
+
+
 def generation_rate(trainer: GanTrainer, count: int) -> float:
     generate_images(trainer.G_ema, trainer.cfg, range(8))
     started = time.perf_counter()
@@ -151,6 +175,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--reference", help="stylegan2-ada-pytorch source folder: adds the ratio")
+    parser.add_argument(
+        "--convolutions", action="store_true", help="add the convolution-share table (CPU)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,6 +192,7 @@ def main() -> None:
         "| ours / official | ours generate img/s |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    shares = []
     for resolution in args.resolutions:
         official = None
         if args.reference:
@@ -181,6 +209,25 @@ def main() -> None:
                 f"{generation_rate(trainer, args.generate):.1f} |",
                 flush=True,
             )
+            if args.convolutions:
+                shares.append((resolution, precision, rate, convolution_share(trainer, device)))
+    if shares:
+        _print_shares(shares)
+
+
+def _print_shares(shares: list) -> None:
+    print(
+        "\n| resolution | precision | conv GFLOP per R1 cycle | conv s / profiled s | conv share "
+        "| conv GFLOP/s | train img/s | img/s if only convolutions took time |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for resolution, precision, rate, share in shares:
+        fraction = share["conv_s"] / share["total_s"]
+        print(
+            f"| {resolution} | {precision} | {share['gflop']:.0f} | {share['conv_s']:.1f} / "
+            f"{share['total_s']:.1f} | {fraction:.0%} | {share['gflop'] / share['conv_s']:.0f} | "
+            f"{rate:.1f} | {rate / fraction:.1f} |"
+        )
 
 
 if __name__ == "__main__":

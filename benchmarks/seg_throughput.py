@@ -1,10 +1,12 @@
 """Training throughput: the full Ray path vs a plain in-memory torch loop, same model and batch.
 
-Ray path: Parquet -> Ray Data -> decode + augmentation + crop -> model, inside Ray Train, timed
-by the loop itself over one epoch's training steps (validation excluded). Its rows are read
-once and replayed from memory when they fit (``datasets.replay``, the default: "memory"), or
-streamed as a Ray Data pass per epoch ("stream", forced here by a zero cache limit). "trial":
-the same loop and feed in a one-CPU Ray task, as a one-worker study trial trains.
+Ray path: Parquet -> Ray Data -> decode + augmentation + crop -> model, as ``seg train`` runs one
+worker (``run_seg_training``: the loop in one Ray task, as a one-worker study trial trains too),
+timed by the loop itself over one epoch's training steps (validation excluded). Its rows are
+read once and replayed from memory when they fit (``datasets.replay``, the default: "memory"),
+or streamed as a Ray Data pass per epoch ("stream", forced here by a zero cache limit).
+"train": the same loop and in-memory feed inside a one-worker Ray Train run, as several
+workers train (and as one worker did before).
 Plain loop: images decoded into memory once, a torch DataLoader doing the same augmentation and
 crop with albumentations, the same model, loss and optimiser.
 
@@ -56,9 +58,9 @@ class InMemoryPairs(Dataset):
 
 
 FEEDS = {
-    "memory": "Parquet -> Ray Data -> Ray Train (memory)",
-    "stream": "Parquet -> Ray Data -> Ray Train (stream)",
-    "trial": "Parquet -> Ray Data -> a Ray task, no Train run (memory)",
+    "memory": "seg train, one worker (memory)",
+    "stream": "seg train, one worker (stream)",
+    "train": "Ray Train run of one worker (memory)",
 }
 
 
@@ -91,35 +93,17 @@ def plain_loop(cfg: SegConfig, steps: int) -> float:
     return steps * cfg.batch_size / (time.perf_counter() - started)
 
 
-def trial_path(cfg: SegConfig) -> tuple[float, float]:
-    """The training loop with the in-memory feed in a Ray task of one CPU: where a one-worker
-    study trial trains (a Ray worker process, no Ray Train run)."""
-    import ray
+def ray_train_path(cfg: SegConfig, out: str) -> tuple[float, float]:
+    """The loop inside a one-worker Ray Train run (what ``seg train`` runs for several)."""
+    from defectforge.trainables.runtime import fit, worker_cpus
+    from defectforge.trainables.seg import make_trainer
 
-    @ray.remote(num_cpus=1)
-    def train_in_a_task(cfg: SegConfig) -> dict:
-        from defectforge.segmentation.loop import train_segmentation
-        from defectforge.trainables.data_jobs import read_split, train_rows
-        from defectforge.trainables.seg import fits_in_memory, seg_loop_io
-
-        torch.set_num_threads(os.cpu_count() or 1)
-        train, epochs = train_rows(cfg.data), []
-        io = seg_loop_io(
-            cfg,
-            train,
-            read_split(cfg.data, "val"),
-            train.count(),
-            lambda metrics, _: epochs.append(metrics),
-            in_memory=fits_in_memory(cfg),
-        )
-        train_segmentation(cfg, io)
-        return epochs[-1]
-
-    epoch = ray.get(train_in_a_task.remote(cfg))
+    trainer = make_trainer(cfg, out, "train", resources_per_worker={"CPU": worker_cpus(1)})
+    epoch = fit(trainer).metrics
     return epoch["train_img_per_s"], epoch["epoch_seconds"]
 
 
-def ray_path(cfg: SegConfig, out: str, feed: str) -> tuple[float, float]:
+def seg_train_path(cfg: SegConfig, out: str, feed: str) -> tuple[float, float]:
     """(img/s over the timed steps, seconds of the epoch's training and validation)."""
     from defectforge.datasets import replay
     from defectforge.trainables.seg import run_seg_training
@@ -175,7 +159,10 @@ def main() -> None:
             rates["plain"].append(plain_loop(cfg, args.steps))
             for feed in args.feeds:
                 run = f"{runs}/{feed}-{repeat}"
-                rate, seconds = trial_path(cfg) if feed == "trial" else ray_path(cfg, run, feed)
+                if feed == "train":
+                    rate, seconds = ray_train_path(cfg, run)
+                else:
+                    rate, seconds = seg_train_path(cfg, run, feed)
                 rates[feed].append(rate)
                 epoch_seconds[feed].append(seconds)
     plain = statistics.median(rates["plain"])

@@ -218,7 +218,7 @@ def test_a_compare_study_scores_every_arm_on_test_paired_by_seed(few, pasted, tm
 
 def test_a_trial_keeps_its_best_and_latest_epoch_by_the_trial_tables_rule(tmp_path):
     from defectforge.studies.store import StudyStore
-    from defectforge.trainables.trial import EpochFolders
+    from defectforge.trainables.epochs import EpochFolders
 
     store = StudyStore(str(tmp_path / "study"))
     folders = EpochFolders(store, "train/t1")

@@ -408,6 +408,8 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
     # No traceback of the command itself (Ray's own actors log theirs with a "(name pid=..)"
     # prefix, e.g. when another Ray instance runs on the machine).
     assert not re.search(r"^Traceback", text, re.MULTILINE), text[-3000:]
+    # What the rerun continues from: the epochs saved before the interruption.
+    assert list((tmp_path / "run" / "ray" / "one-worker").glob("epoch_*/epoch_metrics.json"))
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
@@ -422,3 +424,17 @@ def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
     data = (cut / "model.pt").read_bytes()
     (cut / "model.pt").write_bytes(data[: len(data) // 2])  # the copy killed half-way
     assert latest_checkpoint_dir(tmp_path) == whole
+
+
+def test_a_one_worker_epoch_folder_without_its_marker_is_not_resumed_from(tmp_path):
+    import torch
+
+    from defectforge.trainables.epochs import EPOCH_METRICS
+    from defectforge.trainables.runtime import latest_checkpoint_dir
+
+    run = tmp_path / "one-worker"
+    for name in ("epoch_001", "epoch_002"):
+        (run / name).mkdir(parents=True)
+        torch.save({"weights": torch.zeros(10)}, run / name / "model.pt")
+    (run / "epoch_001" / EPOCH_METRICS).write_text("{}")  # epoch_002: killed before its marker
+    assert latest_checkpoint_dir(tmp_path) == run / "epoch_001"

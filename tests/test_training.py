@@ -1,4 +1,5 @@
-"""The training loop without Ray (exact resume) and through Ray Train (2 workers), plus the CLI."""
+"""The training loop without Ray (exact resume), in one Ray task (1 worker) and through Ray Train
+(2 workers), plus the CLI."""
 
 import json
 from dataclasses import replace
@@ -11,6 +12,7 @@ import torch
 
 from defectforge.datasets.batches import BatchMaker
 from defectforge.datasets.contract import split_dir
+from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.config import SegConfig
@@ -142,6 +144,31 @@ def test_config_rejects_typos_and_bad_values(sample_dataset):
         _config(sample_dataset, arch="segnet")
 
 
+def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
+    sample_dataset, tmp_path, ray_session
+):
+    from defectforge.trainables.seg import run_seg_training
+
+    cfg = _config(sample_dataset, epochs=3, max_steps_per_epoch=2)
+    run = tmp_path / "run"
+    summary = run_seg_training(cfg, run)
+    assert [row["epoch"] for row in summary["history"]] == [0, 1, 2]
+    storage = run / "ray"
+    assert [p.name for p in storage.iterdir()] == ["one-worker"]  # no Ray Train run
+    kept = sorted(p.name for p in (storage / "one-worker").iterdir())
+    best = f"epoch_{summary['best']['epoch']:03d}"
+    assert kept == sorted({best, "epoch_002"})
+    assert load_model(run)[1] == cfg
+    assert len((run / "progress.jsonl").read_text().splitlines()) == 3
+
+    again = run_seg_training(cfg, run)  # the same command again: nothing left to train
+    assert again["history"] == summary["history"]
+    more = run_seg_training(replace(cfg, epochs=4), run, resume=True)
+    assert [row["epoch"] for row in more["history"]] == [0, 1, 2, 3]
+    assert more["history"][:3] == summary["history"]
+    assert "epoch_003" in {p.name for p in (storage / "one-worker").iterdir()}
+
+
 def test_two_worker_ray_train_then_eval_and_predict_cli(
     sample_dataset, sample_root, tmp_path, capsys
 ):
@@ -158,6 +185,11 @@ def test_two_worker_ray_train_then_eval_and_predict_cli(
     assert loaded == cfg
     more = run_seg_training(replace(cfg, epochs=3), run, resume=True)
     assert [row["epoch"] for row in more["history"]] == [0, 1, 2]
+    # One worker continues where the Ray Train run stopped.
+    with pytest.raises(DataError, match="already has all 3 epochs"):
+        run_seg_training(replace(cfg, epochs=3, workers=1), run, resume=True)
+    one = run_seg_training(replace(cfg, epochs=4, workers=1), run, resume=True)
+    assert [row["epoch"] for row in one["history"]] == [0, 1, 2, 3]
 
     capsys.readouterr()
     code = main(

@@ -62,7 +62,7 @@ def quickstart(
     dataset, run = out / "dataset", out / "run"
     print(f"[1/3] building Parquet from {cfg.root}")
     build_parquet(cfg, dataset, overwrite=True)
-    print(f"[2/3] training DeepLabV3+ (resnet18, {epochs} epochs) with Ray Train, then its plots")
+    print(f"[2/3] training DeepLabV3+ (resnet18, {epochs} epochs) on Ray, then its plots")
     small = source == "neu-seg" and not data
     seg = config_from_manifest(dataset, epochs=epochs, batch_size=8 if small else 16)
     plots = run_seg_training(seg, run)["plots"]

@@ -17,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from defectforge.datasets.errors import ClusterError, DataError
 from defectforge.studies.store import is_uri
 from defectforge.trainables import VERBOSE_ENV
+from defectforge.trainables.epochs import EPOCH_METRICS
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -109,6 +110,22 @@ def fit(runner, progress=None):
     return outcome["result"]
 
 
+def wait_for_task(ref: ray.ObjectRef, progress=None):
+    """``ray.get(ref)``, polling ``progress`` (a ``progress.ProgressBar``) every half second.
+    Ctrl-C cancels the task and reaches the caller; what the task saved stays for a rerun."""
+    try:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            if progress is not None:
+                progress.poll()
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    return ray.get(ref)
+
+
 def quiet_ray_data() -> None:
     """Ray Data's execution plans and progress log lines only with --verbose; a single
     overall bar per dataset where the terminal shows bars."""
@@ -124,25 +141,35 @@ def quiet_ray_data() -> None:
 
 def latest_checkpoint_dir(storage: Path) -> Path | None:
     """The newest whole checkpoint folder under a run's Ray storage, across the first run and
-    any resumed ones. Checkpoint names sort in training order (``epoch_003``, ``kimg_00012.000``).
-    Ray copies a checkpoint into its final folder in place, so a process killed mid-copy leaves
-    one with a cut ``.pt`` file (a zip archive missing its end): such a folder is passed over."""
+    any resumed ones, Ray Train's and one-worker runs' (``trainables.epochs``) alike. Checkpoint
+    names sort in training order (``epoch_003``, ``kimg_00012.000``). Ray copies a checkpoint
+    into its final folder in place, so a process killed mid-copy leaves one with a cut ``.pt``
+    file (a zip archive missing its end), and a one-worker run's folder is whole only with its
+    ``epoch_metrics.json``: such folders are passed over."""
     folders = [p for p in storage.glob("*/*_*") if p.is_dir() and _whole_checkpoint(p)]
     return max(folders, key=lambda p: p.name) if folders else None
 
 
 def _whole_checkpoint(folder: Path) -> bool:
+    if any(folder.parent.glob(f"*/{EPOCH_METRICS}")) and not (folder / EPOCH_METRICS).is_file():
+        return False
     weights = list(folder.glob("*.pt"))
     return bool(weights) and all(zipfile.is_zipfile(file) for file in weights)
 
 
-def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:
-    """Name for a Ray run that continues a finished one, and the checkpoint it starts from."""
+def checkpoint_to_resume(storage: Path) -> Path:
+    """The run's latest whole checkpoint, which --resume continues from; one line if none."""
     previous = latest_checkpoint_dir(storage)
     if previous is None:
         raise DataError(
             storage.parent, "no checkpoint to resume from", "train it first (without --resume)"
         )
+    return previous
+
+
+def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:
+    """Name for a Ray run that continues a finished one, and the checkpoint it starts from."""
+    previous = checkpoint_to_resume(storage)
     return f"{base}-from-{previous.name}", previous
 
 

@@ -1,11 +1,18 @@
-"""Segmentation training on Ray Train: a ``TorchTrainer`` over the Parquet splits via Ray Data.
+"""Segmentation training on Ray over the Parquet splits via Ray Data: one worker in one Ray task,
+several as a Ray Train ``TorchTrainer`` (DDP).
 
 The driver (``run_seg_training``) writes a run folder::
 
     RUN/model.pt, RUN/config.json   best-on-validation weights + the config that rebuilds them
     RUN/metrics.json                per-epoch history and the best epoch's full validation metrics
     RUN/plots/*.png                 training curves, per-class IoU, confusion matrix, val grid
-    RUN/ray/                        Ray Train storage: checkpoints (resume state) and results
+    RUN/ray/one-worker/epoch_NNN/   a one-worker run's checkpoints (the best and the latest)
+    RUN/ray/train*/                 a Ray Train run's storage: checkpoints and results
+
+A run of one worker needs none of a Train run's controller, worker group and dataset split
+coordinator, which on a small machine take their share of the cores the worker trains on
+(``benchmarks/seg_throughput.py``); study trials of one worker train the same way
+(``trainables.trial``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from defectforge.datasets.batches import BatchMaker
+from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.outputs import SEG_RUN, check_run_folder, prepare_run_folder
@@ -42,18 +50,24 @@ from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import LoopIO, train_segmentation
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.segmentation.report import write_run_plots
+from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import read_split, train_rows
+from defectforge.trainables.epochs import EpochFolders
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
+    checkpoint_to_resume,
     ensure_ray,
     fit,
+    latest_checkpoint_dir,
     resumed_run_name,
     starting_checkpoint,
+    wait_for_task,
     worker_cpus,
 )
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
+ONE_WORKER_RUN = "one-worker"
 
 
 def config_from_manifest(data: str | Path, **options) -> SegConfig:
@@ -148,11 +162,47 @@ def _replayed_from_memory(data, cfg: SegConfig, maker: BatchMaker, train: bool, 
     return epoch_batches
 
 
+@dataclass(frozen=True)
+class Splits:
+    """What a run trains and validates on: its train rows (real plus the chosen synthetic ones,
+    defect rows oversampled) and the val split as Ray Datasets, the train row count, and
+    whether a worker keeps both in memory (``fits_in_memory``)."""
+
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+    train_count: int
+    in_memory: bool
+
+
+def read_splits(cfg: SegConfig) -> Splits:
+    """The config's splits; a damaged or missing dataset fails here in one line."""
+    train = train_rows(cfg.data, cfg.synthetic, cfg.mix, cfg.defect_oversample)
+    return Splits(train, read_split(cfg.data, "val"), train.count(), fits_in_memory(cfg))
+
+
+def one_worker_io(
+    cfg: SegConfig, splits: Splits, report, resume_from: Path | None = None
+) -> LoopIO:
+    """The loop's IO for one worker training in this process: a one-worker ``seg train``'s
+    task, a study trial."""
+    return seg_loop_io(
+        cfg,
+        splits.train,
+        splits.val,
+        splits.train_count,
+        report,
+        in_memory=splits.in_memory,
+        resume_from=resume_from,
+        device=torch.device("cuda" if cfg.use_gpu else "cpu"),
+    )
+
+
 def fits_in_memory(cfg: SegConfig) -> bool:
     """Whether a worker keeps its train and val rows in memory (``seg_loop_io``'s in_memory):
     their encoded images and masks, counted from Parquet metadata (every synthetic row and every
-    oversampled copy as if all were chosen), are within ``replay.CACHED_SPLIT_BYTES``. A Ray
-    Train run decides once, on its driver, so that every rank does the same."""
+    oversampled copy as if all were chosen), are within ``replay.CACHED_SPLIT_BYTES``. A run
+    decides once, on its driver (``read_splits``), so that every rank of a Train run does the
+    same."""
     cells = ("image", "mask")
     train = encoded_bytes(cfg.data, "train", cells)
     if cfg.synthetic and cfg.synthetic_ratio:
@@ -236,14 +286,13 @@ def make_trainer(
     (a local path or a pyarrow URI) and restores it by name after an interruption.
     ``resources_per_worker`` None: Ray's default (1 CPU, plus 1 GPU with ``cfg.use_gpu``).
     ``run_dir``: where rank 0 records progress and TensorBoard events (studies: Tune does)."""
-    train = train_rows(cfg.data, cfg.synthetic, cfg.mix, cfg.defect_oversample)
-    val = read_split(cfg.data, "val")
+    splits = read_splits(cfg)
     return TorchTrainer(
         _seg_worker,
         train_loop_config={
             "seg": asdict(cfg),
-            "train_rows": train.count(),
-            "in_memory": fits_in_memory(cfg),
+            "train_rows": splits.train_count,
+            "in_memory": splits.in_memory,
             "resume_from": str(resume_from) if resume_from else None,
             "run_dir": str(run_dir) if run_dir else None,
         },
@@ -259,7 +308,7 @@ def make_trainer(
             ),
             callbacks=list(callbacks),
         ),
-        datasets={"train": train, "val": val},
+        datasets={"train": splits.train, "val": splits.val},
     )
 
 
@@ -268,18 +317,61 @@ def best_checkpoint(result) -> tuple[Checkpoint, dict]:
     return max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC] or 0.0)
 
 
-def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> dict:
-    """Train on Ray, then publish the best checkpoint's model, metrics and plots into ``out``.
+@ray.remote(max_retries=1)
+def _one_worker_run(
+    config: dict, splits: Splits, storage: str, run_dir: str, resume: bool
+) -> tuple[str, dict, str]:
+    """A one-worker ``seg train`` in this task: its epoch folders go to ``storage``/one-worker,
+    its progress to ``run_dir``. It continues from its own latest epoch (a rerun after an
+    interruption, Ray's retry after a lost worker), else with ``resume`` from the run's latest
+    checkpoint of any kind. Returns the best epoch's folder, its metrics, the latest's folder."""
+    cfg = SegConfig.from_dict(config)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    folders = EpochFolders(StudyStore(storage), ONE_WORKER_RUN)
+    recorder = RunRecorder(run_dir)
 
-    An interrupted run restarts from its latest checkpoint when the same command runs again (Ray
-    Train restores a run by name); ``resume`` continues a finished one, e.g. to more epochs.
-    Every input is checked before ``out`` is made, so a refused run leaves no folder.
-    """
-    out = check_run_folder(out, (cfg.data, cfg.synthetic))
-    ensure_ray()
-    # Per-operator bars of every epoch's data stream drown the epoch lines; Ray Train's own
-    # reporting and our one line per epoch show progress.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    def report(metrics: dict, folder: Path | None) -> None:
+        print(epoch_line(metrics, cfg.epochs), flush=True)
+        recorder.record(metrics, metrics["epoch"])
+        folders.save(folder, metrics)
+        folders.prune()
+
+    latest = folders.latest()
+    if latest:
+        start = Path(folders.location(latest))
+    else:
+        start = latest_checkpoint_dir(Path(storage)) if resume else None
+    train_segmentation(cfg, one_worker_io(cfg, splits, report, start))
+    if folders.latest() is None:
+        raise DataError(
+            run_dir,
+            f"--resume: its latest checkpoint already has all {cfg.epochs} epochs",
+            "pass a larger --epochs",
+        )
+    best = folders.best()
+    return folders.location(best), folders.saved[best], folders.location(folders.latest())
+
+
+def _train_one_worker(
+    cfg: SegConfig, out: Path, resume: bool
+) -> tuple[Checkpoint, dict, Checkpoint]:
+    storage = out / "ray"
+    if resume:
+        checkpoint_to_resume(storage)
+    splits = read_splits(cfg)
+    task = _one_worker_run.options(
+        num_cpus=1 if cfg.use_gpu else worker_cpus(1), num_gpus=1 if cfg.use_gpu else 0
+    )
+    prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
+    best, best_metrics, latest = wait_for_task(
+        task.remote(asdict(cfg), splits, str(storage), str(out), resume), _progress(out, cfg)
+    )
+    return Checkpoint.from_directory(best), best_metrics, Checkpoint.from_directory(latest)
+
+
+def _train_with_ray_train(
+    cfg: SegConfig, out: Path, resume: bool
+) -> tuple[Checkpoint, dict, Checkpoint]:
     storage = out / "ray"
     name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
     resources = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
@@ -287,10 +379,31 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
         cfg, str(storage), name, resume_from=previous, resources_per_worker=resources, run_dir=out
     )
     prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
-    result = fit(trainer, ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary))
+    result = fit(trainer, _progress(out, cfg))
     best, best_metrics = best_checkpoint(result)
-    with result.checkpoint.as_directory() as latest:
-        history = load_training_state(latest)["history"]
+    return best, best_metrics, result.checkpoint
+
+
+def _progress(out: Path, cfg: SegConfig) -> ProgressBar:
+    return ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary)
+
+
+def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> dict:
+    """Train on Ray, then publish the best checkpoint's model, metrics and plots into ``out``.
+
+    An interrupted run continues from its latest checkpoint when the same command runs again;
+    ``resume`` continues a finished one, e.g. to more epochs. Every input is checked before
+    ``out`` is made, so a refused run leaves no folder.
+    """
+    out = check_run_folder(out, (cfg.data, cfg.synthetic))
+    ensure_ray()
+    # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
+    # and our one line per epoch show progress.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train = _train_one_worker if cfg.workers == 1 else _train_with_ray_train
+    best, best_metrics, latest = train(cfg, out, resume)
+    with latest.as_directory() as folder:
+        history = load_training_state(folder)["history"]
     with best.as_directory() as folder:
         for name in (MODEL_FILE, CONFIG_FILE):
             atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))

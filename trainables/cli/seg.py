@@ -19,7 +19,9 @@ def build(name: str, parser) -> None:
     from defectforge.segmentation.config import SegConfig
 
     sub = parser.add_subparsers(dest="seg_command", required=True)
-    train = sub.add_parser("train", help="train on a Parquet dataset with Ray Train")
+    train = sub.add_parser(
+        "train", help="train on a Parquet dataset on Ray (one task, or Ray Train for --workers N)"
+    )
     train.add_argument("--data", required=True, type=absolute_path, help="dataset (`data build`)")
     train.add_argument("--out", required=True, type=absolute_path, help="run folder")
     train.add_argument(
