@@ -408,8 +408,19 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
     # No traceback of the command itself (Ray's own actors log theirs with a "(name pid=..)"
     # prefix, e.g. when another Ray instance runs on the machine).
     assert not re.search(r"^Traceback", text, re.MULTILINE), text[-3000:]
-    # What the rerun continues from: the epochs saved before the interruption.
-    assert list((tmp_path / "run" / "ray" / "one-worker").glob("epoch_*/epoch_metrics.json"))
+    # The same run again continues from the epochs saved before the interruption.
+    from defectforge.trainables.epochs import epoch_of
+    from defectforge.trainables.seg import config_from_manifest, run_seg_training
+
+    kept = (tmp_path / "run" / "ray" / "one-worker").glob("epoch_*/epoch_metrics.json")
+    latest = max(epoch_of(marker.parent.name) for marker in kept)
+    lines = len((tmp_path / "run" / "progress.jsonl").read_text().splitlines())
+    cfg = config_from_manifest(
+        sample_dataset, epochs=latest + 2, crop_size=64, batch_size=4, max_steps_per_epoch=2
+    )
+    history = run_seg_training(cfg, tmp_path / "run")["history"]
+    assert [row["epoch"] for row in history] == list(range(latest + 2))
+    assert len((tmp_path / "run" / "progress.jsonl").read_text().splitlines()) == lines + 1
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
@@ -438,3 +449,5 @@ def test_a_one_worker_epoch_folder_without_its_marker_is_not_resumed_from(tmp_pa
         torch.save({"weights": torch.zeros(10)}, run / name / "model.pt")
     (run / "epoch_001" / EPOCH_METRICS).write_text("{}")  # epoch_002: killed before its marker
     assert latest_checkpoint_dir(tmp_path) == run / "epoch_001"
+    (run / "epoch_001" / EPOCH_METRICS).unlink()  # the first epoch's folder, cut short too
+    assert latest_checkpoint_dir(tmp_path) is None

@@ -163,6 +163,8 @@ def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
 
     again = run_seg_training(cfg, run)  # the same command again: nothing left to train
     assert again["history"] == summary["history"]
+    with pytest.raises(DataError, match="already has all 3 epochs"):
+        run_seg_training(cfg, run, resume=True)
     more = run_seg_training(replace(cfg, epochs=4), run, resume=True)
     assert [row["epoch"] for row in more["history"]] == [0, 1, 2, 3]
     assert more["history"][:3] == summary["history"]
@@ -183,13 +185,19 @@ def test_two_worker_ray_train_then_eval_and_predict_cli(
     assert (run / "model.pt").is_file() and (run / "config.json").is_file()
     model, loaded = load_model(run)
     assert loaded == cfg
-    more = run_seg_training(replace(cfg, epochs=3), run, resume=True)
-    assert [row["epoch"] for row in more["history"]] == [0, 1, 2]
-    # One worker continues where the Ray Train run stopped.
-    with pytest.raises(DataError, match="already has all 3 epochs"):
-        run_seg_training(replace(cfg, epochs=3, workers=1), run, resume=True)
-    one = run_seg_training(replace(cfg, epochs=4, workers=1), run, resume=True)
-    assert [row["epoch"] for row in one["history"]] == [0, 1, 2, 3]
+    # --resume continues from the newest checkpoint of either kind: one worker after the Train
+    # run, two workers after that, then one worker again (from the Train run's latest epoch,
+    # not from its own older one).
+    with pytest.raises(DataError, match="already has all 2 epochs"):
+        run_seg_training(replace(cfg, workers=1), run, resume=True)
+    one = run_seg_training(replace(cfg, epochs=3, workers=1), run, resume=True)
+    assert [row["epoch"] for row in one["history"]] == [0, 1, 2]
+    assert one["history"][:2] == summary["history"]
+    two = run_seg_training(replace(cfg, epochs=4), run, resume=True)
+    assert two["history"][:3] == one["history"]
+    last = run_seg_training(replace(cfg, epochs=5, workers=1), run, resume=True)
+    assert [row["epoch"] for row in last["history"]] == [0, 1, 2, 3, 4]
+    assert last["history"][:4] == two["history"]
 
     capsys.readouterr()
     code = main(

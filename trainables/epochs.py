@@ -14,9 +14,12 @@ from defectforge.studies.store import StudyStore
 
 # Written last into an epoch folder: a folder holding it is complete.
 EPOCH_METRICS = "epoch_metrics.json"
+# A one-worker ``seg train``'s run folder under RUN/ray/, beside any Ray Train runs.
+ONE_WORKER_RUN = "one-worker"
 
 
-def _epoch_of(name: str) -> int:
+def epoch_of(name: str) -> int:
+    """The epoch of a checkpoint folder named ``epoch_NNN`` (one-worker and Ray Train runs)."""
     return int(name.removeprefix("epoch_"))
 
 
@@ -32,7 +35,7 @@ class EpochFolders:
         }
 
     def _names(self) -> list[str]:
-        return sorted(self.saved, key=_epoch_of)
+        return sorted(self.saved, key=epoch_of)
 
     def latest(self) -> str | None:
         return self._names()[-1] if self.saved else None

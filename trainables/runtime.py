@@ -17,7 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from defectforge.datasets.errors import ClusterError, DataError
 from defectforge.studies.store import is_uri
 from defectforge.trainables import VERBOSE_ENV
-from defectforge.trainables.epochs import EPOCH_METRICS
+from defectforge.trainables.epochs import EPOCH_METRICS, ONE_WORKER_RUN
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -151,7 +151,7 @@ def latest_checkpoint_dir(storage: Path) -> Path | None:
 
 
 def _whole_checkpoint(folder: Path) -> bool:
-    if any(folder.parent.glob(f"*/{EPOCH_METRICS}")) and not (folder / EPOCH_METRICS).is_file():
+    if folder.parent.name == ONE_WORKER_RUN and not (folder / EPOCH_METRICS).is_file():
         return False
     weights = list(folder.glob("*.pt"))
     return bool(weights) and all(zipfile.is_zipfile(file) for file in weights)

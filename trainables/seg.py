@@ -52,9 +52,10 @@ from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.segmentation.report import write_run_plots
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import read_split, train_rows
-from defectforge.trainables.epochs import EpochFolders
+from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_of
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
+    check_shared_storage,
     checkpoint_to_resume,
     ensure_ray,
     fit,
@@ -67,7 +68,6 @@ from defectforge.trainables.runtime import (
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
-ONE_WORKER_RUN = "one-worker"
 
 
 def config_from_manifest(data: str | Path, **options) -> SegConfig:
@@ -319,35 +319,29 @@ def best_checkpoint(result) -> tuple[Checkpoint, dict]:
 
 @ray.remote(max_retries=1)
 def _one_worker_run(
-    config: dict, splits: Splits, storage: str, run_dir: str, resume: bool
+    config: dict, splits: Splits, storage: str, run_dir: str
 ) -> tuple[str, dict, str]:
     """A one-worker ``seg train`` in this task: its epoch folders go to ``storage``/one-worker,
-    its progress to ``run_dir``. It continues from its own latest epoch (a rerun after an
-    interruption, Ray's retry after a lost worker), else with ``resume`` from the run's latest
-    checkpoint of any kind. Returns the best epoch's folder, its metrics, the latest's folder."""
+    its progress to ``run_dir``. It starts from the run's newest whole checkpoint of either kind
+    (its own after an interruption, a --resume or Ray's retry after a lost worker; an earlier
+    Ray Train run's), else from scratch. Returns the best epoch's folder, its metrics and the
+    latest epoch's folder."""
     cfg = SegConfig.from_dict(config)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     folders = EpochFolders(StudyStore(storage), ONE_WORKER_RUN)
     recorder = RunRecorder(run_dir)
+    node = ray.get_runtime_context().get_node_id()
 
     def report(metrics: dict, folder: Path | None) -> None:
-        print(epoch_line(metrics, cfg.epochs), flush=True)
-        recorder.record(metrics, metrics["epoch"])
+        metrics = {**metrics, "node_id": node}
+        # Saved before it is shown: an epoch redone after a kill is recorded once.
         folders.save(folder, metrics)
         folders.prune()
+        print(epoch_line(metrics, cfg.epochs), flush=True)
+        recorder.record(metrics, metrics["epoch"])
 
-    latest = folders.latest()
-    if latest:
-        start = Path(folders.location(latest))
-    else:
-        start = latest_checkpoint_dir(Path(storage)) if resume else None
+    start = latest_checkpoint_dir(Path(storage))
     train_segmentation(cfg, one_worker_io(cfg, splits, report, start))
-    if folders.latest() is None:
-        raise DataError(
-            run_dir,
-            f"--resume: its latest checkpoint already has all {cfg.epochs} epochs",
-            "pass a larger --epochs",
-        )
     best = folders.best()
     return folders.location(best), folders.saved[best], folders.location(folders.latest())
 
@@ -356,15 +350,25 @@ def _train_one_worker(
     cfg: SegConfig, out: Path, resume: bool
 ) -> tuple[Checkpoint, dict, Checkpoint]:
     storage = out / "ray"
-    if resume:
-        checkpoint_to_resume(storage)
+    start = checkpoint_to_resume(storage) if resume else latest_checkpoint_dir(storage)
+    finished = start is not None and epoch_of(start.name) + 1 >= cfg.epochs
+    # A finished one-worker run asked again publishes its epochs again; anything else finished
+    # (a --resume, another kind of run's checkpoint) would train nothing.
+    if finished and (resume or start.parent.name != ONE_WORKER_RUN):
+        raise DataError(
+            out,
+            f"its latest checkpoint ({start.parent.name}/{start.name}) already has all "
+            f"{cfg.epochs} epochs",
+            "pass a larger --epochs",
+        )
     splits = read_splits(cfg)
     task = _one_worker_run.options(
         num_cpus=1 if cfg.use_gpu else worker_cpus(1), num_gpus=1 if cfg.use_gpu else 0
     )
     prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
+    progress = _progress(out, cfg)  # before the task starts: it shows only this run's lines
     best, best_metrics, latest = wait_for_task(
-        task.remote(asdict(cfg), splits, str(storage), str(out), resume), _progress(out, cfg)
+        task.remote(asdict(cfg), splits, str(storage), str(out)), progress
     )
     return Checkpoint.from_directory(best), best_metrics, Checkpoint.from_directory(latest)
 
@@ -397,6 +401,7 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     """
     out = check_run_folder(out, (cfg.data, cfg.synthetic))
     ensure_ray()
+    check_shared_storage(str(out))  # workers write their checkpoints where they run
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False

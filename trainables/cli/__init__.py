@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The process entry point (the ``defectforge`` script, ``python -m``): ``main``'s code.
 
-    After Ctrl-C the run's thread is still inside Ray (``runtime.fit``). Letting Python finalise
+    After Ctrl-C the run's thread may still be inside Ray (``runtime.fit``). Letting Python finalise
     around it shut Ray down under that thread and now and then ended in a segmentation fault
     instead of 130, so the process ends at once instead, with every process it started (a local
     Ray instance and its agents, data loaders). What the run wrote stays: the checkpoints it
