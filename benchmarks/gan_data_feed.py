@@ -1,7 +1,7 @@
 """How fast a GAN worker's real batches arrive: a new Ray Data pass every epoch (the only way
 before) vs the first pass kept in memory and replayed (what `gan train` does when the train
-split's encoded images fit in ``replay.CACHED_SPLIT_BYTES``). A GPU takes real images faster than 2
-cores make them, so on a few-shot set the feed, not the networks, can set the pace. Decoding and native cropping are in both rows.
+split's encoded images fit in ``replay.CACHED_SPLIT_BYTES``). A GPU takes real images faster
+than 2 cores make them, so on a few-shot set the feed, not the networks, can set the pace. Decoding and native cropping are in both rows.
 
 Run by hand, alone on the machine, on a built dataset (e.g. a `data subset` of 163 images):
 

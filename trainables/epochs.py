@@ -18,8 +18,13 @@ EPOCH_METRICS = "epoch_metrics.json"
 ONE_WORKER_RUN = "one-worker"
 
 
+def epoch_name(epoch: int) -> str:
+    """The checkpoint folder of an epoch, ``epoch_NNN`` (one-worker and Ray Train runs alike)."""
+    return f"epoch_{epoch:03d}"
+
+
 def epoch_of(name: str) -> int:
-    """The epoch of a checkpoint folder named ``epoch_NNN`` (one-worker and Ray Train runs)."""
+    """The epoch of a checkpoint folder named by ``epoch_name``."""
     return int(name.removeprefix("epoch_"))
 
 
@@ -43,13 +48,13 @@ class EpochFolders:
     def best(self) -> str:
         """The best epoch by the trial table's rule (``best_epoch``); the latest if none scored."""
         best = best_epoch([self.saved[name] for name in self._names()])
-        return f"epoch_{best['epoch']:03d}" if best else self.latest()
+        return epoch_name(best["epoch"]) if best else self.latest()
 
     def location(self, name: str) -> str:
         return self.store.location(f"{self.run}/{name}")
 
     def save(self, folder: Path, metrics: dict) -> None:
-        name = f"epoch_{metrics['epoch']:03d}"
+        name = epoch_name(metrics["epoch"])
         (folder / EPOCH_METRICS).write_text(json.dumps(metrics, default=str))
         self.store.upload_folder(folder, f"{self.run}/{name}", last=EPOCH_METRICS)
         self.saved[name] = metrics

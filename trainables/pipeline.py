@@ -3,8 +3,8 @@
 Each stage's output goes to ``<storage_path>/stages/<stage>-<key>/``; a stage whose output is
 complete there (its ``stage.json`` written after it finished) is reused, by this study or any
 other asking for the same thing, and one that was interrupted continues: a training stage
-restarts from its latest checkpoint in the same folder (``seg train``'s and ``gan train``'s own rule), a
-dataset stage, published only when whole, runs again. Every stage is announced with its key and
+restarts from its latest checkpoint in the same folder (``seg train``'s and ``gan train``'s own
+rule), a dataset stage, published only when whole, runs again. Every stage is announced with its key and
 how it ended, and the study records them all (``study.json``, the report).
 """
 

@@ -52,7 +52,7 @@ from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.segmentation.report import write_run_plots
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import read_split, train_rows
-from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_of
+from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_name, epoch_of
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
     check_shared_storage,
@@ -115,10 +115,10 @@ def seg_loop_io(
     steps = train_count // (world * cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    feed = _replayed_from_memory if in_memory else _ray_data_passes
+    feed = partial(_replayed_from_memory, rank=rank) if in_memory else _ray_data_passes
     return LoopIO(
-        train_batches=feed(train_data, cfg, train_maker, train=True, rank=rank),
-        val_batches=partial(feed(val_data, cfg, val_maker, train=False, rank=rank), 0),
+        train_batches=feed(train_data, cfg, train_maker, train=True),
+        val_batches=partial(feed(val_data, cfg, val_maker, train=False), 0),
         steps_per_epoch=max(steps, 1),
         report=report,
         resume_from=resume_from,
@@ -129,7 +129,7 @@ def seg_loop_io(
     )
 
 
-def _ray_data_passes(data, cfg: SegConfig, maker: BatchMaker, train: bool, rank: int):
+def _ray_data_passes(data, cfg: SegConfig, maker: BatchMaker, train: bool):
     """Epoch -> a Ray Data pass over ``data``; for training, locally shuffled, whole batches."""
 
     def epoch_batches(epoch: int):
@@ -229,7 +229,7 @@ def _seg_worker(config: dict) -> None:
         ray.train.report(
             {**metrics, "node_id": ray.get_runtime_context().get_node_id()},
             checkpoint=checkpoint,
-            checkpoint_dir_name=f"epoch_{metrics['epoch']:03d}",
+            checkpoint_dir_name=epoch_name(metrics["epoch"]),
         )
 
     checkpoint = starting_checkpoint(config)

@@ -23,7 +23,7 @@ from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
 from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
-from defectforge.trainables.epochs import EpochFolders
+from defectforge.trainables.epochs import EpochFolders, epoch_name
 from defectforge.trainables.seg import one_worker_io, read_splits
 
 
@@ -43,7 +43,7 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
 
     def report(metrics: dict, folder: Path | None) -> None:
         folders.save(folder, metrics)
-        name, best = f"epoch_{metrics['epoch']:03d}", folders.best()
+        name, best = epoch_name(metrics["epoch"]), folders.best()
         tune.report(
             {
                 **metrics,
