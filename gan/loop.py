@@ -192,18 +192,7 @@ class GanTrainer:
 
         self.G.requires_grad_(False)
         self.D.requires_grad_(True)
-        real_input = real.detach().requires_grad_(self.step_count % cfg.r1_interval == 0)
-        # One D pass over fakes then reals (bigger, cheaper convolutions); minibatch-std groups
-        # divide n, so no group mixes the two sets.
-        both = torch.cat([fake.detach(), real_input])
-        c_both = None if c_fake is None else torch.cat([c_fake, c_real])
-        fake_logits, real_logits = self._d_logits(both, c_both, mbstd_group(n)).split(n)
-        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-        if real_input.requires_grad:
-            (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
-            r1 = grad.square().sum(dim=(1, 2, 3)).mean()
-            d_loss = d_loss + r1 * (cfg.effective_r1_gamma / 2) * cfg.r1_interval
-            stats["r1"] = r1.item()
+        d_loss = self._d_loss(fake.detach(), c_fake, real, c_real, stats)
         self.opt_D.zero_grad(set_to_none=True)
         d_loss.backward()
         _average_gradients(self.D)
@@ -214,6 +203,26 @@ class GanTrainer:
         self.step_count += 1
         self._update_ema(n * world)
         return {"g_loss": g_loss.item(), "d_loss": d_loss.item(), **stats}
+
+    def _d_loss(self, fake, c_fake, real, c_real, stats: dict) -> torch.Tensor:
+        cfg, n = self.cfg, real.shape[0]
+        if self.step_count % cfg.r1_interval:
+            # One D pass over fakes then reals (bigger, cheaper convolutions); minibatch-std
+            # groups divide n, so no group mixes the two sets.
+            both = torch.cat([fake, real])
+            c_both = None if c_fake is None else torch.cat([c_fake, c_real])
+            fake_logits, real_logits = self._d_logits(both, c_both, mbstd_group(n)).split(n)
+            return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        # On R1 steps the reals get a pass of their own, so the penalty's double backward runs
+        # over n images instead of 2n.
+        real = real.detach().requires_grad_(True)
+        fake_logits = self._d_logits(fake, c_fake, mbstd_group(n))
+        real_logits = self._d_logits(real, c_real, mbstd_group(n))
+        (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+        r1 = grad.square().sum(dim=(1, 2, 3)).mean()
+        stats["r1"] = r1.item()
+        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+        return d_loss + r1 * (cfg.effective_r1_gamma / 2) * cfg.r1_interval
 
     def _path_length_penalty(self, n: int) -> torch.Tensor:
         batch = max(1, n // 2)

@@ -159,8 +159,9 @@ class ModulatedConv2d(nn.Module):
         self.demodulate, self.up = demodulate, up
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, out_gain: float = 1.0) -> torch.Tensor:
-        styles = self.affine(w)
-        weight = self.weight * self.weight_gain
+        # The equalized-lr gain rides on the styles (N x C_in), not on the far larger weight.
+        styles = self.affine(w) * self.weight_gain
+        weight = self.weight
         x = x * styles[:, :, None, None]
         if self.up:
             # Stride-2 transposed conv (a quarter of the MACs of convolving at the output size),

@@ -315,6 +315,19 @@ def test_a_storage_path_one_node_cannot_see_is_refused(sample_dataset, tmp_path,
         assert code == 1, logs[-2000:]
         assert f"storage_path {storage / 'on-cluster'}: not visible from 1 of 2 nodes" in logs
         assert not list(storage.iterdir())  # refused before anything was written
+
+        run = storage / "seg-run"
+        done = subprocess.run(
+            [sys.executable, "-m", "defectforge.trainables.cli", "--address", state["address"]]
+            + ["seg", "train", "--data", str(sample_dataset), "--out", str(run)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr[-2000:]
+        assert f"--out {run}: not visible from 1 of 2 nodes" in done.stderr.splitlines()[-1]
+        assert not list(storage.iterdir())
     finally:
         cluster.down()
 

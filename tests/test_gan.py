@@ -89,6 +89,38 @@ def test_demodulation_keeps_activations_normalised():
     assert plain(x, w).std().item() > 5
 
 
+def test_modulated_conv_equals_per_sample_modulated_weights():
+    """The activation-side form must equal StyleGAN2's definition: each sample convolved with
+    its own modulated, demodulated weight (a grouped convolution)."""
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(6, 5, 3, w_dim=8)
+    x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 8)
+    styles = conv.affine(w)
+    weights = conv.weight[None] * conv.weight_gain * styles[:, None, :, None, None]
+    weights = weights * weights.square().sum(dim=(2, 3, 4), keepdim=True).add(1e-8).rsqrt()
+    grouped = F.conv2d(x.reshape(1, 18, 8, 8), weights.reshape(15, 6, 3, 3), padding=1, groups=3)
+    assert torch.allclose(conv(x, w, out_gain=2.0), 2.0 * grouped.reshape(3, 5, 8, 8), atol=1e-5)
+
+
+def test_r1_steps_add_the_penalty_of_a_separate_pass_over_the_reals():
+    trainer = GanTrainer(tiny_config(diffaug_strength=0.0), torch.device("cpu"))
+    cfg, real = trainer.cfg, _reals(trainer.cfg, 4)
+    fake = trainer.G(torch.randn(4, cfg.z_dim)).detach()
+    trainer.step_count = 1  # between R1 steps: one pass over fakes and reals together
+    plain_stats: dict = {}
+    plain = trainer._d_loss(fake, None, real, None, plain_stats)
+    trainer.step_count = cfg.r1_interval
+    r1_stats: dict = {}
+    with_r1 = trainer._d_loss(fake, None, real, None, r1_stats)
+    assert "r1" not in plain_stats
+    real_input = real.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(trainer.D(real_input).sum(), real_input)
+    expected_r1 = grad.square().sum(dim=(1, 2, 3)).mean().item()
+    assert r1_stats["r1"] == pytest.approx(expected_r1, rel=1e-4)
+    penalty = expected_r1 * cfg.effective_r1_gamma / 2 * cfg.r1_interval
+    assert with_r1.item() == pytest.approx(plain.item() + penalty, rel=1e-4)
+
+
 def test_equalized_learning_rate_scales_at_run_time():
     for fan_in in (16, 1024):
         layer = EqualLinear(fan_in, 256)

@@ -184,8 +184,8 @@ def starting_checkpoint(config: dict):
     return checkpoint
 
 
-def check_shared_storage(root: str) -> None:
-    """Refuse a local ``root`` that some node of the cluster cannot see.
+def check_shared_storage(root: str, option: str = "storage_path") -> None:
+    """Refuse a local ``root`` (given as ``option``) that some node of the cluster cannot see.
 
     Trials checkpoint wherever their workers run, and the driver reads the results back: on
     several machines a node-local folder silently loses them. A probe file written here is looked
@@ -215,7 +215,7 @@ def check_shared_storage(root: str) -> None:
     blind = [node["NodeManagerAddress"] for node, ok in zip(nodes, seen, strict=True) if not ok]
     if blind:
         raise ClusterError(
-            f"storage_path {root}: not visible from {len(blind)} of {len(nodes)} nodes "
+            f"{option} {root}: not visible from {len(blind)} of {len(nodes)} nodes "
             f"({', '.join(sorted(set(blind)))}); on a multi-node cluster use a folder every node "
             "mounts (NFS, a shared volume) or an s3:// / gs:// URI"
         )

@@ -401,7 +401,7 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     """
     out = check_run_folder(out, (cfg.data, cfg.synthetic))
     ensure_ray()
-    check_shared_storage(str(out))  # workers write their checkpoints where they run
+    check_shared_storage(str(out), "--out")  # workers write their checkpoints where they run
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
