@@ -25,6 +25,7 @@ from defectforge.gan.networks import (
     EqualLinear,
     Generator,
     ModulatedConv2d,
+    blur,
 )
 
 SMALL = dict(z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32)
@@ -89,36 +90,54 @@ def test_demodulation_keeps_activations_normalised():
     assert plain(x, w).std().item() > 5
 
 
-def test_modulated_conv_equals_per_sample_modulated_weights():
+@pytest.mark.parametrize("demodulate", [True, False])
+def test_modulated_conv_equals_per_sample_modulated_weights(demodulate):
     """The activation-side form must equal StyleGAN2's definition: each sample convolved with
-    its own modulated, demodulated weight (a grouped convolution)."""
+    its own modulated (and demodulated) weight, a grouped convolution."""
     torch.manual_seed(0)
-    conv = ModulatedConv2d(6, 5, 3, w_dim=8)
+    conv = ModulatedConv2d(6, 5, 3, w_dim=8, demodulate=demodulate)
     x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 8)
-    styles = conv.affine(w)
-    weights = conv.weight[None] * conv.weight_gain * styles[:, None, :, None, None]
-    weights = weights * weights.square().sum(dim=(2, 3, 4), keepdim=True).add(1e-8).rsqrt()
+    weights = conv.weight[None] * conv.weight_gain * conv.affine(w)[:, None, :, None, None]
+    if demodulate:
+        weights = weights * weights.square().sum(dim=(2, 3, 4), keepdim=True).add(1e-8).rsqrt()
     grouped = F.conv2d(x.reshape(1, 18, 8, 8), weights.reshape(15, 6, 3, 3), padding=1, groups=3)
     assert torch.allclose(conv(x, w, out_gain=2.0), 2.0 * grouped.reshape(3, 5, 8, 8), atol=1e-5)
 
 
-def test_r1_steps_add_the_penalty_of_a_separate_pass_over_the_reals():
-    trainer = GanTrainer(tiny_config(diffaug_strength=0.0), torch.device("cpu"))
-    cfg, real = trainer.cfg, _reals(trainer.cfg, 4)
+def test_upsampling_modulated_conv_equals_the_weight_side_gain():
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(6, 5, 3, w_dim=8, up=True)
+    x, w = torch.randn(3, 6, 8, 8), torch.randn(3, 8)
+    styles, weight = conv.affine(w), conv.weight * conv.weight_gain
+    up = F.conv_transpose2d(x * styles[:, :, None, None], weight.transpose(0, 1), stride=2)
+    dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
+    expected = blur(up, gain=4.0) * dcoefs[:, :, None, None]
+    assert torch.allclose(conv(x, w), expected, atol=1e-5)
+
+
+def test_r1_steps_match_one_pass_over_fakes_and_reals_with_the_penalty():
+    """R1 steps pass the reals alone; loss and D's gradients must equal those of the single
+    pass over fakes and reals that the penalty was defined on."""
+    trainer = GanTrainer(tiny_config(diffaug_strength=0.0, r1_gamma=100.0), torch.device("cpu"))
+    cfg, D, real = trainer.cfg, trainer.D, _reals(trainer.cfg, 4)
     fake = trainer.G(torch.randn(4, cfg.z_dim)).detach()
-    trainer.step_count = 1  # between R1 steps: one pass over fakes and reals together
-    plain_stats: dict = {}
-    plain = trainer._d_loss(fake, None, real, None, plain_stats)
-    trainer.step_count = cfg.r1_interval
-    r1_stats: dict = {}
-    with_r1 = trainer._d_loss(fake, None, real, None, r1_stats)
-    assert "r1" not in plain_stats
     real_input = real.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(trainer.D(real_input).sum(), real_input)
-    expected_r1 = grad.square().sum(dim=(1, 2, 3)).mean().item()
-    assert r1_stats["r1"] == pytest.approx(expected_r1, rel=1e-4)
-    penalty = expected_r1 * cfg.effective_r1_gamma / 2 * cfg.r1_interval
-    assert with_r1.item() == pytest.approx(plain.item() + penalty, rel=1e-4)
+    fake_logits, real_logits = D(torch.cat([fake, real_input]), None, 4).split(4)
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
+    r1 = grad.square().sum(dim=(1, 2, 3)).mean()
+    gain = cfg.effective_r1_gamma / 2 * cfg.r1_interval
+    expected = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean() + r1 * gain
+    expected_grads = torch.autograd.grad(expected, list(D.parameters()))
+
+    trainer.step_count = cfg.r1_interval
+    stats: dict = {}
+    loss = trainer._d_loss(fake, None, real, None, stats)
+    grads = torch.autograd.grad(loss, list(D.parameters()))
+    assert r1.item() * gain > 0.1  # the penalty weighs in the comparison
+    assert stats["r1"] == pytest.approx(r1.item(), rel=1e-4)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for mine, reference in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(mine, reference, rtol=1e-4, atol=1e-6)
 
 
 def test_equalized_learning_rate_scales_at_run_time():
