@@ -90,6 +90,11 @@ def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | Non
     return F.one_hot(labels, num_classes).float() if num_classes and labels is not None else None
 
 
+def _logistic_d_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """D's non-saturating logistic loss: fakes pushed down, reals up."""
+    return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
 def _lazy_adam(params, lr: float, interval: int) -> torch.optim.Adam:
     # Lazy regularisation runs every `interval` steps; scale lr and betas as StyleGAN2 does.
     ratio = interval / (interval + 1)
@@ -212,7 +217,7 @@ class GanTrainer:
             both = torch.cat([fake, real])
             c_both = None if c_fake is None else torch.cat([c_fake, c_real])
             fake_logits, real_logits = self._d_logits(both, c_both, mbstd_group(n)).split(n)
-            return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+            return _logistic_d_loss(fake_logits, real_logits)
         # On R1 steps the reals get a pass of their own, so the penalty's double backward runs
         # over n images instead of 2n.
         real = real.detach().requires_grad_(True)
@@ -221,8 +226,8 @@ class GanTrainer:
         (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
         r1 = grad.square().sum(dim=(1, 2, 3)).mean()
         stats["r1"] = r1.item()
-        d_loss = F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
-        return d_loss + r1 * (cfg.effective_r1_gamma / 2) * cfg.r1_interval
+        penalty = r1 * (cfg.effective_r1_gamma / 2) * cfg.r1_interval
+        return _logistic_d_loss(fake_logits, real_logits) + penalty
 
     def _path_length_penalty(self, n: int) -> torch.Tensor:
         batch = max(1, n // 2)
