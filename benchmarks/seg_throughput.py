@@ -26,13 +26,12 @@ import time
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from defectforge.datasets.augment import augment_pair, paper_augmentation  # noqa: E402
 from defectforge.datasets.batches import normalise, random_crop  # noqa: E402
-from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
+from defectforge.datasets.contract import decode_png, read_split_table  # noqa: E402
 from defectforge.segmentation.config import SegConfig  # noqa: E402
 from defectforge.segmentation.losses import CombinedLoss  # noqa: E402
 from defectforge.segmentation.models import build_model  # noqa: E402
@@ -40,7 +39,7 @@ from defectforge.segmentation.models import build_model  # noqa: E402
 
 class InMemoryPairs(Dataset):
     def __init__(self, cfg: SegConfig):
-        table = pq.read_table(split_dir(cfg.data, "train"), columns=["image", "mask"])
+        table = read_split_table(cfg.data, "train", columns=["image", "mask"])
         self.images = [decode_png(c, cfg.channels) for c in table["image"].to_pylist()]
         self.masks = [decode_png(c, 0) for c in table["mask"].to_pylist()]
         self.cfg = cfg

@@ -31,8 +31,8 @@ import yaml
 
 from defectforge.cluster.local import auth_headers, default_token_path
 from defectforge.datasets.errors import ClusterError, ConfigError
+from defectforge.datasets.storage import absolute_location
 from defectforge.studies.spec import load_spec
-from defectforge.studies.store import absolute_location
 
 PROJECT = "defectforge"
 JOB_SPEC = "spec.yaml"
@@ -161,6 +161,7 @@ def shipped_spec(spec_path: str | Path) -> str:
     for section, key in (
         ("dataset", "real"),
         ("dataset", "synthetic"),
+        ("dataset", "copy_paste"),
         ("data", "root"),
         ("labeller", "run"),
         ("gan", "run"),
@@ -203,13 +204,19 @@ def submit_study(
         return client.submit_job(
             entrypoint=job_entrypoint(name),
             runtime_env=runtime_env,
-            submission_id=f"{PROJECT}-{spec_name}-{stamp}",
+            submission_id=f"{PROJECT}-{id_part(spec_name)}-{stamp}",
             metadata={
                 "job_name": name or spec_name,  # the dashboard's Name column
                 "study": spec_name,
                 "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
             },
         )
+
+
+def id_part(name: str) -> str:
+    """``name`` as part of a job id: the Jobs API puts the id in URL paths, where a `/`, `?`,
+    `#` or space would make the job unreachable (`jobs stop` among others)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "study"
 
 
 def job_entrypoint(name: str | None = None) -> str:

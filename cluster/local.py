@@ -7,10 +7,15 @@ port, with Ray's default token file kept private to this user; the dashboard and
 to 127.0.0.1 only. The cluster keeps its Ray files under a temp folder of its own, so
 ``ray.init()`` elsewhere on the machine does not join it by accident. ``down`` stops only the
 process groups ``up`` recorded in the state file, never processes found by name.
+
+A cluster that is up is listed in this user's registry (``registry_folder``): ``--address auto``
+joins only a cluster found there whose recorded head still runs (``own_cluster_addresses``),
+never another Ray instance on the machine, such as another user's job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -51,6 +56,16 @@ class LocalClusterConfig(TypedConfig):
     start_timeout_s: float = option(120.0, cli=False)
     # Linux, as root: the last worker sees an empty folder here (a tmpfs over it, in a mount
     # namespace of its own), as a machine without the shared mount would; to try storage checks.
+    # Linux, as root: folders only the head sees; every worker sees them empty (tmpfs mounts in
+    # its own mount namespace), as on a cloud cluster whose nodes share no disk.
+    private_to_head: tuple[str, ...] = option(
+        (),
+        "Linux, root: comma-separated folders only the head node sees (every worker sees them "
+        "empty), like a cluster whose nodes share no disk: try object storage on one machine",
+        lambda folders: all(Path(folder).is_dir() for folder in folders),
+        "existing folders",
+        metavar="FOLDER,...",
+    )
     hide_from_last_worker: str = option(
         "",
         "Linux, root: the last worker sees FOLDER empty, like a node without a shared mount",
@@ -128,6 +143,33 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def registry_folder() -> Path:
+    """Where this user's clusters are listed while they are up, one file per state folder."""
+    state_home = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state_home) / "defectforge" / "clusters"
+
+
+def _registry_entry(state_dir: Path) -> Path:
+    digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    return registry_folder() / f"{digest}.json"
+
+
+def own_cluster_addresses() -> dict[str, Path]:
+    """The GCS address of every cluster this user's ``cluster up`` started that is up now, with
+    its state folder. A listed cluster counts only while its recorded head process (pid and
+    start time) runs."""
+    found = {}
+    for entry in sorted(registry_folder().glob("*.json")):
+        try:
+            cluster = LocalCluster(json.loads(entry.read_text())["state"])
+            state = cluster.state() or {}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # an entry or state being written or removed meanwhile
+        if state.get("address") and "head" in {node.role for node in cluster.running()}:
+            found[state["address"]] = cluster.state_dir
+    return found
 
 
 def _check_port_free(port: int, flag: str) -> None:
@@ -257,20 +299,37 @@ class LocalCluster:
                     ],
                     cfg,
                     env,
-                    hidden=cfg.hide_from_last_worker if i == cfg.workers else "",
+                    hidden=(
+                        *cfg.private_to_head,
+                        *([cfg.hide_from_last_worker] if i == cfg.workers else []),
+                    ),
                 )
                 state["nodes"].append(asdict(worker))
                 self._write_state(state)
                 # One at a time: nodes registering together can miss Ray's start-up deadline
                 # on a busy machine.
                 self._wait_for_nodes(state, i + 1, cfg.start_timeout_s)
+            self._register()
         except BaseException:
             self.down()
             raise
         return state
 
+    def _register(self) -> None:
+        """List the cluster in the user's registry, where ``--address auto`` looks."""
+        entry = _registry_entry(self.state_dir)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        partial = entry.with_suffix(f".partial-{os.getpid()}")
+        partial.write_text(json.dumps({"state": str(self.state_dir.resolve())}))
+        partial.replace(entry)
+
     def _start_node(
-        self, role: str, args: list[str], cfg: LocalClusterConfig, env: dict, hidden: str = ""
+        self,
+        role: str,
+        args: list[str],
+        cfg: LocalClusterConfig,
+        env: dict,
+        hidden: tuple[str, ...] = (),
     ) -> NodeProcess:
         log = self.state_dir / f"{role}.log"
         command = [
@@ -286,8 +345,9 @@ class LocalCluster:
             str(free_port()),
             *args,
         ]
+        hidden = tuple(folder for folder in hidden if folder)
         if hidden:
-            command = _without_folder(command, hidden)
+            command = _without_folders(command, hidden)
         with open(log, "ab") as out:
             process = subprocess.Popen(
                 command,
@@ -336,6 +396,7 @@ class LocalCluster:
         if still:
             raise RuntimeError(f"cluster: {', '.join(still)} would not stop; see {self.state_dir}")
         shutil.rmtree(state.get("temp_dir", ""), ignore_errors=True)
+        _registry_entry(self.state_dir).unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
         return [n.role for n in nodes]
 
@@ -366,10 +427,11 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _without_folder(command: list[str], folder: str) -> list[str]:
-    """``command`` in a private mount namespace where ``folder`` is an empty tmpfs. ``unshare``
-    execs rather than forks, so the recorded pid and process group stay the node's."""
-    mount = f"mount -t tmpfs tmpfs {shlex.quote(folder)} && exec {shlex.join(command)}"
+def _without_folders(command: list[str], folders: tuple[str, ...]) -> list[str]:
+    """``command`` in a private mount namespace where each of ``folders`` is an empty tmpfs.
+    ``unshare`` execs rather than forks, so the recorded pid and process group stay the node's."""
+    mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(folder)}" for folder in folders)
+    mount = f"{mounts} && exec {shlex.join(command)}"
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount]
 
 
@@ -407,9 +469,19 @@ def alive_nodes(dashboard_url: str) -> list[dict] | None:
 
 
 def auth_headers(token_file: str | None = None) -> dict[str, str]:
-    """The Authorization header for this machine's Ray token (never printed)."""
+    """The Authorization header for this machine's Ray token (never printed); ``token_file``
+    (--token-file), when given, is the one read, and must hold a token."""
     env = dict(os.environ)
     if token_file:
-        env["RAY_AUTH_TOKEN_PATH"] = str(Path(token_file).expanduser())
+        path = Path(token_file).expanduser()
+        if not path.is_file():
+            problem = "is a folder, not a file" if path.is_dir() else "no such file"
+            raise ClusterError(f"--token-file {path}: {problem}; give the cluster's token file")
+        env.pop("RAY_AUTH_TOKEN", None)  # the file asked for wins over the environment
+        env["RAY_AUTH_TOKEN_PATH"] = str(path)
+        if not read_token(env):
+            raise ClusterError(
+                f"--token-file {path}: the file is empty; copy the cluster's token into it"
+            )
     token = read_token(env)
     return {"Authorization": f"Bearer {token}"} if token else {}

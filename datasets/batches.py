@@ -160,13 +160,45 @@ class BatchMaker:
         return image, mask
 
 
+# Label-preserving symmetries of the real images: none; left-right flips (StyleGAN2-ADA's
+# --mirror); and up-down flips; and 90-degree turns (the eight symmetries of a square).
+MIRRORS = ("none", "x", "xy", "dihedral")
+
+
+def mask_channels_of(masks: np.ndarray, mask_classes: int) -> np.ndarray:
+    """N x H x W class ids -> N x K x H x W float32 channels, +1 where class k is and -1
+    elsewhere: the form of a generator that draws masks (ids outside 1..K count as background)."""
+    classes = np.arange(1, mask_classes + 1, dtype=masks.dtype).reshape(1, -1, 1, 1)
+    return np.where(masks[:, None] == classes, 1.0, -1.0).astype(np.float32)
+
+
+def mirrored(image: np.ndarray, mask: np.ndarray | None, mirror: str, rng: np.random.Generator):
+    """The pair under a random one of ``mirror``'s symmetries (see ``MIRRORS``), alike for both."""
+    flips = []
+    if mirror != "none" and rng.random() < 0.5:
+        flips.append(lambda a: a[:, ::-1])
+    if mirror in ("xy", "dihedral") and rng.random() < 0.5:
+        flips.append(lambda a: a[::-1])
+    if mirror == "dihedral" and rng.random() < 0.5:
+        flips.append(lambda a: a.swapaxes(0, 1))
+    for flip in flips:
+        image = flip(image)
+        mask = None if mask is None else flip(mask)
+    if not flips:
+        return image, mask
+    return np.ascontiguousarray(image), None if mask is None else np.ascontiguousarray(mask)
+
+
 class GanBatchMaker:
     """PNG image cells -> ``{"image": N x C x R x R float in [-1, 1], "label": N int64}``.
 
     Images are resized (area) to the GAN resolution, or, with ``crop_seed``, cut as random
     native-scale R x R crops (seeded), so that generated images share the real images' scale;
     with ``defect_crops`` that share of crops is placed over a defect pixel of the row's mask.
-    Labels index ``classes`` by the row's ``defect_class`` (-1 when it has none).
+    With ``mask_classes`` K > 0 the masks travel as K more channels after the image's
+    (``mask_channels_of``); ``mirror`` shows each real under a random symmetry (seeded by
+    ``mirror_seed``). Labels index ``classes`` by the row's ``defect_class`` (-1 when it has
+    none).
     """
 
     def __init__(
@@ -176,44 +208,71 @@ class GanBatchMaker:
         classes: tuple[str, ...] = (),
         crop_seed: int | None = None,
         defect_crops: float = 0.0,
+        mask_classes: int = 0,
+        mirror: str = "none",
+        mirror_seed: int = 0,
     ):
+        if mirror not in MIRRORS:
+            raise ValueError(f"mirror {mirror!r} is not one of {MIRRORS}")
         self.channels, self.resolution = channels, resolution
         self.class_index = {name: index for index, name in enumerate(classes)}
         self.crop_rng = None if crop_seed is None else np.random.default_rng(crop_seed)
-        self.defect_crops = defect_crops
+        self.defect_crops, self.mask_classes, self.mirror = defect_crops, mask_classes, mirror
+        self.mirror_rng = np.random.default_rng(mirror_seed)
 
-    def _view(self, image: np.ndarray, mask_cell=None, origin: str | None = None) -> np.ndarray:
+    def _mask(self, mask_cell, image: np.ndarray, origin: str | None) -> np.ndarray | None:
+        if mask_cell is None:
+            # No mask cell: no defect to crop over (a crop needs a mask to cut alongside).
+            return None if self.crop_rng is None else np.zeros(image.shape[:2], np.uint8)
+        mask = decode_png(mask_cell, 0)
+        if mask.shape != image.shape[:2]:
+            raise DataError(
+                origin or "a GAN train row",
+                f"its mask is {mask.shape[1]}x{mask.shape[0]} px and its image "
+                f"{image.shape[1]}x{image.shape[0]}",
+                "rebuild the dataset with `defectforge data build` (it checks mask sizes)",
+            )
+        return mask
+
+    def _view(self, image: np.ndarray, mask_cell=None, origin: str | None = None):
+        """The GAN's view of one row: (image, mask or None) at the GAN resolution."""
+        mask = self._mask(mask_cell, image, origin)
         if self.crop_rng is None:
-            return resize_pair(image, None, self.resolution)[0]
-        mask = np.zeros(image.shape[:2], np.uint8)  # no mask cell: no defect to crop over
-        if mask_cell is not None:
-            mask = decode_png(mask_cell, 0)
-            if mask.shape != image.shape[:2]:
-                raise DataError(
-                    origin or "a GAN train row",
-                    f"its mask is {mask.shape[1]}x{mask.shape[0]} px and its image "
-                    f"{image.shape[1]}x{image.shape[0]}",
-                    "rebuild the dataset with `defectforge data build` (it checks mask sizes)",
-                )
-        return random_crop(image, mask, self.resolution, self.crop_rng, self.defect_crops)[0]
+            return resize_pair(image, mask, self.resolution)
+        return random_crop(image, mask, self.resolution, self.crop_rng, self.defect_crops)
 
-    def images(self, cells, masks=None, origins=None) -> np.ndarray:
-        """N x R x R x C uint8, the GAN's view of real images (``masks``: their mask cells,
-        ``origins``: the image files they came from, named in errors)."""
+    def pairs(self, cells, masks=None, origins=None, mirror: bool = False):
+        """(N x R x R x C uint8 images, N x R x R uint8 masks or None): the GAN's view of real
+        rows (``masks``: their mask cells, ``origins``: the image files they came from, named in
+        errors); ``mirror``: under the maker's random symmetries."""
         masks = [None] * len(cells) if masks is None else masks
         origins = [None] * len(cells) if origins is None else origins
-        return np.stack(
-            [
-                self._view(decode_png(cell, self.channels), mask, origin)
-                for cell, mask, origin in zip(cells, masks, origins, strict=True)
-            ]
-        )
+        views = [
+            self._view(decode_png(cell, self.channels), mask, origin)
+            for cell, mask, origin in zip(cells, masks, origins, strict=True)
+        ]
+        if mirror:
+            views = [mirrored(image, mask, self.mirror, self.mirror_rng) for image, mask in views]
+        images = np.stack([image for image, _ in views])
+        if any(mask is None for _, mask in views):
+            return images, None
+        return images, np.stack([mask for _, mask in views])
+
+    def images(self, cells, masks=None, origins=None) -> np.ndarray:
+        """N x R x R x C uint8, the GAN's view of real images, unmirrored (the metric's reals)."""
+        return self.pairs(cells, masks, origins)[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = self.images(batch["image"], batch.get("mask"), batch.get("origin"))
-        images = images.astype(np.float32) / 127.5 - 1
+        images, masks = self.pairs(
+            batch["image"], batch.get("mask"), batch.get("origin"), mirror=True
+        )
+        channels = images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1
+        if self.mask_classes:
+            if masks is None:
+                raise ValueError("a GAN that draws masks needs the rows' mask cells")
+            channels = np.concatenate([channels, mask_channels_of(masks, self.mask_classes)], 1)
         labels = [self.class_index.get(name, -1) for name in batch.get("defect_class", [])]
         return {
-            "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+            "image": np.ascontiguousarray(channels),
             "label": np.asarray(labels or [-1] * len(images), np.int64),
         }

@@ -25,6 +25,7 @@ from defectforge.datasets.discover import (
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.outputs import NAME_RULE, name_problem
 from defectforge.datasets.readers import guess_channels, load_sample
 from defectforge.datasets.samples import SampleRef, SampleSpec
 from defectforge.datasets.steel import SIMULATION_FILE, SteelOptions, discover_steel
@@ -60,7 +61,12 @@ class BuildConfig(TypedConfig):
 
     source: str = option(help="layout of --root", choices=SOURCES)
     root: str = option(help="folder holding the raw images and masks", path=True)
-    name: str | None = option(None, "dataset name (default: neu-seg or the root folder's name)")
+    name: str | None = option(
+        None,
+        "dataset name (default: neu-seg or the root folder's name)",
+        lambda name: not name_problem(name),
+        NAME_RULE,
+    )
     classes: tuple[str, ...] | None = option(
         None,
         "class names in mask-value order, background first, e.g. background,scratch,dent",
@@ -245,6 +251,26 @@ def _split_message(message: str, more: str) -> tuple[str, str, str]:
     path, _, rest = message.partition(": ")
     problem, _, fix = rest.partition("; ")
     return path, problem, fix + more
+
+
+def missing_splits(manifest: Manifest, cfg: BuildConfig) -> str:
+    """What to tell a user whose build gave no train or no val split ("" when both have
+    images): `seg train` and studies need both and would refuse the dataset only then."""
+    totals = {split: manifest.split_total(split) for split in ("train", "val", "test")}
+    missing = [split for split in ("train", "val") if not totals[split]]
+    if not missing:
+        return ""
+    shown = ", ".join(f"{count} {split}" for split, count in totals.items())
+    fix = (
+        "add " + " and ".join(f"images/{split} with masks/{split}" for split in missing)
+        if cfg.source == "neu-seg"
+        else "add images (or a folder of the split's name beside the others), or give the "
+        "missing split a larger share with --split-ratios (train,val,test, e.g. 0.6,0.2,0.2)"
+    )
+    return (
+        f"the build of {cfg.root} gave no {' and no '.join(missing)} split ({shown} images), so "
+        f"`seg train` and studies will refuse this dataset; {fix}"
+    )
 
 
 def build_manifest(

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import atomic_write
+from defectforge.datasets.storage import Location, store_errors
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -82,32 +83,59 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
 
 
 def split_dir(root: str | Path, split: str) -> Path:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    """A split's folder in a local dataset folder (one being written: see ``datasets.writer``)."""
+    _check_split(split)
     return Path(root) / split
 
 
-def split_files(root: str | Path, split: str) -> list[Path]:
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+
+
+def split_location(root: str | Path | Location, split: str) -> Location:
+    """A split's folder in a dataset on a disk or a store."""
+    _check_split(split)
+    return Location.of(root) / split
+
+
+def split_files(root: str | Path | Location, split: str) -> list[Location]:
     """A split's Parquet files, each checked to be whole (a truncated file has no footer)."""
-    folder = split_dir(root, split)
-    files = sorted(folder.glob("*.parquet"))
-    for path in files:
-        try:
-            pq.read_metadata(path)
-        except (pa.ArrowException, OSError):
-            raise DataError(
-                path,
-                "Parquet file is truncated or corrupt",
-                "rebuild the dataset (the command that wrote it, with --overwrite)",
-            ) from None
+    files = split_location(root, split).files(".parquet")
+    for file in files:
+        parquet_metadata(file)
     return files
 
 
-def read_split_table(root: str | Path, split: str, columns: list[str] | None = None):
+def parquet_metadata(file: Location) -> pq.FileMetaData:
+    """A Parquet file's footer: a truncated or damaged file is one line naming it."""
+    with store_errors(file.uri):  # a store that fails says so, not "corrupt"
+        handle = file.filesystem.open_input_file(file.path)
+    try:
+        with handle:
+            return pq.read_metadata(handle)
+    except (pa.ArrowException, OSError):
+        raise DataError(
+            file,
+            "Parquet file is truncated, corrupt or unreadable",
+            "rebuild the dataset (the command that wrote it, with --overwrite)",
+        ) from None
+
+
+def read_parquet(files: list[Location], columns: list[str] | None = None) -> pa.Table:
+    """The rows of Parquet files of one dataset (one filesystem) as one Table."""
+    if not files:
+        return pa.table({}) if columns is None else SCHEMA.empty_table().select(columns)
+    return pq.read_table(
+        [file.path for file in files], columns=columns, filesystem=files[0].filesystem
+    )
+
+
+def read_split_table(root: str | Path | Location, split: str, columns: list[str] | None = None):
     """One split of a dataset as a pyarrow Table; None if the dataset has no such split."""
-    if not split_dir(root, split).is_dir():
+    if not split_location(root, split).is_dir():
         return None
-    return pq.read_table(split_files(root, split), columns=columns)
+    return read_parquet(split_files(root, split), columns)
 
 
 def only_ids(table: pa.Table, ids) -> pa.Table:
@@ -121,17 +149,18 @@ def without_ids(table: pa.Table, ids) -> pa.Table:
     return table.filter(pc.invert(inside))
 
 
-def file_digest(path: str | Path) -> str:
+def file_digest(path: str | Path | Location) -> str:
+    location = Location.of(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with location.filesystem.open_input_stream(location.path) as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def run_identity(folder: str | Path, weights_file: str) -> str:
+def run_identity(folder: str | Path | Location, weights_file: str) -> str:
     """A short, stable id of a trained model: its folder name and a hash of its weights."""
-    folder = Path(folder).resolve()
+    folder = Location.of(folder)
     return f"{folder.name}-{file_digest(folder / weights_file)[:8]}"
 
 

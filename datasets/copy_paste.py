@@ -21,6 +21,7 @@ from defectforge.datasets.contract import MANIFEST, SCHEMA, decode_png, encode_p
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
+from defectforge.datasets.storage import Location, absolute_location
 from defectforge.datasets.writer import derived_from, write_dataset
 
 COPY_PASTE = "copy-paste"
@@ -123,7 +124,9 @@ def _train_samples(data: str | Path, channels: int) -> list[tuple[str, np.ndarra
     table = read_split_table(data, "train", columns=["id", "image", "mask"])
     if table is None:
         raise DataError(
-            Path(data) / MANIFEST, "dataset has no train split", "build one with train images"
+            Location.of(data) / MANIFEST,
+            "dataset has no train split",
+            "build one with train images",
         )
     columns = (table[name].to_pylist() for name in ("id", "image", "mask"))
     return [
@@ -162,7 +165,7 @@ def copy_paste_dataset(
     ]
     if not regions:
         raise DataError(
-            Path(data) / MANIFEST,
+            Location.of(data) / MANIFEST,
             f"no defect region of {cfg.min_area} px or more in the train split",
             "lower --min-area, or use a dataset whose train masks hold defects",
         )
@@ -189,5 +192,5 @@ def copy_paste_dataset(
         staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
         details = {**asdict(cfg), "regions": len(regions)}
         train_ids = sorted(sample_id for sample_id, _, _ in samples)
-        staging.publish(manifest.pasted(details, str(Path(data).resolve()), train_ids))
+        staging.publish(manifest.pasted(details, absolute_location(data), train_ids))
     return staging.manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -93,3 +94,29 @@ def load_state_dict_file(path: Path, what: str) -> dict:
     if not isinstance(state, dict):
         raise DataError(path, f"{what} file holds no state dict", "retrain to write a new one")
     return state
+
+
+# Who is writing: staging folders and marks are named PREFIX + HOST-PID-RANDOM.
+WRITER_HOST = socket.gethostname()
+
+
+def writer_of(name: str, prefix: str) -> tuple[str, int] | None:
+    """(host, pid) from the name of a writer's staging folder or mark (``PREFIX``HOST-PID-RANDOM);
+    None for another name."""
+    if not name.startswith(prefix):
+        return None
+    host, pid, _random = (name[len(prefix) :].rsplit("-", 2) + ["", ""])[:3]
+    return (host, int(pid)) if pid.isdigit() else None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host. A dead writer's pid taken by a new process
+    keeps its folder until that process ends: never removing a live writer's folder matters
+    more than clearing every leftover at once."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    return True

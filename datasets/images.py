@@ -83,9 +83,10 @@ def decode_file(
     data = read_bytes(path, what)
     image_format, width, height = header(path, data, what)
     if width * height > max_pixels:
+        megapixels = round(width * height / 1e6, 3)
         raise DataError(
             path,
-            f"{what} header claims {width} x {height} pixels ({width * height / 1e6:.0f} MP), "
+            f"{what} header claims {width} x {height} pixels ({megapixels:g} MP), "
             f"above the limit of {max_pixels / 1e6:g} MP",
             "raise --max-pixels if the image is genuine, or remove the file (or pass --skip-bad)",
         )

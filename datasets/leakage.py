@@ -15,6 +15,7 @@ from pathlib import Path
 from defectforge.datasets.contract import MANIFEST, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.storage import Location
 
 HELD_OUT = ("val", "test")
 FIXES = {
@@ -34,12 +35,19 @@ def split_ids(root: str | Path, splits: tuple[str, ...]) -> set[str]:
     return found
 
 
+def train_ids(root: str | Path) -> list[str] | None:
+    """The sorted train ids of the dataset a synthetic set's maker learnt from, for its
+    ``trained_on`` record (None: the dataset is not there to list)."""
+    table = read_split_table(root, "train", columns=["id"])
+    return None if table is None else sorted(table["id"].to_pylist())
+
+
 def check_no_leakage(
     real_root: str | Path, real: Manifest, synthetic_root: str | Path, synthetic: Manifest
 ) -> None:
     """Refuse a synthetic set whose GAN, labeller or copy-paste source learnt from a val or
     test image of ``real``."""
-    where = Path(synthetic_root) / MANIFEST
+    where = Location.of(synthetic_root) / MANIFEST
     sources = (synthetic.section("labelling") or {}).get("trained_on")
     if sources is None:
         raise DataError(

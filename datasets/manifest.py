@@ -17,6 +17,8 @@ from typing import Any
 
 from defectforge.datasets.contract import MANIFEST, SCHEMA_VERSION, SPLITS, combined_digest
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.outputs import OUTPUT_RECORD
+from defectforge.datasets.storage import Location
 
 # Lineage sections, one per way a manifest is made.
 LINEAGE = ("config", "subset", "augmentation", "mix", "labelling", "generation")
@@ -92,13 +94,21 @@ class Manifest:
         return cls(**values)
 
     @classmethod
-    def load(cls, root: str | Path) -> Manifest:
-        path = Path(root) / MANIFEST
+    def load(cls, root: str | Path | Location) -> Manifest:
+        folder = Location.of(root)
+        path = folder / MANIFEST
         if not path.is_file():
             raise DataError(
                 path,
                 "no manifest.json: not a defectforge dataset",
                 "build it with `defectforge data build`",
+            )
+        if folder.remote and not (folder / OUTPUT_RECORD).is_file():
+            # On a store the record is uploaded last: without it the upload did not finish.
+            raise DataError(
+                folder,
+                f"the dataset's upload did not finish (no {OUTPUT_RECORD})",
+                "run the command that writes it again",
             )
         try:
             data = json.loads(path.read_text())
@@ -127,7 +137,7 @@ class Manifest:
     def require_masks(self, root: str | Path, use: str) -> None:
         if not self.masks:
             raise DataError(
-                Path(root) / MANIFEST,
+                Location.of(root) / MANIFEST,
                 f"these generated images have no masks yet, so they cannot be {use}",
                 "label them with `defectforge synth label` and use the labelled folder",
             )

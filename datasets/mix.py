@@ -17,6 +17,7 @@ from defectforge.datasets.contract import MANIFEST, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.leakage import check_no_leakage
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.storage import Location
 
 RATIO_HELP = "synthetic share of the train split: synthetic / (real + synthetic)"
 REAL_COUNT_HELP = (
@@ -140,7 +141,7 @@ def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest,
     """Both manifests, after checking that the synthetic set is labelled, fits the real one and
     was not made from the real one's val or test images."""
     real_manifest, synthetic_manifest = Manifest.load(real), Manifest.load(synthetic)
-    where = Path(synthetic) / MANIFEST
+    where = Location.of(synthetic) / MANIFEST
     if synthetic_manifest.section("labelling") is None:
         raise DataError(
             where,
@@ -180,7 +181,7 @@ def _kept_real(real: str | Path, total: int, cfg: MixConfig) -> tuple[str, ...]:
         return ()
     if cfg.real_count > total:
         raise DataError(
-            Path(real) / MANIFEST,
+            Location.of(real) / MANIFEST,
             f"real_count {cfg.real_count} is more than the {total} real train images",
             f"ask for at most {total}, or 0 for all of them",
         )
@@ -204,6 +205,6 @@ def plan_for(real: str | Path, synthetic: str | Path, cfg: MixConfig) -> Mix:
     train = real_manifest.counts["train"]
     real_ids = _kept_real(real, train.total, cfg)
     candidates = train_classes(synthetic)
-    where = Path(synthetic) / MANIFEST
+    where = Location.of(synthetic) / MANIFEST
     plan = plan_mix(len(real_ids) or train.total, train.by_class, candidates, cfg, where)
     return Mix(real_manifest, synthetic_manifest, candidates, replace(plan, real_ids=real_ids))

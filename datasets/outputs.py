@@ -1,7 +1,8 @@
 """Where defectforge may write: the safety rules every output folder obeys.
 
-- An output never equals or contains one of the command's inputs (``--out`` = ``--root`` would
-  otherwise replace the raw images with the dataset).
+- An output never equals, contains or lies inside one of the command's inputs (``--out`` =
+  ``--root`` would replace the raw images with the dataset; an output inside an input would be
+  read back as input by the next command over it).
 - ``--overwrite`` replaces only a folder defectforge wrote: one holding its output record
   (``defectforge.json``) or, for folders written by earlier versions, a dataset manifest, an
   export's model.json or a steel simulation's record. Anything else is refused, and so is a
@@ -9,13 +10,18 @@
 - A folder is written under a temporary name beside the target and renamed into place at the
   end, so a failed or interrupted command leaves nothing under the final name. The rename never
   replaces a folder that appeared meanwhile (another run to the same ``--out``): that run's
-  result stands and this one reports it.
+  result stands and this one reports it. The temporary name carries its writer's host and pid,
+  so a later command clears what a killed writer left, and never a live writer's folder.
+- A training run's folder takes only a run of its own kind: ``gan train`` never trains into a
+  segmentation run, nor ``seg train`` into a GAN run or any other output.
+- A name a user gives (a study's, a dataset's, a job's) names one folder: ``check_name``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -24,8 +30,17 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import UMASK, package_version, write_json_atomic
+from defectforge.datasets import store_outputs
+from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.files import (
+    UMASK,
+    WRITER_HOST,
+    package_version,
+    process_alive,
+    write_json_atomic,
+    writer_of,
+)
+from defectforge.datasets.storage import Location, is_uri
 
 OUTPUT_RECORD = "defectforge.json"
 # The output kinds that hold a training run's checkpoints (`prepare_run_folder`).
@@ -37,6 +52,31 @@ EARLIER_ARTEFACTS = {
     "model.json": "format",
     "simulation.json": "simulated",
 }
+# The weights that tell an earlier version's run (no OUTPUT_RECORD) for what it is.
+EARLIER_RUN_WEIGHTS = {"model.pt": SEG_RUN, "generator.pt": GAN_RUN}
+STAGING, SCRATCH = "partial", "scratch"
+NAME_RULE = "one folder's name (not empty, no / or \\, not . or .., no control characters)"
+
+
+def name_problem(name: str) -> str:
+    """What keeps ``name`` from naming one folder under the place it is used; "" if nothing."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator, so it would name a folder elsewhere"
+    if name in (".", ".."):
+        return "names the folder it is in, or the one above, instead of a new one"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "holds a control character"
+    return ""
+
+
+def check_name(name: str, flag: str) -> str:
+    """``name``, given as ``flag``; refused in one line unless it names one folder."""
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(f"{flag} {name!r}: {problem}; give {NAME_RULE}")
+    return name
 
 
 def is_within(path: Path, folder: Path) -> bool:
@@ -45,7 +85,7 @@ def is_within(path: Path, folder: Path) -> bool:
 
 
 def check_not_over_inputs(out: Path, inputs: tuple[str | Path, ...], flag: str = "--out") -> None:
-    """Refuse an output folder that is, or contains, one of the inputs."""
+    """Refuse an output folder that is, contains, or lies inside one of the inputs."""
     for given in inputs:
         if not given:
             continue
@@ -55,6 +95,13 @@ def check_not_over_inputs(out: Path, inputs: tuple[str | Path, ...], flag: str =
                 out,
                 f"{flag} is the input {source} or contains it, so writing there would replace "
                 "your input data",
+                f"choose an {flag} outside {source}",
+            )
+        if is_within(out, source):
+            raise DataError(
+                out,
+                f"{flag} lies inside the input {source}, so the next command that reads "
+                f"{source} would take this output for input data",
                 f"choose an {flag} outside {source}",
             )
 
@@ -76,14 +123,28 @@ def _is_empty_folder(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def check_output(out: str | Path, overwrite: bool, inputs: tuple = (), flag: str = "--out") -> Path:
-    """The resolved output folder, after the rules in this module's docstring."""
+def check_output(
+    out: str | Path, overwrite: bool, inputs: tuple = (), flag: str = "--out"
+) -> Path | Location:
+    """The resolved output folder, after the rules in this module's docstring (on a store:
+    ``datasets.store_outputs``)."""
+    if is_uri(out):
+        return store_outputs.check_output(
+            Location.of(out), overwrite, inputs, flag, OUTPUT_RECORD, TRAINING_RUN_KINDS
+        )
     final = Path(out).expanduser().resolve()
     check_not_over_inputs(final, inputs, flag)
     if final.exists() and not final.is_dir():
         raise DataError(final, f"{flag} is a file, not a folder", f"choose another {flag}")
     if not final.exists() or _is_empty_folder(final):
         return final
+    if _is_training_run(final):
+        # Said whatever the flags: advising --overwrite here would only lead to this refusal.
+        raise DataError(
+            final,
+            "--overwrite never replaces a training run's folder (its checkpoints would go)",
+            f"choose another {flag}, or move the run away yourself",
+        )
     if not overwrite:
         raise DataError(
             final, "output folder already exists", f"pass --overwrite or choose another {flag}"
@@ -95,23 +156,30 @@ def check_output(out: str | Path, overwrite: bool, inputs: tuple = (), flag: str
             f"{OUTPUT_RECORD} (nor a dataset manifest or export record)",
             f"choose another {flag}, or move the folder away yourself",
         )
-    if _is_training_run(final):
-        raise DataError(
-            final,
-            "--overwrite never replaces a training run's folder (its checkpoints would go)",
-            f"choose another {flag}, or move the run away yourself",
-        )
     return final
 
 
 def _is_training_run(folder: Path) -> bool:
     """A `seg train` / `gan train` folder: its record says so, or (earlier versions) it holds
     Ray Train storage."""
-    record = folder / OUTPUT_RECORD
-    with contextlib.suppress(OSError, ValueError):
-        if json.loads(record.read_text()).get("kind") in TRAINING_RUN_KINDS:
-            return True
-    return (folder / "ray").is_dir()
+    return _recorded_kind(folder) in TRAINING_RUN_KINDS or (folder / "ray").is_dir()
+
+
+def _recorded_kind(folder: Path) -> str | None:
+    """The kind in the folder's output record; None without a readable one."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((folder / OUTPUT_RECORD).read_text()).get("kind")
+    return None
+
+
+def _kind_of(folder: Path) -> str | None:
+    """What defectforge wrote in ``folder``: its record's kind, or for an earlier version's run
+    the kind its weights show; None if neither tells."""
+    kind = _recorded_kind(folder)
+    if kind is not None:
+        return kind
+    found = [kind for name, kind in EARLIER_RUN_WEIGHTS.items() if (folder / name).is_file()]
+    return found[0] if len(found) == 1 else None
 
 
 def output_record(kind: str, details: dict | None = None) -> dict:
@@ -132,10 +200,17 @@ def publish_dir(
     flag: str = "--out",
 ) -> Iterator[Path]:
     """Yield a staging folder beside ``final``; when the block succeeds, write the output record
-    and rename the folder to ``final``. On failure nothing under ``final`` changes."""
+    and rename the folder to ``final``. On failure nothing under ``final`` changes. On a store
+    the staging folder is local and uploaded, the record last (``store_outputs.publish``)."""
+    if is_uri(final):
+        target = check_output(final, overwrite, inputs, flag)
+        with store_outputs.publish(
+            target, overwrite, OUTPUT_RECORD, output_record(kind), flag
+        ) as staging:
+            yield staging
+        return
     final = check_output(final, overwrite, inputs, flag)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staging = new_staging(final, STAGING)
     # mkdtemp makes a private (0700) folder; the published one gets ordinary permissions.
     staging.chmod(0o777 & ~UMASK)
     try:
@@ -145,6 +220,46 @@ def publish_dir(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def new_staging(final: Path, what: str) -> Path:
+    """A new private folder ``.<final's name>.<what>-<host>-<pid>-<random>`` beside ``final``,
+    after clearing the ones of its kind that a killed writer on this host left there."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clear_dead_writers(final, what)
+    prefix = f".{final.name}.{what}-{WRITER_HOST}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+
+
+@contextlib.contextmanager
+def scratch_beside(final: str | Path) -> Iterator[Path]:
+    """A scratch folder beside ``final`` (on its file system, so results move by rename),
+    removed on leaving; one a killed command left is cleared by the next one. For an output on
+    a store, a local temporary folder (results are uploaded from it anyway)."""
+    if is_uri(final):
+        with tempfile.TemporaryDirectory(prefix="defectforge-scratch-") as scratch:
+            yield Path(scratch)
+        return
+    scratch = new_staging(Path(final).expanduser().resolve(), SCRATCH)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def clear_dead_writers(final: Path, what: str) -> list[Path]:
+    """Remove the ``new_staging`` folders of kind ``what`` beside ``final`` whose writer, a
+    process on this host, is gone. Folders of other hosts (shared storage) and of earlier
+    versions (no pid in the name) are left alone. Returns the folders removed."""
+    removed = []
+    for folder in final.parent.glob(f".{glob.escape(final.name)}.{what}-*"):
+        writer = writer_of(folder.name, f".{final.name}.{what}-")
+        if writer is None or writer[0] != WRITER_HOST:
+            continue
+        if not process_alive(writer[1]):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def _move_into_place(staging: Path, final: Path, overwrite: bool, flag: str) -> None:
@@ -181,29 +296,45 @@ def _rename_no_replace(staging: Path, final: Path, flag: str) -> None:
         raise
 
 
-def check_run_folder(out: str | Path, inputs: tuple = ()) -> Path:
-    """A training run's folder (written in place, resumable), resolved: refused if it is over an
-    input, a file, or a non-empty folder that is not a defectforge run."""
+def check_run_folder(out: str | Path, kind: str, inputs: tuple = ()) -> Path | Location:
+    """A training run's folder (written in place, resumable) for a run of ``kind``, resolved:
+    refused if it is over an input, a file, or a non-empty folder that is not a defectforge run
+    or holds another kind of output (a GAN run for a segmentation run, a dataset)."""
+    if is_uri(out):
+        return store_outputs.check_run_folder(Location.of(out), kind, inputs, OUTPUT_RECORD)
     folder = Path(out).expanduser().resolve()
     check_not_over_inputs(folder, inputs)
     if folder.exists() and not folder.is_dir():
         raise DataError(folder, "--out is a file, not a folder", "choose another --out")
-    if folder.is_dir() and not _is_empty_folder(folder) and not _is_run(folder):
+    if not folder.is_dir() or _is_empty_folder(folder):
+        return folder
+    if not _is_run(folder):
         raise DataError(
             folder,
             f"--out holds files that are not a defectforge run (no {OUTPUT_RECORD})",
             "choose a new or empty --out, or the folder of an earlier run to continue it",
         )
+    found = _kind_of(folder)
+    if found is not None and found != kind:
+        raise DataError(
+            folder,
+            f"--out holds a {found}, not a {kind}; training into it would overwrite its files",
+            f"choose a new or empty --out, or the folder of an earlier {kind} to continue it",
+        )
     return folder
 
 
-def prepare_run_folder(out: str | Path, kind: str, inputs: tuple = ()) -> Path:
+def prepare_run_folder(out: str | Path, kind: str, inputs: tuple = ()) -> Path | Location:
     """The checked run folder, created with its output record (``kind``: one of
     ``TRAINING_RUN_KINDS``, which no --overwrite replaces). Call it after every other input
     check, so a refused command leaves no folder behind."""
     if kind not in TRAINING_RUN_KINDS:
         raise ValueError(f"{kind!r} is not one of {TRAINING_RUN_KINDS}")
-    folder = check_run_folder(out, inputs)
+    folder = check_run_folder(out, kind, inputs)
+    if isinstance(folder, Location):
+        if not (folder / OUTPUT_RECORD).is_file():
+            (folder / OUTPUT_RECORD).write_json(output_record(kind))
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / OUTPUT_RECORD).is_file():
         write_json_atomic(folder / OUTPUT_RECORD, output_record(kind))

@@ -14,9 +14,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from defectforge.datasets.contract import split_files
+from defectforge.datasets.contract import parquet_metadata, split_files
 
 # Encoded rows (PNG bytes) up to which a worker keeps its rows in memory instead of streaming.
 CACHED_SPLIT_BYTES = 1 << 30
@@ -30,8 +29,8 @@ def within_cache_limit(size: int) -> bool:
 def encoded_bytes(root: str | Path, split: str, columns: Iterable[str]) -> int:
     """The uncompressed size of ``columns`` of a split, from its Parquet metadata (no read)."""
     total = 0
-    for path in split_files(root, split):
-        metadata = pq.read_metadata(path)
+    for file in split_files(root, split):
+        metadata = parquet_metadata(file)
         indices = [metadata.schema.names.index(name) for name in columns]
         for group in range(metadata.num_row_groups):
             row_group = metadata.row_group(group)

@@ -28,6 +28,7 @@ from defectforge.datasets.contract import (
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stratified_ids
+from defectforge.datasets.storage import Location
 from defectforge.datasets.writer import derived_from, write_dataset
 
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
@@ -98,7 +99,7 @@ def subset_dataset(
 ) -> Manifest:
     """Write the subset of ``data`` that ``cfg`` asks for; val and test untouched unless asked."""
     manifest = derived_from(data, out, overwrite, "subset")
-    where = Path(data) / MANIFEST
+    where = Location.of(data) / MANIFEST
     tables = {split: read_split_table(data, split) for split in SPLITS}
     kept = {"train": _kept(tables["train"], "train", cfg.train, cfg.seed, where)}
     if cfg.val:

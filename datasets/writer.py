@@ -13,7 +13,6 @@ Rows come as a pyarrow Table or as anything with ``write_parquet(path, min_rows_
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,20 +20,34 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from defectforge.datasets.contract import MANIFEST, SCHEMA, SPLITS, split_dir
+from defectforge.datasets.contract import (
+    MANIFEST,
+    SCHEMA,
+    SPLITS,
+    parquet_metadata,
+    read_parquet,
+    split_dir,
+    split_files,
+)
 from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.manifest import Manifest, SplitCounts
 from defectforge.datasets.outputs import check_output, publish_dir
+from defectforge.datasets.storage import Location, is_uri
 
 ROWS_PER_FILE = 1024
 COUNT_COLUMNS = ["source", "defect_class"]
 
 
 class DatasetStaging:
-    """A dataset being written: splits, extra files, and at the end its manifest."""
+    """A dataset being written: splits, extra files, and at the end its manifest.
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    Files go to the local ``folder``, published whole at the end; rows a Ray Dataset writes go
+    straight to ``remote`` when the dataset is on a store, since Ray Data's write tasks may run
+    on nodes that cannot see this machine's folders.
+    """
+
+    def __init__(self, folder: Path, remote: Location | None = None):
+        self.folder, self.remote = folder, remote
         self.manifest: Manifest | None = None
 
     def write_split(self, split: str, rows) -> None:
@@ -43,14 +56,18 @@ class DatasetStaging:
         if isinstance(rows, pa.Table):
             target.mkdir(parents=True, exist_ok=True)
             pq.write_table(rows.select(list(SCHEMA.names)).cast(SCHEMA), target / "rows.parquet")
+        elif self.remote is not None:
+            rows.write_parquet((self.remote / split).uri, min_rows_per_file=ROWS_PER_FILE)
         else:
             rows.write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE)
 
     def copy_split(self, source_root: str | Path, split: str) -> None:
         """A split of another dataset, unchanged (val and test of a mix)."""
-        source = split_dir(source_root, split)
-        if source.is_dir():
-            shutil.copytree(source, split_dir(self.folder, split))
+        files = split_files(source_root, split)
+        target = split_dir(self.folder, split)
+        for index, file in enumerate(files):
+            target.mkdir(parents=True, exist_ok=True)
+            (target / f"copied-{index:05d}.parquet").write_bytes(file.read_bytes())
 
     def path(self, relative: str) -> Path:
         """Where an extra file (a report, a CSV, a plot) goes; its folder is made."""
@@ -71,15 +88,17 @@ class DatasetStaging:
 
     def _counts(self, split: str) -> SplitCounts:
         folder = split_dir(self.folder, split)
-        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        files = split_files(self.folder, split)
+        if self.remote is not None:
+            files += split_files(self.remote, split)
         if not files:
             if folder.is_dir():
                 folder.rmdir()  # a split with no rows is no split: readers ask for it by folder
             return SplitCounts()
-        for path in files:
-            if pq.read_schema(path).remove_metadata() != SCHEMA:
-                raise RuntimeError(f"{path}: rows written outside the Parquet contract's schema")
-        table = pq.read_table(folder, columns=COUNT_COLUMNS)
+        for file in files:
+            if parquet_metadata(file).schema.to_arrow_schema().remove_metadata() != SCHEMA:
+                raise RuntimeError(f"{file}: rows written outside the Parquet contract's schema")
+        table = read_parquet(files, columns=COUNT_COLUMNS)
         return SplitCounts.of(table["source"].to_pylist(), table["defect_class"].to_pylist())
 
 
@@ -98,7 +117,8 @@ def write_dataset(
 ) -> Iterator[DatasetStaging]:
     """Stage a dataset; on leaving the block its counts are filled in, its manifest written and
     the folder published. The caller must call ``staging.publish(manifest)``."""
+    remote = Location.of(out) if is_uri(out) else None
     with publish_dir(out, overwrite, inputs, kind="dataset") as folder:
-        staging = DatasetStaging(folder)
+        staging = DatasetStaging(folder, remote)
         yield staging
         staging.manifest = staging._finish()

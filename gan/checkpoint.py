@@ -7,12 +7,15 @@ A snapshot folder holds ``state.pt`` (G, D, both optimisers, counters, RNG) and 
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import torch
 
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import atomic_write, load_state_dict_file, require_files
+from defectforge.datasets.storage import local_folder
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Discriminator, Generator
 
@@ -20,24 +23,30 @@ STATE_FILE = "state.pt"
 GENERATOR_FILE = "generator.pt"
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.png"
+METRICS_FILE = "metrics.json"
+# RUN/snapshots/kimg_NNNNN.NNN/: every snapshot's generator + config, kept for later scoring.
+SNAPSHOTS_DIR = "snapshots"
+# RUN/samples/kimg_NNNNN.NNN.png: the fixed-seed grid of every snapshot.
+SAMPLES_DIR = "samples"
 
 
 def build_generator(cfg: GanConfig) -> Generator:
     return Generator(
         cfg.resolution,
-        cfg.channels,
+        cfg.output_channels,
         cfg.z_dim,
         cfg.w_dim,
         cfg.mapping_layers,
         cfg.channel_base,
         cfg.channel_max,
         cfg.num_classes,
+        cfg.mask_channels,
     )
 
 
 def build_discriminator(cfg: GanConfig) -> Discriminator:
     return Discriminator(
-        cfg.resolution, cfg.channels, cfg.channel_base, cfg.channel_max, cfg.num_classes
+        cfg.resolution, cfg.output_channels, cfg.channel_base, cfg.channel_max, cfg.num_classes
     )
 
 
@@ -59,8 +68,29 @@ def load_gan_state(folder: Path) -> dict:
     return state
 
 
+def _refuse_unpublished(run: Path) -> None:
+    """A run that published no generator (none of its snapshots beat the untrained start) says
+    so, rather than that a file is missing."""
+    summary = run / METRICS_FILE
+    if (run / GENERATOR_FILE).is_file() or not summary.is_file():
+        return
+    published = True
+    with contextlib.suppress(OSError, ValueError):
+        published = json.loads(summary.read_text()).get("best", {}) is not None
+    if not published:
+        raise DataError(
+            run,
+            "this GAN run published no generator: none of its snapshots beat the untrained "
+            "start (see its metrics.json and plots/)",
+            "train it longer (`gan train --resume --kimg ...`), or pick one of its kept "
+            "snapshots (RUN/snapshots/kimg_...) on purpose",
+        )
+
+
 def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """(G_ema in eval mode, its config) from a run folder or snapshot folder."""
+    folder = local_folder(folder)
+    _refuse_unpublished(folder)
     folder = require_files(folder, (CONFIG_FILE, GENERATOR_FILE), "defectforge gan train")
     cfg = GanConfig.load(folder / CONFIG_FILE)
     generator = build_generator(cfg)

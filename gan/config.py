@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from defectforge.datasets.batches import MIRRORS
 from defectforge.datasets.config import TypedConfig, option
 from defectforge.datasets.errors import ConfigError
 from defectforge.gan.diffaug import parse_policy
@@ -80,6 +81,24 @@ class GanConfig(TypedConfig):
         lambda v: 0 <= v <= 1,
         "between 0 and 1",
     )
+    masks: bool = option(
+        False,
+        "draw a mask beside each image (one channel per defect class): the discriminator judges "
+        "image and mask together, and `gan generate` writes exact masks, no labeller needed",
+    )
+    mask_blur: float = option(
+        1.0,
+        "with --masks, blur (Gaussian sigma, px) of the mask channels the discriminator sees, "
+        "real and drawn alike: exactly +-1 real masks would give them away",
+        lambda v: v >= 0,
+        ">= 0",
+    )
+    mirror: str = option(
+        "none",
+        "show the reals also flipped: x (left-right), xy (and up-down), dihedral (and turned "
+        "by 90 degrees); only for surfaces whose defects look the same mirrored",
+        choices=MIRRORS,
+    )
     z_dim: int = option(256, "latent size", *AT_LEAST_ONE, cli=False)
     w_dim: int = option(256, "style size", *AT_LEAST_ONE, cli=False)
     mapping_layers: int = option(2, "mapping network depth", *AT_LEAST_ONE, cli=False)
@@ -128,6 +147,8 @@ class GanConfig(TypedConfig):
             raise ConfigError("--conditional needs a dataset with at least two defect classes")
         if self.defect_class and self.classes and self.defect_class not in self.classes:
             raise ConfigError(f"--class {self.defect_class!r} is not among {list(self.classes)}")
+        if self.masks and not self.classes:
+            raise ConfigError("--masks needs a dataset whose masks name its defect classes")
         if self.defect_crops and not self.native_crops:
             raise ConfigError(
                 f"--defect-crops {self.defect_crops:g} places native-scale crops: add --native-crops"
@@ -136,6 +157,16 @@ class GanConfig(TypedConfig):
             raise ConfigError(
                 f"batch_size = {self.batch_size}: must be even (minibatch-std pairs samples)"
             )
+
+    @property
+    def mask_channels(self) -> int:
+        """One channel per defect class when the generator draws masks (+1: the class is
+        there, -1: it is not)."""
+        return len(self.classes) if self.masks else 0
+
+    @property
+    def output_channels(self) -> int:
+        return self.channels + self.mask_channels
 
     @property
     def num_classes(self) -> int:

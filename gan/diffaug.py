@@ -77,6 +77,7 @@ def cutout(
 
 
 POLICIES: dict[str, Augment] = {"color": color, "translation": translation, "cutout": cutout}
+COLOUR_OPS = ("color",)
 
 
 def parse_policy(policy: str) -> list[str]:
@@ -91,11 +92,23 @@ def parse_policy(policy: str) -> list[str]:
 
 
 def diff_augment(
-    x: torch.Tensor, policy: str, strength: float = 1.0, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    policy: str,
+    strength: float = 1.0,
+    generator: torch.Generator | None = None,
+    image_channels: int | None = None,
 ) -> torch.Tensor:
-    """Apply the policy's ops in order. An empty policy or strength 0 returns ``x``."""
+    """Apply the policy's ops in order. An empty policy or strength 0 returns ``x``.
+
+    Channels after the first ``image_channels`` are masks drawn beside the image: they move with
+    it (translation, cutout), so D still sees whether image and mask agree, but keep their
+    colours, which mean classes rather than light."""
     if strength == 0:
         return x
     for name in parse_policy(policy):
-        x = POLICIES[name](x, strength, generator)
+        if name in COLOUR_OPS and image_channels is not None and image_channels < x.shape[1]:
+            image, masks = x[:, :image_channels], x[:, image_channels:]
+            x = torch.cat([POLICIES[name](image, strength, generator), masks], dim=1)
+        else:
+            x = POLICIES[name](x, strength, generator)
     return x

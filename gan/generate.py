@@ -20,15 +20,16 @@ def z_for_seed(seed: int, z_dim: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate_images(
+def generate_samples(
     generator: Generator,
     cfg: GanConfig,
     seeds: Iterable[int],
     truncation_psi: float = 1.0,
     class_index: int | Sequence[int] | None = None,
-) -> np.ndarray:
-    """N x H x W x C uint8 images, one per seed; a conditional generator needs ``class_index``:
-    one class for all seeds, or one per seed (see ``cycled_classes``)."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """N x H x W x C uint8 images, one per seed, and for a generator that draws masks their
+    N x H x W uint8 masks (0 background, k the k-th defect class). A conditional generator needs
+    ``class_index``: one class for all seeds, or one per seed (see ``cycled_classes``)."""
     if cfg.num_classes and class_index is None:
         raise ConfigError(
             f"this generator is conditional: pass --class, one of {list(cfg.classes)}"
@@ -37,7 +38,7 @@ def generate_images(
     seeds = list(seeds)
     if isinstance(class_index, int):
         class_index = [class_index] * len(seeds)
-    chunks = []
+    images, masks = [], []
     for start in range(0, len(seeds), GENERATION_BATCH):
         part = seeds[start : start + GENERATION_BATCH]
         z = torch.from_numpy(np.stack([z_for_seed(s, cfg.z_dim) for s in part])).to(device)
@@ -45,9 +46,48 @@ def generate_images(
         if cfg.num_classes:
             labels = torch.tensor(class_index[start : start + len(part)], device=device)
             c = F.one_hot(labels, cfg.num_classes).float()
-        images = generator(z, c, truncation_psi=truncation_psi, noise_mode="const")
-        chunks.append(((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
-    return torch.cat(chunks).permute(0, 2, 3, 1).numpy()
+        drawn = generator(z, c, truncation_psi=truncation_psi, noise_mode="const")
+        image = drawn[:, : cfg.channels]
+        images.append(((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu())
+        if cfg.mask_channels:
+            masks.append(masks_of(drawn[:, cfg.channels :]).cpu())
+    pictures = torch.cat(images).permute(0, 2, 3, 1).numpy()
+    return pictures, (torch.cat(masks).numpy() if masks else None)
+
+
+def generate_images(
+    generator: Generator,
+    cfg: GanConfig,
+    seeds: Iterable[int],
+    truncation_psi: float = 1.0,
+    class_index: int | Sequence[int] | None = None,
+) -> np.ndarray:
+    """The images of ``generate_samples``, without masks."""
+    return generate_samples(generator, cfg, seeds, truncation_psi, class_index)[0]
+
+
+def masks_of(channels: torch.Tensor) -> torch.Tensor:
+    """N x K x H x W mask channels (+1 a class is there, -1 it is not) -> N x H x W uint8 class
+    ids: the strongest class where any channel is above zero, else background."""
+    strongest, index = channels.max(dim=1)
+    return torch.where(strongest > 0, index + 1, 0).to(torch.uint8)
+
+
+def sample_grid(
+    images: np.ndarray, masks: np.ndarray | None, mask_classes: int = 1, columns: int = 4
+) -> np.ndarray:
+    """The fixed-seed grid: images; with masks, each row of images followed by its row of masks
+    (class k of ``mask_classes`` as grey level 255 k / K), so a reader sees whether each mask
+    fits its image."""
+    if masks is None:
+        return image_grid(images, columns)
+    levels = (masks.astype(np.uint16) * 255 // max(1, mask_classes)).astype(np.uint8)
+    levels = np.repeat(levels[..., None], images.shape[-1], axis=-1)
+    rows = []
+    for start in range(0, len(images), columns):
+        rows.append(image_grid(images[start : start + columns], columns))
+        rows.append(image_grid(levels[start : start + columns], columns))
+    return np.concatenate(rows)
 
 
 def cycled_classes(count: int, num_classes: int) -> list[int] | None:

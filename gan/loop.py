@@ -31,11 +31,13 @@ from defectforge.gan.checkpoint import (
 )
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment
-from defectforge.gan.generate import cycled_classes, generate_images, image_grid
+from defectforge.gan.generate import cycled_classes, generate_samples, sample_grid
 from defectforge.gan.metrics import sliced_wasserstein
 from defectforge.gan.networks import mbstd_group
 
 GRID_SEEDS = range(16)
+# A progress line between snapshots at most this often: a bar that moves, not a log that floods.
+PROGRESS_SECONDS = 5.0
 METRIC_SEED = 123456
 # All-reduce bucket size (DDP's default): large enough that per-collective latency is amortised.
 GRADIENT_BUCKET_BYTES = 25 * 2**20
@@ -90,6 +92,22 @@ def one_hot(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor | Non
     return F.one_hot(labels, num_classes).float() if num_classes and labels is not None else None
 
 
+def soften_masks(images: torch.Tensor, image_channels: int, sigma: float) -> torch.Tensor:
+    """The mask channels after ``image_channels`` blurred by a Gaussian of ``sigma`` px, for D's
+    eyes only: real masks are exactly +-1, and a discriminator that sees that gives away real
+    from drawn at once (and the generator never learns); blurred, both are judged by shape."""
+    radius = max(1, math.ceil(2.5 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    masks = images[:, image_channels:]
+    k = masks.shape[1]
+    padded = F.pad(masks, (radius, radius, radius, radius), mode="replicate")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+    return torch.cat([images[:, :image_channels], blurred], dim=1)
+
+
 def _logistic_d_loss(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
     """D's non-saturating logistic loss: fakes pushed down, reals up."""
     return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
@@ -106,12 +124,17 @@ def _lazy_adam(params, lr: float, interval: int) -> torch.optim.Adam:
 class GanLoopIO:
     """``real_batches`` yields dicts with ``image`` (N x C x H x W in [-1, 1]) and ``label``
     (N int64 class index, used when conditional). ``real_for_metric()`` returns uint8 NHWC
-    images. ``report(metrics, checkpoint_dir)`` is called at every snapshot on every rank."""
+    images; ``sample_metrics``, if given, scores the samples SWD scores by other measures.
+    ``report(metrics, checkpoint_dir)`` is called at every snapshot on every rank."""
 
     real_batches: Iterator[dict]
     report: Callable[[dict, Path | None], None]
     real_for_metric: Callable[[], np.ndarray]
     resume_from: Path | None = None
+    # More measures of a snapshot's metric samples (images, drawn masks or None) -> metrics.
+    sample_metrics: Callable[[np.ndarray, np.ndarray | None], dict] | None = None
+    # Between snapshots, every PROGRESS_SECONDS: kimg, img/s and the last losses (rank 0).
+    progress: Callable[[dict], None] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     rank: int = 0
 
@@ -171,7 +194,11 @@ class GanTrainer:
             return self.G.synthesize(ws).float()
 
     def _d_logits(self, images: torch.Tensor, c: torch.Tensor | None, group: int = 4):
-        augmented = diff_augment(images, self.cfg.diffaug, self.cfg.diffaug_strength)
+        if self.cfg.mask_channels and self.cfg.mask_blur:
+            images = soften_masks(images, self.cfg.channels, self.cfg.mask_blur)
+        augmented = diff_augment(
+            images, self.cfg.diffaug, self.cfg.diffaug_strength, image_channels=self.cfg.channels
+        )
         with self._mixed_precision():
             return self.D(augmented, c, group).float()
 
@@ -295,18 +322,21 @@ def _snapshot(trainer: GanTrainer, io: GanLoopIO, stats: dict, img_per_s: float)
     if io.rank != 0:
         io.report(metrics, None)
         return
-    fake = generate_images(
+    fake, drawn = generate_samples(
         trainer.G_ema,
         cfg,
         range(METRIC_SEED, METRIC_SEED + cfg.metric_images),
         class_index=cycled_classes(cfg.metric_images, cfg.num_classes),
     )
     metrics.update(sliced_wasserstein(io.real_for_metric(), fake))
+    if io.sample_metrics is not None:
+        metrics.update(io.sample_metrics(fake, drawn))
     trainer.history.append(metrics)
     with tempfile.TemporaryDirectory(prefix="defectforge-gan-") as folder:
         save_gan_checkpoint(Path(folder), trainer)
         classes = cycled_classes(len(GRID_SEEDS), cfg.num_classes)
-        grid = image_grid(generate_images(trainer.G_ema, cfg, GRID_SEEDS, class_index=classes))
+        images, masks = generate_samples(trainer.G_ema, cfg, GRID_SEEDS, class_index=classes)
+        grid = sample_grid(images, masks, cfg.mask_channels)
         write_png(Path(folder) / SAMPLES_FILE, grid)
         io.report(metrics, Path(folder))
 
@@ -321,6 +351,7 @@ def train_gan(cfg: GanConfig, io: GanLoopIO) -> dict:
         _snapshot(trainer, io, {}, 0.0)
     next_snapshot = (math.floor(trainer.kimg / cfg.snapshot_kimg) + 1) * cfg.snapshot_kimg
     started, images_at_start, stats = time.perf_counter(), trainer.images_seen, {}
+    shown = started
     while trainer.kimg < cfg.kimg:
         batch = next(io.real_batches)
         labels = batch.get("label")
@@ -328,9 +359,16 @@ def train_gan(cfg: GanConfig, io: GanLoopIO) -> dict:
             torch.as_tensor(batch["image"]).to(io.device),
             None if labels is None else torch.as_tensor(labels).to(io.device),
         )
+        now = time.perf_counter()
+        rate = (trainer.images_seen - images_at_start) / max(now - started, 1e-9)
         if trainer.kimg >= min(next_snapshot, cfg.kimg):
-            rate = (trainer.images_seen - images_at_start) / (time.perf_counter() - started)
             _snapshot(trainer, io, stats, rate)
             next_snapshot += cfg.snapshot_kimg
             started, images_at_start = time.perf_counter(), trainer.images_seen
+            shown = started
+        elif io.progress is not None and io.rank == 0 and now - shown >= PROGRESS_SECONDS:
+            io.progress(
+                {"kimg": trainer.kimg, "step": trainer.step_count, "img_per_s": rate, **stats}
+            )
+            shown = now
     return {"kimg": trainer.kimg, **stats}

@@ -260,6 +260,7 @@ class Generator(nn.Module):
         channel_base: int = 16384,
         channel_max: int = 512,
         num_classes: int = 0,
+        mask_channels: int = 0,
     ):
         super().__init__()
         log2 = _check_resolution(resolution)
@@ -274,6 +275,9 @@ class Generator(nn.Module):
         # Consecutive blocks share the w of their boundary layer (toRGB of one, conv0 of next).
         self.num_ws = 2 * (log2 - 1)
         self.mapping = MappingNetwork(z_dim, w_dim, mapping_layers, num_classes)
+        # The last channels are masks (+1 a class is there, -1 it is not): squashed into that
+        # range, as real masks are, so their values alone never tell drawn from real.
+        self.mask_channels = mask_channels
 
     def synthesize(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         x = img = None
@@ -281,7 +285,10 @@ class Generator(nn.Module):
         for block in self.blocks:
             x, img = block(x, img, ws[:, index : index + block.num_ws], noise_mode)
             index += block.num_ws - 1
-        return img
+        if not self.mask_channels:
+            return img
+        split = img.shape[1] - self.mask_channels
+        return torch.cat([img[:, :split], torch.tanh(img[:, split:])], dim=1)
 
     def forward(
         self,

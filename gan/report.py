@@ -8,6 +8,7 @@ Reads only the runs' own files (``metrics.json`` of a finished run, else ``progr
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,8 @@ import numpy as np  # noqa: E402
 from defectforge.datasets.errors import DataError  # noqa: E402
 from defectforge.datasets.files import save_png, write_json_atomic  # noqa: E402
 from defectforge.datasets.outputs import publish_dir  # noqa: E402
+from defectforge.datasets.storage import Location, local_folder  # noqa: E402
+from defectforge.gan.checkpoint import SAMPLES_DIR  # noqa: E402
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
 CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
@@ -45,7 +48,10 @@ def _labelled(picture: np.ndarray, label: str) -> np.ndarray:
 
 
 def _sample_grid(run: Path, kimg: float) -> np.ndarray:
-    path = run / "samples" / f"kimg_{kimg:09.3f}.png"
+    return _grid_picture(run / SAMPLES_DIR / f"kimg_{kimg:09.3f}.png", kimg)
+
+
+def _grid_picture(path: Path, kimg: float) -> np.ndarray:
     grid = cv2.imread(str(path))
     if grid is None:
         raise DataError(path, f"no sample grid at kimg {kimg:g}", "pick a kimg every run reached")
@@ -92,3 +98,93 @@ def _summary_row(label: str, history: list[dict], kimg: float) -> dict:
         "lowest_swd": lowest["swd"],
         "lowest_at_kimg": lowest["kimg"],
     }
+
+
+RUN_CURVES_FILE, RUN_GRIDS_FILE = "swd.png", "samples.png"
+# At most this many snapshot grids in a run's montage (evenly spaced, the last always in).
+MONTAGE_GRIDS = 30
+
+
+def write_plots(run: Location, history: list[dict]) -> list[Location]:
+    """A run's own plots in ``RUN/plots`` (drawn here, then published there): its curves over
+    kimg (SWD to all real crops and to defect crops; the share of samples holding a defect
+    against the real crops' share) and the sample grid of every snapshot, labelled by kimg."""
+    with tempfile.TemporaryDirectory(prefix="defectforge-plots-") as scratch:
+        written = write_run_plots(local_folder(run / SAMPLES_DIR), Path(scratch), history)
+        (run / "plots").upload(scratch)
+    return [run / "plots" / path.name for path in written]
+
+
+def write_run_plots(samples: Path, folder: Path, history: list[dict]) -> list[Path]:
+    """``write_plots`` into the local ``folder``, from the sample grids in ``samples``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [_run_curves(history, folder / RUN_CURVES_FILE)]
+    montage = _montage(samples, [row["kimg"] for row in history])
+    if montage is not None:
+        path = folder / RUN_GRIDS_FILE
+        write_picture(path, montage)
+        paths.append(path)
+    return paths
+
+
+def _run_curves(history: list[dict], path: Path) -> Path:
+    kimg = [row["kimg"] for row in history]
+    shares = [key for key in ("defect_share", "drawn_share") if key in history[-1]]
+    figure, axes = plt.subplots(1, 2 if shares else 1, figsize=(11 if shares else 6.4, 4))
+    axes = np.atleast_1d(axes)
+    for key, label in (("swd", "to all real crops"), ("swd_defect", "to real defect crops")):
+        points = [(k, row[key]) for k, row in zip(kimg, history, strict=True) if key in row]
+        if points:
+            axes[0].plot(*zip(*points, strict=True), "o-", label=label)
+    axes[0].set(xlabel="kimg", ylabel="SWD x1e3 (lower is closer)", title="distance")
+    axes[0].legend(fontsize=8)
+    if shares:
+        names = {"defect_share": "samples holding a defect", "drawn_share": "drawn masks with one"}
+        for key in shares:
+            points = [(k, row[key]) for k, row in zip(kimg, history, strict=True) if key in row]
+            axes[1].plot(*zip(*points, strict=True), "o-", label=names[key])
+        real = history[-1].get("real_defect_share")
+        if real is not None:
+            axes[1].axhline(real, color="grey", linestyle="--", label="real crops")
+        axes[1].set(xlabel="kimg", ylabel="share of samples", ylim=(0, 1), title="defects")
+        axes[1].legend(fontsize=8)
+    return save_png(figure, path)
+
+
+def _montage(samples: Path, kimgs: list[float]) -> np.ndarray | None:
+    present = [k for k in kimgs if (samples / f"kimg_{k:09.3f}.png").is_file()]
+    if not present:
+        return None
+    step = max(1, -(-len(present) // MONTAGE_GRIDS))
+    chosen = sorted({*present[::step], present[-1]})
+    grids = [
+        _labelled(_grid_picture(samples / f"kimg_{k:09.3f}.png", k), f"kimg {k:g}") for k in chosen
+    ]
+    height = max(g.shape[0] for g in grids)
+    width = max(g.shape[1] for g in grids)
+    tiles = [
+        np.pad(
+            g,
+            ((0, height - g.shape[0] + 8), (0, width - g.shape[1] + 8), (0, 0)),
+            constant_values=255,
+        )
+        for g in grids
+    ]
+    columns = min(6, len(tiles))
+    blank = np.full_like(tiles[0], 255)
+    tiles += [blank] * (-len(tiles) % columns)
+    rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
+    return np.vstack(rows)
+
+
+def write_picture(path: Path, picture: np.ndarray) -> Path:
+    """A BGR picture as PNG, written under a temporary name and renamed."""
+    from defectforge.datasets.files import atomic_write
+
+    def write(tmp: str) -> None:
+        ok, data = cv2.imencode(".png", picture)
+        if not ok:
+            raise OSError(f"{path}: the PNG could not be encoded")
+        Path(tmp).write_bytes(data.tobytes())
+
+    return atomic_write(path, write)

@@ -8,11 +8,12 @@ and `seg export` find it, and into ``plots/operating_point.png``.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from defectforge.datasets.files import write_json_atomic
+from defectforge.datasets.storage import Location
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.decisions import OPERATING_POINT_FILE, calibrate, largest_by_threshold
 from defectforge.segmentation.inference import dataset_split_pairs, image_probabilities
@@ -34,6 +35,10 @@ def calibrate_run(
     result = calibrate(largest, defective, target_recall, target_false_alarm)
     if not store:
         return result
-    write_json_atomic(Path(run) / OPERATING_POINT_FILE, {**result, "split": "val"})
-    plot_operating_point(result, Path(run) / "plots" / "operating_point.png")
+    run = Location.of(run)
+    (run / OPERATING_POINT_FILE).write_json({**result, "split": "val"})
+    with tempfile.TemporaryDirectory(prefix="defectforge-plot-") as scratch:
+        plot = Path(scratch) / "operating_point.png"
+        plot_operating_point(result, plot)
+        (run / "plots" / plot.name).write_bytes(plot.read_bytes())
     return result

@@ -14,6 +14,7 @@ from torch import nn
 
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import atomic_write, load_state_dict_file, require_files
+from defectforge.datasets.storage import local_folder
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.models import build_model
 
@@ -50,7 +51,7 @@ def load_model(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, SegConfig]:
     """Rebuild a model from ``config.json`` and load ``model.pt`` (weights only)."""
-    folder = require_files(folder, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
+    folder = require_files(local_folder(folder), (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
     cfg = SegConfig.load(folder / CONFIG_FILE)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
     load_weights(model, folder / MODEL_FILE, folder / CONFIG_FILE)

@@ -173,5 +173,6 @@ class SegConfig(TypedConfig):
             self.crop_size,
             self.aug_strength,
             self.binary,
+            min_input=min_input_size(self.arch),
             defect_crop_prob=self.defect_crop_prob,
         )

@@ -15,14 +15,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from defectforge.datasets.batches import SIZE_MULTIPLE, BatchSpec
-from defectforge.datasets.contract import decode_png, split_files
+from defectforge.datasets.batches import BatchSpec
+from defectforge.datasets.contract import decode_png, read_split_table
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.outputs import check_output, publish_dir
+from defectforge.datasets.storage import Location
 from defectforge.segmentation.checkpoint import load_model, unwrap
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.exported import (
@@ -33,10 +33,9 @@ from defectforge.segmentation.exported import (
     TORCHSCRIPT_FILE,
     ExportedModel,
 )
-from defectforge.segmentation.inference import predict_batch_logits
-from defectforge.segmentation.models import min_input_size
+from defectforge.segmentation.inference import network_geometry, predict_batch_logits
 from defectforge.segmentation.predictions import stored_operating_point
-from defectforge.segmentation.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from defectforge.segmentation.tiling import Geometry
 
 FORMAT_VERSION = 2
 SMP_FOLDER = "smp"
@@ -65,34 +64,30 @@ class PixelsToLogits(nn.Module):
         return self.network((pixels - self.offset) / self.scale)
 
 
-def _example_and_dims(cfg: SegConfig) -> tuple[torch.Tensor, dict]:
+def _example_and_dims(cfg: SegConfig, geometry: Geometry) -> tuple[torch.Tensor, dict]:
     """An example input to trace, and the ONNX graph's dynamic dimensions: any height and width
-    that are multiples of 32 (and at least the architecture's minimum) in pad mode; the one
+    that are multiples of the geometry's (and at least its minimum side) in pad mode; the one
     training size in resize mode. The batch is always free."""
-    if cfg.image_size:
-        side = cfg.image_size
-        return torch.zeros(1, cfg.channels, side, side), {0: torch.export.Dim("batch")}
-    low = max(1, -(-min_input_size(cfg.arch) // SIZE_MULTIPLE))
-    height = torch.export.Dim("height_32", min=low, max=MAX_SIDE // SIZE_MULTIPLE)
-    width = torch.export.Dim("width_32", min=low, max=MAX_SIDE // SIZE_MULTIPLE)
-    side = max(EXAMPLE_SIDE, low * SIZE_MULTIPLE)
-    dims = {0: torch.export.Dim("batch"), 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}
+    if geometry.size:
+        return torch.zeros(1, cfg.channels, *geometry.size), {0: torch.export.Dim("batch")}
+    multiple = geometry.multiple
+    low = max(1, -(-geometry.min_side // multiple))
+    height = torch.export.Dim(f"height_{multiple}", min=low, max=MAX_SIDE // multiple)
+    width = torch.export.Dim(f"width_{multiple}", min=low, max=MAX_SIDE // multiple)
+    side = max(EXAMPLE_SIDE, low * multiple)
+    dims = {0: torch.export.Dim("batch"), 2: multiple * height, 3: multiple * width}
     return torch.zeros(1, cfg.channels, side, side), dims
 
 
-def _input_meta(cfg: SegConfig) -> dict:
-    fixed = (
-        {"height": cfg.image_size, "width": cfg.image_size}
-        if cfg.image_size
-        else {
-            "multiple": SIZE_MULTIPLE,
-            "min_side": min_input_size(cfg.arch),
-            "max_side": MAX_SIDE,
-            "tile": DEFAULT_TILE,
-            "overlap": DEFAULT_OVERLAP,
-        }
-    )
-    return {**fixed, "layout": "NCHW", "dtype": "float32", "pixel_range": [0, 255]}
+def _input_meta(geometry: Geometry) -> dict:
+    limit = {} if geometry.size else {"max_side": MAX_SIDE}
+    return {
+        **geometry.input_meta(),
+        **limit,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "pixel_range": [0, 255],
+    }
 
 
 def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -127,7 +122,7 @@ def _max_differences(folder: Path, reference: np.ndarray, images: np.ndarray) ->
 
 def verification_images(cfg: SegConfig) -> np.ndarray:
     """Up to VERIFY_IMAGES real validation images of the split's most common size."""
-    val = pq.read_table(split_files(cfg.data, "val"), columns=["image", "height", "width"])
+    val = read_split_table(cfg.data, "val", columns=["image", "height", "width"])
     shapes = list(zip(val["height"].to_pylist(), val["width"].to_pylist(), strict=True))
     common = max(set(shapes), key=shapes.count)
     cells = [c for c, s in zip(val["image"].to_pylist(), shapes, strict=True) if s == common]
@@ -158,11 +153,11 @@ def export_trained_run(run: str | Path, out: str | Path, overwrite: bool = False
     """`seg export`: a `seg train` run's model with its validation metrics."""
     check_output(out, overwrite, (run,))
     model, cfg = load_model(run)
-    metrics_file = Path(run) / "metrics.json"
-    best = json.loads(metrics_file.read_text())["best"] if metrics_file.is_file() else {}
+    metrics_file = Location.of(run) / "metrics.json"
+    best = metrics_file.read_json()["best"] if metrics_file.is_file() else {}
     details = {
         "metrics": {"val_binary_defect_iou": best.get("val_binary_defect_iou"), "chosen": "run"},
-        "run": str(Path(run).resolve()),
+        "run": Location.of(run).uri,
         "data": {"real_manifest_id": cfg.data_manifest_id, "synthetic_ratio": cfg.synthetic_ratio},
     }
     point = stored_operating_point(run)
@@ -188,21 +183,24 @@ def export_model(
     """
     model = model.cpu().eval()
     module = PixelsToLogits(model, cfg.mean, cfg.std).eval()
-    example, dims = _example_and_dims(cfg)
     spec: BatchSpec = cfg.batch_spec()
+    geometry = network_geometry(spec)
+    example, dims = _example_and_dims(cfg, geometry)
+    # The reference runs the geometry the export records, so only the graphs are compared.
     reference = predict_batch_logits(model, spec, images).numpy()
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
         "classes": list(cfg.output_classes),
         "channels": cfg.channels,
-        "input": _input_meta(cfg),
+        "input": _input_meta(geometry),
         "preprocess": {
-            "mode": "resize" if cfg.image_size else "pad",
+            "mode": "resize" if geometry.resize else "pad",
             "rule": "area-resize to the input, logits resized back bilinearly"
-            if cfg.image_size
-            else "reflect-pad bottom/right to a multiple of 32, logits cropped back; images "
-            "larger than the tile are tiled with overlap and blended",
+            if geometry.resize
+            else "windows of at most the tile (one for an image that fits, else overlapping "
+            "and blended), each reflect-padded bottom/right to a multiple of `multiple` (at "
+            "least `min_side`), logits cropped back",
         },
         "normalisation": {"mean": list(cfg.mean), "std": list(cfg.std), "in_graph": True},
         "files": {"torchscript": TORCHSCRIPT_FILE, "onnx": ONNX_FILE, "smp": SMP_FOLDER},

@@ -12,10 +12,10 @@ import json
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.outputs import check_output
 from defectforge.datasets.steel import (
     SteelOptions,
@@ -23,13 +23,14 @@ from defectforge.datasets.steel import (
     sample_name,
     steel_sample_folders,
 )
+from defectforge.datasets.storage import Location, local_folder
 from defectforge.segmentation.decisions import softmax
 from defectforge.segmentation.predictions import (
     image_samples,
     operating_point,
     write_predictions,
 )
-from defectforge.segmentation.tiling import DEFAULT_OVERLAP, tiled_logits
+from defectforge.segmentation.tiling import Geometry
 
 EXPORT_FORMAT = "defectforge-export"
 MODEL_JSON = "model.json"
@@ -40,7 +41,8 @@ EXPORT_FIX = "export the model again (`seg export` or `study export`)"
 
 
 def is_export(folder: str | Path) -> bool:
-    return (Path(folder) / MODEL_JSON).is_file()
+    """Whether the folder (local or on a store) holds an export's ``model.json``."""
+    return (Location.of(folder) / MODEL_JSON).is_file()
 
 
 def read_model_json(folder: str | Path) -> dict:
@@ -64,15 +66,12 @@ class ExportedModel:
     def __init__(self, folder: str | Path, runtime: str = "onnx", device: str = "cpu"):
         if runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-        self.folder = Path(folder)
+        self.folder = local_folder(folder)
         self.meta = read_model_json(self.folder)
-        spec = self.meta["input"]
-        self.resize = self.meta["preprocess"]["mode"] == "resize"
         # Format 1 exports take one fixed size; format 2 any multiple of ``multiple``.
-        self.fixed = None if "multiple" in spec else (spec["height"], spec["width"])
-        self.multiple, self.min_side = spec.get("multiple", 1), spec.get("min_side", 1)
-        self.tile = spec.get("tile") or min(self.fixed)
-        self.overlap = spec.get("overlap", DEFAULT_OVERLAP)
+        self.geometry = Geometry.from_input_meta(
+            self.meta["input"], self.meta["preprocess"]["mode"]
+        )
         try:
             loader = self._torchscript if runtime == "torchscript" else self._onnx
             self._run = loader(device)
@@ -123,49 +122,24 @@ class ExportedModel:
         name = session.get_inputs()[0].name
         return lambda pixels: session.run(None, {name: pixels})[0]
 
-    def _input_size(self, height: int, width: int) -> tuple[int, int]:
-        if self.fixed:
-            return self.fixed
+    def _network(self, images: np.ndarray) -> np.ndarray:
+        """The graph as ``Geometry.logits`` runs it: NHWC uint8 in, NCHW float32 pixels to it."""
+        pixels = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
+        return self._run(pixels)
 
-        def side(value: int) -> int:
-            return -(-max(value, self.min_side) // self.multiple) * self.multiple
-
-        return side(height), side(width)
-
-    def _network_logits(self, image: np.ndarray) -> np.ndarray:
-        """K x h x w logits for an image that fits the graph after padding (or resizing)."""
-        height, width = image.shape[:2]
-        if self.resize:
-            target_h, target_w = self.fixed
-            image = cv2.resize(image, (target_w, target_h), interpolation=cv2.INTER_AREA)
-        else:
-            target_h, target_w = self._input_size(height, width)
-            image = cv2.copyMakeBorder(
-                image, 0, target_h - height, 0, target_w - width, cv2.BORDER_REFLECT_101
+    def logits(self, images: np.ndarray, source: str = "images") -> np.ndarray:
+        """N x K x H x W logits for N x H x W x C images of one size."""
+        if images.ndim != 4 or images.shape[3] != self.channels:
+            raise DataError(
+                source,
+                f"expected H x W x {self.channels} images, got shape {images.shape[1:]}",
+                f"give {self.channels}-channel images",
             )
-        pixels = image.reshape(target_h, target_w, -1).transpose(2, 0, 1)[None]
-        logits = self._run(np.ascontiguousarray(pixels, dtype=np.float32))[0]
-        if not self.resize:
-            return logits[:, :height, :width]
-        return np.stack(
-            [cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR) for p in logits]
-        )
+        return self.geometry.logits(images, self._network)
 
     def image_logits(self, image: np.ndarray, source: str = "image") -> np.ndarray:
         """K x H x W logits for one H x W x C image of any size."""
-        if image.ndim != 3 or image.shape[2] != self.channels:
-            raise DataError(
-                source,
-                f"expected an H x W x {self.channels} image, got shape {image.shape}",
-                f"give {self.channels}-channel images",
-            )
-        if self.resize:
-            return self._network_logits(image)
-        return tiled_logits(image, self._network_logits, self.tile, self.overlap)
-
-    def logits(self, images: np.ndarray, source: str = "images") -> np.ndarray:
-        """N x K x H x W logits for N x H x W x C images."""
-        return np.stack([self.image_logits(image, source) for image in images])
+        return self.logits(image[None], source)[0]
 
     def probabilities(self, image: np.ndarray, source: str = "image") -> np.ndarray:
         return softmax(self.image_logits(image, source))
@@ -185,19 +159,29 @@ def predict_folder_exported(
     min_area: int | None = None,
     device: str = "cpu",
     mask_suffix: str = "",
+    skip_bad: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[dict]:
     """Masks, overlays and predictions.csv per image (or steel sample), from the export alone;
-    verdicts at the export's operating point, with ``threshold``/``min_area`` on top."""
+    verdicts at the export's operating point, with ``threshold``/``min_area`` on top; bad
+    images stop it, or with ``skip_bad`` are listed in rejected.csv."""
     check_output(out, overwrite, (images, model))
     exported = ExportedModel(model, runtime, device)
     steel = exported.meta.get("steel")
     if steel:
         samples = _steel_samples(images, steel)
     else:
-        samples = image_samples(images, exported.channels, mask_suffix)
+        samples = image_samples(images, exported.channels, mask_suffix, max_pixels)
     point = operating_point(exported.meta.get("operating_point"), threshold, min_area)
     return write_predictions(
-        samples, exported.probabilities, exported.classes, point, out, overwrite, (images, model)
+        samples,
+        exported.probabilities,
+        exported.classes,
+        point,
+        out,
+        overwrite,
+        (images, model),
+        skip_bad,
     )
 
 

@@ -6,17 +6,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from defectforge.datasets.batches import BatchSpec, normalise, pad_to, padded_side
-from defectforge.datasets.contract import decode_png, split_files
+from defectforge.datasets.batches import SIZE_MULTIPLE, BatchSpec, normalise
+from defectforge.datasets.contract import decode_png, read_parquet, split_files, split_location
 from defectforge.datasets.errors import DataError
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
@@ -30,31 +28,32 @@ from defectforge.segmentation.predictions import (
     stored_operating_point,
     write_predictions,
 )
-from defectforge.segmentation.tiling import DEFAULT_OVERLAP, DEFAULT_TILE, tiled_logits
+from defectforge.segmentation.tiling import Geometry, Network
 
 
-@torch.no_grad()
-def predict_batch_logits(model: nn.Module, spec: BatchSpec, images: np.ndarray) -> torch.Tensor:
-    """N x K x H x W logits for N images of one size (N x H x W x C uint8), at that size: resized
-    or padded for the network as in training, then brought back."""
-    count, height, width = images.shape[:3]
+def network_geometry(spec: BatchSpec) -> Geometry:
+    """The geometry a model trained with ``spec`` takes images in: resized to its one size, or
+    at native scale padded to a multiple of 32 (at least the architecture's minimum) and tiled.
+    An export records it in model.json, so its runtime follows the same rule."""
     if spec.image_size:
-        side = spec.image_size
-        network_input = np.stack(
-            [cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA) for image in images]
-        ).reshape(count, side, side, -1)
-    else:
-        network_input = np.stack(
-            [
-                pad_to(image, None, padded_side(height, spec), padded_side(width, spec))[0]
-                for image in images
-            ]
-        )
+        return Geometry(resize=True, size=(spec.image_size, spec.image_size))
+    return Geometry(multiple=SIZE_MULTIPLE, min_side=spec.min_input)
+
+
+def network_of(model: nn.Module, spec: BatchSpec) -> Network:
+    """The model as ``Geometry.logits`` runs it: network-ready uint8 images, normalised here."""
     device = next(model.parameters()).device
-    logits = model(torch.from_numpy(normalise(network_input, spec)).to(device)).float()
-    if spec.image_size:
-        return F.interpolate(logits, size=(height, width), mode="bilinear").cpu()
-    return logits[:, :, :height, :width].cpu()
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(normalise(images, spec)).to(device)).float().cpu().numpy()
+
+    return run
+
+
+def predict_batch_logits(model: nn.Module, spec: BatchSpec, images: np.ndarray) -> torch.Tensor:
+    """N x K x H x W logits for N images of one size (N x H x W x C uint8), at that size."""
+    return torch.from_numpy(network_geometry(spec).logits(images, network_of(model, spec)))
 
 
 def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torch.Tensor:
@@ -62,22 +61,9 @@ def predict_logits(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> torc
     return predict_batch_logits(model, spec, image[None])[0]
 
 
-def image_probabilities(
-    model: nn.Module,
-    spec: BatchSpec,
-    image: np.ndarray,
-    tile: int = DEFAULT_TILE,
-    overlap: int = DEFAULT_OVERLAP,
-) -> np.ndarray:
-    """K x H x W class probabilities for one image of any size: tiled at native scale (whole
-    images up to ``tile``), or resized whole when the model was trained on resized images."""
-    if spec.image_size:
-        logits = predict_logits(model, spec, image).numpy()
-    else:
-        logits = tiled_logits(
-            image, lambda part: predict_logits(model, spec, part).numpy(), tile, overlap
-        )
-    return softmax(logits)
+def image_probabilities(model: nn.Module, spec: BatchSpec, image: np.ndarray) -> np.ndarray:
+    """K x H x W class probabilities for one image of any size."""
+    return softmax(predict_logits(model, spec, image).numpy())
 
 
 def _mask_for(image: Path, masks: Path, suffix: str) -> Path | None:
@@ -172,11 +158,11 @@ def dataset_split_pairs(
     files = split_files(cfg.data, split)
     if not files:
         raise DataError(
-            Path(cfg.data) / split,
+            split_location(cfg.data, split),
             f"the run's dataset has no {split} split here",
             "run this where the dataset the run was trained on is",
         )
-    table = pq.read_table(files, columns=["image", "mask"])
+    table = read_parquet(files, columns=["image", "mask"])
     cells = zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True)
     for image, mask in tqdm(cells, total=table.num_rows, desc=desc, unit="img"):
         yield decode_png(image, cfg.channels), decode_png(mask, 0)
@@ -213,18 +199,22 @@ def predict_folder(
     threshold: float | None = None,
     min_area: int | None = None,
     mask_suffix: str = "",
+    skip_bad: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[dict]:
     """Masks, overlays and predictions.csv (verdicts at the run's calibrated operating point,
-    or the default, with ``threshold``/``min_area`` on top) for every image of a folder."""
+    or the default, with ``threshold``/``min_area`` on top) for every image of a folder; bad
+    images stop it, or with ``skip_bad`` are listed in rejected.csv."""
     check_output(out, overwrite, (images, model_dir))
     model, cfg = load_model(model_dir)
     point = operating_point(stored_operating_point(model_dir), threshold, min_area)
     return write_predictions(
-        image_samples(images, cfg.channels, mask_suffix),
+        image_samples(images, cfg.channels, mask_suffix, max_pixels),
         lambda image, _: image_probabilities(model, cfg.batch_spec(), image),
         cfg.output_classes,
         point,
         out,
         overwrite,
         (images, model_dir),
+        skip_bad,
     )

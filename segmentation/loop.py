@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from defectforge.datasets.errors import ConfigError
 from defectforge.segmentation.checkpoint import (
     MODEL_FILE,
     load_training_state,
@@ -190,8 +191,13 @@ def _train_epoch(
         if scheduler.last_epoch < total_steps:
             scheduler.step()
         loss_sum, seen, steps = loss_sum + loss.item(), seen + len(images), steps + 1
-    elapsed = time.perf_counter() - started if started else float("inf")
-    return loss_sum / max(steps, 1), seen / elapsed
+    if not steps:
+        # Whole batches only: a run on fewer images than a batch would publish untrained weights.
+        raise ConfigError(
+            f"batch_size = {cfg.batch_size}: the train data gave no whole batch this epoch, so "
+            "no training step ran; lower batch_size (--batch-size) or add train images"
+        )
+    return loss_sum / steps, seen / (time.perf_counter() - started)
 
 
 def _reapply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: SegConfig) -> None:

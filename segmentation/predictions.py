@@ -17,20 +17,28 @@ from tqdm import tqdm
 from defectforge.datasets.contract import write_png
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import write_json_atomic
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.outputs import publish_dir
 from defectforge.datasets.readers import list_images, read_image
+from defectforge.datasets.storage import Location
 from defectforge.segmentation.decisions import OPERATING_POINT_FILE, OperatingPoint, findings
 from defectforge.segmentation.overlay import overlay
 
 PREDICTIONS_FILE = "predictions.csv"
+REJECTED_FILE = "rejected.csv"
 # (name for the output files, what to call it in errors, how to read it)
 Sample = tuple[str, str, Callable[[], np.ndarray]]
 
 
-def image_samples(images: str | Path, channels: int, mask_suffix: str = "") -> list[Sample]:
+def image_samples(
+    images: str | Path,
+    channels: int,
+    mask_suffix: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[Sample]:
     """The images of a folder (masks beside them left out) as samples, each read when needed."""
     return [
-        (path.stem, str(path), lambda path=path: read_image(path, channels))
+        (path.stem, str(path), lambda path=path: read_image(path, channels, max_pixels))
         for path in list_images(images, mask_suffix)
     ]
 
@@ -44,7 +52,7 @@ def operating_point(stored: dict | None, threshold: float | None, min_area: int 
 
 def stored_operating_point(folder: str | Path) -> dict | None:
     """A run's calibrated operating point (``seg calibrate``), if it has one."""
-    path = Path(folder) / OPERATING_POINT_FILE
+    path = Location.of(folder) / OPERATING_POINT_FILE
     if not path.is_file():
         return None
     try:
@@ -69,17 +77,44 @@ def write_predictions(
     out: str | Path,
     overwrite: bool = False,
     inputs: tuple = (),
+    skip_bad: bool = False,
 ) -> list[dict]:
-    """Masks, overlays and ``predictions.csv`` for every sample, into a new ``out``."""
-    rows = []
+    """Masks, overlays and ``predictions.csv`` for every sample, into a new ``out``. A sample
+    that cannot be read or predicted stops it all (nothing is published), unless ``skip_bad``:
+    then it is listed in ``rejected.csv`` beside the others' results."""
+    rows, rejected = [], []
     with publish_dir(out, overwrite, inputs, kind="predictions") as staging:
         for name, source, read in tqdm(samples, desc="predict", unit="img"):
-            image = read()
-            probabilities = probabilities_of(image, source)
+            try:
+                image = read()
+                probabilities = probabilities_of(image, source)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                rejected.append({"image": name, "file": source, "reason": err.problem})
+                continue
             mask = probabilities.argmax(0).astype(np.uint8)
             write_png(staging / f"{name}_mask.png", mask)
             write_png(staging / f"{name}_overlay.png", overlay(image, mask))
             rows.append({"image": name, **findings(probabilities, classes, point)})
+        if not rows:
+            first = rejected[0]
+            raise DataError(
+                first["file"],
+                f"{first['reason']}, and no other image could be predicted either",
+                "fix or remove the bad files (run without --skip-bad to see each fix)",
+            )
         (staging / PREDICTIONS_FILE).write_text(_csv(rows))
+        if rejected:
+            (staging / REJECTED_FILE).write_text(_csv(rejected))
         write_json_atomic(staging / OPERATING_POINT_FILE, {"operating_point": asdict(point)})
     return rows
+
+
+def rejected_files(out: str | Path) -> list[dict]:
+    """The samples a `predict --skip-bad` into ``out`` listed as bad (none: an empty list)."""
+    path = Path(out) / REJECTED_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

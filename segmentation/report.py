@@ -10,9 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from defectforge.datasets.contract import decode_png, split_dir  # noqa: E402
+from defectforge.datasets.contract import decode_png, read_split_table  # noqa: E402
 from defectforge.datasets.files import save_png  # noqa: E402
 from defectforge.segmentation.checkpoint import load_model  # noqa: E402
 from defectforge.segmentation.inference import predict_logits  # noqa: E402
@@ -75,7 +74,7 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> Non
 def plot_validation_grid(run_dir: Path, data_dir: str, path: Path) -> None:
     """Image | true mask overlay | predicted mask overlay, for the first validation images."""
     model, cfg = load_model(run_dir)
-    table = pq.read_table(split_dir(data_dir, "val"), columns=["id", "image", "mask"])
+    table = read_split_table(data_dir, "val", columns=["id", "image", "mask"])
     rows = table.slice(0, GRID_IMAGES).to_pylist()
     figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
     for axis_row, row in zip(axes, rows, strict=True):

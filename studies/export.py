@@ -11,13 +11,14 @@ import tempfile
 from pathlib import Path
 
 from defectforge.datasets.outputs import check_output
+from defectforge.datasets.storage import is_uri
 from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.export import export_run
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE
 from defectforge.studies.results import FINAL_FILE, STUDY_FILE, TRIALS_FILE, require_trials
-from defectforge.studies.store import StudyStore, is_uri
+from defectforge.studies.store import StudyStore
 
 
 def chosen_model(store: StudyStore) -> tuple[str, dict]:
@@ -56,10 +57,12 @@ def export_study(
     split first and shipped in model.json."""
     store = StudyStore(root)
     require_trials(store, root)
-    inputs = () if is_uri(store.uri) else (store.uri,)
+    checkpoint, metrics = chosen_model(store)
+    # The input is the checkpoint read, not the whole study: the study keeps its own export
+    # inside its folder (``stages.export``), where no reader of the study looks for trials.
+    inputs = () if is_uri(checkpoint) else (checkpoint,)
     check_output(out, overwrite, inputs)
     study = store.read_json(STUDY_FILE)
-    checkpoint, metrics = chosen_model(store)
     calibration = None
     with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
         local = store.local_copy(checkpoint, scratch)

@@ -15,6 +15,7 @@ from pathlib import Path
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.outputs import publish_dir
+from defectforge.datasets.storage import absolute_location
 from defectforge.studies.compare import (
     COMPARE_FILE,
     arm_entry,
@@ -25,7 +26,7 @@ from defectforge.studies.compare import (
 )
 from defectforge.studies.results import STUDY_FILE
 from defectforge.studies.spec import MIX_DEFAULTS
-from defectforge.studies.store import StudyStore, absolute_location
+from defectforge.studies.store import StudyStore
 
 POOL_REPORT = "report.md"
 # What may differ between studies whose seeds pool: how or where they ran, which seeds they drew

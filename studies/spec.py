@@ -26,6 +26,7 @@ import yaml
 
 from defectforge.datasets.config import TypedConfig, check_field, field_types, option
 from defectforge.datasets.errors import ConfigError, one_line
+from defectforge.datasets.outputs import NAME_RULE, name_problem
 from defectforge.segmentation.config import SegConfig
 from defectforge.studies.errors import SpecError
 from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
@@ -378,6 +379,8 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
     for key in ("name", "search_space"):
         if key not in data:
             raise SpecError(where, key, None, "missing", f"add a {key} section")
+    if problem := name_problem(str(data["name"])):
+        raise SpecError(where, "name", data["name"], problem, f"give {NAME_RULE}")
     space = data["search_space"]
     if not isinstance(space, dict):
         raise SpecError(where, "search_space", space, "must be a mapping", "key: value lines")

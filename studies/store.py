@@ -13,16 +13,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-
-def is_uri(location: str) -> bool:
-    return "://" in location
-
-
-def absolute_location(location: str) -> str:
-    """A local path made absolute (``~`` expanded); a URI, or "", as given."""
-    if not location or is_uri(location):
-        return location
-    return str(Path(location).expanduser().resolve())
+from defectforge.datasets.storage import is_uri
 
 
 class StudyStore:

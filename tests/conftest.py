@@ -9,13 +9,30 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# As the command line sets it, before any test module imports Ray (Ray reads it when it loads;
+# set later, the GCS it starts wants a token its own client does not send).
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 SAMPLE = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server for the session, reached through the standard variables; set
+    before Ray starts, so Ray's workers (and `cluster up`'s nodes) reach it as a user's would."""
+    from s3server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("s3"))
+    os.environ.update(server.env)
+    yield server
+    server.stop()
+    for name in server.env:
+        os.environ.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     import ray
 
     # Workers import test modules (for functions a test hands to Ray) the way pytest does.
@@ -83,7 +100,7 @@ def generated(sample_dataset, tmp_path_factory) -> Path:
     from defectforge.datasets.manifest import Manifest
     from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
     from defectforge.gan.config import GanConfig
-    from defectforge.trainables.gan import write_generated
+    from defectforge.trainables.gan_samples import write_generated
 
     run = tmp_path_factory.mktemp("gan") / "run"
     run.mkdir()

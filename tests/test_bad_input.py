@@ -76,7 +76,7 @@ def test_wrong_channel_count(sample_copy):
 
 
 def test_empty_folder_cli_one_line(tmp_path, capsys):
-    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "raw" / "images" / "train").mkdir(parents=True)
     code = main(
         [
             "data",
@@ -84,7 +84,7 @@ def test_empty_folder_cli_one_line(tmp_path, capsys):
             "--source",
             "neu-seg",
             "--root",
-            str(tmp_path),
+            str(tmp_path / "raw"),
             "--out",
             str(tmp_path / "out"),
         ]

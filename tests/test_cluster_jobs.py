@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from s3server import credentials, objects_holding
 
 from defectforge.cluster import jobs
 from defectforge.cluster.local import (
@@ -43,10 +44,30 @@ def cluster_spec(data: Path, storage: Path) -> dict:
     }
 
 
+def _can_make_mount_namespaces() -> bool:
+    done = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+NAMESPACES = bool(shutil.which("unshare")) and _can_make_mount_namespaces()
+needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="needs Linux mount namespaces (root)")
+
+
 @pytest.fixture(scope="module")
-def local_cluster(tmp_path_factory):
+def head_only(tmp_path_factory) -> Path | None:
+    """A folder only the cluster's head sees (where mount namespaces allow), as on a cloud
+    cluster whose nodes share no disk."""
+    return tmp_path_factory.mktemp("head-only") if NAMESPACES else None
+
+
+@pytest.fixture(scope="module")
+def local_cluster(s3_server, head_only, tmp_path_factory):
+    # After the S3 server: its nodes reach the bucket through the standard variables.
     cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
-    state = cluster.up(LocalClusterConfig(workers=2, dashboard_port=free_port()))
+    private = (str(head_only),) if head_only else ()
+    state = cluster.up(
+        LocalClusterConfig(workers=2, dashboard_port=free_port(), private_to_head=private)
+    )
     yield cluster, state
     cluster.down()
 
@@ -73,16 +94,29 @@ def test_cluster_up_starts_labelled_nodes_behind_a_token(local_cluster):
 
 
 @pytest.fixture(scope="module")
-def submitted_pipeline(local_cluster, sample_dataset, labeller, tmp_path_factory):
-    """A pipeline study submitted once through the Jobs API and waited for: two trials at once
-    on two labelled nodes, after a GAN of two workers whose images are labelled and mixed in."""
+def submitted_pipeline(
+    local_cluster, head_only, s3_server, sample_root, labeller, tmp_path_factory
+):
+    """A pipeline study submitted once through the Jobs API and waited for, with every output
+    on object storage: a data stage from raw images only the head sees, a GAN of two workers
+    whose images are labelled (by a labeller on the store) and mixed in, and two trials at once
+    on two labelled nodes that share no folder with the head."""
+    from defectforge.datasets.storage import Location
+
     _, state = local_cluster
     folder = tmp_path_factory.mktemp("submitted")
-    spec = cluster_spec(sample_dataset, folder / "studies")
+    bucket = s3_server.make_bucket("cluster-studies")
+    raw = (head_only or folder) / "raw"
+    shutil.copytree(sample_root, raw)
+    (Location.of(bucket) / "labeller").upload(labeller)
+    spec = cluster_spec(Path("unused"), Path("unused"))
+    spec.pop("dataset")
+    spec["storage_path"] = f"{bucket}/studies"
+    spec["data"] = {"source": "neu-seg", "root": str(raw)}
     spec["gan"] = {"resolution": 32, "kimg": 0.032, "snapshot_kimg": 0.032, "workers": 2}
     spec["gan"]["metric_images"] = 16
     spec["generate"] = {"count": 16}
-    spec["labeller"] = {"run": str(labeller)}
+    spec["labeller"] = {"run": f"{bucket}/labeller"}
     spec["label"] = {"min_confidence": 0.0}
     spec["search_space"]["synthetic_ratio"] = 0.1
     spec_file = folder / "spec.yaml"
@@ -96,34 +130,55 @@ def submitted_pipeline(local_cluster, sample_dataset, labeller, tmp_path_factory
         env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
     )
     job_id = done.stdout.split("submitted ")[1].split(";")[0]
-    return {"address": address, "job": job_id, "folder": folder, "done": done}
+    return {"address": address, "job": job_id, "bucket": bucket, "done": done}
 
 
 def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
     submitted_pipeline, tmp_path, capsys
 ):
+    from defectforge.datasets.storage import Location
     from defectforge.studies.results import TRIALS_FILE
 
     address, job_id = submitted_pipeline["address"], submitted_pipeline["job"]
-    done, folder = submitted_pipeline["done"], submitted_pipeline["folder"]
-    assert done.returncode == 0, jobs.jobs_client(address).get_job_logs(job_id)[-3000:]
+    done, studies = (
+        submitted_pipeline["done"],
+        Location.of(submitted_pipeline["bucket"]) / "studies",
+    )
+    client = jobs.jobs_client(address)
+    logs = client.get_job_logs(job_id)
+    assert done.returncode == 0, logs[-3000:]
     assert f"{address}/#/jobs/{job_id}" in done.stdout
     assert f"job {job_id}: SUCCEEDED" in done.stdout
-    root = folder / "studies" / "on-cluster"
-    trials = json.loads((root / TRIALS_FILE).read_text())
+    root = studies / "on-cluster"
+    trials = (root / TRIALS_FILE).read_json()
     assert {t["status"] for t in trials} == {"finished"}
     assert len({node for t in trials for node in t["nodes"]}) == 2
-    gan = next((folder / "studies" / "stages").glob("gan-*"))
-    assert len(json.loads((gan / "metrics.json").read_text())["nodes"]) == 2
+    gan = next(name for name in (studies / "stages").children() if name.startswith("gan-"))
+    assert len((studies / "stages" / gan / "metrics.json").read_json()["nodes"]) == 2
+
+    # Credentials reach the job only through the nodes' environment: none in what it wrote,
+    # printed or recorded about itself.
+    info = client.get_job_info(job_id)
+    recorded = json.dumps([info.entrypoint, info.metadata, info.runtime_env], default=str)
+    assert not any(secret in logs + done.stdout + recorded for secret in credentials())
+    assert objects_holding(submitted_pipeline["bucket"], credentials()) == []
 
     assert main(["jobs", "list", "--address", address]) == 0
     assert job_id in capsys.readouterr().out
     assert main(["jobs", "status", job_id, "--address", address]) == 0
     status, where = capsys.readouterr().out.strip().splitlines()
-    assert status == "SUCCEEDED" and where.startswith("[stage 4/4] label ")
+    assert status == "SUCCEEDED" and where.startswith("[stage 5/5] label ")
 
-    assert main(["study", "export", str(root), "--out", str(tmp_path / "export")]) == 0
-    assert (tmp_path / "export" / "model.json").exists()
+    # Exported from the client, to a disk and to the bucket: both give the same verdicts.
+    on_disk, on_store = str(tmp_path / "export"), f"{submitted_pipeline['bucket']}/export"
+    images = Path(__file__).resolve().parent.parent / "datasets/sample/neu-seg/images/val"
+    verdicts = []
+    for export in (on_disk, on_store):
+        assert main(["study", "export", root.uri, "--out", export]) == 0
+        out = tmp_path / f"predicted-{len(verdicts)}"
+        assert main(["predict", "--model", export, "--images", str(images), "--out", str(out)]) == 0
+        verdicts.append((out / "predictions.csv").read_text())
+    assert verdicts[0] == verdicts[1] and len(verdicts[0].splitlines()) == 16
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -249,11 +304,16 @@ def test_the_shipped_spec_has_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = cluster_spec(Path("data/real"), Path("runs/studies"))
     spec["search"]["optuna_storage"] = "runs/study.db"
+    spec["dataset"]["copy_paste"] = "data/copy-paste"
+    spec["dataset"]["synthetic"] = "s3://bucket/synthetic/"
+    spec["search_space"]["synthetic_ratio"] = 0.2
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
 
     shipped = yaml.safe_load(jobs.shipped_spec(tmp_path / "spec.yaml"))
 
     assert shipped["dataset"]["real"] == str(tmp_path / "data/real")
+    assert shipped["dataset"]["copy_paste"] == str(tmp_path / "data/copy-paste")
+    assert shipped["dataset"]["synthetic"] == "s3://bucket/synthetic"  # a URI stays one
     assert shipped["storage_path"] == str(tmp_path / "runs/studies")
     assert shipped["search"]["optuna_storage"] == str(tmp_path / "runs/study.db")
     spec["search_space"]["arch"] = "no-such-net"
@@ -282,15 +342,7 @@ def test_the_jobs_commands_need_a_token_and_a_dashboard_url(tmp_path, monkeypatc
     assert "give the dashboard URL" in capsys.readouterr().err
 
 
-def _can_make_mount_namespaces() -> bool:
-    done = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
-    return done.returncode == 0
-
-
-@pytest.mark.skipif(
-    not shutil.which("unshare") or not _can_make_mount_namespaces(),
-    reason="needs Linux mount namespaces (root)",
-)
+@needs_namespaces
 def test_a_storage_path_one_node_cannot_see_is_refused(sample_dataset, tmp_path, capsys):
     storage = tmp_path / "studies"
     storage.mkdir()

@@ -6,18 +6,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from defectforge.datasets.contract import decode_png, split_files
+from defectforge.datasets.contract import decode_png, read_split_table
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.studies.spec import SpecError, parse_spec
 
 
 def _classes(root: Path, split: str) -> dict[str, str | None]:
-    table = pq.read_table(split_files(root, split), columns=["id", "defect_class"])
+    table = read_split_table(root, split, columns=["id", "defect_class"])
     return dict(zip(table["id"].to_pylist(), table["defect_class"].to_pylist(), strict=True))
 
 
@@ -89,7 +88,7 @@ def test_a_copy_paste_set_is_labelled_exactly_and_mixes_like_gan_images(few, pas
 
     manifest = Manifest.load(pasted)
     assert manifest.counts["train"].total == 24 and manifest.source == "synthetic"
-    table = pq.read_table(split_files(pasted, "train"))
+    table = read_split_table(pasted, "train")
     columns = (table[name].to_pylist() for name in ("image", "mask", "defect_class"))
     for image, mask, cls in zip(*columns, strict=True):
         values = np.unique(decode_png(mask, 0))

@@ -356,9 +356,12 @@ def test_two_worker_ray_train_keeps_parameters_identical(ray_session, tmp_path):
     assert first[: len(start)] != start  # the step did change the weights
 
 
-def test_ray_train_run_snapshots_resumes_and_generates(
-    ray_session, sample_dataset, tmp_path, capsys
+def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
+    ray_session, s3_server, sample_dataset, tmp_path, capsys
 ):
+    """Two workers write their snapshots to a bucket (no folder shared with the driver), the
+    run resumes from there, and generate / metrics read the generator back from it."""
+    from defectforge.datasets.storage import Location
     from defectforge.trainables.cli import main
     from defectforge.trainables.gan import gan_config_from_manifest, run_gan_training
 
@@ -373,29 +376,31 @@ def test_ray_train_run_snapshots_resumes_and_generates(
         workers=2,  # as many as the session has CPUs: each gets half, Ray Data keeps one
         **{k: v for k, v in SMALL.items()},
     )
-    run = tmp_path / "gan"
-    summary = run_gan_training(cfg, run)
+    run = Location.of(s3_server.make_bucket("gan-runs")) / "gan"
+    summary = run_gan_training(cfg, run.uri)
     kimgs = [row["kimg"] for row in summary["history"]]
     assert kimgs == [0.0, 0.016, 0.032]
     assert all(row["swd"] > 0 for row in summary["history"])
-    assert (run / "generator.pt").is_file() and len(list((run / "samples").glob("*.png"))) == 3
-    assert summary["best"]["swd"] == min(row["swd"] for row in summary["history"])
+    assert (run / "generator.pt").is_file() and len((run / "samples").files(".png")) == 3
+    trained = [row for row in summary["history"] if row["kimg"] > 0]
+    assert summary["best"]["swd"] == min(row["swd"] for row in trained)  # kimg 0 never counts
+    assert summary["best"]["swd"] < summary["history"][0]["swd"]
 
-    more = run_gan_training(replace(cfg, kimg=0.048), run, resume=True)
+    more = run_gan_training(replace(cfg, kimg=0.048), run.uri, resume=True)
     assert [row["kimg"] for row in more["history"]] == [0.0, 0.016, 0.032, 0.048]
 
     out = tmp_path / "generated"
-    assert main(["gan", "generate", "--model", str(run), "--n", "5", "--out", str(out)]) == 0
+    assert main(["gan", "generate", "--model", run.uri, "--n", "5", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 5
     rows = pq.read_table(out / "train").to_pylist()
     assert [r["source"] for r in rows] == ["synthetic"] * 5 and rows[0]["mask"] is None
     assert rows[0]["origin"].endswith("/seed0") and rows[0]["id"].startswith("gan/gan-")
 
     capsys.readouterr()
-    assert main(["gan", "metrics", "--model", str(run), "--n", "8", "--class", "patches"]) == 0
+    assert main(["gan", "metrics", "--model", run.uri, "--n", "8", "--class", "patches"]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["images"] == 8 and scored["swd"] > 0
-    assert main(["gan", "metrics", "--model", str(run), "--class", "rust"]) == 2
+    assert main(["gan", "metrics", "--model", run.uri, "--class", "rust"]) == 2
     assert "--class 'rust' is not among" in capsys.readouterr().err
 
 
@@ -540,11 +545,13 @@ def test_native_crops_keep_scale_and_defect_crops_land_on_the_defect():
 def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size(sample_dataset):
     from defectforge.datasets.batches import GanBatchMaker
     from defectforge.datasets.contract import encode_png, split_files
-    from defectforge.trainables.gan import _columns
+    from defectforge.trainables.gan_reals import columns as _columns
 
     # A built row as the GAN reads it with defect crops, its mask swapped for one of another size.
     cfg = tiny_config(data=str(sample_dataset), native_crops=True, defect_crops=1.0)
-    row = pq.read_table(split_files(sample_dataset, "train")[0], columns=_columns(cfg)).slice(0, 1)
+    row = pq.read_table(split_files(sample_dataset, "train")[0].uri, columns=_columns(cfg)).slice(
+        0, 1
+    )
     row = row.to_pylist()[0]
     small_mask = encode_png(np.zeros((16, 16), np.uint8))
     with pytest.raises(DataError, match=f"{Path(row['origin']).name}: its mask is 16x16 px"):
@@ -560,7 +567,8 @@ def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size(sample_dat
 def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
     import ray.data
 
-    from defectforge.trainables.gan import _batch_maker, _endless
+    from defectforge.trainables.gan import _endless
+    from defectforge.trainables.gan_reals import batch_maker as _batch_maker
 
     image, mask = _sheet_with_one_defect()
     rows = [
@@ -643,12 +651,11 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     ],
 )
 def test_the_gan_learns_from_the_rows_its_class_options_ask_for(sample_dataset, options):
-    import pyarrow.parquet as pq
+    from defectforge.datasets.contract import read_split_table
+    from defectforge.trainables.gan import real_images
+    from defectforge.trainables.gan_reals import metric_reals
 
-    from defectforge.datasets.contract import split_files
-    from defectforge.trainables.gan import metric_reals, real_images
-
-    classes = pq.read_table(split_files(sample_dataset, "train"))["defect_class"].to_pylist()
+    classes = read_split_table(sample_dataset, "train")["defect_class"].to_pylist()
     if "defect_class" in options:
         expected = classes.count(options["defect_class"])
     else:
@@ -657,3 +664,28 @@ def test_the_gan_learns_from_the_rows_its_class_options_ask_for(sample_dataset, 
 
     assert 0 < expected and real_images(cfg).count() == expected
     assert len(metric_reals(cfg)) == expected
+
+
+def test_progress_moves_between_snapshots(monkeypatch):
+    from defectforge.gan import loop
+
+    monkeypatch.setattr(loop, "PROGRESS_SECONDS", 0.0)
+    cfg = tiny_config(kimg=0.016, snapshot_kimg=1.0)
+    lines, snapshots = [], []
+
+    def batches():
+        while True:
+            yield {"image": _reals(cfg, cfg.batch_size), "label": None}
+
+    io = GanLoopIO(
+        real_batches=batches(),
+        report=lambda metrics, folder: snapshots.append(metrics["kimg"]),
+        real_for_metric=lambda: np.zeros((16, 32, 32, 1), np.uint8),
+        progress=lines.append,
+    )
+    train_gan(cfg, io)
+    # Before the run's only snapshot after kimg 0 (its end), the bar got a line every step.
+    assert snapshots == [0.0, 0.016]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all({"g_loss", "d_loss", "img_per_s"} <= set(line) for line in lines)
+    assert lines[-1]["kimg"] == 0.012

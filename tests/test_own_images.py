@@ -150,21 +150,24 @@ class PixelWise(nn.Module):
 
 
 def test_tiled_logits_equal_whole_image_logits():
-    from defectforge.datasets.batches import BatchSpec
-    from defectforge.segmentation.inference import image_probabilities, predict_logits
-    from defectforge.segmentation.tiling import tile_starts, tiled_logits
+    from defectforge.datasets.batches import BatchSpec, normalise, pad_to
+    from defectforge.segmentation.inference import network_of, predict_logits
+    from defectforge.segmentation.tiling import Geometry, tile_starts
 
     torch.manual_seed(0)
     model, spec = PixelWise().eval(), BatchSpec(1, (0.5,), (0.2,))
+    network = network_of(model, spec)
     image = np.random.default_rng(1).integers(0, 255, (500, 1260, 1), np.uint8)
-    whole = predict_logits(model, spec, image).numpy()
-    tiled = tiled_logits(image, lambda part: predict_logits(model, spec, part).numpy(), 256, 48)
+    whole = Geometry(multiple=32, tile=2048).logits(image[None], network)[0]
+    tiled = Geometry(multiple=32, tile=256, overlap=48).logits(image[None], network)[0]
     assert tiled.shape == (3, 500, 1260) and np.abs(tiled - whole).max() < 1e-5
+    assert np.abs(predict_logits(model, spec, image).numpy() - whole).max() < 1e-5
+    # An image within the tile is one window, padded as training pads it.
     small = image[:200, :300]
-    assert np.array_equal(
-        image_probabilities(model, spec, small, tile=512).argmax(0),
-        predict_logits(model, spec, small).numpy().argmax(0),
-    )
+    padded = torch.from_numpy(normalise(pad_to(small, None, 224, 320)[0][None], spec))
+    with torch.no_grad():
+        direct = model(padded)[0, :, :200, :300].numpy()
+    assert np.array_equal(predict_logits(model, spec, small).numpy(), direct)
     assert tile_starts(1260, 256, 48)[-1] == 1260 - 256 and tile_starts(100, 256, 48) == [0]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from defectforge.datasets.storage import Location
 from defectforge.studies.spec import SpecError, parse_spec
 from defectforge.studies.stages import stage_key
 
@@ -58,7 +59,7 @@ def test_a_jobs_progress_is_read_from_its_log():
     assert job_progress("nothing yet") == ""
 
 
-def pipeline_spec(sample_root: Path, labeller: Path, storage: Path) -> dict:
+def pipeline_spec(sample_root: Path, labeller: Path, storage: Path | str) -> dict:
     """A tiny pipeline: the sample built, a given labeller, a GAN of a few snapshots, generated
     and labelled images, one trial with them, an export."""
     return {
@@ -77,21 +78,32 @@ def pipeline_spec(sample_root: Path, labeller: Path, storage: Path) -> dict:
     }
 
 
-def _gan_snapshots(storage: Path) -> list[Path]:
-    return sorted((storage / "stages").glob("gan-*/ray/*/kimg_*"))
+def _gan_snapshots(storage: Location) -> list[str]:
+    """The GAN stage's Ray Train checkpoints on the store."""
+    stages = storage / "stages"
+    runs = [stages / name / "ray" for name in stages.subfolders() if name.startswith("gan-")]
+    return [
+        name
+        for ray_folder in runs
+        for trainer in ray_folder.subfolders()
+        for name in (ray_folder / trainer).subfolders()
+        if name.startswith("kimg_")
+    ]
 
 
-def test_a_pipeline_study_resumes_inside_its_gan_stage_and_reuses_what_it_made(
-    ray_session, sample_root, labeller, tmp_path
+def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_what_it_made(
+    ray_session, s3_server, sample_root, labeller, tmp_path
 ):
+    """Every stage, trial and report on a bucket; the driver killed mid-GAN; `study resume`
+    continues the GAN from its snapshot on the bucket and makes nothing twice."""
     import ray
 
     from defectforge.trainables.pipeline import Pipeline
     from defectforge.trainables.study import resume_study
 
-    storage = tmp_path / "studies"
+    storage = Location.of(s3_server.make_bucket("pipelines")) / "studies"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(pipeline_spec(sample_root, labeller, storage)))
+    spec_file.write_text(yaml.safe_dump(pipeline_spec(sample_root, labeller, storage.uri)))
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
@@ -108,12 +120,13 @@ def test_a_pipeline_study_resumes_inside_its_gan_stage_and_reuses_what_it_made(
         finally:
             driver.kill()
             driver.wait()
-    gan_folder = next((storage / "stages").glob("gan-*"))
+    stages = storage / "stages"
+    gan_folder = stages / next(n for n in stages.subfolders() if n.startswith("gan-"))
     assert not (gan_folder / "stage.json").exists()  # stopped inside the stage
 
-    summary = resume_study(str(storage / "pipe"))
+    summary = resume_study((storage / "pipe").uri)
 
-    study = json.loads((storage / "pipe" / "study.json").read_text())
+    study = (storage / "pipe" / "study.json").read_json()
     statuses = {stage["name"]: stage["status"] for stage in study["stages"]}
     assert statuses == {
         "data": "reused",
@@ -122,12 +135,12 @@ def test_a_pipeline_study_resumes_inside_its_gan_stage_and_reuses_what_it_made(
         "generate": "ran",
         "label": "ran",
     }
-    history = json.loads((gan_folder / "metrics.json").read_text())["history"]
+    history = (gan_folder / "metrics.json").read_json()["history"]
     kimgs = [round(row["kimg"], 3) for row in history]
     assert kimgs == sorted(set(kimgs)) and kimgs[0] == 0.0 and kimgs[-1] >= 0.096
-    assert len(list(gan_folder.glob("ray/*"))) == 1  # continued in its own run, not restarted
+    assert len((gan_folder / "ray").subfolders()) == 1  # continued in its own run, not restarted
     assert (storage / "pipe" / "export" / "model.onnx").is_file()
-    assert summary["export"] == str(storage / "pipe" / "export")
+    assert summary["export"] == (storage / "pipe" / "export").uri
     report = (storage / "pipe" / "report" / "report.md").read_text()
     assert "## Stages" in report and "| gan |" in report
 

@@ -345,7 +345,7 @@ def test_a_truncated_parquet_file_is_one_line_suggesting_a_rebuild(
     refused(
         capsys,
         ["seg", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--epochs", "1"],
-        f"{damaged}: Parquet file is truncated or corrupt",
+        f"{damaged}: Parquet file is truncated, corrupt or unreadable",
         "rebuild the dataset",
     )
     assert not (tmp_path / "run").exists()
@@ -434,7 +434,7 @@ def test_a_checkpoint_cut_short_by_a_kill_is_not_resumed_from(tmp_path):
         torch.save({"weights": torch.zeros(1000)}, folder / "model.pt")
     data = (cut / "model.pt").read_bytes()
     (cut / "model.pt").write_bytes(data[: len(data) // 2])  # the copy killed half-way
-    assert latest_checkpoint_dir(tmp_path) == whole
+    assert latest_checkpoint_dir(tmp_path).local == whole
 
 
 def test_a_one_worker_epoch_folder_without_its_marker_is_not_resumed_from(tmp_path):
@@ -448,6 +448,6 @@ def test_a_one_worker_epoch_folder_without_its_marker_is_not_resumed_from(tmp_pa
         (run / name).mkdir(parents=True)
         torch.save({"weights": torch.zeros(10)}, run / name / "model.pt")
     (run / "epoch_001" / EPOCH_METRICS).write_text("{}")  # epoch_002: killed before its marker
-    assert latest_checkpoint_dir(tmp_path) == run / "epoch_001"
+    assert latest_checkpoint_dir(tmp_path).local == run / "epoch_001"
     (run / "epoch_001" / EPOCH_METRICS).unlink()  # the first epoch's folder, cut short too
     assert latest_checkpoint_dir(tmp_path) is None

@@ -178,6 +178,10 @@ def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test,
     eight = parse_spec(study_spec(sample_with_test, tmp_path, search={"max_concurrent_trials": 8}))
     with pytest.raises(ClusterError, match="8 concurrent trial workers need at least 3 CPUs"):
         study_worker_cpus(eight)
+    # A GPU trial keeps a CPU for Ray Data too: asking for every CPU would stall its reads.
+    gpu = study_spec(sample_with_test, tmp_path, search={"max_concurrent_trials": 1})
+    gpu["resources"] = {"cpus_per_trial": 2, "gpus_per_trial": 1}
+    assert study_worker_cpus(parse_spec(gpu)) == 1
 
 
 def _wait_for(condition, seconds: float, what: str) -> None:

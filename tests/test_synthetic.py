@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from defectforge.datasets.augment import AugmentConfig
-from defectforge.datasets.contract import split_dir, split_files, write_png
+from defectforge.datasets.contract import read_split_table, split_dir, write_png
 from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import MixConfig, NotEnoughSynthetic, plan_mix, synthetic_count
@@ -266,6 +266,6 @@ def test_an_interrupted_labelling_labels_only_the_parts_not_done(
     )
     synth.label_synthetic(cfg, out)
     assert len(labelled_parts) == 1 and not parts.exists()  # the second part only
-    ours, fresh = (pq.read_table(split_files(d, "train")).sort_by("id") for d in (out, labelled))
+    ours, fresh = (read_split_table(d, "train").sort_by("id") for d in (out, labelled))
     assert ours.column("id").equals(fresh.column("id"))
     assert ours.column("mask").equals(fresh.column("mask"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
 from functools import partial
@@ -33,13 +32,14 @@ from defectforge.datasets.contract import (
     decode_png,
     encode_png,
     only_ids,
-    split_dir,
+    read_split_table,
     split_files,
+    split_location,
 )
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
-from defectforge.datasets.outputs import check_output
+from defectforge.datasets.outputs import check_output, scratch_beside
 from defectforge.datasets.writer import derived_from, write_dataset
 from defectforge.trainables.runtime import ensure_ray
 
@@ -65,7 +65,7 @@ def sealed_splits(*splits: str) -> Iterator[None]:
 def read_split(root: str | Path, split: str) -> ray.data.Dataset:
     """One split of a built dataset as a Ray Dataset (raises if the split is missing, empty,
     damaged, or sealed by ``sealed_splits``)."""
-    folder = split_dir(root, split)
+    folder = split_location(root, split)
     if split in os.environ.get(SEALED_SPLITS_ENV, "").split(","):
         raise DataError(
             folder,
@@ -79,7 +79,15 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
             f"dataset has no {split} split",
             "rebuild it with split ratios that give this split some samples",
         )
-    return ray.data.read_parquet([str(p) for p in files], schema=SCHEMA)
+    return ray.data.read_parquet([file.uri for file in files], schema=SCHEMA)
+
+
+def largest_side(root: str | Path, split: str) -> int:
+    """The longest side, in pixels, of any image of a split (from its size columns only)."""
+    table = read_split_table(root, split, columns=["height", "width"])
+    if table is None or not table.num_rows:
+        return 0
+    return max(pc.max(table[column]).as_py() for column in ("height", "width"))
 
 
 def train_rows(
@@ -138,6 +146,8 @@ def build_parquet(cfg: BuildConfig, out: str | Path, overwrite: bool = False) ->
                 batch_format="numpy",
                 zero_copy_batch=True,
                 compute=ray.data.TaskPoolStrategy(),
+                # The raw files are on this machine, which may be the only node that sees them.
+                label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},
             )
             .materialize()
         )
@@ -224,11 +234,9 @@ def mix_datasets(
     ensure_ray()
     if augment is None:
         return _write_mix(real, synthetic, mix, cfg, out, overwrite, inputs)
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.mix-", dir=out.parent) as scratch:
-        _write_mix(real, synthetic, mix, cfg, Path(scratch) / "mix", False, inputs)
-        return augment_parquet(Path(scratch) / "mix", out, augment, overwrite)
+    with scratch_beside(out) as scratch:
+        _write_mix(real, synthetic, mix, cfg, scratch / "mix", False, inputs)
+        return augment_parquet(scratch / "mix", out, augment, overwrite)
 
 
 def _write_mix(real, synthetic, mix: Mix, cfg: MixConfig, out, overwrite: bool, inputs) -> Manifest:

@@ -5,6 +5,9 @@ The run folder::
     RUN/generator.pt, RUN/config.json   G_ema of the latest snapshot + the config that rebuilds it
     RUN/metrics.json                    every snapshot's kimg, losses, img/s and SWD
     RUN/samples/kimg_NNNNN.png          the fixed-seed grid at each snapshot
+    RUN/snapshots/kimg_NNNNN/           each snapshot's G_ema + config (what `gan metrics` and
+                                        `gan generate` read), kept for every snapshot as
+                                        StyleGAN2-ADA keeps its network pickles
     RUN/ray/                            Ray Train storage: snapshot checkpoints (resume state)
 """
 
@@ -13,43 +16,50 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shutil
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
 import ray.train
 import torch
-from ray.data.expressions import Expr, col
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from defectforge.datasets.batches import GanBatchMaker
-from defectforge.datasets.contract import SCHEMA, encode_png, run_identity, split_files
+from defectforge.datasets.contract import read_split_table
 from defectforge.datasets.errors import ConfigError, DataError
-from defectforge.datasets.files import atomic_write, write_json_atomic
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import GAN_RUN, check_output, check_run_folder, prepare_run_folder
+from defectforge.datasets.outputs import GAN_RUN, check_run_folder, prepare_run_folder
 from defectforge.datasets.replay import CachedRows, encoded_bytes, within_cache_limit
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.storage import Location, absolute_location
 from defectforge.gan.checkpoint import (
     CONFIG_FILE,
     GENERATOR_FILE,
+    METRICS_FILE,
+    SAMPLES_DIR,
     SAMPLES_FILE,
+    SNAPSHOTS_DIR,
     load_gan_state,
-    load_generator,
 )
 from defectforge.gan.config import GanConfig
-from defectforge.gan.generate import generate_images
 from defectforge.gan.loop import GanLoopIO, train_gan
+from defectforge.gan.report import write_plots
 from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.gan_reals import (
+    batch_maker,
+    check_enough_rows,
+    columns,
+    measures_for,
+    metric_reals,
+    wanted,
+)
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
+    check_storage_everywhere,
+    check_store_here,
     ensure_ray,
     fit,
     resumed_run_name,
@@ -65,7 +75,7 @@ def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **opt
     """The profile's config for this dataset, with ``options`` (the ones the user gave) on top."""
     manifest = Manifest.load(data)
     base = GanConfig(
-        data=str(Path(data).resolve()),
+        data=absolute_location(data),
         data_manifest_id=manifest.dataset_id,
         channels=manifest.channels,
         classes=manifest.classes[1:],
@@ -75,13 +85,15 @@ def gan_config_from_manifest(data: str | Path, profile: str = "cpu-small", **opt
         _check_crops_fit(cfg)
     if cfg.defect_crops:
         manifest.require_masks(data, "cropped over their defects (--defect-crops)")
+    if cfg.masks:
+        manifest.require_masks(data, "learnt with their masks (--masks)")
     return cfg
 
 
 def _check_crops_fit(cfg: GanConfig) -> None:
     """Native-scale crops of side ``resolution`` need train images at least that large (a
     smaller one would be padded with its own mirror image, which the GAN would learn)."""
-    sizes = pq.read_table(split_files(cfg.data, "train"), columns=["height", "width"])
+    sizes = read_split_table(cfg.data, "train", columns=["height", "width"])
     smallest = min(pc.min(sizes["height"]).as_py(), pc.min(sizes["width"]).as_py())
     if smallest < cfg.resolution:
         raise ConfigError(
@@ -91,54 +103,10 @@ def _check_crops_fit(cfg: GanConfig) -> None:
         )
 
 
-def _wanted(cfg: GanConfig) -> Expr | None:
-    """The rows the GAN learns from, as a predicate both Ray Data and pyarrow evaluate natively
-    (None: every row)."""
-    if cfg.defect_class:
-        return col("defect_class") == cfg.defect_class
-    return col("defect_class").is_not_null() if cfg.conditional else None
-
-
-def _columns(cfg: GanConfig) -> list[str]:
-    """What the GAN reads of a row: masks (and the image's file, for errors) only where they
-    place its crops."""
-    return ["id", "image", "defect_class", *(["mask", "origin"] if cfg.defect_crops else [])]
-
-
 def real_images(cfg: GanConfig, split: str = "train") -> ray.data.Dataset:
-    dataset = read_split(cfg.data, split).select_columns(_columns(cfg))
-    wanted = _wanted(cfg)
-    return dataset if wanted is None else dataset.filter(expr=wanted)
-
-
-def _batch_maker(cfg: GanConfig, rank: int) -> GanBatchMaker:
-    classes = cfg.classes if cfg.conditional else ()
-    crop_seed = _crop_seed(cfg, rank)
-    return GanBatchMaker(cfg.channels, cfg.resolution, classes, crop_seed, cfg.defect_crops)
-
-
-def metric_reals(cfg: GanConfig, split: str = "train") -> np.ndarray:
-    """The first ``metric_images`` real images (seeded shuffle) at the GAN resolution, uint8,
-    cropped as the GAN sees them."""
-    table = pq.read_table(split_files(cfg.data, split), columns=_columns(cfg))
-    wanted = _wanted(cfg)
-    rows = (table if wanted is None else table.filter(wanted.to_pyarrow())).to_pylist()
-    if not rows:
-        raise DataError(
-            cfg.data,
-            f"no {split} images match the requested class",
-            "check --class against the dataset's classes",
-        )
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))[: cfg.metric_images]
-    picked = [rows[i] for i in order]
-    masks = [row["mask"] for row in picked] if cfg.defect_crops else None
-    origins = [row["origin"] for row in picked] if cfg.defect_crops else None
-    return _batch_maker(cfg, rank=-1).images([row["image"] for row in picked], masks, origins)
-
-
-def _crop_seed(cfg: GanConfig, rank: int) -> int | None:
-    """Each worker's crops differ; the metric reals (rank -1) are the same crops every time."""
-    return cfg.seed * 1000 + rank + 1 if cfg.native_crops else None
+    dataset = read_split(cfg.data, split).select_columns(columns(cfg))
+    predicate = wanted(cfg)
+    return dataset if predicate is None else dataset.filter(expr=predicate)
 
 
 def replays_in_memory(cfg: GanConfig) -> bool:
@@ -146,7 +114,7 @@ def replays_in_memory(cfg: GanConfig) -> bool:
     (and masks, where the GAN reads them; Parquet metadata, no read) fit in
     ``replay.CACHED_SPLIT_BYTES``. Decided once, on the driver, so every rank does the same: a
     rank still streaming would wait at the split's epoch barrier for ranks that never come back."""
-    return within_cache_limit(encoded_bytes(cfg.data, "train", _columns(cfg)))
+    return within_cache_limit(encoded_bytes(cfg.data, "train", columns(cfg)))
 
 
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
@@ -169,7 +137,7 @@ def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
         )
     if not replay:
         yield from _streamed(shard, cfg, maker)
-    cached = CachedRows(kept, columns=tuple(_columns(cfg)))
+    cached = CachedRows(kept, columns=tuple(columns(cfg)))
     del kept
     for epoch in itertools.count(1):
         for batch in cached.batches(cfg.batch_size, shuffle_seed=cfg.seed + epoch):
@@ -203,8 +171,9 @@ def _gan_worker(config: dict) -> None:
     torch.set_num_threads(
         cfg.threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size())
     )
-    maker = _batch_maker(cfg, rank)
-    samples = Path(config["samples_dir"])
+    maker = batch_maker(cfg, rank)
+    run = Location.of(config["run_dir"])
+    check_store_here(run.uri)
     # Read by the driver and shipped in the object store: no worker reads the dataset's files.
     reals = ray.get(config["metric_reals"])
 
@@ -212,14 +181,14 @@ def _gan_worker(config: dict) -> None:
     nodes = _worker_nodes(context.get_world_size())
 
     def report(metrics: dict, folder: Path | None) -> None:
-        name = f"kimg_{metrics['kimg']:09.3f}"
+        name = snapshot_name(metrics["kimg"])
         metrics = {**metrics, "nodes": nodes}
         if recorder is not None:
             grid = folder / SAMPLES_FILE if folder is not None else None
             recorder.record(metrics, round(metrics["kimg"] * 1000), grid)
         if folder is not None:
-            samples.mkdir(parents=True, exist_ok=True)
-            atomic_write(samples / f"{name}.png", partial(shutil.copyfile, folder / SAMPLES_FILE))
+            (run / SAMPLES_DIR / f"{name}.png").write_bytes((folder / SAMPLES_FILE).read_bytes())
+            _keep_generator(folder, run / SNAPSHOTS_DIR / name)
             print(
                 f"kimg {metrics['kimg']:.2f}/{cfg.kimg}: SWD {metrics.get('swd', 0):.1f}, "
                 f"{metrics['img_per_s']:.1f} img/s",
@@ -238,11 +207,26 @@ def _gan_worker(config: dict) -> None:
                 ),
                 report=report,
                 real_for_metric=lambda: reals,
+                sample_metrics=ray.get(config["sample_measures"]),
+                progress=None if recorder is None else partial(_record_progress, recorder),
                 resume_from=Path(resume) if resume else None,
                 device=get_device(),
                 rank=rank,
             ),
         )
+
+
+def _record_progress(recorder: RunRecorder, metrics: dict) -> None:
+    recorder.record(metrics, round(metrics["kimg"] * 1000))
+
+
+def _keep_generator(checkpoint: Path, folder: Location) -> None:
+    """The snapshot's generator and config, the generator last (a folder holding it is
+    whole), so every snapshot stays scorable after Ray has pruned its resume state."""
+    if (folder / GENERATOR_FILE).is_file():
+        return
+    for file_name in (CONFIG_FILE, GENERATOR_FILE):
+        (folder / file_name).write_bytes((checkpoint / file_name).read_bytes())
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -260,8 +244,16 @@ def _kimg_done(metrics: dict) -> float:
 
 
 def _snapshot_summary(metrics: dict) -> str:
-    swd = f"SWD {metrics['swd']:.1f}, " if "swd" in metrics else ""
-    return f"{swd}{metrics.get('img_per_s', 0):.1f} img/s"
+    """The bar's text: a snapshot's SWD (and defect share), else the latest losses."""
+    rate = f"{metrics.get('img_per_s', 0):.1f} img/s"
+    if "swd" in metrics:
+        share = metrics.get("defect_share")
+        held = f", defects in {share:.0%}" if share is not None else ""
+        return f"SWD {metrics['swd']:.1f}{held}, {rate}"
+    losses = (
+        f"G {metrics['g_loss']:.2f}, D {metrics['d_loss']:.2f}, " if "g_loss" in metrics else ""
+    )
+    return f"{losses}{rate}"
 
 
 def run_gan_training(
@@ -270,20 +262,23 @@ def run_gan_training(
     """Train (or, with ``resume``, continue a finished run to ``cfg.kimg``) and publish the
     lowest-SWD snapshot's generator and grid, the metric history and every grid in ``out``.
     Every input is checked before ``out`` is made, so a refused run leaves no folder."""
-    out = check_run_folder(out, (cfg.data,))
+    out = Location.of(check_run_folder(out, GAN_RUN, (cfg.data,)))
     ensure_ray()
+    check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
     ray.data.DataContext.get_current().enable_progress_bars = False
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
     cpus = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
+    check_enough_rows(cfg)
     reals = real_images(cfg)
     prepare_run_folder(out, GAN_RUN, inputs=(cfg.data,))
+    measures = measures_for(cfg, out)
     trainer = TorchTrainer(
         _gan_worker,
         train_loop_config={
             "gan": asdict(cfg),
-            "samples_dir": str(out / "samples"),
-            "run_dir": str(out),
+            "run_dir": out.uri,
             "metric_reals": ray.put(metric_reals(cfg)),
+            "sample_measures": ray.put(measures),
             "replay_reals": replays_in_memory(cfg),
             "resume_from": str(previous) if previous else None,
         },
@@ -295,7 +290,7 @@ def run_gan_training(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(out / "ray"),
+            storage_path=(out / "ray").uri,
             failure_config=FailureConfig(max_failures=max_failures),
             # The three lowest-SWD snapshots (and the latest, for resuming) are kept.
             checkpoint_config=CheckpointConfig(
@@ -306,110 +301,49 @@ def run_gan_training(
     )
     bar = ProgressBar(out, cfg.kimg, "kimg", _kimg_done, _snapshot_summary, name="gan")
     result = fit(trainer, bar)
-    best_checkpoint, best_metrics = min(
-        result.best_checkpoints, key=lambda pair: pair[1].get("swd", float("inf"))
-    )
-    with best_checkpoint.as_directory() as folder:
-        for file_name in (GENERATOR_FILE, CONFIG_FILE, SAMPLES_FILE):
-            atomic_write(out / file_name, partial(shutil.copyfile, Path(folder) / file_name))
     with result.checkpoint.as_directory() as folder:
         history = load_gan_state(Path(folder))["history"]
-    summary = {
-        "best": best_metrics,
-        "final": history[-1],
-        "history": history,
-        "config": asdict(cfg),
-        "nodes": best_metrics.get("nodes", []),
-    }
-    write_json_atomic(out / "metrics.json", summary)
+    return publish_run(cfg, out, history, nodes=result.metrics.get("nodes", []))
+
+
+def publish_run(
+    cfg: GanConfig, out: Location, history: list[dict], nodes: tuple[str, ...] = ()
+) -> dict:
+    """The run's metrics and plots, then its lowest-SWD snapshot after kimg 0 as the run's
+    generator: refused in one line (and nothing published for the next step) if no snapshot
+    came closer to the real images than the untrained start."""
+    summary = {"final": history[-1], "history": history, "config": asdict(cfg)}
+    summary["nodes"] = list(nodes)  # where the workers ran
+    start, trained = history[0], [row for row in history if row["kimg"] > 0]
+    best = min(trained, key=lambda row: row["swd"]) if trained else None
+    improved = best is not None and best["swd"] < start["swd"]
+    summary["best"] = best if improved else None
+    (out / METRICS_FILE).write_json(summary)
+    write_plots(out, history)
+    if not improved:
+        for name in (GENERATOR_FILE, CONFIG_FILE, SAMPLES_FILE):
+            (out / name).delete()
+        raise DataError(out, *_no_improvement(cfg, start, history))
+    name = snapshot_name(best["kimg"])
+    for source, file_name in (
+        (out / SNAPSHOTS_DIR / name / CONFIG_FILE, CONFIG_FILE),
+        (out / SAMPLES_DIR / f"{name}.png", SAMPLES_FILE),
+        (out / SNAPSHOTS_DIR / name / GENERATOR_FILE, GENERATOR_FILE),  # last: the run's record
+    ):
+        (out / file_name).write_bytes(source.read_bytes())
     return summary
 
 
-def _class_index(cfg: GanConfig, class_name: str | None) -> int | None:
-    if class_name is None:
-        return None
-    if class_name not in cfg.classes:
-        raise ConfigError(f"--class {class_name!r} is not among {list(cfg.classes)}")
-    return cfg.classes.index(class_name)
-
-
-def _generated_row(identity: str, seed: int, image: np.ndarray, cfg: GanConfig, class_name) -> dict:
-    return {
-        "id": f"gan/{identity}/seed{seed:05d}",
-        "image": encode_png(image),
-        "mask": None,
-        "height": image.shape[0],
-        "width": image.shape[1],
-        "channels": image.shape[2],
-        "dataset": Path(cfg.data).name,
-        "source": "synthetic",
-        "split": "train",
-        "defect_class": class_name or cfg.defect_class,
-        "label_confidence": None,
-        "origin": f"{identity}/seed{seed}",
-    }
-
-
-def write_generated(
-    model: str | Path,
-    out: str | Path,
-    seeds: list[int],
-    truncation_psi: float = 1.0,
-    class_name: str | None = None,
-    overwrite: bool = False,
-) -> Manifest:
-    """PNG per seed plus a dataset of synthetic rows (no masks yet) with its manifest."""
-    check_output(out, overwrite, (model,))
-    generator, cfg = load_generator(model)
-    class_index = _class_index(cfg, class_name)
-    identity = run_identity(model, GENERATOR_FILE)
-    with write_dataset(out, overwrite, inputs=(model,)) as staging:
-        images = generate_images(generator, cfg, seeds, truncation_psi, class_index)
-        rows = [
-            _generated_row(identity, seed, image, cfg, class_name)
-            for seed, image in zip(seeds, images, strict=True)
-        ]
-        for row, seed in zip(rows, seeds, strict=True):
-            staging.path(f"seed{seed:05d}.png").write_bytes(row["image"])
-        staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
-        generation = {
-            "seeds": seeds,
-            "truncation_psi": truncation_psi,
-            "class": class_name,
-            "gan_config": asdict(cfg),
-        }
-        classes = ("background", *cfg.classes) if cfg.classes else ("background", "defect")
-        staging.publish(Manifest.generated(identity, classes, cfg.channels, generation))
-    return staging.manifest
-
-
-def generator_metrics(
-    model: str | Path,
-    data: str | Path | None = None,
-    count: int = 0,
-    inception: str | None = None,
-    class_name: str | None = None,
-) -> dict:
-    """SWD (and FID/KID given local Inception weights) between ``count`` generated images and
-    as many real images of the run's (or another) dataset. A conditional generator is scored on
-    ``class_name`` against real images of that class, or on every class in turn."""
-    from defectforge.gan.generate import cycled_classes
-    from defectforge.gan.loop import METRIC_SEED
-    from defectforge.gan.metrics import inception_metrics, sliced_wasserstein
-
-    generator, cfg = load_generator(model)
-    cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
-    class_index = _class_index(cfg, class_name)
-    if class_name is not None:
-        cfg = replace(cfg, defect_class=class_name)
-    reals = metric_reals(cfg)
-    classes = (
-        class_index if class_index is not None else cycled_classes(len(reals), cfg.num_classes)
+def _no_improvement(cfg: GanConfig, start: dict, history: list[dict]) -> tuple[str, str]:
+    curve = " -> ".join(f"{row['swd']:.0f}" for row in history)
+    return (
+        f"no snapshot beat the untrained generator's SWD {start['swd']:.1f} (SWD by snapshot: "
+        f"{curve}), so no generator was published",
+        f"train longer (--resume with a larger --kimg than {cfg.kimg:g}), or with more images "
+        "or --diffaug color,translation,cutout",
     )
-    fakes = generate_images(
-        generator, cfg, range(METRIC_SEED, METRIC_SEED + len(reals)), class_index=classes
-    )
-    result = {"images": len(reals), **sliced_wasserstein(reals, fakes)}
-    if inception:
-        result.update(inception_metrics(reals, fakes, inception))
-    return result
+
+
+def snapshot_name(kimg: float) -> str:
+    """A snapshot's name: its checkpoint folder, sample grid and kept generator."""
+    return f"kimg_{kimg:09.3f}"

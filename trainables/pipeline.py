@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from defectforge.datasets.contract import run_identity
-from defectforge.datasets.errors import ConfigError
-from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import synthetic_count
+from defectforge.datasets.storage import Location, absolute_location
 from defectforge.gan.checkpoint import GENERATOR_FILE
 from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
 from defectforge.studies.spec import StudySpec
 from defectforge.studies.stages import RUN_KEY, settings_of, stage_key
-from defectforge.studies.store import absolute_location, is_uri
+from defectforge.trainables.runtime import check_storage_everywhere
 
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
@@ -52,13 +50,8 @@ class Pipeline:
     """Runs the made stages of one spec under one storage root."""
 
     def __init__(self, spec: StudySpec, where: str):
-        if is_uri(spec.storage_path):
-            raise ConfigError(
-                f"storage_path {spec.storage_path}: a spec with stages writes its data to a "
-                "folder; use a local or mounted path (every node must see it on a cluster)"
-            )
         self.spec, self.where = spec, where
-        self.root = Path(absolute_location(spec.storage_path)) / STAGES_DIR
+        self.root = Location.of(spec.storage_path) / STAGES_DIR
         self.runs: list[StageRun] = []
         self.outputs: dict[str, str] = {}
         self.ids: dict[str, str] = {}
@@ -74,17 +67,19 @@ class Pipeline:
         index = len(self.runs) + 1
         if (folder / STAGE_RECORD).is_file():
             _announce(index, self.total, f"{name} {key}: reused {folder}")
-            self.runs.append(StageRun(name, key, str(folder), "reused", 0.0))
-            return str(folder)
+            self.runs.append(StageRun(name, key, folder.uri, "reused", 0.0))
+            return folder.uri
+        # Checked where the work may run: nodes that joined since the last stage too.
+        check_storage_everywhere(self.root.uri, "storage_path")
         _announce(index, self.total, f"{name} {key}: running")
         started = time.monotonic()
-        make(folder)
+        make(folder.uri)
         seconds = round(time.monotonic() - started, 1)
         record = {"stage": name, "key": key, "settings": settings, "inputs": inputs}
-        write_json_atomic(folder / STAGE_RECORD, {**record, "seconds": seconds})
+        (folder / STAGE_RECORD).write_json({**record, "seconds": seconds})
         _announce(index, self.total, f"{name} {key}: done in {seconds:g} s")
-        self.runs.append(StageRun(name, key, str(folder), "ran", seconds))
-        return str(folder)
+        self.runs.append(StageRun(name, key, folder.uri, "ran", seconds))
+        return folder.uri
 
     def _given(self, name: str, section: dict, weights: str) -> str:
         """A training stage given as ``{run: PATH}``: that run, identified by its weights."""
@@ -141,7 +136,7 @@ class Pipeline:
         if RUN_KEY in section:
             return self._given("labeller", section, MODEL_FILE)
 
-        def train(out: Path) -> None:
+        def train(out: str) -> None:
             run_seg_training(config_from_manifest(data, **section), out)
 
         return self._stage("labeller", section, {"data": self.ids["data"]}, train)
@@ -156,19 +151,19 @@ class Pipeline:
             return self._given("gan", section, GENERATOR_FILE)
         options = {k: v for k, v in section.items() if k != "profile"}
 
-        def train(out: Path) -> None:
+        def train(out: str) -> None:
             cfg = gan_config_from_manifest(data, section["profile"], **options)
             run_gan_training(cfg, out)
 
         return self._stage("gan", section, {"data": self.ids["data"]}, train)
 
     def _generate(self, gan: str) -> str:
-        from defectforge.trainables.gan import write_generated
+        from defectforge.trainables.gan_samples import write_generated
 
         section = self.spec.stages.generate
         seeds = list(range(section.first_seed, section.first_seed + section.count))
 
-        def make(out: Path) -> None:
+        def make(out: str) -> None:
             write_generated(gan, out, seeds, section.truncation, section.class_name, overwrite=True)
 
         inputs = {"gan": run_identity(gan, GENERATOR_FILE)}

@@ -6,6 +6,7 @@ Sources: the bundled NEU-Seg sample (the default) or a NEU-Seg root; photometric
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from defectforge.datasets.build import BuildConfig
@@ -16,7 +17,7 @@ from defectforge.datasets.steel_sim import SimulationConfig
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.trainables.data_jobs import build_parquet
 from defectforge.trainables.runtime import ensure_ray
-from defectforge.trainables.seg import config_from_manifest, run_seg_training
+from defectforge.trainables.seg import config_from_manifest, crop_limit, run_seg_training
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
 # Epochs: the bundled sample is tiny, so more of them; a full set needs fewer.
@@ -65,6 +66,7 @@ def quickstart(
     print(f"[2/3] training DeepLabV3+ (resnet18, {epochs} epochs) on Ray, then its plots")
     small = source == "neu-seg" and not data
     seg = config_from_manifest(dataset, epochs=epochs, batch_size=8 if small else 16)
+    seg = replace(seg, crop_size=min(seg.crop_size, crop_limit(seg)[1]))  # small images too
     plots = run_seg_training(seg, run)["plots"]
     print("[3/3] evaluating on the validation split, whole images at native size")
     metrics = evaluate_dataset_split(run, "val")

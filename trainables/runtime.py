@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import urllib.parse
 import uuid
 import zipfile
 from pathlib import Path
@@ -15,13 +17,14 @@ from ray.exceptions import AuthenticationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from defectforge.datasets.errors import ClusterError, DataError
-from defectforge.studies.store import is_uri
+from defectforge.datasets.storage import Location, StorageError, is_uri
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.epochs import EPOCH_METRICS, ONE_WORKER_RUN
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or RAY_ADDRESS), else start a local instance; a no-op if connected.
+    """Join ``address`` (or RAY_ADDRESS; see ``ray_address``), else start a local instance; a
+    no-op if connected.
 
     Token authentication stays on (joining a cluster asks for it); the dashboard binds to
     127.0.0.1. Only a
@@ -32,12 +35,13 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         quiet_ray_data()
         return
-    local = address in (None, "local")
-    joining = address if not local else os.environ.get("RAY_ADDRESS")
+    joining = ray_address(address)
+    local = joining is None
     verbose = bool(os.environ.get(VERBOSE_ENV))
     try:
         ray.init(
-            address=address,
+            # "local", not None: Ray would read RAY_ADDRESS again, and join any Ray for "auto".
+            address=joining or "local",
             num_cpus=num_cpus if local else None,
             dashboard_host="127.0.0.1",
             # Ray's own lines (and its workers' output) stay in its log files unless verbose:
@@ -54,6 +58,84 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             "or copy it to ~/.ray/auth_token (readable by you alone)"
         ) from None
     quiet_ray_data()
+
+
+# How long an address may take to accept a connection before it counts as not answering.
+ANSWER_TIMEOUT_S = 5.0
+RAY_CLIENT_PORT = 10001
+NOT_LOCAL = ("", "auto", "local")
+
+
+def ray_address(address: str | None = None) -> str | None:
+    """The Ray address to join: ``address``, else RAY_ADDRESS; None (or ``local``): start a
+    local instance.
+
+    ``auto`` means the cluster Ray named in RAY_ADDRESS (a Ray Job's driver has it), else the one
+    cluster of this user's own that is up (``defectforge cluster up``), never another Ray
+    instance that happens to run on the machine (Ray's own ``auto`` joins any). An address that
+    does not accept a connection is refused at once, instead of after Ray's retries.
+    """
+    from_env = os.environ.get("RAY_ADDRESS", "").strip()
+    given = (address or from_env or "local").strip()
+    if given == "local":
+        return None
+    if given == "auto":
+        given = from_env if from_env not in NOT_LOCAL else _own_cluster()
+    if given.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"{given}: a dashboard (Jobs API) address; give a Ray address (auto, HOST:PORT or "
+            "ray://HOST:10001) here, or send a study with `defectforge submit`"
+        )
+    _check_answers(given)
+    return given
+
+
+def _own_cluster() -> str:
+    from defectforge.cluster.local import own_cluster_addresses
+
+    own = own_cluster_addresses()
+    if len(own) == 1:
+        return next(iter(own))
+    if not own:
+        raise ClusterError(
+            "--address auto: no cluster of yours is up, and auto never joins another Ray "
+            "instance on this machine; start one with `defectforge cluster up`, or name the "
+            "cluster: --address HOST:PORT or ray://HOST:10001"
+        )
+    listed = ", ".join(f"{address} ({state})" for address, state in own.items())
+    raise ClusterError(
+        f"--address auto: {len(own)} clusters of yours are up ({listed}); name one with "
+        "--address HOST:PORT"
+    )
+
+
+def _check_answers(address: str) -> None:
+    """Refuse ``address`` (HOST:PORT or ray://HOST:PORT) unless something accepts a connection
+    there."""
+    client = address.startswith("ray://")
+    try:
+        parts = urllib.parse.urlsplit(address if client else f"//{address}")
+        port = parts.port or (RAY_CLIENT_PORT if client else None)
+    except ValueError:  # a port that is not a number or out of range, a broken IPv6 host
+        parts, port = None, None
+    if parts is None or not parts.hostname or port is None:
+        raise ClusterError(
+            f"{address}: not a Ray address; give auto, HOST:PORT (the head's GCS port) or "
+            "ray://HOST:10001"
+        )
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=ANSWER_TIMEOUT_S):
+            pass
+    except OSError as err:
+        reason = (
+            f"no answer in {ANSWER_TIMEOUT_S:g} s"
+            if isinstance(err, TimeoutError)
+            else err.strerror or str(err)
+        )
+        raise ClusterError(
+            f"{address}: nothing accepts a connection there ({reason.lower()}); check the "
+            "address and that the cluster is up"
+        ) from None
 
 
 # Ray Data's read and map tasks each take one CPU: whatever workers and actors hold, this much
@@ -139,35 +221,51 @@ def quiet_ray_data() -> None:
     context.enable_operator_progress_bars = False
 
 
-def latest_checkpoint_dir(storage: Path) -> Path | None:
-    """The newest whole checkpoint folder under a run's Ray storage, across the first run and
-    any resumed ones, Ray Train's and one-worker runs' (``trainables.epochs``) alike. Checkpoint
-    names sort in training order (``epoch_003``, ``kimg_00012.000``). Ray copies a checkpoint
-    into its final folder in place, so a process killed mid-copy leaves one with a cut ``.pt``
-    file (a zip archive missing its end), and a one-worker run's folder is whole only with its
-    ``epoch_metrics.json``: such folders are passed over."""
-    folders = [p for p in storage.glob("*/*_*") if p.is_dir() and _whole_checkpoint(p)]
-    return max(folders, key=lambda p: p.name) if folders else None
+def latest_checkpoint_dir(storage: str | Path | Location) -> Location | None:
+    """The newest whole checkpoint folder under a run's Ray storage (a folder or a store),
+    across the first run and any resumed ones, Ray Train's and one-worker runs'
+    (``trainables.epochs``) alike. Checkpoint names sort in training order (``epoch_003``,
+    ``kimg_00012.000``). Ray copies a checkpoint into its final folder on a disk in place, so a
+    process killed mid-copy leaves one with a cut ``.pt`` file (a zip archive missing its end),
+    and a one-worker run's folder is whole only with its ``epoch_metrics.json``: such folders
+    are passed over. (A store's objects appear whole or not at all.)"""
+    storage = Location.of(storage)
+    folders = [
+        storage / run / name
+        for run in storage.subfolders()
+        for name in (storage / run).subfolders()
+        if "_" in name and _whole_checkpoint(storage / run / name)
+    ]
+    return max(folders, key=lambda folder: folder.name) if folders else None
 
 
-def _whole_checkpoint(folder: Path) -> bool:
+# Both trainers keep their resumable state in this file of every checkpoint.
+CHECKPOINT_STATE = "state.pt"
+
+
+def _whole_checkpoint(folder: Location) -> bool:
     if folder.parent.name == ONE_WORKER_RUN and not (folder / EPOCH_METRICS).is_file():
         return False
-    weights = list(folder.glob("*.pt"))
-    return bool(weights) and all(zipfile.is_zipfile(file) for file in weights)
+    weights = folder.files(".pt")
+    if folder.remote:
+        # Ray uploads a checkpoint's files one by one: the state is what a resume needs.
+        return any(file.name == CHECKPOINT_STATE for file in weights)
+    return bool(weights) and all(zipfile.is_zipfile(file.local) for file in weights)
 
 
-def checkpoint_to_resume(storage: Path) -> Path:
+def checkpoint_to_resume(storage: str | Path | Location) -> Location:
     """The run's latest whole checkpoint, which --resume continues from; one line if none."""
     previous = latest_checkpoint_dir(storage)
     if previous is None:
         raise DataError(
-            storage.parent, "no checkpoint to resume from", "train it first (without --resume)"
+            Location.of(storage).parent,
+            "no checkpoint to resume from",
+            "train it first (without --resume)",
         )
     return previous
 
 
-def resumed_run_name(storage: Path, base: str) -> tuple[str, Path]:
+def resumed_run_name(storage: str | Path | Location, base: str) -> tuple[str, Location]:
     """Name for a Ray run that continues a finished one, and the checkpoint it starts from."""
     previous = checkpoint_to_resume(storage)
     return f"{base}-from-{previous.name}", previous
@@ -180,7 +278,7 @@ def starting_checkpoint(config: dict):
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
+        checkpoint = ray.train.Checkpoint(config["resume_from"])
     return checkpoint
 
 
@@ -224,3 +322,38 @@ def check_shared_storage(root: str, option: str = "storage_path") -> None:
 @ray.remote(num_cpus=0)
 def _sees_file(path: str) -> bool:
     return Path(path).is_file()
+
+
+def check_storage_everywhere(root: str, option: str = "storage_path") -> None:
+    """Where the work may run, the location must work: a local ``root`` must be one folder every
+    node sees (``check_shared_storage``); on a store, every alive node (those that joined since
+    the last check too) writes, reads back and deletes a probe there, and a node that cannot is
+    one line naming it and the location."""
+    if not is_uri(root):
+        check_shared_storage(root, option)
+        return
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    probes = [
+        _probe_store.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(root, node["NodeManagerAddress"])
+        for node in nodes
+    ]
+    try:
+        ray.get(probes)
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, StorageError):
+            raise err.cause from None  # its one line, not the remote traceback
+        raise
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe_store(root: str, node: str) -> None:
+    check_store_here(root, node)
+
+
+def check_store_here(root: str, node: str = "") -> None:
+    """The probe of ``check_storage_everywhere`` on this process's node (trials and workers call
+    it before they start, so a node that joined later is checked where it works)."""
+    if is_uri(root):
+        Location.of(root).check_writable(node or ray.util.get_node_ip_address())

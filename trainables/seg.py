@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -31,8 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from defectforge.datasets.batches import BatchMaker
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write, write_json_atomic
+from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.outputs import SEG_RUN, check_run_folder, prepare_run_folder
 from defectforge.datasets.replay import (
@@ -41,6 +39,7 @@ from defectforge.datasets.replay import (
     prefetched,
     within_cache_limit,
 )
+from defectforge.datasets.storage import Location, absolute_location, local_folder
 from defectforge.segmentation.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -51,11 +50,12 @@ from defectforge.segmentation.loop import LoopIO, train_segmentation
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.segmentation.report import write_run_plots
 from defectforge.studies.store import StudyStore
-from defectforge.trainables.data_jobs import read_split, train_rows
+from defectforge.trainables.data_jobs import largest_side, read_split, train_rows
 from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_name, epoch_of
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
-    check_shared_storage,
+    check_storage_everywhere,
+    check_store_here,
     checkpoint_to_resume,
     ensure_ray,
     fit,
@@ -75,7 +75,7 @@ def config_from_manifest(data: str | Path, **options) -> SegConfig:
     manifest = Manifest.load(data)
     manifest.require_masks(data, "trained on")
     return SegConfig(
-        data=str(Path(data).resolve()),
+        data=absolute_location(data),
         classes=manifest.classes,
         channels=manifest.channels,
         mean=manifest.pixel_mean,
@@ -175,9 +175,55 @@ class Splits:
 
 
 def read_splits(cfg: SegConfig) -> Splits:
-    """The config's splits; a damaged or missing dataset fails here in one line."""
+    """The config's splits; a damaged or missing dataset, and crops or batches the data cannot
+    fill, fail here in one line, before a run folder is made."""
     train = train_rows(cfg.data, cfg.synthetic, cfg.mix, cfg.defect_oversample)
-    return Splits(train, read_split(cfg.data, "val"), train.count(), fits_in_memory(cfg))
+    val = read_split(cfg.data, "val")
+    check_crop_fits(cfg)
+    count = train.count()
+    check_batch_fits(cfg, count)
+    return Splits(train, val, count, fits_in_memory(cfg))
+
+
+def crop_limit(cfg: SegConfig) -> tuple[int, int]:
+    """(the longest train image side, or the resize; the largest crop that fits it)."""
+    side = cfg.image_size or max(
+        largest_side(root, "train") for root in (cfg.data, cfg.synthetic) if root
+    )
+    return side, -(-side // 32) * 32  # crops come in multiples of 32
+
+
+def check_crop_fits(cfg: SegConfig) -> None:
+    """Refuse a crop larger than every train image: each would be mostly padding, and a huge
+    one exhausts memory only once training has started."""
+    if not cfg.crop_size:
+        return
+    side, limit = crop_limit(cfg)
+    if cfg.crop_size > limit:
+        seen = "the images are resized to" if cfg.image_size else "the longest train image side is"
+        raise ConfigError(
+            f"crop_size = {cfg.crop_size}: larger than every train image ({seen} {side} px), so "
+            f"each crop would be mostly padding; set crop_size (--crop-size) to {limit} or less, "
+            "or to 0 for whole images"
+        )
+
+
+def check_batch_fits(cfg: SegConfig, train_count: int) -> None:
+    """Refuse a batch no worker can fill: whole batches only are trained on, so such a run
+    would take no step and publish its untrained weights."""
+    per_worker = train_count // cfg.workers
+    if per_worker >= cfg.batch_size:
+        return
+    workers = f", {per_worker} for each of {cfg.workers} workers" if cfg.workers > 1 else ""
+    fix = (
+        f"set batch_size (--batch-size) to {per_worker} or less"
+        if per_worker
+        else f"train with at most {train_count} workers, or add train images"
+    )
+    raise ConfigError(
+        f"batch_size = {cfg.batch_size}: the train split gives {train_count} images per "
+        f"epoch{workers}, fewer than one batch, so not one training step would run; {fix}"
+    )
 
 
 def one_worker_io(
@@ -276,11 +322,11 @@ def make_trainer(
     cfg: SegConfig,
     storage: str,
     name: str,
-    resume_from: Path | None = None,
+    resume_from: Location | None = None,
     max_failures: int = 1,
     resources_per_worker: dict | None = None,
     callbacks: tuple = (),
-    run_dir: Path | None = None,
+    run_dir: Location | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer over the config's splits; Ray keeps the run under ``storage``/``name``
     (a local path or a pyarrow URI) and restores it by name after an interruption.
@@ -328,6 +374,7 @@ def _one_worker_run(
     latest epoch's folder."""
     cfg = SegConfig.from_dict(config)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    check_store_here(run_dir)
     folders = EpochFolders(StudyStore(storage), ONE_WORKER_RUN)
     recorder = RunRecorder(run_dir)
     node = ray.get_runtime_context().get_node_id()
@@ -340,14 +387,25 @@ def _one_worker_run(
         print(epoch_line(metrics, cfg.epochs), flush=True)
         recorder.record(metrics, metrics["epoch"])
 
-    start = latest_checkpoint_dir(Path(storage))
-    train_segmentation(cfg, one_worker_io(cfg, splits, report, start))
+    start = latest_checkpoint_dir(storage)
+    with _local_checkpoint(start) as resume_from:
+        train_segmentation(cfg, one_worker_io(cfg, splits, report, resume_from))
     best = folders.best()
     return folders.location(best), folders.saved[best], folders.location(folders.latest())
 
 
+@contextlib.contextmanager
+def _local_checkpoint(folder: Location | None):
+    """A checkpoint folder as a local folder (a store's copied for the block), or None."""
+    if folder is None:
+        yield None
+        return
+    with folder.as_local_folder() as local:
+        yield local
+
+
 def _train_one_worker(
-    cfg: SegConfig, out: Path, resume: bool
+    cfg: SegConfig, out: Location, resume: bool
 ) -> tuple[Checkpoint, dict, Checkpoint]:
     storage = out / "ray"
     start = checkpoint_to_resume(storage) if resume else latest_checkpoint_dir(storage)
@@ -368,19 +426,19 @@ def _train_one_worker(
     prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
     progress = _progress(out, cfg)  # before the task starts: it shows only this run's lines
     best, best_metrics, latest = wait_for_task(
-        task.remote(asdict(cfg), splits, str(storage), str(out)), progress
+        task.remote(asdict(cfg), splits, storage.uri, out.uri), progress
     )
-    return Checkpoint.from_directory(best), best_metrics, Checkpoint.from_directory(latest)
+    return Checkpoint(best), best_metrics, Checkpoint(latest)
 
 
 def _train_with_ray_train(
-    cfg: SegConfig, out: Path, resume: bool
+    cfg: SegConfig, out: Location, resume: bool
 ) -> tuple[Checkpoint, dict, Checkpoint]:
     storage = out / "ray"
     name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
     resources = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     trainer = make_trainer(
-        cfg, str(storage), name, resume_from=previous, resources_per_worker=resources, run_dir=out
+        cfg, storage.uri, name, resume_from=previous, resources_per_worker=resources, run_dir=out
     )
     prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
     result = fit(trainer, _progress(out, cfg))
@@ -388,7 +446,7 @@ def _train_with_ray_train(
     return best, best_metrics, result.checkpoint
 
 
-def _progress(out: Path, cfg: SegConfig) -> ProgressBar:
+def _progress(out: Location, cfg: SegConfig) -> ProgressBar:
     return ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary)
 
 
@@ -399,9 +457,9 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     ``resume`` continues a finished one, e.g. to more epochs. Every input is checked before
     ``out`` is made, so a refused run leaves no folder.
     """
-    out = check_run_folder(out, (cfg.data, cfg.synthetic))
+    out = Location.of(check_run_folder(out, SEG_RUN, (cfg.data, cfg.synthetic)))
     ensure_ray()
-    check_shared_storage(str(out), "--out")  # workers write their checkpoints where they run
+    check_storage_everywhere(out.uri, "--out")  # workers write their checkpoints where they run
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -411,9 +469,12 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
         history = load_training_state(folder)["history"]
     with best.as_directory() as folder:
         for name in (MODEL_FILE, CONFIG_FILE):
-            atomic_write(out / name, partial(shutil.copyfile, Path(folder) / name))
+            (out / name).write_bytes((Path(folder) / name).read_bytes())
     summary = {"best": best_metrics, "history": history, "config": asdict(cfg)}
-    write_json_atomic(out / "metrics.json", summary)
-    plots = write_run_plots(out)
-    RunRecorder(out).image(out / "plots" / "validation_grid.png", best_metrics["epoch"])
-    return {**summary, "plots": plots}
+    (out / "metrics.json").write_json(summary)
+    local = local_folder(out)
+    plots = write_run_plots(local)
+    if out.remote:
+        (out / "plots").upload(local / "plots")
+    RunRecorder(out).image(local / "plots" / "validation_grid.png", best_metrics["epoch"])
+    return {**summary, "plots": [out / "plots" / path.name for path in plots]}

@@ -40,7 +40,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from defectforge.datasets.errors import ClusterError, DataError, UserError
+from defectforge.datasets.errors import DataError, UserError
+from defectforge.datasets.outputs import check_name
+from defectforge.datasets.storage import absolute_location, is_uri
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE, summarize_comparison
@@ -58,11 +60,11 @@ from defectforge.studies.results import (
     write_study_report,
 )
 from defectforge.studies.spec import Range, StudySpec, load_spec, trial_values
-from defectforge.studies.store import StudyStore, absolute_location, is_uri
+from defectforge.studies.store import StudyStore
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.data_jobs import sealed_splits
 from defectforge.trainables.pipeline import Pipeline
-from defectforge.trainables.runtime import check_shared_storage, ensure_ray, fit
+from defectforge.trainables.runtime import check_storage_everywhere, ensure_ray, fit
 from defectforge.trainables.seg import (
     best_checkpoint,
     make_trainer,
@@ -367,12 +369,14 @@ def _absolute_data(spec: StudySpec) -> StudySpec:
 def run_study(spec_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
     """Stages, search, the held-out final step, the report and the export the spec asks for.
     Run again with the same spec and name, a study that stopped continues where it was."""
+    if name is not None:
+        check_name(name, "--name")
     spec = _absolute_data(load_spec(spec_path))
     spec_text = Path(spec_path).read_text()
     digest = hashlib.sha256(spec_text.encode()).hexdigest()
     _connect(address)
     store = StudyStore(study_root(spec, name))
-    check_shared_storage(store.uri)
+    check_storage_everywhere(store.uri)
     if store.exists(STUDY_FILE):
         recorded = store.read_json(STUDY_FILE)
         if recorded["spec_sha256"] == digest:
@@ -417,7 +421,7 @@ def resume_study(root: str, address: str | None = None) -> dict:
             store.location(STUDY_FILE), "not a study folder", "pass a folder made by `study run`"
         )
     _connect(address)
-    check_shared_storage(store.uri)
+    check_storage_everywhere(store.uri)
     return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
 
 
@@ -458,11 +462,6 @@ def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dic
 
 
 def _connect(address: str | None) -> None:
-    if address and address.startswith("http"):
-        raise ClusterError(
-            f"--address {address}: a dashboard (Jobs API) address; give a Ray address "
-            "(auto or ray://HOST:10001) here"
-        )
     ensure_ray(address)
     ray.data.DataContext.get_current().enable_progress_bars = False
 

@@ -131,10 +131,9 @@ def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegC
 
 def study_worker_cpus(spec: StudySpec) -> float:
     """CPUs per training worker: the spec's share, lowered if the concurrent trials' workers
-    would leave Ray Data no CPU (a stalled study); refused where even a small share cannot."""
+    would leave Ray Data no CPU (a stalled study), GPU trials as CPU ones; refused where even a
+    small share cannot."""
     res = spec.resources
-    if res.gpus_per_trial:
-        return res.cpus_per_trial / res.workers_per_trial
     workers = spec.search.max_concurrent_trials * res.workers_per_trial
     wanted = res.cpus_per_trial / res.workers_per_trial
     share = worker_cpus(workers, wanted, "concurrent trial workers")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 from collections import Counter
 from dataclasses import asdict
 from functools import partial
@@ -44,14 +43,15 @@ from defectforge.datasets.contract import (
     only_ids,
     read_split_table,
     run_identity,
-    split_dir,
-    split_files,
+    split_location,
 )
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write, require_files, write_json_atomic
+from defectforge.datasets.files import require_files, write_json_atomic
+from defectforge.datasets.leakage import train_ids
 from defectforge.datasets.manifest import Manifest, training_source
 from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import guess_channels, list_images, read_image
+from defectforge.datasets.storage import Location, local_folder
 from defectforge.datasets.writer import write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig
@@ -208,7 +208,7 @@ def _actor_options(cfg: LabelConfig) -> dict:
 
 def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
     """IoU of the labeller on its dataset's val split per correction variant (None: no val)."""
-    if not (split_dir(seg.data, "val")).is_dir():
+    if not split_location(seg.data, "val").is_dir():
         return None
     scored = _actor_input(read_split(seg.data, "val"), cfg).map_batches(
         _QualityScorer, fn_constructor_kwargs={"cfg": asdict(cfg)}, **_actor_options(cfg)
@@ -225,10 +225,12 @@ def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
     }
 
 
-def generated_dataset(images: Path) -> tuple[ray.data.Dataset, Manifest]:
-    """Rows and manifest of a `gan generate` output, or of a plain folder of images."""
-    if (images / MANIFEST).is_file():
+def generated_dataset(images: str | Path) -> tuple[ray.data.Dataset, Manifest]:
+    """Rows and manifest of a `gan generate` output (on a disk or a store), or of a plain
+    local folder of images."""
+    if (Location.of(images) / MANIFEST).is_file():
         return read_split(images, "train"), Manifest.load(images)
+    images = Path(images)
     paths = list_images(images)
     channels = guess_channels(paths[0])
     rows = []
@@ -259,7 +261,7 @@ def generated_dataset(images: Path) -> tuple[ray.data.Dataset, Manifest]:
 
 def common_size(data: str | Path) -> tuple[int, int]:
     """The most frequent (height, width) of a dataset's train images."""
-    table = pq.read_table(split_files(data, "train"), columns=["height", "width"])
+    table = read_split_table(data, "train", columns=["height", "width"])
     sizes = Counter(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
     return sizes.most_common(1)[0][0]
 
@@ -270,7 +272,7 @@ def _automatic_size(seg: SegConfig, generated: Manifest) -> tuple[int, int]:
     gan = generator_config(generated) or {}
     if gan.get("native_crops"):
         return (gan["resolution"], gan["resolution"])
-    if not split_dir(seg.data, "train").is_dir():
+    if not split_location(seg.data, "train").is_dir():
         raise DataError(
             seg.data,
             "the labeller's training data is not here, so the image size is unknown",
@@ -280,7 +282,9 @@ def _automatic_size(seg: SegConfig, generated: Manifest) -> tuple[int, int]:
 
 
 def _check_labeller(cfg: LabelConfig, images_channels: int) -> SegConfig:
-    folder = require_files(cfg.labeller, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
+    folder = require_files(
+        local_folder(cfg.labeller), (CONFIG_FILE, MODEL_FILE), "defectforge seg train"
+    )
     seg = SegConfig.load(folder / CONFIG_FILE)
     if seg.channels != images_channels:
         raise DataError(
@@ -335,18 +339,13 @@ def _labelled_manifest(
     )
 
 
-def _train_ids(data: str) -> list[str] | None:
-    table = read_split_table(data, "train", columns=["id"])
-    return None if table is None else sorted(table["id"].to_pylist())
-
-
 def _trained_on(seg: SegConfig, generated: Manifest) -> list[dict]:
     """The datasets the labeller and (for GAN images) the GAN learnt from, with their train ids."""
-    sources = [training_source("labeller", seg.data, seg.data_manifest_id, _train_ids(seg.data))]
+    sources = [training_source("labeller", seg.data, seg.data_manifest_id, train_ids(seg.data))]
     gan = generator_config(generated)
     if gan is not None:
         data, data_id = gan["data"], gan.get("data_manifest_id", "")
-        sources.append(training_source("GAN", data, data_id, _train_ids(data)))
+        sources.append(training_source("GAN", data, data_id, train_ids(data)))
     return sources
 
 
@@ -366,18 +365,21 @@ def label_rows(
     )
 
 
-def _part_file(parts: Path, index: int, ids: tuple[str, ...]) -> Path:
+def _part_file(parts: Location, index: int, ids: tuple[str, ...]) -> Location:
     return parts / f"part-{index:05d}-{combined_digest(dict.fromkeys(ids, ''))[:12]}.parquet"
 
 
 def labelled_parts(
-    cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int], labeller_id: str, parts: Path
+    cfg: LabelConfig,
+    rows: ray.data.Dataset,
+    size: tuple[int, int],
+    labeller_id: str,
+    parts: Location,
 ) -> ray.data.Dataset:
     """``rows`` labelled part by part, each part saved in ``parts`` when done; parts found there
     (an interrupted run of the same labelling) are read, not labelled again."""
     rows = rows.materialize()  # read once: every part filters these rows, not the files again
     ids = sorted(row["id"] for row in rows.select_columns(["id"]).take_all())
-    parts.mkdir(parents=True, exist_ok=True)
     files = []
     for index, start in enumerate(range(0, len(ids), PART_ROWS)):
         chunk = tuple(ids[start : start + PART_ROWS])
@@ -386,8 +388,10 @@ def labelled_parts(
             chunk_rows = rows.map_batches(partial(only_ids, ids=chunk), batch_format="pyarrow")
             labelled = label_rows(cfg, chunk_rows, size, labeller_id).materialize()
             table = pa.concat_tables(ray.get(labelled.to_arrow_refs()))
-            atomic_write(path, partial(pq.write_table, table.cast(LABELLED_SCHEMA)))
-        files.append(str(path))
+            buffer = pa.BufferOutputStream()
+            pq.write_table(table.cast(LABELLED_SCHEMA), buffer)
+            path.write_bytes(buffer.getvalue().to_pybytes())
+        files.append(path.uri)
     return ray.data.read_parquet(files, schema=LABELLED_SCHEMA)
 
 
@@ -395,7 +399,9 @@ def labelled_parts(
 SPEED_OPTIONS = ("actors", "batch_size", "use_gpu")
 
 
-def _parts_folder(out: Path, cfg: LabelConfig, generated: Manifest, labeller_id: str) -> Path:
+def _parts_folder(
+    out: Location, cfg: LabelConfig, generated: Manifest, labeller_id: str
+) -> Location:
     """Where an interrupted labelling of exactly this input, labeller and output-deciding
     config left its parts."""
     settings = {k: v for k, v in json.loads(cfg.to_json()).items() if k not in SPEED_OPTIONS}
@@ -411,14 +417,13 @@ def _parts_folder(out: Path, cfg: LabelConfig, generated: Manifest, labeller_id:
 
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Label generated images with a trained segmentation model; keep the confident ones."""
-    images = Path(cfg.images)
     check_output(out, overwrite, (cfg.images, cfg.labeller))
     ensure_ray()
-    generated, source = generated_dataset(images)
+    generated, source = generated_dataset(cfg.images)
     seg = _check_labeller(cfg, source.channels)
     size = tuple(cfg.size) or _automatic_size(seg, source)
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
-    out = Path(out).resolve()
+    out = Location.of(out)
     parts = _parts_folder(out, cfg, source, labeller_id)
     with write_dataset(out, overwrite, inputs=(cfg.images, cfg.labeller)) as staging:
         labelled = labelled_parts(cfg, generated, size, labeller_id, parts).materialize()
@@ -440,6 +445,7 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
         staging.publish(
             _labelled_manifest(cfg, seg, source, summary, {"labeller": labeller_id, "size": size})
         )
-    for leftover in out.parent.glob(f"{PARTS_PREFIX.format(name=out.name)}*"):
-        shutil.rmtree(leftover, ignore_errors=True)  # this run's parts, and any other run's
+    for name in out.parent.children():
+        if name.startswith(PARTS_PREFIX.format(name=out.name)):
+            (out.parent / name).delete()  # this run's parts, and any other run's
     return {"manifest": staging.manifest, "quality": quality}

@@ -24,6 +24,7 @@ from defectforge.segmentation.loop import train_segmentation
 from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.epochs import EpochFolders, epoch_name
+from defectforge.trainables.runtime import check_store_here
 from defectforge.trainables.seg import one_worker_io, read_splits
 
 
@@ -38,6 +39,7 @@ class TrainedTrial:
 def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
     """Train ``cfg`` (one worker) here, continuing from the latest epoch saved under ``run``."""
     torch.set_num_threads(cfg.threads or 1)
+    check_store_here(store.uri)  # this node may have joined after the study's own check
     folders = EpochFolders(store, run)
     node = ray.get_runtime_context().get_node_id()
 

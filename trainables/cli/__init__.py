@@ -23,7 +23,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # reason, instead of retrying for 20 s. Token authentication stays on for local instances too.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from defectforge.datasets.errors import ClusterError, one_line, user_error_in  # noqa: E402
+from defectforge.datasets.errors import one_line, user_error_in  # noqa: E402
 from defectforge.datasets.files import package_version  # noqa: E402
 from defectforge.trainables import VERBOSE_ENV  # noqa: E402
 from defectforge.trainables.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
@@ -82,13 +82,12 @@ def parser(argv: list[str] | None = None) -> Parser:
 
 
 def join_cluster(address: str) -> None:
-    """Every Ray start of this process joins ``address`` (Ray reads RAY_ADDRESS)."""
-    if address.startswith(("http://", "https://")):
-        raise ClusterError(
-            f"--address {address}: a dashboard (Jobs API) address; give a Ray address (auto or "
-            "ray://HOST:10001) here, or send a study with `defectforge submit`"
-        )
-    os.environ["RAY_ADDRESS"] = address
+    """Every Ray start of this process joins ``address`` (``ensure_ray`` reads RAY_ADDRESS),
+    resolved and checked now, before the command does anything: ``auto`` becomes the user's
+    own cluster, and an address nothing answers at is one line at once."""
+    from defectforge.trainables.runtime import ray_address
+
+    os.environ["RAY_ADDRESS"] = ray_address(address) or "local"
 
 
 def main(argv: list[str] | None = None) -> int:

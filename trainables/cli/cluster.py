@@ -123,8 +123,11 @@ def _jobs_api_errors(address: str):
 
 def run_submit(args) -> int:
     from defectforge.cluster import jobs
+    from defectforge.datasets.outputs import check_name
 
     text = jobs.shipped_spec(args.spec)  # a bad spec is refused before anything connects
+    if args.name is not None:
+        check_name(args.name, "--name")
     if not os.environ.get(VERBOSE_ENV):  # the Jobs SDK's upload lines (INFO) stay quiet
         for name in ("ray", "ray.dashboard.modules.dashboard_sdk"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
 
 COMMANDS = {"data": "build, simulate, subset, augment and mix Parquet datasets"}
@@ -51,7 +53,7 @@ def build(name: str, parser) -> None:
 
 def run(args) -> None:
     from defectforge.datasets.augment import AugmentConfig
-    from defectforge.datasets.build import BuildConfig
+    from defectforge.datasets.build import BuildConfig, missing_splits
     from defectforge.datasets.steel import SteelOptions
     from defectforge.trainables.data_jobs import augment_parquet, build_parquet, mix_datasets
 
@@ -63,6 +65,9 @@ def run(args) -> None:
             **given(args, BuildConfig), steel=SteelOptions(**given(args, SteelOptions))
         )
         manifest = build_parquet(cfg, args.out, args.overwrite)
+        warning = missing_splits(manifest, cfg)
+        if warning:
+            print(f"defectforge: warning: {args.out}: {warning}", file=sys.stderr)
     elif args.data_command == "subset":
         from defectforge.datasets.subset import SubsetConfig, subset_dataset
 

@@ -7,6 +7,8 @@ import json
 from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
 
 COMMANDS = {"gan": "StyleGAN2 + DiffAugment: train, generate, compare, metrics"}
+# The columns of `gan metrics --every-snapshot`'s table, where the run has them.
+SNAPSHOT_COLUMNS = ("swd", "swd_defect", "defect_share", "drawn_share", "drawn_agreement")
 
 
 def build(name: str, parser) -> None:
@@ -56,25 +58,39 @@ def build(name: str, parser) -> None:
         dest="class_name",
         help="score one class (default: all, a conditional G's in turn)",
     )
+    metrics.add_argument(
+        "--every-snapshot",
+        action="store_true",
+        help="score every snapshot the run kept: RUN/snapshot_metrics.json and RUN/plots",
+    )
 
 
 def parse_seeds(text: str | None, count: int) -> list[int]:
     from defectforge.datasets.errors import ConfigError
 
+    if not text:
+        if count < 1:
+            raise ConfigError(f"--n {count}: give 1 or more images")
+        return list(range(count))
     try:
-        if not text:
-            return list(range(count))
         if "-" in text and "," not in text:
             first, last = (int(x) for x in text.split("-"))
-            return list(range(first, last + 1))
-        return [int(x) for x in text.split(",")]
+        else:
+            seeds = [int(x) for x in text.split(",")]
     except ValueError:
         raise ConfigError(f"--seeds {text!r}: give seeds as 0,5,9 or a range 0-99") from None
+    if "-" in text and "," not in text:
+        if first > last:
+            raise ConfigError(f"--seeds {text!r}: a range goes up, e.g. {last}-{first}")
+        seeds = list(range(first, last + 1))
+    if any(seed < 0 or seed >= 2**32 for seed in seeds):
+        raise ConfigError(f"--seeds {text!r}: seeds are whole numbers from 0 to 2^32 - 1")
+    return seeds
 
 
 def run(args) -> None:
     from defectforge.gan.config import GanConfig
-    from defectforge.trainables import gan
+    from defectforge.trainables import gan, gan_samples
 
     if args.gan_command == "train":
         cfg = gan.gan_config_from_manifest(args.data, args.profile, **given(args, GanConfig))
@@ -89,12 +105,24 @@ def run(args) -> None:
         _compare(args)
     elif args.gan_command == "generate":
         seeds = parse_seeds(args.seeds, args.n)
-        gan.write_generated(
+        manifest = gan_samples.write_generated(
             args.model, args.out, seeds, args.truncation, args.class_name, args.overwrite
         )
-        print(f"wrote {len(seeds)} images (PNG + Parquet) to {args.out}")
+        written = manifest.split_total("train")
+        drawn = " with the masks the generator drew" if manifest.masks else ""
+        left_out = len(seeds) - written
+        note = f"; {left_out} sample(s) without a defect pixel left out" if left_out else ""
+        print(f"wrote {written} images{drawn} (PNG + Parquet) to {args.out}{note}")
+    elif args.every_snapshot:
+        rows = gan_samples.every_snapshot_metrics(args.model, args.n)
+        keys = [k for k in SNAPSHOT_COLUMNS if k in rows[-1]]
+        print("| kimg | " + " | ".join(keys) + " |")
+        print("|---" * (len(keys) + 1) + "|")
+        for row in rows:
+            print(f"| {row['kimg']:g} | " + " | ".join(f"{row[k]:.3g}" for k in keys) + " |")
+        print(f"plots: {args.model}/plots; figures: {args.model}/snapshot_metrics.json")
     else:
-        result = gan.generator_metrics(
+        result = gan_samples.generator_metrics(
             args.model, args.data, args.n, args.inception, args.class_name
         )
         print(json.dumps(result))

@@ -12,10 +12,10 @@ import sys
 import types
 import typing
 from dataclasses import MISSING, Field
-from pathlib import Path
 from typing import Any
 
 from defectforge.datasets.config import TypedConfig, field_types, scalar_type
+from defectforge.datasets.storage import Location, StorageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -27,8 +27,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def absolute_path(text: str) -> str:
-    """Paths leave the command line absolute: workers on a cluster run in other folders."""
-    return str(Path(text).expanduser().resolve())
+    """Paths leave the command line absolute: workers on a cluster run in other folders. A
+    location on object storage (``s3://``, ``gs://``) is taken as given."""
+    try:
+        return Location.of(text).uri
+    except StorageError as err:  # its own line: argparse's would repeat the text as given
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_out(parser: argparse.ArgumentParser, what: str = "dataset folder to write") -> None:

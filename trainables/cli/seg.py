@@ -6,6 +6,8 @@ import json
 
 from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
 
+# `data build`'s options for reading image files, which predict shares (one declaration).
+READING_OPTIONS = ("skip_bad", "max_pixels")
 COMMANDS = {
     "seg": "train, evaluate and export segmentation models",
     "predict": "mask and overlay PNGs for a folder of images (a run or an export)",
@@ -67,6 +69,8 @@ def build(name: str, parser) -> None:
 
 
 def _build_predict(predict) -> None:
+    from defectforge.datasets.build import BuildConfig
+
     predict.add_argument(
         "--model",
         required=True,
@@ -96,6 +100,21 @@ def _build_predict(predict) -> None:
     predict.add_argument(
         "--mask-suffix", default="", help="skip files named <stem><suffix> (masks beside images)"
     )
+    add_options(predict, BuildConfig, skip=_all_options_but(BuildConfig, READING_OPTIONS))
+
+
+def _all_options_but(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(spec.name for spec in cls.options() if spec.name not in names)
+
+
+def _reading_options(args) -> dict:
+    """--skip-bad and --max-pixels as given, checked by their declaration in ``BuildConfig``."""
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.datasets.config import check_field, field_types
+
+    specs, hints = {spec.name: spec for spec in BuildConfig.options()}, field_types(BuildConfig)
+    chosen = given(args, BuildConfig, skip=_all_options_but(BuildConfig, READING_OPTIONS))
+    return {name: check_field(specs[name], value, hints[name]) for name, value in chosen.items()}
 
 
 def run(args) -> None:
@@ -185,8 +204,14 @@ def _export(args) -> None:
 def _predict(args) -> None:
     # An export runs with onnxruntime or torch.jit alone: nothing else is imported for it.
     from defectforge.segmentation.exported import is_export, predict_folder_exported
+    from defectforge.segmentation.predictions import REJECTED_FILE, rejected_files
 
-    point = {"threshold": args.threshold, "min_area": args.min_area}
+    options = {
+        "threshold": args.threshold,
+        "min_area": args.min_area,
+        "mask_suffix": args.mask_suffix,
+        **_reading_options(args),
+    }
     if is_export(args.model):
         rows = predict_folder_exported(
             args.model,
@@ -195,19 +220,18 @@ def _predict(args) -> None:
             args.runtime,
             args.overwrite,
             device=args.device,
-            mask_suffix=args.mask_suffix,
-            **point,
+            **options,
         )
     else:
         from defectforge.segmentation.inference import predict_folder
 
-        rows = predict_folder(
-            args.model, args.images, args.out, args.overwrite, mask_suffix=args.mask_suffix, **point
-        )
+        rows = predict_folder(args.model, args.images, args.out, args.overwrite, **options)
     flagged = sum(row["verdict"] == "NG" for row in rows)
+    skipped = len(rejected_files(args.out))
+    listed = f"; {skipped} skipped as bad, listed in {REJECTED_FILE}" if skipped else ""
     print(
         f"{len(rows)} images: {flagged} NG, {len(rows) - flagged} OK; masks, overlays and "
-        f"predictions.csv in {args.out}"
+        f"predictions.csv in {args.out}{listed}"
     )
 
 

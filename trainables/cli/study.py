@@ -93,8 +93,8 @@ def run(args) -> None:
 
 def interrupted_hint(args) -> str:
     if args.study_command == "run":
+        from defectforge.datasets.storage import absolute_location
         from defectforge.studies.spec import load_spec
-        from defectforge.studies.store import absolute_location
 
         spec = load_spec(args.spec)
         root = absolute_location(f"{spec.storage_path.rstrip('/')}/{args.name or spec.name}")

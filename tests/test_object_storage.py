@@ -1,0 +1,163 @@
+"""Every location on object storage, against a real S3-compatible server (SeaweedFS, started by
+the session's `s3_server` fixture and reached through the standard AWS variables only): a
+dataset built, trained on, exported and served from a bucket, with `predict` in a fresh process
+that starts no Ray; the publish rules where there is no rename; one line for a store that
+refuses, is missing or cannot be reached, from the client or from a node; and no credential in
+anything written. The GAN on a store (two workers, resume) is in test_gan.py, a pipeline on a
+cluster whose nodes share no folder in test_cluster_jobs.py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from s3server import credentials, objects_holding
+
+from defectforge.datasets.contract import read_split_table
+from defectforge.datasets.errors import DataError
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.outputs import OUTPUT_RECORD, publish_dir
+from defectforge.datasets.storage import Location, StorageError
+from defectforge.trainables.cli import main
+from defectforge.trainables.runtime import check_storage_everywhere
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    return s3_server.make_bucket("objects")
+
+
+def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
+    ray_session, bucket, sample_root, tmp_path, capsys
+):
+    data, run, export = f"{bucket}/data/neu", f"{bucket}/runs/seg", f"{bucket}/exports/seg"
+    build = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", data]
+    assert main(build) == 0
+    assert {split: c.total for split, c in Manifest.load(data).counts.items()} == {
+        "train": 42,
+        "val": 15,
+        "test": 0,
+    }
+    assert read_split_table(data, "val").num_rows == 15
+    assert main(build) == 2  # the publish rules hold on the store
+    assert "output folder already exists" in capsys.readouterr().err
+
+    train = ["seg", "train", "--data", data, "--out", run, "--epochs", "1"]
+    train += ["--max-steps-per-epoch", "2", "--crop-size", "64", "--batch-size", "4"]
+    assert main(train) == 0
+    assert (Location.of(run) / "model.pt").is_file()
+    assert main(["seg", "export", run, "--out", export]) == 0
+
+    # A production line: a fresh process, the standard variables, a cache of its own, no Ray.
+    program = (
+        "import sys; from defectforge.trainables.cli import main; code = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules, 'predict imported Ray'; sys.exit(code)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["DEFECTFORGE_CACHE"] = str(tmp_path / "cache")
+    out = tmp_path / "masks"
+    images = str(sample_root / "images" / "val")
+    done = subprocess.run(
+        [sys.executable, "-c", program, "predict", "--model", export, "--images", images]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(out.glob("*_mask.png"))) == 15
+
+    printed = capsys.readouterr().out + done.stdout + done.stderr
+    assert not any(secret in printed for secret in credentials())
+    assert objects_holding(bucket, credentials()) == []
+
+
+def test_publishing_on_a_store_counts_a_folder_only_once_its_record_is_there(bucket):
+    final = f"{bucket}/published"
+    with pytest.raises(RuntimeError), publish_dir(final) as staging:
+        (staging / "part.bin").write_bytes(b"x")
+        raise RuntimeError("the writer dies")
+    assert not Location.of(final).children()  # a failed writer leaves nothing behind
+
+    with publish_dir(final) as staging:
+        (staging / "part.bin").write_bytes(b"first")
+        with pytest.raises(DataError, match="another command is writing this folder now"):
+            with publish_dir(final, overwrite=True):
+                pass
+    assert (Location.of(final) / "part.bin").read_bytes() == b"first"  # the first result stands
+    assert OUTPUT_RECORD in Location.of(final).children()
+
+    with pytest.raises(DataError, match="output folder already exists"):
+        with publish_dir(final):
+            pass
+    with publish_dir(final, overwrite=True) as staging:
+        (staging / "other.bin").write_bytes(b"second")
+    assert Location.of(final).children() == sorted([OUTPUT_RECORD, "other.bin"])
+    with pytest.raises(RuntimeError), publish_dir(final, overwrite=True) as staging:
+        (staging / "third.bin").write_bytes(b"x")
+        raise RuntimeError("the replacement dies")
+    assert Location.of(final).children() == sorted([OUTPUT_RECORD, "other.bin"])  # still there
+
+    foreign = Location.of(f"{bucket}/foreign")
+    (foreign / "theirs.txt").write_text("not ours")
+    with pytest.raises(DataError, match="replaces only folders defectforge wrote"):
+        with publish_dir(foreign.uri, overwrite=True):
+            pass
+    assert (foreign / "theirs.txt").read_text() == "not ours"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("AWS_SECRET_ACCESS_KEY", "wrong", "the store refused the credentials"),
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:1", "the store cannot be reached"),
+        (None, None, "the bucket nosuchbucket does not exist"),
+    ],
+)
+def test_a_store_that_refuses_is_missing_or_unreachable_is_one_line(
+    bucket, sample_root, variable, value, expected, monkeypatch, capsys
+):
+    if variable:
+        monkeypatch.setenv(variable, value)
+    target = f"{bucket}/refused" if variable else "s3://nosuchbucket/data"
+    build = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", target]
+    assert main(build) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"defectforge: error: {target}: ")
+    assert expected in err
+    monkeypatch.undo()
+    assert not Location.of(target).exists()  # nothing was written, no bucket made
+
+
+def test_a_node_that_cannot_use_the_store_is_one_line_naming_it_and_the_location(
+    ray_session, bucket
+):
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": {"AWS_SECRET_ACCESS_KEY": "wrong"}})
+    def check_from_nodes_with_a_wrong_key(root: str) -> None:
+        check_storage_everywhere(root)  # its probe tasks inherit the wrong key
+
+    check_storage_everywhere(f"{bucket}/checked")  # this session's nodes can
+    with pytest.raises(StorageError) as refused:
+        ray.get(check_from_nodes_with_a_wrong_key.remote(f"{bucket}/checked"))
+    line = str(refused.value.cause if hasattr(refused.value, "cause") else refused.value)
+    node = ray.util.get_node_ip_address()
+    assert line == (
+        f"{bucket}/checked: the store refused the credentials (from node {node}); check "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role, or "
+        "GOOGLE_APPLICATION_CREDENTIALS)"
+    )
+
+
+def test_a_location_with_an_unknown_scheme_or_credentials_in_it_is_one_line(capsys):
+    with pytest.raises(StorageError, match="unknown storage scheme; use a local path, s3://"):
+        Location.of("ftp://host/data")
+    out = ["--out", "s3://AKIAEXAMPLE:secret@bucket/data"]
+    with pytest.raises(SystemExit) as refused:  # refused while the command line is read
+        main(["data", "build", "--source", "neu-seg", "--root", "x", *out])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert "s3://***: a location holding credentials" in err and "secret" not in err
+    assert Location.of(Path("relative")).uri == str(Path("relative").resolve())

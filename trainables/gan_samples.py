@@ -1,0 +1,208 @@
+"""What a trained generator gives: generated datasets (``gan generate``) and its scores
+(``gan metrics``). No Ray: a generator runs on the driver's CPU (or GPU) in seconds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from defectforge.datasets.contract import SCHEMA, decode_png, encode_png, run_identity
+from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.datasets.leakage import train_ids
+from defectforge.datasets.manifest import Manifest, training_source
+from defectforge.datasets.outputs import check_output
+from defectforge.datasets.storage import Location
+from defectforge.datasets.writer import write_dataset
+from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, load_generator
+from defectforge.gan.config import GanConfig
+from defectforge.gan.generate import cycled_classes, generate_samples
+from defectforge.gan.loop import METRIC_SEED
+from defectforge.gan.metrics import inception_metrics, sliced_wasserstein
+from defectforge.gan.report import write_plots
+from defectforge.trainables.gan_reals import PRESENCE_FILE, measures_for, metric_reals
+
+
+def _class_index(cfg: GanConfig, class_name: str | None) -> int | None:
+    if class_name is None:
+        return None
+    if class_name not in cfg.classes:
+        raise ConfigError(f"--class {class_name!r} is not among {list(cfg.classes)}")
+    return cfg.classes.index(class_name)
+
+
+def _generated_row(
+    identity: str, seed: int, image: np.ndarray, mask: np.ndarray | None, cfg: GanConfig, class_name
+) -> dict:
+    return {
+        "id": f"gan/{identity}/seed{seed:05d}",
+        "image": encode_png(image),
+        "mask": None if mask is None else encode_png(mask),
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "channels": image.shape[2],
+        "dataset": Path(cfg.data).name,
+        "source": "synthetic",
+        "split": "train",
+        "defect_class": _drawn_class(mask, cfg)
+        if mask is not None
+        else class_name or cfg.defect_class,
+        "label_confidence": None,
+        "origin": f"{identity}/seed{seed}",
+    }
+
+
+def _drawn_class(mask: np.ndarray, cfg: GanConfig) -> str | None:
+    """The contract's defect_class of a drawn mask: its class with most pixels."""
+    counts = np.bincount(mask.ravel(), minlength=len(cfg.classes) + 1)[1:]
+    return cfg.classes[int(counts.argmax())] if counts.any() else None
+
+
+def write_generated(
+    model: str | Path,
+    out: str | Path,
+    seeds: list[int],
+    truncation_psi: float = 1.0,
+    class_name: str | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """PNG per seed plus a dataset of synthetic rows with its manifest: without masks (to be
+    labelled by `synth label`), or, from a generator that draws masks, with them (ready to mix;
+    samples whose mask holds no defect are left out, as labelling leaves them out)."""
+    if not seeds:
+        raise ConfigError("no seeds to generate: give --n 1 or more, or --seeds")
+    check_output(out, overwrite, (model,))
+    generator, cfg = load_generator(model)
+    class_index = _class_index(cfg, class_name)
+    identity = run_identity(model, GENERATOR_FILE)
+    with write_dataset(out, overwrite, inputs=(model,)) as staging:
+        images, masks = generate_samples(generator, cfg, seeds, truncation_psi, class_index)
+        drawn = [None] * len(seeds) if masks is None else list(masks)
+        rows = [
+            _generated_row(identity, seed, image, mask, cfg, class_name)
+            for seed, image, mask in zip(seeds, images, drawn, strict=True)
+        ]
+        if masks is not None:
+            rows = [row for row in rows if row["defect_class"] is not None]
+        for row in rows:
+            stem = row["id"].rsplit("/", 1)[-1]
+            staging.path(f"{stem}.png").write_bytes(row["image"])
+            if row["mask"] is not None:
+                staging.path(f"{stem}_mask.png").write_bytes(row["mask"])
+        staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
+        generation = {
+            "seeds": seeds,
+            "truncation_psi": truncation_psi,
+            "class": class_name,
+            "gan_config": asdict(cfg),
+        }
+        classes = ("background", *cfg.classes) if cfg.classes else ("background", "defect")
+        manifest = Manifest.generated(identity, classes, cfg.channels, generation)
+        if masks is not None:
+            manifest = _with_drawn_masks(manifest, cfg, identity, generation, images, rows)
+        staging.publish(manifest)
+    return staging.manifest
+
+
+def _with_drawn_masks(
+    generated: Manifest,
+    cfg: GanConfig,
+    identity: str,
+    generation: dict,
+    images: np.ndarray,
+    rows: list[dict],
+) -> Manifest:
+    """The manifest of images whose masks the generator drew: labelled by their maker, which
+    learnt from ``cfg.data`` alone (the leakage check reads this)."""
+    if not rows:
+        raise DataError(
+            cfg.data,
+            f"the generator drew no defect pixel in any of its {len(images)} samples",
+            "train it longer (see its samples/ grids and SWD), or generate more seeds",
+        )
+    kept = np.stack([decode_png(row["image"], cfg.channels) for row in rows]).astype(np.float64)
+    pixels = kept.reshape(-1, cfg.channels) / 255
+    labelling = {
+        "labeller": "drawn by the generator (exact masks)",
+        "generator": identity,
+        "config": {key: generation[key] for key in ("truncation_psi", "class")},
+        "trained_on": [training_source("GAN", cfg.data, cfg.data_manifest_id, train_ids(cfg.data))],
+        "images": len(images),
+        "kept": len(rows),
+        "dropped": {"no defect pixel": len(images) - len(rows)},
+    }
+    return generated.labelled(
+        generated.classes,
+        len(cfg.classes) == 1,
+        labelling,
+        pixel_mean=tuple(round(float(v), 6) for v in pixels.mean(0)),
+        pixel_std=tuple(round(float(v), 6) for v in pixels.std(0)),
+    )
+
+
+def generator_metrics(
+    model: str | Path,
+    data: str | Path | None = None,
+    count: int = 0,
+    inception: str | None = None,
+    class_name: str | None = None,
+) -> dict:
+    """SWD (and FID/KID given local Inception weights) between ``count`` generated images and
+    as many real images of the run's (or another) dataset. A conditional generator is scored on
+    ``class_name`` against real images of that class, or on every class in turn."""
+    generator, cfg = load_generator(model)
+    cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
+    class_index = _class_index(cfg, class_name)
+    if class_name is not None:
+        cfg = replace(cfg, defect_class=class_name)
+    reals = metric_reals(cfg)
+    classes = (
+        class_index if class_index is not None else cycled_classes(len(reals), cfg.num_classes)
+    )
+    fakes, drawn = generate_samples(
+        generator, cfg, range(METRIC_SEED, METRIC_SEED + len(reals)), class_index=classes
+    )
+    result = {"images": len(reals), **sliced_wasserstein(reals, fakes)}
+    measures = measures_for(cfg, _run_of(Location.of(model)))
+    if measures is not None:
+        result.update(measures(fakes, drawn))
+    if inception:
+        result.update(inception_metrics(reals, fakes, inception))
+    return result
+
+
+def _run_of(model: Location) -> Location | None:
+    """The run folder whose presence classifier scores ``model`` (a run or one of its kept
+    snapshots), or None: a classifier is then learnt for this score alone."""
+    for folder in (model, model.parent.parent):
+        if (folder / PRESENCE_FILE).is_file():
+            return folder
+    return None
+
+
+SNAPSHOT_METRICS_FILE = "snapshot_metrics.json"
+
+
+def every_snapshot_metrics(run: str | Path | Location, count: int = 0) -> list[dict]:
+    """``generator_metrics`` of every snapshot a run kept (``RUN/snapshots``), in kimg order,
+    written to ``RUN/snapshot_metrics.json`` and drawn into the run's plots: a measure added
+    after a run (or with another ``count``) then covers its whole history."""
+    run = Location.of(run)
+    kept = run / SNAPSHOTS_DIR
+    snapshots = sorted(
+        (float(name.removeprefix("kimg_")), kept / name)
+        for name in kept.subfolders()
+        if name.startswith("kimg_") and (kept / name / GENERATOR_FILE).is_file()
+    )
+    if not snapshots:
+        raise DataError(
+            kept,
+            "no kept snapshots (runs keep them since this version)",
+            "score the run's published generator with `gan metrics --model RUN`",
+        )
+    rows = [{"kimg": kimg, **generator_metrics(folder, count=count)} for kimg, folder in snapshots]
+    (run / SNAPSHOT_METRICS_FILE).write_json(rows)
+    write_plots(run, rows)
+    return rows
