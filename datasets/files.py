@@ -96,6 +96,10 @@ def load_state_dict_file(path: Path, what: str) -> dict:
     return state
 
 
+# Every trainer's resumable state inside a checkpoint (seg and GAN; a resume looks for it).
+STATE_FILE = "state.pt"
+
+
 # Who is writing: staging folders and marks are named PREFIX + HOST-PID-RANDOM.
 WRITER_HOST = socket.gethostname()
 

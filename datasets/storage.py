@@ -192,42 +192,40 @@ class Location:
     def is_dir(self) -> bool:
         return self._info().type == pafs.FileType.Directory
 
+    def listing(self, recursive: bool = False) -> list[pafs.FileInfo]:
+        """What is under this folder (nothing if it is not there), sorted by path."""
+        with store_errors(self.uri):
+            infos = self.filesystem.get_file_info(
+                pafs.FileSelector(self.path, recursive=recursive, allow_not_found=True)
+            )
+        return sorted(infos, key=lambda info: info.path)
+
+    def relative(self, info: pafs.FileInfo) -> str:
+        """A listed entry's path relative to this folder."""
+        return info.path[len(self.path) :].lstrip("/")
+
     def children(self) -> list[str]:
         """Names directly under this folder, sorted (none if it is not there)."""
-        with store_errors(self.uri):
-            infos = self.filesystem.get_file_info(
-                pafs.FileSelector(self.path, allow_not_found=True)
-            )
-        return sorted(info.base_name for info in infos)
+        return sorted(info.base_name for info in self.listing())
 
     def subfolders(self) -> list[str]:
-        with store_errors(self.uri):
-            infos = self.filesystem.get_file_info(
-                pafs.FileSelector(self.path, allow_not_found=True)
-            )
-        return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
+        return sorted(
+            info.base_name for info in self.listing() if info.type == pafs.FileType.Directory
+        )
 
     def files(self, suffix: str = "") -> list[Location]:
         """Files directly in this folder whose names end with ``suffix``, sorted."""
-        with store_errors(self.uri):
-            infos = self.filesystem.get_file_info(
-                pafs.FileSelector(self.path, allow_not_found=True)
-            )
         return [
             self / info.base_name
-            for info in sorted(infos, key=lambda i: i.base_name)
+            for info in sorted(self.listing(), key=lambda i: i.base_name)
             if info.type == pafs.FileType.File and info.base_name.endswith(suffix)
         ]
 
     def all_files(self) -> set[str]:
         """Every file below this folder, as paths relative to it."""
-        with store_errors(self.uri):
-            infos = self.filesystem.get_file_info(
-                pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
-            )
         return {
-            info.path[len(self.path) :].lstrip("/")
-            for info in infos
+            self.relative(info)
+            for info in self.listing(recursive=True)
             if info.type == pafs.FileType.File
         }
 
@@ -376,17 +374,10 @@ def local_folder(location: str | Path | Location, recursive: bool = False) -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     index_file = folder / CACHE_INDEX
     index = json.loads(index_file.read_text()) if index_file.is_file() else {}
-    with store_errors(location.uri):
-        infos = location.filesystem.get_file_info(
-            pafs.FileSelector(location.path, recursive=recursive, allow_not_found=True)
-        )
+    infos = location.listing(recursive)
     if not infos:
         raise StorageError(f"{location.uri}: nothing is there; check the location")
-    listed = {
-        info.path[len(location.path) :].lstrip("/"): info
-        for info in infos
-        if info.type == pafs.FileType.File
-    }
+    listed = {location.relative(info): info for info in infos if info.type == pafs.FileType.File}
     for gone in set(index) - set(listed):  # replaced on the store: no stale file may mix in
         (folder / gone).unlink(missing_ok=True)
         del index[gone]

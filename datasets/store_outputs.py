@@ -64,6 +64,14 @@ def check_not_over_inputs(out: Location, inputs: tuple, flag: str) -> None:
             )
 
 
+def _names_there(out: Location, inputs: tuple, flag: str) -> list[str]:
+    """What ``out`` holds, once it is known not to be over an input and to be writable (some
+    stores create a missing bucket on a failed upload: asked before anything is written)."""
+    check_not_over_inputs(out, inputs, flag)
+    out.check_writable()
+    return out.children()
+
+
 def check_output(
     final: Location,
     overwrite: bool,
@@ -72,10 +80,7 @@ def check_output(
     record: str,
     training_kinds: tuple[str, ...],
 ) -> Location:
-    check_not_over_inputs(final, inputs, flag)
-    # Some stores create a missing bucket on a failed upload: ask before writing anything.
-    final.check_writable()
-    names = final.children()
+    names = _names_there(final, inputs, flag)
     if not names:
         return final
     kind = _recorded_kind(final, record)
@@ -174,10 +179,7 @@ def publish(
 
 
 def check_run_folder(folder: Location, kind: str, inputs: tuple, record: str) -> Location:
-    check_not_over_inputs(folder, inputs, "--out")
-    folder.check_writable()
-    names = folder.children()
-    if not names:
+    if not _names_there(folder, inputs, "--out"):
         return folder
     found = _recorded_kind(folder, record)
     if found is None:

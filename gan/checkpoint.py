@@ -14,12 +14,16 @@ from pathlib import Path
 import torch
 
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write, load_state_dict_file, require_files
+from defectforge.datasets.files import (
+    STATE_FILE,
+    atomic_write,
+    load_state_dict_file,
+    require_files,
+)
 from defectforge.datasets.storage import local_folder
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Discriminator, Generator
 
-STATE_FILE = "state.pt"
 GENERATOR_FILE = "generator.pt"
 CONFIG_FILE = "config.json"
 SAMPLES_FILE = "samples.png"

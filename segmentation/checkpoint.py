@@ -13,13 +13,17 @@ import torch
 from torch import nn
 
 from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write, load_state_dict_file, require_files
+from defectforge.datasets.files import (
+    STATE_FILE,
+    atomic_write,
+    load_state_dict_file,
+    require_files,
+)
 from defectforge.datasets.storage import local_folder
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.models import build_model
 
 MODEL_FILE = "model.pt"
-STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 
 

@@ -154,19 +154,14 @@ def server_env(server: S3Server) -> dict[str, str]:
 
 def objects_holding(prefix: str, secrets: tuple[str, ...]) -> list[str]:
     """Every object under ``prefix`` (s3://bucket/...) whose bytes hold one of ``secrets``."""
-    import pyarrow.fs as pafs
+    from defectforge.datasets.storage import Location
 
-    fs, path = pafs.FileSystem.from_uri(prefix)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    found = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        with fs.open_input_stream(info.path) as stream:
-            data = stream.read()
-        if any(secret.encode() in data for secret in secrets):
-            found.append(f"s3://{info.path}")
-    return found
+    folder = Location.of(prefix)
+    return [
+        str(folder / name)
+        for name in sorted(folder.all_files())
+        if any(secret.encode() in (folder / name).read_bytes() for secret in secrets)
+    ]
 
 
 def credentials() -> tuple[str, str]:

@@ -114,27 +114,40 @@ def test_diffaugment_moves_masks_with_the_image_but_leaves_their_values():
     )
 
 
-def _mask_generator(folder: Path, data: Path, mask_bias: float) -> Path:
-    """An untrained generator that draws masks, its mask channels pushed by ``mask_bias``."""
+def _small_config(data: Path, **options) -> GanConfig:
+    """A 32-px GAN config of the small networks for the dataset ``data``."""
     from defectforge.datasets.manifest import Manifest
-    from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
 
     manifest = Manifest.load(data)
-    cfg = GanConfig(
+    return GanConfig(
         data=str(data),
         data_manifest_id=manifest.dataset_id,
         channels=1,
         classes=manifest.classes[1:],
-        masks=True,
         resolution=32,
+        **options,
         **SMALL,
     )
+
+
+def _save_generator(folder: Path, cfg: GanConfig, generator: torch.nn.Module) -> None:
+    """The two files a run keeps of a generator."""
+    from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE
+
+    torch.save(generator.state_dict(), folder / GENERATOR_FILE)
+    (folder / CONFIG_FILE).write_text(cfg.to_json())
+
+
+def _mask_generator(folder: Path, data: Path, mask_bias: float) -> Path:
+    """An untrained generator that draws masks, its mask channels pushed by ``mask_bias``."""
+    from defectforge.gan.checkpoint import build_generator
+
+    cfg = _small_config(data, masks=True)
     generator = build_generator(cfg)
     with torch.no_grad():
         generator.blocks[-1].torgb.bias[1:] = mask_bias
     folder.mkdir(parents=True)
-    torch.save(generator.state_dict(), folder / GENERATOR_FILE)
-    (folder / CONFIG_FILE).write_text(cfg.to_json())
+    _save_generator(folder, cfg, generator)
     return folder
 
 
@@ -254,25 +267,14 @@ def _kept_snapshot(run: Path, kimg: float, data: Path, seed: int) -> None:
     """A snapshot as a run keeps it: an untrained generator, its config and its grid."""
     import cv2
 
-    from defectforge.datasets.manifest import Manifest
-    from defectforge.gan.checkpoint import CONFIG_FILE, GENERATOR_FILE, build_generator
+    from defectforge.gan.checkpoint import build_generator
 
     name = f"kimg_{kimg:09.3f}"
     folder = run / "snapshots" / name
     folder.mkdir(parents=True)
-    manifest = Manifest.load(data)
-    cfg = GanConfig(
-        data=str(data),
-        data_manifest_id=manifest.dataset_id,
-        channels=1,
-        classes=manifest.classes[1:],
-        resolution=32,
-        metric_images=16,
-        **SMALL,
-    )
+    cfg = _small_config(data, metric_images=16)
     torch.manual_seed(seed)
-    torch.save(build_generator(cfg).state_dict(), folder / GENERATOR_FILE)
-    (folder / CONFIG_FILE).write_text(cfg.to_json())
+    _save_generator(folder, cfg, build_generator(cfg))
     (run / "samples").mkdir(exist_ok=True)
     cv2.imwrite(str(run / "samples" / f"{name}.png"), np.full((32, 32, 3), seed * 40, np.uint8))
 

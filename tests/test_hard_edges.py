@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_checks import refused, snapshot
 
 from defectforge.cluster import jobs, local
 from defectforge.datasets.errors import ClusterError, ConfigError
@@ -30,24 +31,6 @@ from defectforge.datasets.outputs import (
 from defectforge.trainables.cli import main
 
 CLI = [sys.executable, "-m", "defectforge.trainables.cli"]
-
-
-def refused(capsys, argv: list[str], *expected: str) -> str:
-    """Run the CLI; it must exit 2 with one stderr line holding every ``expected`` text."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for text in expected:
-        assert text in err, err
-    return err
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 def build_argv(root: Path, out: Path, *flags: str) -> list[str]:

@@ -21,28 +21,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from cli_checks import refused, snapshot
 
 from defectforge.datasets.errors import DataError
 from defectforge.datasets.outputs import GAN_RUN, OUTPUT_RECORD, publish_dir
 from defectforge.trainables.cli import main
-
-
-def refused(capsys, argv: list[str], *expected: str) -> str:
-    """Run the CLI; it must exit 2 with one stderr line holding every ``expected`` text."""
-    capsys.readouterr()
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    for text in expected:
-        assert text in err, err
-    return err
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
 
 
 def no_leftovers(folder: Path) -> bool:

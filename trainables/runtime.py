@@ -17,6 +17,7 @@ from ray.exceptions import AuthenticationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from defectforge.datasets.errors import ClusterError, DataError
+from defectforge.datasets.files import STATE_FILE
 from defectforge.datasets.storage import Location, StorageError, is_uri
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.epochs import EPOCH_METRICS, ONE_WORKER_RUN
@@ -239,17 +240,13 @@ def latest_checkpoint_dir(storage: str | Path | Location) -> Location | None:
     return max(folders, key=lambda folder: folder.name) if folders else None
 
 
-# Both trainers keep their resumable state in this file of every checkpoint.
-CHECKPOINT_STATE = "state.pt"
-
-
 def _whole_checkpoint(folder: Location) -> bool:
     if folder.parent.name == ONE_WORKER_RUN and not (folder / EPOCH_METRICS).is_file():
         return False
     weights = folder.files(".pt")
     if folder.remote:
         # Ray uploads a checkpoint's files one by one: the state is what a resume needs.
-        return any(file.name == CHECKPOINT_STATE for file in weights)
+        return any(file.name == STATE_FILE for file in weights)
     return bool(weights) and all(zipfile.is_zipfile(file.local) for file in weights)
 
 
