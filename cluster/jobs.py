@@ -32,7 +32,7 @@ import yaml
 from defectforge.cluster.local import auth_headers, default_token_path
 from defectforge.datasets.errors import ClusterError, ConfigError
 from defectforge.datasets.storage import absolute_location
-from defectforge.studies.spec import load_spec
+from defectforge.studies.spec import DatasetSpec, load_spec
 
 PROJECT = "defectforge"
 JOB_SPEC = "spec.yaml"
@@ -158,14 +158,9 @@ def shipped_spec(spec_path: str | Path) -> str:
     spec = load_spec(spec_path)  # refuse a malformed spec here, before anything is uploaded
     data = yaml.safe_load(Path(spec_path).read_text())
     data["storage_path"] = absolute_location(spec.storage_path)
-    for section, key in (
-        ("dataset", "real"),
-        ("dataset", "synthetic"),
-        ("dataset", "copy_paste"),
-        ("data", "root"),
-        ("labeller", "run"),
-        ("gan", "run"),
-    ):
+    datasets = [("dataset", spec.name) for spec in DatasetSpec.options()]
+    runs = [(stage, "run") for stage in ("labeller", "gan", "mask_gan")]
+    for section, key in (*datasets, ("data", "root"), *runs):
         values = data.get(section) or {}
         if values.get(key):
             values[key] = absolute_location(values[key])

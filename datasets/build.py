@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from defectforge.datasets.discover import (
     discover_neu_seg,
     read_class_file,
 )
-from defectforge.datasets.errors import DataError
+from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.outputs import NAME_RULE, name_problem
@@ -53,6 +53,19 @@ def _ratios_ok(ratios: tuple[float, ...]) -> bool:
     return len(ratios) == 3 and abs(sum(ratios) - 1) <= 1e-6 and min(ratios) >= 0
 
 
+# Options a source's layout never reads: one set there would be silently ignored, so it is refused.
+UNUSED_BY_SOURCE = {
+    "neu-seg": ("split_ratios", "mask_suffix", "class_from_folder", "group_by", "steel"),
+    "steel": ("test_fraction", "mask_suffix", "class_from_folder", "group_by", "channels"),
+    "folder": ("test_fraction", "steel"),
+}
+INSTEAD = {
+    "test_fraction": "its split_ratios' third number is the test share",
+    "split_ratios": "NEU-Seg has its own train/test folders; test_fraction carves a test split",
+    "channels": "steel images are always its three maps",
+}
+
+
 @dataclass(frozen=True)
 class BuildConfig(TypedConfig):
     """Everything that decides a dataset's content; saved in its manifest."""
@@ -60,7 +73,7 @@ class BuildConfig(TypedConfig):
     kind = "build config"
 
     source: str = option(help="layout of --root", choices=SOURCES)
-    root: str = option(help="folder holding the raw images and masks", path=True)
+    root: str = option(help="folder holding the raw images and masks", path="local")
     name: str | None = option(
         None,
         "dataset name (default: neu-seg or the root folder's name)",
@@ -121,9 +134,23 @@ class BuildConfig(TypedConfig):
     )
     steel: SteelOptions = option(SteelOptions(), cli=False)
 
+    def check(self) -> None:
+        for spec in self.options():
+            value = getattr(self, spec.name)
+            if spec.name in UNUSED_BY_SOURCE[self.source] and value != _default_of(spec):
+                instead = INSTEAD.get(spec.name, f"source {self.source} does not read it")
+                raise ConfigError(
+                    f"{spec.name} = {value!r} is not used with source {self.source} "
+                    f"({instead}); remove it"
+                )
+
     @property
     def dataset_name(self) -> str:
         return self.name or ("neu-seg" if self.source == "neu-seg" else Path(self.root).name)
+
+
+def _default_of(spec) -> object:
+    return spec.default_factory() if spec.default is MISSING else spec.default
 
 
 def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:

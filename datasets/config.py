@@ -32,13 +32,14 @@ def option(
     choices: tuple = (),
     metavar: str | None = None,
     flag: str | None = None,
-    path: bool = False,
+    path: bool | str = False,
     parse: Callable[[str], Any] | None = None,
 ) -> Any:
     """A config field: ``check(value)`` True means valid, ``valid`` says what valid is.
 
     ``cli``: the command line gets a flag for it (``flag``, default ``--<name-with-dashes>``);
-    ``path``: a file or folder, made absolute where it is given; ``parse``: how the command line
+    ``path``: a file or folder, made absolute where it is given (``"local"``: one read on this
+    machine only, so a store URI is refused); ``parse``: how the command line
     reads its text; ``searchable``: a study may search it.
     """
     metadata = {

@@ -70,6 +70,9 @@ def _check_uri(text: str) -> None:
         )
 
 
+REFUSED = "the store refused the credentials"
+
+
 def _problem(err: Exception) -> tuple[str, str]:
     """What went wrong with a store, and the fix, from pyarrow's message."""
     text = str(err)
@@ -87,9 +90,9 @@ def _problem(err: Exception) -> tuple[str, str]:
     )
     if any(code in squashed for code in refusals):
         return (
-            "the store refused the credentials",
+            REFUSED,
             "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role, or "
-            "GOOGLE_APPLICATION_CREDENTIALS)",
+            "GOOGLE_APPLICATION_CREDENTIALS) and that their policy allows this location",
         )
     if "NETWORK_CONNECTION" in text or "Could not connect" in text or "resolve host" in text:
         return (
@@ -330,7 +333,7 @@ class Location:
         probe = f"{self.path}/.defectforge-probe-{uuid.uuid4().hex}"
         where = f" (from node {node})" if node else ""
         with store_errors(self.uri, node):
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            if _bucket_missing(fs, bucket):
                 raise StorageError(
                     f"{self.uri}: the bucket {bucket} does not exist{where}; create it or "
                     "correct the URI"
@@ -344,6 +347,17 @@ class Location:
             raise StorageError(
                 f"{self.uri}: a probe written here read back wrong{where}; check the store"
             )
+
+
+def _bucket_missing(fs: pafs.FileSystem, bucket: str) -> bool:
+    """Whether the bucket is known not to exist. A policy that grants only a prefix refuses to
+    say (HeadBucket is denied); the probe written under the prefix then decides."""
+    try:
+        return fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError as err:
+        if _problem(err)[0] == REFUSED:
+            return False
+        raise
 
 
 CACHE_ENV = "DEFECTFORGE_CACHE"

@@ -28,8 +28,10 @@ PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
 CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
 
 
-def swd_history(run: Path) -> list[dict]:
-    """Each snapshot's metrics in kimg order, one per kimg (a resumed run repeats lines)."""
+def swd_history(run: str | Path | Location) -> list[dict]:
+    """Each snapshot's metrics in kimg order, one per kimg (a resumed run repeats lines); the
+    run may be on a store."""
+    run = Location.of(run)
     summary, progress = run / SUMMARY_FILE, run / PROGRESS_FILE
     if summary.is_file():
         lines = json.loads(summary.read_text())["history"]
@@ -47,19 +49,21 @@ def _labelled(picture: np.ndarray, label: str) -> np.ndarray:
     return np.vstack([band, picture])
 
 
-def _sample_grid(run: Path, kimg: float) -> np.ndarray:
-    return _grid_picture(run / SAMPLES_DIR / f"kimg_{kimg:09.3f}.png", kimg)
+def _sample_grid(run: str | Path | Location, kimg: float) -> np.ndarray:
+    return _grid_picture(Location.of(run) / SAMPLES_DIR / f"kimg_{kimg:09.3f}.png", kimg)
 
 
-def _grid_picture(path: Path, kimg: float) -> np.ndarray:
-    grid = cv2.imread(str(path))
+def _grid_picture(path: Path | Location, kimg: float) -> np.ndarray:
+    location = Location.of(path)
+    encoded = location.read_bytes() if location.is_file() else b""
+    grid = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR) if encoded else None
     if grid is None:
         raise DataError(path, f"no sample grid at kimg {kimg:g}", "pick a kimg every run reached")
     return grid
 
 
 def write_comparison(
-    runs: dict[str, Path], out: Path, kimg: float, overwrite: bool = False
+    runs: dict[str, str | Path], out: str | Path, kimg: float, overwrite: bool = False
 ) -> list[dict]:
     """``swd.png`` (every run's SWD curve), ``samples_kimgK.png`` (their grids at ``kimg``, side
     by side) and ``comparison.json`` (the runs and the returned rows), published as the folder

@@ -32,8 +32,9 @@ def _known(check):
 
 
 POSITIVE = (lambda v: v >= 1, "an integer >= 1")
-# gan: the study's dataset.synthetic (GAN images, pseudo-labelled); copy_paste: dataset.copy_paste.
-SYNTHETIC_SOURCES = ("gan", "copy_paste")
+# gan: the study's dataset.synthetic (GAN images, pseudo-labelled); copy_paste: dataset.copy_paste;
+# gan_masks: dataset.gan_masks (images and exact masks drawn by one generator).
+SYNTHETIC_SOURCES = ("gan", "copy_paste", "gan_masks")
 
 
 @dataclass(frozen=True)

@@ -113,8 +113,7 @@ def write_predictions(
 
 def rejected_files(out: str | Path) -> list[dict]:
     """The samples a `predict --skip-bad` into ``out`` listed as bad (none: an empty list)."""
-    path = Path(out) / REJECTED_FILE
-    if not path.is_file():
+    listing = Location.of(out) / REJECTED_FILE
+    if not listing.is_file():
         return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    return list(csv.DictReader(io.StringIO(listing.read_text(), newline="")))

@@ -169,6 +169,31 @@ def plot_per_image_iou(comparison: dict, path: Path) -> None:
     save_png(figure, path)
 
 
+def plot_per_image_by_arm(comparison: dict, path: Path) -> None:
+    """The paper's per-image view: each test image's IoU under every arm, the images in one
+    order for all (by the real-only arm's IoU), so a reader sees which images an arm helps."""
+    arms = comparison["arms"]
+    baseline = next((a for a in arms if not a["arm"].get("synthetic_ratio")), arms[0])
+    order = sorted(
+        (i for i, s in enumerate(baseline["per_image_binary_iou"]) if s is not None),
+        key=lambda i: baseline["per_image_binary_iou"][i],
+    )
+    figure, axis = plt.subplots(figsize=(9, 4))
+    for arm in arms:
+        scores = [arm["per_image_binary_iou"][i] for i in order]
+        shown = [(x, s) for x, s in enumerate(scores) if s is not None]
+        style = {"linewidth": 2.0, "color": "black"} if arm is baseline else {"linewidth": 0.8}
+        axis.plot(*zip(*shown, strict=True), label=arm["label"], **style)
+    axis.set(
+        xlabel=f"test image, in order of its IoU under {baseline['label']}",
+        ylabel="binary defect IoU of the image (mean over seeds)",
+        title="Every test image under every arm",
+        ylim=(0, 1),
+    )
+    axis.legend(fontsize=7)
+    save_png(figure, path)
+
+
 def plot_paired_differences(comparison: dict, path: Path) -> None:
     """Each arm minus its ratio-0 baseline (same seeds): the mean and its 95% interval."""
     rows = [p for p in comparison["paired"] if p["interval"]]
@@ -227,3 +252,16 @@ def comparison_section(comparison: dict) -> list[str]:
             f"| {row['arm']} | {row['baseline']} | {cells} | {per_seed} | {row['verdict']} |"
         )
     return [*lines, ""]
+
+
+def plot_comparison(comparison: dict, folder: Path) -> list[str]:
+    """A comparison's plots in ``folder``: the paired differences, the per-image IoU curves and
+    every test image under every arm; returns their file names."""
+    plots = {
+        "paired_differences.png": plot_paired_differences,
+        "per_image_iou.png": plot_per_image_iou,
+        "per_image_by_arm.png": plot_per_image_by_arm,
+    }
+    for name, plot in plots.items():
+        plot(comparison, folder / name)
+    return list(plots)

@@ -21,8 +21,7 @@ from defectforge.studies.compare import (
     arm_entry,
     comparison_of,
     comparison_section,
-    plot_paired_differences,
-    plot_per_image_iou,
+    plot_comparison,
 )
 from defectforge.studies.results import STUDY_FILE
 from defectforge.studies.spec import MIX_DEFAULTS
@@ -157,12 +156,11 @@ def pool_comparisons(roots: list[str]) -> dict:
 
 
 def write_pool(roots: list[str], out: str | Path, overwrite: bool = False) -> dict:
-    """The pooled compare.json, report.md and its two plots in ``out`` (published whole)."""
+    """The pooled compare.json, report.md and its plots in ``out`` (published whole)."""
     comparison = pool_comparisons(roots)
     with publish_dir(out, overwrite, kind="pooled comparison") as folder:
         write_json_atomic(folder / COMPARE_FILE, comparison)
-        plot_per_image_iou(comparison, folder / "per_image_iou.png")
-        plot_paired_differences(comparison, folder / "paired_differences.png")
+        plot_comparison(comparison, folder)
         lines = ["# Pooled comparison", "", *(f"- `{root}`" for root in roots), ""]
         # The folder is published whole, so plain writes into it are safe.
         (folder / POOL_REPORT).write_text("\n".join(lines + comparison_section(comparison)))

@@ -21,10 +21,16 @@ from defectforge.segmentation.metrics import SELECTION_METRIC  # noqa: E402
 from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
 from defectforge.studies.compare import (  # noqa: E402
     comparison_section,
-    plot_paired_differences,
-    plot_per_image_iou,
+    plot_comparison,
 )
-from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
+from defectforge.studies.search_plots import (  # noqa: E402
+    asha_section,
+    parameter_importance,
+    plot_importance,
+    plot_search_views,
+    scratch_study,
+)
+from defectforge.studies.spec import StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -93,52 +99,6 @@ def plot_by_architecture(trials: list[dict], path: Path) -> None:
     for index, name in enumerate(names, start=1):
         axis.scatter([index] * len(groups[name]), groups[name], alpha=0.6, zorder=3)
     axis.set(ylabel="best validation binary defect IoU", title="Trials per architecture")
-    save_png(figure, path)
-
-
-def _distribution(value):
-    import optuna
-
-    if isinstance(value, Range):
-        if isinstance(value.low, int) and isinstance(value.high, int):
-            return optuna.distributions.IntDistribution(value.low, value.high, log=value.log)
-        return optuna.distributions.FloatDistribution(value.low, value.high, log=value.log)
-    return optuna.distributions.CategoricalDistribution(value)
-
-
-def parameter_importance(spec: StudySpec, trials: list[dict]) -> dict[str, float]:
-    """Optuna's importance of each searched key for the validation IoU, from the trial rows
-    (works for grid and Optuna studies alike)."""
-    import optuna
-
-    # Seeds are repeats, not a choice: their share would only measure noise.
-    searched = {
-        k: v for k, v in spec.searched().items() if len(_values(v)) > 1 and k not in ("seed", ARMS)
-    }
-    if not searched:
-        raise ValueError("nothing varies between trials")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a scratch study, not news to the user
-    study = optuna.create_study(direction="maximize")
-    for trial in _finished(trials):
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={k: trial["config"][k] for k in searched},
-                distributions={k: _distribution(v) for k, v in searched.items()},
-                value=trial[SELECTION_METRIC],
-            )
-        )
-    return optuna.importance.get_param_importances(study)
-
-
-def _values(value) -> list:
-    return [value.low, value.high] if isinstance(value, Range) else list(value)
-
-
-def plot_importance(importance: dict[str, float], path: Path) -> None:
-    names = list(importance)[::-1]
-    figure, axis = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
-    axis.barh(names, [importance[n] for n in names], color="#4878a8")
-    axis.set(xlabel="importance (Optuna, sums to 1)", title="What mattered for defect IoU")
     save_png(figure, path)
 
 
@@ -239,10 +199,13 @@ def _data_line(study: dict) -> str:
     fill in paths its spec leaves out)."""
     dataset, ids = study["spec"]["dataset"], study["dataset_ids"]
     line = f"- data: `{dataset['real']}` (id `{ids['real']}`)"
-    if dataset.get("synthetic") and "synthetic" in ids:
-        line += f", synthetic `{dataset['synthetic']}` (id `{ids['synthetic']}`)"
-    if dataset.get("copy_paste") and "copy_paste" in ids:
-        line += f", copy-paste `{dataset['copy_paste']}` (id `{ids['copy_paste']}`)"
+    for key, name in (
+        ("synthetic", "synthetic"),
+        ("gan_masks", "drawn"),
+        ("copy_paste", "copy-paste"),
+    ):
+        if dataset.get(key) and key in ids:
+            line += f", {name} `{dataset[key]}` (id `{ids[key]}`)"
     return line
 
 
@@ -294,9 +257,7 @@ def write_report(
         lines += _final_section(final)
     if comparison:
         lines += comparison_section(comparison)
-        plot_per_image_iou(comparison, folder / "per_image_iou.png")
-        plot_paired_differences(comparison, folder / "paired_differences.png")
-        pictures[:0] = ["paired_differences.png", "per_image_iou.png"]
+        pictures[:0] = plot_comparison(comparison, folder)
     plot_iou_vs_ratio(trials, final, folder / "iou_vs_ratio.png")
     pictures.insert(0, "iou_vs_ratio.png")
     if len({str(t["config"].get("arch")) for t in finished}) > 1:
@@ -304,11 +265,13 @@ def write_report(
         pictures.insert(1, "by_architecture.png")
     importance = None
     try:
-        importance = parameter_importance(spec, trials)
+        study = scratch_study(spec, trials)
+        importance = parameter_importance(study)
         plot_importance(importance, folder / "importance.png")
-        pictures.append("importance.png")
+        pictures += ["importance.png", *plot_search_views(study, folder)]
     except (ValueError, RuntimeError) as err:
         lines += [f"Parameter importance not computed: {err}.", ""]
+    lines += asha_section(trials)
     lines += ["## All trials (best first)", "", *_trial_table(trials, keys), ""]
     failed = [t for t in trials if t["error"]]
     if failed:

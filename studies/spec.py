@@ -62,6 +62,23 @@ class DatasetSpec(TypedConfig):
     copy_paste: str = option(
         "", "a copy-paste set (`synth copy-paste`) for synthetic_source copy_paste; or its stage"
     )
+    gan_masks: str = option(
+        "",
+        "images and masks drawn by a `gan train --masks` run (`gan generate`) for "
+        "synthetic_source gan_masks; or made by the mask_gan and generate_masks stages",
+    )
+
+
+# The dataset each synthetic source mixes in, and what makes it when a spec gives no path.
+SOURCE_DATASETS = {"gan": "synthetic", "copy_paste": "copy_paste", "gan_masks": "gan_masks"}
+SOURCE_STAGES = {
+    "gan": ("label", "`synth label` output, or add generate and label stages"),
+    "copy_paste": ("copy_paste", "`synth copy-paste` output, or add a copy_paste stage"),
+    "gan_masks": (
+        "generate_masks",
+        "`gan generate` output of a --masks run, or add mask_gan and generate_masks stages",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -466,24 +483,17 @@ def _check_compare(where: str, spec: StudySpec) -> None:
 
 def _check_synthetic_sources(where: str, spec: StudySpec) -> None:
     """Every synthetic set a trial may mix in is given, or made by a stage."""
-    sources = spec.synthetic_sources()
-    stages = spec.stages
-    if "gan" in sources and not (spec.dataset.synthetic or stages.label):
-        raise SpecError(
-            where,
-            "dataset.synthetic",
-            spec.dataset.synthetic,
-            "synthetic_ratio > 0 needs a labelled synthetic dataset",
-            "set dataset.synthetic to a `synth label` output, or add generate and label stages",
-        )
-    if "copy_paste" in sources and not (spec.dataset.copy_paste or stages.copy_paste):
-        raise SpecError(
-            where,
-            "dataset.copy_paste",
-            spec.dataset.copy_paste,
-            "synthetic_source copy_paste needs a copy-paste set",
-            "set dataset.copy_paste to a `synth copy-paste` output, or add a copy_paste stage",
-        )
+    for source in sorted(spec.synthetic_sources()):
+        key = SOURCE_DATASETS[source]
+        stage, fix = SOURCE_STAGES[source]
+        if not (getattr(spec.dataset, key) or getattr(spec.stages, stage)):
+            raise SpecError(
+                where,
+                f"dataset.{key}",
+                getattr(spec.dataset, key),
+                f"synthetic_source {source} with synthetic_ratio > 0 needs this dataset",
+                f"set dataset.{key} to a {fix}",
+            )
 
 
 def _check_stage_inputs(where: str, spec: StudySpec) -> None:
@@ -492,6 +502,7 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
     needs = {
         "generate": ("gan",),
         "label": ("generate", "labeller"),
+        "generate_masks": ("mask_gan",),
     }
     for stage, inputs in needs.items():
         for needed in inputs if getattr(stages, stage) is not None else ():
@@ -503,7 +514,8 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
                     f"needs a {needed} section (options to make it, or run: PATH)",
                     f"add {needed}:",
                 )
-    for stage, key in (("label", "synthetic"), ("copy_paste", "copy_paste")):
+    for source, (stage, _) in SOURCE_STAGES.items():
+        key = SOURCE_DATASETS[source]
         if getattr(stages, stage) and getattr(spec.dataset, key):
             raise SpecError(
                 where,

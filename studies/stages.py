@@ -6,6 +6,8 @@
     gan       a StyleGAN2 run on that data ({profile: ..., GanConfig options}), or {run: PATH}
     generate  images from the GAN (count, truncation, class, first seed)
     label     those images labelled by the labeller (`synth label` options)
+    mask_gan  a StyleGAN2 run that draws each image's mask beside it (as gan; masks always on)
+    generate_masks  images with their exact masks from mask_gan (as generate): no labeller
     copy_paste  the control arm: `synth copy-paste` images cut from the (subset) data's train split
     export    the study's chosen model exported, optionally calibrated (target_recall, ...)
 
@@ -33,10 +35,26 @@ from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
 
-ORDER = ("data", "subset", "labeller", "gan", "generate", "label", "copy_paste", "export")
+ORDER = (
+    "data",
+    "subset",
+    "labeller",
+    "gan",
+    "generate",
+    "label",
+    "mask_gan",
+    "generate_masks",
+    "copy_paste",
+    "export",
+)
 RUN_KEY = "run"
 # Set by the pipeline from other stages, never in the spec.
-DERIVED = {"labeller": ("data",), "gan": ("data",), "label": ("images", "labeller")}
+DERIVED = {
+    "labeller": ("data",),
+    "gan": ("data",),
+    "mask_gan": ("data", "masks"),
+    "label": ("images", "labeller"),
+}
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,8 @@ class Stages:
     gan: dict | None = None  # {"run": path} or {"profile": ..., GAN options}
     generate: GenerateSpec | None = None
     label: dict | None = None  # LabelConfig + Corrections options
+    mask_gan: dict | None = None  # as gan; the pipeline turns masks on
+    generate_masks: GenerateSpec | None = None
     copy_paste: CopyPasteConfig | None = None
     export: ExportSpec | None = None
 
@@ -95,6 +115,7 @@ TYPED_SECTIONS = {
     "data": BuildConfig,
     "subset": SubsetConfig,
     "generate": GenerateSpec,
+    "generate_masks": GenerateSpec,
     "copy_paste": CopyPasteConfig,
     "export": ExportSpec,
 }
@@ -139,16 +160,17 @@ def _run_or_options(where: str, stage: str, values: dict, known: dict) -> dict:
     return _checked_options(where, stage, values, known)
 
 
-def _gan_options(where: str, values: dict) -> dict:
+def _gan_options(where: str, stage: str, values: dict) -> dict:
     profile = values.get("profile", "cpu-small")
     if profile not in PROFILES:
         raise SpecError(
-            f"{where}: gan.profile = {profile!r}: must be one of {', '.join(PROFILES)}; fix it"
+            f"{where}: {stage}.profile = {profile!r}: must be one of {', '.join(PROFILES)}; fix it"
         )
     rest = {k: v for k, v in values.items() if k != "profile"}
     # Network sizes too (z_dim, channel_base, ...): a spec may ask for any GAN the code builds.
-    known = _options_of(GanConfig, skip=("data", "channels", "classes"), every=True)
-    return {"profile": profile, **_run_or_options(where, "gan", rest, known)}
+    skip = ("channels", "classes", *DERIVED[stage])
+    known = _options_of(GanConfig, skip=skip, every=True)
+    return {"profile": profile, **_run_or_options(where, stage, rest, known)}
 
 
 def parse_stages(where: str, data: dict) -> Stages:
@@ -167,8 +189,8 @@ def parse_stages(where: str, data: dict) -> Stages:
                 found[name] = TYPED_SECTIONS[name].from_dict(values)
             elif name == "labeller":
                 found[name] = _run_or_options(where, name, values, _options_of(SegConfig))
-            elif name == "gan":
-                found[name] = _gan_options(where, values)
+            elif name in ("gan", "mask_gan"):
+                found[name] = _gan_options(where, name, values)
             else:
                 known = _options_of(LabelConfig, Corrections, skip=DERIVED["label"])
                 found[name] = _checked_options(where, name, values, known)

@@ -1,8 +1,13 @@
-"""What every bad-input test asserts of the command line: one line, exit 2, nothing lost."""
+"""What every bad-input test asserts of the command line: one line, exit 2, nothing lost; and
+the inputs some commands read, made by hand."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import cv2
+import numpy as np
 
 from defectforge.trainables.cli import main
 
@@ -25,3 +30,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
     }
+
+
+def fake_gan_run(root: Path, swds: list[tuple[float, float]]) -> Path:
+    """A GAN run folder as `gan train` leaves it mid-way: progress lines and sample grids."""
+    (root / "samples").mkdir(parents=True)
+    lines = [json.dumps({"kimg": kimg, "swd": swd}) for kimg, swd in swds]
+    (root / "progress.jsonl").write_text("\n".join(lines) + "\n")
+    for kimg, _ in swds:
+        grid = np.full((32, 32, 3), int(kimg * 10), np.uint8)
+        cv2.imwrite(str(root / "samples" / f"kimg_{kimg:09.3f}.png"), grid)
+    return root

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ACCESS_KEY, SECRET_KEY = "defectforge-test", "defectforge-test-secret"
+# A second key whose policy grants only one prefix of one bucket, as teams hand out keys.
+PREFIX_KEY, PREFIX_SECRET, PREFIX_GRANTED = "defectforge-prefix", "prefix-secret", "limited/area"
 START_SECONDS = 90
 GRPC_OFFSET = 10000
 
@@ -98,7 +100,14 @@ def start_s3_server(folder: Path) -> S3Server:
                         "name": "tests",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        "name": "prefix-only",
+                        "credentials": [{"accessKey": PREFIX_KEY, "secretKey": PREFIX_SECRET}],
+                        "actions": [
+                            f"{action}:{PREFIX_GRANTED}/*" for action in ("Read", "Write", "List")
+                        ],
+                    },
                 ]
             }
         )

@@ -163,8 +163,11 @@ def test_compare_specs_are_checked():
         "search_space": {"arms": [{"synthetic_ratio": 0.3, "synthetic_source": "copy_paste"}]},
         "search": {"algorithm": "compare"},
     }
-    with pytest.raises(SpecError, match="synthetic_source copy_paste needs a copy-paste set"):
+    with pytest.raises(SpecError, match="dataset.copy_paste .* synthetic_source copy_paste with"):
         parse_spec(spec)
+    drawn = {"arms": [{"synthetic_ratio": 0.3, "synthetic_source": "gan_masks"}]}
+    with pytest.raises(SpecError, match="dataset.gan_masks .* add mask_gan and generate_masks"):
+        parse_spec({**spec, "search_space": drawn})
     with pytest.raises(SpecError, match="draws its seeds itself"):
         parse_spec({**spec, "search_space": {"seed": [0, 1, 2]}})
     with pytest.raises(SpecError, match="arms need a grid"):
@@ -180,7 +183,7 @@ def test_compare_specs_are_checked():
     # An arm that names no source mixes GAN images: the GAN set is needed too.
     mixed = {"arms": [{"synthetic_ratio": 0.3, "synthetic_source": "copy_paste"},
                       {"synthetic_ratio": 0.3}]}  # fmt: skip
-    with pytest.raises(SpecError, match="needs a labelled synthetic dataset"):
+    with pytest.raises(SpecError, match="dataset.synthetic .* synthetic_source gan with"):
         parse_spec({**spec, "dataset": {"real": "r", "copy_paste": "c"}, "search_space": mixed})
     parsed = parse_spec({**spec, "dataset": {"real": "r", "copy_paste": "c"}})
     assert "synthetic_ratio" not in parsed.fixed()  # the arms set it
@@ -210,7 +213,8 @@ def test_a_compare_study_scores_every_arm_on_test_paired_by_seed(few, pasted, tm
     report = Path(summary["location"]).parent
     text = (report / "report.md").read_text()
     assert "## Against ratio 0, paired by seed" in text and "copy_paste 0.4" in text
-    assert (report / "per_image_iou.png").stat().st_size > 0
+    for plot in ("per_image_iou.png", "per_image_by_arm.png"):
+        assert (report / plot).stat().st_size > 0
     stored = json.loads((tmp_path / "studies" / "cmp" / "compare.json").read_text())
     assert stored["paired"][0]["arm"] == "copy_paste 0.4"
 

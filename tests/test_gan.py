@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_checks import fake_gan_run
 from torch import nn
 
 from defectforge.datasets.errors import ConfigError, DataError
@@ -583,27 +584,14 @@ def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
         assert (first_columns >= 89 - 0.5).all()
 
 
-def _fake_run(root: Path, swds: list[tuple[float, float]]) -> Path:
-    """A GAN run folder as `gan train` leaves it mid-way: progress lines and sample grids."""
-    import cv2
-
-    (root / "samples").mkdir(parents=True)
-    lines = [json.dumps({"kimg": kimg, "swd": swd}) for kimg, swd in swds]
-    (root / "progress.jsonl").write_text("\n".join(lines) + "\n")
-    for kimg, _ in swds:
-        grid = np.full((32, 32, 3), int(kimg * 10), np.uint8)
-        cv2.imwrite(str(root / "samples" / f"kimg_{kimg:09.3f}.png"), grid)
-    return root
-
-
 def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     import cv2
 
     from defectforge.gan.report import write_comparison
 
     # The "on" run was resumed at kimg 2: its kimg-2 line appears twice, the latest counts.
-    on = _fake_run(tmp_path / "on", [(0, 200.0), (2, 150.0), (2, 140.0), (4, 120.0)])
-    off = _fake_run(tmp_path / "off", [(0, 200.0), (2, 160.0), (4, 170.0)])
+    on = fake_gan_run(tmp_path / "on", [(0, 200.0), (2, 150.0), (2, 140.0), (4, 120.0)])
+    off = fake_gan_run(tmp_path / "off", [(0, 200.0), (2, 160.0), (4, 170.0)])
     rows = write_comparison({"on": on, "off": off}, tmp_path / "cmp", kimg=4)
     assert rows == [
         {"run": "on", "swd_at_kimg": 120.0, "lowest_swd": 120.0, "lowest_at_kimg": 4},

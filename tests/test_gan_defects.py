@@ -323,3 +323,44 @@ def test_every_snapshot_a_run_kept_is_scored_on_request(ray_session, sample_data
         assert set(row) >= {"defect_share_inclusion", "defect_share_patches", "real_defect_share"}
     assert rows[0]["swd"] != rows[1]["swd"]  # two different generators
     assert (run / "plots" / "swd.png").is_file()
+
+
+def test_a_study_mixes_in_images_and_masks_its_mask_gan_stage_drew(
+    ray_session, sample_dataset, tmp_path
+):
+    """The third synthetic source: a mask GAN stage (here a given run), its samples generated
+    with their drawn masks by the generate_masks stage, mixed into a trial with no labeller."""
+    import yaml
+
+    from defectforge.studies.results import TRIALS_FILE
+    from defectforge.trainables.study import run_study
+
+    run = _mask_generator(tmp_path / "mask-gan", sample_dataset, mask_bias=0.0)
+    spec = {
+        "name": "drawn",
+        "dataset": {"real": str(sample_dataset)},
+        "mask_gan": {"run": str(run)},
+        "generate_masks": {"count": 24},
+        "search_space": {
+            "synthetic_ratio": 0.2,
+            "synthetic_source": "gan_masks",
+            "epochs": 1,
+            "batch_size": 4,
+        },
+        "training": {"crop_size": 32, "max_steps_per_epoch": 2},
+        "search": {"algorithm": "grid"},
+        "storage_path": str(tmp_path / "studies"),
+        "final": {"seeds": 0},
+    }
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_study(spec_file)
+
+    study = json.loads((tmp_path / "studies" / "drawn" / "study.json").read_text())
+    made = {stage["name"]: stage["status"] for stage in study["stages"]}
+    assert made == {"mask_gan": "given", "generate_masks": "ran"}
+    drawn = study["spec"]["dataset"]["gan_masks"]
+    assert Path(drawn).parent.name == "stages" and "gan_masks" in study["dataset_ids"]
+    (trial,) = json.loads((tmp_path / "studies" / "drawn" / TRIALS_FILE).read_text())
+    # A ratio above 0 with no synthetic set would have failed the trial's config.
+    assert trial["status"] == "finished" and trial["config"]["synthetic_source"] == "gan_masks"

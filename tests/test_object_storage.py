@@ -7,13 +7,15 @@ anything written. The GAN on a store (two workers, resume) is in test_gan.py, a 
 cluster whose nodes share no folder in test_cluster_jobs.py."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import ray
-from s3server import credentials, objects_holding
+from cli_checks import fake_gan_run
+from s3server import PREFIX_GRANTED, PREFIX_KEY, PREFIX_SECRET, credentials, objects_holding
 
 from defectforge.datasets.contract import read_split_table
 from defectforge.datasets.errors import DataError
@@ -70,7 +72,18 @@ def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(out.glob("*_mask.png"))) == 15
 
-    printed = capsys.readouterr().out + done.stdout + done.stderr
+    # Predictions published on the store, one unreadable image skipped and counted.
+    images_with_a_bad_one = tmp_path / "line"
+    shutil.copytree(images, images_with_a_bad_one)
+    (images_with_a_bad_one / "broken.jpg").write_bytes(b"not an image")
+    on_store = ["--out", f"{bucket}/predictions", "--skip-bad"]
+    assert (
+        main(["predict", "--model", export, "--images", str(images_with_a_bad_one), *on_store]) == 0
+    )
+    reported = capsys.readouterr().out
+    assert "15 images: " in reported and "1 skipped as bad, listed in rejected.csv" in reported
+
+    printed = reported + done.stdout + done.stderr
     assert not any(secret in printed for secret in credentials())
     assert objects_holding(bucket, credentials()) == []
 
@@ -132,6 +145,20 @@ def test_a_store_that_refuses_is_missing_or_unreachable_is_one_line(
     assert not Location.of(target).exists()  # nothing was written, no bucket made
 
 
+def test_a_key_granted_only_a_prefix_works_there_and_is_one_line_elsewhere(s3_server, monkeypatch):
+    s3_server.make_bucket(PREFIX_GRANTED.split("/")[0])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", PREFIX_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PREFIX_SECRET)
+    granted = f"s3://{PREFIX_GRANTED}/published"
+    Location.of(granted).check_writable()
+    with publish_dir(granted) as staging:
+        (staging / "result.txt").write_text("kept")
+    assert (Location.of(granted) / "result.txt").read_text() == "kept"
+    elsewhere = f"s3://{PREFIX_GRANTED.split('/')[0]}/elsewhere"
+    with pytest.raises(StorageError, match="refused the credentials; .* policy allows"):
+        Location.of(elsewhere).check_writable()
+
+
 def test_a_node_that_cannot_use_the_store_is_one_line_naming_it_and_the_location(
     ray_session, bucket
 ):
@@ -147,7 +174,7 @@ def test_a_node_that_cannot_use_the_store_is_one_line_naming_it_and_the_location
     assert line == (
         f"{bucket}/checked: the store refused the credentials (from node {node}); check "
         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role, or "
-        "GOOGLE_APPLICATION_CREDENTIALS)"
+        "GOOGLE_APPLICATION_CREDENTIALS) and that their policy allows this location"
     )
 
 
@@ -161,3 +188,36 @@ def test_a_location_with_an_unknown_scheme_or_credentials_in_it_is_one_line(caps
     err = capsys.readouterr().err
     assert "s3://***: a location holding credentials" in err and "secret" not in err
     assert Location.of(Path("relative")).uri == str(Path("relative").resolve())
+
+
+def test_gan_runs_on_a_store_compare_into_a_store(bucket, tmp_path, capsys):
+    runs = {}
+    for name, swds in (("on", [(0, 200.0), (2, 150.0)]), ("off", [(0, 200.0), (2, 170.0)])):
+        runs[name] = f"{bucket}/gan/{name}"
+        Location.of(runs[name]).upload(fake_gan_run(tmp_path / name, swds))
+    out = f"{bucket}/gan/comparison"
+    assert main(["gan", "compare", runs["on"], runs["off"], "--kimg", "2", "--out", out]) == 0
+    assert "| on | 150.0 | 150.0 (2) |" in capsys.readouterr().out
+    published = Location.of(out)
+    assert {"swd.png", "samples_kimg2.png", "comparison.json", OUTPUT_RECORD} <= set(
+        published.children()
+    )
+    assert (published / "comparison.json").read_json()["runs"] == runs
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["predict", "--model", "m", "--images", "{store}/images", "--out", "o"],
+        ["data", "build", "--source", "folder", "--root", "{store}/raw", "--out", "o"],
+        ["study", "run", "{store}/spec.yaml"],
+    ],
+    ids=["predict --images", "data build --root", "study run spec"],
+)
+def test_options_read_only_on_this_machine_refuse_a_store_in_one_line(argv, bucket, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main([part.format(store=bucket) for part in argv])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{bucket}/" in err and "is on object storage" in err and "copy it here first" in err

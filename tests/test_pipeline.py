@@ -39,6 +39,12 @@ def test_stage_keys_change_when_and_only_when_their_inputs_change():
         ({"generate": {"count": 0}, "gan": {"run": "g"}}, "generate: count = 0: must be >= 1"),
         ({"data": {"source": "neu-seg"}}, "data: root = None: missing"),
         ({"export": {"target_recall": 2}}, "export: target_recall = 2.0: must be in"),
+        (
+            {"data": {"source": "steel", "root": "r", "test_fraction": 0.1}},
+            "test_fraction = 0.1 is not used with source steel .*split_ratios.*; remove it",
+        ),
+        ({"mask_gan": {"masks": False}}, "mask_gan.masks = False: not a mask_gan option"),
+        ({"generate_masks": {"count": 8}}, "generate_masks = .*: needs a mask_gan section"),
     ],
 )
 def test_stage_sections_are_checked_when_the_spec_loads(stages, message):

@@ -85,7 +85,8 @@ def test_pooled_seeds_give_one_interval_and_paired_difference_per_arm(two_studie
     assert paired["verdict"] == "cannot be told apart"
     report = (tmp_path / "pooled" / "report.md").read_text()
     assert "## Against ratio 0, paired by seed" in report and "gan 0.38" in report
-    assert (tmp_path / "pooled" / "paired_differences.png").stat().st_size > 0
+    for plot in ("paired_differences.png", "per_image_iou.png", "per_image_by_arm.png"):
+        assert (tmp_path / "pooled" / plot).stat().st_size > 0
 
 
 def test_studies_of_another_question_or_the_same_seeds_are_refused(two_studies, tmp_path):

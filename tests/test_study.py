@@ -370,6 +370,8 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
         for ratio, values in scores.items()
         for i, (seed, score) in enumerate(zip((0, 1, 2), values, strict=True))
     ]
+    # ASHA stopped the weakest real-only seed after its first epoch.
+    trials[0].update(status="stopped early", epochs_run=1, trial="3f2a1_00000_ratio=0")
     trials.sort(key=lambda t: -t[SELECTION_METRIC])
     study = {
         "name": "r",
@@ -388,6 +390,10 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
         "synthetic_ratio": 1.0
     }
     assert (tmp_path / "iou_vs_ratio.png").stat().st_size > 5000
+    for view in ("optimization_history.png", "parallel_coordinate.png"):
+        assert f"![{view}]({view})" in text and (tmp_path / view).stat().st_size > 5000
+    assert "## Stopped early by ASHA (1 of 6 trials)" in text
+    assert "| `3f2a1_00000_ratio=0` | 1 | 0.6000 |" in text
 
 
 def test_trial_slots_hold_trials_to_the_limit_and_free_dead_ones(ray_session):

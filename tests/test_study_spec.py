@@ -88,7 +88,10 @@ def test_errors_name_key_value_and_fix(change, message):
 def test_grid_needs_lists_and_synthetic_ratios_need_a_synthetic_set():
     with pytest.raises(SpecError, match="a grid search needs lists, not ranges"):
         parse_spec(base(search={"algorithm": "grid"}))
-    with pytest.raises(SpecError, match="dataset.synthetic = '': synthetic_ratio > 0 needs"):
+    with pytest.raises(
+        SpecError,
+        match="dataset.synthetic = '': synthetic_source gan with synthetic_ratio > 0 needs",
+    ):
         parse_spec(base(dataset={"real": "runs/neu"}))
 
 

@@ -23,12 +23,12 @@ from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
 from defectforge.studies.spec import StudySpec
-from defectforge.studies.stages import RUN_KEY, settings_of, stage_key
+from defectforge.studies.stages import ORDER, RUN_KEY, settings_of, stage_key
 from defectforge.trainables.runtime import check_storage_everywhere
 
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
-MADE_IN_ORDER = ("data", "subset", "labeller", "gan", "generate", "label", "copy_paste")
+MADE_IN_ORDER = tuple(name for name in ORDER if name != "export")  # export: after the search
 
 
 @dataclass(frozen=True)
@@ -141,33 +141,37 @@ class Pipeline:
 
         return self._stage("labeller", section, {"data": self.ids["data"]}, train)
 
-    def _gan(self, data: str) -> str | None:
+    def _gan(self, data: str, name: str = "gan") -> str | None:
+        """The GAN stage (``mask_gan``: the one whose generator also draws masks)."""
         from defectforge.trainables.gan import gan_config_from_manifest, run_gan_training
 
-        section = self.spec.stages.gan
+        section = getattr(self.spec.stages, name)
         if section is None:
             return None
         if RUN_KEY in section:
-            return self._given("gan", section, GENERATOR_FILE)
+            return self._given(name, section, GENERATOR_FILE)
         options = {k: v for k, v in section.items() if k != "profile"}
+        if name == "mask_gan":
+            options["masks"] = True
 
         def train(out: str) -> None:
             cfg = gan_config_from_manifest(data, section["profile"], **options)
             run_gan_training(cfg, out)
 
-        return self._stage("gan", section, {"data": self.ids["data"]}, train)
+        return self._stage(name, section, {"data": self.ids["data"]}, train)
 
-    def _generate(self, gan: str) -> str:
+    def _generate(self, gan: str, name: str = "generate") -> str:
+        """Samples of a GAN stage's generator (``generate_masks``: with their drawn masks)."""
         from defectforge.trainables.gan_samples import write_generated
 
-        section = self.spec.stages.generate
+        section = getattr(self.spec.stages, name)
         seeds = list(range(section.first_seed, section.first_seed + section.count))
 
         def make(out: str) -> None:
             write_generated(gan, out, seeds, section.truncation, section.class_name, overwrite=True)
 
         inputs = {"gan": run_identity(gan, GENERATOR_FILE)}
-        return self._stage("generate", settings_of(section), inputs, make)
+        return self._stage(name, settings_of(section), inputs, make)
 
     def _label(self, generated: str, labeller: str) -> str:
         from defectforge.trainables.synth import label_synthetic
@@ -198,33 +202,40 @@ class Pipeline:
         if self.spec.stages.generate is not None:
             generated = self._generate(gan)
             synthetic = self._label(generated, labeller) if self.spec.stages.label else ""
-        copy_paste = self._copy_paste(data)
-        dataset = replace(self.spec.dataset, real=data, synthetic=synthetic, copy_paste=copy_paste)
+        gan_masks = self.spec.dataset.gan_masks
+        if self.spec.stages.generate_masks is not None:
+            gan_masks = self._generate(self._gan(data, "mask_gan"), "generate_masks")
+        dataset = replace(
+            self.spec.dataset,
+            real=data,
+            synthetic=synthetic,
+            gan_masks=gan_masks,
+            copy_paste=self._copy_paste(data),
+        )
         return replace(self.spec, dataset=dataset)
 
     def _check_generate_count(self, data: str) -> None:
-        """Labelling only ever drops images: a generate count below what a GAN mix of the
-        search needs would fail after the labeller and the GAN trained, so it is refused once
-        the real train split is known."""
-        section = self.spec.stages.generate
-        if section is None:
-            return
+        """Labelling (or a drawn mask without a defect) only ever drops images: a generate
+        count below what a GAN mix of the search needs would fail after the GANs trained, so it
+        is refused once the real train split is known."""
         train = Manifest.load(data).counts["train"].total
-        for point in self.spec.mix_points():
-            if point["synthetic_source"] != "gan" or not point["synthetic_ratio"]:
-                continue
-            real = point["real_count"] or train
-            needed = synthetic_count(real, point["synthetic_ratio"])
-            if section.count < needed:
-                raise SpecError(
-                    self.where,
-                    "generate.count",
-                    section.count,
-                    f"ratio {point['synthetic_ratio']} over {real} real train images needs "
-                    f"{needed} labelled synthetic images, and labelling keeps only some",
-                    f"generate at least {needed} plus a margin for the images labelling drops "
-                    "(or lower the largest ratio)",
-                )
+        for source, stage in (("gan", "generate"), ("gan_masks", "generate_masks")):
+            section = getattr(self.spec.stages, stage)
+            for point in self.spec.mix_points() if section is not None else ():
+                if point["synthetic_source"] != source or not point["synthetic_ratio"]:
+                    continue
+                real = point["real_count"] or train
+                needed = synthetic_count(real, point["synthetic_ratio"])
+                if section.count < needed:
+                    raise SpecError(
+                        self.where,
+                        f"{stage}.count",
+                        section.count,
+                        f"ratio {point['synthetic_ratio']} over {real} real train images needs "
+                        f"{needed} synthetic images with masks, and only some samples keep one",
+                        f"generate at least {needed} plus a margin for the samples dropped "
+                        "(or lower the largest ratio)",
+                    )
 
     def records(self) -> list[dict]:
         return [asdict(run) for run in self.runs]

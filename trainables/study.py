@@ -59,7 +59,7 @@ from defectforge.studies.results import (
     trial_rows,
     write_study_report,
 )
-from defectforge.studies.spec import Range, StudySpec, load_spec, trial_values
+from defectforge.studies.spec import DatasetSpec, Range, StudySpec, load_spec, trial_values
 from defectforge.studies.store import StudyStore
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.data_jobs import sealed_splits
@@ -79,7 +79,7 @@ from defectforge.trainables.study_setup import (
 from defectforge.trainables.trial import TrainedTrial, train_in_trial
 
 SEARCH_RUN, FINAL_RUN, COMPARE_RUN, TRAIN_RUNS = "search", "final", "compare", "train"
-DATASET_PATHS = ("real", "synthetic", "copy_paste")
+DATASET_PATHS = tuple(spec.name for spec in DatasetSpec.options())
 IN_PROCESS_KEY = "one_worker_in_process"
 # Recorded when a study's stages or checks refuse it before its search: then, and only then, a
 # `study run` of another spec may take its place.

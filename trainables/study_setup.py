@@ -10,7 +10,7 @@ from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
-from defectforge.studies.spec import ARMS, SpecError, StudySpec, trial_values
+from defectforge.studies.spec import ARMS, SOURCE_DATASETS, SpecError, StudySpec, trial_values
 from defectforge.trainables.runtime import worker_cpus
 from defectforge.trainables.seg import config_from_manifest
 
@@ -42,8 +42,8 @@ class StudyContext:
 
 
 def synthetic_set(spec: StudySpec, source: str) -> str:
-    """The dataset a synthetic source names: GAN images or copy-paste ones."""
-    return spec.dataset.copy_paste if source == "copy_paste" else spec.dataset.synthetic
+    """The dataset a synthetic source names (``SOURCE_DATASETS``)."""
+    return getattr(spec.dataset, SOURCE_DATASETS[source])
 
 
 def _synthetic_sources(spec: StudySpec) -> dict[str, str]:
@@ -66,8 +66,7 @@ def check_study(spec: StudySpec, where: str) -> dict:
     manifest = Manifest.load(spec.dataset.real)
     ids = {"real": manifest.dataset_id}
     for source, path in _synthetic_sources(spec).items():
-        key = "synthetic" if source == "gan" else source
-        ids[key] = check_compatible(spec.dataset.real, path)[1].dataset_id
+        ids[SOURCE_DATASETS[source]] = check_compatible(spec.dataset.real, path)[1].dataset_id
     if spec.final.seeds and not manifest.split_total("test"):
         raise SpecError(
             where,
@@ -114,7 +113,8 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
 def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
     """Every value of the space, in every arm, makes a valid trial config."""
     # Any path will do for the checks between options (ratio > 0 needs a synthetic set).
-    marker = {"synthetic": spec.dataset.synthetic or spec.dataset.copy_paste or "synthetic"}
+    given = [getattr(spec.dataset, key) for key in SOURCE_DATASETS.values()]
+    marker = {"synthetic": next(filter(None, given), "synthetic")}
     for arm in spec.search_space.get(ARMS) or [{}]:
         arm_base = _checked(base, {**arm, **marker}, where, "search_space.arms", arm)
         for key in set(spec.search_space) - {ARMS}:

@@ -8,7 +8,7 @@ import os
 
 from defectforge.cluster.local import LocalClusterConfig
 from defectforge.trainables import VERBOSE_ENV
-from defectforge.trainables.cli.options import absolute_path, add_options, given
+from defectforge.trainables.cli.options import add_options, given, local_path
 
 COMMANDS = {
     "cluster": "a multi-node Ray cluster on this machine (development, tests)",
@@ -40,11 +40,11 @@ def _build_cluster(parser) -> None:
 
 
 def _build_submit(submit) -> None:
-    submit.add_argument("spec", type=absolute_path, help="study spec YAML")
+    submit.add_argument("spec", type=local_path, help="study spec YAML")
     submit.add_argument("--address", required=True, help="dashboard URL, http://HOST:8265")
     submit.add_argument("--name", help="study folder name (default: spec name)")
     submit.add_argument(
-        "--wheel", type=absolute_path, help="a prebuilt defectforge wheel (default: build one)"
+        "--wheel", type=local_path, help="a prebuilt defectforge wheel (default: build one)"
     )
     submit.add_argument(
         "--no-pip", action="store_true", help="the cluster's image has the dependencies"
@@ -56,7 +56,7 @@ def _build_submit(submit) -> None:
 
 def _add_token_file(parser) -> None:
     parser.add_argument(
-        "--token-file", type=absolute_path, help="Ray auth token file (default: Ray's lookup)"
+        "--token-file", type=local_path, help="Ray auth token file (default: Ray's lookup)"
     )
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
+from defectforge.trainables.cli.options import (
+    absolute_path,
+    add_options,
+    add_out,
+    given,
+    local_path,
+)
 
 COMMANDS = {"gan": "StyleGAN2 + DiffAugment: train, generate, compare, metrics"}
 # The columns of `gan metrics --every-snapshot`'s table, where the run has them.
@@ -51,7 +57,7 @@ def build(name: str, parser) -> None:
     )
     metrics.add_argument("--n", type=int, default=0, help="images per set (default: config's)")
     metrics.add_argument(
-        "--inception", type=absolute_path, help="local torchvision inception_v3 weights: FID/KID"
+        "--inception", type=local_path, help="local torchvision inception_v3 weights: FID/KID"
     )
     metrics.add_argument(
         "--class",
@@ -129,20 +135,15 @@ def run(args) -> None:
 
 
 def _compare(args) -> None:
-    from pathlib import Path
-
     from defectforge.datasets.errors import ConfigError
+    from defectforge.datasets.storage import Location
     from defectforge.gan.report import CURVES_FILE, write_comparison
 
-    labels = args.labels.split(",") if args.labels else [Path(run).name for run in args.runs]
+    labels = args.labels.split(",") if args.labels else [Location.of(r).name for r in args.runs]
     if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
         raise ConfigError(f"--labels: give {len(args.runs)} different names, one per run")
-    rows = write_comparison(
-        dict(zip(labels, map(Path, args.runs), strict=True)),
-        Path(args.out),
-        args.kimg,
-        args.overwrite,
-    )
+    runs = dict(zip(labels, args.runs, strict=True))
+    rows = write_comparison(runs, args.out, args.kimg, args.overwrite)
     print(f"| run | SWD x1e3 at kimg {args.kimg:g} | lowest SWD (kimg) |")
     print("|---|---|---|")
     for row in rows:

@@ -15,7 +15,7 @@ from dataclasses import MISSING, Field
 from typing import Any
 
 from defectforge.datasets.config import TypedConfig, field_types, scalar_type
-from defectforge.datasets.storage import Location, StorageError
+from defectforge.datasets.storage import Location, StorageError, is_uri
 
 
 class Parser(argparse.ArgumentParser):
@@ -33,6 +33,18 @@ def absolute_path(text: str) -> str:
         return Location.of(text).uri
     except StorageError as err:  # its own line: argparse's would repeat the text as given
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def local_path(text: str) -> str:
+    """An absolute path on this machine. For inputs read only here (raw image folders, weights,
+    token files, specs): a store location is refused at once rather than failing mid-run."""
+    location = absolute_path(text)
+    if is_uri(location):
+        raise argparse.ArgumentTypeError(
+            f"{text} is on object storage; this option reads a file or folder on this machine: "
+            "copy it here first (e.g. `aws s3 cp --recursive`)"
+        )
+    return location
 
 
 def add_out(parser: argparse.ArgumentParser, what: str = "dataset folder to write") -> None:
@@ -70,7 +82,7 @@ def _reader(spec: Field, annotation: Any):
     if spec.metadata.get("parse"):
         return spec.metadata["parse"]
     if spec.metadata.get("path"):
-        return absolute_path
+        return local_path if spec.metadata["path"] == "local" else absolute_path
     element = _element_type(annotation)
     if not _is_tuple(annotation):
         return element

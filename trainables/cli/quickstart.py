@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defectforge.trainables.cli.options import absolute_path, add_options, given
+from defectforge.trainables.cli.options import absolute_path, add_options, given, local_path
 
 # BuildConfig fields quickstart declares itself (--source, and --data for the root).
 QUICKSTART_OWNS = ("source", "root")
@@ -23,7 +23,7 @@ def build(name: str, quick) -> None:
     )
     quick.add_argument(
         "--data",
-        type=absolute_path,
+        type=local_path,
         help="the source's root (default: the bundled NEU-Seg sample; for steel, a simulated "
         "stand-in rendered on the spot; required for folder)",
     )

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import json
 
-from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
+from defectforge.trainables.cli.options import (
+    absolute_path,
+    add_options,
+    add_out,
+    given,
+    local_path,
+)
 
 # `data build`'s options for reading image files, which predict shares (one declaration).
 READING_OPTIONS = ("skip_bad", "max_pixels")
@@ -33,13 +39,13 @@ def build(name: str, parser) -> None:
     evaluate = sub.add_parser("eval", help="evaluate a trained model on a folder of images")
     evaluate.add_argument("--model", required=True, type=absolute_path, help="run folder")
     source = evaluate.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", type=absolute_path, help="a folder of images (with --masks)")
+    source.add_argument("--images", type=local_path, help="a folder of images (with --masks)")
     source.add_argument(
         "--split",
         choices=("train", "val", "test"),
         help="or a split of the dataset the run was trained on",
     )
-    evaluate.add_argument("--masks", type=absolute_path, help="their masks (same stem)")
+    evaluate.add_argument("--masks", type=local_path, help="their masks (same stem)")
     evaluate.add_argument("--binary", action="store_true", help="score defect vs background only")
     evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
     evaluate.add_argument("--mask-suffix", default="", help="mask stem suffix, e.g. _label")
@@ -77,7 +83,7 @@ def _build_predict(predict) -> None:
         type=absolute_path,
         help="a run folder (seg train) or an export (seg/study export)",
     )
-    predict.add_argument("--images", required=True, type=absolute_path)
+    predict.add_argument("--images", required=True, type=local_path)
     add_out(predict, "folder for the masks and overlays")
     predict.add_argument(
         "--runtime",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defectforge.trainables.cli.options import absolute_path, add_out
+from defectforge.trainables.cli.options import add_out, local_path
 
 COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export, pool"}
 
@@ -10,7 +10,7 @@ COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export, po
 def build(name: str, parser) -> None:
     study = parser.add_subparsers(dest="study_command", required=True)
     run = study.add_parser("run", help="search, held-out final step, report")
-    run.add_argument("spec", type=absolute_path, help="study spec YAML (see studies/specs/)")
+    run.add_argument("spec", type=local_path, help="study spec YAML (see studies/specs/)")
     run.add_argument("--name", help="study folder name under storage_path (default: spec name)")
     run.add_argument("--address", help="Ray address: auto or ray://HOST:10001 (default: local)")
     resume = study.add_parser("resume", help="continue a study whose driver stopped")
