@@ -55,6 +55,7 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     # epochs after it to Tune.
     epochs_run = max((line.get("epoch", -1) for line in record.lines), default=-1) + 1
     status = "error" if record.error else "finished" if epochs_run >= planned else "stopped early"
+    first = record.lines[0] if record.lines else {}
     return {
         "trial": record.name,
         "config": {k: record.config.get(k) for k in _shown_keys(spec)},
@@ -69,6 +70,8 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
         "seconds": sum(line.get("epoch_seconds", 0.0) for line in epochs),
         "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
         "error": record.error.splitlines()[0][:300] if record.error else None,
+        # When it started (its first report less the time it took): the order trials ran in.
+        "started": first.get("timestamp", 0) - first.get("time_total_s", 0),
     }
 
 

@@ -3,13 +3,12 @@ a parallel-coordinate plot, drawn by Optuna's own matplotlib visualisations, and
 ASHA stopped at which epoch.
 
 Everything comes from the study's trial rows, replayed into a scratch Optuna study in the order
-the trials were created, so grid and Optuna studies get the same views and a report can be
+the trials started, so grid and Optuna studies get the same views and a report can be
 redrawn without Ray or the search's storage.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
 from pathlib import Path
 
@@ -21,9 +20,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from defectforge.datasets.files import save_png  # noqa: E402
 from defectforge.segmentation.metrics import SELECTION_METRIC  # noqa: E402
 from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
-
-# Tune's trial ids end in the trial's creation number: ``3f2a1_00007_arch=pan,...``.
-CREATION_NUMBER = re.compile(r"^[0-9a-f]+_(\d+)")
 
 
 def _distribution(value):
@@ -40,11 +36,6 @@ def _values(value) -> list:
     return [value.low, value.high] if isinstance(value, Range) else list(value)
 
 
-def _creation_order(trial: dict) -> int:
-    found = CREATION_NUMBER.match(trial["trial"])
-    return int(found.group(1)) if found else 0
-
-
 def scratch_study(spec: StudySpec, trials: list[dict]):
     """The finished trials as an Optuna study over the keys that varied (seeds are repeats, not
     a choice: their share would only measure noise); ValueError when nothing varied."""
@@ -58,7 +49,7 @@ def scratch_study(spec: StudySpec, trials: list[dict]):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a scratch study, not news to the user
     study = optuna.create_study(direction="maximize")
     finished = [t for t in trials if t[SELECTION_METRIC] is not None]
-    for trial in sorted(finished, key=_creation_order):
+    for trial in sorted(finished, key=lambda t: t.get("started", 0)):
         study.add_trial(
             optuna.trial.create_trial(
                 params={k: trial["config"][k] for k in searched},

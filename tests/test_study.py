@@ -196,9 +196,9 @@ def _trial_dirs(root: Path) -> list[Path]:
     return sorted(p for p in (root / "search").glob("*_*") if p.is_dir())
 
 
-def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path) -> None:
+def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial: int = 2) -> None:
     """Start `study run` as its own driver on the session's Ray, and kill it while the second
-    trial trains: a driver lost mid-study."""
+    (or the ``trial``-th) trial trains: a driver lost mid-study."""
     import ray
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -213,7 +213,7 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path) -> No
             cwd=spec_file.parent,
         )
         try:
-            _wait_for(lambda: len(_trial_dirs(root)) >= 2, 300, "the second trial")
+            _wait_for(lambda: len(_trial_dirs(root)) >= trial, 300, f"trial {trial}")
         finally:
             driver.kill()
             driver.wait()
@@ -286,6 +286,63 @@ def test_an_interrupted_study_resumes_reports_and_exports(
         export_study(str(root), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     assert not list(tmp_path.glob(".refused*"))
+
+
+def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking_again(
+    sample_with_test, tmp_path
+):
+    """TPE and ASHA through `study run` with real trials; the driver killed while the fourth
+    trial trains; `study resume` finishes the search from Optuna's own storage."""
+    import optuna
+
+    from defectforge.studies.results import TRIALS_FILE
+    from defectforge.trainables.study import resume_study
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    spec = study_spec(
+        sample_with_test,
+        tmp_path,
+        search_space={
+            "lr": {"low": 0.002, "high": 0.02, "log": True},
+            "arch": ["unet", "fpn"],
+            "epochs": 3,
+            "batch_size": 8,
+        },
+        search={
+            "algorithm": "optuna",
+            "num_samples": 6,
+            "seed": 0,
+            "asha": {"grace_period": 1, "reduction_factor": 2},
+            "optuna_storage": storage,
+        },
+        # Enough steps that an epoch's IoU differs between trials, so ASHA has a ranking.
+        training={"max_steps_per_epoch": 6, "crop_size": 64},
+        final={"seeds": 0},
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    root = tmp_path / "t"
+    _run_driver_until_second_trial(spec_file, root, tmp_path / "driver.log", trial=4)
+    (asked,) = optuna.get_all_study_names(storage)
+    done = optuna.load_study(study_name=asked, storage=storage).get_trials(
+        states=[optuna.trial.TrialState.COMPLETE]
+    )
+    assert len(done) >= 2, (tmp_path / "driver.log").read_text()[-3000:]
+
+    resume_study(str(root))
+
+    trials = json.loads((root / TRIALS_FILE).read_text())
+    assert len(trials) == 6
+    assert {t["status"] for t in trials} <= {"finished", "stopped early"}
+    stopped = [t for t in trials if t["status"] == "stopped early"]
+    assert stopped and all(t["epochs_run"] < 3 for t in stopped)
+    # Optuna's storage kept what was told before the kill, and nothing was asked twice.
+    after = optuna.load_study(study_name=asked, storage=storage).get_trials()
+    assert len(after) == 6 and {t.state for t in after} == {optuna.trial.TrialState.COMPLETE}
+    kept = {t.number: t.params for t in after}
+    assert all(kept[t.number] == t.params for t in done)
+    report = (root / "report" / "report.md").read_text()
+    assert "## Stopped early by ASHA" in report
 
 
 BLOCK_IMPORTS = """
@@ -371,7 +428,7 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
         for i, (seed, score) in enumerate(zip((0, 1, 2), values, strict=True))
     ]
     # ASHA stopped the weakest real-only seed after its first epoch.
-    trials[0].update(status="stopped early", epochs_run=1, trial="3f2a1_00000_ratio=0")
+    trials[0].update(status="stopped early", epochs_run=1, trial="d88ad85c_ratio=0")
     trials.sort(key=lambda t: -t[SELECTION_METRIC])
     study = {
         "name": "r",
@@ -393,7 +450,7 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
     for view in ("optimization_history.png", "parallel_coordinate.png"):
         assert f"![{view}]({view})" in text and (tmp_path / view).stat().st_size > 5000
     assert "## Stopped early by ASHA (1 of 6 trials)" in text
-    assert "| `3f2a1_00000_ratio=0` | 1 | 0.6000 |" in text
+    assert "| `d88ad85c_ratio=0` | 1 | 0.6000 |" in text
 
 
 def test_trial_slots_hold_trials_to_the_limit_and_free_dead_ones(ray_session):
