@@ -158,7 +158,7 @@ def shipped_spec(spec_path: str | Path) -> str:
     spec = load_spec(spec_path)  # refuse a malformed spec here, before anything is uploaded
     data = yaml.safe_load(Path(spec_path).read_text())
     data["storage_path"] = absolute_location(spec.storage_path)
-    datasets = [("dataset", spec.name) for spec in DatasetSpec.options()]
+    datasets = [("dataset", field.name) for field in DatasetSpec.options()]
     runs = [(stage, "run") for stage in ("labeller", "gan", "mask_gan")]
     for section, key in (*datasets, ("data", "root"), *runs):
         values = data.get(section) or {}

@@ -56,13 +56,24 @@ def _ratios_ok(ratios: tuple[float, ...]) -> bool:
 # Options a source's layout never reads: one set there would be silently ignored, so it is refused.
 UNUSED_BY_SOURCE = {
     "neu-seg": ("split_ratios", "mask_suffix", "class_from_folder", "group_by", "steel"),
-    "steel": ("test_fraction", "mask_suffix", "class_from_folder", "group_by", "channels"),
+    "steel": (
+        "test_fraction",
+        "mask_suffix",
+        "class_from_folder",
+        "group_by",
+        "channels",
+        "missing_mask",
+    ),
     "folder": ("test_fraction", "steel"),
 }
-INSTEAD = {
+# ...unless set to what the source does anyway.
+AGREES_WITH_SOURCE = {("steel", "channels"): 3}
+UNUSED_HINT = {
     "test_fraction": "its split_ratios' third number is the test share",
     "split_ratios": "NEU-Seg has its own train/test folders; test_fraction carves a test split",
     "channels": "steel images are always its three maps",
+    "missing_mask": "every steel sample folder holds its mask.png",
+    "steel": "--maps, --robust and --clip-percentiles are for source steel",
 }
 
 
@@ -137,16 +148,32 @@ class BuildConfig(TypedConfig):
     def check(self) -> None:
         for spec in self.options():
             value = getattr(self, spec.name)
-            if spec.name in UNUSED_BY_SOURCE[self.source] and value != _default_of(spec):
-                instead = INSTEAD.get(spec.name, f"source {self.source} does not read it")
-                raise ConfigError(
-                    f"{spec.name} = {value!r} is not used with source {self.source} "
-                    f"({instead}); remove it"
-                )
+            if spec.name not in UNUSED_BY_SOURCE[self.source] or value in (
+                _default_of(spec),
+                AGREES_WITH_SOURCE.get((self.source, spec.name)),
+            ):
+                continue
+            hint = UNUSED_HINT.get(spec.name, f"source {self.source} does not read it")
+            raise ConfigError(
+                f"{spec.name} = {_shown(value)} is not used with source {self.source} "
+                f"({hint}); remove it"
+            )
 
     @property
     def dataset_name(self) -> str:
         return self.name or ("neu-seg" if self.source == "neu-seg" else Path(self.root).name)
+
+
+def _shown(value: object) -> str:
+    """A value as the user set it: of nested options, only those changed from their default."""
+    if not isinstance(value, TypedConfig):
+        return repr(value)
+    changed = {
+        spec.name: getattr(value, spec.name)
+        for spec in value.options()
+        if getattr(value, spec.name) != _default_of(spec)
+    }
+    return repr(changed)
 
 
 def _default_of(spec) -> object:

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from defectforge.datasets.errors import ConfigError, DataError, one_line
+from defectforge.datasets.storage import is_uri
+
+LOCAL_ONLY = "this option reads a file or folder on this machine: copy it to this machine first"
 
 
 def option(
@@ -96,6 +99,8 @@ def check_field(spec: Field, value: Any, annotation: Any) -> Any:
     """``value`` for field ``spec`` after its type and its own check."""
     value = coerce(spec.name, value, annotation)
     metadata = spec.metadata
+    if metadata.get("path") == "local" and isinstance(value, str) and is_uri(value):
+        raise ConfigError(f"{spec.name} = {value!r} is on object storage; {LOCAL_ONLY}")
     if metadata.get("choices") and value is not None and value not in metadata["choices"]:
         raise ConfigError(
             f"{spec.name} = {value!r}: must be one of {', '.join(map(str, metadata['choices']))}"

@@ -91,6 +91,12 @@ def _refuse_unpublished(run: Path) -> None:
         )
 
 
+def gan_run_config(folder: str | Path) -> GanConfig:
+    """The config a run (or snapshot) folder was trained with, without loading its weights."""
+    folder = require_files(local_folder(folder), (CONFIG_FILE,), "defectforge gan train")
+    return GanConfig.load(folder / CONFIG_FILE)
+
+
 def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """(G_ema in eval mode, its config) from a run folder or snapshot folder."""
     folder = local_folder(folder)

@@ -82,7 +82,8 @@ def _interval(values: list[float]) -> dict | None:
     return mean_interval(values) if len(values) > 1 else None
 
 
-def _paired(arm: dict, baseline: dict) -> dict:
+def paired_difference(arm: dict, baseline: dict) -> dict:
+    """``arm`` minus ``baseline`` per seed both ran, the mean's 95% interval and a verdict."""
     ours, theirs = _scores(arm["seeds"]), _scores(baseline["seeds"])
     differences = [
         {"seed": seed, "difference": score - theirs[seed]}
@@ -146,7 +147,7 @@ def comparison_of(keys: list[str], arms: list[dict]) -> dict:
         baseline = _baseline(arm["arm"], [a["arm"] for a in arms])
         if arm["arm"].get("synthetic_ratio") and baseline is not None:
             base = next(a for a in arms if a["arm"] == baseline)
-            paired.append(_paired(arm, base))
+            paired.append(paired_difference(arm, base))
     return {"keys": keys, "arms": arms, "paired": paired}
 
 
@@ -210,7 +211,10 @@ def plot_paired_differences(comparison: dict, path: Path) -> None:
         differences = [d["difference"] for d in row["differences"]]
         axis.scatter(differences, [index] * len(differences), marker="x", color="grey", zorder=3)
     axis.axvline(0, color="black", linewidth=0.8)
-    axis.set_yticks(range(len(rows)), [row["arm"] for row in rows], fontsize=7)
+    # Several real-only arms (one per architecture, say): each row names the one it is against.
+    several = len({row["baseline"] for row in rows}) > 1
+    names = [f"{row['arm']} vs {row['baseline']}" if several else row["arm"] for row in rows]
+    axis.set_yticks(range(len(rows)), names, fontsize=7)
     axis.set(
         xlabel="test binary defect IoU minus ratio 0 (same seed); 95% t-interval, x: seeds",
         title="Does the synthetic data help?",

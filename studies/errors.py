@@ -12,3 +12,8 @@ class SpecError(UserError):
 
     def __init__(self, where: str, key: str | None = None, value: Any = None, problem="", fix=""):
         super().__init__(where if key is None else f"{where}: {key} = {value!r}: {problem}; {fix}")
+
+
+def with_fix(text: str) -> str:
+    """An option's message as a spec error: its own fix (after ``;``) or a plain "fix it"."""
+    return text if ";" in text else f"{text}; fix it"

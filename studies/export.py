@@ -18,6 +18,7 @@ from defectforge.segmentation.export import export_run
 from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE
 from defectforge.studies.results import FINAL_FILE, STUDY_FILE, TRIALS_FILE, require_trials
+from defectforge.studies.spec import SOURCE_DATASETS
 from defectforge.studies.store import StudyStore
 
 
@@ -78,7 +79,10 @@ def export_study(
         },
         "data": {
             "real_manifest_id": study["dataset_ids"]["real"],
-            "synthetic_manifest_id": study["dataset_ids"].get("synthetic"),
+            "synthetic_source": cfg.synthetic_source,
+            "synthetic_manifest_id": study["dataset_ids"].get(
+                SOURCE_DATASETS[cfg.synthetic_source]
+            ),
             "synthetic_ratio": cfg.synthetic_ratio,
         },
         "checkpoint": checkpoint,

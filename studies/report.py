@@ -30,7 +30,7 @@ from defectforge.studies.search_plots import (  # noqa: E402
     plot_search_views,
     scratch_study,
 )
-from defectforge.studies.spec import StudySpec  # noqa: E402
+from defectforge.studies.spec import SOURCE_DATASETS, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -174,7 +174,33 @@ def _final_section(final: dict) -> list[str]:
             f"{_number(seed['best_val_binary_defect_iou'])} | "
             f"{_number(seed['test_binary_defect_iou'])} | {_number(seed['test_mean_defect_iou'])} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *_baseline_lines(final)]
+
+
+def _baseline_lines(final: dict) -> list[str]:
+    """The chosen configuration against its baseline on the same seeds."""
+    if "baseline" not in final:
+        return []
+    theirs, paired = final["baseline"]["test_binary_defect_iou"], final["paired"]
+    values = ", ".join(
+        f"{k} = {_number(v)}" for k, v in sorted(final["baseline"]["config"].items())
+    )
+    interval = paired["interval"]
+    shown = (
+        f"{interval['mean']:+.4f} (95% interval {interval['low']:+.4f} - {interval['high']:+.4f})"
+        if interval
+        else "no interval (fewer than 2 seeds with a defined IoU)"
+    )
+    differences = ", ".join(f"{d['difference']:+.4f}" for d in paired["differences"])
+    return [
+        "## Against the baseline (same seeds)",
+        "",
+        f"Baseline ({values}): test binary defect IoU {theirs['mean']:.4f} "
+        f"(95% interval {theirs['low']:.4f} - {theirs['high']:.4f}).",
+        f"Chosen minus baseline, paired by seed: {shown}; per seed {differences}: "
+        f"**{paired['verdict']}**.",
+        "",
+    ]
 
 
 def _stages_section(stages: list[dict]) -> list[str]:
@@ -194,19 +220,42 @@ def _stages_section(stages: list[dict]) -> list[str]:
     return [*header, *rows, ""]
 
 
+SOURCE_NAMES = {
+    "gan": "GAN images labelled",
+    "copy_paste": "copy-paste",
+    "gan_masks": "GAN-drawn with masks",
+}
+
+
 def _data_line(study: dict) -> str:
     """The datasets the trials read: as resolved when the study started (a pipeline's stages
     fill in paths its spec leaves out)."""
     dataset, ids = study["spec"]["dataset"], study["dataset_ids"]
     line = f"- data: `{dataset['real']}` (id `{ids['real']}`)"
-    for key, name in (
-        ("synthetic", "synthetic"),
-        ("gan_masks", "drawn"),
-        ("copy_paste", "copy-paste"),
-    ):
+    for source, key in SOURCE_DATASETS.items():
         if dataset.get(key) and key in ids:
-            line += f", {name} `{dataset[key]}` (id `{ids[key]}`)"
+            line += f", {SOURCE_NAMES[source]} `{dataset[key]}` (id `{ids[key]}`)"
     return line
+
+
+def _search_views(spec: StudySpec, trials: list[dict], folder: Path):
+    """(parameter importance, the PNGs drawn, a note for each view that could not be drawn)."""
+    try:
+        scratch = scratch_study(spec, trials)
+    except ValueError as err:
+        return None, [], [f"Parameter importance and Optuna's views not drawn: {err}.", ""]
+    importance, pictures, notes = None, [], []
+    try:
+        importance = parameter_importance(scratch)
+        plot_importance(importance, folder / "importance.png")
+        pictures.append("importance.png")
+    except (ValueError, RuntimeError) as err:
+        notes += [f"Parameter importance not computed: {err}.", ""]
+    try:
+        pictures += plot_search_views(scratch, folder)
+    except (ValueError, RuntimeError) as err:
+        notes += [f"Optuna's search views not drawn: {err}.", ""]
+    return importance, pictures, notes
 
 
 def write_report(
@@ -263,15 +312,11 @@ def write_report(
     if len({str(t["config"].get("arch")) for t in finished}) > 1:
         plot_by_architecture(trials, folder / "by_architecture.png")
         pictures.insert(1, "by_architecture.png")
-    importance = None
-    try:
-        study = scratch_study(spec, trials)
-        importance = parameter_importance(study)
-        plot_importance(importance, folder / "importance.png")
-        pictures += ["importance.png", *plot_search_views(study, folder)]
-    except (ValueError, RuntimeError) as err:
-        lines += [f"Parameter importance not computed: {err}.", ""]
-    lines += asha_section(trials)
+    importance, views, notes = _search_views(spec, trials, folder)
+    pictures += views
+    lines += notes
+    if spec.search.asha:
+        lines += asha_section(trials)
     lines += ["## All trials (best first)", "", *_trial_table(trials, keys), ""]
     failed = [t for t in trials if t["error"]]
     if failed:

@@ -8,7 +8,7 @@ redrawing the report of a finished study, reads only the study's own files.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -16,7 +16,7 @@ import yaml
 from defectforge.datasets.errors import DataError
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.metrics import SELECTION_METRIC, best_epoch
-from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS
+from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS, paired_difference
 from defectforge.studies.report import write_report
 from defectforge.studies.spec import StudySpec, parse_spec
 from defectforge.studies.stats import mean_interval
@@ -41,6 +41,9 @@ class TrialRecord:
     config: dict
     error: str | None
     lines: list[dict]
+    # The arm's own values (already merged into config): a final step's baseline arm is the
+    # one that has any.
+    arm: dict = field(default_factory=dict)
 
 
 def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
@@ -87,8 +90,8 @@ def trial_rows(records: list[TrialRecord], spec: StudySpec) -> list[dict]:
     return sorted(rows, key=lambda row: row[SELECTION_METRIC] or -1.0, reverse=True)
 
 
-def summarize_final(records: list[TrialRecord], best: dict) -> dict:
-    """The final seeds' test scores and their mean with its 95% interval."""
+def _seed_scores(records: list[TrialRecord]) -> dict:
+    """Seed runs' test scores and their means with 95% intervals."""
     seeds = []
     for record in records:
         lines = [line for line in record.lines if "test_binary_defect_iou" in line]
@@ -97,13 +100,27 @@ def summarize_final(records: list[TrialRecord], best: dict) -> dict:
         seeds.append({k: v for k, v in lines[-1].items() if k in FINAL_KEYS})
     seeds.sort(key=lambda row: row["seed"])
     return {
-        "config": best["config"],
-        "from_trial": best["trial"],
         "seeds": seeds,
         "test_binary_defect_iou": mean_interval([s["test_binary_defect_iou"] for s in seeds]),
         "test_mean_defect_iou": mean_interval([s["test_mean_defect_iou"] or 0.0 for s in seeds]),
         "val_binary_defect_iou": mean_interval([s["best_val_binary_defect_iou"] for s in seeds]),
     }
+
+
+def summarize_final(records: list[TrialRecord], best: dict) -> dict:
+    """The final seeds' test scores and their mean with its 95% interval; with a baseline,
+    its seeds too and the chosen minus the baseline, paired by seed."""
+    chosen = [r for r in records if not r.arm]
+    baseline = [r for r in records if r.arm]
+    summary = {"config": best["config"], "from_trial": best["trial"], **_seed_scores(chosen)}
+    if baseline:
+        theirs = {"config": baseline[0].arm, **_seed_scores(baseline)}
+        summary["baseline"] = theirs
+        summary["paired"] = paired_difference(
+            {"label": "chosen", "seeds": summary["seeds"]},
+            {"label": "baseline", "seeds": theirs["seeds"]},
+        )
+    return summary
 
 
 def stored_spec(store: StudyStore) -> StudySpec:

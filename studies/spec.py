@@ -28,7 +28,7 @@ from defectforge.datasets.config import TypedConfig, check_field, field_types, o
 from defectforge.datasets.errors import ConfigError, one_line
 from defectforge.datasets.outputs import NAME_RULE, name_problem
 from defectforge.segmentation.config import SegConfig
-from defectforge.studies.errors import SpecError
+from defectforge.studies.errors import SpecError, with_fix
 from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
 
 # compare: no search; every grid point is an arm trained with final.seeds seeds and scored on test.
@@ -147,6 +147,14 @@ class FinalSpec(TypedConfig):
         check=lambda v: v >= 1000,
         valid=">= 1000 (seeds below are the search trials')",
     )
+    baseline: dict = option(
+        {},
+        "the configuration the chosen one is compared with on test, paired by seed: values "
+        "over the search space's fixed ones and the defaults, e.g. {synthetic_ratio: 0.0} for "
+        "the real-only default; empty: no comparison",
+        check=lambda v: isinstance(v, dict),
+        valid="a mapping, e.g. {synthetic_ratio: 0.0}",
+    )
 
 
 @dataclass(frozen=True)
@@ -202,7 +210,7 @@ class StudySpec:
         return points
 
     def synthetic_sources(self) -> set[str]:
-        """The synthetic sets some trial mixes in (gan, copy_paste)."""
+        """The synthetic sources some trial mixes in (gan, copy_paste, gan_masks)."""
         return {p["synthetic_source"] for p in self.mix_points() if p["synthetic_ratio"] > 0}
 
 
@@ -238,7 +246,7 @@ def _spec_error(where: str, section: str, err: ConfigError) -> SpecError:
     """``<file>: <section>.<option> = <value>: <problem>`` from an option's ConfigError."""
     text = one_line(str(err))
     joint = "." if re.match(r"[\w.]+ = ", text) else ": "
-    return SpecError(f"{where}: {section}{joint}{text}; fix it")
+    return SpecError(with_fix(f"{where}: {section}{joint}{text}"))
 
 
 def _refuse_moved_keys(where: str, values: dict) -> None:
@@ -443,12 +451,36 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
         )
     if algorithm == "compare":
         _check_compare(where, spec)
+    _check_baseline(where, spec)
     _check_synthetic_sources(where, spec)
     if not (spec.dataset.real or spec.stages.data):
         raise SpecError(
             where, "dataset.real", None, "missing", "give a built dataset, or a data stage"
         )
     _check_stage_inputs(where, spec)
+
+
+def _check_baseline(where: str, spec: StudySpec) -> None:
+    """One value per searchable key, and seeds to pair the two configurations by."""
+    searchable = SegConfig.searchable()
+    for key, value in spec.final.baseline.items():
+        if key not in searchable or isinstance(value, list | dict):
+            raise SpecError(
+                where,
+                f"final.baseline.{key}",
+                value,
+                "the baseline takes one value of a searchable key",
+                f"use one of {sorted(searchable)}, each with one value",
+            )
+        _checked_option(where, f"final.baseline.{key}", searchable[key], value)
+    if spec.final.baseline and (not spec.final.seeds or spec.search.algorithm == "compare"):
+        raise SpecError(
+            where,
+            "final.baseline",
+            spec.final.baseline,
+            "the chosen configuration meets its baseline on the final step's seeds",
+            "set final.seeds: 3 (a compare study compares its arms instead: add an arm)",
+        )
 
 
 def _check_compare(where: str, spec: StudySpec) -> None:
@@ -514,6 +546,14 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
                     f"needs a {needed} section (options to make it, or run: PATH)",
                     f"add {needed}:",
                 )
+    if stages.mask_gan is not None and stages.generate_masks is None:
+        raise SpecError(
+            where,
+            "mask_gan",
+            settings_of(stages.mask_gan),
+            "nothing uses its generator: only a generate_masks stage draws from it",
+            "add generate_masks: {count: N}, or remove mask_gan",
+        )
     for source, (stage, _) in SOURCE_STAGES.items():
         key = SOURCE_DATASETS[source]
         if getattr(stages, stage) and getattr(spec.dataset, key):

@@ -33,7 +33,7 @@ from defectforge.datasets.subset import SubsetConfig
 from defectforge.gan.config import PROFILES, GanConfig
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
-from defectforge.studies.errors import SpecError
+from defectforge.studies.errors import SpecError, with_fix
 
 ORDER = (
     "data",
@@ -145,7 +145,7 @@ def _checked_options(where: str, stage: str, values: dict, known: dict) -> dict:
         try:
             checked[name] = check_field(spec, value, field_types(cls)[name])
         except ConfigError as err:
-            raise SpecError(f"{where}: {stage}.{one_line(str(err))}; fix it") from None
+            raise SpecError(with_fix(f"{where}: {stage}.{one_line(str(err))}")) from None
     return checked
 
 
@@ -195,7 +195,7 @@ def parse_stages(where: str, data: dict) -> Stages:
                 known = _options_of(LabelConfig, Corrections, skip=DERIVED["label"])
                 found[name] = _checked_options(where, name, values, known)
         except ConfigError as err:
-            raise SpecError(f"{where}: {name}: {one_line(str(err))}; fix it") from None
+            raise SpecError(with_fix(f"{where}: {name}: {one_line(str(err))}")) from None
     return Stages(**found)
 
 

@@ -122,6 +122,21 @@ def test_bad_config_values_are_rejected():
         BuildConfig(source="nope", root=".")
 
 
+def test_options_a_source_ignores_are_refused_unless_they_agree_with_it():
+    from defectforge.datasets.steel import SteelOptions
+
+    assert BuildConfig(source="steel", root="r", channels=3).channels == 3  # what steel makes
+    with pytest.raises(ConfigError, match="channels = 1 is not used with source steel"):
+        BuildConfig(source="steel", root="r", channels=1)
+    with pytest.raises(ConfigError, match="missing_mask = 'background' .* holds its mask.png"):
+        BuildConfig(source="steel", root="r", missing_mask="background")
+    # Of nested options only the changed one is shown, with the flags that belong to them.
+    with pytest.raises(ConfigError, match=r"steel = \{'robust': True\} .* --robust"):
+        BuildConfig(source="folder", root="r", steel=SteelOptions(robust=True))
+    with pytest.raises(ConfigError, match="root = 's3://b/raw' is on object storage; .*copy it"):
+        BuildConfig(source="folder", root="s3://b/raw")
+
+
 def test_a_data_error_survives_ray_copying_and_pickling_it():
     import copy
     import pickle

@@ -61,17 +61,27 @@ def test_given_flags_only_override_the_config(tmp_path):
     assert given(args, SegConfig) == {"epochs": 3, "binary": False}
 
 
-@pytest.mark.parametrize("flags", [[], ["--source", "steel", "--data", "rig"]])
-def test_quickstart_flags_make_a_build_config(tmp_path, flags):
+@pytest.mark.parametrize(
+    ("flags", "field", "value"),
+    [
+        (["--test-fraction", "0.2"], "test_fraction", 0.2),
+        (
+            ["--source", "steel", "--data", "rig", "--split-ratios", "0.6,0.2,0.2"],
+            "split_ratios",
+            (0.6, 0.2, 0.2),
+        ),
+    ],
+)
+def test_quickstart_flags_make_a_build_config(tmp_path, flags, field, value):
     from defectforge.datasets.build import BuildConfig
     from defectforge.trainables.cli.options import given
     from defectforge.trainables.cli.quickstart import QUICKSTART_OWNS
     from defectforge.trainables.quickstart import _build_config
 
-    args = parser(["quickstart"]).parse_args(["quickstart", *flags, "--test-fraction", "0.2"])
+    args = parser(["quickstart"]).parse_args(["quickstart", *flags])
     options = given(args, BuildConfig, skip=QUICKSTART_OWNS)
     cfg = _build_config(args.source, args.data, tmp_path, options)
-    assert (cfg.source, cfg.test_fraction) == (args.source, 0.2)
+    assert (cfg.source, getattr(cfg, field)) == (args.source, value)
 
 
 def test_a_dashboard_address_for_the_ray_work_is_one_line(capsys, monkeypatch):

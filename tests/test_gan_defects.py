@@ -18,6 +18,7 @@ from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment
 from defectforge.gan.generate import generate_samples, masks_of
 from defectforge.gan.loop import GanTrainer
+from defectforge.studies.errors import SpecError
 
 SMALL = dict(z_dim=32, w_dim=32, mapping_layers=2, channel_base=256, channel_max=32)
 SIDE = 16
@@ -352,7 +353,15 @@ def test_a_study_mixes_in_images_and_masks_its_mask_gan_stage_drew(
         "storage_path": str(tmp_path / "studies"),
         "final": {"seeds": 0},
     }
+    plain = tmp_path / "plain-gan"
+    plain.mkdir()
+    (plain / "config.json").write_text(_small_config(sample_dataset).to_json())
     spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**spec, "mask_gan": {"run": str(plain)}}))
+    with pytest.raises(SpecError, match="mask_gan.run = .*draws no masks.*gan train --masks"):
+        run_study(spec_file)
+    assert not (tmp_path / "studies" / "stages").exists()  # refused before any stage
+
     spec_file.write_text(yaml.safe_dump(spec))
     run_study(spec_file)
 

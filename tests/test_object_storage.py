@@ -220,4 +220,8 @@ def test_options_read_only_on_this_machine_refuse_a_store_in_one_line(argv, buck
     assert refused.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert f"{bucket}/" in err and "is on object storage" in err and "copy it here first" in err
+    assert (
+        f"{bucket}/" in err
+        and "is on object storage" in err
+        and "copy it to this machine first" in err
+    )

@@ -45,6 +45,7 @@ def test_stage_keys_change_when_and_only_when_their_inputs_change():
         ),
         ({"mask_gan": {"masks": False}}, "mask_gan.masks = False: not a mask_gan option"),
         ({"generate_masks": {"count": 8}}, "generate_masks = .*: needs a mask_gan section"),
+        ({"mask_gan": {"run": "g"}}, "mask_gan = .*: nothing uses its generator.*generate_masks"),
     ],
 )
 def test_stage_sections_are_checked_when_the_spec_loads(stages, message):

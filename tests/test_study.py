@@ -232,7 +232,10 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     from defectforge.trainables.study import resume_study
 
     spec_file = tmp_path / "spec.yaml"
-    spec = study_spec(sample_with_test, tmp_path, labelled, final={"epochs": 1})
+    baseline = {"synthetic_ratio": 0.0, "lr": 0.002}
+    spec = study_spec(
+        sample_with_test, tmp_path, labelled, final={"epochs": 1, "baseline": baseline}
+    )
     # Relative to the driver's folder, as users write them; trials run in folders of their own.
     for key, path in (("real", sample_with_test), ("synthetic", labelled)):
         spec["dataset"][key] = os.path.relpath(path, tmp_path)
@@ -261,8 +264,20 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     interval = final["test_binary_defect_iou"]
     assert interval["n"] == 3 and interval["low"] <= interval["mean"] <= interval["high"]
     assert summary["final"] == final
+    # The baseline ran the same seeds; the chosen configuration minus it, paired by seed.
+    theirs = final["baseline"]
+    assert [s["seed"] for s in theirs["seeds"]] == [1000, 1001, 1002]
+    assert theirs["config"]["synthetic_ratio"] == 0.0 and theirs["config"]["lr"] == 0.002
+    assert theirs["config"]["epochs"] == 1
+    ours = {s["seed"]: s["test_binary_defect_iou"] for s in final["seeds"]}
+    for row in final["paired"]["differences"]:
+        base = next(s for s in theirs["seeds"] if s["seed"] == row["seed"])
+        assert row["difference"] == pytest.approx(
+            ours[row["seed"]] - base["test_binary_defect_iou"]
+        )
     report = (root / "report" / "report.md").read_text()
     assert "Held-out test (3 seeds" in report and f"{interval['mean']:.4f}" in report
+    assert "## Against the baseline (same seeds)" in report
     for picture in ("iou_vs_ratio.png", "best_confusion.png", "best_per_class_iou.png"):
         assert (root / "report" / picture).stat().st_size > 5000
 

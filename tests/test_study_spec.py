@@ -54,6 +54,19 @@ def test_a_valid_spec_parses_into_types():
         ({"search": {"num_samples": "many"}}, "search.num_samples = 'many': must be of type int"),
         ({"search": {"asha": {"grace_period": 0}}}, "search.asha.grace_period = 0: must be >= 1"),
         ({"final": {"seeds": 2}}, "final.seeds = 2: must be 0, or >= 3 for an interval"),
+        (
+            {"final": {"baseline": {"momentum": 0.9}}},
+            "final.baseline.momentum = 0.9: the baseline takes one value of a searchable key",
+        ),
+        (
+            {"final": {"baseline": {"synthetic_ratio": [0.0, 0.1]}}},
+            r"final.baseline.synthetic_ratio = \[0.0, 0.1\]: the baseline takes one value",
+        ),
+        (
+            {"final": {"seeds": 0, "baseline": {"synthetic_ratio": 0.0}}},
+            "final.baseline = .*meets its baseline on the final step's seeds; set final.seeds",
+        ),
+        ({"final": {"baseline": {"lr": -1}}}, "final.baseline.lr = -1.0: must be > 0"),
         ({"datasets": {}}, "datasets = {}: unknown key"),
         ({"expected_runtime": 5}, "expected_runtime = 5: must be a mapping"),
         ({"dataset": {"synthetic": "x"}}, "dataset.real = None: missing"),

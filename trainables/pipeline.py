@@ -191,6 +191,7 @@ class Pipeline:
 
     def run(self) -> StudySpec:
         """Every stage the spec asks for; the spec with its dataset paths set to their outputs."""
+        self._check_given_mask_gan()
         data = self._data()
         self.ids["data"] = Manifest.load(data).dataset_id
         data = self._subset(data)
@@ -214,14 +215,38 @@ class Pipeline:
         )
         return replace(self.spec, dataset=dataset)
 
+    def _check_given_mask_gan(self) -> None:
+        """A given mask_gan run must draw masks: found out before any stage trains for hours."""
+        from defectforge.gan.checkpoint import gan_run_config
+
+        section = self.spec.stages.mask_gan
+        if section is None or RUN_KEY not in section:
+            return
+        if not gan_run_config(absolute_location(section[RUN_KEY])).masks:
+            raise SpecError(
+                self.where,
+                f"mask_gan.{RUN_KEY}",
+                section[RUN_KEY],
+                "this GAN run draws no masks (it was trained without --masks)",
+                "give a run of `defectforge gan train --masks`, or use gan, generate and label "
+                "stages for a GAN whose images a labeller masks",
+            )
+
     def _check_generate_count(self, data: str) -> None:
         """Labelling (or a drawn mask without a defect) only ever drops images: a generate
         count below what a GAN mix of the search needs would fail after the GANs trained, so it
         is refused once the real train split is known."""
-        train = Manifest.load(data).counts["train"].total
-        for source, stage in (("gan", "generate"), ("gan_masks", "generate_masks")):
+        generating = {
+            source: stage
+            for source, stage in (("gan", "generate"), ("gan_masks", "generate_masks"))
+            if getattr(self.spec.stages, stage) is not None
+        }
+        if not generating:
+            return
+        train = Manifest.load(data).split_total("train")
+        for source, stage in generating.items():
             section = getattr(self.spec.stages, stage)
-            for point in self.spec.mix_points() if section is not None else ():
+            for point in self.spec.mix_points():
                 if point["synthetic_source"] != source or not point["synthetic_ratio"]:
                     continue
                 real = point["real_count"] or train

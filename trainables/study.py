@@ -59,7 +59,14 @@ from defectforge.studies.results import (
     trial_rows,
     write_study_report,
 )
-from defectforge.studies.spec import DatasetSpec, Range, StudySpec, load_spec, trial_values
+from defectforge.studies.spec import (
+    ARMS,
+    DatasetSpec,
+    Range,
+    StudySpec,
+    load_spec,
+    trial_values,
+)
 from defectforge.studies.store import StudyStore
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.data_jobs import sealed_splits
@@ -121,7 +128,13 @@ def final_trial(config: dict, context: StudyContext) -> None:
     # The run name carries the final run's (and so the chosen trial's) name: a resumed study
     # whose best trial changed never restores another configuration's checkpoints.
     experiment = tune.get_context().get_experiment_name()
-    _held_out_trial(config, context, f"{experiment}-seed{config['seed']}")
+    baseline = "-baseline" if config.get(ARMS) else ""
+    _held_out_trial(config, context, f"{experiment}-seed{config['seed']}{baseline}")
+
+
+def _final_label(config: dict) -> str:
+    """``seed=1000``, or ``seed=1000_baseline`` for the baseline's run of that seed."""
+    return f"seed={config['seed']}" + ("_baseline" if config.get(ARMS) else "")
 
 
 def compare_trial(config: dict, context: StudyContext) -> None:
@@ -315,14 +328,22 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
     values = dict(best["config"])
     if spec.final.epochs:
         values["epochs"] = spec.final.epochs
-    seeds = _final_seeds(spec)
+    space = {**values, "seed": tune.grid_search(_final_seeds(spec))}
+    if spec.final.baseline:
+        # The baseline as an arm over the chosen values: every key the chosen configuration
+        # sets goes back to its default unless the spec fixes it or the baseline names it.
+        defaults = {key: getattr(context.base, key) for key in values if key != "seed"}
+        baseline = {**defaults, **spec.fixed(), **spec.final.baseline}
+        if spec.final.epochs:
+            baseline["epochs"] = spec.final.epochs
+        space[ARMS] = tune.grid_search([{}, baseline])
     return tune.Tuner(
         _trainable(final_trial, context),
-        param_space={**values, "seed": tune.grid_search(seeds)},
+        param_space=space,
         tune_config=_tune_config(
             context,
-            lambda trial: f"{trial.trial_id}_final_seed={trial.config['seed']}",
-            lambda trial: f"{trial.trial_id}_seed={trial.config['seed']}",
+            lambda trial: f"{trial.trial_id}_final_{_final_label(trial.config)}",
+            lambda trial: f"{trial.trial_id}_{_final_label(trial.config)}",
         ),
         run_config=_run_config(store, final_run_name(best)),
     )
@@ -533,6 +554,7 @@ def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
             config=trial_values(dict(result.config)),
             error=str(result.error) if result.error else None,
             lines=_result_lines(result),
+            arm=dict(result.config.get(ARMS) or {}),
         )
         for result in results
     ]

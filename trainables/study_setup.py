@@ -120,6 +120,9 @@ def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
         for key in set(spec.search_space) - {ARMS}:
             for candidate in spec.values_of(key):
                 _checked(arm_base, {key: candidate}, where, f"search_space.{key}", candidate)
+    baseline = spec.final.baseline
+    if baseline:
+        _checked(base, {**marker, **baseline}, where, "final.baseline", baseline)
 
 
 def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegConfig:

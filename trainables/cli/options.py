@@ -14,7 +14,7 @@ import typing
 from dataclasses import MISSING, Field
 from typing import Any
 
-from defectforge.datasets.config import TypedConfig, field_types, scalar_type
+from defectforge.datasets.config import LOCAL_ONLY, TypedConfig, field_types, scalar_type
 from defectforge.datasets.storage import Location, StorageError, is_uri
 
 
@@ -40,10 +40,7 @@ def local_path(text: str) -> str:
     token files, specs): a store location is refused at once rather than failing mid-run."""
     location = absolute_path(text)
     if is_uri(location):
-        raise argparse.ArgumentTypeError(
-            f"{text} is on object storage; this option reads a file or folder on this machine: "
-            "copy it here first (e.g. `aws s3 cp --recursive`)"
-        )
+        raise argparse.ArgumentTypeError(f"{text} is on object storage; {LOCAL_ONLY}")
     return location
 
 
