@@ -155,6 +155,11 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
             r"synthetic_ratio = 0.5: ratio 0.5 over 35 real train images needs 35 synthetic "
             r"images, only 32 exist; lower the largest ratio",
         ),
+        (
+            {"search_space": {"synthetic_ratio": {"low": 0.0, "high": 0.3}, "real_count": [0, 8]}},
+            r"search_space.real_count = 8: real_count = 8: keeps fewer real images .*; give a "
+            r"synthetic_ratio > 0 with it$",
+        ),
     ],
 )
 def test_a_study_that_would_fail_or_stall_is_refused_before_it_runs(
@@ -401,10 +406,15 @@ def _predict_without_ray_or_smp(export: Path, tmp_path: Path) -> None:
 
 
 def test_study_specs_shipped_in_the_repo_parse():
+    from defectforge.segmentation.config import SegConfig
+    from defectforge.trainables.study_setup import _check_values
+
     specs = sorted((Path(__file__).resolve().parent.parent / "studies" / "specs").glob("*.yaml"))
-    assert {p.stem for p in specs} >= {"quickstart"}
+    assert {p.stem for p in specs} >= {"quickstart", "search-neu-cpu", "search-steel-cpu"}
+    base = SegConfig(data="d", classes=("background", "defect"), channels=3, mean=(0,), std=(1,))
     for path in specs:
         spec = parse_spec(yaml.safe_load(path.read_text()), str(path))
+        _check_values(spec, base, str(path))  # every searched value makes a trial config
         assert spec.expected_runtime.get("cpu") and spec.expected_runtime.get("gpu")
         assert not any(isinstance(v, Range) for v in spec.searched().values()) or (
             spec.search.algorithm == "optuna"

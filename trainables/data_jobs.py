@@ -79,7 +79,16 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
             f"dataset has no {split} split",
             "rebuild it with split ratios that give this split some samples",
         )
-    return ray.data.read_parquet([file.uri for file in files], schema=SCHEMA)
+    return parquet_dataset([file.uri for file in files], SCHEMA)
+
+
+def parquet_dataset(uris: list[str], schema: pa.Schema) -> ray.data.Dataset:
+    """Our Parquet files as a Ray dataset, read by Ray Data's first Parquet reader: the newer one
+    (Ray 2.60's default) starts a pool of 32 footer-reading actors for every read, 32 Python
+    processes for a handful of files; on a 2-core node a 163-row split took 1.8 s to read
+    instead of 0.15 s."""
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(uris, schema=schema)
 
 
 def largest_side(root: str | Path, split: str) -> int:

@@ -10,7 +10,14 @@ from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
-from defectforge.studies.spec import ARMS, SOURCE_DATASETS, SpecError, StudySpec, trial_values
+from defectforge.studies.spec import (
+    ARMS,
+    MIX_DEFAULTS,
+    SOURCE_DATASETS,
+    SpecError,
+    StudySpec,
+    trial_values,
+)
 from defectforge.trainables.runtime import worker_cpus
 from defectforge.trainables.seg import config_from_manifest
 
@@ -117,9 +124,16 @@ def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
     marker = {"synthetic": next(filter(None, given), "synthetic")}
     for arm in spec.search_space.get(ARMS) or [{}]:
         arm_base = _checked(base, {**arm, **marker}, where, "search_space.arms", arm)
-        for key in set(spec.search_space) - {ARMS}:
+        for key in set(spec.search_space) - {ARMS} - set(MIX_DEFAULTS):
             for candidate in spec.values_of(key):
                 _checked(arm_base, {key: candidate}, where, f"search_space.{key}", candidate)
+    # The mix keys hold together (real_count needs a ratio above 0): each of a mix point's
+    # values is checked with the ones before it, so an error names the key that breaks it.
+    for point in spec.mix_points():
+        values = dict(marker)
+        for key in MIX_DEFAULTS:
+            values[key] = point[key]
+            _checked(base, values, where, f"search_space.{key}", point[key])
     baseline = spec.final.baseline
     if baseline:
         _checked(base, {**marker, **baseline}, where, "final.baseline", baseline)
@@ -129,7 +143,8 @@ def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegC
     try:
         return replace(base, **values)
     except ConfigError as err:
-        raise SpecError(where, key, shown, str(err), "change the value") from None
+        problem, _, fix = str(err).partition("; ")
+        raise SpecError(where, key, shown, problem, fix or "change the value") from None
 
 
 def study_worker_cpus(spec: StudySpec) -> float:

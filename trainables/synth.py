@@ -63,7 +63,7 @@ from defectforge.segmentation.report import (
     plot_correction_quality,
     plot_label_grid,
 )
-from defectforge.trainables.data_jobs import read_split
+from defectforge.trainables.data_jobs import parquet_dataset, read_split
 from defectforge.trainables.runtime import ensure_ray, worker_cpus
 
 # The labelling output: the contract's columns plus what the report and the filter need.
@@ -392,7 +392,7 @@ def labelled_parts(
             pq.write_table(table.cast(LABELLED_SCHEMA), buffer)
             path.write_bytes(buffer.getvalue().to_pybytes())
         files.append(path.uri)
-    return ray.data.read_parquet(files, schema=LABELLED_SCHEMA)
+    return parquet_dataset(files, LABELLED_SCHEMA)
 
 
 # LabelConfig options that change how fast labels come, not what they are.
