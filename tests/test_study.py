@@ -156,7 +156,7 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
             r"images, only 32 exist; lower the largest ratio",
         ),
         (
-            {"search_space": {"synthetic_ratio": {"low": 0.0, "high": 0.3}, "real_count": [0, 8]}},
+            {"search_space": {"synthetic_ratio": [0.0, 0.3], "real_count": [0, 8]}},
             r"search_space.real_count = 8: real_count = 8: keeps fewer real images .*; give a "
             r"synthetic_ratio > 0 with it$",
         ),
@@ -429,7 +429,7 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
             "name": "r",
             "dataset": {"real": "x", "synthetic": "y"},
             "search_space": {"synthetic_ratio": [0.0, 0.38], "seed": [0, 1, 2]},
-            "search": {"algorithm": "grid"},
+            "search": {"algorithm": "grid", "asha": {"grace_period": 1}},
         }
     )
     scores = {0.0: [0.60, 0.62, 0.64], 0.38: [0.70, 0.71, 0.72]}
@@ -464,7 +464,9 @@ def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
     }
     summary = write_report(tmp_path, spec, study, trials, None)
     text = (tmp_path / "report.md").read_text()
-    assert "- data: `/data/real` (id `abc`), synthetic `/data/labelled` (id `def`)" in text
+    assert (
+        "- data: `/data/real` (id `abc`), GAN images labelled `/data/labelled` (id `def`)" in text
+    )
     # mean 0.71, sd 0.01, t(0.975, 2) = 4.3027: 0.71 -/+ 0.0248
     assert "| 0.3800 | 3 | 0.7100 | 0.6852 - 0.7348 |" in text
     assert "| 0.0000 | 3 | 0.6200 | 0.5703 - 0.6697 |" in text

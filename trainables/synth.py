@@ -387,9 +387,13 @@ def labelled_parts(
         if not path.is_file():
             chunk_rows = rows.map_batches(partial(only_ids, ids=chunk), batch_format="pyarrow")
             labelled = label_rows(cfg, chunk_rows, size, labeller_id).materialize()
-            table = pa.concat_tables(ray.get(labelled.to_arrow_refs()))
+            # A block the id filter left empty can come back without columns: only rows count.
+            tables = [
+                t.cast(LABELLED_SCHEMA) for t in ray.get(labelled.to_arrow_refs()) if t.num_rows
+            ]
+            table = pa.concat_tables(tables) if tables else LABELLED_SCHEMA.empty_table()
             buffer = pa.BufferOutputStream()
-            pq.write_table(table.cast(LABELLED_SCHEMA), buffer)
+            pq.write_table(table, buffer)
             path.write_bytes(buffer.getvalue().to_pybytes())
         files.append(path.uri)
     return parquet_dataset(files, LABELLED_SCHEMA)
