@@ -14,12 +14,15 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from dataclasses import dataclass  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
-import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defectforge.datasets.config import TypedConfig, option  # noqa: E402
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 MAX_SHIFT = 0.2
 MAX_ROTATION_DEGREES = 180.0
@@ -52,6 +55,10 @@ class AugmentConfig(TypedConfig):
 def paper_augmentation(strength: float, seed: int | None = None) -> A.Compose:
     """An albumentations pipeline for ``(image HxWxC uint8, mask HxW uint8)`` pairs; ``strength``
     as checked by the configs that carry it (``valid_strength``)."""
+    # Here, not at the top: albumentations imports torch (about 3 s per fresh process on 2
+    # cores), which Ray Data tasks that only read, mix or expand rows never need.
+    import albumentations as A
+
     s = strength
     if s == 0:
         return A.Compose([], seed=seed)

@@ -30,8 +30,9 @@ from defectforge.segmentation.checkpoint import (
 )
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.losses import CombinedLoss
-from defectforge.segmentation.metrics import SELECTION_METRIC, MetricAccumulator
+from defectforge.segmentation.metrics import MetricAccumulator
 from defectforge.segmentation.models import build_model
+from defectforge.segmentation.selection import SELECTION_METRIC
 
 
 @dataclass

@@ -7,16 +7,6 @@ import torch
 
 from defectforge.datasets.batches import IGNORE_INDEX
 
-# The headline, and what picks the best epoch, trial and model everywhere.
-SELECTION_METRIC = "val_binary_defect_iou"
-
-
-def best_epoch(rows: list[dict]) -> dict | None:
-    """The first row (epoch) with the best validation score; rows without a score are skipped.
-    The one rule for a trial's best epoch: its table row and its kept checkpoint agree."""
-    scored = [row for row in rows if row.get(SELECTION_METRIC) is not None]
-    return max(scored, key=lambda row: row[SELECTION_METRIC]) if scored else None
-
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``cm[t, p]`` = pixels of true class t predicted as p; ignored pixels are left out."""

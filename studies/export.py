@@ -15,7 +15,7 @@ from defectforge.datasets.storage import is_uri
 from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.export import export_run
-from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE
 from defectforge.studies.results import FINAL_FILE, STUDY_FILE, TRIALS_FILE, require_trials
 from defectforge.studies.spec import SOURCE_DATASETS

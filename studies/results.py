@@ -15,9 +15,8 @@ import yaml
 
 from defectforge.datasets.errors import DataError
 from defectforge.segmentation.config import SegConfig
-from defectforge.segmentation.metrics import SELECTION_METRIC, best_epoch
+from defectforge.segmentation.selection import SELECTION_METRIC, best_epoch
 from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS, paired_difference
-from defectforge.studies.report import write_report
 from defectforge.studies.spec import StudySpec, parse_spec
 from defectforge.studies.stats import mean_interval
 from defectforge.studies.store import StudyStore
@@ -129,6 +128,9 @@ def stored_spec(store: StudyStore) -> StudySpec:
 
 def write_study_report(store: StudyStore) -> dict:
     """Render report.md and its PNGs from the study's files; returns the summary it shows."""
+    # Here: matplotlib and Optuna's views load only where a report is drawn, not in every trial.
+    from defectforge.studies.report import write_report
+
     study = store.read_json(STUDY_FILE)
     trials = store.read_json(TRIALS_FILE)
     final = store.read_json(FINAL_FILE) if store.exists(FINAL_FILE) else None

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from defectforge.datasets.files import save_png  # noqa: E402
-from defectforge.segmentation.metrics import SELECTION_METRIC  # noqa: E402
+from defectforge.segmentation.selection import SELECTION_METRIC  # noqa: E402
 from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
 
 

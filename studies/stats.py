@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from scipy import stats
-
 
 def mean_interval(values: list[float], confidence: float = 0.95) -> dict:
     """Mean, sample standard deviation and the two-sided Student-t interval of the mean."""
@@ -14,6 +12,8 @@ def mean_interval(values: list[float], confidence: float = 0.95) -> dict:
         raise ValueError(f"an interval needs at least 2 values, got {count}")
     mean = sum(values) / count
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (count - 1))
+    from scipy import stats  # a second of imports that only the callers of this pay
+
     half = float(stats.t.ppf(0.5 + confidence / 2, count - 1)) * std / math.sqrt(count)
     return {
         "n": count,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.spec import Range, SpecError, parse_spec
 from defectforge.studies.stats import mean_interval
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from defectforge.segmentation.metrics import best_epoch
+from defectforge.segmentation.selection import best_epoch
 from defectforge.studies.store import StudyStore
 
 # Written last into an epoch folder: a folder holding it is complete.

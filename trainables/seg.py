@@ -47,8 +47,8 @@ from defectforge.segmentation.checkpoint import (
 )
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import LoopIO, train_segmentation
-from defectforge.segmentation.metrics import SELECTION_METRIC
 from defectforge.segmentation.report import write_run_plots
+from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.data_jobs import largest_side, read_split, train_rows
 from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_name, epoch_of

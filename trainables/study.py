@@ -44,7 +44,7 @@ from defectforge.datasets.errors import DataError, UserError
 from defectforge.datasets.outputs import check_name
 from defectforge.datasets.storage import absolute_location, is_uri
 from defectforge.segmentation.inference import evaluate_dataset_split
-from defectforge.segmentation.metrics import SELECTION_METRIC
+from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE, summarize_comparison
 from defectforge.studies.export import export_study
 from defectforge.studies.results import (
