@@ -464,13 +464,14 @@ def _check_baseline(where: str, spec: StudySpec) -> None:
     """One value per searchable key, and seeds to pair the two configurations by."""
     searchable = SegConfig.searchable()
     for key, value in spec.final.baseline.items():
-        if key not in searchable or isinstance(value, list | dict):
+        if key not in searchable or key == "seed" or isinstance(value, list | dict):
             raise SpecError(
                 where,
                 f"final.baseline.{key}",
                 value,
                 "the baseline takes one value of a searchable key",
-                f"use one of {sorted(searchable)}, each with one value",
+                f"use one of {sorted(set(searchable) - {'seed'})}, each with one value (the "
+                "baseline runs the final step's seeds)",
             )
         _checked_option(where, f"final.baseline.{key}", searchable[key], value)
     if spec.final.baseline and (not spec.final.seeds or spec.search.algorithm == "compare"):

@@ -67,6 +67,7 @@ def test_a_valid_spec_parses_into_types():
             "final.baseline = .*meets its baseline on the final step's seeds; set final.seeds",
         ),
         ({"final": {"baseline": {"lr": -1}}}, "final.baseline.lr = -1.0: must be > 0"),
+        ({"final": {"baseline": {"seed": 7}}}, "final.baseline.seed = 7: the baseline takes one"),
         ({"datasets": {}}, "datasets = {}: unknown key"),
         ({"expected_runtime": 5}, "expected_runtime = 5: must be a mapping"),
         ({"dataset": {"synthetic": "x"}}, "dataset.real = None: missing"),

@@ -334,6 +334,7 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
         # sets goes back to its default unless the spec fixes it or the baseline names it.
         defaults = {key: getattr(context.base, key) for key in values if key != "seed"}
         baseline = {**defaults, **spec.fixed(), **spec.final.baseline}
+        baseline.pop("seed", None)  # each baseline run takes its grid seed, as the chosen's do
         if spec.final.epochs:
             baseline["epochs"] = spec.final.epochs
         space[ARMS] = tune.grid_search([{}, baseline])
