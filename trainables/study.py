@@ -80,6 +80,7 @@ from defectforge.trainables.slots import TrialSlots, trial_slot
 from defectforge.trainables.study_setup import (
     StudyContext,
     base_config,
+    baseline_arm,
     check_study,
     study_worker_cpus,
 )
@@ -128,13 +129,18 @@ def final_trial(config: dict, context: StudyContext) -> None:
     # The run name carries the final run's (and so the chosen trial's) name: a resumed study
     # whose best trial changed never restores another configuration's checkpoints.
     experiment = tune.get_context().get_experiment_name()
-    baseline = "-baseline" if config.get(ARMS) else ""
+    baseline = "-baseline" if _is_baseline(config) else ""
     _held_out_trial(config, context, f"{experiment}-seed{config['seed']}{baseline}")
+
+
+def _is_baseline(config: dict) -> bool:
+    """A final run of the baseline (its arm holds values; the chosen configuration's is empty)."""
+    return bool(config.get(ARMS))
 
 
 def _final_label(config: dict) -> str:
     """``seed=1000``, or ``seed=1000_baseline`` for the baseline's run of that seed."""
-    return f"seed={config['seed']}" + ("_baseline" if config.get(ARMS) else "")
+    return f"seed={config['seed']}" + ("_baseline" if _is_baseline(config) else "")
 
 
 def compare_trial(config: dict, context: StudyContext) -> None:
@@ -330,14 +336,8 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
         values["epochs"] = spec.final.epochs
     space = {**values, "seed": tune.grid_search(_final_seeds(spec))}
     if spec.final.baseline:
-        # The baseline as an arm over the chosen values: every key the chosen configuration
-        # sets goes back to its default unless the spec fixes it or the baseline names it.
-        defaults = {key: getattr(context.base, key) for key in values if key != "seed"}
-        baseline = {**defaults, **spec.fixed(), **spec.final.baseline}
-        baseline.pop("seed", None)  # each baseline run takes its grid seed, as the chosen's do
-        if spec.final.epochs:
-            baseline["epochs"] = spec.final.epochs
-        space[ARMS] = tune.grid_search([{}, baseline])
+        # The baseline as an arm over the chosen values, in the same grid as the seeds.
+        space[ARMS] = tune.grid_search([{}, baseline_arm(spec, context.base)])
     return tune.Tuner(
         _trainable(final_trial, context),
         param_space=space,

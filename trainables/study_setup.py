@@ -134,9 +134,22 @@ def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
         for key in MIX_DEFAULTS:
             values[key] = point[key]
             _checked(base, values, where, f"search_space.{key}", point[key])
-    baseline = spec.final.baseline
-    if baseline:
-        _checked(base, {**marker, **baseline}, where, "final.baseline", baseline)
+    if spec.final.baseline:
+        baseline = baseline_arm(spec, base)
+        _checked(base, {**marker, **baseline}, where, "final.baseline", spec.final.baseline)
+
+
+def baseline_arm(spec: StudySpec, base: SegConfig) -> dict:
+    """The final step's baseline, as it is checked and as it trains: every varied key back at
+    its default, then the spec's fixed values, then ``final.baseline``; no seed (each run takes
+    the final step's) and the final step's epochs."""
+    values = {key: getattr(base, key) for key in spec.varied() if key != "seed"}
+    values.update(spec.fixed())
+    values.update(spec.final.baseline)
+    values.pop("seed", None)
+    if spec.final.epochs:
+        values["epochs"] = spec.final.epochs
+    return values
 
 
 def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegConfig:
