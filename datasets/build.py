@@ -150,7 +150,7 @@ class BuildConfig(TypedConfig):
             value = getattr(self, spec.name)
             if spec.name not in UNUSED_BY_SOURCE[self.source] or value in (
                 _default_of(spec),
-                AGREES_WITH_SOURCE.get((self.source, spec.name)),
+                AGREES_WITH_SOURCE.get((self.source, spec.name), _default_of(spec)),
             ):
                 continue
             hint = UNUSED_HINT.get(spec.name, f"source {self.source} does not read it")

@@ -179,6 +179,13 @@ def _final_section(final: dict) -> list[str]:
 
 def _baseline_lines(final: dict) -> list[str]:
     """The chosen configuration against its baseline on the same seeds."""
+    if final.get("chosen_is_baseline"):
+        return [
+            "## Against the baseline",
+            "",
+            "The search chose the baseline itself (final.baseline): there is nothing to compare it "
+            "with, and its seeds trained once.",
+        ]
     if "baseline" not in final:
         return []
     theirs, paired = final["baseline"]["test_binary_defect_iou"], final["paired"]

@@ -106,12 +106,16 @@ def _seed_scores(records: list[TrialRecord]) -> dict:
     }
 
 
-def summarize_final(records: list[TrialRecord], best: dict) -> dict:
+def summarize_final(
+    records: list[TrialRecord], best: dict, chosen_is_baseline: bool = False
+) -> dict:
     """The final seeds' test scores and their mean with its 95% interval; with a baseline,
     its seeds too and the chosen minus the baseline, paired by seed."""
     chosen = [r for r in records if not r.arm]
     baseline = [r for r in records if r.arm]
     summary = {"config": best["config"], "from_trial": best["trial"], **_seed_scores(chosen)}
+    if chosen_is_baseline:
+        summary["chosen_is_baseline"] = True
     if baseline:
         theirs = {"config": baseline[0].arm, **_seed_scores(baseline)}
         summary["baseline"] = theirs

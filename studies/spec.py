@@ -199,14 +199,23 @@ class StudySpec:
 
     def mix_points(self) -> list[dict]:
         """Every (synthetic_ratio, synthetic_source, real_count) a trial may train with: an
-        arm's own values, else the space's (a range as its two ends), else the defaults."""
+        arm's own values, else the space's (a range as its two ends), else the defaults; and
+        the final step's baseline. ``section`` says which part of the spec set it."""
         points = []
         for arm in self.search_space.get(ARMS) or [{}]:
             options = [
                 [arm[key]] if key in arm else self._outside_arms(key) or [default]
                 for key, default in MIX_DEFAULTS.items()
             ]
-            points += [dict(zip(MIX_DEFAULTS, combo, strict=True)) for combo in product(*options)]
+            points += [
+                {**dict(zip(MIX_DEFAULTS, combo, strict=True)), "section": "search_space"}
+                for combo in product(*options)
+            ]
+        if self.final.baseline:
+            baseline = {**MIX_DEFAULTS, **self.fixed(), **self.final.baseline}
+            points.append(
+                {key: baseline[key] for key in MIX_DEFAULTS} | {"section": "final.baseline"}
+            )
         return points
 
     def synthetic_sources(self) -> set[str]:
@@ -474,6 +483,15 @@ def _check_baseline(where: str, spec: StudySpec) -> None:
                 "baseline runs the final step's seeds)",
             )
         _checked_option(where, f"final.baseline.{key}", searchable[key], value)
+    if "epochs" in spec.final.baseline and spec.final.epochs:
+        raise SpecError(
+            where,
+            "final.baseline.epochs",
+            spec.final.baseline["epochs"],
+            f"final.epochs = {spec.final.epochs} already sets the epochs of the chosen "
+            "configuration and its baseline alike",
+            "remove one of the two",
+        )
     if spec.final.baseline and (not spec.final.seeds or spec.search.algorithm == "compare"):
         raise SpecError(
             where,

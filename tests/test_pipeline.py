@@ -159,16 +159,29 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
     assert {run.status for run in again.runs} == {"reused", "given"}
 
 
-def test_too_few_generated_images_are_refused_before_the_gan_trains(
-    ray_session, sample_root, tmp_path
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"generate": {"count": 2}, "search_space": {"synthetic_ratio": [0.0, 0.38]}},
+            r"generate.count = 2: ratio 0.38 over \d+ real train",
+        ),
+        (  # a searched value no trial could train with (PAN at 64-px crops)
+            {"search_space": {"arch": ["unet", "pan"], "epochs": 1}},
+            r"search_space.arch = 'pan': crop_size = 64: pan needs inputs of at least 128 px",
+        ),
+    ],
+)
+def test_what_would_fail_later_is_refused_before_the_gan_trains(
+    ray_session, sample_root, tmp_path, changes, message
 ):
     from defectforge.trainables.pipeline import Pipeline
 
     spec = pipeline_spec(sample_root, tmp_path / "no-labeller-needed", tmp_path / "storage")
-    spec["generate"] = {"count": 2}
-    spec["search_space"]["synthetic_ratio"] = [0.0, 0.38]
+    for section, values in changes.items():
+        spec[section] = {**spec[section], **values}
 
-    with pytest.raises(SpecError, match=r"generate.count = 2: ratio 0.38 over \d+ real train"):
+    with pytest.raises(SpecError, match=message):
         Pipeline(parse_spec(spec, "spec.yaml"), "spec.yaml").run()
     made = sorted(p.name.split("-")[0] for p in (tmp_path / "storage" / "stages").iterdir())
     assert made == ["data"]  # neither the labeller nor the GAN stage started

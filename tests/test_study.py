@@ -157,8 +157,15 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
         ),
         (
             {"search_space": {"synthetic_ratio": [0.0, 0.3], "real_count": [0, 8]}},
-            r"search_space.real_count = 8: real_count = 8: keeps fewer real images .*; give a "
+            r"search_space.real_count = 8: keeps fewer real images .*; give a "
             r"synthetic_ratio > 0 with it$",
+        ),
+        (  # the baseline's own mix is planned like every trial's
+            {
+                "search_space": {"synthetic_ratio": [0.0, 0.3]},
+                "final": {"seeds": 3, "baseline": {"synthetic_ratio": 0.5}},
+            },
+            r"final.baseline.synthetic_ratio = 0.5: ratio 0.5 over 35 real train images needs 35",
         ),
     ],
 )
@@ -167,11 +174,29 @@ def test_a_study_that_would_fail_or_stall_is_refused_before_it_runs(
 ):
     from defectforge.trainables.study_setup import check_study
 
-    data = sample_dataset if "final" in changes else sample_with_test
+    data = sample_dataset if changes == {"final": {"seeds": 3}} else sample_with_test
     synthetic = labelled if "synthetic_ratio" in changes.get("search_space", {}) else None
     spec = parse_spec(study_spec(data, tmp_path, synthetic, **changes))
     with pytest.raises(SpecError, match=message):
         check_study(spec, "spec.yaml")
+
+
+def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
+    sample_with_test, labelled, tmp_path
+):
+    from defectforge.studies.report import _baseline_lines
+    from defectforge.trainables.study import final_baseline
+    from defectforge.trainables.study_setup import StudyContext, base_config
+
+    spec = parse_spec(
+        study_spec(sample_with_test, tmp_path, labelled, final={"baseline": {"synthetic_ratio": 0}})
+    )
+    context = StudyContext(spec, str(tmp_path), base_config(spec))
+    trial = {"synthetic_ratio": 0.4, "epochs": 2, "batch_size": 4}
+    assert final_baseline(context, {"config": trial})["synthetic_ratio"] == 0
+    assert final_baseline(context, {"config": {**trial, "synthetic_ratio": 0.0}}) == {}
+    lines = _baseline_lines({"chosen_is_baseline": True})
+    assert "The search chose the baseline itself" in lines[-1]
 
 
 def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test, tmp_path):
@@ -234,6 +259,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     from defectforge.segmentation.inference import predict_batch_logits
     from defectforge.studies.export import export_study
     from defectforge.studies.results import FINAL_FILE, TRIALS_FILE
+    from defectforge.trainables.cli.study import study_line
     from defectforge.trainables.study import resume_study
 
     spec_file = tmp_path / "spec.yaml"
@@ -283,6 +309,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     report = (root / "report" / "report.md").read_text()
     assert "Held-out test (3 seeds" in report and f"{interval['mean']:.4f}" in report
     assert "## Against the baseline (same seeds)" in report
+    assert study_line(summary).splitlines()[1].startswith("chosen vs baseline: ")
     for picture in ("iou_vs_ratio.png", "best_confusion.png", "best_per_class_iou.png"):
         assert (root / "report" / picture).stat().st_size > 5000
 

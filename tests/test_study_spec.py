@@ -68,6 +68,10 @@ def test_a_valid_spec_parses_into_types():
         ),
         ({"final": {"baseline": {"lr": -1}}}, "final.baseline.lr = -1.0: must be > 0"),
         ({"final": {"baseline": {"seed": 7}}}, "final.baseline.seed = 7: the baseline takes one"),
+        (
+            {"final": {"epochs": 4, "baseline": {"epochs": 6}}},
+            "final.baseline.epochs = 6: final.epochs = 4 already sets the epochs",
+        ),
         ({"datasets": {}}, "datasets = {}: unknown key"),
         ({"expected_runtime": 5}, "expected_runtime = 5: must be a mapping"),
         ({"dataset": {"synthetic": "x"}}, "dataset.real = None: missing"),

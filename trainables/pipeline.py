@@ -25,6 +25,7 @@ from defectforge.studies.errors import SpecError
 from defectforge.studies.spec import StudySpec
 from defectforge.studies.stages import ORDER, RUN_KEY, settings_of, stage_key
 from defectforge.trainables.runtime import check_storage_everywhere
+from defectforge.trainables.study_setup import check_trial_values
 
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
@@ -196,6 +197,7 @@ class Pipeline:
         self.ids["data"] = Manifest.load(data).dataset_id
         data = self._subset(data)
         self.ids["data"] = Manifest.load(data).dataset_id
+        check_trial_values(self.spec, data, self.where)
         self._check_generate_count(data)
         labeller = self._labeller(data)
         gan = self._gan(data)

@@ -335,9 +335,10 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
     if spec.final.epochs:
         values["epochs"] = spec.final.epochs
     space = {**values, "seed": tune.grid_search(_final_seeds(spec))}
-    if spec.final.baseline:
+    baseline = final_baseline(context, best)
+    if baseline:
         # The baseline as an arm over the chosen values, in the same grid as the seeds.
-        space[ARMS] = tune.grid_search([{}, baseline_arm(spec, context.base)])
+        space[ARMS] = tune.grid_search([{}, baseline])
     return tune.Tuner(
         _trainable(final_trial, context),
         param_space=space,
@@ -348,6 +349,16 @@ def _final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.T
         ),
         run_config=_run_config(store, final_run_name(best)),
     )
+
+
+def final_baseline(context: StudyContext, best: dict) -> dict:
+    """The baseline's values, or none where the search chose the baseline itself (it would
+    train the same runs twice and compare them with themselves)."""
+    if not context.spec.final.baseline:
+        return {}
+    baseline = baseline_arm(context.spec, context.base)
+    chosen = trial_values(best["config"])
+    return {} if all(chosen.get(k) == v for k, v in baseline.items()) else baseline
 
 
 def _run(store: StudyStore, run: str, fresh, trainable) -> tune.ResultGrid:
@@ -507,7 +518,9 @@ def _complete(spec: StudySpec, store: StudyStore) -> dict:
             lambda: _final_tuner(context, store, best),
             _trainable(final_trial, context),
         )
-        store.write_json(FINAL_FILE, summarize_final(trial_records(final_results), best))
+        chosen_is_baseline = bool(spec.final.baseline) and not final_baseline(context, best)
+        summary = summarize_final(trial_records(final_results), best, chosen_is_baseline)
+        store.write_json(FINAL_FILE, summary)
     return write_study_report(store)
 
 

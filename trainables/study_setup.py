@@ -89,6 +89,13 @@ def check_study(spec: StudySpec, where: str) -> dict:
     return ids
 
 
+def check_trial_values(spec: StudySpec, real: str, where: str) -> None:
+    """The values check of ``check_study``, as soon as the real dataset exists: a pipeline runs
+    it after its data stages, before any stage trains."""
+    spec = replace(spec, dataset=replace(spec.dataset, real=real))
+    _check_values(spec, base_config(spec), where)
+
+
 def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> None:
     """A trial asking for more synthetic (or real) images than exist would only fail once it
     ran: every mix a trial may ask for is planned now."""
@@ -106,14 +113,14 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
         except NotEnoughSynthetic as err:
             raise SpecError(
                 where,
-                "search_space.synthetic_ratio",
+                f"{point['section']}.synthetic_ratio",
                 point["synthetic_ratio"],
                 err.problem,
                 "lower the largest ratio or generate and label more images",
             ) from None
         except DataError as err:
             raise SpecError(
-                where, "search_space.real_count", point["real_count"], err.problem, err.fix
+                where, f"{point['section']}.real_count", point["real_count"], err.problem, err.fix
             ) from None
 
 
@@ -133,7 +140,7 @@ def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
         values = dict(marker)
         for key in MIX_DEFAULTS:
             values[key] = point[key]
-            _checked(base, values, where, f"search_space.{key}", point[key])
+            _checked(base, values, where, f"{point['section']}.{key}", point[key])
     if spec.final.baseline:
         baseline = baseline_arm(spec, base)
         _checked(base, {**marker, **baseline}, where, "final.baseline", spec.final.baseline)
@@ -157,6 +164,10 @@ def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegC
         return replace(base, **values)
     except ConfigError as err:
         problem, _, fix = str(err).partition("; ")
+        # The option's own "key = value: " would repeat what the spec error says first.
+        own = f"{key.rsplit('.', 1)[-1]} = "
+        if problem.startswith(own):
+            problem = problem.partition(": ")[2]
         raise SpecError(where, key, shown, problem, fix or "change the value") from None
 
 

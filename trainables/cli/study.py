@@ -42,6 +42,10 @@ def study_line(summary: dict) -> str:
             f"; held-out test {test['mean']:.4f} ± {test['half_width']:.4f} "
             f"(95% CI, {test['n']} seeds)"
         )
+    if final and "paired" in final:
+        line += "\n" + _paired_line(final["paired"])
+    elif final and final.get("chosen_is_baseline"):
+        line += "\nthe search chose the baseline itself: nothing to compare"
     return line
 
 
