@@ -43,7 +43,7 @@ def main() -> None:
         server = start_s3_server(Path(tmp) / "s3")
         try:
             os.environ.update(server.env)  # before Ray starts: its workers read the store too
-            from defectforge.datasets.storage import Location
+            from defectforge.core.storage import Location
             from defectforge.trainables.runtime import ensure_ray
             from defectforge.trainables.seg import config_from_manifest
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import yaml
 
 from defectforge.cluster.local import auth_headers, default_token_path
-from defectforge.datasets.errors import ClusterError, ConfigError
-from defectforge.datasets.storage import absolute_location
+from defectforge.core.errors import ClusterError, ConfigError
+from defectforge.core.storage import absolute_location
 from defectforge.studies.spec import DatasetSpec, load_spec
 
 PROJECT = "defectforge"
@@ -217,7 +217,7 @@ def id_part(name: str) -> str:
 def job_entrypoint(name: str | None = None) -> str:
     """The job's command line. Ray runs it through a shell, so every part is quoted: a study
     name with a space or `;` stays one argument instead of breaking or extending the command."""
-    argv = ["python", "-m", f"{PROJECT}.trainables.cli", "study", "run", JOB_SPEC]
+    argv = ["python", "-m", f"{PROJECT}.cli", "study", "run", JOB_SPEC]
     argv += ["--address", "auto"]
     if name:
         argv += ["--name", name]

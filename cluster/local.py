@@ -32,8 +32,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.errors import ClusterError
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import ClusterError
 
 STATE_FILE = "cluster.json"
 HOST = "127.0.0.1"

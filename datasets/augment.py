@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.datasets.config import TypedConfig, option  # noqa: E402
+from defectforge.core.config import TypedConfig, option  # noqa: E402
 
 if TYPE_CHECKING:
     import albumentations as A

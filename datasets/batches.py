@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from defectforge.core.errors import DataError
 from defectforge.datasets.augment import augment_pair, paper_augmentation
 from defectforge.datasets.contract import decode_png
-from defectforge.datasets.errors import DataError
 
 IGNORE_INDEX = 255
 # Encoders downsample by 32; inputs are padded up to a multiple of it.

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from defectforge.datasets.config import TypedConfig, option
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.outputs import NAME_RULE, name_problem
 from defectforge.datasets.contract import SCHEMA, combined_digest
 from defectforge.datasets.discover import (
     NEU_SEG_CLASSES,
@@ -22,10 +24,8 @@ from defectforge.datasets.discover import (
     discover_neu_seg,
     read_class_file,
 )
-from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import NAME_RULE, name_problem
 from defectforge.datasets.readers import guess_channels, load_sample
 from defectforge.datasets.samples import SampleRef, SampleSpec
 from defectforge.datasets.steel import SIMULATION_FILE, SteelOptions, discover_steel

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import atomic_write
-from defectforge.datasets.storage import Location, store_errors
+from defectforge.core.errors import DataError
+from defectforge.core.files import atomic_write
+from defectforge.core.storage import Location, store_errors
 
 SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")

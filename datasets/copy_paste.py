@@ -16,12 +16,12 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from defectforge.datasets.config import TypedConfig, option
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import DataError
+from defectforge.core.storage import Location, absolute_location
 from defectforge.datasets.contract import MANIFEST, SCHEMA, decode_png, encode_png, read_split_table
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
-from defectforge.datasets.storage import Location, absolute_location
 from defectforge.datasets.writer import derived_from, write_dataset
 
 COPY_PASTE = "copy-paste"

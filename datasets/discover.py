@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from defectforge.core.errors import DataError
 from defectforge.datasets.contract import SPLITS
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.samples import (
     IMAGE_SUFFIXES,
     SampleRef,

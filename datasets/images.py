@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 SKIP_FIX = "re-export the file or remove it (or pass --skip-bad)"

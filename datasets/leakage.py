@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from defectforge.core.errors import DataError
+from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, read_split_table
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.storage import Location
 
 HELD_OUT = ("val", "test")
 FIXES = {

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from defectforge.core.errors import DataError
+from defectforge.core.outputs import OUTPUT_RECORD
+from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, SCHEMA_VERSION, SPLITS, combined_digest
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.outputs import OUTPUT_RECORD
-from defectforge.datasets.storage import Location
 
 # Lineage sections, one per way a manifest is made.
 LINEAGE = ("config", "subset", "augmentation", "mix", "labelling", "generation")

@@ -12,12 +12,12 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from defectforge.datasets.config import TypedConfig, option
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import DataError
+from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, read_split_table
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.leakage import check_no_leakage
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.storage import Location
 
 RATIO_HELP = "synthetic share of the train split: synthetic / (real + synthetic)"
 REAL_COUNT_HELP = (

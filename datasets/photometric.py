@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 
 MAP_NAMES = ("curvature", "range", "texture")
 # Lights this close to one plane cannot separate the three normal components.

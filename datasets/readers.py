@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from defectforge.core.errors import DataError
 from defectforge.datasets.contract import encode_png
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS, decode_file
 from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, SampleSpec, is_mask_file
 from defectforge.datasets.steel import folder_digest, read_steel_image

@@ -21,11 +21,11 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from defectforge.datasets.config import TypedConfig, option
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import DataError
+from defectforge.core.outputs import publish_dir
 from defectforge.datasets.contract import SPLITS
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.images import decode_file
-from defectforge.datasets.outputs import publish_dir
 from defectforge.datasets.photometric import (
     DEFAULT_CLIP_PERCENTILES,
     MAP_NAMES,

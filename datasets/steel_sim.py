@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from defectforge.datasets.config import TypedConfig, option
+from defectforge.core.config import TypedConfig, option
 from defectforge.datasets.photometric import light_from_angles, normals_from_height
 
 STEEL_CLASSES = ("background", "scratch", "dent", "inclusion", "patch", "rust", "roll_print")

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import DataError
+from defectforge.core.storage import Location
 from defectforge.datasets.build import pixel_statistics
-from defectforge.datasets.config import TypedConfig, option
 from defectforge.datasets.contract import (
     MANIFEST,
     SPLITS,
@@ -25,10 +27,8 @@ from defectforge.datasets.contract import (
     read_split_table,
     without_ids,
 )
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stratified_ids
-from defectforge.datasets.storage import Location
 from defectforge.datasets.writer import derived_from, write_dataset
 
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")

@@ -3,7 +3,7 @@
 Every command that makes a dataset (build, augment, mix, label, generate) hands its rows to
 ``write_dataset``'s staging area, split by split, and its manifest at the end. The writer checks
 that the rows hold exactly the contract's columns, fills the manifest's counts from the rows
-written, and publishes the folder under the safety rules of ``datasets.outputs`` (never over an
+written, and publishes the folder under the safety rules of ``core.outputs`` (never over an
 input, ``--overwrite`` only over defectforge's own output, all or nothing).
 
 Rows come as a pyarrow Table or as anything with ``write_parquet(path, min_rows_per_file=...)``
@@ -20,6 +20,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from defectforge.core.files import write_json_atomic
+from defectforge.core.outputs import check_output, publish_dir
+from defectforge.core.storage import Location, is_uri
 from defectforge.datasets.contract import (
     MANIFEST,
     SCHEMA,
@@ -29,10 +32,7 @@ from defectforge.datasets.contract import (
     split_dir,
     split_files,
 )
-from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.manifest import Manifest, SplitCounts
-from defectforge.datasets.outputs import check_output, publish_dir
-from defectforge.datasets.storage import Location, is_uri
 
 ROWS_PER_FILE = 1024
 COUNT_COLUMNS = ["source", "defect_class"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import ConfigError
 from defectforge.datasets.batches import MIRRORS
-from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.errors import ConfigError
 from defectforge.gan.diffaug import parse_policy
 
 # bf16 is mixed precision (autocast); it pays on GPUs and on CPUs with native bf16 (AVX512-BF16,

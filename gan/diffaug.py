@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from defectforge.datasets.errors import ConfigError
+from defectforge.core.errors import ConfigError
 
 Augment = Callable[[torch.Tensor, float, torch.Generator | None], torch.Tensor]
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectforge.datasets.errors import ConfigError
+from defectforge.core.errors import ConfigError
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Generator
 

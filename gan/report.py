@@ -18,10 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.datasets.errors import DataError  # noqa: E402
-from defectforge.datasets.files import save_png, write_json_atomic  # noqa: E402
-from defectforge.datasets.outputs import publish_dir  # noqa: E402
-from defectforge.datasets.storage import Location, local_folder  # noqa: E402
+from defectforge.core.errors import DataError  # noqa: E402
+from defectforge.core.files import save_png, write_json_atomic  # noqa: E402
+from defectforge.core.outputs import publish_dir  # noqa: E402
+from defectforge.core.storage import Location, local_folder  # noqa: E402
 from defectforge.gan.checkpoint import SAMPLES_DIR  # noqa: E402
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
@@ -183,7 +183,7 @@ def _montage(samples: Path, kimgs: list[float]) -> np.ndarray | None:
 
 def write_picture(path: Path, picture: np.ndarray) -> Path:
     """A BGR picture as PNG, written under a temporary name and renamed."""
-    from defectforge.datasets.files import atomic_write
+    from defectforge.core.files import atomic_write
 
     def write(tmp: str) -> None:
         ok, data = cv2.imencode(".png", picture)

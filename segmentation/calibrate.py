@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectforge.datasets.storage import Location
+from defectforge.core.storage import Location
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.decisions import OPERATING_POINT_FILE, calibrate, largest_by_threshold
 from defectforge.segmentation.inference import dataset_split_pairs, image_probabilities

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import (
+from defectforge.core.errors import DataError
+from defectforge.core.files import (
     STATE_FILE,
     atomic_write,
     load_state_dict_file,
     require_files,
 )
-from defectforge.datasets.storage import local_folder
+from defectforge.core.storage import local_folder
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.models import build_model
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import ConfigError
 from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
-from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.errors import ConfigError
 from defectforge.datasets.mix import RATIO_HELP, REAL_COUNT_HELP, MixConfig, valid_ratio
 from defectforge.segmentation.losses import parse_loss
 from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.errors import ConfigError
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import ConfigError
 
 OPERATING_POINT_FILE = "operating_point.json"
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from defectforge.core.outputs import check_output, publish_dir
+from defectforge.core.storage import Location
 from defectforge.datasets.batches import BatchSpec
 from defectforge.datasets.contract import decode_png, read_split_table
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import check_output, publish_dir
-from defectforge.datasets.storage import Location
 from defectforge.segmentation.checkpoint import load_model, unwrap
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.exported import (

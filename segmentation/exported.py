@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.outputs import check_output
+from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
-from defectforge.datasets.outputs import check_output
 from defectforge.datasets.steel import (
     SteelOptions,
     read_steel_image,
     sample_name,
     steel_sample_folders,
 )
-from defectforge.datasets.storage import Location, local_folder
 from defectforge.segmentation.decisions import softmax
 from defectforge.segmentation.predictions import (
     image_samples,

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from defectforge.core.errors import DataError
+from defectforge.core.outputs import check_output
 from defectforge.datasets.batches import SIZE_MULTIPLE, BatchSpec, normalise
 from defectforge.datasets.contract import decode_png, read_parquet, split_files, split_location
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
-from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
 from defectforge.segmentation.checkpoint import load_model

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from defectforge.datasets.errors import ConfigError
+from defectforge.core.errors import ConfigError
 from defectforge.segmentation.checkpoint import (
     MODEL_FILE,
     load_training_state,

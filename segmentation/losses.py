@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defectforge.core.errors import ConfigError
 from defectforge.datasets.batches import IGNORE_INDEX
-from defectforge.datasets.errors import ConfigError
 
 EPS = 1.0
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 from torch import nn
 
-from defectforge.datasets.errors import ConfigError, DataError
-from defectforge.datasets.files import load_state_dict_file
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.files import load_state_dict_file
 
 # smp's public name -> class mapping (names are lower-case class names).
 ARCHITECTURES: dict[str, type[nn.Module]] = dict(smp.MODEL_ARCHITECTURES_MAPPING)

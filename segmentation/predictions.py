@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from defectforge.core.errors import DataError
+from defectforge.core.files import write_json_atomic
+from defectforge.core.outputs import publish_dir
+from defectforge.core.storage import Location
 from defectforge.datasets.contract import write_png
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
-from defectforge.datasets.outputs import publish_dir
 from defectforge.datasets.readers import list_images, read_image
-from defectforge.datasets.storage import Location
 from defectforge.segmentation.decisions import OPERATING_POINT_FILE, OperatingPoint, findings
 from defectforge.segmentation.overlay import overlay
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from defectforge.datasets.config import TypedConfig, option
-from defectforge.datasets.errors import ConfigError
+from defectforge.core.config import TypedConfig, option
+from defectforge.core.errors import ConfigError
 from defectforge.datasets.readers import dominant_class
 
 CORRECTION_STEPS = ("fill_holes", "closing", "min_area")

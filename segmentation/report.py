@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from defectforge.core.files import save_png  # noqa: E402
 from defectforge.datasets.contract import decode_png, read_split_table  # noqa: E402
-from defectforge.datasets.files import save_png  # noqa: E402
 from defectforge.segmentation.checkpoint import load_model  # noqa: E402
 from defectforge.segmentation.inference import predict_logits  # noqa: E402
 from defectforge.segmentation.overlay import overlay  # noqa: E402

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.datasets.files import save_png  # noqa: E402
+from defectforge.core.files import save_png  # noqa: E402
 from defectforge.studies.spec import MIX_DEFAULTS, StudySpec  # noqa: E402
 from defectforge.studies.stats import mean_interval  # noqa: E402
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from defectforge.datasets.errors import UserError
+from defectforge.core.errors import UserError
 
 
 class SpecError(UserError):

@@ -10,8 +10,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from defectforge.datasets.outputs import check_output
-from defectforge.datasets.storage import is_uri
+from defectforge.core.outputs import check_output
+from defectforge.core.storage import is_uri
 from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.export import export_run

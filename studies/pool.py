@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import write_json_atomic
-from defectforge.datasets.outputs import publish_dir
-from defectforge.datasets.storage import absolute_location
+from defectforge.core.errors import DataError
+from defectforge.core.files import write_json_atomic
+from defectforge.core.outputs import publish_dir
+from defectforge.core.storage import absolute_location
 from defectforge.studies.compare import (
     COMPARE_FILE,
     arm_entry,

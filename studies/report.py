@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.datasets.files import atomic_write, save_png  # noqa: E402
+from defectforge.core.files import atomic_write, save_png  # noqa: E402
 from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
 from defectforge.segmentation.selection import SELECTION_METRIC  # noqa: E402
 from defectforge.studies.compare import (  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.selection import SELECTION_METRIC, best_epoch
 from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS, paired_difference

@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from defectforge.datasets.files import save_png  # noqa: E402
+from defectforge.core.files import save_png  # noqa: E402
 from defectforge.segmentation.selection import SELECTION_METRIC  # noqa: E402
 from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
 

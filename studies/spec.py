@@ -24,9 +24,9 @@ from typing import Any
 
 import yaml
 
-from defectforge.datasets.config import TypedConfig, check_field, field_types, option
-from defectforge.datasets.errors import ConfigError, one_line
-from defectforge.datasets.outputs import NAME_RULE, name_problem
+from defectforge.core.config import TypedConfig, check_field, field_types, option
+from defectforge.core.errors import ConfigError, one_line
+from defectforge.core.outputs import NAME_RULE, name_problem
 from defectforge.segmentation.config import SegConfig
 from defectforge.studies.errors import SpecError, with_fix
 from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of

@@ -25,10 +25,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from defectforge.core.config import TypedConfig, check_field, field_types, option
+from defectforge.core.errors import ConfigError, one_line
 from defectforge.datasets.build import BuildConfig
-from defectforge.datasets.config import TypedConfig, check_field, field_types, option
 from defectforge.datasets.copy_paste import CopyPasteConfig
-from defectforge.datasets.errors import ConfigError, one_line
 from defectforge.datasets.subset import SubsetConfig
 from defectforge.gan.config import PROFILES, GanConfig
 from defectforge.segmentation.config import SegConfig

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from defectforge.datasets.storage import is_uri
+from defectforge.core.storage import is_uri
 
 
 class StudyStore:

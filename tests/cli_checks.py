@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from defectforge.trainables.cli import main
+from defectforge.cli import main
 
 
 def refused(capsys, argv: list[str], *expected: str) -> str:

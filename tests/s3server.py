@@ -163,7 +163,7 @@ def server_env(server: S3Server) -> dict[str, str]:
 
 def objects_holding(prefix: str, secrets: tuple[str, ...]) -> list[str]:
     """Every object under ``prefix`` (s3://bucket/...) whose bytes hold one of ``secrets``."""
-    from defectforge.datasets.storage import Location
+    from defectforge.core.storage import Location
 
     folder = Location.of(prefix)
     return [

@@ -44,8 +44,8 @@ def test_full_strength_changes_pixels_and_is_seeded():
 
 
 def test_strength_out_of_range_is_refused_by_every_config_that_carries_it():
+    from defectforge.core.errors import ConfigError
     from defectforge.datasets.augment import AugmentConfig
-    from defectforge.datasets.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"strength = 1.5: must be in \[0, 1\]"):
         AugmentConfig(strength=1.5)

@@ -4,13 +4,13 @@ import cv2
 import numpy as np
 import pytest
 
+from defectforge.cli import main
+from defectforge.core.errors import ConfigError, DataError
 from defectforge.datasets.build import BuildConfig
 from defectforge.datasets.discover import NEU_SEG_CLASSES, discover_neu_seg
-from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import load_sample
 from defectforge.datasets.samples import SampleSpec
-from defectforge.trainables.cli import main
 
 SPEC = SampleSpec("neu-seg", NEU_SEG_CLASSES, 1)
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from defectforge.trainables.cli import main, parser
+from defectforge.cli import main, parser
 
 BLOCKED = """
 import sys
 for name in ("ray", "segmentation_models_pytorch", "albumentations"):
     sys.modules[name] = None  # importing any of them now fails
-from defectforge.trainables.cli import main
+from defectforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -52,8 +52,8 @@ def test_flags_come_from_the_config_declarations_with_their_defaults(capsys):
 
 
 def test_given_flags_only_override_the_config(tmp_path):
+    from defectforge.cli.options import given
     from defectforge.segmentation.config import SegConfig
-    from defectforge.trainables.cli.options import given
 
     args = parser(["seg"]).parse_args(
         ["seg", "train", "--data", "d", "--out", "o", "--epochs", "3", "--no-binary"]
@@ -73,9 +73,9 @@ def test_given_flags_only_override_the_config(tmp_path):
     ],
 )
 def test_quickstart_flags_make_a_build_config(tmp_path, flags, field, value):
+    from defectforge.cli.options import given
+    from defectforge.cli.quickstart import QUICKSTART_OWNS
     from defectforge.datasets.build import BuildConfig
-    from defectforge.trainables.cli.options import given
-    from defectforge.trainables.cli.quickstart import QUICKSTART_OWNS
     from defectforge.trainables.quickstart import _build_config
 
     args = parser(["quickstart"]).parse_args(["quickstart", *flags])
@@ -104,7 +104,7 @@ def test_version_and_a_bad_flag_value_are_one_line(capsys):
 
 
 def test_an_internal_bug_keeps_its_traceback(monkeypatch):
-    from defectforge.trainables.cli import study
+    from defectforge.cli import study
 
     def broken(args):
         raise ValueError("a bug, not the user's mistake")
@@ -118,7 +118,7 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
 def test_an_interrupted_command_finds_the_grandchildren_it_must_end():
     """What `entry` ends after Ctrl-C: the whole tree below it, as a local Ray's raylet
     starts agents of its own that outlive it."""
-    from defectforge.trainables.cli import _descendants
+    from defectforge.cli import _descendants
 
     child = subprocess.Popen(["sh", "-c", "sleep 60 & wait"])
     try:
@@ -139,7 +139,7 @@ def test_an_interrupted_command_finds_the_grandchildren_it_must_end():
 INTERRUPTED_COMMAND = """
 import subprocess, sys, time
 from pathlib import Path
-from defectforge.trainables import cli
+from defectforge import cli
 
 PID_FILE = Path(sys.argv[1])
 

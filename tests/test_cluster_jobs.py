@@ -17,6 +17,7 @@ import pytest
 import yaml
 from s3server import credentials, objects_holding
 
+from defectforge.cli import main
 from defectforge.cluster import jobs
 from defectforge.cluster.local import (
     WORKER_LABEL,
@@ -25,9 +26,8 @@ from defectforge.cluster.local import (
     alive_nodes,
     free_port,
 )
-from defectforge.datasets.errors import ClusterError
+from defectforge.core.errors import ClusterError
 from defectforge.studies.spec import SpecError, parse_spec
-from defectforge.trainables.cli import main
 
 
 def cluster_spec(data: Path, storage: Path) -> dict:
@@ -101,7 +101,7 @@ def submitted_pipeline(
     on object storage: a data stage from raw images only the head sees, a GAN of two workers
     whose images are labelled (by a labeller on the store) and mixed in, and two trials at once
     on two labelled nodes that share no folder with the head."""
-    from defectforge.datasets.storage import Location
+    from defectforge.core.storage import Location
 
     _, state = local_cluster
     folder = tmp_path_factory.mktemp("submitted")
@@ -123,7 +123,7 @@ def submitted_pipeline(
     spec_file.write_text(yaml.safe_dump(spec))
     address = state["dashboard_url"]
     done = subprocess.run(
-        [sys.executable, "-m", "defectforge.trainables.cli", "submit", str(spec_file)]
+        [sys.executable, "-m", "defectforge.cli", "submit", str(spec_file)]
         + ["--address", address, "--no-pip", "--wait"],
         capture_output=True,
         text=True,
@@ -136,7 +136,7 @@ def submitted_pipeline(
 def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
     submitted_pipeline, tmp_path, capsys
 ):
-    from defectforge.datasets.storage import Location
+    from defectforge.core.storage import Location
     from defectforge.studies.results import TRIALS_FILE
 
     address, job_id = submitted_pipeline["address"], submitted_pipeline["job"]
@@ -229,7 +229,7 @@ def test_a_stage_command_alone_runs_on_the_cluster_with_address(local_cluster, t
     sample = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
     out = tmp_path / "built"
     done = subprocess.run(
-        [sys.executable, "-m", "defectforge.trainables.cli", "--address", state["address"]]
+        [sys.executable, "-m", "defectforge.cli", "--address", state["address"]]
         + ["data", "build", "--source", "neu-seg", "--root", str(sample), "--out", str(out)],
         capture_output=True,
         text=True,
@@ -257,7 +257,7 @@ def test_joining_the_cluster_without_its_token_is_one_line_at_once(
     spec_file.write_text(yaml.safe_dump(cluster_spec(sample_dataset, tmp_path / "studies")))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(tmp_path), NO_ALBUMENTATIONS_UPDATE="1")  # no ~/.ray/auth_token here
-    command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
+    command = [sys.executable, "-m", "defectforge.cli", "study", "run", str(spec_file)]
     done = subprocess.run(
         [*command, "--address", state["address"]],
         capture_output=True,
@@ -327,7 +327,8 @@ def test_the_job_carries_our_code_only(tmp_path):
     package = jobs.unpacked_package(wheel, tmp_path / "package")
 
     assert (package / "cluster" / "jobs.py").is_file()
-    assert (package / "trainables" / "cli" / "__main__.py").is_file()
+    assert (package / "cli" / "__main__.py").is_file()
+    assert (package / "core" / "errors.py").is_file()
     assert not (tmp_path / "package" / "ray").exists()  # no dependencies ride along
     assert not any(line.lower().startswith("ray") for line in jobs.requirements())
     assert any(line.startswith("torch") for line in jobs.requirements())
@@ -370,7 +371,7 @@ def test_a_storage_path_one_node_cannot_see_is_refused(sample_dataset, tmp_path,
 
         run = storage / "seg-run"
         done = subprocess.run(
-            [sys.executable, "-m", "defectforge.trainables.cli", "--address", state["address"]]
+            [sys.executable, "-m", "defectforge.cli", "--address", state["address"]]
             + ["seg", "train", "--data", str(sample_dataset), "--out", str(run)],
             capture_output=True,
             text=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from defectforge.cluster import jobs, local
-from defectforge.datasets.errors import ClusterError, ConfigError
+from defectforge.core.errors import ClusterError, ConfigError
 
 
 def _mode(path: Path) -> int:
@@ -90,7 +90,7 @@ def test_a_private_token_file_and_other_token_files_are_left_as_they_are(home, m
 
 # --- the job's command line ----------------------------------------------------------------
 
-COMMAND = ["python", "-m", "defectforge.trainables.cli", "study", "run", jobs.JOB_SPEC]
+COMMAND = ["python", "-m", "defectforge.cli", "study", "run", jobs.JOB_SPEC]
 
 
 def test_the_job_entrypoint_keeps_a_hostile_name_one_argument():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
+from defectforge.core.errors import DataError
 from defectforge.datasets.contract import decode_png, read_split_table
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.studies.spec import SpecError, parse_spec
 

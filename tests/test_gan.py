@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from cli_checks import fake_gan_run
 from torch import nn
 
-from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.core.errors import ConfigError, DataError
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment, parse_policy
 from defectforge.gan.generate import generate_images
@@ -362,8 +362,8 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
 ):
     """Two workers write their snapshots to a bucket (no folder shared with the driver), the
     run resumes from there, and generate / metrics read the generator back from it."""
-    from defectforge.datasets.storage import Location
-    from defectforge.trainables.cli import main
+    from defectforge.cli import main
+    from defectforge.core.storage import Location
     from defectforge.trainables.gan import gan_config_from_manifest, run_gan_training
 
     cfg = gan_config_from_manifest(
@@ -507,7 +507,7 @@ def test_buckets_hold_one_dtype_up_to_the_size_limit(monkeypatch):
 
 
 def test_a_worker_with_fewer_images_than_a_batch_is_told_so(ray_session):
-    from defectforge.datasets.errors import DataError
+    from defectforge.core.errors import DataError
 
     with pytest.raises(DataError, match="got 3 train image.* fewer than one batch of 4"):
         next(_feed(rows=3, batch=4))
@@ -616,7 +616,7 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     assert write_comparison({"on": on}, tmp_path / "cmp", kimg=2, overwrite=True)[0]["run"] == "on"
     assert not (tmp_path / "cmp" / "samples_kimg4.png").exists()
     # Nor, even with --overwrite, the user's folder, a run it compares, or another training run.
-    from defectforge.datasets.outputs import GAN_RUN, prepare_run_folder
+    from defectforge.core.outputs import GAN_RUN, prepare_run_folder
 
     other_run = prepare_run_folder(tmp_path / "other-run", GAN_RUN)
     for out, refusal in (

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from defectforge.core.errors import DataError
+from defectforge.core.storage import Location
 from defectforge.datasets.batches import GanBatchMaker, mask_channels_of
 from defectforge.datasets.contract import decode_png, encode_png
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.storage import Location
 from defectforge.gan.config import GanConfig
 from defectforge.gan.diffaug import diff_augment
 from defectforge.gan.generate import generate_samples, masks_of
@@ -155,10 +155,10 @@ def _mask_generator(folder: Path, data: Path, mask_bias: float) -> Path:
 def test_drawn_masks_survive_generate_mix_and_the_training_feed(
     ray_session, sample_dataset, tmp_path
 ):
+    from defectforge.cli import main
     from defectforge.datasets.batches import BatchMaker, BatchSpec
     from defectforge.datasets.manifest import Manifest
     from defectforge.datasets.mix import MixConfig
-    from defectforge.trainables.cli import main
     from defectforge.trainables.data_jobs import mix_datasets
 
     run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=0.0)
@@ -188,7 +188,7 @@ def test_drawn_masks_survive_generate_mix_and_the_training_feed(
 
 
 def test_a_generator_that_draws_no_defect_publishes_nothing(ray_session, sample_dataset, tmp_path):
-    from defectforge.trainables.cli import main
+    from defectforge.cli import main
 
     run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=-20.0)
     out = tmp_path / "drawn"
@@ -208,7 +208,7 @@ def test_a_generator_that_draws_no_defect_publishes_nothing(ray_session, sample_
 def test_gan_generate_refuses_seeds_it_cannot_draw(
     ray_session, sample_dataset, tmp_path, capsys, flags, message
 ):
-    from defectforge.trainables.cli import main
+    from defectforge.cli import main
 
     run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=0.0)
     out = tmp_path / "out"
@@ -221,7 +221,7 @@ def test_gan_generate_refuses_seeds_it_cannot_draw(
 def test_a_gan_whose_workers_would_get_less_than_a_batch_is_refused_before_it_starts(
     ray_session, sample_dataset, tmp_path, capsys
 ):
-    from defectforge.trainables.cli import main
+    from defectforge.cli import main
 
     out = tmp_path / "run"
     argv = ["gan", "train", "--data", str(sample_dataset), "--out", str(out), "--batch-size", "64"]
@@ -302,7 +302,7 @@ def test_kimg_0_is_never_published_and_a_run_that_never_beat_it_publishes_nothin
         publish_run(cfg, Location.of(run), worse)
     assert not (run / "generator.pt").exists()
     assert json.loads((run / "metrics.json").read_text())["best"] is None
-    from defectforge.trainables.cli import main
+    from defectforge.cli import main
 
     generated = tmp_path / "generated"
     assert main(["gan", "generate", "--model", str(run), "--out", str(generated)]) == 2
@@ -311,7 +311,7 @@ def test_kimg_0_is_never_published_and_a_run_that_never_beat_it_publishes_nothin
 
 
 def test_every_snapshot_a_run_kept_is_scored_on_request(ray_session, sample_dataset, tmp_path):
-    from defectforge.trainables.cli import main
+    from defectforge.cli import main
 
     run = tmp_path / "run"
     for seed, kimg in enumerate((0.0, 2.0)):

@@ -16,10 +16,11 @@ import pytest
 import yaml
 from cli_checks import refused, snapshot
 
+from defectforge.cli import main
 from defectforge.cluster import jobs, local
-from defectforge.datasets.errors import ClusterError, ConfigError
-from defectforge.datasets.files import write_json_atomic
-from defectforge.datasets.outputs import (
+from defectforge.core.errors import ClusterError, ConfigError
+from defectforge.core.files import write_json_atomic
+from defectforge.core.outputs import (
     GAN_RUN,
     OUTPUT_RECORD,
     SEG_RUN,
@@ -28,9 +29,8 @@ from defectforge.datasets.outputs import (
     output_record,
     prepare_run_folder,
 )
-from defectforge.trainables.cli import main
 
-CLI = [sys.executable, "-m", "defectforge.trainables.cli"]
+CLI = [sys.executable, "-m", "defectforge.cli"]
 
 
 def build_argv(root: Path, out: Path, *flags: str) -> list[str]:
@@ -328,7 +328,7 @@ def test_a_killed_builds_staging_folder_is_cleared_by_the_rerun(
             sys.executable,
             "-c",
             "import os, sys\n"
-            "from defectforge.datasets.outputs import publish_dir\n"
+            "from defectforge.core.outputs import publish_dir\n"
             "writing = publish_dir(sys.argv[1])\n"
             "writing.__enter__()\n"
             "os.kill(os.getpid(), 9)",

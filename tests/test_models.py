@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 from defectforge.segmentation.models import architecture_names, build_model
 
 

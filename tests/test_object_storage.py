@@ -17,12 +17,12 @@ import ray
 from cli_checks import fake_gan_run
 from s3server import PREFIX_GRANTED, PREFIX_KEY, PREFIX_SECRET, credentials, objects_holding
 
+from defectforge.cli import main
+from defectforge.core.errors import DataError
+from defectforge.core.outputs import OUTPUT_RECORD, publish_dir
+from defectforge.core.storage import Location, StorageError
 from defectforge.datasets.contract import read_split_table
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import OUTPUT_RECORD, publish_dir
-from defectforge.datasets.storage import Location, StorageError
-from defectforge.trainables.cli import main
 from defectforge.trainables.runtime import check_storage_everywhere
 
 
@@ -54,7 +54,7 @@ def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
 
     # A production line: a fresh process, the standard variables, a cache of its own, no Ray.
     program = (
-        "import sys; from defectforge.trainables.cli import main; code = main(sys.argv[1:]); "
+        "import sys; from defectforge.cli import main; code = main(sys.argv[1:]); "
         "assert 'ray' not in sys.modules, 'predict imported Ray'; sys.exit(code)"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from defectforge.datasets.errors import DataError
-from defectforge.trainables.cli import main
+from defectforge.cli import main
+from defectforge.core.errors import DataError
 
 PARTS, PER_PART, HEIGHT, WIDTH = 6, 4, 64, 192
 

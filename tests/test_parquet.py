@@ -50,7 +50,7 @@ def test_offline_expansion_multiplies_train_only(ray_session, sample_dataset, tm
 def test_atomic_writes_get_ordinary_permissions(tmp_path):
     import os
 
-    from defectforge.datasets.files import UMASK, atomic_write
+    from defectforge.core.files import UMASK, atomic_write
 
     written = atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
     assert written.read_text() == "x"

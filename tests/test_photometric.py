@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 from defectforge.datasets.photometric import (
     check_lights,
     light_from_angles,

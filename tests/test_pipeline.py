@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from defectforge.datasets.storage import Location
+from defectforge.core.storage import Location
 from defectforge.studies.spec import SpecError, parse_spec
 from defectforge.studies.stages import stage_key
 
@@ -113,7 +113,7 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
     spec_file.write_text(yaml.safe_dump(pipeline_spec(sample_root, labeller, storage.uri)))
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
+    command = [sys.executable, "-m", "defectforge.cli", "study", "run", str(spec_file)]
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -192,7 +192,7 @@ def test_a_study_stopped_by_its_checks_takes_the_corrected_spec(
 ):
     import ray
 
-    from defectforge.datasets.errors import DataError
+    from defectforge.core.errors import DataError
     from defectforge.trainables.study import run_study
 
     storage, spec_file = tmp_path / "storage", tmp_path / "spec.yaml"

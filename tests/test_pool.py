@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 from defectforge.studies.stats import mean_interval
 
 SPEC = {

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from cli_checks import refused, snapshot
 
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.outputs import GAN_RUN, OUTPUT_RECORD, publish_dir
-from defectforge.trainables.cli import main
+from defectforge.cli import main
+from defectforge.core.errors import DataError
+from defectforge.core.outputs import GAN_RUN, OUTPUT_RECORD, publish_dir
 
 
 def no_leftovers(folder: Path) -> bool:
@@ -76,7 +76,7 @@ def test_overwrite_refuses_a_folder_defectforge_did_not_write(sample_root, tmp_p
 
 
 def test_overwrite_never_replaces_a_training_run(sample_root, tmp_path, capsys):
-    from defectforge.datasets.outputs import prepare_run_folder
+    from defectforge.core.outputs import prepare_run_folder
 
     run = prepare_run_folder(tmp_path / "gan-run", GAN_RUN)
     (run / "snapshot.pt").write_bytes(b"hours of training")
@@ -142,7 +142,7 @@ def test_overwrite_replaces_what_defectforge_wrote(sample_root, tmp_path, capsys
 
 
 def test_a_training_run_that_took_the_folder_meanwhile_is_not_replaced(tmp_path):
-    from defectforge.datasets.outputs import output_record
+    from defectforge.core.outputs import output_record
 
     final = tmp_path / "out"
     with publish_dir(final) as first:
@@ -180,7 +180,7 @@ def driver_env() -> dict[str, str]:
 def test_concurrent_builds_to_one_out_leave_one_whole_dataset(sample_root, tmp_path, ray_session):
     """Two real `data build` processes, started together without --overwrite."""
     out = tmp_path / "ds"
-    command = [sys.executable, "-m", "defectforge.trainables.cli", "data", "build"]
+    command = [sys.executable, "-m", "defectforge.cli", "data", "build"]
     command += ["--source", "neu-seg", "--root", str(sample_root), "--out", str(out)]
     env = driver_env()
     runs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
@@ -284,7 +284,7 @@ def test_a_png_named_jpg_is_read_by_its_content(sample_copy):
 
 
 def test_relative_paths_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
-    from defectforge.trainables.cli import parser
+    from defectforge.cli import parser
 
     monkeypatch.chdir(tmp_path)
     args = parser().parse_args(
@@ -365,7 +365,7 @@ def test_failed_commands_leave_no_empty_folder(sample_dataset, tmp_path, capsys,
 
 
 def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, ray_session):
-    command = [sys.executable, "-m", "defectforge.trainables.cli", "seg", "train"]
+    command = [sys.executable, "-m", "defectforge.cli", "seg", "train"]
     command += ["--data", str(sample_dataset), "--out", str(tmp_path / "run"), "--epochs", "50"]
     command += ["--crop-size", "64", "--batch-size", "4", "--max-steps-per-epoch", "2"]
     env = driver_env()

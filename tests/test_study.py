@@ -132,7 +132,7 @@ def test_two_concurrent_trials_on_two_cpus_finish(sample_with_test, tmp_path):
 
 
 def test_the_test_split_is_sealed_during_a_search(sample_with_test):
-    from defectforge.datasets.errors import DataError
+    from defectforge.core.errors import DataError
     from defectforge.trainables.data_jobs import read_split, sealed_splits
 
     with sealed_splits("test"):
@@ -200,7 +200,7 @@ def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
 
 
 def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test, tmp_path):
-    from defectforge.datasets.errors import ClusterError
+    from defectforge.core.errors import ClusterError
     from defectforge.trainables.study_setup import study_worker_cpus
 
     two = parse_spec(study_spec(sample_with_test, tmp_path, search={"max_concurrent_trials": 2}))
@@ -233,7 +233,7 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
     address = ray.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "defectforge.trainables.cli", "study", "run", str(spec_file)]
+    command = [sys.executable, "-m", "defectforge.cli", "study", "run", str(spec_file)]
     with log.open("w") as out:
         driver = subprocess.Popen(
             [*command, "--address", address],
@@ -252,6 +252,7 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial
 def test_an_interrupted_study_resumes_reports_and_exports(
     sample_with_test, labelled, tmp_path, monkeypatch
 ):
+    from defectforge.cli.study import study_line
     from defectforge.segmentation import export as export_module
     from defectforge.segmentation.checkpoint import load_model
     from defectforge.segmentation.export import verification_images
@@ -259,7 +260,6 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     from defectforge.segmentation.inference import predict_batch_logits
     from defectforge.studies.export import export_study
     from defectforge.studies.results import FINAL_FILE, TRIALS_FILE
-    from defectforge.trainables.cli.study import study_line
     from defectforge.trainables.study import resume_study
 
     spec_file = tmp_path / "spec.yaml"
@@ -396,7 +396,7 @@ BLOCK_IMPORTS = """
 import sys
 for name in ("ray", "segmentation_models_pytorch", "albumentations"):
     sys.modules[name] = None  # importing any of them now fails
-from defectforge.trainables.cli import main
+from defectforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from defectforge.core.errors import ConfigError, DataError
 from defectforge.datasets.augment import AugmentConfig
 from defectforge.datasets.contract import read_split_table, split_dir, write_png
-from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import MixConfig, NotEnoughSynthetic, plan_mix, synthetic_count
 from defectforge.segmentation.pseudo_label import (

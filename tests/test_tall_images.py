@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
+from defectforge.cli import main
 from defectforge.segmentation.tiling import DEFAULT_TILE
-from defectforge.trainables.cli import main
 
 # A line scan scaled down in width only: 200 px is still narrower than a tile.
 WIDTH, HEIGHTS, COILS = 200, (1061, 1090, 1061, 1147), 4

@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from defectforge.cli import main
+from defectforge.core.errors import DataError
 from defectforge.datasets.batches import BatchMaker
 from defectforge.datasets.contract import split_dir
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import LoopIO, train_segmentation
-from defectforge.trainables.cli import main
 
 TINY = dict(
     arch="unet",

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from defectforge.core.errors import DataError
+from defectforge.core.outputs import check_output, scratch_beside
 from defectforge.datasets.augment import AugmentConfig, augment_pair, paper_augmentation
 from defectforge.datasets.build import (
     BuildConfig,
@@ -36,10 +38,8 @@ from defectforge.datasets.contract import (
     split_files,
     split_location,
 )
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
-from defectforge.datasets.outputs import check_output, scratch_beside
 from defectforge.datasets.writer import derived_from, write_dataset
 from defectforge.trainables.runtime import ensure_ray
 

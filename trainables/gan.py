@@ -28,13 +28,13 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.outputs import GAN_RUN, check_run_folder, prepare_run_folder
+from defectforge.core.storage import Location, absolute_location
 from defectforge.datasets.batches import GanBatchMaker
 from defectforge.datasets.contract import read_split_table
-from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import GAN_RUN, check_run_folder, prepare_run_folder
 from defectforge.datasets.replay import CachedRows, encoded_bytes, within_cache_limit
-from defectforge.datasets.storage import Location, absolute_location
 from defectforge.gan.checkpoint import (
     CONFIG_FILE,
     GENERATOR_FILE,

@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from defectforge.core.errors import DataError
+from defectforge.core.storage import Location
 from defectforge.datasets.batches import GanBatchMaker
 from defectforge.datasets.contract import read_parquet, split_files
-from defectforge.datasets.errors import DataError
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.storage import Location
 from defectforge.gan.config import GanConfig
 from defectforge.gan.metrics import sliced_wasserstein
 from defectforge.gan.presence import Presence, presence_targets, shares_of, train_presence

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.outputs import check_output
+from defectforge.core.storage import Location
 from defectforge.datasets.contract import SCHEMA, decode_png, encode_png, run_identity
-from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.leakage import train_ids
 from defectforge.datasets.manifest import Manifest, training_source
-from defectforge.datasets.outputs import check_output
-from defectforge.datasets.storage import Location
 from defectforge.datasets.writer import write_dataset
 from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, load_generator
 from defectforge.gan.config import GanConfig

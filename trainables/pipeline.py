@@ -14,10 +14,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from defectforge.core.storage import Location, absolute_location
 from defectforge.datasets.contract import run_identity
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import synthetic_count
-from defectforge.datasets.storage import Location, absolute_location
 from defectforge.gan.checkpoint import GENERATOR_FILE
 from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from defectforge.datasets.storage import Location
+from defectforge.core.storage import Location
 
 PROGRESS_FILE = "progress.jsonl"
 BOARD_DIR = "tensorboard"

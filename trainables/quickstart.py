@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from defectforge.core.errors import ConfigError
+from defectforge.core.files import write_json_atomic
 from defectforge.datasets.build import BuildConfig
-from defectforge.datasets.errors import ConfigError
-from defectforge.datasets.files import write_json_atomic
 from defectforge.datasets.steel import SteelOptions, write_simulation
 from defectforge.datasets.steel_sim import SimulationConfig
 from defectforge.segmentation.inference import evaluate_dataset_split

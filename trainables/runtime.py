@@ -16,9 +16,9 @@ import ray.data
 from ray.exceptions import AuthenticationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from defectforge.datasets.errors import ClusterError, DataError
-from defectforge.datasets.files import STATE_FILE
-from defectforge.datasets.storage import Location, StorageError, is_uri
+from defectforge.core.errors import ClusterError, DataError
+from defectforge.core.files import STATE_FILE
+from defectforge.core.storage import Location, StorageError, is_uri
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.epochs import EPOCH_METRICS, ONE_WORKER_RUN
 
@@ -52,7 +52,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             runtime_env={"env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"}} if local else None,
         )
     except AuthenticationError:
-        # Raised at once because the command line turns token mode on (trainables.cli).
+        # Raised at once because the command line turns token mode on (defectforge.cli).
         raise ClusterError(
             f"{joining}: the cluster wants its auth token and none was found here; set "
             "RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's token file, "

@@ -29,17 +29,17 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.outputs import SEG_RUN, check_run_folder, prepare_run_folder
+from defectforge.core.storage import Location, absolute_location, local_folder
 from defectforge.datasets.batches import BatchMaker
-from defectforge.datasets.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.outputs import SEG_RUN, check_run_folder, prepare_run_folder
 from defectforge.datasets.replay import (
     CachedRows,
     encoded_bytes,
     prefetched,
     within_cache_limit,
 )
-from defectforge.datasets.storage import Location, absolute_location, local_folder
 from defectforge.segmentation.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,

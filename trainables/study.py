@@ -40,9 +40,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from defectforge.datasets.errors import DataError, UserError
-from defectforge.datasets.outputs import check_name
-from defectforge.datasets.storage import absolute_location, is_uri
+from defectforge.core.errors import DataError, UserError
+from defectforge.core.outputs import check_name
+from defectforge.core.storage import absolute_location, is_uri
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE, summarize_comparison

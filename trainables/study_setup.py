@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from defectforge.datasets.errors import ConfigError, DataError
+from defectforge.core.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig

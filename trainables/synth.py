@@ -31,6 +31,10 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from defectforge.core.errors import DataError
+from defectforge.core.files import require_files, write_json_atomic
+from defectforge.core.outputs import check_output
+from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.build import pixel_statistics
 from defectforge.datasets.contract import (
     COLUMNS,
@@ -45,13 +49,9 @@ from defectforge.datasets.contract import (
     run_identity,
     split_location,
 )
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import require_files, write_json_atomic
 from defectforge.datasets.leakage import train_ids
 from defectforge.datasets.manifest import Manifest, training_source
-from defectforge.datasets.outputs import check_output
 from defectforge.datasets.readers import guess_channels, list_images, read_image
-from defectforge.datasets.storage import Location, local_folder
 from defectforge.datasets.writer import write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig

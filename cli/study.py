@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defectforge.trainables.cli.options import add_out, local_path
+from defectforge.cli.options import add_out, local_path
 
 COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export, pool"}
 
@@ -70,8 +70,8 @@ def run(args) -> None:
         print(f"report: {args.out}/report.md")
         return
     if args.study_command == "export":
+        from defectforge.cli.seg import export_line
         from defectforge.studies.export import export_study
-        from defectforge.trainables.cli.seg import export_line
 
         meta = export_study(
             args.dir, args.out, args.overwrite, args.target_recall, args.target_false_alarm
@@ -97,7 +97,7 @@ def run(args) -> None:
 
 def interrupted_hint(args) -> str:
     if args.study_command == "run":
-        from defectforge.datasets.storage import absolute_location
+        from defectforge.core.storage import absolute_location
         from defectforge.studies.spec import load_spec
 
         spec = load_spec(args.spec)

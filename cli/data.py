@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
+from defectforge.cli.options import absolute_path, add_options, add_out, given
 
 COMMANDS = {"data": "build, simulate, subset, augment and mix Parquet datasets"}
 MIX_AUGMENT = "augment-"

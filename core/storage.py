@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from defectforge.datasets.errors import UserError
-from defectforge.datasets.files import atomic_write
+from defectforge.core.errors import UserError
+from defectforge.core.files import atomic_write
 
 SCHEMES = ("s3", "gs")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from defectforge.trainables.cli.options import (
+from defectforge.cli.options import (
     absolute_path,
     add_options,
     add_out,
@@ -115,8 +115,8 @@ def _all_options_but(cls, names: tuple[str, ...]) -> tuple[str, ...]:
 
 def _reading_options(args) -> dict:
     """--skip-bad and --max-pixels as given, checked by their declaration in ``BuildConfig``."""
+    from defectforge.core.config import check_field, field_types
     from defectforge.datasets.build import BuildConfig
-    from defectforge.datasets.config import check_field, field_types
 
     specs, hints = {spec.name: spec for spec in BuildConfig.options()}, field_types(BuildConfig)
     chosen = given(args, BuildConfig, skip=_all_options_but(BuildConfig, READING_OPTIONS))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defectforge.trainables.cli.options import absolute_path, add_options, given, local_path
+from defectforge.cli.options import absolute_path, add_options, given, local_path
 
 # BuildConfig fields quickstart declares itself (--source, and --data for the root).
 QUICKSTART_OWNS = ("source", "root")

@@ -3,7 +3,7 @@
 An option is a dataclass field made by ``option(default, help, check=..., valid=...)``: its type
 (the annotation), default, help text and check live there and nowhere else. From that one
 declaration come the config's validation (``TypedConfig``), the command-line flags
-(``trainables.cli.options``) and the study spec's searchable keys (``studies.spec``).
+(``cli.options``) and the study spec's searchable keys (``studies.spec``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from defectforge.datasets.errors import ConfigError, DataError, one_line
-from defectforge.datasets.storage import is_uri
+from defectforge.core.errors import ConfigError, DataError, one_line
+from defectforge.core.storage import is_uri
 
 LOCAL_ONLY = "this option reads a file or folder on this machine: copy it to this machine first"
 

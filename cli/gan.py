@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from defectforge.trainables.cli.options import (
+from defectforge.cli.options import (
     absolute_path,
     add_options,
     add_out,
@@ -72,7 +72,7 @@ def build(name: str, parser) -> None:
 
 
 def parse_seeds(text: str | None, count: int) -> list[int]:
-    from defectforge.datasets.errors import ConfigError
+    from defectforge.core.errors import ConfigError
 
     if not text:
         if count < 1:
@@ -135,8 +135,8 @@ def run(args) -> None:
 
 
 def _compare(args) -> None:
-    from defectforge.datasets.errors import ConfigError
-    from defectforge.datasets.storage import Location
+    from defectforge.core.errors import ConfigError
+    from defectforge.core.storage import Location
     from defectforge.gan.report import CURVES_FILE, write_comparison
 
     labels = args.labels.split(",") if args.labels else [Location.of(r).name for r in args.runs]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from defectforge.trainables.cli.options import absolute_path, add_options, add_out, given
+from defectforge.cli.options import absolute_path, add_options, add_out, given
 
 COMMANDS = {"synth": "pseudo-label generated images, or make copy-paste ones"}
 

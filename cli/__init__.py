@@ -23,11 +23,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # reason, instead of retrying for 20 s. Token authentication stays on for local instances too.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
-from defectforge.datasets.errors import one_line, user_error_in  # noqa: E402
-from defectforge.datasets.files import package_version  # noqa: E402
+from defectforge.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
+from defectforge.cli.options import Parser  # noqa: E402
+from defectforge.core.errors import one_line, user_error_in  # noqa: E402
+from defectforge.core.files import package_version  # noqa: E402
 from defectforge.trainables import VERBOSE_ENV  # noqa: E402
-from defectforge.trainables.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
-from defectforge.trainables.cli.options import Parser  # noqa: E402
 
 INTERRUPTED = 130
 MODULES = (data, seg, gan, synth, study, quickstart, cluster)

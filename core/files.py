@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from defectforge.datasets.errors import DataError
+from defectforge.core.errors import DataError
 
 
 def _read_umask() -> int:

@@ -1,4 +1,4 @@
-"""Command-line flags derived from config declarations (``datasets.config.option``).
+"""Command-line flags derived from config declarations (``core.config.option``).
 
 A flag's name, type, default shown in ``--help``, choices and help text all come from the
 option's one declaration. Flags not given are left out of the parsed arguments, so the config's
@@ -14,8 +14,8 @@ import typing
 from dataclasses import MISSING, Field
 from typing import Any
 
-from defectforge.datasets.config import LOCAL_ONLY, TypedConfig, field_types, scalar_type
-from defectforge.datasets.storage import Location, StorageError, is_uri
+from defectforge.core.config import LOCAL_ONLY, TypedConfig, field_types, scalar_type
+from defectforge.core.storage import Location, StorageError, is_uri
 
 
 class Parser(argparse.ArgumentParser):

@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from defectforge.datasets import store_outputs
-from defectforge.datasets.errors import ConfigError, DataError
-from defectforge.datasets.files import (
+from defectforge.core import store_outputs
+from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.files import (
     UMASK,
     WRITER_HOST,
     package_version,
@@ -40,7 +40,7 @@ from defectforge.datasets.files import (
     write_json_atomic,
     writer_of,
 )
-from defectforge.datasets.storage import Location, is_uri
+from defectforge.core.storage import Location, is_uri
 
 OUTPUT_RECORD = "defectforge.json"
 # The output kinds that hold a training run's checkpoints (`prepare_run_folder`).

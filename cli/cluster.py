@@ -6,9 +6,9 @@ import contextlib
 import logging
 import os
 
+from defectforge.cli.options import add_options, given, local_path
 from defectforge.cluster.local import LocalClusterConfig
 from defectforge.trainables import VERBOSE_ENV
-from defectforge.trainables.cli.options import add_options, given, local_path
 
 COMMANDS = {
     "cluster": "a multi-node Ray cluster on this machine (development, tests)",
@@ -112,7 +112,7 @@ def _jobs_api_errors(address: str):
     one line naming the cluster."""
     from ray.exceptions import RayError
 
-    from defectforge.datasets.errors import ClusterError
+    from defectforge.core.errors import ClusterError
 
     try:
         yield
@@ -123,7 +123,7 @@ def _jobs_api_errors(address: str):
 
 def run_submit(args) -> int:
     from defectforge.cluster import jobs
-    from defectforge.datasets.outputs import check_name
+    from defectforge.core.outputs import check_name
 
     text = jobs.shipped_spec(args.spec)  # a bad spec is refused before anything connects
     if args.name is not None:

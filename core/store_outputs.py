@@ -1,4 +1,4 @@
-"""The rules of ``datasets.outputs`` on object storage, which has no rename.
+"""The rules of ``core.outputs`` on object storage, which has no rename.
 
 - A folder on a store counts as written once its output record (``defectforge.json``) is there;
   the record is uploaded after every other file, so readers (``Manifest.load``, stages, runs)
@@ -25,9 +25,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from defectforge.datasets.errors import DataError
-from defectforge.datasets.files import WRITER_HOST, process_alive, writer_of
-from defectforge.datasets.storage import Location, is_uri
+from defectforge.core.errors import DataError
+from defectforge.core.files import WRITER_HOST, process_alive, writer_of
+from defectforge.core.storage import Location, is_uri
 
 WRITING_MARK = ".defectforge-writing-"
 
