@@ -43,10 +43,7 @@ def build(name: str, parser) -> None:
     mix.add_argument(
         "--real", required=True, type=absolute_path, help="real dataset (`data build`)"
     )
-    mix.add_argument(
-        "--synthetic", required=True, type=absolute_path, help="labelled set (`synth label`)"
-    )
-    add_options(mix, MixConfig)
+    add_options(mix, MixConfig, required=("synthetic",))
     add_options(mix, AugmentConfig, skip=("seed",), prefix=MIX_AUGMENT, defaults={"factor": 1})
     add_out(mix)
 
@@ -94,7 +91,7 @@ def _mix(args, mix_datasets):
     cfg = MixConfig(**given(args, MixConfig))
     options = {"factor": 1, **given(args, AugmentConfig, MIX_AUGMENT)}
     augment = AugmentConfig(**options, seed=cfg.seed) if options["factor"] > 1 else None
-    manifest = mix_datasets(args.real, args.synthetic, cfg, args.out, augment, args.overwrite)
+    manifest = mix_datasets(args.real, cfg.synthetic, cfg, args.out, augment, args.overwrite)
     mix = manifest.section("mix")
     print(
         f"train: {mix['real_images']} real + {mix['synthetic_images']} synthetic, ratio "

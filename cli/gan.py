@@ -18,7 +18,7 @@ SNAPSHOT_COLUMNS = ("swd", "swd_defect", "defect_share", "drawn_share", "drawn_a
 
 
 def build(name: str, parser) -> None:
-    from defectforge.gan.config import PROFILES, GanConfig
+    from defectforge.gan.config import PROFILES, GanConfig, GenerateConfig
 
     sub = parser.add_subparsers(dest="gan_command", required=True)
     train = sub.add_parser("train", help="train on a Parquet dataset with Ray Train")
@@ -39,10 +39,10 @@ def build(name: str, parser) -> None:
     generate = sub.add_parser("generate", help="images by seed -> PNGs + Parquet rows")
     generate.add_argument("--model", required=True, type=absolute_path, help="run of `gan train`")
     add_out(generate)
-    generate.add_argument("--n", type=int, default=100, help="images, seeds 0..n-1 (default: 100)")
-    generate.add_argument("--seeds", help="comma-separated seeds or a range a-b (overrides --n)")
-    generate.add_argument("--truncation", type=float, default=1.0, help="psi (default: 1.0)")
-    generate.add_argument("--class", dest="class_name", help="class of a conditional generator")
+    add_options(generate, GenerateConfig)
+    generate.add_argument(
+        "--seeds", help="comma-separated seeds or a range a-b (in place of --count/--first-seed)"
+    )
     compare = sub.add_parser(
         "compare", help="runs side by side: SWD curves and sample grids at one kimg (PNGs)"
     )
@@ -71,13 +71,12 @@ def build(name: str, parser) -> None:
     )
 
 
-def parse_seeds(text: str | None, count: int) -> list[int]:
+def parse_seeds(text: str | None, cfg) -> list[int]:
+    """``--seeds`` as a list, or the config's count of seeds from its first."""
     from defectforge.core.errors import ConfigError
 
     if not text:
-        if count < 1:
-            raise ConfigError(f"--n {count}: give 1 or more images")
-        return list(range(count))
+        return cfg.seeds()
     try:
         if "-" in text and "," not in text:
             first, last = (int(x) for x in text.split("-"))
@@ -95,7 +94,7 @@ def parse_seeds(text: str | None, count: int) -> list[int]:
 
 
 def run(args) -> None:
-    from defectforge.gan.config import GanConfig
+    from defectforge.gan.config import GanConfig, GenerateConfig
     from defectforge.trainables import gan, gan_samples
 
     if args.gan_command == "train":
@@ -110,9 +109,10 @@ def run(args) -> None:
     elif args.gan_command == "compare":
         _compare(args)
     elif args.gan_command == "generate":
-        seeds = parse_seeds(args.seeds, args.n)
+        cfg = GenerateConfig(**given(args, GenerateConfig))
+        seeds = parse_seeds(args.seeds, cfg)
         manifest = gan_samples.write_generated(
-            args.model, args.out, seeds, args.truncation, args.class_name, args.overwrite
+            args.model, args.out, seeds, cfg.truncation, cfg.class_name, args.overwrite
         )
         written = manifest.split_total("train")
         drawn = " with the masks the generator drew" if manifest.masks else ""

@@ -128,6 +128,20 @@ def _help(spec: Field, default: Any, profiles: dict[str, dict] | None) -> str:
     return (f"{text} ({shown})" if text else f"({shown})").replace("%", "%%")
 
 
+def _flagged(
+    cls: type[TypedConfig], skip: tuple[str, ...], only: tuple[str, ...] | None
+) -> list[Field]:
+    """The options of ``cls`` a command takes: every command-line one, less ``skip``, or
+    ``only`` the ones named."""
+    return [
+        spec
+        for spec in cls.options()
+        if spec.metadata.get("cli")
+        and spec.name not in skip
+        and (only is None or spec.name in only)
+    ]
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     cls: type[TypedConfig],
@@ -135,14 +149,16 @@ def add_options(
     prefix: str = "",
     profiles: dict[str, dict] | None = None,
     defaults: dict[str, Any] | None = None,
+    only: tuple[str, ...] | None = None,
+    required: tuple[str, ...] = (),
 ) -> None:
-    """A flag for every command-line option of ``cls`` (not in ``skip``). ``prefix`` names them
-    ``--<prefix><name>``; ``profiles`` lists per-profile defaults in the help; ``defaults``
-    replaces a default for this command."""
+    """A flag for every command-line option of ``cls`` (not in ``skip``; or ``only`` those
+    named). ``prefix`` names them ``--<prefix><name>``; ``profiles`` lists per-profile defaults
+    in the help; ``defaults`` replaces a default for this command (shown as given: text such as
+    "the calibrated one" is fine, the flag's value is still read by the option's type);
+    ``required`` names options this command cannot do without."""
     hints = field_types(cls)
-    for spec in cls.options():
-        if not spec.metadata.get("cli") or spec.name in skip:
-            continue
+    for spec in _flagged(cls, skip, only):
         default, has_default = _default_of(spec, defaults)
         kwargs: dict[str, Any] = {
             "dest": prefix.replace("-", "_") + spec.name,
@@ -158,19 +174,24 @@ def add_options(
             if spec.metadata.get("choices"):
                 kwargs["choices"] = spec.metadata["choices"]
                 kwargs.pop("metavar")
-            kwargs["required"] = not has_default
+            kwargs["required"] = not has_default or spec.name in required
         flag = flag_of(spec) if not prefix else f"--{prefix}{flag_of(spec)[2:]}"
-        parser.add_argument(flag, **kwargs)
+        # Marked, so a test can tell a declared flag from one a command adds by hand.
+        parser.add_argument(flag, **kwargs).declared_by = cls
 
 
 def given(
-    args: argparse.Namespace, cls: type[TypedConfig], prefix: str = "", skip: tuple = ()
+    args: argparse.Namespace,
+    cls: type[TypedConfig],
+    prefix: str = "",
+    skip: tuple = (),
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """The options of ``cls`` the user gave on the command line, by name; ``skip`` as for
-    ``add_options`` (names a command declares itself, whose values are not build options)."""
+    """The options of ``cls`` the user gave on the command line, by name; ``skip`` and ``only``
+    as for ``add_options``."""
     dest = prefix.replace("-", "_")
     return {
         spec.name: getattr(args, dest + spec.name)
-        for spec in cls.options()
-        if spec.metadata.get("cli") and spec.name not in skip and hasattr(args, dest + spec.name)
+        for spec in _flagged(cls, skip, only)
+        if hasattr(args, dest + spec.name)
     }

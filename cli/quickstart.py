@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from defectforge.cli.options import absolute_path, add_options, given, local_path
 
-# BuildConfig fields quickstart declares itself (--source, and --data for the root).
-QUICKSTART_OWNS = ("source", "root")
+# quickstart's --data is the build's root.
+QUICKSTART_OWNS = ("root",)
+QUICKSTART_DEFAULTS = {"source": "neu-seg"}
 
 COMMANDS = {
     "quickstart": "build, train and evaluate on the bundled NEU-Seg sample (or your data) locally"
@@ -14,13 +15,8 @@ COMMANDS = {
 
 def build(name: str, quick) -> None:
     from defectforge.datasets.build import BuildConfig
+    from defectforge.segmentation.config import SegConfig
 
-    quick.add_argument(
-        "--source",
-        choices=("neu-seg", "steel", "folder"),
-        default="neu-seg",
-        help="neu-seg (default), steel (rig output or a simulation), folder (your images+masks)",
-    )
     quick.add_argument(
         "--data",
         type=local_path,
@@ -30,17 +26,31 @@ def build(name: str, quick) -> None:
     quick.add_argument(
         "--out", type=absolute_path, default="runs/quickstart", help="(default: runs/quickstart)"
     )
-    quick.add_argument("--epochs", type=int, help="(default: 12 on the sample, 5 or 8 otherwise)")
+    add_options(
+        quick,
+        SegConfig,
+        only=("epochs",),
+        defaults={"epochs": "12 on the sample, 5 or 8 otherwise"},
+    )
     build = quick.add_argument_group("build options (as for `data build`)")
-    add_options(build, BuildConfig, skip=QUICKSTART_OWNS)
+    add_options(build, BuildConfig, skip=QUICKSTART_OWNS, defaults=QUICKSTART_DEFAULTS)
+
+
+def build_options(args) -> tuple[str, dict]:
+    """The source and the other `data build` options given (quickstart's source by default)."""
+    from defectforge.datasets.build import BuildConfig
+
+    options = {**QUICKSTART_DEFAULTS, **given(args, BuildConfig, skip=QUICKSTART_OWNS)}
+    return options.pop("source"), options
 
 
 def run(args) -> None:
-    from defectforge.datasets.build import BuildConfig
+    from defectforge.segmentation.config import SegConfig
     from defectforge.trainables.quickstart import quickstart
 
-    options = given(args, BuildConfig, skip=QUICKSTART_OWNS)
-    quickstart(args.data, args.out, args.epochs, args.source, options)
+    source, options = build_options(args)
+    epochs = given(args, SegConfig, only=("epochs",)).get("epochs")
+    quickstart(args.data, args.out, epochs, source, options)
 
 
 def interrupted_hint(args) -> str:

@@ -12,8 +12,9 @@ from defectforge.cli.options import (
     local_path,
 )
 
-# `data build`'s options for reading image files, which predict shares (one declaration).
-READING_OPTIONS = ("skip_bad", "max_pixels")
+# `data build`'s options for reading image files and masks, which predict and eval share.
+READING_OPTIONS = ("skip_bad", "max_pixels", "mask_suffix")
+MASK_READING = ("binary", "mask_threshold", "mask_suffix", "missing_mask")
 COMMANDS = {
     "seg": "train, evaluate and export segmentation models",
     "predict": "mask and overlay PNGs for a folder of images (a run or an export)",
@@ -24,7 +25,9 @@ def build(name: str, parser) -> None:
     if name == "predict":
         _build_predict(parser)
         return
+    from defectforge.datasets.build import BuildConfig
     from defectforge.segmentation.config import SegConfig
+    from defectforge.segmentation.decisions import CalibrationTarget
 
     sub = parser.add_subparsers(dest="seg_command", required=True)
     train = sub.add_parser(
@@ -46,29 +49,13 @@ def build(name: str, parser) -> None:
         help="or a split of the dataset the run was trained on",
     )
     evaluate.add_argument("--masks", type=local_path, help="their masks (same stem)")
-    evaluate.add_argument("--binary", action="store_true", help="score defect vs background only")
-    evaluate.add_argument("--mask-threshold", type=int, help="for 0-255 / soft masks")
-    evaluate.add_argument("--mask-suffix", default="", help="mask stem suffix, e.g. _label")
-    evaluate.add_argument(
-        "--missing-mask",
-        choices=("error", "background"),
-        default="error",
-        help="an image without a mask: error, or defect-free (default: error)",
-    )
+    add_options(evaluate, BuildConfig, only=MASK_READING)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     calibrate = sub.add_parser(
         "calibrate", help="choose the OK/NG operating point on the run's val split"
     )
     calibrate.add_argument("run", type=absolute_path, help="run folder of `seg train`")
-    target = calibrate.add_mutually_exclusive_group(required=True)
-    target.add_argument(
-        "--target-recall", type=float, help="share of defective images to call NG, e.g. 0.95"
-    )
-    target.add_argument(
-        "--target-false-alarm",
-        type=float,
-        help="largest share of defect-free images to call NG, e.g. 0.05",
-    )
+    add_options(calibrate, CalibrationTarget)
     export = sub.add_parser("export", help="a run's model -> TorchScript + ONNX + model.json")
     export.add_argument("run", type=absolute_path, help="run folder of `seg train`")
     add_out(export, "export folder to write")
@@ -76,6 +63,7 @@ def build(name: str, parser) -> None:
 
 def _build_predict(predict) -> None:
     from defectforge.datasets.build import BuildConfig
+    from defectforge.segmentation.decisions import OperatingPoint
 
     predict.add_argument(
         "--model",
@@ -97,29 +85,18 @@ def _build_predict(predict) -> None:
         default="cpu",
         help="for an export: where it runs (cuda: onnxruntime-gpu or torch with CUDA)",
     )
-    predict.add_argument(
-        "--threshold", type=float, help="defect probability for NG (default: the calibrated one)"
-    )
-    predict.add_argument(
-        "--min-area", type=int, help="pixels of the largest region for NG (default: calibrated)"
-    )
-    predict.add_argument(
-        "--mask-suffix", default="", help="skip files named <stem><suffix> (masks beside images)"
-    )
-    add_options(predict, BuildConfig, skip=_all_options_but(BuildConfig, READING_OPTIONS))
+    calibrated = {name: "the calibrated one" for name in ("threshold", "min_area")}
+    add_options(predict, OperatingPoint, defaults=calibrated)
+    add_options(predict, BuildConfig, only=READING_OPTIONS)
 
 
-def _all_options_but(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(spec.name for spec in cls.options() if spec.name not in names)
-
-
-def _reading_options(args) -> dict:
-    """--skip-bad and --max-pixels as given, checked by their declaration in ``BuildConfig``."""
+def _checked_given(args, cls, only: tuple[str, ...] | None = None) -> dict:
+    """The options of ``cls`` given on the command line, each checked by its declaration (the
+    command takes them one by one, not as a whole config)."""
     from defectforge.core.config import check_field, field_types
-    from defectforge.datasets.build import BuildConfig
 
-    specs, hints = {spec.name: spec for spec in BuildConfig.options()}, field_types(BuildConfig)
-    chosen = given(args, BuildConfig, skip=_all_options_but(BuildConfig, READING_OPTIONS))
+    specs, hints = {spec.name: spec for spec in cls.options()}, field_types(cls)
+    chosen = given(args, cls, only=only)
     return {name: check_field(specs[name], value, hints[name]) for name, value in chosen.items()}
 
 
@@ -150,19 +127,22 @@ def best_line(out, best: dict) -> str:
 
 
 def _evaluate(args) -> None:
+    from defectforge.datasets.build import BuildConfig
     from defectforge.segmentation.inference import evaluate_dataset_split, evaluate_folder
 
+    defaults = {spec.name: spec.default for spec in BuildConfig.options()}
+    reading = {**defaults, **_checked_given(args, BuildConfig, MASK_READING)}
     if args.split:
-        result = evaluate_dataset_split(args.model, args.split, args.binary)
+        result = evaluate_dataset_split(args.model, args.split, reading["binary"])
     else:
         result = evaluate_folder(
             args.model,
             args.images,
             args.masks or args.images,
-            args.binary,
-            args.mask_threshold,
-            args.mask_suffix,
-            args.missing_mask == "background",
+            reading["binary"],
+            reading["mask_threshold"],
+            reading["mask_suffix"],
+            reading["missing_mask"] == "background",
         )
     if args.json:
         print(json.dumps(result))
@@ -180,8 +160,10 @@ def _evaluate(args) -> None:
 
 def _calibrate(args) -> None:
     from defectforge.segmentation.calibrate import calibrate_run
+    from defectforge.segmentation.decisions import CalibrationTarget
 
-    result = calibrate_run(args.run, args.target_recall, args.target_false_alarm)
+    target = CalibrationTarget(**given(args, CalibrationTarget))
+    result = calibrate_run(args.run, target.target_recall, target.target_false_alarm)
     point = result["operating_point"]
     met = "" if result["met"] else " (target not reached: the closest point)"
     print(
@@ -209,14 +191,16 @@ def _export(args) -> None:
 
 def _predict(args) -> None:
     # An export runs with onnxruntime or torch.jit alone: nothing else is imported for it.
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.segmentation.decisions import OperatingPoint
     from defectforge.segmentation.exported import is_export, predict_folder_exported
     from defectforge.segmentation.predictions import REJECTED_FILE, rejected_files
 
     options = {
-        "threshold": args.threshold,
-        "min_area": args.min_area,
-        "mask_suffix": args.mask_suffix,
-        **_reading_options(args),
+        "threshold": None,
+        "min_area": None,
+        **_checked_given(args, OperatingPoint),
+        **_checked_given(args, BuildConfig, READING_OPTIONS),
     }
     if is_export(args.model):
         rows = predict_folder_exported(

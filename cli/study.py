@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from defectforge.cli.options import add_out, local_path
+from defectforge.cli.options import add_options, add_out, given, local_path
 
 COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export, pool"}
 
 
 def build(name: str, parser) -> None:
+    from defectforge.segmentation.decisions import CalibrationTarget
+
     study = parser.add_subparsers(dest="study_command", required=True)
     run = study.add_parser("run", help="search, held-out final step, report")
     run.add_argument("spec", type=local_path, help="study spec YAML (see studies/specs/)")
@@ -21,11 +23,7 @@ def build(name: str, parser) -> None:
     export = study.add_parser("export", help="best model -> TorchScript + ONNX + model.json")
     export.add_argument("dir")
     add_out(export, "export folder to write")
-    target = export.add_mutually_exclusive_group()
-    target.add_argument(
-        "--target-recall", type=float, help="calibrate the OK/NG point on val first (e.g. 0.95)"
-    )
-    target.add_argument("--target-false-alarm", type=float, help="or for a false-alarm budget")
+    add_options(export, CalibrationTarget)
     pool = study.add_parser(
         "pool", help="pool the seeds of compare studies of one spec (different final.first_seed)"
     )
@@ -71,10 +69,12 @@ def run(args) -> None:
         return
     if args.study_command == "export":
         from defectforge.cli.seg import export_line
+        from defectforge.segmentation.decisions import CalibrationTarget
         from defectforge.studies.export import export_study
 
+        target = CalibrationTarget(**given(args, CalibrationTarget))
         meta = export_study(
-            args.dir, args.out, args.overwrite, args.target_recall, args.target_false_alarm
+            args.dir, args.out, args.overwrite, target.target_recall, target.target_false_alarm
         )
         print(export_line(meta, args.out) + f" ({meta['metrics']['chosen']})")
         return

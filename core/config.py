@@ -62,6 +62,17 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+def same_option(cls: type, name: str, default: Any = MISSING, **changes: Any) -> Any:
+    """Option ``name`` of ``cls`` as a field of another config, under that config's own name:
+    one declaration (help, check, valid values) for a value two configs hold. ``default``
+    replaces its default; ``changes`` its metadata (e.g. ``searchable=True``)."""
+    spec = next(f for f in fields(cls) if f.name == name)
+    metadata = {**spec.metadata, **changes}
+    if default is MISSING:
+        default = spec.default
+    return field(default=default, metadata=metadata)
+
+
 @cache
 def field_types(cls: type) -> dict[str, Any]:
     """The resolved annotation of every field (annotations are strings under PEP 563)."""

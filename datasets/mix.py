@@ -43,6 +43,7 @@ class MixConfig(TypedConfig):
     real_count: int = option(
         0, REAL_COUNT_HELP, lambda v: v >= 0, ">= 0 (0: every real train image)"
     )
+    synthetic: str = option("", "a labelled synthetic set (`synth label`) to mix in", path=True)
 
 
 @dataclass(frozen=True)

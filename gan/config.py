@@ -183,3 +183,20 @@ class GanConfig(TypedConfig):
         if profile not in PROFILES:
             raise ConfigError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
         return replace(self, **PROFILES[profile])
+
+
+@dataclass(frozen=True)
+class GenerateConfig(TypedConfig):
+    """Which samples `gan generate` (and a spec's generate section) draws."""
+
+    kind = "generate options"
+
+    count: int = option(500, "images to generate", lambda v: v >= 1, ">= 1")
+    first_seed: int = option(
+        0, "their seeds: first_seed .. first_seed + count - 1", lambda v: v >= 0, ">= 0"
+    )
+    truncation: float = option(1.0, "truncation psi", lambda v: 0 < v <= 2, "in (0, 2]")
+    class_name: str | None = option(None, "class of a conditional generator", flag="--class")
+
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.count))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import TypedConfig, option, same_option
 from defectforge.core.errors import ConfigError
 from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
-from defectforge.datasets.mix import RATIO_HELP, REAL_COUNT_HELP, MixConfig, valid_ratio
+from defectforge.datasets.mix import MixConfig
 from defectforge.segmentation.losses import parse_loss
 from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size
 
@@ -123,11 +123,12 @@ class SegConfig(TypedConfig):
     )
     data_manifest_id: str = option("", cli=False)
     # Lazy real/synthetic mixing (datasets/mix.py decides which rows); val and test stay real.
-    synthetic: str = option("", "a labelled synthetic set (`synth label`) to mix in", path=True)
-    synthetic_ratio: float = option(0.0, RATIO_HELP, valid_ratio, "in [0, 1)", searchable=True)
-    mix_seed: int = option(0, "which synthetic images are chosen")
-    mix_per_class: bool = option(False, "synthetic classes follow the real proportions")
-    real_count: int = option(0, REAL_COUNT_HELP, lambda v: v >= 0, ">= 0", searchable=True)
+    # The mix point's options are MixConfig's declarations, under the names a run uses.
+    synthetic: str = same_option(MixConfig, "synthetic")
+    synthetic_ratio: float = same_option(MixConfig, "ratio", 0.0, searchable=True)
+    mix_seed: int = same_option(MixConfig, "seed")
+    mix_per_class: bool = same_option(MixConfig, "per_class")
+    real_count: int = same_option(MixConfig, "real_count", searchable=True)
     # Which of a study's synthetic sets a trial mixes in (the study sets ``synthetic`` from it).
     synthetic_source: str = option("gan", cli=False, choices=SYNTHETIC_SOURCES, searchable=True)
 
@@ -154,7 +155,11 @@ class SegConfig(TypedConfig):
         if not self.synthetic:
             return None
         return MixConfig(
-            self.synthetic_ratio, self.mix_seed, self.mix_per_class, real_count=self.real_count
+            self.synthetic_ratio,
+            self.mix_seed,
+            self.mix_per_class,
+            real_count=self.real_count,
+            synthetic=self.synthetic,
         )
 
     @property

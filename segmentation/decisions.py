@@ -42,6 +42,36 @@ class OperatingPoint(TypedConfig):
     )
 
 
+def _rate(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+@dataclass(frozen=True)
+class CalibrationTarget(TypedConfig):
+    """What the operating point is calibrated for (`seg calibrate`, `study export`, a spec's
+    export section): a recall, or a false-alarm budget."""
+
+    kind = "calibration target"
+
+    target_recall: float | None = option(
+        None, "share of defective val images to call NG, e.g. 0.95", _rate, "in [0, 1]"
+    )
+    target_false_alarm: float | None = option(
+        None,
+        "or the largest share of defect-free val images to call NG, e.g. 0.05",
+        _rate,
+        "in [0, 1]",
+    )
+
+    def check(self) -> None:
+        if self.target_recall is not None and self.target_false_alarm is not None:
+            raise ConfigError("give one of target_recall and target_false_alarm, not both")
+
+    @property
+    def given(self) -> bool:
+        return self.target_recall is not None or self.target_false_alarm is not None
+
+
 def defect_probability(probabilities: np.ndarray) -> np.ndarray:
     """H x W probability of any defect class, from K x H x W class probabilities."""
     return 1.0 - probabilities[0]
@@ -98,11 +128,8 @@ def calibrate(
     it) or a false-alarm budget (most recall within it), from each image's largest region per
     threshold and whether it truly has a defect. Where no point reaches the target, the one
     coming closest is taken and ``met`` is False."""
-    if (target_recall is None) == (target_false_alarm is None):
-        raise ConfigError("give exactly one of --target-recall and --target-false-alarm")
-    for value in (target_recall, target_false_alarm):
-        if value is not None and not 0 <= value <= 1:
-            raise ConfigError(f"a target rate must be in [0, 1], got {value}")
+    if not CalibrationTarget(target_recall, target_false_alarm).given:
+        raise ConfigError("give one of target_recall (--target-recall) and target_false_alarm")
     table = np.asarray(largest)
     truth = np.asarray(defective, bool)
     points = []

@@ -35,7 +35,11 @@ from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
 ALGORITHMS = ("optuna", "grid", "compare")
 ARMS = "arms"
 # What decides a trial's training data, and each one's value when a spec does not set it.
-MIX_DEFAULTS = {"synthetic_ratio": 0.0, "synthetic_source": "gan", "real_count": 0}
+# A trial's mix point, in the order its values are checked, with SegConfig's defaults.
+MIX_DEFAULTS = {
+    name: next(spec.default for spec in SegConfig.options() if spec.name == name)
+    for name in ("synthetic_ratio", "synthetic_source", "real_count")
+}
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 DEFAULT_SPACE = {"synthetic_ratio": 0.0}
 # Options a study sets itself, from its data and resources sections.

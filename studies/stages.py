@@ -25,13 +25,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from defectforge.core.config import TypedConfig, check_field, field_types, option
+from defectforge.core.config import TypedConfig, check_field, field_types
 from defectforge.core.errors import ConfigError, one_line
 from defectforge.datasets.build import BuildConfig
 from defectforge.datasets.copy_paste import CopyPasteConfig
 from defectforge.datasets.subset import SubsetConfig
-from defectforge.gan.config import PROFILES, GanConfig
+from defectforge.gan.config import PROFILES, GanConfig, GenerateConfig
 from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.decisions import CalibrationTarget
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError, with_fix
 
@@ -58,35 +59,13 @@ DERIVED = {
 
 
 @dataclass(frozen=True)
-class GenerateSpec(TypedConfig):
+class GenerateSpec(GenerateConfig):
     kind = "generate section"
-
-    count: int = option(500, "images to generate", lambda v: v >= 1, ">= 1")
-    first_seed: int = option(
-        0, "seeds first_seed .. first_seed + count - 1", lambda v: v >= 0, ">= 0"
-    )
-    truncation: float = option(1.0, "truncation psi", lambda v: 0 < v <= 2, "in (0, 2]")
-    class_name: str | None = option(None, "class of a conditional generator")
-
-
-def _rate(value: float) -> bool:
-    return 0 <= value <= 1
 
 
 @dataclass(frozen=True)
-class ExportSpec(TypedConfig):
+class ExportSpec(CalibrationTarget):
     kind = "export section"
-
-    target_recall: float | None = option(
-        None, "calibrate for this recall first", _rate, "in [0, 1]"
-    )
-    target_false_alarm: float | None = option(
-        None, "or for this false-alarm rate", _rate, "in [0, 1]"
-    )
-
-    def check(self) -> None:
-        if self.target_recall is not None and self.target_false_alarm is not None:
-            raise ConfigError("give one of target_recall and target_false_alarm, not both")
 
 
 @dataclass(frozen=True)

@@ -73,15 +73,16 @@ def test_given_flags_only_override_the_config(tmp_path):
     ],
 )
 def test_quickstart_flags_make_a_build_config(tmp_path, flags, field, value):
-    from defectforge.cli.options import given
-    from defectforge.cli.quickstart import QUICKSTART_OWNS
-    from defectforge.datasets.build import BuildConfig
+    from defectforge.cli.quickstart import build_options
     from defectforge.trainables.quickstart import _build_config
 
     args = parser(["quickstart"]).parse_args(["quickstart", *flags])
-    options = given(args, BuildConfig, skip=QUICKSTART_OWNS)
-    cfg = _build_config(args.source, args.data, tmp_path, options)
-    assert (cfg.source, getattr(cfg, field)) == (args.source, value)
+    source, options = build_options(args)
+    cfg = _build_config(source, args.data, tmp_path, options)
+    assert (cfg.source, getattr(cfg, field)) == (
+        flags[1] if "--source" in flags else "neu-seg",
+        value,
+    )
 
 
 def test_a_dashboard_address_for_the_ray_work_is_one_line(capsys, monkeypatch):
@@ -176,3 +177,56 @@ def test_ctrl_c_ends_the_command_with_130_and_every_process_it_started(tmp_path)
         time.sleep(0.05)
     else:
         raise AssertionError(f"the command's grandchild {grandchild.name} still runs")
+
+
+def _commands(node, path=()):
+    """(command path, its parser) for every command and subcommand."""
+    import argparse
+
+    for action in node._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from _commands(sub, (*path, name))
+
+
+# A hand-written flag that shares its name with a config's option, for another meaning.
+SAME_NAME_OTHER_MEANING = {
+    ("seg", "eval", "--images"): "images to score (LabelConfig's: generated images to label)",
+    ("seg", "eval", "--masks"): "their masks (GanConfig's: draw masks)",
+    ("predict", "--images"): "images to judge (LabelConfig's: generated images to label)",
+    ("gan", "metrics", "--class"): "scores one class of a trained run (GanConfig's: trains on one)",
+    ("gan", "metrics", "--n"): "images per set to score (SimulationConfig's: sheets to draw)",
+    ("gan", "compare", "--kimg"): "the snapshot to show (GanConfig's: the length to train)",
+    ("study", "run", "--name"): "the study's name (BuildConfig's: the dataset's)",
+    ("submit", "--name"): "the study's name (BuildConfig's: the dataset's)",
+}
+
+
+def test_no_command_declares_by_hand_a_flag_a_config_declares():
+    from defectforge.cli.options import flag_of
+
+    commands = list(_commands(parser()))
+    configs = {
+        action.declared_by
+        for _, command in commands
+        for action in command._actions
+        if hasattr(action, "declared_by")
+    }
+    declared = {
+        flag_of(spec): cls.__name__
+        for cls in configs
+        for spec in cls.options()
+        if spec.metadata.get("cli")
+    }
+    by_hand = [
+        (path, flag, declared[flag])
+        for path, command in commands
+        for action in command._actions
+        if not hasattr(action, "declared_by")
+        for flag in action.option_strings
+        if flag in declared and (*path, flag) not in SAME_NAME_OTHER_MEANING
+    ]
+    assert not by_hand, "\n".join(
+        f"{' '.join(path)} {flag}: declare it once, in {owner}" for path, flag, owner in by_hand
+    )

@@ -391,7 +391,7 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
     assert [row["kimg"] for row in more["history"]] == [0.0, 0.016, 0.032, 0.048]
 
     out = tmp_path / "generated"
-    assert main(["gan", "generate", "--model", run.uri, "--n", "5", "--out", str(out)]) == 0
+    assert main(["gan", "generate", "--model", run.uri, "--count", "5", "--out", str(out)]) == 0
     assert len(list(out.glob("*.png"))) == 5
     rows = pq.read_table(out / "train").to_pylist()
     assert [r["source"] for r in rows] == ["synthetic"] * 5 and rows[0]["mask"] is None

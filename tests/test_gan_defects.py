@@ -163,7 +163,7 @@ def test_drawn_masks_survive_generate_mix_and_the_training_feed(
 
     run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=0.0)
     out = tmp_path / "drawn"
-    assert main(["gan", "generate", "--model", str(run), "--n", "24", "--out", str(out)]) == 0
+    assert main(["gan", "generate", "--model", str(run), "--count", "24", "--out", str(out)]) == 0
     manifest = Manifest.load(out)
     assert manifest.masks and manifest.section("labelling")["labeller"].startswith("drawn")
     drawn = {row["id"]: row for row in pq.read_table(out / "train").to_pylist()}
@@ -192,15 +192,15 @@ def test_a_generator_that_draws_no_defect_publishes_nothing(ray_session, sample_
 
     run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=-20.0)
     out = tmp_path / "drawn"
-    assert main(["gan", "generate", "--model", str(run), "--n", "8", "--out", str(out)]) == 2
+    assert main(["gan", "generate", "--model", str(run), "--count", "8", "--out", str(out)]) == 2
     assert not out.exists()
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--n", "0"], "--n 0: give 1 or more images"),
-        (["--n", "-5"], "--n -5: give 1 or more images"),
+        (["--count", "0"], "count = 0: must be >= 1"),
+        (["--count", "-5"], "count = -5: must be >= 1"),
         (["--seeds", "9-3"], "--seeds '9-3': a range goes up, e.g. 3-9"),
         (["--seeds", "a,b"], "give seeds as 0,5,9 or a range 0-99"),
     ],

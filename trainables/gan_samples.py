@@ -72,7 +72,7 @@ def write_generated(
     labelled by `synth label`), or, from a generator that draws masks, with them (ready to mix;
     samples whose mask holds no defect are left out, as labelling leaves them out)."""
     if not seeds:
-        raise ConfigError("no seeds to generate: give --n 1 or more, or --seeds")
+        raise ConfigError("no seeds to generate: give --count 1 or more, or --seeds")
     check_output(out, overwrite, (model,))
     generator, cfg = load_generator(model)
     class_index = _class_index(cfg, class_name)

@@ -166,7 +166,7 @@ class Pipeline:
         from defectforge.trainables.gan_samples import write_generated
 
         section = getattr(self.spec.stages, name)
-        seeds = list(range(section.first_seed, section.first_seed + section.count))
+        seeds = section.seeds()
 
         def make(out: str) -> None:
             write_generated(gan, out, seeds, section.truncation, section.class_name, overwrite=True)

@@ -35,8 +35,8 @@ class StudyContext:
 
     def trial_config(self, values: dict) -> SegConfig:
         values = trial_values(values)
-        ratio = values.get("synthetic_ratio", 0.0)
-        source = values.get("synthetic_source", "gan")
+        mix = {**MIX_DEFAULTS, **values}
+        ratio, source = mix["synthetic_ratio"], mix["synthetic_source"]
         synthetic = synthetic_set(self.spec, source) if ratio else ""
         return replace(self.base, **values, synthetic=synthetic)
 

@@ -1,0 +1,570 @@
+"""MkDocs hook: the two reference pages that are generated, never written by hand.
+
+- ``reference/commands.md`` walks the argparse parsers of ``defectforge.cli.parser()``: every
+  command and subcommand with every flag, its value, its default and its help text.
+- ``reference/spec.md`` walks the study spec's section classes (``defectforge.studies.spec``,
+  ``defectforge.studies.stages`` and the config classes the stages take their options from):
+  every key with its type, default, valid values and help text.
+
+Only public structure is read: argparse's parsers and actions, ``dataclasses.fields`` with the
+metadata ``core.config.option`` records (help, valid, choices, cli, searchable), type hints, and
+``SegConfig.searchable()``. The functions here import no MkDocs, so ``tests/test_docs.py`` calls
+them directly; only ``on_files`` (run by ``mkdocs build``) touches MkDocs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import typing
+from typing import Any
+
+import yaml
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+COMMANDS_PAGE = "reference/commands.md"
+SPEC_PAGE = "reference/spec.md"
+
+
+# --- shared --------------------------------------------------------------------------------
+
+
+def _markdown(text: str) -> str:
+    """``text`` safe inside a Markdown table cell, on one line: HTML, emphasis characters and
+    pipes escaped outside `code spans` (inside them a pipe does not split a cell)."""
+    parts = str(text).replace("\n", " ").split("`")
+    for i in range(0, len(parts), 2):  # outside code spans
+        part = parts[i].replace("\\", "\\\\").replace("&", "&amp;")
+        part = part.replace("<", "&lt;").replace(">", "&gt;")
+        for char in "*_[]|":
+            part = part.replace(char, "\\" + char)
+        parts[i] = part
+    if len(parts) % 2 == 0:  # an unmatched backtick: keep it literal
+        parts[-2] += "\\`" + parts.pop()
+    return "`".join(parts)
+
+
+def _code(text: str) -> str:
+    text = str(text)  # a pipe inside a code span does not split a table cell
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+# --- command reference ---------------------------------------------------------------------
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser, str]]:
+    """(name, parser, help) of each subcommand of ``parser``, in the order they were added."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help or "" for choice in action._choices_actions}
+            found += [(name, sub, helps.get(name, "")) for name, sub in action.choices.items()]
+    return found
+
+
+def _expanded_help(action: argparse.Action, prog: str) -> str:
+    """The help text as ``--help`` prints it (``%(default)s`` and ``%%`` expanded)."""
+    text = action.help or ""
+    if text == argparse.SUPPRESS:
+        return ""
+    params = {k: v for k, v in vars(action).items() if v is not argparse.SUPPRESS}
+    params["prog"] = prog
+    if params.get("choices") is not None:
+        params["choices"] = ", ".join(map(str, params["choices"]))
+    try:
+        return text % params
+    except (KeyError, TypeError, ValueError):
+        return text.replace("%%", "%")
+
+
+def _value(action: argparse.Action) -> str:
+    if action.nargs == 0:
+        return ""
+    if action.choices is not None:
+        return " \\| ".join(_code(c) for c in action.choices)
+    metavar = action.metavar or (action.dest if not action.option_strings else action.dest.upper())
+    if isinstance(metavar, tuple):
+        metavar = " ".join(metavar)
+    if action.nargs in ("+", "*"):
+        metavar = f"{metavar} ..."
+    return _code(metavar)
+
+
+def _default(action: argparse.Action) -> str:
+    default = action.default
+    if default is argparse.SUPPRESS or default is None or action.required:
+        return ""
+    if action.nargs == 0 and default is False:
+        return "off"
+    if default == "":
+        return "''"
+    return _code(default)
+
+
+def _options_rows(parser: argparse.ArgumentParser) -> list[tuple[str, ...]]:
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        names = ", ".join(_code(s) for s in action.option_strings) or _code(action.dest)
+        needed = "yes" if action.required else ""
+        help_text = _markdown(_expanded_help(action, parser.prog))
+        rows.append((names, _value(action), _default(action), needed, help_text))
+    return rows
+
+
+def _groups(parser: argparse.ArgumentParser) -> list[str]:
+    lines = []
+    for group in parser._mutually_exclusive_groups:
+        names = ", ".join(_code(a.option_strings[0]) for a in group._group_actions)
+        how = "exactly one of" if group.required else "at most one of"
+        lines.append(f"- {how} {names}")
+    return lines + [""] if lines else []
+
+
+def _command_section(path: list[str], parser: argparse.ArgumentParser, text: str) -> list[str]:
+    level = "#" * min(len(path), 4)
+    lines = [f"{level} {' '.join(path)}", ""]
+    if text:
+        lines += [_markdown(text[0].upper() + text[1:]) + ".", ""]
+    lines += ["```text", parser.format_usage().strip(), "```", ""]
+    subs = _subcommands(parser)
+    rows = _options_rows(parser)
+    if rows:
+        lines += _table(("option", "value", "default", "required", "what it does"), rows)
+        lines += _groups(parser)
+    if subs:
+        lines += ["Subcommands:", ""]
+        lines += [f"- `{' '.join([*path, name])}`: {_markdown(help_)}" for name, _, help_ in subs]
+        lines += [""]
+        for name, sub, help_ in subs:
+            lines += _command_section([*path, name], sub, help_)
+    return lines
+
+
+def command_reference(root: argparse.ArgumentParser | None = None) -> str:
+    """The command-line reference page, from the parsers ``defectforge.cli.parser()`` builds."""
+    if root is None:
+        from defectforge.cli import parser
+
+        root = parser()
+    # argparse wraps usage lines at the terminal's width: the same page on every machine.
+    os.environ["COLUMNS"] = "100"
+    lines = [
+        "# Command line",
+        "",
+        "Generated from the command line's own parsers (`defectforge.cli.parser()`) each time the",
+        "documentation is built, so it lists exactly the flags the installed version accepts.",
+        "Every command and subcommand also takes `-h`, `--help`, which prints the same.",
+        "A flag whose default says `none` is off or unset unless given; a GAN option's help",
+        "names its default under each `--profile`. Boolean options also take a `--no-` form.",
+        "",
+        root.description or "",
+        "",
+    ]
+    root_rows = _options_rows(root)
+    lines += ["## defectforge", "", "```text", root.format_usage().strip(), "```", ""]
+    lines += _table(("option", "value", "default", "required", "what it does"), root_rows)
+    lines += ["Commands:", ""]
+    subs = _subcommands(root)
+    lines += [
+        f"- [`defectforge {name}`](#defectforge-{name}): {_markdown(h)}" for name, _, h in subs
+    ]
+    lines += [""]
+    for name, sub, help_ in subs:
+        lines += _command_section(["defectforge", name], sub, help_)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- spec reference ------------------------------------------------------------------------
+
+# What the plain-dataclass top-level keys of a spec mean (StudySpec's fields carry no metadata).
+TOP_LEVEL = {
+    "name": "the study's name: its folder under `storage_path` and its Ray Job's name",
+    "dataset": "the datasets the trials read (section below); paths, or made by the stages",
+    "search_space": "the options a trial varies: fixed values, lists, ranges, `arms` (below)",
+    "search": "how the space is searched: Optuna, a grid, or a comparison of arms (below)",
+    "resources": "CPUs, GPUs and Ray Train workers per trial (below)",
+    "training": "any other `seg train` option, fixed for every trial (below)",
+    "storage_path": "where the study folder and the stages' outputs go: a folder, or an "
+    "`s3://` / `gs://` URI on a cluster without a shared disk",
+    "final": "the held-out final step: fresh seeds of the chosen configuration on test (below)",
+    "description": "free text shown in the report",
+    "expected_runtime": "free text per profile, e.g. `{cpu: 40 min}`; shown, never checked",
+    "stages": "not a key itself: each stage (`data`, `subset`, ...) is a top-level key (below)",
+}
+
+# The stages whose section is a mapping rather than a config class: which classes' options
+# they take. (Typed stages are read from ``Stages``' type hints.)
+MAPPING_STAGES = {
+    "labeller": "`run: PATH` (an existing `seg train` run), or the options of a run to train: "
+    "every command-line option of [SegConfig](#segconfig)",
+    "gan": "`run: PATH` (an existing `gan train` run), or `profile` (one of {profiles}; default "
+    "`cpu-small`) and any option of [GanConfig](#ganconfig) but those set from the data stage "
+    "(`data`, `channels`, `classes`)",
+    "mask_gan": "as `gan`; `masks` is always on (the generator draws each image's mask)",
+    "label": "the command-line options of [LabelConfig](#labelconfig) and "
+    "[Corrections](#corrections) (`synth label`'s), side by side; `images` and `labeller` are "
+    "set from the generate and labeller stages",
+}
+# The config classes those mapping stages read, as MAPPING_STAGES names them.
+MAPPING_CLASSES = (
+    ("defectforge.segmentation.config", "SegConfig"),
+    ("defectforge.gan.config", "GanConfig"),
+    ("defectforge.segmentation.pseudo_label", "LabelConfig"),
+    ("defectforge.segmentation.pseudo_label", "Corrections"),
+)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not typing.get_args(annotation):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "").replace("NoneType", "None")
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    return re.sub(r"\b(?:[a-z_]\w*\.)+(\w+)", r"\1", text)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _yaml(value: Any) -> str:
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def _field_default(spec: dataclasses.Field) -> str:
+    if spec.default is not dataclasses.MISSING:
+        value = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+    else:
+        return "required"
+    if dataclasses.is_dataclass(value):
+        return f"see [{type(value).__name__}](#{type(value).__name__.lower()})"
+    return _code(_yaml(value))
+
+
+def _valid(spec: dataclasses.Field) -> str:
+    choices = spec.metadata.get("choices")
+    if choices:
+        return "one of " + ", ".join(_code(c) for c in choices)
+    return _markdown(spec.metadata.get("valid", ""))
+
+
+def _nested(annotation: Any) -> list[type]:
+    """The dataclasses a field holds (``X``, ``X | None``)."""
+    members = typing.get_args(annotation) or (annotation,)
+    return [m for m in members if isinstance(m, type) and dataclasses.is_dataclass(m)]
+
+
+# What a key means where its declaration has no help text (class name.field name).
+FALLBACK_HELP = {
+    "SearchSpec.algorithm": "`optuna`: seeded TPE through Tune's OptunaSearch; `grid`: every "
+    "point of the lists; `compare`: every grid point is an arm, trained with the `final.seeds` "
+    "seeds and scored on test, nothing searched",
+    "SearchSpec.num_samples": "trials Optuna draws (a grid is repeated this many times)",
+    "SearchSpec.max_concurrent_trials": "trials training at once; each waits for one of these "
+    "slots before it reads data",
+    "SearchSpec.seed": "seed of the search algorithm (Optuna's TPE sampler)",
+    "SearchSpec.asha": "early stopping of trials by validation IoU",
+    "SearchSpec.optuna_storage": "FILE.db: Optuna's study also kept in this SQLite file, for "
+    "`optuna-dashboard`",
+    "AshaSpec.grace_period": "epochs every trial trains before ASHA may stop it",
+    "AshaSpec.reduction_factor": "ASHA's halving rate: 1 / this of the trials go on at each rung",
+    "ResourcesSpec.cpus_per_trial": "CPUs per trial (fractions allowed)",
+    "ResourcesSpec.gpus_per_trial": "GPUs per trial (fractions allowed)",
+    "ResourcesSpec.workers_per_trial": "Ray Train workers per trial (data-parallel)",
+    "ResourcesSpec.custom_per_worker": "custom Ray resources each training worker asks for: "
+    "node labels such as `{defectforge_worker: 1}` (`cluster up`) or "
+    "`{defectforge_gpu_worker: 1}` (`cluster/aws.yaml`)",
+    "FinalSpec.seeds": "fresh seeds of the chosen configuration, each trained again and scored "
+    "once on the test split (0: no final step; a compare study: seeds per arm)",
+    "FinalSpec.epochs": "their epochs (0: as the best trial)",
+    "SegConfig.synthetic_source": "the synthetic set a trial mixes in: `gan` "
+    "(`dataset.synthetic`), `copy_paste` (`dataset.copy_paste`) or `gan_masks` "
+    "(`dataset.gan_masks`)",
+    "Range.low": "lower end",
+    "Range.high": "upper end",
+    "Range.log": "draw on a log scale (needs low > 0)",
+    "GanConfig.style_mixing_prob": "share of batches trained with two mixed latents",
+    "GanConfig.ema_kimg": "half-life of the EMA generator, in kimg",
+    "GanConfig.ema_rampup": "EMA ramp-up over the first images (StyleGAN2-ADA's)",
+}
+FROM_DATA = "set from the dataset; not a spec key"
+
+
+def _help_of(cls: type, spec: dataclasses.Field) -> str:
+    text = spec.metadata.get("help", "") or FALLBACK_HELP.get(f"{cls.__name__}.{spec.name}", "")
+    if not text and spec.metadata.get("cli") is False and not spec.metadata.get("searchable"):
+        if cls.__name__ in ("SegConfig", "GanConfig"):
+            text = FROM_DATA
+    return text
+
+
+def _class_table(cls: type, notes: dict[str, str] | None = None) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for spec in dataclasses.fields(cls):
+        text = _help_of(cls, spec)
+        nested = _nested(hints[spec.name])
+        if nested:
+            text = f"{text}; " if text else ""
+            text = (
+                _markdown(text)
+                + f"a mapping: [{nested[0].__name__}](#{nested[0].__name__.lower()})"
+            )
+        else:
+            text = _markdown(text)
+        if notes and spec.name in notes:
+            text = f"{text} ({notes[spec.name]})" if text else notes[spec.name]
+        rows.append(
+            (
+                _code(spec.name),
+                _code(_type_name(hints[spec.name])),
+                _field_default(spec),
+                _valid(spec),
+                text,
+            )
+        )
+    return _table(("key", "type", "default", "valid", "what it is"), rows)
+
+
+def _heading(level: int, text: str, cls: type) -> list[str]:
+    return [f"{'#' * level} {text} {{#{cls.__name__.lower()}}}", ""]
+
+
+def spec_classes() -> dict[str, list[type]]:
+    """The spec's section classes, by the part of the page they belong to: the top level and
+    its sections, the stages' typed sections, the classes mapping stages take options from, and
+    every dataclass nested inside one of them."""
+    import importlib
+
+    from defectforge.studies import spec as spec_module
+    from defectforge.studies import stages as stages_module
+
+    def with_nested(classes: list[type]) -> list[type]:
+        found: list[type] = []
+        waiting = list(classes)
+        while waiting:
+            cls = waiting.pop(0)
+            if cls in found:
+                continue
+            found.append(cls)
+            hints = typing.get_type_hints(cls)
+            waiting += [n for f in dataclasses.fields(cls) for n in _nested(hints[f.name])]
+        return found
+
+    top_hints = typing.get_type_hints(spec_module.StudySpec)
+    sections = [
+        n
+        for f in dataclasses.fields(spec_module.StudySpec)
+        for n in _nested(top_hints[f.name])
+        if n is not stages_module.Stages
+    ]
+    stage_hints = typing.get_type_hints(stages_module.Stages)
+    typed = [
+        n for f in dataclasses.fields(stages_module.Stages) for n in _nested(stage_hints[f.name])
+    ]
+    mapping = [getattr(importlib.import_module(m), name) for m, name in MAPPING_CLASSES]
+    top = [spec_module.StudySpec, *with_nested(sections)]
+    if hasattr(spec_module, "Range"):
+        top.append(spec_module.Range)
+    stage_classes = [stages_module.Stages, *with_nested(typed)]
+    options = [c for c in with_nested(mapping) if c not in stage_classes and c not in top]
+    return {"top": top, "stages": stage_classes, "options": options}
+
+
+def _section_key(cls: type) -> str:
+    """The spec key a top-level section class sits under (``search.asha`` for AshaSpec)."""
+    from defectforge.studies import spec as spec_module
+
+    def walk(owner: type, prefix: str) -> str | None:
+        hints = typing.get_type_hints(owner)
+        for f in dataclasses.fields(owner):
+            for nested in _nested(hints[f.name]):
+                key = f"{prefix}{f.name}"
+                if nested is cls:
+                    return key
+                deeper = walk(nested, key + ".")
+                if deeper:
+                    return deeper
+        return None
+
+    return walk(spec_module.StudySpec, "") or cls.__name__
+
+
+def spec_reference() -> str:
+    """The study spec reference page, from the spec's section classes."""
+    from defectforge.gan.config import PROFILES
+    from defectforge.segmentation.config import SegConfig
+    from defectforge.studies import spec as spec_module
+    from defectforge.studies import stages as stages_module
+
+    classes = spec_classes()
+    lines = [
+        "# Study spec",
+        "",
+        "Generated from the spec's section classes (`defectforge.studies.spec`,",
+        "`defectforge.studies.stages` and the configs whose options they take) each time the",
+        "documentation is built. A spec is YAML; every value is checked by its option's own check",
+        "when the spec loads, and a mistake stops the study before any stage or trial runs,",
+        "naming the file, the key, the value and the fix. How specs are used:",
+        "[Studies and specs](../studies.md).",
+        "",
+        "## Top level {#studyspec}",
+        "",
+    ]
+    hints = typing.get_type_hints(spec_module.StudySpec)
+    rows = []
+    for f in dataclasses.fields(spec_module.StudySpec):
+        rows.append(
+            (
+                _code(f.name),
+                _code(_type_name(hints[f.name])),
+                _field_default(f),
+                "",
+                TOP_LEVEL.get(f.name, ""),
+            )
+        )
+    lines += _table(("key", "type", "default", "valid", "what it is"), rows)
+
+    searchable = SegConfig.searchable()
+    seg_hints = typing.get_type_hints(SegConfig)
+    lines += [
+        "## search_space {#search-space}",
+        "",
+        "Each key is a searchable option of [SegConfig](#segconfig). An entry is a fixed value,",
+        "a list (the choices; a grid's values) or a range `{low: 0.05, high: 0.5, log: false}`",
+        "([Range](#range); numbers only). `arms` is a list of mappings of these keys, one value",
+        "each, crossed with the other lists like one more grid key (a grid or compare search",
+        "only). A key is in `search_space` or in `training`, not both.",
+        "",
+    ]
+    rows = [
+        (
+            _code(name),
+            _code(_type_name(seg_hints[name])),
+            _field_default(f),
+            _valid(f),
+            _markdown(_help_of(SegConfig, f)),
+        )
+        for name, f in searchable.items()
+    ]
+    rows.append(
+        (
+            _code("arms"),
+            _code("list[dict]"),
+            "",
+            "mappings of the keys above",
+            "the arms of a grid or compare study",
+        )
+    )
+    lines += _table(("key", "type", "default", "valid", "what it is"), rows)
+
+    owned = set(getattr(spec_module, "STUDY_OWNED", ()))
+    training = [
+        f.name for f in SegConfig.options() if f.metadata.get("cli") and f.name not in owned
+    ]
+    lines += [
+        "## training {#training}",
+        "",
+        "Any of these [SegConfig](#segconfig) options, fixed for every trial: "
+        + ", ".join(_code(n) for n in training)
+        + ".",
+        "",
+    ]
+    if owned:
+        lines += [
+            "The study sets " + ", ".join(_code(n) for n in sorted(owned)) + " itself, from its",
+            "`dataset` and `resources` sections.",
+            "",
+        ]
+
+    for cls in classes["top"]:
+        if cls is spec_module.StudySpec:
+            continue
+        key = _section_key(cls) if cls.__name__ != "Range" else "a range"
+        lines += _heading(2, f"{key} ({cls.__name__})", cls)
+        doc = (cls.__doc__ or "").strip()
+        if doc and not doc.startswith(cls.__name__ + "("):
+            lines += [_markdown(doc.split("\n\n")[0]), ""]
+        lines += _class_table(cls)
+
+    lines += [
+        "## Stages {#stages}",
+        "",
+        "Each stage is a top-level key of the spec, every one optional; they run in this order,",
+        "and a stage whose output exists under `storage_path` (same settings, same inputs) is",
+        "reused. `export: true` exports with no calibration.",
+        "",
+    ]
+    stage_hints = typing.get_type_hints(stages_module.Stages)
+    rows = []
+    for f in dataclasses.fields(stages_module.Stages):
+        nested = _nested(stage_hints[f.name])
+        if nested:
+            what = f"the options of [{nested[0].__name__}](#{nested[0].__name__.lower()})"
+        else:
+            what = MAPPING_STAGES.get(f.name, "a mapping").format(
+                profiles=", ".join(_code(p) for p in PROFILES)
+            )
+        rows.append((_code(f.name), what))
+    lines += _table(("stage", "its section"), rows)
+    for cls in classes["stages"]:
+        if cls is stages_module.Stages:
+            continue
+        lines += _heading(3, cls.__name__, cls)
+        lines += _class_table(cls)
+
+    lines += [
+        "## Option classes {#option-classes}",
+        "",
+        "The configs the `labeller`, `gan`, `mask_gan` and `label` stages, `training` and",
+        "`search_space` take their options from; every field is listed, including those set from",
+        "the data (marked so: no flag, no spec key).",
+        "",
+    ]
+    for cls in classes["options"]:
+        lines += _heading(3, cls.__name__, cls)
+        notes = None
+        if cls.__name__ == "GanConfig":
+            notes = {
+                name: "; ".join(f"{_yaml(v)} with `profile: {p}`" for p, v in profiles.items())
+                for name, profiles in _by_option(PROFILES).items()
+            }
+        lines += _class_table(cls, notes)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _by_option(profiles: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for profile, values in profiles.items():
+        for name, value in values.items():
+            found.setdefault(name, {})[profile] = value
+    return found
+
+
+# --- MkDocs --------------------------------------------------------------------------------
+
+GENERATED = {COMMANDS_PAGE: command_reference, SPEC_PAGE: spec_reference}
+
+
+def on_page_markdown(markdown, page, config, files):
+    """A generated page's stub in docs/ (which says what it is, for readers of the source
+    tree) is replaced by the generated text; every other page is left as it is."""
+    make = GENERATED.get(page.file.src_uri)
+    return make() if make else markdown
