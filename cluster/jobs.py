@@ -32,7 +32,8 @@ import yaml
 from defectforge.cluster.local import auth_headers, default_token_path
 from defectforge.core.errors import ClusterError, ConfigError
 from defectforge.core.storage import absolute_location
-from defectforge.studies.spec import DatasetSpec, load_spec
+from defectforge.studies.spec import load_spec
+from defectforge.studies.spec_schema import DatasetSpec
 
 PROJECT = "defectforge"
 JOB_SPEC = "spec.yaml"

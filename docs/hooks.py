@@ -2,7 +2,7 @@
 
 - ``reference/commands.md`` walks the argparse parsers of ``defectforge.cli.parser()``: every
   command and subcommand with every flag, its value, its default and its help text.
-- ``reference/spec.md`` walks the study spec's section classes (``defectforge.studies.spec``,
+- ``reference/spec.md`` walks the study spec's section classes (``defectforge.studies.spec_schema``,
   ``defectforge.studies.stages`` and the config classes the stages take their options from):
   every key with its type, default, valid values and help text.
 
@@ -273,36 +273,9 @@ def _nested(annotation: Any) -> list[type]:
 
 # What a key means where its declaration has no help text (class name.field name).
 FALLBACK_HELP = {
-    "SearchSpec.algorithm": "`optuna`: seeded TPE through Tune's OptunaSearch; `grid`: every "
-    "point of the lists; `compare`: every grid point is an arm, trained with the `final.seeds` "
-    "seeds and scored on test, nothing searched",
-    "SearchSpec.num_samples": "trials Optuna draws (a grid is repeated this many times)",
-    "SearchSpec.max_concurrent_trials": "trials training at once; each waits for one of these "
-    "slots before it reads data",
-    "SearchSpec.seed": "seed of the search algorithm (Optuna's TPE sampler)",
-    "SearchSpec.asha": "early stopping of trials by validation IoU",
-    "SearchSpec.optuna_storage": "FILE.db: Optuna's study also kept in this SQLite file, for "
-    "`optuna-dashboard`",
-    "AshaSpec.grace_period": "epochs every trial trains before ASHA may stop it",
-    "AshaSpec.reduction_factor": "ASHA's halving rate: 1 / this of the trials go on at each rung",
-    "ResourcesSpec.cpus_per_trial": "CPUs per trial (fractions allowed)",
-    "ResourcesSpec.gpus_per_trial": "GPUs per trial (fractions allowed)",
-    "ResourcesSpec.workers_per_trial": "Ray Train workers per trial (data-parallel)",
-    "ResourcesSpec.custom_per_worker": "custom Ray resources each training worker asks for: "
-    "node labels such as `{defectforge_worker: 1}` (`cluster up`) or "
-    "`{defectforge_gpu_worker: 1}` (`cluster/aws.yaml`)",
-    "FinalSpec.seeds": "fresh seeds of the chosen configuration, each trained again and scored "
-    "once on the test split (0: no final step; a compare study: seeds per arm)",
-    "FinalSpec.epochs": "their epochs (0: as the best trial)",
-    "SegConfig.synthetic_source": "the synthetic set a trial mixes in: `gan` "
-    "(`dataset.synthetic`), `copy_paste` (`dataset.copy_paste`) or `gan_masks` "
-    "(`dataset.gan_masks`)",
     "Range.low": "lower end",
     "Range.high": "upper end",
     "Range.log": "draw on a log scale (needs low > 0)",
-    "GanConfig.style_mixing_prob": "share of batches trained with two mixed latents",
-    "GanConfig.ema_kimg": "half-life of the EMA generator, in kimg",
-    "GanConfig.ema_rampup": "EMA ramp-up over the first images (StyleGAN2-ADA's)",
 }
 FROM_DATA = "set from the dataset; not a spec key"
 
@@ -353,7 +326,7 @@ def spec_classes() -> dict[str, list[type]]:
     every dataclass nested inside one of them."""
     import importlib
 
-    from defectforge.studies import spec as spec_module
+    from defectforge.studies import spec_schema as spec_module
     from defectforge.studies import stages as stages_module
 
     def with_nested(classes: list[type]) -> list[type]:
@@ -380,9 +353,7 @@ def spec_classes() -> dict[str, list[type]]:
         n for f in dataclasses.fields(stages_module.Stages) for n in _nested(stage_hints[f.name])
     ]
     mapping = [getattr(importlib.import_module(m), name) for m, name in MAPPING_CLASSES]
-    top = [spec_module.StudySpec, *with_nested(sections)]
-    if hasattr(spec_module, "Range"):
-        top.append(spec_module.Range)
+    top = [spec_module.StudySpec, *with_nested(sections), spec_module.Range]
     stage_classes = [stages_module.Stages, *with_nested(typed)]
     options = [c for c in with_nested(mapping) if c not in stage_classes and c not in top]
     return {"top": top, "stages": stage_classes, "options": options}
@@ -390,7 +361,7 @@ def spec_classes() -> dict[str, list[type]]:
 
 def _section_key(cls: type) -> str:
     """The spec key a top-level section class sits under (``search.asha`` for AshaSpec)."""
-    from defectforge.studies import spec as spec_module
+    from defectforge.studies import spec_schema as spec_module
 
     def walk(owner: type, prefix: str) -> str | None:
         hints = typing.get_type_hints(owner)
@@ -411,14 +382,14 @@ def spec_reference() -> str:
     """The study spec reference page, from the spec's section classes."""
     from defectforge.gan.config import PROFILES
     from defectforge.segmentation.config import SegConfig
-    from defectforge.studies import spec as spec_module
+    from defectforge.studies import spec_schema as spec_module
     from defectforge.studies import stages as stages_module
 
     classes = spec_classes()
     lines = [
         "# Study spec",
         "",
-        "Generated from the spec's section classes (`defectforge.studies.spec`,",
+        "Generated from the spec's section classes (`defectforge.studies.spec_schema`,",
         "`defectforge.studies.stages` and the configs whose options they take) each time the",
         "documentation is built. A spec is YAML; every value is checked by its option's own check",
         "when the spec loads, and a mistake stops the study before any stage or trial runs,",
@@ -475,7 +446,7 @@ def spec_reference() -> str:
     )
     lines += _table(("key", "type", "default", "valid", "what it is"), rows)
 
-    owned = set(getattr(spec_module, "STUDY_OWNED", ()))
+    owned = set(spec_module.STUDY_OWNED)
     training = [
         f.name for f in SegConfig.options() if f.metadata.get("cli") and f.name not in owned
     ]

@@ -116,9 +116,13 @@ class GanConfig(TypedConfig):
     r1_interval: int = option(16, "lazy R1 every N steps", *AT_LEAST_ONE, cli=False)
     pl_weight: float = option(0.0, "path-length regularisation (0: off)", lambda v: v >= 0, ">= 0")
     pl_interval: int = option(4, "lazy path length every N steps", *AT_LEAST_ONE, cli=False)
-    style_mixing_prob: float = option(0.9, cli=False)
-    ema_kimg: float = option(2.5, cli=False)
-    ema_rampup: float = option(0.05, cli=False)
+    style_mixing_prob: float = option(
+        0.9, help="share of batches trained with two mixed latents", cli=False
+    )
+    ema_kimg: float = option(2.5, help="half-life of the EMA generator, in kimg", cli=False)
+    ema_rampup: float = option(
+        0.05, help="EMA ramp-up over the first images (StyleGAN2-ADA's)", cli=False
+    )
     diffaug: str = option(
         "color,translation,cutout",
         "DiffAugment policy, e.g. color,translation,cutout ('' for none)",

@@ -130,7 +130,16 @@ class SegConfig(TypedConfig):
     mix_per_class: bool = same_option(MixConfig, "per_class")
     real_count: int = same_option(MixConfig, "real_count", searchable=True)
     # Which of a study's synthetic sets a trial mixes in (the study sets ``synthetic`` from it).
-    synthetic_source: str = option("gan", cli=False, choices=SYNTHETIC_SOURCES, searchable=True)
+    synthetic_source: str = option(
+        "gan",
+        help=(
+            "the synthetic set a trial mixes in: `gan` (`dataset.synthetic`), `copy_paste` "
+            "(`dataset.copy_paste`) or `gan_masks` (`dataset.gan_masks`)"
+        ),
+        cli=False,
+        choices=SYNTHETIC_SOURCES,
+        searchable=True,
+    )
 
     def check(self) -> None:
         smallest = min_input_size(self.arch)

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from defectforge.core.files import save_png  # noqa: E402
-from defectforge.studies.spec import MIX_DEFAULTS, StudySpec  # noqa: E402
+from defectforge.studies.spec_schema import MIX_DEFAULTS, StudySpec
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 COMPARE_FILE = "compare.json"

@@ -18,7 +18,7 @@ from defectforge.segmentation.export import export_run
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE
 from defectforge.studies.results import FINAL_FILE, STUDY_FILE, TRIALS_FILE, require_trials
-from defectforge.studies.spec import SOURCE_DATASETS
+from defectforge.studies.spec_schema import SOURCE_DATASETS
 from defectforge.studies.store import StudyStore
 
 

@@ -24,7 +24,7 @@ from defectforge.studies.compare import (
     plot_comparison,
 )
 from defectforge.studies.results import STUDY_FILE
-from defectforge.studies.spec import MIX_DEFAULTS
+from defectforge.studies.spec_schema import MIX_DEFAULTS
 from defectforge.studies.store import StudyStore
 
 POOL_REPORT = "report.md"

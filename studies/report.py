@@ -30,7 +30,7 @@ from defectforge.studies.search_plots import (  # noqa: E402
     plot_search_views,
     scratch_study,
 )
-from defectforge.studies.spec import SOURCE_DATASETS, StudySpec  # noqa: E402
+from defectforge.studies.spec_schema import SOURCE_DATASETS, StudySpec
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"

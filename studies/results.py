@@ -1,6 +1,6 @@
 """A study's results from its trials' records: the trial table, the final summary, the report.
 
-No Ray here: the runner (``trainables.study``) turns Tune's results into ``TrialRecord``s (a
+No Ray here: the runner (``trainables.study_tune``) turns Tune's results into ``TrialRecord``s (a
 trial's name, configuration, error and its reported lines), and everything after that, including
 redrawing the report of a finished study, reads only the study's own files.
 """
@@ -17,7 +17,8 @@ from defectforge.core.errors import DataError
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.selection import SELECTION_METRIC, best_epoch
 from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS, paired_difference
-from defectforge.studies.spec import StudySpec, parse_spec
+from defectforge.studies.spec import parse_spec
+from defectforge.studies.spec_schema import StudySpec
 from defectforge.studies.stats import mean_interval
 from defectforge.studies.store import StudyStore
 

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from defectforge.core.files import save_png  # noqa: E402
 from defectforge.segmentation.selection import SELECTION_METRIC  # noqa: E402
-from defectforge.studies.spec import ARMS, Range, StudySpec  # noqa: E402
+from defectforge.studies.spec_schema import ARMS, Range, StudySpec
 
 
 def _distribution(value):

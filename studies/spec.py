@@ -17,221 +17,32 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import Field, dataclass, field, fields
-from itertools import product
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from defectforge.core.config import TypedConfig, check_field, field_types, option
+from defectforge.core.config import TypedConfig, check_field, field_types
 from defectforge.core.errors import ConfigError, one_line
 from defectforge.core.outputs import NAME_RULE, name_problem
 from defectforge.segmentation.config import SegConfig
 from defectforge.studies.errors import SpecError, with_fix
-from defectforge.studies.stages import ORDER, Stages, parse_stages, settings_of
-
-# compare: no search; every grid point is an arm trained with final.seeds seeds and scored on test.
-ALGORITHMS = ("optuna", "grid", "compare")
-ARMS = "arms"
-# What decides a trial's training data, and each one's value when a spec does not set it.
-# A trial's mix point, in the order its values are checked, with SegConfig's defaults.
-MIX_DEFAULTS = {
-    name: next(spec.default for spec in SegConfig.options() if spec.name == name)
-    for name in ("synthetic_ratio", "synthetic_source", "real_count")
-}
-RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-DEFAULT_SPACE = {"synthetic_ratio": 0.0}
-# Options a study sets itself, from its data and resources sections.
-STUDY_OWNED = ("workers", "use_gpu", "synthetic", "data_manifest_id")
-# Keys earlier specs put under dataset:, now training: options like the others.
-MOVED_TO_TRAINING = ("image_size", "crop_size", "binary")
-
-
-@dataclass(frozen=True)
-class Range:
-    low: float
-    high: float
-    log: bool = False
-
-
-@dataclass(frozen=True)
-class DatasetSpec(TypedConfig):
-    kind = "dataset section"
-
-    real: str = option("", "the real dataset (`data build`); made by the data stage if absent")
-    synthetic: str = option(
-        "", "a labelled synthetic set (`synth label`) for ratios > 0; or made by the label stage"
-    )
-    copy_paste: str = option(
-        "", "a copy-paste set (`synth copy-paste`) for synthetic_source copy_paste; or its stage"
-    )
-    gan_masks: str = option(
-        "",
-        "images and masks drawn by a `gan train --masks` run (`gan generate`) for "
-        "synthetic_source gan_masks; or made by the mask_gan and generate_masks stages",
-    )
-
-
-# The dataset each synthetic source mixes in, and what makes it when a spec gives no path.
-SOURCE_DATASETS = {"gan": "synthetic", "copy_paste": "copy_paste", "gan_masks": "gan_masks"}
-SOURCE_STAGES = {
-    "gan": ("label", "`synth label` output, or add generate and label stages"),
-    "copy_paste": ("copy_paste", "`synth copy-paste` output, or add a copy_paste stage"),
-    "gan_masks": (
-        "generate_masks",
-        "`gan generate` output of a --masks run, or add mask_gan and generate_masks stages",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class AshaSpec(TypedConfig):
-    kind = "asha section"
-
-    grace_period: int = option(1, check=lambda v: v >= 1, valid=">= 1")
-    reduction_factor: int = option(2, check=lambda v: v >= 2, valid=">= 2")
-
-
-@dataclass(frozen=True)
-class SearchSpec(TypedConfig):
-    kind = "search section"
-
-    algorithm: str = option("optuna", choices=ALGORITHMS)
-    num_samples: int = option(1, check=lambda v: v >= 1, valid=">= 1")
-    max_concurrent_trials: int = option(1, check=lambda v: v >= 1, valid=">= 1")
-    seed: int = option(0)
-    asha: AshaSpec | None = option(None)
-    optuna_storage: str = option("")
-
-
-def _custom_resources_ok(custom: dict) -> bool:
-    return all(
-        isinstance(name, str)
-        and name not in RESERVED_RESOURCES
-        and isinstance(amount, int | float)
-        and not isinstance(amount, bool)
-        and amount > 0
-        for name, amount in custom.items()
-    )
-
-
-@dataclass(frozen=True)
-class ResourcesSpec(TypedConfig):
-    kind = "resources section"
-
-    cpus_per_trial: float = option(1.0, check=lambda v: v > 0, valid="> 0")
-    gpus_per_trial: float = option(0.0, check=lambda v: v >= 0, valid=">= 0")
-    workers_per_trial: int = option(1, check=lambda v: v >= 1, valid=">= 1")
-    # Custom Ray resources each training worker asks for: node labels that pin training to some
-    # nodes, e.g. {defectforge_worker: 1} (`cluster up`) or {defectforge_gpu_worker: 1} (aws.yaml).
-    custom_per_worker: dict[str, float] = option(
-        {},
-        check=_custom_resources_ok,
-        valid="a mapping of custom resource names (not CPU, GPU, memory) to positive amounts",
-    )
-    one_worker_in_process: bool = option(
-        True,
-        "a one-worker trial trains in its own Tune process; false: a Ray Train run of one "
-        "worker, as trials of several workers are (benchmarks/study_overhead.py compares them)",
-    )
-
-
-@dataclass(frozen=True)
-class FinalSpec(TypedConfig):
-    kind = "final section"
-
-    seeds: int = option(3, check=lambda v: v == 0 or v >= 3, valid="0, or >= 3 for an interval")
-    epochs: int = option(0, check=lambda v: v >= 0, valid=">= 0 (0: as the best trial)")
-    first_seed: int = option(
-        1000,
-        "seeds first_seed, first_seed + 1, ...: a second compare study from 1003 adds seeds "
-        "to arms a first one ran with 1000-1002",
-        # Final retrains use seeds no search trial used, so their interval is an honest estimate.
-        check=lambda v: v >= 1000,
-        valid=">= 1000 (seeds below are the search trials')",
-    )
-    baseline: dict = option(
-        {},
-        "the configuration the chosen one is compared with on test, paired by seed: values "
-        "over the search space's fixed ones and the defaults, e.g. {synthetic_ratio: 0.0} for "
-        "the real-only default; empty: no comparison",
-        check=lambda v: isinstance(v, dict),
-        valid="a mapping, e.g. {synthetic_ratio: 0.0}",
-    )
-
-
-@dataclass(frozen=True)
-class StudySpec:
-    name: str
-    dataset: DatasetSpec
-    search_space: dict[str, Any]
-    search: SearchSpec = field(default_factory=SearchSpec)
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    training: dict[str, Any] = field(default_factory=dict)
-    storage_path: str = "runs/studies"
-    final: FinalSpec = field(default_factory=FinalSpec)
-    description: str = ""
-    expected_runtime: dict[str, str] = field(default_factory=dict)
-    stages: Stages = field(default_factory=Stages)
-
-    def searched(self) -> dict[str, Any]:
-        """The keys that vary (lists and ranges; ``arms`` is one of them)."""
-        return {k: v for k, v in self.search_space.items() if isinstance(v, list | Range)}
-
-    def fixed(self) -> dict[str, Any]:
-        return {k: v for k, v in self.search_space.items() if not isinstance(v, list | Range)}
-
-    def varied(self) -> list[str]:
-        """The option names that differ between trials: searched keys and the arms' keys."""
-        arms = self.search_space.get(ARMS, [])
-        in_arms = {key for arm in arms for key in arm}
-        return sorted((set(self.searched()) - {ARMS}) | in_arms)
-
-    def values_of(self, key: str) -> list:
-        """Every value ``key`` takes in the space (a range as its two ends)."""
-        in_arms = [arm[key] for arm in self.search_space.get(ARMS, []) if key in arm]
-        return in_arms + self._outside_arms(key)
-
-    def _outside_arms(self, key: str) -> list:
-        value = self.search_space.get(key)
-        if value is None:
-            return []
-        if isinstance(value, Range):
-            return [value.low, value.high]
-        return value if isinstance(value, list) else [value]
-
-    def mix_points(self) -> list[dict]:
-        """Every (synthetic_ratio, synthetic_source, real_count) a trial may train with: an
-        arm's own values, else the space's (a range as its two ends), else the defaults; and
-        the final step's baseline. ``section`` says which part of the spec set it."""
-        points = []
-        for arm in self.search_space.get(ARMS) or [{}]:
-            options = [
-                [arm[key]] if key in arm else self._outside_arms(key) or [default]
-                for key, default in MIX_DEFAULTS.items()
-            ]
-            points += [
-                {**dict(zip(MIX_DEFAULTS, combo, strict=True)), "section": "search_space"}
-                for combo in product(*options)
-            ]
-        if self.final.baseline:
-            baseline = {**MIX_DEFAULTS, **self.fixed(), **self.final.baseline}
-            points.append(
-                {key: baseline[key] for key in MIX_DEFAULTS} | {"section": "final.baseline"}
-            )
-        return points
-
-    def synthetic_sources(self) -> set[str]:
-        """The synthetic sources some trial mixes in (gan, copy_paste, gan_masks)."""
-        return {p["synthetic_source"] for p in self.mix_points() if p["synthetic_ratio"] > 0}
-
-
-def trial_values(config: dict) -> dict:
-    """A trial's options, its arm's mapping merged in."""
-    values = {k: v for k, v in config.items() if k != ARMS}
-    return {**values, **config.get(ARMS, {})}
-
+from defectforge.studies.spec_schema import (
+    ARMS,
+    DEFAULT_SPACE,
+    MOVED_TO_TRAINING,
+    SOURCE_DATASETS,
+    SOURCE_STAGES,
+    STUDY_OWNED,
+    DatasetSpec,
+    FinalSpec,
+    Range,
+    ResourcesSpec,
+    SearchSpec,
+    StudySpec,
+)
+from defectforge.studies.stages import ORDER, parse_stages, settings_of
 
 SECTIONS = {
     "dataset": DatasetSpec,

@@ -27,7 +27,8 @@ from defectforge.cluster.local import (
     free_port,
 )
 from defectforge.core.errors import ClusterError
-from defectforge.studies.spec import SpecError, parse_spec
+from defectforge.studies.errors import SpecError
+from defectforge.studies.spec import parse_spec
 
 
 def cluster_spec(data: Path, storage: Path) -> dict:

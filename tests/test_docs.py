@@ -115,7 +115,7 @@ def _dataclasses_in(annotation) -> list[type]:
 def _spec_classes() -> list[type]:
     """StudySpec, Stages, every dataclass their fields hold (recursively), and the classes the
     mapping stages take their options from."""
-    from defectforge.studies.spec import StudySpec
+    from defectforge.studies.spec_schema import StudySpec
     from defectforge.studies.stages import Stages
 
     waiting = [StudySpec, Stages] + [
@@ -134,7 +134,7 @@ def _spec_classes() -> list[type]:
 
 def test_spec_reference_names_every_field_of_every_section(hooks):
     from defectforge.segmentation.config import SegConfig
-    from defectforge.studies.spec import Range
+    from defectforge.studies.spec_schema import Range
 
     sections = _sections(hooks.spec_reference())
     classes = _spec_classes() + [Range]

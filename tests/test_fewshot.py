@@ -12,7 +12,8 @@ import yaml
 from defectforge.core.errors import DataError
 from defectforge.datasets.contract import decode_png, read_split_table
 from defectforge.datasets.manifest import Manifest
-from defectforge.studies.spec import SpecError, parse_spec
+from defectforge.studies.errors import SpecError
+from defectforge.studies.spec import parse_spec
 
 
 def _classes(root: Path, split: str) -> dict[str, str | None]:
@@ -245,7 +246,7 @@ def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(
 ):
     from ray import tune
 
-    from defectforge.trainables.study import _scheduler
+    from defectforge.trainables.study_tune import _scheduler
 
     spec = parse_spec(
         {

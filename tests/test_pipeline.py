@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from defectforge.core.storage import Location
-from defectforge.studies.spec import SpecError, parse_spec
+from defectforge.studies.errors import SpecError
+from defectforge.studies.spec import parse_spec
 from defectforge.studies.stages import stage_key
 
 

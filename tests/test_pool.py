@@ -146,8 +146,9 @@ def test_arms_of_one_study_only_and_its_own_synthetic_sets_pool(two_studies, tmp
 
 
 def test_final_seeds_start_at_first_seed_and_stay_clear_of_search_seeds():
-    from defectforge.studies.spec import SpecError, parse_spec
-    from defectforge.trainables.study import _final_seeds
+    from defectforge.studies.errors import SpecError
+    from defectforge.studies.spec import parse_spec
+    from defectforge.trainables.study_tune import _final_seeds
 
     spec = {"name": "s", "dataset": {"real": "r"}, "search_space": {},
             "final": {"seeds": 3, "first_seed": 1003}}  # fmt: skip

@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from defectforge.segmentation.selection import SELECTION_METRIC
-from defectforge.studies.spec import Range, SpecError, parse_spec
+from defectforge.studies.errors import SpecError
+from defectforge.studies.spec import parse_spec
+from defectforge.studies.spec_schema import Range
 from defectforge.studies.stats import mean_interval
 
 STUDY_TRAINING = {"max_steps_per_epoch": 2}
@@ -62,7 +64,7 @@ def test_mean_interval_is_the_student_t_interval():
 def test_search_space_becomes_tune_domains_and_readable_trial_names():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from defectforge.trainables.study import param_space, trial_label
+    from defectforge.trainables.study_tune import param_space, trial_label
 
     spec = parse_spec(
         {
@@ -93,7 +95,7 @@ def test_search_space_becomes_tune_domains_and_readable_trial_names():
 
 
 def test_an_optuna_spec_with_nothing_searched_runs_plain_repeats():
-    from defectforge.trainables.study import _searcher
+    from defectforge.trainables.study_tune import _searcher
 
     fixed = parse_spec({"name": "f", "dataset": {"real": "x"}, "search_space": {"epochs": 1}})
     assert fixed.search.algorithm == "optuna" and _searcher(fixed, "f") is None
@@ -102,7 +104,7 @@ def test_an_optuna_spec_with_nothing_searched_runs_plain_repeats():
 def test_optuna_storage_takes_a_file_or_a_url(tmp_path):
     import optuna
 
-    from defectforge.trainables.study import optuna_url
+    from defectforge.trainables.study_tune import optuna_url
 
     url = optuna_url(str(tmp_path / "new" / "s.db"))
     assert url == f"sqlite:///{tmp_path / 'new' / 's.db'}"
@@ -185,8 +187,8 @@ def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
     sample_with_test, labelled, tmp_path
 ):
     from defectforge.studies.report import _baseline_lines
-    from defectforge.trainables.study import final_baseline
     from defectforge.trainables.study_setup import StudyContext, base_config
+    from defectforge.trainables.study_tune import final_baseline
 
     spec = parse_spec(
         study_spec(sample_with_test, tmp_path, labelled, final={"baseline": {"synthetic_ratio": 0}})

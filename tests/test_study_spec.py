@@ -2,7 +2,9 @@
 
 import pytest
 
-from defectforge.studies.spec import Range, SpecError, load_spec, parse_spec
+from defectforge.studies.errors import SpecError
+from defectforge.studies.spec import load_spec, parse_spec
+from defectforge.studies.spec_schema import Range
 
 
 def base(**overrides) -> dict:

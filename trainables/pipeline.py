@@ -22,7 +22,7 @@ from defectforge.gan.checkpoint import GENERATOR_FILE
 from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
-from defectforge.studies.spec import StudySpec
+from defectforge.studies.spec_schema import StudySpec
 from defectforge.studies.stages import ORDER, RUN_KEY, settings_of, stage_key
 from defectforge.trainables.runtime import check_storage_everywhere
 from defectforge.trainables.study_setup import check_trial_values

@@ -10,11 +10,11 @@ from defectforge.core.errors import ConfigError, DataError
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
-from defectforge.studies.spec import (
+from defectforge.studies.errors import SpecError
+from defectforge.studies.spec_schema import (
     ARMS,
     MIX_DEFAULTS,
     SOURCE_DATASETS,
-    SpecError,
     StudySpec,
     trial_values,
 )

@@ -1,0 +1,268 @@
+"""A study's Tune runs: the search space as Tune domains, Optuna and ASHA, trial names, the
+search, final and compare Tuners, resuming a run, and reading its results back."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import partial
+from pathlib import Path
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from defectforge.core.storage import absolute_location, is_uri
+from defectforge.segmentation.selection import SELECTION_METRIC
+from defectforge.studies.results import (
+    DEFAULT_EPOCHS,
+    TrialRecord,
+)
+from defectforge.studies.spec_schema import ARMS, Range, StudySpec, trial_values
+from defectforge.studies.store import StudyStore
+from defectforge.trainables import VERBOSE_ENV
+from defectforge.trainables.runtime import fit
+from defectforge.trainables.study_setup import (
+    StudyContext,
+    baseline_arm,
+)
+from defectforge.trainables.study_trials import (
+    compare_trial,
+    final_label,
+    final_trial,
+    search_trial,
+)
+
+SEARCH_RUN, FINAL_RUN, COMPARE_RUN = "search", "final", "compare"
+# A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs
+# and GPUs. Even 0.01 CPU here would leave a 2-CPU machine 0.99 CPU beside one worker: too little
+# for a Ray Data read task (1 CPU), and the study would stall. Memory alone reserves nothing the
+# others need.
+DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+
+
+def _tune_domain(value, grid: bool):
+    if isinstance(value, Range):
+        if isinstance(value.low, int) and isinstance(value.high, int):
+            sample = tune.lograndint if value.log else tune.randint
+            return sample(value.low, value.high + 1)
+        return (tune.loguniform if value.log else tune.uniform)(value.low, value.high)
+    if isinstance(value, list):
+        return tune.grid_search(value) if grid else tune.choice(value)
+    return value
+
+
+def param_space(spec: StudySpec) -> dict:
+    grid = spec.search.algorithm in ("grid", "compare")
+    return {key: _tune_domain(value, grid) for key, value in spec.search_space.items()}
+
+
+ABBREVIATIONS = {
+    "synthetic_ratio": "ratio",
+    "synthetic_source": "source",
+    "aug_strength": "aug",
+    "tversky_alpha": "alpha",
+}
+
+
+def trial_label(trial, searched: tuple[str, ...]) -> str:
+    """``<id>_arch=pan,ratio=0.38``: readable in the Ray dashboard and as a folder name."""
+
+    def short(value) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    values = trial_values(trial.config)
+    # An arm leaves out the keys it does not set: they are at their defaults.
+    parts = [f"{ABBREVIATIONS.get(k, k)}={short(values[k])}" for k in searched if k in values]
+    label = "_".join([trial.trial_id, ",".join(parts)] if parts else [trial.trial_id])
+    return re.sub(r"[^\w=.,+-]", "_", label)[:120]
+
+
+def _searcher(spec: StudySpec, name: str):
+    # Optuna has nothing to choose when every value is fixed: the trials are plain repeats.
+    if spec.search.algorithm == "grid" or not spec.searched():
+        return None
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(
+        seed=spec.search.seed, n_startup_trials=max(4, spec.search.num_samples // 4)
+    )
+    storage = spec.search.optuna_storage
+    return OptunaSearch(
+        sampler=sampler,
+        study_name=name,
+        storage=optuna.storages.RDBStorage(optuna_url(storage)) if storage else None,
+    )
+
+
+def optuna_url(storage: str) -> str:
+    """An SQLAlchemy URL as given, or a plain file path as an sqlite database (folder made)."""
+    if is_uri(storage):
+        return storage
+    path = Path(absolute_location(storage))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _scheduler(spec: StudySpec):
+    asha = spec.search.asha
+    if asha is None:
+        return None
+    epochs = spec.search_space.get("epochs", spec.training.get("epochs", DEFAULT_EPOCHS))
+    max_epochs = (
+        max(epochs)
+        if isinstance(epochs, list)
+        else epochs.high
+        if isinstance(epochs, Range)
+        else epochs
+    )
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=int(max_epochs),
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+    )
+
+
+def trainable(function, context: StudyContext):
+    # A one-worker trial trains in its own process and holds the worker's share itself.
+    resources = context.worker_resources() if context.in_process else DRIVER_RESOURCES
+    return tune.with_resources(tune.with_parameters(function, context=context), resources)
+
+
+def search_tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
+    spec = context.spec
+    label = partial(trial_label, searched=tuple(spec.varied()))
+    return tune.Tuner(
+        trainable(search_trial, context),
+        param_space=param_space(spec),
+        tune_config=_tune_config(
+            context,
+            label,
+            metric=SELECTION_METRIC,
+            mode="max",
+            search_alg=_searcher(spec, name),
+            scheduler=_scheduler(spec),
+            num_samples=spec.search.num_samples,
+        ),
+        run_config=_run_config(store, SEARCH_RUN),
+    )
+
+
+def _tune_config(context: StudyContext, name, dirname=None, **search) -> tune.TuneConfig:
+    """What every Tune run of the study shares: its trial concurrency, trial names, and
+    one-worker trials reusing their process for the next trial."""
+    return tune.TuneConfig(
+        max_concurrent_trials=context.spec.search.max_concurrent_trials,
+        reuse_actors=context.in_process,
+        trial_name_creator=name,
+        trial_dirname_creator=dirname or name,
+        **search,
+    )
+
+
+def _run_config(store: StudyStore, name: str) -> tune.RunConfig:
+    """A Tune run of the study: under its folder, a failed trial retried once."""
+    return tune.RunConfig(
+        name=name,
+        storage_path=store.uri,
+        failure_config=tune.FailureConfig(max_failures=1),
+        verbose=tune_verbosity(),
+    )
+
+
+def tune_verbosity() -> int:
+    """Tune's status table of trials (1); every reported result as well only with --verbose."""
+    return 3 if os.environ.get(VERBOSE_ENV) else 1
+
+
+def final_run_name(best: dict) -> str:
+    """``final-<trial id>``: one final run per chosen trial."""
+    return f"{FINAL_RUN}-{'_'.join(best['trial'].split('_')[:2])}"
+
+
+def _final_seeds(spec: StudySpec) -> list[int]:
+    return [spec.final.first_seed + i for i in range(spec.final.seeds)]
+
+
+def compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
+    """Every arm (grid point) with the final step's seeds, each scored on test."""
+    spec = context.spec
+    values = param_space(spec)
+    if spec.final.epochs:
+        values["epochs"] = spec.final.epochs
+    label = partial(trial_label, searched=(*spec.varied(), "seed"))
+    return tune.Tuner(
+        trainable(compare_trial, context),
+        param_space={**values, "seed": tune.grid_search(_final_seeds(spec))},
+        tune_config=_tune_config(context, label),
+        run_config=_run_config(store, COMPARE_RUN),
+    )
+
+
+def final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.Tuner:
+    spec = context.spec
+    values = dict(best["config"])
+    if spec.final.epochs:
+        values["epochs"] = spec.final.epochs
+    space = {**values, "seed": tune.grid_search(_final_seeds(spec))}
+    baseline = final_baseline(context, best)
+    if baseline:
+        # The baseline as an arm over the chosen values, in the same grid as the seeds.
+        space[ARMS] = tune.grid_search([{}, baseline])
+    return tune.Tuner(
+        trainable(final_trial, context),
+        param_space=space,
+        tune_config=_tune_config(
+            context,
+            lambda trial: f"{trial.trial_id}_final_{final_label(trial.config)}",
+            lambda trial: f"{trial.trial_id}_{final_label(trial.config)}",
+        ),
+        run_config=_run_config(store, final_run_name(best)),
+    )
+
+
+def final_baseline(context: StudyContext, best: dict) -> dict:
+    """The baseline's values, or none where the search chose the baseline itself (it would
+    train the same runs twice and compare them with themselves)."""
+    if not context.spec.final.baseline:
+        return {}
+    baseline = baseline_arm(context.spec, context.base)
+    chosen = trial_values(best["config"])
+    return {} if all(chosen.get(k) == v for k, v in baseline.items()) else baseline
+
+
+def run_tune(store: StudyStore, run: str, fresh, trainable) -> tune.ResultGrid:
+    """Continue ``run`` if an earlier driver left it (finished trials are not rerun), else start."""
+    location = store.location(run)
+    if tune.Tuner.can_restore(location):
+        print(f"resuming {location}", flush=True)
+        tuner = tune.Tuner.restore(location, trainable=trainable, resume_errored=True)
+    else:
+        tuner = fresh()
+    return fit(tuner)
+
+
+def _result_lines(result) -> list[dict]:
+    path = f"{result.path}/result.json"
+    try:
+        with result.filesystem.open_input_stream(path) as stream:
+            text = stream.read().decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
+    """Tune's results as the study keeps them."""
+    return [
+        TrialRecord(
+            name=Path(result.path).name,
+            config=trial_values(dict(result.config)),
+            error=str(result.error) if result.error else None,
+            lines=_result_lines(result),
+            arm=dict(result.config.get(ARMS) or {}),
+        )
+        for result in results
+    ]
