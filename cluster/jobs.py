@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from defectforge.cluster.local import auth_headers, default_token_path
+from defectforge.cluster.auth import auth_headers, default_token_path
 from defectforge.core.errors import ClusterError, ConfigError
 from defectforge.core.storage import absolute_location
 from defectforge.studies.spec import load_spec

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from defectforge.cluster import jobs, local
+from defectforge.cluster import auth, jobs, local
 from defectforge.core.errors import ClusterError, ConfigError
 
 
@@ -26,7 +26,7 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    assert local.default_token_path() == tmp_path / ".ray" / "auth_token"
+    assert auth.default_token_path() == tmp_path / ".ray" / "auth_token"
     return tmp_path
 
 
@@ -44,7 +44,7 @@ def _write_open_token(home: Path) -> Path:
 # --- the token file ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("locate", [local.auth_environment, local.auth_headers])
+@pytest.mark.parametrize("locate", [auth.auth_environment, auth.auth_headers])
 def test_an_open_token_file_is_made_private_where_it_is_found(home, locate):
     token = _write_open_token(home)
 
@@ -62,15 +62,15 @@ def test_a_generated_token_file_is_made_private(home, monkeypatch):
         calls.append((command, kwargs))
         _write_open_token(home)
 
-    monkeypatch.setattr(local.subprocess, "run", ray_generates)
+    monkeypatch.setattr(auth.subprocess, "run", ray_generates)
 
-    env = local.auth_environment()
+    env = auth.auth_environment()
 
-    token = local.default_token_path()
+    token = auth.default_token_path()
     assert calls[0][0][1:] == ["get-auth-token", "--generate"]
     assert calls[0][1]["umask"] == 0o077  # private from its first byte, not only afterwards
     assert _mode(token) == 0o600 and _mode(token.parent) == 0o700
-    assert local.read_token(env) == "not-a-real-token"
+    assert auth.read_token(env) == "not-a-real-token"
 
 
 def test_a_private_token_file_and_other_token_files_are_left_as_they_are(home, monkeypatch):
@@ -82,8 +82,8 @@ def test_a_private_token_file_and_other_token_files_are_left_as_they_are(home, m
     elsewhere.chmod(0o644)
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(elsewhere))
 
-    local.auth_headers()
-    local.secure_token_file(token)
+    auth.auth_headers()
+    auth.secure_token_file(token)
 
     assert _mode(token) == 0o400 and _mode(elsewhere) == 0o644
 

@@ -149,7 +149,7 @@ def test_steel_builds_into_a_three_channel_parquet_dataset(simulated, ray_sessio
     manifest = build_parquet(cfg, tmp_path / "ds")
     assert manifest.channels == 3 and manifest.classes == STEEL_CLASSES
     assert sum(c.total for c in manifest.counts.values()) == 24
-    assert manifest.section("config")["steel"]["robust"] is True
+    assert manifest.config["steel"]["robust"] is True
     assert manifest.simulated is True
 
 
@@ -196,7 +196,7 @@ def test_the_steel_quickstart_runs_on_rig_output(simulated, ray_session, tmp_pat
 
     assert 0.0 <= metrics["binary_defect_iou"] <= 1.0
     assert set(metrics["per_class_iou"]) == set(STEEL_CLASSES)
-    assert json.loads((tmp_path / "qs" / "eval.json").read_text()) == metrics
+    assert json.loads((tmp_path / "qs" / "run" / "eval.json").read_text()) == metrics
     assert (tmp_path / "qs" / "run" / "plots" / "validation_grid.png").stat().st_size > 5000
     manifest = json.loads((tmp_path / "qs" / "dataset" / "manifest.json").read_text())
     assert manifest["config"]["steel"]["robust"] is True and manifest["simulated"] is True

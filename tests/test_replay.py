@@ -118,7 +118,7 @@ def _flat_images(rows: int) -> CountedDataset:
 
 def _seg_io(train, val, in_memory: bool):
     from defectforge.segmentation.config import SegConfig
-    from defectforge.trainables.seg import seg_loop_io
+    from defectforge.trainables.seg_feed import seg_loop_io
 
     cfg = SegConfig(
         data="unused",
@@ -165,7 +165,8 @@ def test_seg_streaming_starts_a_pass_every_epoch(ray_session):
 
 def test_the_driver_decides_seg_replay_from_the_splits_size(sample_dataset, monkeypatch):
     from defectforge.datasets import replay
-    from defectforge.trainables.seg import config_from_manifest, fits_in_memory
+    from defectforge.trainables.seg import config_from_manifest
+    from defectforge.trainables.seg_feed import fits_in_memory
 
     cfg = config_from_manifest(sample_dataset, arch="unet")
     assert fits_in_memory(cfg)  # the bundled sample: a few hundred kB

@@ -95,7 +95,7 @@ def test_resume_reproduces_the_uninterrupted_run(sample_dataset, tmp_path, monke
 def _in_memory_run(cfg: SegConfig, checkpoints: list, resume_from=None) -> None:
     """``cfg`` trained through the Ray Data feed read into memory (a one-worker trial's feed)."""
     from defectforge.trainables.data_jobs import read_split, train_rows
-    from defectforge.trainables.seg import seg_loop_io
+    from defectforge.trainables.seg_feed import seg_loop_io
 
     def record(metrics, folder):
         checkpoints.append(torch.load(Path(folder) / "model.pt", weights_only=True))

@@ -17,7 +17,8 @@ from defectforge.datasets.steel_sim import SimulationConfig
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.trainables.data_jobs import build_parquet
 from defectforge.trainables.runtime import ensure_ray
-from defectforge.trainables.seg import config_from_manifest, crop_limit, run_seg_training
+from defectforge.trainables.seg import config_from_manifest, run_seg_training
+from defectforge.trainables.seg_feed import crop_limit
 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
 # Epochs: the bundled sample is tiny, so more of them; a full set needs fewer.
@@ -70,7 +71,8 @@ def quickstart(
     plots = run_seg_training(seg, run)["plots"]
     print("[3/3] evaluating on the validation split, whole images at native size")
     metrics = evaluate_dataset_split(run, "val")
-    write_json_atomic(out / "eval.json", metrics)
+    # In the run folder, which defectforge owns: --out itself may be any folder of the user's.
+    write_json_atomic(run / "eval.json", metrics)
     per_class = ", ".join(
         f"{name} {iou:.2f}" if iou is not None else f"{name} (absent)"
         for name, iou in metrics["per_class_iou"].items()
@@ -79,6 +81,6 @@ def quickstart(
         f"\nvalidation binary defect IoU {metrics['binary_defect_iou']:.4f}, mean defect IoU "
         f"{metrics['mean_defect_iou'] or 0:.4f}; per class {per_class}"
     )
-    print(f"dataset: {dataset}\nmodel: {run}/model.pt (+ config.json)\nmetrics: {out}/eval.json")
+    print(f"dataset: {dataset}\nmodel: {run}/model.pt (+ config.json)\nmetrics: {run}/eval.json")
     print("plots: " + ", ".join(str(p) for p in plots))
     return metrics

@@ -25,7 +25,7 @@ from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.epochs import EpochFolders, epoch_name
 from defectforge.trainables.runtime import check_store_here
-from defectforge.trainables.seg import one_worker_io, read_splits
+from defectforge.trainables.seg_feed import one_worker_io, read_splits
 
 
 @dataclass(frozen=True)
