@@ -1,12 +1,13 @@
 """The documentation: the generated references are complete, the README is short and its links
-resolve. No MkDocs needed: the generators in docs/hooks.py are plain functions."""
+resolve. No MkDocs needed: the generators (``cli.reference``, ``studies.spec_reference``) are
+plain functions, which the docs' MkDocs hook calls."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import html
-import importlib.util
+import importlib
 import os
 import re
 import subprocess
@@ -14,7 +15,8 @@ import sys
 import typing
 from pathlib import Path
 
-import pytest
+from defectforge.cli.reference import command_reference
+from defectforge.studies.spec_reference import spec_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -26,14 +28,6 @@ MAPPING_STAGE_CLASSES = (
     ("defectforge.segmentation.pseudo_label", "LabelConfig"),
     ("defectforge.segmentation.pseudo_label", "Corrections"),
 )
-
-
-@pytest.fixture(scope="module")
-def hooks():
-    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _sections(page: str) -> dict[str, str]:
@@ -66,10 +60,10 @@ def _parsers(parser: argparse.ArgumentParser, path: list[str]):
                 yield from _parsers(sub, [*path, name])
 
 
-def test_command_reference_lists_every_command_flag_and_help(hooks):
+def test_command_reference_lists_every_command_flag_and_help():
     from defectforge.cli import parser
 
-    sections = _sections(hooks.command_reference())
+    sections = _sections(command_reference())
     walked = list(_parsers(parser(), ["defectforge"]))
     assert len(walked) > 20  # every command group and its subcommands
     for path, sub in walked:
@@ -90,7 +84,7 @@ def test_command_reference_lists_every_command_flag_and_help(hooks):
                 assert shown in _plain(body), f"{heading}: the help of {action.dest} not shown"
 
 
-def test_command_reference_matches_help_output(hooks):
+def test_command_reference_matches_help_output():
     """What `--help` prints, read as a user reads it, against the page's section."""
     out = subprocess.run(
         [sys.executable, "-m", "defectforge.cli", "seg", "train", "--help"],
@@ -102,7 +96,7 @@ def test_command_reference_matches_help_output(hooks):
     options_part = out.split("options:", 1)[1]
     flags = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", options_part)) - {"-h", "--help"}
     assert {"--data", "--out", "--resume", "--arch", "--synthetic-ratio"} <= flags
-    body = _sections(hooks.command_reference())["defectforge seg train"]
+    body = _sections(command_reference())["defectforge seg train"]
     missing = sorted(flag for flag in flags if f"`{flag}`" not in body)
     assert not missing, f"`seg train --help` shows flags the page lacks: {missing}"
 
@@ -132,11 +126,11 @@ def _spec_classes() -> list[type]:
     return found
 
 
-def test_spec_reference_names_every_field_of_every_section(hooks):
+def test_spec_reference_names_every_field_of_every_section():
     from defectforge.segmentation.config import SegConfig
     from defectforge.studies.spec_schema import Range
 
-    sections = _sections(hooks.spec_reference())
+    sections = _sections(spec_reference())
     classes = _spec_classes() + [Range]
     names = {cls.__name__ for cls in classes}
     assert {"DatasetSpec", "SearchSpec", "AshaSpec", "ResourcesSpec", "FinalSpec"} <= names
