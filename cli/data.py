@@ -92,10 +92,10 @@ def _mix(args, mix_datasets):
     options = {"factor": 1, **given(args, AugmentConfig, MIX_AUGMENT)}
     augment = AugmentConfig(**options, seed=cfg.seed) if options["factor"] > 1 else None
     manifest = mix_datasets(args.real, cfg.synthetic, cfg, args.out, augment, args.overwrite)
-    mix = manifest.section("mix")
+    mix = manifest.mix
     print(
-        f"train: {mix['real_images']} real + {mix['synthetic_images']} synthetic, ratio "
-        f"{mix['achieved_ratio']:.4f} (requested {mix['requested_ratio']})"
+        f"train: {mix.real_images} real + {mix.synthetic_images} synthetic, ratio "
+        f"{mix.achieved_ratio:.4f} (requested {mix.requested_ratio})"
     )
     return manifest
 

@@ -38,10 +38,10 @@ def run(args) -> None:
         **given(args, LabelConfig), corrections=Corrections(**given(args, Corrections))
     )
     result = label_synthetic(cfg, args.out, args.overwrite)
-    labelling = result["manifest"].section("labelling")
+    labelling = result["manifest"].labelling
     print(
-        f"kept {labelling['kept']} of {labelling['images']} images (dropped: "
-        f"{labelling['dropped'] or 'none'}); labels, report and plots in {args.out}"
+        f"kept {labelling.kept} of {labelling.images} images (dropped: "
+        f"{labelling.dropped or 'none'}); labels, report and plots in {args.out}"
     )
     for variant, summary in (result["quality"] or {}).items():
         print(
@@ -58,7 +58,7 @@ def _copy_paste(args) -> None:
     by_class = manifest.counts["train"].by_class
     print(
         f"wrote {args.out}: {cfg.count} copy-paste images ({by_class}) from "
-        f"{manifest.section('labelling')['config']['regions']} defect regions of {args.real}"
+        f"{manifest.labelling.config['regions']} defect regions of {args.real}"
     )
 
 

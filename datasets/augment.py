@@ -55,8 +55,8 @@ class AugmentConfig(TypedConfig):
 def paper_augmentation(strength: float, seed: int | None = None) -> A.Compose:
     """An albumentations pipeline for ``(image HxWxC uint8, mask HxW uint8)`` pairs; ``strength``
     as checked by the configs that carry it (``valid_strength``)."""
-    # Here, not at the top: albumentations imports torch (about 3 s per fresh process on 2
-    # cores), which Ray Data tasks that only read, mix or expand rows never need.
+    # Here, not at the top: albumentations imports torch (seconds per fresh process; CHANGELOG,
+    # Speed), which Ray Data tasks that only read, mix or expand rows never need.
     import albumentations as A
 
     s = strength

@@ -61,6 +61,49 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+SOURCES = ("real", "synthetic")
+
+
+def contract_row(
+    *,
+    id: str,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    dataset: str,
+    origin: str,
+    source: str = "synthetic",
+    split: str = "train",
+    defect_class: str | None = None,
+    label_confidence: float | None = None,
+) -> dict:
+    """One row of ``SCHEMA``: ``image`` (HxWxC uint8, C 1 or 3, RGB order) and ``mask`` (HxW
+    uint8 class ids of the image's size; None: not labelled yet) as PNG cells, the size and
+    channels the image's. The defaults are a synthetic train row (val and test rows are real);
+    ``label_confidence`` is None for a mask that is not a model's guess. A row the contract
+    forbids (a mask of another size, an unknown split or source) is a ValueError."""
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"an image cell holds HxWx1 or HxWx3 pixels, got shape {image.shape}")
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise ValueError(f"a mask of shape {mask.shape} for an image of {image.shape[:2]}")
+    _check_split(split)
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; use one of {', '.join(SOURCES)}")
+    return {
+        "id": id,
+        "image": encode_png(image),
+        "mask": None if mask is None else encode_png(mask),
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "channels": image.shape[2],
+        "dataset": dataset,
+        "source": source,
+        "split": split,
+        "defect_class": defect_class,
+        "label_confidence": label_confidence,
+        "origin": origin,
+    }
+
+
 def write_png(path: str | Path, array: np.ndarray) -> Path:
     """Encode ``array`` as PNG at ``path``, atomically."""
     data = encode_png(array)

@@ -19,7 +19,13 @@ import pyarrow as pa
 from defectforge.core.config import TypedConfig, option
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location, absolute_location
-from defectforge.datasets.contract import MANIFEST, SCHEMA, decode_png, encode_png, read_split_table
+from defectforge.datasets.contract import (
+    MANIFEST,
+    SCHEMA,
+    contract_row,
+    decode_png,
+    read_split_table,
+)
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
 from defectforge.datasets.writer import derived_from, write_dataset
@@ -173,20 +179,15 @@ def copy_paste_dataset(
     for index in range(cfg.count):
         image, mask, origin = _made(index, samples, regions, cfg)
         rows.append(
-            {
-                "id": f"{COPY_PASTE}/{manifest.dataset}/{cfg.seed}-{index:05d}",
-                "image": encode_png(image),
-                "mask": encode_png(mask),
-                "height": image.shape[0],
-                "width": image.shape[1],
-                "channels": manifest.channels,
-                "dataset": manifest.dataset,
-                "source": "synthetic",
-                "split": "train",
-                "defect_class": dominant_class(mask, manifest.classes),
-                "label_confidence": 1.0,
-                "origin": origin,
-            }
+            contract_row(
+                id=f"{COPY_PASTE}/{manifest.dataset}/{cfg.seed}-{index:05d}",
+                image=image,
+                mask=mask,
+                dataset=manifest.dataset,
+                origin=origin,
+                defect_class=dominant_class(mask, manifest.classes),
+                label_confidence=1.0,
+            )
         )
     with write_dataset(out, overwrite, inputs=(data,)) as staging:
         staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))

@@ -48,7 +48,7 @@ def check_no_leakage(
     """Refuse a synthetic set whose GAN, labeller or copy-paste source learnt from a val or
     test image of ``real``."""
     where = Location.of(synthetic_root) / MANIFEST
-    sources = (synthetic.section("labelling") or {}).get("trained_on")
+    sources = synthetic.labelling.trained_on if synthetic.labelling else None
     if sources is None:
         raise DataError(
             where,
@@ -58,18 +58,18 @@ def check_no_leakage(
         )
     held_out = None
     for source in sources:
-        if source["dataset_id"] == real.dataset_id:
+        if source.dataset_id == real.dataset_id:
             continue  # made from this very dataset, whose train split alone it read
-        role, fix = source["role"], FIXES[source["role"]].format(root=real_root)
-        if source.get("train_ids") is None:
+        role, fix = source.role, FIXES[source.role].format(root=real_root)
+        if source.train_ids is None:
             raise DataError(
                 where,
-                f"its {role} learnt from {source['data']}, which was not there to list when the "
+                f"its {role} learnt from {source.data}, which was not there to list when the "
                 "set was made, so it cannot be checked against this dataset's val and test images",
                 fix,
             )
         held_out = held_out if held_out is not None else split_ids(real_root, HELD_OUT)
-        leaked = sorted(set(source["train_ids"]) & held_out)
+        leaked = sorted(set(source.train_ids) & held_out)
         if leaked:
             raise DataError(
                 where,

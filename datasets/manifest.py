@@ -1,10 +1,11 @@
 """A dataset's manifest, typed: what it holds, where it came from, and its identity.
 
 Every dataset folder has one ``manifest.json``. A manifest is made in one of six ways: built
-from raw files (``built``), or derived from others: ``subset``, ``augmented``, ``mixed``,
-``labelled``, ``generated``. Each way records its details in a lineage section of the same name (``config``
-for a build) and gives the dataset an id that changes exactly when its content would. Counts per
-split are filled in by ``datasets.writer`` from the rows actually written.
+from raw files (``built``), or derived from others: ``subsetted``, ``augmented``, ``mixed``,
+``labelled``, ``generated``. Each way records its details in a lineage section (``config`` for a
+build, ``subset``, ``augmentation``, ``mix``, ``labelling``, ``generation``), a typed record below
+written as a top-level key of the JSON, and gives the dataset an id that changes exactly when its
+content would. Counts per split are filled in by ``datasets.writer`` from the rows actually written.
 """
 
 from __future__ import annotations
@@ -19,9 +20,19 @@ from defectforge.core.errors import DataError
 from defectforge.core.outputs import OUTPUT_RECORD
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, SCHEMA_VERSION, SPLITS, combined_digest
-
-# Lineage sections, one per way a manifest is made.
-LINEAGE = ("config", "subset", "augmentation", "mix", "labelling", "generation")
+from defectforge.datasets.lineage import (
+    SECTIONS,
+    AugmentationSection,
+    GenerationSection,
+    LabellingSection,
+    MixSection,
+    Section,
+    SubsetSection,
+    TrainingSource,
+    canonical_json,
+    json_form,
+    require_keys,
+)
 
 
 @dataclass(frozen=True)
@@ -55,34 +66,40 @@ class Manifest:
     missing_masks: int = 0  # images read as all background for want of a mask
     simulated: bool = False  # rendered stand-in data: never to pass for real data downstream
     inputs: dict[str, Any] = field(default_factory=dict)
-    lineage: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Lineage (``SECTIONS``): None where the manifest was not made that way.
+    config: dict[str, Any] | None = None
+    subset: SubsetSection | None = None
+    augmentation: AugmentationSection | None = None
+    mix: MixSection | None = None
+    labelling: LabellingSection | None = None
+    generation: GenerationSection | None = None
 
     def __post_init__(self):
-        # Lineage is kept in its JSON form, so a manifest equals itself read back from disk.
-        for name in ("lineage", "inputs"):
-            object.__setattr__(self, name, json.loads(_canonical(getattr(self, name))))
+        # Kept in their JSON form, so a manifest equals itself read back from disk.
+        for name in ("inputs", "config"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, json.loads(canonical_json(getattr(self, name))))
 
     # --- reading and writing -------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        """The JSON form: lineage sections at the top level, as in manifests of earlier versions."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lineage"}
+        """The JSON form: lineage sections at the top level (those it has), as in manifests of
+        earlier versions."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in SECTIONS}
         data["classes"] = list(self.classes)
         data["pixel_mean"], data["pixel_std"] = list(self.pixel_mean), list(self.pixel_std)
         data["counts"] = {split: asdict(c) for split, c in self.counts.items()}
-        return {**data, **self.lineage}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            if section is not None:
+                data[name] = json_form(section)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict, where: str | Path = MANIFEST) -> Manifest:
-        known = {f.name for f in fields(cls)} - {"lineage"}
-        missing = sorted({"dataset", "classes", "channels", "dataset_id"} - set(data))
-        if missing:
-            raise DataError(
-                where,
-                f"manifest lacks {', '.join(missing)} (written by an older defectforge?)",
-                "rebuild or regenerate the dataset with this version",
-            )
+        known = {f.name for f in fields(cls)} - set(SECTIONS)
+        require_keys(data, ["channels", "classes", "dataset", "dataset_id"], "manifest", where)
         values = {k: v for k, v in data.items() if k in known}
         values["classes"] = tuple(data["classes"])
         values["pixel_mean"] = tuple(data.get("pixel_mean") or ())
@@ -90,7 +107,11 @@ class Manifest:
         values["binary"] = bool(data.get("binary", False))
         values["source"] = data.get("source", "synthetic")
         values["counts"] = {s: SplitCounts(**c) for s, c in data.get("counts", {}).items()}
-        values["lineage"] = {k: data[k] for k in LINEAGE if k in data}
+        for name, section in SECTIONS.items():
+            if data.get(name) is not None:
+                values[name] = (
+                    data[name] if section is None else section.from_dict(data[name], where)
+                )
         return cls(**values)
 
     @classmethod
@@ -131,9 +152,6 @@ class Manifest:
         counts = self.counts.get(split)
         return counts.total if counts else 0
 
-    def section(self, name: str) -> dict | None:
-        return self.lineage.get(name)
-
     def require_masks(self, root: str | Path, use: str) -> None:
         if not self.masks:
             raise DataError(
@@ -161,52 +179,63 @@ class Manifest:
             source=source,
             dataset_id=_identity({"inputs": inputs_digest, "spec": spec_identity}),
             inputs={"digest": inputs_digest},
-            lineage={"config": config},
+            config=config,
             **values,
         )
 
-    def subset(
-        self, details: dict, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...]
+    def subsetted(
+        self,
+        settings: dict,
+        kept: dict[str, list[str]],
+        pixel_mean: tuple[float, ...],
+        pixel_std: tuple[float, ...],
     ) -> Manifest:
-        """Some of the rows, listed by id in ``details``; normalisation from the kept train rows
-        alone (the images left out may be test images now)."""
-        derived = self._derived("subset", {**details, "parent": self.dataset_id})
+        """Some of the rows, listed by id per split in ``kept`` (a split not there is kept
+        whole); normalisation from the kept train rows alone (the images left out may be test
+        images now). ``settings``: the subset's options."""
+        ids = {f"{split}_ids": kept.get(split) for split in SPLITS}
+        subset = SubsetSection(**ids, parent=self.dataset_id, settings=settings)
+        derived = self._derived("subset", subset)
         return replace(derived, pixel_mean=tuple(pixel_mean), pixel_std=tuple(pixel_std))
 
-    def pasted(self, details: dict, data: str, train_ids: list[str]) -> Manifest:
+    def pasted(self, settings: dict, data: str, train_ids: list[str]) -> Manifest:
         """Copy-paste images cut from this dataset's train rows (at ``data``): exact masks."""
-        source = training_source("copy-paste source", data, self.dataset_id, train_ids)
-        labelling = {
-            "labeller": "copy-paste (exact masks)",
-            "generator": "copy-paste",
-            "config": details,
-            "trained_on": [source],
-        }
+        labelling = LabellingSection(
+            labeller="copy-paste (exact masks)",
+            generator="copy-paste",
+            config=settings,
+            trained_on=(TrainingSource("copy-paste source", data, self.dataset_id, train_ids),),
+        )
         derived = self._derived("labelling", labelling)
         return replace(derived, dataset=f"copy-paste-{self.dataset}", source="synthetic")
 
     def augmented(self, factor: int, strength: float, seed: int) -> Manifest:
-        details = {"factor": factor, "strength": strength, "seed": seed, "parent": self.dataset_id}
-        return self._derived("augmentation", details)
+        augmentation = AugmentationSection(factor, strength, seed, parent=self.dataset_id)
+        return self._derived("augmentation", augmentation)
 
     def mixed(
         self,
         synthetic: Manifest,
         synthetic_ids: tuple[str, ...],
-        details: dict,
+        settings: dict,
+        *,
+        requested_ratio: float,
+        achieved_ratio: float,
+        real_images: int,
         real_ids: tuple[str, ...] = (),
     ) -> Manifest:
         """Real rows (``real_ids``, or all) plus chosen synthetic ones; all real rows and no
-        synthetic ones keep the real identity."""
-        mix = {
-            **details,
-            "real_dataset_id": self.dataset_id,
-            "synthetic_dataset_id": synthetic.dataset_id,
-            "synthetic_labelling": {
-                key: synthetic.section("labelling")[key]
-                for key in ("labeller", "generator", "config")
-            },
-        }
+        synthetic ones keep the real identity. ``settings``: the mix's options but its ratio."""
+        mix = MixSection(
+            real_dataset_id=self.dataset_id,
+            synthetic_dataset_id=synthetic.dataset_id,
+            synthetic_labelling=synthetic.labelling.maker(),
+            requested_ratio=requested_ratio,
+            achieved_ratio=achieved_ratio,
+            real_images=real_images,
+            synthetic_images=len(synthetic_ids),
+            settings=settings,
+        )
         chosen = {
             "synthetic": repr(synthetic_ids),
             **({"real": repr(real_ids)} if real_ids else {}),
@@ -215,7 +244,7 @@ class Manifest:
         return mixed if synthetic_ids or real_ids else replace(mixed, dataset_id=self.dataset_id)
 
     def labelled(
-        self, classes: tuple[str, ...], binary: bool, labelling: dict, **values
+        self, classes: tuple[str, ...], binary: bool, labelling: LabellingSection, **values
     ) -> Manifest:
         """Generated images with the labeller's masks (kept rows only)."""
         return replace(
@@ -225,17 +254,25 @@ class Manifest:
             binary=binary,
             masks=True,
             dataset_id=_identity(
-                {"generated": self.dataset_id, "labelling": _canonical(labelling)}
+                {"generated": self.dataset_id, "labelling": canonical_json(labelling.to_dict())}
             ),
-            lineage={**self.lineage, "labelling": labelling},
+            labelling=labelling,
             **values,
         )
 
     @classmethod
     def generated(
-        cls, generator: str, classes: tuple[str, ...], channels: int, generation: dict
+        cls,
+        generator: str,
+        classes: tuple[str, ...],
+        channels: int,
+        settings: dict,
+        gan_config: dict | None = None,
     ) -> Manifest:
-        """Images from a generator, without masks; ``classes`` are the generator's data's."""
+        """Images from a generator, without masks; ``classes`` are the generator's data's,
+        ``settings`` how it was asked (``GenerationSection``)."""
+        generation = GenerationSection(generator, gan_config, settings=settings)
+        how = {key: value for key, value in generation.to_dict().items() if key != "generator"}
         return cls(
             dataset=f"gan-{generator}",
             source="synthetic",
@@ -245,28 +282,22 @@ class Manifest:
             pixel_mean=(),
             pixel_std=(),
             masks=False,
-            dataset_id=_identity({"generator": generator, "generation": _canonical(generation)}),
-            lineage={"generation": {"generator": generator, **generation}},
+            dataset_id=_identity({"generator": generator, "generation": canonical_json(how)}),
+            generation=generation,
         )
 
-    def _derived(self, step: str, details: dict, identity: dict | None = None) -> Manifest:
+    def _derived(self, step: str, details: Section, identity: dict | None = None) -> Manifest:
         return replace(
             self,
             dataset_id=_identity(
-                {"parent": self.dataset_id, step: _canonical(details), **(identity or {})}
+                {
+                    "parent": self.dataset_id,
+                    step: canonical_json(details.to_dict()),
+                    **(identity or {}),
+                }
             ),
-            lineage={**self.lineage, step: details},
+            **{step: details},
         )
-
-
-def training_source(role: str, data: str, dataset_id: str, train_ids: list[str] | None) -> dict:
-    """A dataset a synthetic set's maker learnt from (or cut from), with the ids of its train
-    split (None: not there to list); the leakage check reads these (``datasets.leakage``)."""
-    return {"role": role, "data": data, "dataset_id": dataset_id, "train_ids": train_ids}
-
-
-def _canonical(details: dict) -> str:
-    return json.dumps(details, sort_keys=True, default=str)
 
 
 def _identity(parts: dict[str, str]) -> str:

@@ -143,7 +143,7 @@ def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest,
     was not made from the real one's val or test images."""
     real_manifest, synthetic_manifest = Manifest.load(real), Manifest.load(synthetic)
     where = Location.of(synthetic) / MANIFEST
-    if synthetic_manifest.section("labelling") is None:
+    if synthetic_manifest.labelling is None:
         raise DataError(
             where,
             "these synthetic images have no masks yet",

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from defectforge.core.errors import DataError
-from defectforge.datasets.contract import encode_png
+from defectforge.datasets.contract import contract_row
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS, decode_file
 from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, SampleSpec, is_mask_file
 from defectforge.datasets.steel import folder_digest, read_steel_image
@@ -152,18 +152,16 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
         mask_bytes = Path(ref.mask_path).read_bytes()
     digest = hashlib.sha256(image_digest + mask_bytes)
     return {
-        "id": ref.id,
-        "image": encode_png(image),
-        "mask": encode_png(mask),
-        "height": image.shape[0],
-        "width": image.shape[1],
-        "channels": spec.channels,
-        "dataset": spec.dataset,
-        "source": "real",
-        "split": ref.split,
-        "defect_class": dominant_class(mask, spec.output_classes),
-        "label_confidence": None,
-        "origin": ref.image_path,
+        **contract_row(
+            id=ref.id,
+            image=image,
+            mask=mask,
+            dataset=spec.dataset,
+            origin=ref.image_path,
+            source="real",
+            split=ref.split,
+            defect_class=dominant_class(mask, spec.output_classes),
+        ),
         "input_digest": digest.hexdigest(),
         "mask_missing": ref.mask_path is None,
         "pixel_sum": image.reshape(-1, spec.channels).sum(axis=0, dtype=np.float64).tolist(),

@@ -118,6 +118,5 @@ def subset_dataset(
             if table is not None and len(table):
                 staging.write_split(split, table)
         mean, std = _pixel_statistics(tables["train"], manifest.channels)
-        listed = {f"{split}_ids": kept.get(split) for split in SPLITS}
-        staging.publish(manifest.subset({**asdict(cfg), **listed}, mean, std))
+        staging.publish(manifest.subsetted(asdict(cfg), kept, mean, std))
     return staging.manifest

@@ -132,7 +132,7 @@ def verification_images(cfg: SegConfig) -> np.ndarray:
 def input_conversion(data: str) -> dict:
     """What an export must record for `predict` to turn raw input into what the model saw: for
     steel, the rule from a rig's maps or captures to the RGB image."""
-    build = Manifest.load(data).section("config") or {}
+    build = Manifest.load(data).config or {}
     return {"steel": build["steel"]} if build.get("source") == "steel" else {}
 
 

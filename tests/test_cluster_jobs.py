@@ -275,6 +275,39 @@ def test_joining_the_cluster_without_its_token_is_one_line_at_once(
     assert not (tmp_path / "studies").exists()
 
 
+@needs_namespaces
+def test_a_storage_path_some_nodes_cannot_see_is_refused(
+    local_cluster, head_only, sample_dataset, tmp_path, capsys
+):
+    _, state = local_cluster
+    storage = head_only / "refused"  # the workers see nothing there
+    storage.mkdir()
+    spec = cluster_spec(sample_dataset, storage)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    address = state["dashboard_url"]
+
+    code = main(["submit", str(tmp_path / "spec.yaml"), "--address", address, "--no-pip", "--wait"])
+
+    job_id = capsys.readouterr().out.split("submitted ")[1].split(";")[0]
+    logs = jobs.jobs_client(address).get_job_logs(job_id)
+    assert code == 1, logs[-2000:]
+    assert f"storage_path {storage / 'on-cluster'}: not visible from 2 of 3 nodes" in logs
+    assert not list(storage.iterdir())  # refused before anything was written
+
+    run = storage / "seg-run"
+    done = subprocess.run(
+        [sys.executable, "-m", "defectforge.cli", "--address", state["address"]]
+        + ["seg", "train", "--data", str(sample_dataset), "--out", str(run)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--out {run}: not visible from 2 of 3 nodes" in done.stderr.splitlines()[-1]
+    assert not list(storage.iterdir())
+
+
 def test_cluster_down_stops_every_process_it_started(local_cluster):
     cluster, state = local_cluster
     leaders = [node["pid"] for node in state["nodes"]]
@@ -342,48 +375,6 @@ def test_the_jobs_commands_need_a_token_and_a_dashboard_url(tmp_path, monkeypatc
     assert "no Ray auth token" in capsys.readouterr().err
     assert main(["jobs", "list", "--address", "127.0.0.1:8265"]) == 2
     assert "give the dashboard URL" in capsys.readouterr().err
-
-
-@needs_namespaces
-def test_a_storage_path_one_node_cannot_see_is_refused(sample_dataset, tmp_path, capsys):
-    storage = tmp_path / "studies"
-    storage.mkdir()
-    cluster = LocalCluster(tmp_path / "cluster")
-    state = cluster.up(
-        LocalClusterConfig(
-            workers=1, dashboard_port=free_port(), hide_from_last_worker=str(storage)
-        )
-    )
-    try:
-        spec = cluster_spec(sample_dataset, storage)
-        spec["resources"].pop("custom_per_worker")
-        (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-        address = state["dashboard_url"]
-
-        code = main(
-            ["submit", str(tmp_path / "spec.yaml"), "--address", address, "--no-pip", "--wait"]
-        )
-
-        job_id = capsys.readouterr().out.split("submitted ")[1].split(";")[0]
-        logs = jobs.jobs_client(address).get_job_logs(job_id)
-        assert code == 1, logs[-2000:]
-        assert f"storage_path {storage / 'on-cluster'}: not visible from 1 of 2 nodes" in logs
-        assert not list(storage.iterdir())  # refused before anything was written
-
-        run = storage / "seg-run"
-        done = subprocess.run(
-            [sys.executable, "-m", "defectforge.cli", "--address", state["address"]]
-            + ["seg", "train", "--data", str(sample_dataset), "--out", str(run)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
-            timeout=120,
-        )
-        assert done.returncode == 2, done.stderr[-2000:]
-        assert f"--out {run}: not visible from 1 of 2 nodes" in done.stderr.splitlines()[-1]
-        assert not list(storage.iterdir())
-    finally:
-        cluster.down()
 
 
 def test_cluster_up_refuses_bad_settings_before_starting_anything(tmp_path, capsys):

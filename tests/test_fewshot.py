@@ -36,7 +36,7 @@ def test_a_subset_is_seeded_stratified_and_lists_its_ids(sample_dataset, few, tm
 
     parent, manifest = _classes(sample_dataset, "train"), Manifest.load(few)
     kept = _classes(few, "train")
-    assert sorted(kept) == manifest.section("subset")["train_ids"] and len(kept) == 12
+    assert sorted(kept) == manifest.subset.train_ids and len(kept) == 12
     wanted = Counter(c or "none" for c in parent.values())
     for name, count in Counter(c or "none" for c in kept.values()).items():
         assert abs(count - 12 * wanted[name] / len(parent)) < 1  # proportional, rounded
@@ -46,8 +46,8 @@ def test_a_subset_is_seeded_stratified_and_lists_its_ids(sample_dataset, few, tm
     assert manifest.pixel_mean != Manifest.load(sample_dataset).pixel_mean  # from the 12 alone
     again = subset_dataset(sample_dataset, tmp_path / "again", SubsetConfig(train=12, val=6))
     other = subset_dataset(sample_dataset, tmp_path / "other", SubsetConfig(train=12, seed=1))
-    assert again.section("subset")["train_ids"] == manifest.section("subset")["train_ids"]
-    assert other.section("subset")["train_ids"] != manifest.section("subset")["train_ids"]
+    assert again.subset.train_ids == manifest.subset.train_ids
+    assert other.subset.train_ids != manifest.subset.train_ids
     assert again.counts["test"].total == 0  # without rest_as_test the rest is left out
     with pytest.raises(DataError, match="more train images than the 42"):
         subset_dataset(sample_dataset, tmp_path / "big", SubsetConfig(train=43))
@@ -301,8 +301,8 @@ def test_subset_and_copy_paste_stages_are_made_once_and_reused(ray_session, samp
     assert Manifest.load(made.dataset.real).counts["train"].total == 10
     pasted = Manifest.load(made.dataset.copy_paste)
     assert pasted.counts["train"].total == 6
-    (source,) = pasted.section("labelling")["trained_on"]
-    assert source["dataset_id"] == Manifest.load(made.dataset.real).dataset_id
+    (source,) = pasted.labelling.trained_on
+    assert source.dataset_id == Manifest.load(made.dataset.real).dataset_id
     again = Pipeline(spec, "spec.yaml")
     assert again.run() == made
     assert [r["status"] for r in again.records()] == ["reused"] * 3

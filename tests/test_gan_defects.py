@@ -165,7 +165,7 @@ def test_drawn_masks_survive_generate_mix_and_the_training_feed(
     out = tmp_path / "drawn"
     assert main(["gan", "generate", "--model", str(run), "--count", "24", "--out", str(out)]) == 0
     manifest = Manifest.load(out)
-    assert manifest.masks and manifest.section("labelling")["labeller"].startswith("drawn")
+    assert manifest.masks and manifest.labelling.labeller.startswith("drawn")
     drawn = {row["id"]: row for row in pq.read_table(out / "train").to_pylist()}
     assert drawn and all(row["mask"] is not None for row in drawn.values())
     for row in drawn.values():

@@ -94,9 +94,7 @@ def test_images_without_a_mask_can_be_read_as_defect_free(tmp_path, capsys, ray_
     assert "no mask found for this image" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "b"), "--missing-mask", "background"]) == 0
     manifest = Manifest.load(tmp_path / "b")
-    assert (
-        manifest.missing_masks == 3 and manifest.section("config")["missing_mask"] == "background"
-    )
+    assert manifest.missing_masks == 3 and manifest.config["missing_mask"] == "background"
 
 
 def test_masks_beside_their_images_are_not_taken_for_images(tmp_path):

@@ -2,11 +2,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from defectforge.datasets.augment import AugmentConfig
-from defectforge.datasets.contract import COLUMNS, SCHEMA, decode_png, split_dir
+from defectforge.datasets.contract import COLUMNS, SCHEMA, contract_row, decode_png, split_dir
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import read_image
 
@@ -45,6 +47,29 @@ def test_offline_expansion_multiplies_train_only(ray_session, sample_dataset, tm
     saved = json.loads((out / "manifest.json").read_text())
     assert saved["augmentation"]["parent"] == Manifest.load(sample_dataset).dataset_id
     assert saved["dataset_id"] != saved["augmentation"]["parent"]
+
+
+def test_contract_row_encodes_cells_and_refuses_what_the_contract_forbids():
+    image = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(6, 4, 3)
+    mask = np.zeros((6, 4), np.uint8)
+    row = contract_row(id="a", image=image, mask=mask, dataset="d", origin="o")
+    table = pa.Table.from_pylist([row, {**row, "mask": None}], schema=SCHEMA)
+    assert tuple(table.column_names) == COLUMNS and table["mask"].null_count == 1
+    assert np.array_equal(decode_png(row["image"], 3), image) and row["channels"] == 3
+    assert (row["height"], row["width"], row["source"], row["split"]) == (
+        6,
+        4,
+        "synthetic",
+        "train",
+    )
+    with pytest.raises(ValueError, match=r"a mask of shape \(4, 6\) for an image of \(6, 4\)"):
+        contract_row(id="a", image=image, mask=mask.T.copy(), dataset="d", origin="o")
+    with pytest.raises(ValueError, match="HxWx1 or HxWx3"):
+        contract_row(id="a", image=image[:, :, 0], mask=mask, dataset="d", origin="o")
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        contract_row(id="a", image=image, mask=None, dataset="d", origin="o", split="holdout")
+    with pytest.raises(ValueError, match="unknown source 'fake'"):
+        contract_row(id="a", image=image, mask=None, dataset="d", origin="o", source="fake")
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

@@ -137,9 +137,9 @@ def test_labelling_writes_masks_lineage_report_and_plots(labelled, generated, sa
     assert {(r["height"], r["width"]) for r in rows} == {(200, 200)}
     assert all(r["mask"] and r["label_confidence"] > 0.99 for r in rows)
     assert all("/seed" in r["origin"] and "|labeller:run-" in r["origin"] for r in rows)
-    lineage = manifest.section("labelling")
-    assert lineage["labeller_data_id"] == Manifest.load(sample_dataset).dataset_id
-    assert lineage["generated_dataset_id"] == Manifest.load(generated).dataset_id
+    lineage = manifest.labelling
+    assert lineage.labeller_data_id == Manifest.load(sample_dataset).dataset_id
+    assert lineage.generated_dataset_id == Manifest.load(generated).dataset_id
     with open(labelled / "labels.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 32
     quality = json.loads((labelled / "label_quality.json").read_text())
@@ -157,7 +157,7 @@ def test_labelling_drops_unsure_images_and_rejects_a_wrong_channel_count(
 
     strict = LabelConfig(images=str(generated), labeller=str(labeller), min_confidence=1.0)
     result = label_synthetic(strict, tmp_path / "strict")
-    assert result["manifest"].section("labelling")["dropped"] == {"low confidence": 32}
+    assert result["manifest"].labelling.dropped == {"low confidence": 32}
     assert not (tmp_path / "strict" / "train").exists()
     colour = tmp_path / "colour"
     colour.mkdir()
@@ -176,11 +176,11 @@ def test_offline_and_lazy_mixes_agree_and_keep_val_real(sample_dataset, labelled
     manifest = mix_datasets(sample_dataset, labelled, cfg, tmp_path / "mixed")
     n_real = real.split_total("train")
     n_synthetic = synthetic_count(n_real, 0.38)
-    mix = manifest.section("mix")
-    assert mix["synthetic_images"] == n_synthetic
+    mix = manifest.mix
+    assert mix.synthetic_images == n_synthetic
     assert manifest.counts["train"].by_source == {"real": n_real, "synthetic": n_synthetic}
-    assert mix["real_dataset_id"] == real.dataset_id
-    assert mix["synthetic_dataset_id"] == Manifest.load(labelled).dataset_id
+    assert mix.real_dataset_id == real.dataset_id
+    assert mix.synthetic_dataset_id == Manifest.load(labelled).dataset_id
     train = pq.read_table(split_dir(tmp_path / "mixed", "train"), columns=["id", "source"])
     val = pq.read_table(split_dir(tmp_path / "mixed", "val"), columns=["source"])
     assert set(val["source"].to_pylist()) == {"real"}
@@ -188,7 +188,7 @@ def test_offline_and_lazy_mixes_agree_and_keep_val_real(sample_dataset, labelled
     assert sorted(r["id"] for r in lazy.select_columns(["id"]).take_all()) == sorted(
         train["id"].to_pylist()
     )
-    assert plan_for(sample_dataset, labelled, cfg).plan.achieved_ratio == mix["achieved_ratio"]
+    assert plan_for(sample_dataset, labelled, cfg).plan.achieved_ratio == mix.achieved_ratio
 
 
 def test_ratio_zero_reproduces_the_real_set_and_impossible_ratios_fail(
@@ -216,12 +216,12 @@ def test_mix_then_offline_augmentation_expands_train_only(sample_dataset, labell
     twice = AugmentConfig(factor=2, strength=1.0)
     manifest = mix_datasets(sample_dataset, labelled, MixConfig(0.13), tmp_path / "mixed-2x", twice)
     real = Manifest.load(sample_dataset)
-    n_mixed = real.split_total("train") + manifest.section("mix")["synthetic_images"]
+    n_mixed = real.split_total("train") + manifest.mix.synthetic_images
     assert manifest.split_total("train") == 2 * n_mixed
     assert pq.read_table(split_dir(tmp_path / "mixed-2x", "train")).num_rows == 2 * n_mixed
     assert manifest.counts["val"] == real.counts["val"]
-    assert manifest.section("augmentation")["factor"] == 2
-    assert manifest.section("mix")["requested_ratio"] == 0.13
+    assert manifest.augmentation.factor == 2
+    assert manifest.mix.requested_ratio == 0.13
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch removed
 
 

@@ -31,8 +31,8 @@ from defectforge.datasets.contract import (
     COLUMNS,
     SCHEMA,
     SPLITS,
+    contract_row,
     decode_png,
-    encode_png,
     only_ids,
     read_split_table,
     split_files,
@@ -85,8 +85,8 @@ def read_split(root: str | Path, split: str) -> ray.data.Dataset:
 def parquet_dataset(uris: list[str], schema: pa.Schema) -> ray.data.Dataset:
     """Our Parquet files as a Ray dataset, read by Ray Data's first Parquet reader: the newer one
     (Ray 2.60's default) starts a pool of 32 footer-reading actors for every read, 32 Python
-    processes for a handful of files; on a 2-core node a 163-row split took 1.8 s to read
-    instead of 0.15 s."""
+    processes for a handful of files, which made every read of a small split many times slower
+    (measured when the change was made: CHANGELOG, Speed)."""
     ray.data.DataContext.get_current().use_datasource_v2 = False
     return ray.data.read_parquet(uris, schema=schema)
 
@@ -185,15 +185,17 @@ def _expand(batch: pa.Table, cfg: AugmentConfig, channels: int) -> pa.Table:
             transform = paper_augmentation(cfg.strength, seed=_copy_seed(cfg.seed, row["id"], copy))
             aug_image, aug_mask = augment_pair(transform, image, mask)
             rows.append(
-                {
-                    **row,
-                    "id": f"{row['id']}#aug{copy:02d}",
-                    "image": encode_png(aug_image),
-                    "mask": encode_png(aug_mask),
-                    "height": aug_image.shape[0],
-                    "width": aug_image.shape[1],
-                    "origin": f"{row['id']}|aug:{cfg.seed}:{copy}",
-                }
+                contract_row(
+                    id=f"{row['id']}#aug{copy:02d}",
+                    image=aug_image,
+                    mask=aug_mask,
+                    dataset=row["dataset"],
+                    origin=f"{row['id']}|aug:{cfg.seed}:{copy}",
+                    source=row["source"],
+                    split=row["split"],
+                    defect_class=row["defect_class"],
+                    label_confidence=row["label_confidence"],
+                )
             )
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
@@ -249,18 +251,20 @@ def mix_datasets(
 
 
 def _write_mix(real, synthetic, mix: Mix, cfg: MixConfig, out, overwrite: bool, inputs) -> Manifest:
-    details = {
-        **{key: value for key, value in asdict(cfg).items() if key != "ratio"},
-        "requested_ratio": cfg.ratio,
-        "achieved_ratio": mix.plan.achieved_ratio,
-        "real_images": mix.plan.real_rows,
-        "synthetic_images": len(mix.plan.synthetic_ids),
-    }
+    settings = {key: value for key, value in asdict(cfg).items() if key != "ratio"}
     with write_dataset(out, overwrite, inputs) as staging:
         staging.write_split("train", _with_synthetic(read_split(real, "train"), synthetic, mix))
         for split in SPLITS[1:]:
             staging.copy_split(real, split)
         staging.publish(
-            mix.real.mixed(mix.synthetic, mix.plan.synthetic_ids, details, mix.plan.real_ids)
+            mix.real.mixed(
+                mix.synthetic,
+                mix.plan.synthetic_ids,
+                settings,
+                requested_ratio=cfg.ratio,
+                achieved_ratio=mix.plan.achieved_ratio,
+                real_images=mix.plan.real_rows,
+                real_ids=mix.plan.real_ids,
+            )
         )
     return staging.manifest

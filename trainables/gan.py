@@ -120,8 +120,9 @@ def replays_in_memory(cfg: GanConfig) -> bool:
 def _endless(shard, cfg: GanConfig, maker: GanBatchMaker, replay: bool):
     """Real batches forever. The first pass streams the shard; with ``replay`` (a small train
     split, ``replays_in_memory``) its rows are kept and replayed from memory, reshuffled each
-    epoch: a Ray Data pass per epoch fed 131 img/s on 163 images, replay 2,005
-    (gan_data_feed.py). Otherwise every epoch is a new pass."""
+    epoch, far faster than a Ray Data pass per epoch on a few-shot set
+    (``benchmarks/gan_data_feed.py``; its figures in docs/benchmarks.md). Otherwise every epoch
+    is a new pass."""
     kept, rows = [], 0
     for batch in _shard_pass(shard, cfg, epoch=0, drop_last=False):
         rows += len(batch["image"])

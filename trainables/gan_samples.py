@@ -12,9 +12,10 @@ import pyarrow as pa
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.outputs import check_output
 from defectforge.core.storage import Location
-from defectforge.datasets.contract import SCHEMA, decode_png, encode_png, run_identity
+from defectforge.datasets.contract import SCHEMA, contract_row, decode_png, run_identity
 from defectforge.datasets.leakage import train_ids
-from defectforge.datasets.manifest import Manifest, training_source
+from defectforge.datasets.lineage import LabellingSection, TrainingSource
+from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.writer import write_dataset
 from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, load_generator
 from defectforge.gan.config import GanConfig
@@ -36,22 +37,14 @@ def _class_index(cfg: GanConfig, class_name: str | None) -> int | None:
 def _generated_row(
     identity: str, seed: int, image: np.ndarray, mask: np.ndarray | None, cfg: GanConfig, class_name
 ) -> dict:
-    return {
-        "id": f"gan/{identity}/seed{seed:05d}",
-        "image": encode_png(image),
-        "mask": None if mask is None else encode_png(mask),
-        "height": image.shape[0],
-        "width": image.shape[1],
-        "channels": image.shape[2],
-        "dataset": Path(cfg.data).name,
-        "source": "synthetic",
-        "split": "train",
-        "defect_class": _drawn_class(mask, cfg)
-        if mask is not None
-        else class_name or cfg.defect_class,
-        "label_confidence": None,
-        "origin": f"{identity}/seed{seed}",
-    }
+    return contract_row(
+        id=f"gan/{identity}/seed{seed:05d}",
+        image=image,
+        mask=mask,
+        dataset=Path(cfg.data).name,
+        origin=f"{identity}/seed{seed}",
+        defect_class=(class_name or cfg.defect_class) if mask is None else _drawn_class(mask, cfg),
+    )
 
 
 def _drawn_class(mask: np.ndarray, cfg: GanConfig) -> str | None:
@@ -92,16 +85,13 @@ def write_generated(
             if row["mask"] is not None:
                 staging.path(f"{stem}_mask.png").write_bytes(row["mask"])
         staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
-        generation = {
-            "seeds": seeds,
-            "truncation_psi": truncation_psi,
-            "class": class_name,
-            "gan_config": asdict(cfg),
-        }
+        asked = {"truncation_psi": truncation_psi, "class": class_name}
         classes = ("background", *cfg.classes) if cfg.classes else ("background", "defect")
-        manifest = Manifest.generated(identity, classes, cfg.channels, generation)
+        manifest = Manifest.generated(
+            identity, classes, cfg.channels, {"seeds": seeds, **asked}, asdict(cfg)
+        )
         if masks is not None:
-            manifest = _with_drawn_masks(manifest, cfg, identity, generation, images, rows)
+            manifest = _with_drawn_masks(manifest, cfg, identity, asked, images, rows)
         staging.publish(manifest)
     return staging.manifest
 
@@ -110,12 +100,13 @@ def _with_drawn_masks(
     generated: Manifest,
     cfg: GanConfig,
     identity: str,
-    generation: dict,
+    asked: dict,
     images: np.ndarray,
     rows: list[dict],
 ) -> Manifest:
-    """The manifest of images whose masks the generator drew: labelled by their maker, which
-    learnt from ``cfg.data`` alone (the leakage check reads this)."""
+    """The manifest of images whose masks the generator drew (``asked``: with what truncation
+    and class): labelled by their maker, which learnt from ``cfg.data`` alone (the leakage check
+    reads this)."""
     if not rows:
         raise DataError(
             cfg.data,
@@ -124,15 +115,15 @@ def _with_drawn_masks(
         )
     kept = np.stack([decode_png(row["image"], cfg.channels) for row in rows]).astype(np.float64)
     pixels = kept.reshape(-1, cfg.channels) / 255
-    labelling = {
-        "labeller": "drawn by the generator (exact masks)",
-        "generator": identity,
-        "config": {key: generation[key] for key in ("truncation_psi", "class")},
-        "trained_on": [training_source("GAN", cfg.data, cfg.data_manifest_id, train_ids(cfg.data))],
-        "images": len(images),
-        "kept": len(rows),
-        "dropped": {"no defect pixel": len(images) - len(rows)},
-    }
+    labelling = LabellingSection(
+        labeller="drawn by the generator (exact masks)",
+        generator=identity,
+        config=asked,
+        trained_on=(TrainingSource("GAN", cfg.data, cfg.data_manifest_id, train_ids(cfg.data)),),
+        images=len(images),
+        kept=len(rows),
+        dropped={"no defect pixel": len(images) - len(rows)},
+    )
     return generated.labelled(
         generated.classes,
         len(cfg.classes) == 1,

@@ -41,8 +41,8 @@ from defectforge.datasets.contract import (
     MANIFEST,
     SCHEMA,
     combined_digest,
+    contract_row,
     decode_png,
-    encode_png,
     file_digest,
     only_ids,
     read_split_table,
@@ -50,7 +50,8 @@ from defectforge.datasets.contract import (
     split_location,
 )
 from defectforge.datasets.leakage import train_ids
-from defectforge.datasets.manifest import Manifest, training_source
+from defectforge.datasets.lineage import LabellingSection, TrainingSource
+from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, list_images, read_image
 from defectforge.datasets.writer import write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
@@ -127,17 +128,15 @@ class _Labeller:
             pixels = image.reshape(-1, image.shape[2]).astype(np.float64)
             labelled.append(
                 {
-                    **row,
-                    "image": encode_png(image),
-                    "mask": encode_png(label.mask),
-                    "height": image.shape[0],
-                    "width": image.shape[1],
-                    "channels": image.shape[2],
-                    "source": "synthetic",
-                    "split": "train",
-                    "defect_class": label.defect_class,
-                    "label_confidence": label.confidence,
-                    "origin": f"{row['origin']}|labeller:{self.labeller_id}",
+                    **contract_row(
+                        id=row["id"],
+                        image=image,
+                        mask=label.mask,
+                        dataset=row["dataset"],
+                        origin=f"{row['origin']}|labeller:{self.labeller_id}",
+                        defect_class=label.defect_class,
+                        label_confidence=label.confidence,
+                    ),
                     "defect_fraction": label.defect_fraction,
                     "rejected": label.rejected,
                     "pixel_sum": pixels.sum(axis=0).tolist(),
@@ -235,18 +234,14 @@ def generated_dataset(images: str | Path) -> tuple[ray.data.Dataset, Manifest]:
     channels = guess_channels(paths[0])
     rows = []
     for path in paths:
-        image = read_image(path, channels)
         rows.append(
-            {
-                **dict.fromkeys(COLUMNS),
-                "id": f"folder/{images.name}/{path.name}",
-                "image": encode_png(image),
-                "height": image.shape[0],
-                "width": image.shape[1],
-                "channels": channels,
-                "dataset": images.name,
-                "origin": str(path.resolve()),
-            }
+            contract_row(
+                id=f"folder/{images.name}/{path.name}",
+                image=read_image(path, channels),
+                mask=None,
+                dataset=images.name,
+                origin=str(path.resolve()),
+            )
         )
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     files = combined_digest({path.name: file_digest(path) for path in paths})
@@ -315,20 +310,20 @@ def _labelled_manifest(
     kept = [row for row in summary if not row["rejected"]]
     mean, std = pixel_statistics(kept, seg.channels) if kept else ([], [])
     confidences = [row["label_confidence"] for row in summary]
-    labelling = {
-        "config": asdict(cfg),
-        "trained_on": _trained_on(seg, generated),
-        "labeller": ids["labeller"],
-        "labeller_data_id": seg.data_manifest_id,
-        "generated_dataset_id": generated.dataset_id,
-        "generator": (generated.section("generation") or {}).get("generator"),
-        "size": list(ids["size"]),
-        "images": len(summary),
-        "kept": len(kept),
-        "kept_ids_digest": combined_digest({row["id"]: "" for row in kept}),
-        "dropped": dict(Counter(row["rejected"] for row in summary if row["rejected"])),
-        "confidence_quartiles": np.quantile(confidences, [0.25, 0.5, 0.75]).tolist(),
-    }
+    labelling = LabellingSection(
+        config=asdict(cfg),
+        trained_on=_trained_on(seg, generated),
+        labeller=ids["labeller"],
+        labeller_data_id=seg.data_manifest_id,
+        generated_dataset_id=generated.dataset_id,
+        generator=generated.generation.generator if generated.generation else None,
+        size=list(ids["size"]),
+        images=len(summary),
+        kept=len(kept),
+        kept_ids_digest=combined_digest({row["id"]: "" for row in kept}),
+        dropped=dict(Counter(row["rejected"] for row in summary if row["rejected"])),
+        confidence_quartiles=np.quantile(confidences, [0.25, 0.5, 0.75]).tolist(),
+    )
     return generated.labelled(
         _label_classes(cfg, seg),
         cfg.binary or seg.binary,
@@ -339,19 +334,19 @@ def _labelled_manifest(
     )
 
 
-def _trained_on(seg: SegConfig, generated: Manifest) -> list[dict]:
+def _trained_on(seg: SegConfig, generated: Manifest) -> tuple[TrainingSource, ...]:
     """The datasets the labeller and (for GAN images) the GAN learnt from, with their train ids."""
-    sources = [training_source("labeller", seg.data, seg.data_manifest_id, train_ids(seg.data))]
+    sources = [TrainingSource("labeller", seg.data, seg.data_manifest_id, train_ids(seg.data))]
     gan = generator_config(generated)
     if gan is not None:
         data, data_id = gan["data"], gan.get("data_manifest_id", "")
-        sources.append(training_source("GAN", data, data_id, train_ids(data)))
-    return sources
+        sources.append(TrainingSource("GAN", data, data_id, train_ids(data)))
+    return tuple(sources)
 
 
 def generator_config(generated: Manifest) -> dict | None:
     """The GAN config that made a generated set (None for images from a folder)."""
-    return (generated.section("generation") or {}).get("gan_config")
+    return generated.generation.gan_config if generated.generation else None
 
 
 def label_rows(
