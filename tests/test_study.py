@@ -265,7 +265,8 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     from defectforge.trainables.study import resume_study
 
     spec_file = tmp_path / "spec.yaml"
-    baseline = {"synthetic_ratio": 0.0, "lr": 0.002}
+    # Its lr is no trial's, so it never equals the chosen configuration (which trains once).
+    baseline = {"synthetic_ratio": 0.0, "lr": 0.001}
     spec = study_spec(
         sample_with_test, tmp_path, labelled, final={"epochs": 1, "baseline": baseline}
     )
@@ -300,7 +301,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     # The baseline ran the same seeds; the chosen configuration minus it, paired by seed.
     theirs = final["baseline"]
     assert [s["seed"] for s in theirs["seeds"]] == [1000, 1001, 1002]
-    assert theirs["config"]["synthetic_ratio"] == 0.0 and theirs["config"]["lr"] == 0.002
+    assert theirs["config"]["synthetic_ratio"] == 0.0 and theirs["config"]["lr"] == 0.001
     assert theirs["config"]["epochs"] == 1
     ours = {s["seed"]: s["test_binary_defect_iou"] for s in final["seeds"]}
     for row in final["paired"]["differences"]:
