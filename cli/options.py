@@ -163,7 +163,9 @@ def add_options(
         kwargs: dict[str, Any] = {
             "dest": prefix.replace("-", "_") + spec.name,
             "default": argparse.SUPPRESS,
-            "help": _help(spec, default, profiles) if has_default else spec.metadata["help"],
+            "help": _help(spec, default, profiles)
+            if has_default and spec.name not in required
+            else spec.metadata["help"],
         }
         kind, _ = scalar_type(hints[spec.name])
         if kind is bool:

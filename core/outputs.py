@@ -127,7 +127,7 @@ def check_output(
     out: str | Path, overwrite: bool, inputs: tuple = (), flag: str = "--out"
 ) -> Path | Location:
     """The resolved output folder, after the rules in this module's docstring (on a store:
-    ``datasets.store_outputs``)."""
+    ``core.store_outputs``)."""
     if is_uri(out):
         return store_outputs.check_output(
             Location.of(out), overwrite, inputs, flag, OUTPUT_RECORD, TRAINING_RUN_KINDS

@@ -83,7 +83,11 @@ class BuildConfig(TypedConfig):
 
     kind = "build config"
 
-    source: str = option(help="layout of --root", choices=SOURCES)
+    source: str = option(
+        help="layout of the raw folder: neu-seg (NEU-Seg's images/ and masks/), folder (your "
+        "images with masks beside them), steel (photometric-stereo rig output or a simulation)",
+        choices=SOURCES,
+    )
     root: str = option(help="folder holding the raw images and masks", path="local")
     name: str | None = option(
         None,
@@ -103,12 +107,14 @@ class BuildConfig(TypedConfig):
     binary: bool = option(False, "all defect classes -> 1")
     mask_threshold: int | None = option(
         None,
-        "masks are 0-255 / soft: pixel >= T is defect (class from the folder, or the one "
-        "defect class)",
+        "masks are 0-255 / soft: a pixel >= T is defect (its class: the image's folder with "
+        "--class-from-folder in data build, else the one defect class)",
         lambda t: 1 <= t <= 255,
         "in 1..255",
     )
-    mask_suffix: str = option("", "mask stem suffix, e.g. _mask")
+    mask_suffix: str = option(
+        "", "masks are the files named <stem><suffix> beside their images, e.g. _mask"
+    )
     class_from_folder: bool = option(False, "each image's defect class is its folder's name")
     split_ratios: tuple[float, ...] = option(
         (0.7, 0.15, 0.15),

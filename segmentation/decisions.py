@@ -129,7 +129,9 @@ def calibrate(
     threshold and whether it truly has a defect. Where no point reaches the target, the one
     coming closest is taken and ``met`` is False."""
     if not CalibrationTarget(target_recall, target_false_alarm).given:
-        raise ConfigError("give one of target_recall (--target-recall) and target_false_alarm")
+        raise ConfigError(
+            "give target_recall (--target-recall) or target_false_alarm (--target-false-alarm)"
+        )
     table = np.asarray(largest)
     truth = np.asarray(defective, bool)
     points = []

@@ -31,6 +31,7 @@ from defectforge.studies.errors import SpecError, with_fix
 from defectforge.studies.spec_schema import (
     ARMS,
     DEFAULT_SPACE,
+    MIX_DEFAULTS,
     MOVED_TO_TRAINING,
     SOURCE_DATASETS,
     SOURCE_STAGES,
@@ -109,6 +110,15 @@ def _training(where: str, values: Any) -> dict[str, Any]:
     known = _option_fields()
     checked = {}
     for name, value in values.items():
+        if name in MIX_DEFAULTS:
+            # The study plans every trial's mix from the search space (and final.baseline).
+            raise SpecError(
+                where,
+                f"training.{name}",
+                value,
+                "a trial's mix is set in search_space",
+                f"move it there: search_space: {{{name}: {value}}}",
+            )
         if name not in known:
             raise SpecError(
                 where,

@@ -120,7 +120,6 @@ def _made_now() -> dict[str, Manifest]:
         "per_class": False,
         "allow_fewer": False,
         "real_count": 0,
-        "synthetic": "/l",
     }
     mixed = augmented.mixed(
         labelled,
@@ -172,7 +171,7 @@ def test_sections_are_read_as_attributes():
     assert labelling.trained_on[1].train_ids is None and labelling.kept == 2
     mix = loaded["mixed"].mix
     assert mix.synthetic_labelling == labelling.maker() and mix.synthetic_images == 1
-    assert mix.settings["synthetic"] == "/l" and "ratio" not in mix.settings
+    assert mix.settings["seed"] == 0 and "ratio" not in mix.settings
     assert loaded["mixed"].subset.train_ids == TRAIN and loaded["mixed"].subset.val_ids is None
     assert loaded["mixed"].augmentation.parent == loaded["subset"].dataset_id
     assert loaded["generated"].generation.gan_config["resolution"] == 64

@@ -190,13 +190,15 @@ def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
     from defectforge.trainables.study_setup import StudyContext, base_config
     from defectforge.trainables.study_tune import final_baseline
 
-    spec = parse_spec(
-        study_spec(sample_with_test, tmp_path, labelled, final={"baseline": {"synthetic_ratio": 0}})
-    )
+    # The final step's epochs and a baseline key the trials leave at its default (lr) count
+    # as the chosen configuration has them.
+    final = {"epochs": 5, "baseline": {"synthetic_ratio": 0, "lr": 0.002}}
+    spec = parse_spec(study_spec(sample_with_test, tmp_path, labelled, final=final))
     context = StudyContext(spec, str(tmp_path), base_config(spec))
     trial = {"synthetic_ratio": 0.4, "epochs": 2, "batch_size": 4}
     assert final_baseline(context, {"config": trial})["synthetic_ratio"] == 0
     assert final_baseline(context, {"config": {**trial, "synthetic_ratio": 0.0}}) == {}
+    assert final_baseline(context, {"config": {**trial, "synthetic_ratio": 0.0, "lr": 0.01}})
     lines = _baseline_lines({"chosen_is_baseline": True})
     assert "The search chose the baseline itself" in lines[-1]
 

@@ -71,6 +71,10 @@ def test_a_valid_spec_parses_into_types():
         ({"final": {"baseline": {"lr": -1}}}, "final.baseline.lr = -1.0: must be > 0"),
         ({"final": {"baseline": {"seed": 7}}}, "final.baseline.seed = 7: the baseline takes one"),
         (
+            {"training": {"synthetic_ratio": 0.3}},
+            r"training.synthetic_ratio = 0.3: a trial's mix is set in search_space; move it there",
+        ),
+        (
             {"final": {"epochs": 4, "baseline": {"epochs": 6}}},
             "final.baseline.epochs = 6: final.epochs = 4 already sets the epochs",
         ),

@@ -251,7 +251,9 @@ def mix_datasets(
 
 
 def _write_mix(real, synthetic, mix: Mix, cfg: MixConfig, out, overwrite: bool, inputs) -> Manifest:
-    settings = {key: value for key, value in asdict(cfg).items() if key != "ratio"}
+    # The synthetic set is recorded by its dataset id: its path would change the id of a mix
+    # whose content did not change.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("ratio", "synthetic")}
     with write_dataset(out, overwrite, inputs) as staging:
         staging.write_split("train", _with_synthetic(read_split(real, "train"), synthetic, mix))
         for split in SPLITS[1:]:

@@ -228,9 +228,14 @@ def final_baseline(context: StudyContext, best: dict) -> dict:
     train the same runs twice and compare them with themselves)."""
     if not context.spec.final.baseline:
         return {}
-    baseline = baseline_arm(context.spec, context.base)
-    chosen = trial_values(best["config"])
-    return {} if all(chosen.get(k) == v for k, v in baseline.items()) else baseline
+    spec = context.spec
+    baseline = baseline_arm(spec, context.base)
+    # The chosen configuration as its final runs train: keys a trial left at their defaults,
+    # and the final step's epochs, as the baseline has them.
+    chosen = {k: getattr(context.base, k) for k in baseline} | trial_values(best["config"])
+    if spec.final.epochs:
+        chosen["epochs"] = spec.final.epochs
+    return {} if all(chosen[k] == v for k, v in baseline.items()) else baseline
 
 
 def run_tune(store: StudyStore, run: str, fresh, trainable) -> tune.ResultGrid:
