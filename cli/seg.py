@@ -159,15 +159,10 @@ def _evaluate(args) -> None:
 
 
 def _calibrate(args) -> None:
-    from defectforge.core.errors import ConfigError
     from defectforge.segmentation.calibrate import calibrate_run
     from defectforge.segmentation.decisions import CalibrationTarget
 
     target = CalibrationTarget(**given(args, CalibrationTarget))
-    if not target.given:
-        raise ConfigError(
-            "seg calibrate needs a target: give --target-recall R or --target-false-alarm F"
-        )
     result = calibrate_run(args.run, target.target_recall, target.target_false_alarm)
     point = result["operating_point"]
     met = "" if result["met"] else " (target not reached: the closest point)"

@@ -15,7 +15,12 @@ import numpy as np
 
 from defectforge.core.storage import Location
 from defectforge.segmentation.checkpoint import load_model
-from defectforge.segmentation.decisions import OPERATING_POINT_FILE, calibrate, largest_by_threshold
+from defectforge.segmentation.decisions import (
+    OPERATING_POINT_FILE,
+    CalibrationTarget,
+    calibrate,
+    largest_by_threshold,
+)
 from defectforge.segmentation.inference import dataset_split_pairs, image_probabilities
 from defectforge.segmentation.report import plot_operating_point
 
@@ -26,7 +31,9 @@ def calibrate_run(
     target_false_alarm: float | None = None,
     store: bool = True,
 ) -> dict:
-    """The operating point for a target; with ``store``, written beside the run's model."""
+    """The operating point for a target; with ``store``, written beside the run's model. A
+    missing or invalid target is refused before the val split is read."""
+    CalibrationTarget(target_recall, target_false_alarm).require()
     model, cfg = load_model(run)
     largest, defective = [], []
     for image, mask in dataset_split_pairs(cfg, "val", "calibrate"):

@@ -71,6 +71,14 @@ class CalibrationTarget(TypedConfig):
     def given(self) -> bool:
         return self.target_recall is not None or self.target_false_alarm is not None
 
+    def require(self) -> CalibrationTarget:
+        """This target, or a ConfigError if it names neither rate."""
+        if not self.given:
+            raise ConfigError(
+                "give target_recall (--target-recall) or target_false_alarm (--target-false-alarm)"
+            )
+        return self
+
 
 def defect_probability(probabilities: np.ndarray) -> np.ndarray:
     """H x W probability of any defect class, from K x H x W class probabilities."""
@@ -128,10 +136,7 @@ def calibrate(
     it) or a false-alarm budget (most recall within it), from each image's largest region per
     threshold and whether it truly has a defect. Where no point reaches the target, the one
     coming closest is taken and ``met`` is False."""
-    if not CalibrationTarget(target_recall, target_false_alarm).given:
-        raise ConfigError(
-            "give target_recall (--target-recall) or target_false_alarm (--target-false-alarm)"
-        )
+    CalibrationTarget(target_recall, target_false_alarm).require()
     table = np.asarray(largest)
     truth = np.asarray(defective, bool)
     points = []

@@ -230,3 +230,11 @@ def test_no_command_declares_by_hand_a_flag_a_config_declares():
     assert not by_hand, "\n".join(
         f"{' '.join(path)} {flag}: declare it once, in {owner}" for path, flag, owner in by_hand
     )
+
+
+def test_calibrating_without_a_target_is_refused_before_the_run_is_read(tmp_path, capsys):
+    # No run exists there: the target is checked first, so the error is about the target.
+    assert main(["seg", "calibrate", str(tmp_path / "not-a-run")]) == 2
+    err = capsys.readouterr().err
+    assert "give target_recall (--target-recall) or target_false_alarm" in err
+    assert len(err.splitlines()) == 1

@@ -16,6 +16,7 @@ from defectforge.datasets.contract import SCHEMA, contract_row, decode_png, run_
 from defectforge.datasets.leakage import train_ids
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.readers import dominant_class
 from defectforge.datasets.writer import write_dataset
 from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, load_generator
 from defectforge.gan.config import GanConfig
@@ -49,8 +50,7 @@ def _generated_row(
 
 def _drawn_class(mask: np.ndarray, cfg: GanConfig) -> str | None:
     """The contract's defect_class of a drawn mask: its class with most pixels."""
-    counts = np.bincount(mask.ravel(), minlength=len(cfg.classes) + 1)[1:]
-    return cfg.classes[int(counts.argmax())] if counts.any() else None
+    return dominant_class(mask, ("background", *cfg.classes))
 
 
 def write_generated(
