@@ -35,6 +35,22 @@ MODULES = (data, seg, gan, synth, study, quickstart, cluster)
 COMMANDS = {name: module for module in MODULES for name in module.COMMANDS}
 
 
+# The modules of an extra (pyproject.toml) a command may need and the install may lack.
+TRAINING_MODULES = (
+    "ray",
+    "torch",
+    "torchvision",
+    "segmentation_models_pytorch",
+    "albumentations",
+    "optuna",
+    "matplotlib",
+    "tensorboardX",
+    "scipy",
+    "onnx",
+    "onnxscript",
+)
+RUNTIME_MODULES = ("onnxruntime",)
+
 # Options before the command that take a value (the value is not the command).
 ROOT_VALUE_OPTIONS = ("--address",)
 
@@ -92,7 +108,10 @@ def join_cluster(address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser(argv).parse_args(argv)
+    try:
+        args = parser(argv).parse_args(argv)
+    except ModuleNotFoundError as err:
+        return _not_installed(err)
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     module = COMMANDS[args.command]
@@ -103,12 +122,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"defectforge: interrupted; {module.interrupted_hint(args)}", file=sys.stderr)
         return INTERRUPTED
+    except ModuleNotFoundError as err:
+        return _not_installed(err)
     except Exception as err:
         user_error = user_error_in(err)
         if user_error is None:
             raise
         print(f"defectforge: error: {one_line(str(user_error))}", file=sys.stderr)
         return 2
+
+
+def _not_installed(err: ModuleNotFoundError) -> int:
+    """One line naming the extra that brings a missing module; other missing modules are
+    defects of the install or of defectforge, and keep their traceback."""
+    missing = (err.name or "").split(".")[0]
+    if missing in TRAINING_MODULES:
+        fix = (
+            "this command needs the training stack: pip install 'defectforge[train,cpu]' "
+            "([train,gpu] on a CUDA machine)"
+        )
+    elif missing in RUNTIME_MODULES:
+        fix = "pip install 'defectforge[cpu]' (or [gpu] on a CUDA machine)"
+    else:
+        raise err
+    print(f"defectforge: error: {missing} is not installed; {fix}", file=sys.stderr)
+    return 2
 
 
 def entry() -> None:

@@ -85,6 +85,11 @@ def _build_predict(predict) -> None:
         default="cpu",
         help="for an export: where it runs (cuda: onnxruntime-gpu or torch with CUDA)",
     )
+    predict.add_argument(
+        "--heatmaps",
+        action="store_true",
+        help="also write each image's defect probability as a picture (<name>_heatmap.png)",
+    )
     calibrated = {name: "the calibrated one" for name in ("threshold", "min_area")}
     add_options(predict, OperatingPoint, defaults=calibrated)
     add_options(predict, BuildConfig, only=READING_OPTIONS)
@@ -199,6 +204,7 @@ def _predict(args) -> None:
     options = {
         "threshold": None,
         "min_area": None,
+        "heatmaps": args.heatmaps,
         **_checked_given(args, OperatingPoint),
         **_checked_given(args, BuildConfig, READING_OPTIONS),
     }

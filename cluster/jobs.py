@@ -140,15 +140,23 @@ def _has_setuptools() -> bool:
     return True
 
 
-def requirements() -> list[str]:
-    """The project's installed runtime requirements, less Ray itself and the dev extras."""
+# The extras a job's pip environment installs beside the package's own requirements.
+JOB_EXTRAS = ("train", "cpu")
+
+
+def requirements(extras: tuple[str, ...] = JOB_EXTRAS) -> list[str]:
+    """The project's runtime requirements with ``extras`` (by default the training stack and
+    the CPU ONNX runtime: what a job's stages and its export check import), less Ray itself."""
+    from packaging.requirements import Requirement
+
     found = []
     for line in importlib.metadata.requires(PROJECT) or []:
-        if "extra ==" in line:
+        requirement = Requirement(line)
+        marker = requirement.marker
+        if marker is not None and not any(marker.evaluate({"extra": e}) for e in extras):
             continue
-        name = re.split(r"[\s\[<>=!~;]", line, maxsplit=1)[0].lower()
-        if name not in NOT_SHIPPED:
-            found.append(line)
+        if requirement.name.lower() not in NOT_SHIPPED:
+            found.append(str(Requirement(line.split(";", 1)[0])))
     return found
 
 
@@ -180,7 +188,10 @@ def submit_study(
 ) -> str:
     """Submit ``study run`` for a spec (as `shipped_spec` gives it) as a Ray Job; returns the
     job's submission id."""
-    spec_name = name or yaml.safe_load(text)["name"]
+    spec = yaml.safe_load(text)
+    spec_name = name or spec["name"]
+    # A spec that tracks its trials in MLflow needs mlflow beside the driver.
+    extras = JOB_EXTRAS + (("mlflow",) if (spec.get("tracking") or {}).get("mlflow") else ())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     with tempfile.TemporaryDirectory(prefix="defectforge-job-") as tmp:
         job_dir = Path(tmp) / "job"
@@ -196,7 +207,7 @@ def submit_study(
             "env_vars": {"NO_ALBUMENTATIONS_UPDATE": "1"},
         }
         if pip_dependencies:
-            runtime_env["pip"] = {"packages": requirements(), "pip_check": False}
+            runtime_env["pip"] = {"packages": requirements(extras), "pip_check": False}
         return client.submit_job(
             entrypoint=job_entrypoint(name),
             runtime_env=runtime_env,
@@ -255,12 +266,14 @@ def follow(client, job_id: str, out=sys.stdout) -> str:
 
 STAGE_LINE = re.compile(r"\[stage \d+/\d+\] .*")
 # A progress bar's text as tqdm redraws it: "<what>: 42%|####  | 3/7 [...]"
+# A study's line for a trial's epoch (trainables.study_progress): "<trial>: epoch 2/8: ..."
+TRIAL_LINE = re.compile(r"^(\S+): (epoch \d+/\d+):", re.MULTILINE)
 BAR = re.compile(r"(\w[\w ]*): +\d+%\|[^|]*\| *([\d.]+/[\d.]+) \[[^]]*\]")
 
 
 def job_progress(logs: str) -> str:
     """Where a study job is, from its log: the latest stage line, and the latest progress bar
-    (epochs, kimg, images labelled) or Tune's trial count."""
+    (epochs, kimg, images labelled), and the latest trial epoch a study printed."""
     parts = []
     stages = STAGE_LINE.findall(logs)
     if stages:
@@ -269,9 +282,10 @@ def job_progress(logs: str) -> str:
     if bars:
         what, done = bars[-1]
         parts.append(f"{what} {done}")
-    trials = re.findall(r"Trial status: ([^\n]*)", logs)
+    trials = TRIAL_LINE.findall(logs)
     if trials:
-        parts.append(f"trials: {trials[-1].strip()}")
+        name, epoch = trials[-1]
+        parts.append(f"trial {name} {epoch}")
     return "; ".join(parts)
 
 

@@ -98,11 +98,18 @@ def largest_region(mask: np.ndarray) -> int:
     return int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else 0
 
 
-def findings(probabilities: np.ndarray, classes: tuple[str, ...], point: OperatingPoint) -> dict:
-    """One image's row of predictions.csv: verdict, its evidence, defect pixels per class."""
+def findings(
+    probabilities: np.ndarray,
+    classes: tuple[str, ...],
+    point: OperatingPoint,
+    predicted: np.ndarray | None = None,
+) -> dict:
+    """One image's row of predictions.csv: verdict, its evidence, defect pixels per class
+    (``predicted``: the class map, if the caller has it already)."""
     defect = defect_probability(probabilities)
     largest = largest_region(defect >= point.threshold)
-    predicted = probabilities.argmax(0)
+    if predicted is None:
+        predicted = probabilities.argmax(0)
     row = {
         "verdict": "NG" if largest >= point.min_area else "OK",
         "max_defect_probability": round(float(defect.max()), 6),

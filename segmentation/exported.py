@@ -115,7 +115,8 @@ class ExportedModel:
                 raise DataError(
                     self.folder / ONNX_FILE,
                     "onnxruntime here has no CUDA provider",
-                    "pip install 'defectforge[gpu]' (onnxruntime-gpu), or --device cpu",
+                    "pip uninstall onnxruntime, then pip install 'defectforge[gpu]' (onnxruntime-gpu); "
+                    "or --device cpu",
                 )
             providers = ["CUDAExecutionProvider", *providers]
         session = onnxruntime.InferenceSession(str(self.folder / ONNX_FILE), providers=providers)
@@ -161,6 +162,7 @@ def predict_folder_exported(
     mask_suffix: str = "",
     skip_bad: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    heatmaps: bool = False,
 ) -> list[dict]:
     """Masks, overlays and predictions.csv per image (or steel sample), from the export alone;
     verdicts at the export's operating point, with ``threshold``/``min_area`` on top; bad
@@ -182,6 +184,7 @@ def predict_folder_exported(
         overwrite,
         (images, model),
         skip_bad,
+        heatmaps,
     )
 
 

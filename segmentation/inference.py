@@ -201,6 +201,7 @@ def predict_folder(
     mask_suffix: str = "",
     skip_bad: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    heatmaps: bool = False,
 ) -> list[dict]:
     """Masks, overlays and predictions.csv (verdicts at the run's calibrated operating point,
     or the default, with ``threshold``/``min_area`` on top) for every image of a folder; bad
@@ -217,4 +218,5 @@ def predict_folder(
         overwrite,
         (images, model_dir),
         skip_bad,
+        heatmaps,
     )

@@ -1,7 +1,9 @@
-"""Masks drawn over their images: one colour per class (no model code, so exports can use it)."""
+"""Pictures of a prediction: its mask drawn over the image (one colour per class) and its defect
+probability as a heatmap (no model code, so exports can use it)."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 OVERLAY_COLOURS = np.array(
@@ -22,5 +24,13 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndar
     """RGB picture of the image with each class's pixels tinted in its colour."""
     rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image.copy()
     colours = OVERLAY_COLOURS[mask % len(OVERLAY_COLOURS)]
-    tinted = (rgb * (1 - alpha) + colours * alpha).astype(np.uint8)
+    # uint8 arithmetic (OpenCV's, saturating and rounded): a predict pays it for every image.
+    tinted = cv2.addWeighted(rgb, 1 - alpha, colours, alpha, 0.0)
     return np.where(mask[:, :, None] > 0, tinted, rgb)
+
+
+def heatmap(defect_probability: np.ndarray) -> np.ndarray:
+    """RGB picture of an H x W defect probability: the inferno colour map, black at 0, pale
+    yellow at 1 (what inspection tools show; the level is round(255 * probability))."""
+    levels = np.round(np.clip(defect_probability, 0.0, 1.0) * 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)

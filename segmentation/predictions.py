@@ -1,13 +1,15 @@
-"""What `predict` writes for a folder: per image its mask, an overlay and one row of
-``predictions.csv`` (verdict and its evidence), published whole. numpy and OpenCV only, so the
-PyTorch path and the export runtime write exactly the same files."""
+"""What `predict` writes for a folder: per image its mask, an overlay (a heatmap if asked) and
+one row of ``predictions.csv`` (verdict and its evidence), published whole. numpy and OpenCV
+only, so the PyTorch path and the export runtime write exactly the same files."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,11 +23,19 @@ from defectforge.core.storage import Location
 from defectforge.datasets.contract import write_png
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.readers import list_images, read_image
-from defectforge.segmentation.decisions import OPERATING_POINT_FILE, OperatingPoint, findings
-from defectforge.segmentation.overlay import overlay
+from defectforge.segmentation.decisions import (
+    OPERATING_POINT_FILE,
+    OperatingPoint,
+    defect_probability,
+    findings,
+)
+from defectforge.segmentation.overlay import heatmap, overlay
 
 PREDICTIONS_FILE = "predictions.csv"
 REJECTED_FILE = "rejected.csv"
+# Images decoded ahead of the model, and pictures waiting to be written behind it: decoding and
+# PNG encoding release the GIL, so they overlap the runtime's own threads.
+IN_FLIGHT = 4
 # (name for the output files, what to call it in errors, how to read it)
 Sample = tuple[str, str, Callable[[], np.ndarray]]
 
@@ -78,25 +88,38 @@ def write_predictions(
     overwrite: bool = False,
     inputs: tuple = (),
     skip_bad: bool = False,
+    heatmaps: bool = False,
 ) -> list[dict]:
-    """Masks, overlays and ``predictions.csv`` for every sample, into a new ``out``. A sample
-    that cannot be read or predicted stops it all (nothing is published), unless ``skip_bad``:
-    then it is listed in ``rejected.csv`` beside the others' results."""
+    """Masks, overlays (and with ``heatmaps`` defect-probability pictures) and
+    ``predictions.csv`` for every sample, into a new ``out``. A sample that cannot be read or
+    predicted stops it all (nothing is published), unless ``skip_bad``: then it is listed in
+    ``rejected.csv`` beside the others' results."""
     rows, rejected = [], []
     with publish_dir(out, overwrite, inputs, kind="predictions") as staging:
-        for name, source, read in tqdm(samples, desc="predict", unit="img"):
-            try:
-                image = read()
-                probabilities = probabilities_of(image, source)
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                rejected.append({"image": name, "file": source, "reason": err.problem})
-                continue
-            mask = probabilities.argmax(0).astype(np.uint8)
-            write_png(staging / f"{name}_mask.png", mask)
-            write_png(staging / f"{name}_overlay.png", overlay(image, mask))
-            rows.append({"image": name, **findings(probabilities, classes, point)})
+        # One thread: a second would take CPU from the runtime's own threads.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-io") as pool:
+            writing: deque[Future] = deque()
+            decoded = _read_ahead(pool, samples)
+            for (name, source, _), (image, error) in tqdm(
+                zip(samples, decoded, strict=True), total=len(samples), desc="predict", unit="img"
+            ):
+                try:
+                    if error:
+                        raise error
+                    probabilities = probabilities_of(image, source)
+                except DataError as err:
+                    if not skip_bad:
+                        raise
+                    rejected.append({"image": name, "file": source, "reason": err.problem})
+                    continue
+                mask = probabilities.argmax(0).astype(np.uint8)
+                rows.append({"image": name, **findings(probabilities, classes, point, mask)})
+                heat = defect_probability(probabilities) if heatmaps else None
+                writing.append(pool.submit(_write_pictures, staging, name, image, mask, heat))
+                while len(writing) > IN_FLIGHT:
+                    writing.popleft().result()
+            for pending in writing:
+                pending.result()
         if not rows:
             first = rejected[0]
             raise DataError(
@@ -109,6 +132,36 @@ def write_predictions(
             (staging / REJECTED_FILE).write_text(_csv(rejected))
         write_json_atomic(staging / OPERATING_POINT_FILE, {"operating_point": asdict(point)})
     return rows
+
+
+def _read_ahead(
+    pool: ThreadPoolExecutor, samples: list[Sample]
+) -> Iterator[tuple[np.ndarray | None, DataError | None]]:
+    """Each sample's image (or the DataError reading it raised), in order, decoded in the pool
+    up to IN_FLIGHT ahead of the caller."""
+
+    def read(sample: Sample) -> tuple[np.ndarray | None, DataError | None]:
+        try:
+            return sample[2](), None
+        except DataError as err:
+            return None, err
+
+    pending: deque[Future] = deque()
+    for sample in samples:
+        pending.append(pool.submit(read, sample))
+        if len(pending) > IN_FLIGHT:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _write_pictures(
+    staging: Path, name: str, image: np.ndarray, mask: np.ndarray, heat: np.ndarray | None
+) -> None:
+    write_png(staging / f"{name}_mask.png", mask)
+    write_png(staging / f"{name}_overlay.png", overlay(image, mask))
+    if heat is not None:
+        write_png(staging / f"{name}_heatmap.png", heatmap(heat))
 
 
 def rejected_files(out: str | Path) -> list[dict]:

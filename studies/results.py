@@ -30,6 +30,9 @@ KEPT_BEST = "best_checkpoint_path"
 # The kept best epoch's own metrics, on every line of a trial that keeps its checkpoints: a trial
 # restored from its epoch checkpoint reports only the epochs after it, and its best may be older.
 KEPT_BEST_METRICS = "kept_best_metrics"
+# SELECTION_METRIC as a number (NaN for an epoch without a score): what Tune ranks a trial's
+# reported checkpoints by (a None cannot be ranked).
+CHECKPOINT_SCORE = "checkpoint_score"
 FINAL_KEYS = (*SEED_KEYS, "test")
 
 

@@ -42,6 +42,7 @@ from defectforge.studies.spec_schema import (
     ResourcesSpec,
     SearchSpec,
     StudySpec,
+    TrackingSpec,
 )
 from defectforge.studies.stages import ORDER, parse_stages, settings_of
 
@@ -50,6 +51,7 @@ SECTIONS = {
     "search": SearchSpec,
     "resources": ResourcesSpec,
     "final": FinalSpec,
+    "tracking": TrackingSpec,
 }
 
 

@@ -28,6 +28,7 @@ TOP_LEVEL = {
     "final": "the held-out final step: fresh seeds of the chosen configuration on test (below)",
     "description": "free text shown in the report",
     "expected_runtime": "free text per profile, e.g. `{cpu: 40 min}`; shown, never checked",
+    "tracking": "experiment tracking: an MLflow server for every trial and the study (below)",
     "stages": "not a key itself: each stage (`data`, `subset`, ...) is a top-level key (below)",
 }
 

@@ -197,6 +197,21 @@ class FinalSpec(TypedConfig):
 
 
 @dataclass(frozen=True)
+class TrackingSpec(TypedConfig):
+    kind = "tracking section"
+
+    mlflow: str = option(
+        "",
+        "an MLflow tracking server (`http://HOST:5000`): one MLflow run per trial (its values and "
+        "every epoch's metrics), and one for the study (the chosen values, the held-out result, "
+        "the report and the export)",
+        check=lambda v: v == "" or v.startswith(("http://", "https://")),
+        valid="an http(s):// URL of a tracking server every node of the cluster reaches",
+    )
+    experiment: str = option("", "the MLflow experiment (default: the study's name)")
+
+
+@dataclass(frozen=True)
 class StudySpec:
     name: str
     dataset: DatasetSpec
@@ -209,6 +224,7 @@ class StudySpec:
     description: str = ""
     expected_runtime: dict[str, str] = field(default_factory=dict)
     stages: Stages = field(default_factory=Stages)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def searched(self) -> dict[str, Any]:
         """The keys that vary (lists and ranges; ``arms`` is one of them)."""

@@ -32,6 +32,16 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server for the session (started by the first test that asks)."""
+    from mlflowserver import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def ray_session(s3_server):
     import ray
 

@@ -13,19 +13,71 @@ from defectforge.cli import main, parser
 
 BLOCKED = """
 import sys
-for name in ("ray", "segmentation_models_pytorch", "albumentations"):
-    sys.modules[name] = None  # importing any of them now fails
+from defectforge.cli import TRAINING_MODULES
+for name in TRAINING_MODULES:
+    sys.modules[name] = None  # importing any of them now fails, as where none is installed
 from defectforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_predict_needs_neither_ray_nor_smp_nor_albumentations():
+def test_predict_needs_none_of_the_training_stack():
     done = subprocess.run(
         [sys.executable, "-c", BLOCKED, "predict", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert "--runtime" in done.stdout
+
+
+def test_a_command_whose_extra_is_not_installed_says_which_to_install(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED, "seg", "train", "--data", str(tmp_path), "--out", "o"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "is not installed" in done.stderr and "defectforge[train,cpu]" in done.stderr
+
+
+def requirements(extras: set[str]) -> set[str]:
+    """The distributions the installed defectforge asks for with these extras."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    wanted = set()
+    for line in requires("defectforge"):
+        requirement = Requirement(line)
+        marker = requirement.marker
+        if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras):
+            wanted.add(requirement.name.lower())
+    return wanted
+
+
+@pytest.mark.parametrize(
+    "extras",
+    [set(), {"cpu"}, {"gpu"}, {"train", "cpu"}, {"train", "gpu"}, {"train", "dev", "docs"}],
+)
+def test_every_documented_install_has_at_most_one_onnx_runtime(extras):
+    runtimes = requirements(extras) & {"onnxruntime", "onnxruntime-gpu"}
+    assert len(runtimes) == (1 if extras & {"cpu", "gpu"} else 0), runtimes
+
+
+def test_the_training_modules_are_the_train_extras_and_nothing_else_is_left_out():
+    """What the CLI calls the training stack is what the `train` extra installs, and the base
+    install holds every module `predict` imports."""
+    from importlib.metadata import packages_distributions
+
+    from defectforge.cli import TRAINING_MODULES
+
+    modules_of = {}
+    for module, distributions in packages_distributions().items():
+        for distribution in distributions:
+            modules_of.setdefault(distribution.lower().replace("_", "-"), set()).add(module)
+    train = requirements({"train"}) - requirements(set())
+    named = set().union(*(modules_of[name] for name in train)) & set(TRAINING_MODULES)
+    assert named == set(TRAINING_MODULES)
+    assert all(modules_of[name] & set(TRAINING_MODULES) for name in train), train
 
 
 def test_flags_come_from_the_config_declarations_with_their_defaults(capsys):

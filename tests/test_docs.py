@@ -161,7 +161,7 @@ def test_readme_setup_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     readme = README.read_text()
     for command in (
-        'pip install -e ".[dev,docs]" && defectforge quickstart',
+        'pip install -e ".[train,cpu,dev,docs]" && defectforge quickstart',
         "ruff check . && ruff format --check . && python -m pytest -q",
     ):
         assert command in ci and command in readme, command

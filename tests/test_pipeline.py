@@ -65,6 +65,15 @@ def test_a_jobs_progress_is_read_from_its_log():
     )
     assert job_progress(log) == "[stage 3/5] gan 3c4d: running; gan 0.064/0.128"
     assert job_progress("nothing yet") == ""
+    log += (
+        "\n[stage 5/5] label 5e6f: done in 30 s\n"
+        "9f1a6_00000_ratio=0.2: epoch 1/2: loss 0.5120, val binary defect IoU 0.4100\n"
+        "9f1a6_00001_ratio=0.4: epoch 2/2: loss 0.4810, val binary defect IoU 0.4400\n"
+    )
+    assert job_progress(log) == (
+        "[stage 5/5] label 5e6f: done in 30 s; gan 0.064/0.128; trial 9f1a6_00001_ratio=0.4 "
+        "epoch 2/2"
+    )
 
 
 def pipeline_spec(sample_root: Path, labeller: Path, storage: Path | str) -> dict:
@@ -100,10 +109,11 @@ def _gan_snapshots(storage: Location) -> list[str]:
 
 
 def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_what_it_made(
-    ray_session, s3_server, sample_root, labeller, tmp_path
+    ray_session, s3_server, mlflow_server, sample_root, labeller, tmp_path
 ):
     """Every stage, trial and report on a bucket; the driver killed mid-GAN; `study resume`
-    continues the GAN from its snapshot on the bucket and makes nothing twice."""
+    continues the GAN from its snapshot on the bucket and makes nothing twice; the trial and
+    the study are tracked on an MLflow server."""
     import ray
 
     from defectforge.trainables.pipeline import Pipeline
@@ -111,7 +121,9 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
 
     storage = Location.of(s3_server.make_bucket("pipelines")) / "studies"
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(pipeline_spec(sample_root, labeller, storage.uri)))
+    spec = pipeline_spec(sample_root, labeller, storage.uri)
+    spec["tracking"] = {"mlflow": mlflow_server.url}
+    spec_file.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "defectforge.cli", "study", "run", str(spec_file)]
@@ -151,6 +163,7 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
     assert summary["export"] == (storage / "pipe" / "export").uri
     report = (storage / "pipe" / "report" / "report.md").read_text()
     assert "## Stages" in report and "| gan |" in report
+    _tracked_in_mlflow(mlflow_server.url, summary)
 
     # The same stages asked for again (by this or any study under this storage) are reused.
     again = Pipeline(
@@ -158,6 +171,31 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
     )
     again.run()
     assert {run.status for run in again.runs} == {"reused", "given"}
+
+
+def _tracked_in_mlflow(url: str, summary: dict) -> None:
+    """The trial's run holds its values and its epoch's metrics; the study's run the chosen
+    values, the report and the export."""
+    import mlflow
+
+    from defectforge.trainables.tracking import STUDY_TAG, TUNE_RUN_TAG
+
+    client = mlflow.MlflowClient(url)
+    experiment = client.get_experiment_by_name("pipe").experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`{STUDY_TAG}` = 'pipe'")
+    trials = [run for run in runs if run.data.tags.get(TUNE_RUN_TAG) == "search"]
+    assert len(trials) == 1 and trials[0].info.status == "FINISHED"
+    (trial,) = trials
+    assert trial.data.params["synthetic_ratio"] == "0.2"
+    history = client.get_metric_history(trial.info.run_id, "val_binary_defect_iou")
+    assert [point.step for point in history] == [1]
+    (study,) = [run for run in runs if run.info.run_id == summary["mlflow_run"]]
+    assert study.data.params["synthetic_ratio"] == "0.2"
+    assert "best_val_binary_defect_iou" in study.data.metrics
+    listed = {item.path for item in client.list_artifacts(study.info.run_id, "export")}
+    assert "export/model.onnx" in listed and "export/model.json" in listed
+    report = {item.path for item in client.list_artifacts(study.info.run_id, "report")}
+    assert "report/report.md" in report
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ interrupted and resumed 2-trial study with its final step, report and export."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -330,7 +331,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
         exported = ExportedModel(out, runtime).logits(images)
         assert np.abs(exported - reference).max() < 1e-3 * max(1.0, np.abs(reference).max())
 
-    _predict_without_ray_or_smp(out, tmp_path)
+    _predict_with_the_runtime_alone(out, tmp_path)
 
     # An export that does not match PyTorch is refused and leaves nothing behind.
     monkeypatch.setattr(export_module, "RELATIVE_TOLERANCE", 0.0)
@@ -341,7 +342,7 @@ def test_an_interrupted_study_resumes_reports_and_exports(
 
 
 def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking_again(
-    sample_with_test, tmp_path
+    sample_with_test, tmp_path, capsys
 ):
     """TPE and ASHA through `study run` with real trials; the driver killed while the fourth
     trial trains; `study resume` finishes the search from Optuna's own storage."""
@@ -379,7 +380,12 @@ def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking
     done = optuna.load_study(study_name=asked, storage=storage).get_trials(
         states=[optuna.trial.TrialState.COMPLETE]
     )
-    assert len(done) >= 2, (tmp_path / "driver.log").read_text()[-3000:]
+    log = (tmp_path / "driver.log").read_text()
+    assert len(done) >= 2, log[-3000:]
+    # One line per trial epoch, and none of Tune's status tables.
+    epoch = r"^[0-9a-f_]+_arch=\w+,lr=[\d.]+: epoch 1/3: loss \d+\.\d{4}, val binary defect IoU"
+    assert re.search(epoch + r" \d\.\d{4}$", log, re.MULTILINE), log[-3000:]
+    assert "Trial status" not in log
 
     resume_study(str(root))
 
@@ -388,37 +394,76 @@ def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking
     assert {t["status"] for t in trials} <= {"finished", "stopped early"}
     stopped = [t for t in trials if t["status"] == "stopped early"]
     assert stopped and all(t["epochs_run"] < 3 for t in stopped)
-    # Optuna's storage kept what was told before the kill, and nothing was asked twice.
+    # Optuna's storage kept what was told before the kill and no finished trial was asked
+    # again; an ask the killed driver's Tune run never recorded is marked failed, not left
+    # running for ever.
     after = optuna.load_study(study_name=asked, storage=storage).get_trials()
-    assert len(after) == 6 and {t.state for t in after} == {optuna.trial.TrialState.COMPLETE}
+    states = optuna.trial.TrialState
+    complete = [t for t in after if t.state == states.COMPLETE]
+    orphans = [t for t in after if t.state != states.COMPLETE]
+    assert len(complete) == 6 and {t.state for t in orphans} <= {states.FAIL}
     kept = {t.number: t.params for t in after}
     assert all(kept[t.number] == t.params for t in done)
     report = (root / "report" / "report.md").read_text()
     assert "## Stopped early by ASHA" in report
+    printed = log + capsys.readouterr().out
+    assert re.search(r": stopped by the scheduler after epoch [12]/3; best val", printed)
+    _tune_results_carry_the_trials_models(root)
 
 
+def _tune_results_carry_the_trials_models(root: Path) -> None:
+    """Ray's own ResultGrid of the search: each trial's checkpoint is the model of its latest
+    epoch as the study kept it, and its best checkpoint scores what the study's best epoch did."""
+    import torch
+
+    from defectforge.segmentation.checkpoint import load_model
+    from defectforge.studies.results import CHECKPOINT_SCORE, TRIALS_FILE
+    from defectforge.trainables.study import search_results
+
+    grid = search_results(str(root))
+    trials = {t["trial"]: t for t in json.loads((root / TRIALS_FILE).read_text())}
+    assert len(grid) == len(trials)
+    for result in grid:
+        name = Path(result.path).name
+        with result.checkpoint.as_directory() as folder:
+            theirs, _ = load_model(folder)
+        latest = max((root / "train" / result.metrics["trial_id"]).glob("epoch_*"))
+        ours, _ = load_model(latest)
+        for key, weights in ours.state_dict().items():
+            assert torch.equal(weights, theirs.state_dict()[key]), (name, key)
+        best = result.get_best_checkpoint(CHECKPOINT_SCORE, "max")
+        scored = next(m for c, m in result.best_checkpoints if c == best)
+        assert scored[SELECTION_METRIC] == trials[name][SELECTION_METRIC]
+    best = grid.get_best_result(SELECTION_METRIC, "max", scope="all")
+    assert Path(best.path).name == max(trials.values(), key=lambda t: t[SELECTION_METRIC])["trial"]
+
+
+# As on a machine with only `defectforge[cpu]` (and torch, for the TorchScript file).
 BLOCK_IMPORTS = """
 import sys
-for name in ("ray", "segmentation_models_pytorch", "albumentations"):
-    sys.modules[name] = None  # importing any of them now fails
+from defectforge.cli import TRAINING_MODULES
+for name in TRAINING_MODULES:
+    if not (name == "torch" and "torchscript" in sys.argv):
+        sys.modules[name] = None  # importing it now fails
 from defectforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def _predict_without_ray_or_smp(export: Path, tmp_path: Path) -> None:
+def _predict_with_the_runtime_alone(export: Path, tmp_path: Path) -> None:
     images = Path(__file__).resolve().parent.parent / "datasets/sample/neu-seg/images/val"
     out = tmp_path / "predicted"
     for runtime in ("onnx", "torchscript"):
         subprocess.run(
             [sys.executable, "-c", BLOCK_IMPORTS, "predict", "--model", str(export)]
-            + ["--images", str(images), "--out", str(out / runtime), "--runtime", runtime],
+            + ["--images", str(images), "--out", str(out / runtime), "--runtime", runtime]
+            + ["--heatmaps"],
             check=True,
             capture_output=True,
             env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
         )
     masks = sorted((out / "onnx").glob("*_mask.png"))
-    assert len(masks) == 15
+    assert len(masks) == 15 and len(list((out / "onnx").glob("*_heatmap.png"))) == 15
     differ = sum(
         np.count_nonzero(
             cv2.imread(str(m), -1) != cv2.imread(str(out / "torchscript" / m.name), -1)

@@ -67,6 +67,7 @@ from defectforge.trainables.study_tune import (
     COMPARE_RUN,
     SEARCH_RUN,
     compare_tuner,
+    fail_orphaned_asks,
     final_baseline,
     final_run_name,
     final_tuner,
@@ -75,6 +76,7 @@ from defectforge.trainables.study_tune import (
     trainable,
     trial_records,
 )
+from defectforge.trainables.tracking import log_study
 
 DATASET_PATHS = tuple(spec.name for spec in DatasetSpec.options())
 IN_PROCESS_KEY = "one_worker_in_process"
@@ -166,6 +168,17 @@ def resume_study(root: str, address: str | None = None) -> dict:
     return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
 
 
+def search_results(root: str) -> tune.ResultGrid:
+    """A study's search as Ray Tune's own ``ResultGrid``, read from its folder (local or a URI;
+    nothing is resumed): ``get_best_result(SELECTION_METRIC, "max")``, each trial's metrics, and a
+    one-worker trial's best and latest epoch models as its checkpoints (``load_model`` reads
+    them)."""
+    location = StudyStore(root).location(SEARCH_RUN)
+    if not tune.Tuner.can_restore(location):
+        raise DataError(location, "no Tune search here", "pass a study folder made by `study run`")
+    return tune.ResultGrid(tune.ExperimentAnalysis(location))
+
+
 def _recorded_spec(store: StudyStore) -> StudySpec:
     """The stored spec with the dataset paths `study run` resolved."""
     spec = stored_spec(store)
@@ -199,6 +212,9 @@ def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dic
         print(f"exporting the chosen model to {target}", flush=True)
         export_study(store.uri, target, True, export.target_recall, export.target_false_alarm)
         summary["export"] = target
+    if run := log_study(spec, store, summary):
+        print(f"tracked in MLflow at {spec.tracking.mlflow}: study run {run}", flush=True)
+        summary["mlflow_run"] = run
     return summary
 
 
@@ -212,6 +228,8 @@ def _complete(spec: StudySpec, store: StudyStore) -> dict:
     if spec.search.algorithm == "compare":
         return _complete_comparison(context, store)
     name = store.read_json(STUDY_FILE)["name"]
+    if orphans := fail_orphaned_asks(spec, store, name):
+        print(f"{orphans} Optuna trial(s) asked before the stop and never run: marked failed")
     results = run_tune(
         store,
         SEARCH_RUN,

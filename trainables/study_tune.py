@@ -16,6 +16,7 @@ from ray.tune.search.optuna import OptunaSearch
 from defectforge.core.storage import absolute_location, is_uri
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.results import (
+    CHECKPOINT_SCORE,
     DEFAULT_EPOCHS,
     TrialRecord,
 )
@@ -23,6 +24,7 @@ from defectforge.studies.spec_schema import ARMS, Range, StudySpec, trial_values
 from defectforge.studies.store import StudyStore
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.runtime import fit
+from defectforge.trainables.study_progress import TrialLines
 from defectforge.trainables.study_setup import (
     StudyContext,
     baseline_arm,
@@ -33,6 +35,7 @@ from defectforge.trainables.study_trials import (
     final_trial,
     search_trial,
 )
+from defectforge.trainables.tracking import tune_callbacks
 
 SEARCH_RUN, FINAL_RUN, COMPARE_RUN = "search", "final", "compare"
 # A trial of several workers only drives its Ray Train run, whose workers hold the trial's CPUs
@@ -96,6 +99,31 @@ def _searcher(spec: StudySpec, name: str):
     )
 
 
+def fail_orphaned_asks(spec: StudySpec, store: StudyStore, name: str) -> int:
+    """Before a search resumes: mark failed the Optuna trials a stopped driver asked for but its
+    Tune run never recorded (killed between Optuna's ask and Tune's next snapshot), so the
+    storage holds no trial that is running for ever; the resumed search asks again. Returns
+    how many were marked."""
+    storage, location = spec.search.optuna_storage, store.location(SEARCH_RUN)
+    if not storage or not tune.Tuner.can_restore(location):
+        return 0
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=optuna_url(storage))
+    except KeyError:  # stopped before Optuna's study was made: nothing was asked
+        return 0
+    recorded = list(tune.ExperimentAnalysis(location).get_all_configs().values())
+    orphans = [
+        trial
+        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+        if not any(all(c.get(k) == v for k, v in trial.params.items()) for c in recorded)
+    ]
+    for trial in orphans:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
 def optuna_url(storage: str) -> str:
     """An SQLAlchemy URL as given, or a plain file path as an sqlite database (folder made)."""
     if is_uri(storage):
@@ -146,7 +174,7 @@ def search_tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tu
             scheduler=_scheduler(spec),
             num_samples=spec.search.num_samples,
         ),
-        run_config=_run_config(store, SEARCH_RUN),
+        run_config=_run_config(store, SEARCH_RUN, context),
     )
 
 
@@ -162,19 +190,21 @@ def _tune_config(context: StudyContext, name, dirname=None, **search) -> tune.Tu
     )
 
 
-def _run_config(store: StudyStore, name: str) -> tune.RunConfig:
-    """A Tune run of the study: under its folder, a failed trial retried once."""
+def _run_config(store: StudyStore, name: str, context: StudyContext) -> tune.RunConfig:
+    """A Tune run of the study: under its folder, a failed trial retried once, its trials'
+    epochs printed one line each; of the epoch models a one-worker trial reports, Tune keeps
+    the best and the latest, as the trial's own epoch folders do."""
     return tune.RunConfig(
         name=name,
         storage_path=store.uri,
         failure_config=tune.FailureConfig(max_failures=1),
-        verbose=tune_verbosity(),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order="max"
+        ),
+        callbacks=[TrialLines(context.base.epochs), *tune_callbacks(context.spec, name)],
+        # Tune's status table and every reported result only with --verbose.
+        verbose=3 if os.environ.get(VERBOSE_ENV) else 0,
     )
-
-
-def tune_verbosity() -> int:
-    """Tune's status table of trials (1); every reported result as well only with --verbose."""
-    return 3 if os.environ.get(VERBOSE_ENV) else 1
 
 
 def final_run_name(best: dict) -> str:
@@ -197,7 +227,7 @@ def compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
         trainable(compare_trial, context),
         param_space={**values, "seed": tune.grid_search(_final_seeds(spec))},
         tune_config=_tune_config(context, label),
-        run_config=_run_config(store, COMPARE_RUN),
+        run_config=_run_config(store, COMPARE_RUN, context),
     )
 
 
@@ -219,7 +249,7 @@ def final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.Tu
             lambda trial: f"{trial.trial_id}_final_{final_label(trial.config)}",
             lambda trial: f"{trial.trial_id}_{final_label(trial.config)}",
         ),
-        run_config=_run_config(store, final_run_name(best)),
+        run_config=_run_config(store, final_run_name(best), context),
     )
 
 

@@ -5,13 +5,21 @@ before its first batch; a trial of one worker needs none of them (``benchmarks/
 study_overhead.py`` measures the difference). Its Tune actor holds the worker's resources,
 streams its Ray Datasets itself, and keeps its epoch checkpoints in the study folder
 (``train/<trial>/epoch_NNN/``, the best and the latest kept), from where a restored trial
-continues and the final step and the export read them. Trials of several workers keep the Train
-run (``trainables.study``).
+continues and the final step and the export read them. Each epoch's model (weights and config,
+what ``load_model`` reads) is also reported to Tune as the trial's checkpoint, so Tune's own
+results carry it: ``ResultGrid.get_best_result().checkpoint`` and ``Result.best_checkpoints``
+load as a Ray user expects, and Tune keeps the same two (``study_tune``). Trials of several
+workers keep the Train run (``trainables.study``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +27,11 @@ import ray
 import torch
 from ray import tune
 
+from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
-from defectforge.studies.results import KEPT_BEST, KEPT_BEST_METRICS
+from defectforge.segmentation.selection import SELECTION_METRIC
+from defectforge.studies.results import CHECKPOINT_SCORE, KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.epochs import EpochFolders, epoch_name
 from defectforge.trainables.runtime import check_store_here
@@ -46,17 +56,21 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
     def report(metrics: dict, folder: Path | None) -> None:
         folders.save(folder, metrics)
         name, best = epoch_name(metrics["epoch"]), folders.best()
-        tune.report(
-            {
-                **metrics,
-                "node_id": node,
-                "checkpoint_path": folders.location(name),
-                KEPT_BEST: folders.location(best),
-                # Nested: the study reads result.json as written; Tune's CSV and TensorBoard
-                # loggers flatten it into columns of their own.
-                KEPT_BEST_METRICS: folders.saved[best],
-            }
-        )
+        score = metrics.get(SELECTION_METRIC)
+        with _model_only(folder) as model:
+            tune.report(
+                {
+                    **metrics,
+                    "node_id": node,
+                    "checkpoint_path": folders.location(name),
+                    KEPT_BEST: folders.location(best),
+                    # Nested: the study reads result.json as written; Tune's CSV and TensorBoard
+                    # loggers flatten it into columns of their own.
+                    KEPT_BEST_METRICS: folders.saved[best],
+                    CHECKPOINT_SCORE: math.nan if score is None else score,
+                },
+                checkpoint=tune.Checkpoint.from_directory(model),
+            )
         folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
     with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
@@ -65,3 +79,17 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
         train_segmentation(cfg, one_worker_io(cfg, read_splits(cfg), report, resume))
     best = folders.best()
     return TrainedTrial(folders.location(best), folders.saved[best])
+
+
+@contextlib.contextmanager
+def _model_only(epoch_folder: Path) -> Iterator[str]:
+    """A folder holding an epoch folder's model and config only (links where the disk allows,
+    else copies): Tune's copy of the checkpoint needs no optimizer state."""
+    with tempfile.TemporaryDirectory(prefix="defectforge-model-") as folder:
+        for name in (MODEL_FILE, CONFIG_FILE):
+            source, target = epoch_folder / name, Path(folder) / name
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copyfile(source, target)
+        yield folder

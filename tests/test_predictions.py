@@ -1,0 +1,90 @@
+"""What `predict` writes, independent of any model: a probability function stands in for the
+network (it is a parameter of the writer), so each picture can be checked against a known
+probability map."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from defectforge.core.errors import DataError
+from defectforge.segmentation.decisions import OperatingPoint
+from defectforge.segmentation.predictions import IN_FLIGHT, write_predictions
+
+CLASSES = ("background", "defect")
+
+
+def brightness_is_defect(image: np.ndarray, _source: str) -> np.ndarray:
+    """Two-class probabilities whose defect probability is the pixel's brightness / 255."""
+    defect = image[:, :, 0].astype(np.float64) / 255.0
+    return np.stack([1.0 - defect, defect])
+
+
+def gradient(width: int, offset: int = 0) -> np.ndarray:
+    row = (np.arange(width) * 255 // (width - 1)).astype(np.uint8)
+    return np.roll(np.tile(row, (16, 1)), offset, axis=1)[:, :, None]
+
+
+def samples_of(images: list[np.ndarray], bad: set[int] = frozenset()):
+    def read(index):
+        if index in bad:
+            raise DataError(f"img{index}.png", "cannot be decoded", "replace the file")
+        return images[index]
+
+    return [(f"img{i}", f"img{i}.png", lambda i=i: read(i)) for i in range(len(images))]
+
+
+def inferno(levels: np.ndarray) -> np.ndarray:
+    """OpenCV's inferno colours of uint8 levels, RGB."""
+    return cv2.applyColorMap(levels, cv2.COLORMAP_INFERNO)[:, :, ::-1]
+
+
+def test_heatmaps_show_the_defect_probability_of_every_pixel_beside_mask_and_overlay(tmp_path):
+    images = [gradient(32, offset) for offset in range(3 * IN_FLIGHT)]
+    rows = write_predictions(
+        samples_of(images), brightness_is_defect, CLASSES, OperatingPoint(), tmp_path / "out",
+        heatmaps=True,
+    )  # fmt: skip
+
+    assert [row["image"] for row in rows] == [f"img{i}" for i in range(len(images))]
+    for index, image in enumerate(images):
+        picture = cv2.imread(str(tmp_path / "out" / f"img{index}_heatmap.png"))[:, :, ::-1]
+        assert np.array_equal(picture, inferno(image[:, :, 0]))
+        mask = cv2.imread(str(tmp_path / "out" / f"img{index}_mask.png"), -1)
+        assert np.array_equal(mask, (image[:, :, 0] > 127).astype(np.uint8))
+        assert (tmp_path / "out" / f"img{index}_overlay.png").is_file()
+    with open(tmp_path / "out" / "predictions.csv") as handle:
+        listed = list(csv.DictReader(handle))
+    assert [float(row["max_defect_probability"]) for row in listed] == [1.0] * len(images)
+
+
+def test_without_heatmaps_none_is_written(tmp_path):
+    write_predictions(
+        samples_of([gradient(8)]), brightness_is_defect, CLASSES, OperatingPoint(), tmp_path / "o"
+    )
+    assert not list((tmp_path / "o").glob("*_heatmap.png"))
+    assert (tmp_path / "o" / "img0_mask.png").is_file()
+
+
+def test_a_bad_image_read_ahead_stops_it_or_is_listed_in_order(tmp_path):
+    images = [gradient(8, k) for k in range(2 * IN_FLIGHT)]
+    bad = {1, IN_FLIGHT + 2}
+    with pytest.raises(DataError, match="img1.png"):
+        write_predictions(
+            samples_of(images, bad), brightness_is_defect, CLASSES, OperatingPoint(),
+            tmp_path / "stopped",
+        )  # fmt: skip
+    assert not (tmp_path / "stopped").exists()
+
+    rows = write_predictions(
+        samples_of(images, bad), brightness_is_defect, CLASSES, OperatingPoint(),
+        tmp_path / "skipped", skip_bad=True,
+    )  # fmt: skip
+    kept = [f"img{i}" for i in range(len(images)) if i not in bad]
+    assert [row["image"] for row in rows] == kept
+    with open(tmp_path / "skipped" / "rejected.csv") as handle:
+        assert [row["image"] for row in csv.DictReader(handle)] == ["img1", f"img{IN_FLIGHT + 2}"]
+    assert sorted(p.name for p in (tmp_path / "skipped").glob("*_mask.png")) == sorted(
+        f"{name}_mask.png" for name in kept
+    )
