@@ -5,10 +5,10 @@ runs its web workers as children)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import closing
@@ -37,14 +37,13 @@ class MlflowServer:
 
 
 def start_mlflow_server(folder: Path) -> MlflowServer:
-    mlflow = shutil.which("mlflow")
-    if mlflow is None:
-        raise RuntimeError("no `mlflow` command: pip install mlflow (in the dev extra)")
     folder.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log = folder / "mlflow.log"
     command = [
-        mlflow,
+        sys.executable,
+        "-m",
+        "mlflow",
         "server",
         "--host",
         "127.0.0.1",

@@ -76,7 +76,7 @@ from defectforge.trainables.study_tune import (
     trainable,
     trial_records,
 )
-from defectforge.trainables.tracking import log_study
+from defectforge.trainables.tracking import MLFLOW_RUN_KEY, log_study, require_mlflow
 
 DATASET_PATHS = tuple(spec.name for spec in DatasetSpec.options())
 IN_PROCESS_KEY = "one_worker_in_process"
@@ -190,6 +190,7 @@ def _recorded_spec(store: StudyStore) -> StudySpec:
 def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dict:
     """The stages (made, continued or reused), the checks and the study's record, then search,
     final step, report and export."""
+    require_mlflow(spec)
     pipeline = Pipeline(spec, where) if spec.stages.given() else None
     study = store.read_json(STUDY_FILE)
     try:
@@ -212,9 +213,12 @@ def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dic
         print(f"exporting the chosen model to {target}", flush=True)
         export_study(store.uri, target, True, export.target_recall, export.target_false_alarm)
         summary["export"] = target
-    if run := log_study(spec, store, summary):
+    recorded = store.read_json(STUDY_FILE)
+    # Once per study: a resume of a finished study does not add another study run.
+    if MLFLOW_RUN_KEY not in recorded and (run := log_study(spec, store, summary)):
         print(f"tracked in MLflow at {spec.tracking.mlflow}: study run {run}", flush=True)
-        summary["mlflow_run"] = run
+        store.write_json(STUDY_FILE, {**recorded, MLFLOW_RUN_KEY: run})
+    summary["mlflow_run"] = store.read_json(STUDY_FILE).get(MLFLOW_RUN_KEY)
     return summary
 
 

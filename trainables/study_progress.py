@@ -22,7 +22,7 @@ class TrialLines(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if "test_binary_defect_iou" in result:
-            line = f"held-out test binary defect IoU {result['test_binary_defect_iou']:.4f}"
+            line = f"held-out test binary defect IoU {_score(result['test_binary_defect_iou'])}"
         elif "epoch" in result:
             line = (
                 f"epoch {result['epoch'] + 1}/{self._total(trial)}: loss "

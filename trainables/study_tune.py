@@ -113,14 +113,24 @@ def fail_orphaned_asks(spec: StudySpec, store: StudyStore, name: str) -> int:
         study = optuna.load_study(study_name=name, storage=optuna_url(storage))
     except KeyError:  # stopped before Optuna's study was made: nothing was asked
         return 0
-    recorded = list(tune.ExperimentAnalysis(location).get_all_configs().values())
-    orphans = [
-        trial
-        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
-        if not any(all(c.get(k) == v for k, v in trial.params.items()) for c in recorded)
+    # Each unfinished trial Tune recorded accounts for one running ask with its values (TPE may
+    # ask the same values twice); the running asks left over were never recorded.
+    unfinished = [
+        trial.config
+        for trial in tune.ExperimentAnalysis(location).trials
+        if trial.status != "TERMINATED"
     ]
-    for trial in orphans:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    orphans = []
+    for asked in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING]):
+        match = next(
+            (c for c in unfinished if all(c.get(k) == v for k, v in asked.params.items())), None
+        )
+        if match is None:
+            orphans.append(asked)
+        else:
+            unfinished.remove(match)
+    for asked in orphans:
+        study.tell(asked.number, state=optuna.trial.TrialState.FAIL)
     return len(orphans)
 
 
