@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.metadata
 import ipaddress
 import re
 import shlex
@@ -31,6 +30,7 @@ import yaml
 
 from defectforge.cluster.auth import auth_headers, default_token_path
 from defectforge.core.errors import ClusterError, ConfigError
+from defectforge.core.files import declared_requirements
 from defectforge.core.storage import absolute_location
 from defectforge.studies.spec import load_spec
 from defectforge.studies.spec_schema import DatasetSpec
@@ -147,17 +147,11 @@ JOB_EXTRAS = ("train", "cpu")
 def requirements(extras: tuple[str, ...] = JOB_EXTRAS) -> list[str]:
     """The project's runtime requirements with ``extras`` (by default the training stack and
     the CPU ONNX runtime: what a job's stages and its export check import), less Ray itself."""
-    from packaging.requirements import Requirement
-
-    found = []
-    for line in importlib.metadata.requires(PROJECT) or []:
-        requirement = Requirement(line)
-        marker = requirement.marker
-        if marker is not None and not any(marker.evaluate({"extra": e}) for e in extras):
-            continue
-        if requirement.name.lower() not in NOT_SHIPPED:
-            found.append(str(Requirement(line.split(";", 1)[0])))
-    return found
+    return [
+        str(requirement)
+        for requirement in declared_requirements(extras)
+        if requirement.name.lower() not in NOT_SHIPPED
+    ]
 
 
 def shipped_spec(spec_path: str | Path) -> str:
@@ -265,9 +259,9 @@ def follow(client, job_id: str, out=sys.stdout) -> str:
 
 
 STAGE_LINE = re.compile(r"\[stage \d+/\d+\] .*")
-# A progress bar's text as tqdm redraws it: "<what>: 42%|####  | 3/7 [...]"
 # A study's line for a trial's epoch (trainables.study_progress): "<trial>: epoch 2/8: ..."
 TRIAL_LINE = re.compile(r"^(\S+): (epoch \d+/\d+):", re.MULTILINE)
+# A progress bar's text as tqdm redraws it: "<what>: 42%|####  | 3/7 [...]"
 BAR = re.compile(r"(\w[\w ]*): +\d+%\|[^|]*\| *([\d.]+/[\d.]+) \[[^]]*\]")
 
 

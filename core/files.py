@@ -32,6 +32,21 @@ def package_version() -> str:
         return "unknown"
 
 
+def declared_requirements(extras: tuple[str, ...] = ()) -> list:
+    """The installed defectforge's requirements that apply with ``extras`` (pyproject's base
+    dependencies and those extras'), as ``packaging`` Requirements without their markers."""
+    from packaging.requirements import Requirement
+
+    found = []
+    for line in importlib.metadata.requires("defectforge") or []:
+        requirement = Requirement(line)
+        marker = requirement.marker
+        if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras):
+            requirement.marker = None
+            found.append(requirement)
+    return found
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(temp_path)`` in ``path``'s folder, then rename: never a half-written file."""
     path = Path(path)

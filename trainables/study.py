@@ -214,11 +214,12 @@ def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dic
         export_study(store.uri, target, True, export.target_recall, export.target_false_alarm)
         summary["export"] = target
     recorded = store.read_json(STUDY_FILE)
+    run = recorded.get(MLFLOW_RUN_KEY)
     # Once per study: a resume of a finished study does not add another study run.
-    if MLFLOW_RUN_KEY not in recorded and (run := log_study(spec, store, summary)):
+    if run is None and (run := log_study(spec, store, summary)):
         print(f"tracked in MLflow at {spec.tracking.mlflow}: study run {run}", flush=True)
         store.write_json(STUDY_FILE, {**recorded, MLFLOW_RUN_KEY: run})
-    summary["mlflow_run"] = store.read_json(STUDY_FILE).get(MLFLOW_RUN_KEY)
+    summary["mlflow_run"] = run
     return summary
 
 
