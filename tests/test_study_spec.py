@@ -78,6 +78,11 @@ def test_a_valid_spec_parses_into_types():
             {"final": {"epochs": 4, "baseline": {"epochs": 6}}},
             "final.baseline.epochs = 6: final.epochs = 4 already sets the epochs",
         ),
+        (
+            {"tracking": {"mlflow": "file:/tmp/mlruns"}},
+            "tracking.mlflow = 'file:/tmp/mlruns': must be an http\\(s\\):// URL of a tracking server",
+        ),
+        ({"tracking": {"mlfow": "http://h:5000"}}, "mlfow"),
         ({"datasets": {}}, "datasets = {}: unknown key"),
         ({"expected_runtime": 5}, "expected_runtime = 5: must be a mapping"),
         ({"dataset": {"synthetic": "x"}}, "dataset.real = None: missing"),
