@@ -144,7 +144,7 @@ def _not_installed(err: ModuleNotFoundError) -> int:
     elif missing in RUNTIME_MODULES:
         fix = "pip install 'defectforge[cpu]' (or [gpu] on a CUDA machine)"
     elif missing == "mlflow":
-        fix = "the spec's tracking needs it: pip install 'defectforge[mlflow]'"
+        fix = "--mlflow or a spec's tracking needs it: pip install 'defectforge[mlflow]'"
     else:
         raise err
     print(f"defectforge: error: {missing} is not installed; {fix}", file=sys.stderr)

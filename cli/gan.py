@@ -8,8 +8,10 @@ from defectforge.cli.options import (
     absolute_path,
     add_options,
     add_out,
+    add_tracking,
     given,
     local_path,
+    tracking_of,
 )
 
 COMMANDS = {"gan": "StyleGAN2 + DiffAugment: train, generate, compare, metrics"}
@@ -36,6 +38,7 @@ def build(name: str, parser) -> None:
         help="continue the run in --out from its latest snapshot up to --kimg",
     )
     add_options(train, GanConfig, profiles={"gpu": PROFILES["gpu"]})
+    add_tracking(train)
     generate = sub.add_parser("generate", help="images by seed -> PNGs + Parquet rows")
     generate.add_argument("--model", required=True, type=absolute_path, help="run of `gan train`")
     add_out(generate)
@@ -98,8 +101,9 @@ def run(args) -> None:
     from defectforge.trainables import gan, gan_samples
 
     if args.gan_command == "train":
+        tracking = tracking_of(args)
         cfg = gan.gan_config_from_manifest(args.data, args.profile, **given(args, GanConfig))
-        summary = gan.run_gan_training(cfg, args.out, resume=args.resume)
+        summary = gan.run_gan_training(cfg, args.out, resume=args.resume, tracking=tracking)
         final, best = summary["final"], summary["best"]
         print(
             f"kimg {final['kimg']:.2f}: SWD {final.get('swd', float('nan')):.1f}; published the "

@@ -54,6 +54,47 @@ def add_out(parser: argparse.ArgumentParser, what: str = "dataset folder to writ
     )
 
 
+def add_tracking(parser: argparse.ArgumentParser) -> None:
+    """``--mlflow URL`` and ``--mlflow-experiment NAME`` (a training run logged to MLflow)."""
+    parser.add_argument(
+        "--mlflow",
+        metavar="URL",
+        type=_mlflow_url,
+        help="log the run to this MLflow tracking server (http(s)://HOST:PORT; this machine "
+        "reaches it): the config, every report's metrics, the published model and plots; "
+        "needs defectforge[mlflow]",
+    )
+    parser.add_argument(
+        "--mlflow-experiment",
+        metavar="NAME",
+        help="the run's MLflow experiment (default: 'defectforge <command>')",
+    )
+
+
+def _mlflow_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an MLflow tracking server; give its http(s):// URL, e.g. "
+            "http://127.0.0.1:5000"
+        )
+    return text
+
+
+def tracking_of(args: argparse.Namespace):
+    """The ``TrackingSpec`` of ``--mlflow`` (None without it). mlflow is imported here, so a
+    missing one is a one-line error before anything runs."""
+    from defectforge.core.errors import ConfigError
+    from defectforge.studies.spec_schema import TrackingSpec
+
+    if not args.mlflow:
+        if args.mlflow_experiment:
+            raise ConfigError("--mlflow-experiment names an MLflow experiment: give --mlflow too")
+        return None
+    import mlflow  # noqa: F401
+
+    return TrackingSpec(mlflow=args.mlflow, experiment=args.mlflow_experiment or "")
+
+
 def flag_of(spec: Field) -> str:
     return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
 

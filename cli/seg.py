@@ -8,8 +8,10 @@ from defectforge.cli.options import (
     absolute_path,
     add_options,
     add_out,
+    add_tracking,
     given,
     local_path,
+    tracking_of,
 )
 
 # `data build`'s options for reading image files and masks, which predict and eval share.
@@ -39,6 +41,7 @@ def build(name: str, parser) -> None:
         "--resume", action="store_true", help="continue the run in --out, e.g. to more --epochs"
     )
     add_options(train, SegConfig)
+    add_tracking(train)
     evaluate = sub.add_parser("eval", help="evaluate a trained model on a folder of images")
     evaluate.add_argument("--model", required=True, type=absolute_path, help="run folder")
     source = evaluate.add_mutually_exclusive_group(required=True)
@@ -118,8 +121,9 @@ def _train(args) -> None:
     from defectforge.segmentation.config import SegConfig
     from defectforge.trainables.seg import config_from_manifest, run_seg_training
 
+    tracking = tracking_of(args)
     cfg = config_from_manifest(args.data, **given(args, SegConfig))
-    summary = run_seg_training(cfg, args.out, resume=args.resume)
+    summary = run_seg_training(cfg, args.out, resume=args.resume, tracking=tracking)
     print(best_line(args.out, summary["best"]))
 
 

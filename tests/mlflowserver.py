@@ -73,3 +73,18 @@ def start_mlflow_server(folder: Path) -> MlflowServer:
             time.sleep(0.5)
     server.stop()
     raise RuntimeError(f"mlflow server did not answer on {server.url}; see {log}")
+
+
+def only_run(url: str, experiment: str):
+    """The one MLflow run of ``experiment`` (an assertion fails if there are others or none)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(url)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    (run,) = client.search_runs([found.experiment_id])
+    return client, run
+
+
+def artifact_names(client, run_id: str, folder: str = "") -> set[str]:
+    return {item.path for item in client.list_artifacts(run_id, folder or None)}

@@ -4,6 +4,8 @@ import pytest
 from defectforge.datasets.augment import augment_pair, paper_augmentation
 from defectforge.segmentation.config import SegConfig
 
+pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
+
 
 def _drawn_pair():
     """An image whose bright pixels are exactly the mask: any misalignment shows."""

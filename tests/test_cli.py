@@ -21,6 +21,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.floors
 def test_predict_needs_none_of_the_training_stack():
     done = subprocess.run(
         [sys.executable, "-c", BLOCKED, "predict", "--help"], capture_output=True, text=True
@@ -245,6 +246,23 @@ SAME_NAME_OTHER_MEANING = {
     ("study", "run", "--name"): "the study's name (BuildConfig's: the dataset's)",
     ("submit", "--name"): "the study's name (BuildConfig's: the dataset's)",
 }
+
+
+@pytest.mark.parametrize("command", ["seg", "gan"])
+def test_a_tracking_flag_that_cannot_work_is_one_line_before_anything_runs(
+    command, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    train = [command, "train", "--data", str(tmp_path / "no-data"), "--out", str(out)]
+    with pytest.raises(SystemExit) as exited:
+        main([*train, "--mlflow", "file:/tmp/mlruns"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(err.splitlines()) == 1
+    assert "'file:/tmp/mlruns' is not an MLflow tracking server; give its http(s):// URL" in err
+    assert main([*train, "--mlflow-experiment", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "give --mlflow too" in err
+    assert not out.exists()
 
 
 def test_no_command_declares_by_hand_a_flag_a_config_declares():

@@ -177,6 +177,7 @@ def test_bf16_mixed_precision_runs_the_convolutions_in_bf16():
         tiny_config(precision="fp16")
 
 
+@pytest.mark.floors
 def test_diffaugment_is_differentiable_and_shared_between_batches():
     real = torch.rand(6, 3, 32, 32, requires_grad=True)
     out = diff_augment(real, "color,translation,cutout", 1.0, torch.Generator().manual_seed(3))
@@ -198,6 +199,7 @@ def _reals(cfg: GanConfig, n: int, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, cfg.channels, cfg.resolution, cfg.resolution, generator=generator) * 2 - 1
 
 
+@pytest.mark.floors
 def test_resume_reproduces_the_next_step():
     cfg = tiny_config()
     batches = [_reals(cfg, 4, seed) for seed in range(4)]
@@ -274,6 +276,7 @@ def test_generation_is_deterministic_per_seed():
     assert truncated.shape == (1, 32, 32, 1)
 
 
+@pytest.mark.floors
 def test_sliced_wasserstein_separates_sets():
     rng = np.random.default_rng(0)
     smooth = np.repeat(np.linspace(0, 255, 32, dtype=np.uint8)[None, :], 32, 0)
@@ -358,13 +361,19 @@ def test_two_worker_ray_train_keeps_parameters_identical(ray_session, tmp_path):
 
 
 def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
-    ray_session, s3_server, sample_dataset, tmp_path, capsys
+    ray_session, s3_server, mlflow_server, sample_dataset, tmp_path, capsys
 ):
     """Two workers write their snapshots to a bucket (no folder shared with the driver), the
-    run resumes from there, and generate / metrics read the generator back from it."""
+    run resumes from there, and generate / metrics read the generator back from it. The run,
+    resume included, is one MLflow run: config, losses and SWD by step, generator and grids."""
+    from mlflowserver import artifact_names, only_run
+
     from defectforge.cli import main
     from defectforge.core.storage import Location
+    from defectforge.studies.spec_schema import TrackingSpec
     from defectforge.trainables.gan import gan_config_from_manifest, run_gan_training
+
+    tracking = TrackingSpec(mlflow=mlflow_server.url, experiment="gan-on-a-store")
 
     cfg = gan_config_from_manifest(
         sample_dataset,
@@ -378,7 +387,7 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
         **{k: v for k, v in SMALL.items()},
     )
     run = Location.of(s3_server.make_bucket("gan-runs")) / "gan"
-    summary = run_gan_training(cfg, run.uri)
+    summary = run_gan_training(cfg, run.uri, tracking=tracking)
     kimgs = [row["kimg"] for row in summary["history"]]
     assert kimgs == [0.0, 0.016, 0.032]
     assert all(row["swd"] > 0 for row in summary["history"])
@@ -387,8 +396,17 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
     assert summary["best"]["swd"] == min(row["swd"] for row in trained)  # kimg 0 never counts
     assert summary["best"]["swd"] < summary["history"][0]["swd"]
 
-    more = run_gan_training(replace(cfg, kimg=0.048), run.uri, resume=True)
+    more = run_gan_training(replace(cfg, kimg=0.048), run.uri, resume=True, tracking=tracking)
     assert [row["kimg"] for row in more["history"]] == [0.0, 0.016, 0.032, 0.048]
+    client, tracked = only_run(mlflow_server.url, "gan-on-a-store")
+    assert tracked.info.status == "FINISHED" and tracked.data.params["kimg"] == "0.032"
+    swd = client.get_metric_history(tracked.info.run_id, "swd")
+    assert sorted(point.value for point in swd) == sorted(row["swd"] for row in more["history"])
+    losses = client.get_metric_history(tracked.info.run_id, "g_loss")
+    trained_steps = {point.step for point in swd if point.step > 0}
+    assert len(trained_steps) == 3 and trained_steps <= {point.step for point in losses}
+    logged = artifact_names(client, tracked.info.run_id)
+    assert {"generator.pt", "samples.png", "metrics.json", "plots"} <= logged
 
     out = tmp_path / "generated"
     assert main(["gan", "generate", "--model", run.uri, "--count", "5", "--out", str(out)]) == 0

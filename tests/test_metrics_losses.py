@@ -6,6 +6,8 @@ from defectforge.datasets.batches import IGNORE_INDEX
 from defectforge.segmentation.losses import CombinedLoss, TverskyLoss, parse_loss
 from defectforge.segmentation.metrics import MetricAccumulator, confusion_matrix, summarize
 
+pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
+
 NAMES = ["background", "a", "b"]
 
 

@@ -4,6 +4,8 @@ import torch
 from defectforge.core.errors import DataError
 from defectforge.segmentation.models import architecture_names, build_model
 
+pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
+
 
 @pytest.mark.parametrize("arch", ["deeplabv3plus", "PAN", "Unet"])
 @pytest.mark.parametrize("channels", [1, 3])

@@ -261,6 +261,7 @@ def test_from_a_factory_folder_to_verdicts(parts, tmp_path, capsys, ray_session)
     assert len(list((tmp_path / "pred").glob("*_mask.png"))) == PER_PART
 
 
+@pytest.mark.floors
 def test_an_export_predicts_any_size_and_loads_in_smp(labeller, tmp_path):
     import segmentation_models_pytorch as smp
 

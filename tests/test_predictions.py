@@ -12,6 +12,8 @@ from defectforge.core.errors import DataError
 from defectforge.segmentation.decisions import OperatingPoint
 from defectforge.segmentation.predictions import IN_FLIGHT, write_predictions
 
+pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
+
 CLASSES = ("background", "defect")
 
 

@@ -10,6 +10,8 @@ from defectforge.datasets.readers import load_sample, read_image
 from defectforge.datasets.samples import SampleSpec, hash_split
 from tests.conftest import SHARED_DATA
 
+pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
+
 
 def test_neu_seg_reader_keeps_splits_and_reads_grey(sample_root):
     refs = discover_neu_seg(sample_root)

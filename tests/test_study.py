@@ -52,6 +52,7 @@ def study_spec(data: Path, storage: Path, synthetic: Path | None = None, **chang
     return spec
 
 
+@pytest.mark.floors
 def test_mean_interval_is_the_student_t_interval():
     values = [0.60, 0.64, 0.62]
     interval = mean_interval(values)
@@ -62,6 +63,7 @@ def test_mean_interval_is_the_student_t_interval():
         mean_interval([0.5])
 
 
+@pytest.mark.floors
 def test_search_space_becomes_tune_domains_and_readable_trial_names():
     from ray.tune.search.sample import Categorical, Float, Integer
 
@@ -102,6 +104,7 @@ def test_an_optuna_spec_with_nothing_searched_runs_plain_repeats():
     assert fixed.search.algorithm == "optuna" and _searcher(fixed, "f") is None
 
 
+@pytest.mark.floors
 def test_optuna_storage_takes_a_file_or_a_url(tmp_path):
     import optuna
 
@@ -506,6 +509,7 @@ def test_study_specs_shipped_in_the_repo_parse():
         )
 
 
+@pytest.mark.floors
 def test_report_pools_seeds_per_configuration_with_an_interval(tmp_path):
     from defectforge.studies.report import write_report
 

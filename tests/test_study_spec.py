@@ -6,6 +6,8 @@ from defectforge.studies.errors import SpecError
 from defectforge.studies.spec import load_spec, parse_spec
 from defectforge.studies.spec_schema import Range
 
+pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
+
 
 def base(**overrides) -> dict:
     spec = {

@@ -144,14 +144,21 @@ def test_config_rejects_typos_and_bad_values(sample_dataset):
         _config(sample_dataset, arch="segnet")
 
 
+@pytest.mark.floors
 def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
-    sample_dataset, tmp_path, ray_session
+    sample_dataset, tmp_path, ray_session, mlflow_server
 ):
+    """... and is one MLflow run across the resume: config, every epoch, model and plots."""
+    from mlflowserver import artifact_names, only_run
+
+    from defectforge.segmentation.checkpoint import MODEL_FILE
+    from defectforge.studies.spec_schema import TrackingSpec
     from defectforge.trainables.seg import run_seg_training
 
+    tracking = TrackingSpec(mlflow=mlflow_server.url, experiment="one-worker")
     cfg = _config(sample_dataset, epochs=3, max_steps_per_epoch=2)
     run = tmp_path / "run"
-    summary = run_seg_training(cfg, run)
+    summary = run_seg_training(cfg, run, tracking=tracking)
     assert [row["epoch"] for row in summary["history"]] == [0, 1, 2]
     storage = run / "ray"
     assert [p.name for p in storage.iterdir()] == ["one-worker"]  # no Ray Train run
@@ -165,10 +172,20 @@ def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
     assert again["history"] == summary["history"]
     with pytest.raises(DataError, match="already has all 3 epochs"):
         run_seg_training(cfg, run, resume=True)
-    more = run_seg_training(replace(cfg, epochs=4), run, resume=True)
+    more = run_seg_training(replace(cfg, epochs=4), run, resume=True, tracking=tracking)
     assert [row["epoch"] for row in more["history"]] == [0, 1, 2, 3]
     assert more["history"][:3] == summary["history"]
     assert "epoch_003" in {p.name for p in (storage / "one-worker").iterdir()}
+
+    client, tracked = only_run(mlflow_server.url, "one-worker")
+    assert tracked.info.status == "FINISHED" and tracked.data.params["epochs"] == "3"
+    history = client.get_metric_history(tracked.info.run_id, "val_binary_defect_iou")
+    assert sorted(point.step for point in history) == [0, 1, 2, 3]
+    assert {point.step: point.value for point in history} == {
+        row["epoch"]: row["val_binary_defect_iou"] for row in more["history"]
+    }
+    assert {MODEL_FILE, "metrics.json", "plots"} <= artifact_names(client, tracked.info.run_id)
+    assert "plots/validation_grid.png" in artifact_names(client, tracked.info.run_id, "plots")
 
 
 def test_two_worker_ray_train_then_eval_and_predict_cli(

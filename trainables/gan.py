@@ -47,6 +47,7 @@ from defectforge.gan.checkpoint import (
 from defectforge.gan.config import GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.gan.report import write_plots
+from defectforge.studies.spec_schema import TrackingSpec
 from defectforge.trainables.data_jobs import read_split
 from defectforge.trainables.gan_reals import (
     batch_maker,
@@ -66,6 +67,7 @@ from defectforge.trainables.runtime import (
     starting_checkpoint,
     worker_cpus,
 )
+from defectforge.trainables.tracking import run_tracking
 
 SHUFFLE_BUFFER = 256
 RUN_NAME = "train"
@@ -258,11 +260,17 @@ def _snapshot_summary(metrics: dict) -> str:
 
 
 def run_gan_training(
-    cfg: GanConfig, out: str | Path, resume: bool = False, max_failures: int = 2
+    cfg: GanConfig,
+    out: str | Path,
+    resume: bool = False,
+    max_failures: int = 2,
+    tracking: TrackingSpec | None = None,
 ) -> dict:
     """Train (or, with ``resume``, continue a finished run to ``cfg.kimg``) and publish the
     lowest-SWD snapshot's generator and grid, the metric history and every grid in ``out``.
-    Every input is checked before ``out`` is made, so a refused run leaves no folder."""
+    Every input is checked before ``out`` is made, so a refused run leaves no folder.
+    ``tracking``: an MLflow run of the config, the losses and snapshot measures by step, and
+    what is published."""
     out = Location.of(check_run_folder(out, GAN_RUN, (cfg.data,)))
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
@@ -300,11 +308,28 @@ def run_gan_training(
         ),
         datasets={"train": reals},
     )
-    bar = ProgressBar(out, cfg.kimg, "kimg", _kimg_done, _snapshot_summary, name="gan")
+    tracker = run_tracking(tracking, out, asdict(cfg), "step", "gan train")
+    bar = ProgressBar(
+        out,
+        cfg.kimg,
+        "kimg",
+        _kimg_done,
+        _snapshot_summary,
+        name="gan",
+        listeners=(tracker,) if tracker else (),
+    )
     result = fit(trainer, bar)
     with result.checkpoint.as_directory() as folder:
         history = load_gan_state(Path(folder))["history"]
-    return publish_run(cfg, out, history, nodes=result.metrics.get("nodes", []))
+    try:
+        summary = publish_run(cfg, out, history, nodes=result.metrics.get("nodes", []))
+    except DataError:
+        if tracker:
+            tracker.finish(("plots", METRICS_FILE), failed=True)
+        raise
+    if tracker:
+        tracker.finish(("plots", METRICS_FILE, SAMPLES_FILE, GENERATOR_FILE, CONFIG_FILE))
+    return summary
 
 
 def publish_run(

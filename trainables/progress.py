@@ -4,7 +4,7 @@ Rank 0 of a run appends each report to ``RUN/progress.jsonl`` and to TensorBoard
 ``RUN/tensorboard/`` (``tensorboard --logdir RUN``). The driver, which waits for the run in
 ``runtime.fit``, reads the new lines every half second into one tqdm bar, so the terminal shows
 a bar and defectforge's own summary lines, not Ray's (those stay in Ray's log files unless
-``--verbose``).
+``--verbose``), and hands them to its listeners (``--mlflow``'s tracking logs them).
 
 A run folder on object storage (``s3://``, ``gs://``) has no appendable files and may be on no
 disk of the worker's node: rank 0 then keeps both files in a local folder of its own and uploads
@@ -106,10 +106,13 @@ class ProgressBar:
         position: Callable[[dict], float],
         describe: Callable[[dict], str],
         name: str = "train",
+        listeners: tuple[Callable[[list[dict]], None], ...] = (),
     ):
         self.file = Location.of(run) / PROGRESS_FILE
         self.offset = len(self._text()) if self.file.is_file() else 0
         self.position, self.describe = position, describe
+        # Each is handed every new progress record (MLflow tracking logs them).
+        self.listeners = listeners
         self.last_read = 0.0
         self.bar = tqdm(total=total, unit=unit, desc=name, dynamic_ncols=True)
 
@@ -131,12 +134,14 @@ class ProgressBar:
         new = self._text(self.offset)
         complete = new[: new.rfind(b"\n") + 1]
         self.offset += len(complete)
-        lines = complete.decode().splitlines()
-        if lines:
-            latest = json.loads(lines[-1])
+        records = [json.loads(line) for line in complete.decode().splitlines()]
+        if records:
+            latest = records[-1]
             self.bar.n = min(self.bar.total, self.position(latest))
             self.bar.set_postfix_str(self.describe(latest), refresh=False)
             self.bar.refresh()
+        for listener in self.listeners:
+            listener(records)
 
     def close(self) -> None:
         self.poll(force=True)

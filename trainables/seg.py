@@ -41,6 +41,7 @@ from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
 from defectforge.segmentation.report import write_run_plots
 from defectforge.segmentation.selection import SELECTION_METRIC
+from defectforge.studies.spec_schema import TrackingSpec
 from defectforge.studies.store import StudyStore
 from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_name, epoch_of
 from defectforge.trainables.progress import ProgressBar, RunRecorder
@@ -57,6 +58,7 @@ from defectforge.trainables.runtime import (
     worker_cpus,
 )
 from defectforge.trainables.seg_feed import Splits, one_worker_io, read_splits, seg_loop_io
+from defectforge.trainables.tracking import RunTracking, run_tracking
 
 RUN_NAME = "train"
 
@@ -224,7 +226,7 @@ def _local_checkpoint(folder: Location | None):
 
 
 def _train_one_worker(
-    cfg: SegConfig, out: Location, resume: bool
+    cfg: SegConfig, out: Location, resume: bool, tracker: RunTracking | None
 ) -> tuple[Checkpoint, dict, Checkpoint]:
     storage = out / "ray"
     start = checkpoint_to_resume(storage) if resume else latest_checkpoint_dir(storage)
@@ -243,7 +245,7 @@ def _train_one_worker(
         num_cpus=1 if cfg.use_gpu else worker_cpus(1), num_gpus=1 if cfg.use_gpu else 0
     )
     prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
-    progress = _progress(out, cfg)  # before the task starts: it shows only this run's lines
+    progress = _progress(out, cfg, tracker)  # before the task starts: only this run's lines
     best, best_metrics, latest = wait_for_task(
         task.remote(asdict(cfg), splits, storage.uri, out.uri), progress
     )
@@ -251,7 +253,7 @@ def _train_one_worker(
 
 
 def _train_with_ray_train(
-    cfg: SegConfig, out: Location, resume: bool
+    cfg: SegConfig, out: Location, resume: bool, tracker: RunTracking | None
 ) -> tuple[Checkpoint, dict, Checkpoint]:
     storage = out / "ray"
     name, previous = resumed_run_name(storage, RUN_NAME) if resume else (RUN_NAME, None)
@@ -260,21 +262,25 @@ def _train_with_ray_train(
         cfg, storage.uri, name, resume_from=previous, resources_per_worker=resources, run_dir=out
     )
     prepare_run_folder(out, SEG_RUN, inputs=(cfg.data, cfg.synthetic))
-    result = fit(trainer, _progress(out, cfg))
+    result = fit(trainer, _progress(out, cfg, tracker))
     best, best_metrics = best_checkpoint(result)
     return best, best_metrics, result.checkpoint
 
 
-def _progress(out: Location, cfg: SegConfig) -> ProgressBar:
-    return ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary)
+def _progress(out: Location, cfg: SegConfig, tracker: RunTracking | None) -> ProgressBar:
+    listeners = (tracker,) if tracker else ()
+    return ProgressBar(out, cfg.epochs, "epoch", _epochs_done, _epoch_summary, listeners=listeners)
 
 
-def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> dict:
+def run_seg_training(
+    cfg: SegConfig, out: str | Path, resume: bool = False, tracking: TrackingSpec | None = None
+) -> dict:
     """Train on Ray, then publish the best checkpoint's model, metrics and plots into ``out``.
 
     An interrupted run continues from its latest checkpoint when the same command runs again;
     ``resume`` continues a finished one, e.g. to more epochs. Every input is checked before
-    ``out`` is made, so a refused run leaves no folder.
+    ``out`` is made, so a refused run leaves no folder. ``tracking``: an MLflow run of the
+    config, every epoch's metrics and what is published.
     """
     out = Location.of(check_run_folder(out, SEG_RUN, (cfg.data, cfg.synthetic)))
     ensure_ray()
@@ -282,8 +288,9 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
+    tracker = run_tracking(tracking, out, asdict(cfg), "epoch", "seg train")
     train = _train_one_worker if cfg.workers == 1 else _train_with_ray_train
-    best, best_metrics, latest = train(cfg, out, resume)
+    best, best_metrics, latest = train(cfg, out, resume, tracker)
     with latest.as_directory() as folder:
         history = load_training_state(folder)["history"]
     with best.as_directory() as folder:
@@ -296,4 +303,6 @@ def run_seg_training(cfg: SegConfig, out: str | Path, resume: bool = False) -> d
     if out.remote:
         (out / "plots").upload(local / "plots")
     RunRecorder(out).image(local / "plots" / "validation_grid.png", best_metrics["epoch"])
+    if tracker:
+        tracker.finish(("plots", MODEL_FILE, CONFIG_FILE, "metrics.json"))
     return {**summary, "plots": [out / "plots" / path.name for path in plots]}
