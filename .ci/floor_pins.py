@@ -1,5 +1,6 @@
 """Print every floor pyproject.toml declares (`name>=X`) as a pin (`name==X`), for the base
-install and the extras named on the command line: `.ci/floors` installs exactly these."""
+install and the extras named on the command line: `.ci/floors` installs exactly these.
+Python 3.11 or later (tomllib), as `.ci/floors` runs on."""
 
 import sys
 from pathlib import Path

@@ -72,12 +72,14 @@ def add_tracking(parser: argparse.ArgumentParser) -> None:
 
 
 def _mlflow_url(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not an MLflow tracking server; give its http(s):// URL, e.g. "
-            "http://127.0.0.1:5000"
-        )
-    return text
+    """Checked as a spec's ``tracking.mlflow`` is."""
+    from defectforge.core.errors import ConfigError
+    from defectforge.studies.spec_schema import TrackingSpec
+
+    try:
+        return TrackingSpec(mlflow=text).mlflow
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def tracking_of(args: argparse.Namespace):

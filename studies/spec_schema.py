@@ -206,7 +206,7 @@ class TrackingSpec(TypedConfig):
         "every epoch's metrics), and one for the study (the chosen values, the held-out result, "
         "the report and the export)",
         check=lambda v: v == "" or v.startswith(("http://", "https://")),
-        valid="an http(s):// URL of a tracking server the study's driver reaches",
+        valid="an http(s):// URL of a tracking server the driver reaches, e.g. http://127.0.0.1:5000",
     )
     experiment: str = option("", "the MLflow experiment (default: the study's name)")
 

@@ -1,10 +1,12 @@
 """The command line: flags derived from the config declarations, help with defaults, version,
 one-line errors, and only the chosen command's modules imported."""
 
+import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -258,11 +260,50 @@ def test_a_tracking_flag_that_cannot_work_is_one_line_before_anything_runs(
         main([*train, "--mlflow", "file:/tmp/mlruns"])
     err = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and len(err.splitlines()) == 1
-    assert "'file:/tmp/mlruns' is not an MLflow tracking server; give its http(s):// URL" in err
+    assert "mlflow = 'file:/tmp/mlruns': must be an http(s):// URL of a tracking server" in err
     assert main([*train, "--mlflow-experiment", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "give --mlflow too" in err
     assert not out.exists()
+
+
+def test_a_tracking_server_that_is_down_is_one_warning_and_the_run_goes_on(tmp_path, monkeypatch):
+    from defectforge.core.storage import Location
+    from defectforge.studies.spec_schema import TrackingSpec
+    from defectforge.trainables.tracking import RUN_RECORD, RunTracking
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = TrackingSpec(mlflow="http://127.0.0.1:1")  # nothing listens on port 1
+    tracker = RunTracking(down, Location.of(tmp_path), {"epochs": 3}, "epoch", "seg train")
+    with pytest.warns(UserWarning, match=r"127.0.0.1:1 failed; the run goes on without it"):
+        tracker([{"epoch": 0, "train_loss": 1.0}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the later reports and the end are silent
+        tracker([{"epoch": 1, "train_loss": 0.5}])
+        tracker.finish(["plots"])
+    assert tracker.failed and not (tmp_path / RUN_RECORD).exists()
+
+
+def test_a_run_whose_recorded_mlflow_run_the_server_lacks_starts_a_new_one(tmp_path, mlflow_server):
+    """A run folder resumed against a server that has no such run (its store was reset, the
+    run purged) is tracked in a new MLflow run, which the folder then records."""
+    import mlflow
+
+    from defectforge.core.storage import Location
+    from defectforge.studies.spec_schema import TrackingSpec
+    from defectforge.trainables.tracking import RUN_RECORD, RunTracking
+
+    (tmp_path / RUN_RECORD).write_text(
+        json.dumps({"tracking_uri": mlflow_server.url, "run_id": "0" * 32})
+    )
+    tracking = TrackingSpec(mlflow=mlflow_server.url, experiment="record-of-a-lost-run")
+    tracker = RunTracking(tracking, Location.of(tmp_path), {"epochs": 2}, "epoch", "seg train")
+    tracker([{"epoch": 0, "train_loss": 1.0}])
+    tracker.finish([])
+    recorded = json.loads((tmp_path / RUN_RECORD).read_text())["run_id"]
+    run = mlflow.MlflowClient(mlflow_server.url).get_run(recorded)
+    assert recorded != "0" * 32 and not tracker.failed
+    assert run.info.status == "FINISHED" and run.data.metrics["train_loss"] == 1.0
 
 
 def test_no_command_declares_by_hand_a_flag_a_config_declares():

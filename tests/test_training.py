@@ -153,7 +153,7 @@ def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
 
     from defectforge.segmentation.checkpoint import MODEL_FILE
     from defectforge.studies.spec_schema import TrackingSpec
-    from defectforge.trainables.seg import run_seg_training
+    from defectforge.trainables.seg import run_result, run_seg_training
 
     tracking = TrackingSpec(mlflow=mlflow_server.url, experiment="one-worker")
     cfg = _config(sample_dataset, epochs=3, max_steps_per_epoch=2)
@@ -177,6 +177,19 @@ def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
     assert more["history"][:3] == summary["history"]
     assert "epoch_003" in {p.name for p in (storage / "one-worker").iterdir()}
 
+    # As Ray Train's own Result: the latest epoch, the kept ones with their metrics.
+    result = run_result(run)
+    assert Path(result.checkpoint.path).name == "epoch_003" and result.metrics["epoch"] == 3
+    assert load_model(result.checkpoint.path)[1] == replace(cfg, epochs=4)
+    kept = {metrics["epoch"]: checkpoint for checkpoint, metrics in result.best_checkpoints}
+    assert set(kept) == {more["best"]["epoch"], 3}
+    published, best = load_model(run)[0], load_model(kept[more["best"]["epoch"]].path)[0]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(published.state_dict().values(), best.state_dict().values(), strict=True)
+    )
+    assert list(result.metrics_dataframe["epoch"]) == [0, 1, 2, 3]
+
     client, tracked = only_run(mlflow_server.url, "one-worker")
     assert tracked.info.status == "FINISHED" and tracked.data.params["epochs"] == "3"
     history = client.get_metric_history(tracked.info.run_id, "val_binary_defect_iou")
@@ -191,7 +204,7 @@ def test_one_worker_trains_in_a_task_keeps_best_and_latest_and_continues(
 def test_two_worker_ray_train_then_eval_and_predict_cli(
     sample_dataset, sample_root, tmp_path, capsys
 ):
-    from defectforge.trainables.seg import run_seg_training
+    from defectforge.trainables.seg import run_result, run_seg_training
 
     cfg = _config(
         sample_dataset, workers=2, epochs=2, max_steps_per_epoch=2, arch="pan", crop_size=128
@@ -212,6 +225,9 @@ def test_two_worker_ray_train_then_eval_and_predict_cli(
     assert one["history"][:2] == summary["history"]
     two = run_seg_training(replace(cfg, epochs=4), run, resume=True)
     assert two["history"][:3] == one["history"]
+    trained = run_result(run)  # the Ray Train run's own Result, read back from its folder
+    assert Path(trained.checkpoint.path).name == "epoch_003"
+    assert load_model(trained.checkpoint.path)[1] == replace(cfg, epochs=4)
     last = run_seg_training(replace(cfg, epochs=5, workers=1), run, resume=True)
     assert [row["epoch"] for row in last["history"]] == [0, 1, 2, 3, 4]
     assert last["history"][:4] == two["history"]

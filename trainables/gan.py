@@ -318,14 +318,16 @@ def run_gan_training(
         name="gan",
         listeners=(tracker,) if tracker else (),
     )
-    result = fit(trainer, bar)
-    with result.checkpoint.as_directory() as folder:
-        history = load_gan_state(Path(folder))["history"]
     try:
+        result = fit(trainer, bar)
+        with result.checkpoint.as_directory() as folder:
+            history = load_gan_state(Path(folder))["history"]
         summary = publish_run(cfg, out, history, nodes=result.metrics.get("nodes", []))
-    except DataError:
+    except Exception as err:
         if tracker:
-            tracker.finish(("plots", METRICS_FILE), failed=True)
+            # A run that never beat its start still publishes its curves: they say why.
+            published = ("plots", METRICS_FILE) if isinstance(err, DataError) else ()
+            tracker.fail(published)
         raise
     if tracker:
         tracker.finish(("plots", METRICS_FILE, SAMPLES_FILE, GENERATOR_FILE, CONFIG_FILE))

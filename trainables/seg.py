@@ -25,7 +25,14 @@ from pathlib import Path
 import ray.data
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from defectforge.core.errors import DataError
@@ -289,6 +296,20 @@ def run_seg_training(
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False
     tracker = run_tracking(tracking, out, asdict(cfg), "epoch", "seg train")
+    try:
+        published = _train_and_publish(cfg, out, resume, tracker)
+    except Exception:
+        if tracker:
+            tracker.fail()
+        raise
+    if tracker:
+        tracker.finish(("plots", MODEL_FILE, CONFIG_FILE, "metrics.json"))
+    return published
+
+
+def _train_and_publish(
+    cfg: SegConfig, out: Location, resume: bool, tracker: RunTracking | None
+) -> dict:
     train = _train_one_worker if cfg.workers == 1 else _train_with_ray_train
     best, best_metrics, latest = train(cfg, out, resume, tracker)
     with latest.as_directory() as folder:
@@ -303,6 +324,39 @@ def run_seg_training(
     if out.remote:
         (out / "plots").upload(local / "plots")
     RunRecorder(out).image(local / "plots" / "validation_grid.png", best_metrics["epoch"])
-    if tracker:
-        tracker.finish(("plots", MODEL_FILE, CONFIG_FILE, "metrics.json"))
     return {**summary, "plots": [out / "plots" / path.name for path in plots]}
+
+
+def run_result(out: str | Path) -> Result:
+    """A ``seg train`` run as Ray Train's own ``Result``, read from its folder (nothing resumes):
+    ``checkpoint`` is the latest epoch, ``best_checkpoints`` the epochs kept with their
+    metrics, ``metrics`` the latest epoch's; every checkpoint is an epoch folder ``load_model``
+    reads. A run of several workers is a Ray Train run (``Result.from_path``); a one-worker run
+    keeps its epochs in ``RUN/ray/one-worker``, outside any Train run, and gets the same shape
+    (with ``metrics_dataframe``, one row per epoch). After a resume of the other kind, the
+    newest run is the one read."""
+    storage = Location.of(out) / "ray"
+    latest = latest_checkpoint_dir(storage) if storage.is_dir() else None
+    if latest is None:
+        raise DataError(out, "no epoch checkpoint here", "pass the folder of a `seg train` run")
+    run = latest.parent
+    if run.name != ONE_WORKER_RUN:
+        return Result.from_path(run.path, storage_filesystem=run.filesystem)
+    import pandas as pd
+
+    folders = EpochFolders(StudyStore(storage.uri), ONE_WORKER_RUN)
+    kept = [
+        (Checkpoint(folders.location(name)), folders.saved[name])
+        for name in sorted(folders.saved, key=epoch_of)
+    ]
+    with latest.as_local_folder() as folder:
+        history = load_training_state(folder)["history"]
+    return Result(
+        metrics=folders.saved[latest.name],
+        checkpoint=Checkpoint(folders.location(latest.name)),
+        error=None,
+        path=run.path,
+        metrics_dataframe=pd.DataFrame(history),
+        best_checkpoints=kept,
+        _storage_filesystem=run.filesystem,
+    )

@@ -15,6 +15,7 @@ extra), and its failures are warnings: tracking never stops a study or a run.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import warnings
@@ -35,8 +36,9 @@ TUNE_RUN_TAG = "defectforge.tune_run"
 # A single run's record of its MLflow run, in its run folder: a resume continues that run.
 RUN_RECORD = "mlflow.json"
 RUN_TAG = "defectforge.run"
-# MLflow's most metrics per log_batch request.
-BATCH = 1000
+# MLflow retries a request for minutes by default: a server that is down would hold a run's
+# progress bar that long before tracking gives up. Values a user sets win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def experiment_name(spec: StudySpec) -> str:
@@ -98,11 +100,10 @@ def _study_run(spec: StudySpec, store: StudyStore, summary: dict) -> str:
     import mlflow
 
     client = mlflow.MlflowClient(spec.tracking.mlflow)
-    name = experiment_name(spec)
-    found = client.get_experiment_by_name(name)
-    experiment = found.experiment_id if found else client.create_experiment(name)
     run = client.create_run(
-        experiment, run_name=f"{spec.name} (study)", tags={STUDY_TAG: spec.name}
+        _experiment_id(client, experiment_name(spec)),
+        run_name=f"{spec.name} (study)",
+        tags={STUDY_TAG: spec.name},
     ).info.run_id
     best = summary.get("best") or {}
     for key, value in trial_values(best.get("config") or {}).items():
@@ -128,17 +129,27 @@ def _study_metrics(summary: dict) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if value is not None}
 
 
+def _experiment_id(client, name: str) -> str:
+    """The MLflow experiment ``name``, created if it is not there yet."""
+    found = client.get_experiment_by_name(name)
+    return found.experiment_id if found else client.create_experiment(name)
+
+
 class RunTracking:
     """One ``seg train`` or ``gan train`` run as one MLflow run, logged from the driver.
 
     ``params``: the run's config; ``step``: the progress record's key that counts (``epoch``,
     ``step``). Give it to the run's ``ProgressBar`` as a listener; ``finish`` logs the published
     files. The first failure (server gone, a refused name) is one warning and ends the tracking.
+    A resume continues the MLflow run its folder records (in that run's experiment), or starts
+    a new one if that run is gone from the server.
     """
 
     def __init__(self, tracking: TrackingSpec, out: Location, params: dict, step: str, kind: str):
         import mlflow
 
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         self.client = mlflow.MlflowClient(tracking.mlflow)
         self.uri, self.out, self.step, self.kind = tracking.mlflow, out, step, kind
         self.experiment = tracking.experiment or f"defectforge {kind}"
@@ -162,27 +173,35 @@ class RunTracking:
         if self.run_id is None:
             record = self.out / RUN_RECORD
             known = record.read_json() if record.is_file() else {}
-            if known.get("tracking_uri") == self.uri:
+            if known.get("tracking_uri") == self.uri and self._reopened(known["run_id"]):
                 self.run_id = known["run_id"]
-                self.client.update_run(self.run_id, status="RUNNING")
             else:
                 self.run_id = self._new_run()
                 record.write_json({"tracking_uri": self.uri, "run_id": self.run_id})
         return self.run_id
 
+    def _reopened(self, run_id: str) -> bool:
+        """Mark the recorded run running again; False if the server no longer has it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return False
+        return True
+
     def _new_run(self) -> str:
         from mlflow.entities import Param
 
-        found = self.client.get_experiment_by_name(self.experiment)
-        experiment = (
-            found.experiment_id if found else self.client.create_experiment(self.experiment)
-        )
         run = self.client.create_run(
-            experiment, run_name=self.out.name, tags={RUN_TAG: self.kind}
+            _experiment_id(self.client, self.experiment),
+            run_name=self.out.name,
+            tags={RUN_TAG: self.kind},
         ).info.run_id
         params = [Param(key, value) for key, value in sorted(self.params.items())]
-        for first in range(0, len(params), 100):  # MLflow's most params per request
-            self.client.log_batch(run, params=params[first : first + 100])
+        self.client.log_batch(run, params=params)  # the client splits what a request can hold
         return run
 
     def __call__(self, records: list[dict]) -> None:
@@ -192,16 +211,14 @@ class RunTracking:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
-            Metric(key, value, now, int(record.get(self.step, 0)))
-            for record in records
-            for key, value in record.items()
-            if key != self.step
-        ]
         with self._guarded():
-            run = self._started()
-            for first in range(0, len(metrics), BATCH):
-                self.client.log_batch(run, metrics=metrics[first : first + BATCH])
+            metrics = [
+                Metric(key, value, now, int(record.get(self.step, 0)))
+                for record in records
+                for key, value in record.items()
+                if key != self.step
+            ]
+            self.client.log_batch(self._started(), metrics=metrics)
 
     def finish(self, published: Iterable[str], failed: bool = False) -> None:
         """Log the run folder's ``published`` files and folders (those present) as artifacts
@@ -213,6 +230,12 @@ class RunTracking:
             for name in published:
                 _log_artifact(self.client, run, self.out / name)
             self.client.set_terminated(run, status="FAILED" if failed else "FINISHED")
+
+    def fail(self, published: Iterable[str] = ()) -> None:
+        """End the MLflow run FAILED, ``published`` logged, if this run logged anything (one
+        refused before its first report, e.g. a --resume with nothing left, has none)."""
+        if self.run_id is not None:
+            self.finish(published, failed=True)
 
 
 def _log_artifact(client, run: str, location: Location) -> None:
