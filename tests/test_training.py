@@ -303,3 +303,11 @@ def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "config.json" in err
+
+
+def test_the_result_of_a_folder_without_a_run_is_one_line(tmp_path):
+    from defectforge.trainables.seg import run_result
+
+    with pytest.raises(DataError, match="no epoch checkpoint here.*`seg train` run"):
+        run_result(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -110,10 +110,8 @@ def _study_run(spec: StudySpec, store: StudyStore, summary: dict) -> str:
         client.log_param(run, key, value)
     for key, value in _study_metrics(summary).items():
         client.log_metric(run, key, value)
-    for folder, artifact_path in ((REPORT_DIR, "report"), ("export", "export")):
-        if store.exists(folder):
-            with Location.of(store.location(folder)).as_local_folder() as local:
-                client.log_artifacts(run, str(local), artifact_path)
+    for folder in (REPORT_DIR, "export"):
+        _log_artifact(client, run, Location.of(store.location(folder)))
     client.set_terminated(run)
     return run
 
