@@ -3,7 +3,7 @@
     python benchmarks/predict_throughput.py --model runs/neu-export --images <image folder>
 
 For each runtime (ONNX, TorchScript), in the same run and with the same threads (the runtime's
-defaults, as `predict` leaves them):
+defaults, and for ONNX Runtime the same session options, as `predict` sets them):
 - bare: every image decoded and padded to what the graph takes beforehand; the clock holds only
   the runtime's own call per image (``InferenceSession.run``, or the TorchScript module under
   ``no_grad``) on already converted float32 arrays. This is the limit `predict` can approach.
@@ -26,6 +26,7 @@ from defectforge.segmentation.exported import (
     ONNX_FILE,
     TORCHSCRIPT_FILE,
     ExportedModel,
+    onnx_session,
     predict_folder_exported,
 )
 from defectforge.segmentation.predictions import image_samples
@@ -46,11 +47,7 @@ def graph_inputs(exported: ExportedModel, images: list[np.ndarray]) -> list[np.n
 
 def bare_runner(folder: Path, runtime: str):
     if runtime == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(
-            str(folder / ONNX_FILE), providers=["CPUExecutionProvider"]
-        )
+        session = onnx_session(folder / ONNX_FILE, ["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return lambda pixels: session.run(None, {name: pixels})[0]
     import torch

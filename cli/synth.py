@@ -1,13 +1,15 @@
-"""``defectforge synth``: pseudo-label generated images; copy-paste images (the control arm)."""
+"""``defectforge synth``: pseudo-label generated images; copy-paste images (the control arm);
+labelled synthetic sets combined into one."""
 
 from __future__ import annotations
 
 from defectforge.cli.options import absolute_path, add_options, add_out, given
 
-COMMANDS = {"synth": "pseudo-label generated images, or make copy-paste ones"}
+COMMANDS = {"synth": "pseudo-label generated images, make copy-paste ones, or combine sets"}
 
 
 def build(name: str, parser) -> None:
+    from defectforge.datasets.combine import CombineConfig
     from defectforge.datasets.copy_paste import CopyPasteConfig
     from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 
@@ -25,11 +27,29 @@ def build(name: str, parser) -> None:
     )
     add_options(copy_paste, CopyPasteConfig)
     add_out(copy_paste)
+    combine = synth.add_parser(
+        "combine",
+        help="labelled synthetic sets as one (e.g. GAN and copy-paste images), as many rows "
+        "from each",
+    )
+    combine.add_argument(
+        "--sets",
+        required=True,
+        nargs="+",
+        type=absolute_path,
+        help="two or more labelled synthetic sets (`synth label`, `synth copy-paste`, "
+        "`gan generate` of a --masks run)",
+    )
+    add_options(combine, CombineConfig)
+    add_out(combine)
 
 
 def run(args) -> None:
     if args.synth_command == "copy-paste":
         _copy_paste(args)
+        return
+    if args.synth_command == "combine":
+        _combine(args)
         return
     from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
     from defectforge.trainables.synth import label_synthetic
@@ -59,6 +79,18 @@ def _copy_paste(args) -> None:
     print(
         f"wrote {args.out}: {cfg.count} copy-paste images ({by_class}) from "
         f"{manifest.labelling.config['regions']} defect regions of {args.real}"
+    )
+
+
+def _combine(args) -> None:
+    from defectforge.datasets.combine import CombineConfig, combine_synthetic
+
+    cfg = CombineConfig(**given(args, CombineConfig))
+    manifest = combine_synthetic(args.sets, args.out, cfg, args.overwrite)
+    each = manifest.labelling.config["count_each"]
+    print(
+        f"wrote {args.out}: {each} images from each of {len(args.sets)} sets "
+        f"({manifest.counts['train'].by_class})"
     )
 
 

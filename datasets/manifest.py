@@ -1,9 +1,10 @@
 """A dataset's manifest, typed: what it holds, where it came from, and its identity.
 
-Every dataset folder has one ``manifest.json``. A manifest is made in one of six ways: built
+Every dataset folder has one ``manifest.json``. A manifest is made in one of seven ways: built
 from raw files (``built``), or derived from others: ``subsetted``, ``augmented``, ``mixed``,
-``labelled``, ``generated``. Each way records its details in a lineage section (``config`` for a
-build, ``subset``, ``augmentation``, ``mix``, ``labelling``, ``generation``), a typed record below
+``labelled``, ``combined``, ``generated``. Each way records its details in a lineage section
+(``config`` for a build, ``subset``, ``augmentation``, ``mix``, ``labelling`` — a combination's
+too —, ``generation``), a typed record below
 written as a top-level key of the JSON, and gives the dataset an id that changes exactly when its
 content would. Counts per split are filled in by ``datasets.writer`` from the rows actually written.
 """
@@ -160,7 +161,7 @@ class Manifest:
                 "label them with `defectforge synth label` and use the labelled folder",
             )
 
-    # --- the six ways a manifest is made -----------------------------------------------------
+    # --- the seven ways a manifest is made -----------------------------------------------------
 
     @classmethod
     def built(
@@ -258,6 +259,31 @@ class Manifest:
             ),
             labelling=labelling,
             **values,
+        )
+
+    @classmethod
+    def combined(cls, parts: list[Manifest], settings: dict) -> Manifest:
+        """Labelled synthetic sets as one (``datasets.combine``): the makers of every part, and
+        everything they learnt from (None if a part does not record it: the leakage check then
+        refuses the combination as it would that part)."""
+        sources = [part.labelling.trained_on for part in parts]
+        labelling = LabellingSection(
+            labeller=" + ".join(part.labelling.labeller for part in parts),
+            generator=" + ".join(str(part.labelling.generator) for part in parts),
+            config={**settings, "sets": [part.dataset_id for part in parts]},
+            trained_on=None if None in sources else tuple(s for found in sources for s in found),
+        )
+        first = parts[0]
+        return cls(
+            dataset="combined-" + "+".join(part.dataset for part in parts),
+            source="synthetic",
+            classes=first.classes,
+            channels=first.channels,
+            binary=first.binary,
+            pixel_mean=first.pixel_mean,
+            pixel_std=first.pixel_std,
+            dataset_id=_identity({"combined": canonical_json(labelling.to_dict())}),
+            labelling=labelling,
         )
 
     @classmethod

@@ -34,7 +34,7 @@ def _known(check):
 POSITIVE = (lambda v: v >= 1, "an integer >= 1")
 # gan: the study's dataset.synthetic (GAN images, pseudo-labelled); copy_paste: dataset.copy_paste;
 # gan_masks: dataset.gan_masks (images and exact masks drawn by one generator).
-SYNTHETIC_SOURCES = ("gan", "copy_paste", "gan_masks")
+SYNTHETIC_SOURCES = ("gan", "copy_paste", "gan_masks", "combined")
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,8 @@ class SegConfig(TypedConfig):
         "gan",
         help=(
             "the synthetic set a trial mixes in: `gan` (`dataset.synthetic`), `copy_paste` "
-            "(`dataset.copy_paste`) or `gan_masks` (`dataset.gan_masks`)"
+            "(`dataset.copy_paste`), `gan_masks` (`dataset.gan_masks`) or `combined` "
+            "(`dataset.combined`: two or more of them as one)"
         ),
         cli=False,
         choices=SYNTHETIC_SOURCES,

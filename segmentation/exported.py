@@ -58,6 +58,17 @@ def read_model_json(folder: str | Path) -> dict:
     return meta
 
 
+def onnx_session(path: Path, providers: list[str]):
+    """An ONNX Runtime session whose CPU threads sleep between operations rather than spin:
+    predict's reading and writing thread then works in those gaps (the graph alone runs as fast:
+    12.55-13.05 s vs 12.68-12.86 s spinning for 300 NEU images, 2 cores)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=providers)
+
+
 class ExportedModel:
     """Logits, probabilities and masks from an export folder, for images of any size with the
     export's channel count: padded to what the graph takes, tiled above its tile size, or
@@ -119,7 +130,7 @@ class ExportedModel:
                     "or --device cpu",
                 )
             providers = ["CUDAExecutionProvider", *providers]
-        session = onnxruntime.InferenceSession(str(self.folder / ONNX_FILE), providers=providers)
+        session = onnx_session(self.folder / ONNX_FILE, providers)
         name = session.get_inputs()[0].name
         return lambda pixels: session.run(None, {name: pixels})[0]
 
@@ -185,6 +196,7 @@ def predict_folder_exported(
         (images, model),
         skip_bad,
         heatmaps,
+        runtime_sleeps=runtime == "onnx",
     )
 
 

@@ -22,11 +22,14 @@ OVERLAY_COLOURS = np.array(
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB picture of the image with each class's pixels tinted in its colour."""
-    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image.copy()
-    colours = OVERLAY_COLOURS[mask % len(OVERLAY_COLOURS)]
-    # uint8 arithmetic (OpenCV's, saturating and rounded): a predict pays it for every image.
-    tinted = cv2.addWeighted(rgb, 1 - alpha, colours, alpha, 0.0)
-    return np.where(mask[:, :, None] > 0, tinted, rgb)
+    rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.shape[2] == 1 else image.copy()
+    defect = mask > 0
+    if defect.any():
+        colours = OVERLAY_COLOURS[mask[defect] % len(OVERLAY_COLOURS)]
+        # uint8 arithmetic (OpenCV's, saturating and rounded), on the defect pixels alone: a
+        # predict pays it for every image.
+        rgb[defect] = cv2.addWeighted(rgb[defect], 1 - alpha, colours, alpha, 0.0)
+    return rgb
 
 
 def heatmap(defect_probability: np.ndarray) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""A compare study's answer: every arm on the held-out test split, and each arm against ratio 0.
+"""A compare study's answer: every arm on the held-out test split, each arm against ratio 0, and
+each GAN arm against the copy-paste arm of the same mix.
 
 Each arm (a grid point) ran with the same seeds; a seed fixes the weights' start and the batch
 order's seed, so the arm minus its ratio-0 baseline at the same seed is a paired difference, and
-its mean gets a Student-t interval. Per-image IoUs (every test image, averaged over the seeds)
+its mean gets a Student-t interval; likewise an arm with GAN images (or GAN and copy-paste
+images together) minus the copy-paste arm that differs from it only in its source: the cheap
+control a GAN has to beat. Per-image IoUs (every test image, averaged over the seeds)
 give the paper's per-image IoU curves. No Ray here.
 """
 
@@ -22,6 +25,8 @@ from defectforge.studies.spec_schema import MIX_DEFAULTS, StudySpec
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 COMPARE_FILE = "compare.json"
+CONTROL_SOURCE = "copy_paste"
+CONTROL_VERDICTS = ("beats copy-paste", "loses to copy-paste")
 # What makes an arm's training data differ from its baseline's; every other key must match.
 MIX_KEYS = tuple(MIX_DEFAULTS)
 # What the report keeps of each seed's held-out run (final.json keeps its test metrics too).
@@ -82,8 +87,23 @@ def _interval(values: list[float]) -> dict | None:
     return mean_interval(values) if len(values) > 1 else None
 
 
-def paired_difference(arm: dict, baseline: dict) -> dict:
-    """``arm`` minus ``baseline`` per seed both ran, the mean's 95% interval and a verdict."""
+def _control(arm: dict, arms: list[dict]) -> dict | None:
+    """The copy-paste arm that differs from ``arm`` (one with other synthetic images) only in
+    its synthetic source."""
+    if not arm.get("synthetic_ratio") or arm.get("synthetic_source") == CONTROL_SOURCE:
+        return None
+    same = {k: v for k, v in arm.items() if k != "synthetic_source"}
+    for other in arms:
+        if other.get("synthetic_source") == CONTROL_SOURCE and all(
+            other.get(k) == v for k, v in same.items()
+        ):
+            return other
+    return None
+
+
+def paired_difference(arm: dict, baseline: dict, verdicts=("helps", "hurts")) -> dict:
+    """``arm`` minus ``baseline`` per seed both ran, the mean's 95% interval and a verdict
+    (``verdicts``: the words for above and below zero)."""
     ours, theirs = _scores(arm["seeds"]), _scores(baseline["seeds"])
     differences = [
         {"seed": seed, "difference": score - theirs[seed]}
@@ -93,9 +113,9 @@ def paired_difference(arm: dict, baseline: dict) -> dict:
     interval = _interval([d["difference"] for d in differences])
     verdict = "cannot be told apart"
     if interval and interval["low"] > 0:
-        verdict = "helps"
+        verdict = verdicts[0]
     elif interval and interval["high"] < 0:
-        verdict = "hurts"
+        verdict = verdicts[1]
     return {
         "arm": arm["label"],
         "baseline": baseline["label"],
@@ -140,15 +160,21 @@ def arm_entry(arm: dict, seeds: list[dict], per_image: list[float | None]) -> di
 
 
 def comparison_of(keys: list[str], arms: list[dict]) -> dict:
-    """The arms in report order, and each arm with synthetic images against its baseline."""
+    """The arms in report order, each arm with synthetic images against its baseline, and each
+    arm with GAN images against its copy-paste control."""
     arms = sorted(arms, key=lambda a: (bool(a["arm"].get("synthetic_ratio")), a["label"]))
-    paired = []
+    points = [a["arm"] for a in arms]
+    paired, against_control = [], []
     for arm in arms:
-        baseline = _baseline(arm["arm"], [a["arm"] for a in arms])
+        baseline = _baseline(arm["arm"], points)
         if arm["arm"].get("synthetic_ratio") and baseline is not None:
             base = next(a for a in arms if a["arm"] == baseline)
             paired.append(paired_difference(arm, base))
-    return {"keys": keys, "arms": arms, "paired": paired}
+        control = _control(arm["arm"], points)
+        if control is not None:
+            base = next(a for a in arms if a["arm"] == control)
+            against_control.append(paired_difference(arm, base, CONTROL_VERDICTS))
+    return {"keys": keys, "arms": arms, "paired": paired, "against_copy_paste": against_control}
 
 
 def plot_per_image_iou(comparison: dict, path: Path) -> None:
@@ -196,8 +222,10 @@ def plot_per_image_by_arm(comparison: dict, path: Path) -> None:
 
 
 def plot_paired_differences(comparison: dict, path: Path) -> None:
-    """Each arm minus its ratio-0 baseline (same seeds): the mean and its 95% interval."""
-    rows = [p for p in comparison["paired"] if p["interval"]]
+    """Each arm minus its ratio-0 baseline, and each GAN arm minus its copy-paste control (same
+    seeds): the mean and its 95% interval."""
+    pairs = comparison["paired"] + comparison.get("against_copy_paste", [])
+    rows = [p for p in pairs if p["interval"]]
     figure, axis = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.5))
     for index, row in enumerate(rows):
         interval = row["interval"]
@@ -216,14 +244,14 @@ def plot_paired_differences(comparison: dict, path: Path) -> None:
     names = [f"{row['arm']} vs {row['baseline']}" if several else row["arm"] for row in rows]
     axis.set_yticks(range(len(rows)), names, fontsize=7)
     axis.set(
-        xlabel="test binary defect IoU minus ratio 0 (same seed); 95% t-interval, x: seeds",
+        xlabel="test binary defect IoU minus its baseline (same seed); 95% t-interval, x: seeds",
         title="Does the synthetic data help?",
     )
     save_png(figure, path)
 
 
 def comparison_section(comparison: dict) -> list[str]:
-    """Report lines: the arms on test, then each against its baseline."""
+    """Report lines: the arms on test, then each against its baseline and its control."""
     lines = [
         "## Arms on the held-out test split",
         "",
@@ -245,17 +273,33 @@ def comparison_section(comparison: dict) -> list[str]:
         "| arm | baseline | mean difference | 95% interval | per seed | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for row in comparison["paired"]:
+    lines += _paired_rows(comparison["paired"])
+    against = comparison.get("against_copy_paste")
+    if against:
+        lines += [
+            "",
+            "## GAN images against copy-paste, paired by seed",
+            "",
+            "| arm | copy-paste arm | mean difference | 95% interval | per seed | verdict |",
+            "|---|---|---|---|---|---|",
+            *_paired_rows(against),
+        ]
+    return [*lines, ""]
+
+
+def _paired_rows(pairs: list[dict]) -> list[str]:
+    rows = []
+    for row in pairs:
         interval = row["interval"]
         per_seed = ", ".join(f"{d['difference']:+.4f}" for d in row["differences"])
         if interval:
             cells = f"{interval['mean']:+.4f} | {interval['low']:+.4f} - {interval['high']:+.4f}"
         else:
             cells = "- | -"
-        lines.append(
+        rows.append(
             f"| {row['arm']} | {row['baseline']} | {cells} | {per_seed} | {row['verdict']} |"
         )
-    return [*lines, ""]
+    return rows
 
 
 def plot_comparison(comparison: dict, folder: Path) -> list[str]:

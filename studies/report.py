@@ -231,6 +231,7 @@ SOURCE_NAMES = {
     "gan": "GAN images labelled",
     "copy_paste": "copy-paste",
     "gan_masks": "GAN-drawn with masks",
+    "combined": "combined sets",
 }
 
 

@@ -360,18 +360,28 @@ def _check_compare(where: str, spec: StudySpec) -> None:
 
 
 def _check_synthetic_sources(where: str, spec: StudySpec) -> None:
-    """Every synthetic set a trial may mix in is given, or made by a stage."""
+    """Every synthetic set a trial may mix in, or a combine stage joins, is given or made by a
+    stage."""
     for source in sorted(spec.synthetic_sources()):
-        key = SOURCE_DATASETS[source]
-        stage, fix = SOURCE_STAGES[source]
-        if not (getattr(spec.dataset, key) or getattr(spec.stages, stage)):
-            raise SpecError(
-                where,
-                f"dataset.{key}",
-                getattr(spec.dataset, key),
-                f"synthetic_source {source} with synthetic_ratio > 0 needs this dataset",
-                f"set dataset.{key} to a {fix}",
-            )
+        _check_source_set(
+            where, spec, source, f"synthetic_source {source} with synthetic_ratio > 0"
+        )
+    if spec.stages.combine is not None and not spec.dataset.combined:
+        for source in spec.stages.combine.sources:
+            _check_source_set(where, spec, source, f"the combine stage's source {source}")
+
+
+def _check_source_set(where: str, spec: StudySpec, source: str, user: str) -> None:
+    key = SOURCE_DATASETS[source]
+    stage, fix = SOURCE_STAGES[source]
+    if not (getattr(spec.dataset, key) or getattr(spec.stages, stage)):
+        raise SpecError(
+            where,
+            f"dataset.{key}",
+            getattr(spec.dataset, key),
+            f"{user} needs this dataset",
+            f"set dataset.{key} to a {fix}",
+        )
 
 
 def _check_stage_inputs(where: str, spec: StudySpec) -> None:

@@ -52,10 +52,20 @@ class DatasetSpec(TypedConfig):
         "images and masks drawn by a `gan train --masks` run (`gan generate`) for "
         "synthetic_source gan_masks; or made by the mask_gan and generate_masks stages",
     )
+    combined: str = option(
+        "",
+        "two or more labelled synthetic sets as one (`synth combine`) for synthetic_source "
+        "combined; or made by the combine stage",
+    )
 
 
 # The dataset each synthetic source mixes in, and what makes it when a spec gives no path.
-SOURCE_DATASETS = {"gan": "synthetic", "copy_paste": "copy_paste", "gan_masks": "gan_masks"}
+SOURCE_DATASETS = {
+    "gan": "synthetic",
+    "copy_paste": "copy_paste",
+    "gan_masks": "gan_masks",
+    "combined": "combined",
+}
 SOURCE_STAGES = {
     "gan": ("label", "`synth label` output, or add generate and label stages"),
     "copy_paste": ("copy_paste", "`synth copy-paste` output, or add a copy_paste stage"),
@@ -63,6 +73,7 @@ SOURCE_STAGES = {
         "generate_masks",
         "`gan generate` output of a --masks run, or add mask_gan and generate_masks stages",
     ),
+    "combined": ("combine", "`synth combine` output, or add a combine stage"),
 }
 
 
@@ -274,7 +285,7 @@ class StudySpec:
         return points
 
     def synthetic_sources(self) -> set[str]:
-        """The synthetic sources some trial mixes in (gan, copy_paste, gan_masks)."""
+        """The synthetic sources some trial mixes in (``SOURCE_DATASETS``' keys)."""
         return {p["synthetic_source"] for p in self.mix_points() if p["synthetic_ratio"] > 0}
 
 

@@ -9,6 +9,8 @@
     mask_gan  a StyleGAN2 run that draws each image's mask beside it (as gan; masks always on)
     generate_masks  images with their exact masks from mask_gan (as generate): no labeller
     copy_paste  the control arm: `synth copy-paste` images cut from the (subset) data's train split
+    combine   two or more of those synthetic sets as one (`synth combine`): GAN and copy-paste
+              images together
     export    the study's chosen model exported, optionally calibrated (target_recall, ...)
 
 Every stage is optional; a spec that gives `dataset.real` (and `dataset.synthetic`) as paths
@@ -25,13 +27,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from defectforge.core.config import TypedConfig, check_field, field_types
+from defectforge.core.config import TypedConfig, check_field, field_types, option
 from defectforge.core.errors import ConfigError, one_line
 from defectforge.datasets.build import BuildConfig
+from defectforge.datasets.combine import CombineConfig
 from defectforge.datasets.copy_paste import CopyPasteConfig
 from defectforge.datasets.subset import SubsetConfig
 from defectforge.gan.config import PROFILES, GanConfig, GenerateConfig
-from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.config import SYNTHETIC_SOURCES, SegConfig
 from defectforge.segmentation.decisions import CalibrationTarget
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError, with_fix
@@ -46,6 +49,7 @@ ORDER = (
     "mask_gan",
     "generate_masks",
     "copy_paste",
+    "combine",
     "export",
 )
 RUN_KEY = "run"
@@ -61,6 +65,23 @@ DERIVED = {
 @dataclass(frozen=True)
 class GenerateSpec(GenerateConfig):
     kind = "generate section"
+
+
+# The sources a combine stage may join: every synthetic source but the combination itself.
+COMBINABLE = tuple(source for source in SYNTHETIC_SOURCES if source != "combined")
+
+
+@dataclass(frozen=True)
+class CombineSpec(CombineConfig):
+    kind = "combine section"
+
+    sources: tuple[str, ...] = option(
+        ("gan", "copy_paste"),
+        "the synthetic sources whose sets are combined (synthetic_source names)",
+        lambda v: len(v) >= 2 and len(set(v)) == len(v) and set(v) <= set(COMBINABLE),
+        f"two or more of {', '.join(COMBINABLE)}, each once",
+        cli=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,7 @@ class Stages:
     mask_gan: dict | None = None  # as gan; the pipeline turns masks on
     generate_masks: GenerateSpec | None = None
     copy_paste: CopyPasteConfig | None = None
+    combine: CombineSpec | None = None
     export: ExportSpec | None = None
 
     def given(self) -> list[str]:
@@ -96,6 +118,7 @@ TYPED_SECTIONS = {
     "generate": GenerateSpec,
     "generate_masks": GenerateSpec,
     "copy_paste": CopyPasteConfig,
+    "combine": CombineSpec,
     "export": ExportSpec,
 }
 

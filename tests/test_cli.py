@@ -284,6 +284,23 @@ def test_a_tracking_server_that_is_down_is_one_warning_and_the_run_goes_on(tmp_p
     assert tracker.failed and not (tmp_path / RUN_RECORD).exists()
 
 
+def test_a_tracking_study_gives_up_on_a_server_as_soon_as_a_run_and_keeps_a_users_retries(
+    monkeypatch,
+):
+    from defectforge.studies.spec import parse_spec
+    from defectforge.trainables.tracking import HTTP_DEFAULTS, require_mlflow
+
+    for name in HTTP_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    untracked = {"name": "t", "dataset": {"real": "r"}, "search_space": {"lr": 0.001}}
+    require_mlflow(parse_spec(untracked))
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # nothing set without tracking
+    require_mlflow(parse_spec({**untracked, "tracking": {"mlflow": "http://127.0.0.1:1"}}))
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"  # the user's value wins
+
+
 def test_a_run_whose_recorded_mlflow_run_the_server_lacks_starts_a_new_one(tmp_path, mlflow_server):
     """A run folder resumed against a server that has no such run (its store was reset, the
     run purged) is tracked in a new MLflow run, which the folder then records."""

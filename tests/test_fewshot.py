@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from cli_checks import refused
 
 from defectforge.core.errors import DataError
 from defectforge.datasets.contract import decode_png, read_split_table
@@ -123,6 +124,55 @@ def test_synthetic_data_made_from_a_studys_test_images_is_refused(sample_dataset
     check_compatible(sample_dataset, labelled)  # their own dataset: no leakage
 
 
+def test_combined_sets_give_as_many_rows_each_and_keep_every_makers_sources(
+    sample_dataset, few, labelled, tmp_path, capsys
+):
+    from defectforge.cli import main
+    from defectforge.datasets.combine import CombineConfig, combine_synthetic
+    from defectforge.datasets.copy_paste import CopyPasteConfig, copy_paste_dataset
+    from defectforge.datasets.mix import MixConfig, check_compatible, plan_for, synthetic_count
+
+    pasted = tmp_path / "cp"
+    copy_paste_dataset(sample_dataset, pasted, CopyPasteConfig(count=40, pastes=1))
+    gan_ids = set(_classes(labelled, "train"))
+    assert 0 < len(gan_ids) < 40
+    out = tmp_path / "both"
+    assert main(["synth", "combine", "--sets", str(labelled), str(pasted), "--out", str(out)]) == 0
+    assert f"{len(gan_ids)} images from each of 2 sets" in capsys.readouterr().out
+    ids = set(_classes(out, "train"))
+    assert len(ids) == 2 * len(gan_ids) and gan_ids < ids  # the smaller set whole
+    assert ids - gan_ids < set(_classes(pasted, "train"))  # as many copy-paste rows
+    manifest = Manifest.load(out)
+    roles = sorted(source.role for source in manifest.labelling.trained_on)
+    assert roles == ["GAN", "copy-paste source", "labeller"]
+    check_compatible(sample_dataset, out)
+    with pytest.raises(DataError, match=r"its (GAN|labeller) learnt from \d+ image"):
+        check_compatible(few, out)  # the GAN's and labeller's sources are checked too
+    same = combine_synthetic([str(labelled), str(pasted)], tmp_path / "same", CombineConfig())
+    other = combine_synthetic([str(labelled), str(pasted)], tmp_path / "s1", CombineConfig(seed=1))
+    assert same.dataset_id == manifest.dataset_id
+    assert set(_classes(tmp_path / "s1", "train")) != ids and other.dataset_id != same.dataset_id
+    mix = plan_for(sample_dataset, out, MixConfig(ratio=0.3))
+    assert len(mix.plan.synthetic_ids) == synthetic_count(42, 0.3)
+
+
+def test_combine_refuses_what_it_cannot_join_in_one_line(
+    sample_dataset, generated, labelled, tmp_path, capsys
+):
+    out = tmp_path / "out"
+
+    def combine(*argv: str) -> list[str]:
+        return ["synth", "combine", "--out", str(out), "--sets", *argv]
+
+    refused(capsys, combine(str(labelled)), "1 set(s) to combine", "give two or more")
+    refused(capsys, combine(str(labelled), str(generated)), str(generated), "has no masks")
+    refused(capsys, combine(str(labelled), str(sample_dataset)), "has no masks")
+    refused(capsys, combine(str(labelled), str(labelled)), "share row ids", "distinct sets")
+    too_many = [str(labelled), str(labelled), "--count-each", "1000"]
+    refused(capsys, combine(*too_many), "count_each 1000 asks for more rows than its")
+    assert not out.exists()
+
+
 def test_per_image_iou_is_each_images_own():
     import torch
 
@@ -136,6 +186,38 @@ def test_per_image_iou_is_each_images_own():
     accumulator = MetricAccumulator(2)
     accumulator.update(pred, truth)
     assert accumulator.per_image_iou() == [0.8, None, 0.0]
+
+
+def test_gan_arms_meet_the_copy_paste_arm_of_the_same_mix_paired_by_seed():
+    from defectforge.studies.compare import arm_entry, comparison_of, comparison_section
+
+    def arm(source: str | None, ratio: float, offsets: list[float]) -> dict:
+        point = {"synthetic_ratio": ratio, "synthetic_source": source, "real_count": 0}
+        seeds = [
+            {"seed": seed, "test_binary_defect_iou": 0.5 + offset}
+            for seed, offset in zip((1000, 1001, 1002), offsets, strict=True)
+        ]
+        return arm_entry(point, seeds, [0.5])
+
+    arms = [
+        arm(None, 0.0, [0.0, 0.0, 0.0]),
+        arm("copy_paste", 0.38, [0.02, 0.03, 0.02]),
+        arm("gan", 0.38, [-0.02, -0.01, -0.03]),  # below copy-paste at every seed
+        arm("combined", 0.38, [0.02, 0.04, 0.01]),  # as good as it
+        arm("gan", 0.5, [0.0, 0.01, 0.0]),  # no copy-paste arm at 0.5
+    ]
+    comparison = comparison_of(["real_count", "synthetic_ratio", "synthetic_source"], arms)
+    against = {row["arm"]: row for row in comparison["against_copy_paste"]}
+    assert set(against) == {"gan 0.38", "combined 0.38"}
+    assert {row["baseline"] for row in against.values()} == {"copy_paste 0.38"}
+    gan = against["gan 0.38"]
+    assert [round(d["difference"], 6) for d in gan["differences"]] == [-0.04, -0.04, -0.05]
+    assert gan["verdict"] == "loses to copy-paste"
+    assert against["combined 0.38"]["verdict"] == "cannot be told apart"
+    assert len(comparison["paired"]) == 4  # every synthetic arm against real only, as before
+    text = "\n".join(comparison_section(comparison))
+    assert "## GAN images against copy-paste, paired by seed" in text
+    assert "| gan 0.38 | copy_paste 0.38 | -0.0433 |" in text
 
 
 def _compare_spec(few: Path, pasted: Path, storage: Path) -> dict:
@@ -277,19 +359,27 @@ def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(
     assert results == {0.01: 4, 0.001: 1}
 
 
-def test_subset_and_copy_paste_stages_are_made_once_and_reused(ray_session, sample_root, tmp_path):
+def test_subset_copy_paste_and_combine_stages_are_made_once_and_reused(
+    sample_dataset, sample_root, tmp_path
+):
+    from defectforge.datasets.copy_paste import CopyPasteConfig, copy_paste_dataset
     from defectforge.trainables.pipeline import Pipeline
 
+    given = tmp_path / "given-set"  # stands in for a labelled GAN set
+    copy_paste_dataset(sample_dataset, given, CopyPasteConfig(count=4, seed=9))
     spec = parse_spec(
         {
             "name": "p",
+            "dataset": {"synthetic": str(given)},
             "data": {"source": "neu-seg", "root": str(sample_root)},
             "subset": {"train": 10, "rest_as_test": True},
             "copy_paste": {"count": 6},
+            "combine": {"sources": ["gan", "copy_paste"]},
             "search_space": {
                 "arms": [
                     {"synthetic_ratio": 0.0},
                     {"synthetic_ratio": 0.3, "synthetic_source": "copy_paste"},
+                    {"synthetic_ratio": 0.3, "synthetic_source": "combined"},
                 ]
             },
             "search": {"algorithm": "compare"},
@@ -303,6 +393,12 @@ def test_subset_and_copy_paste_stages_are_made_once_and_reused(ray_session, samp
     assert pasted.counts["train"].total == 6
     (source,) = pasted.labelling.trained_on
     assert source.dataset_id == Manifest.load(made.dataset.real).dataset_id
+    combined = Manifest.load(made.dataset.combined)
+    assert combined.counts["train"].total == 8  # 4 of each: the given set has 4
+    assert combined.labelling.config["sets"] == [
+        Manifest.load(given).dataset_id,
+        pasted.dataset_id,
+    ]
     again = Pipeline(spec, "spec.yaml")
     assert again.run() == made
-    assert [r["status"] for r in again.records()] == ["reused"] * 3
+    assert [r["status"] for r in again.records()] == ["reused"] * 4

@@ -98,6 +98,28 @@ def test_a_valid_spec_parses_into_types():
             "training.max_steps_per_epoch = -3: must be >= 0",
         ),
         ({"training": {"workers": 2}}, "training.workers = 2: not a training option"),
+        (
+            {"combine": {"sources": ["gan"]}},
+            r"combine: sources = \('gan',\): must be two or more of gan, copy_paste, gan_masks",
+        ),
+        (
+            {"combine": {"sources": ["gan", "combined"]}},
+            "combine: sources = .*: must be two or more of gan, copy_paste, gan_masks, each once",
+        ),
+        (
+            {"combine": {"sources": ["gan", "copy_paste"]}},
+            "dataset.copy_paste = '': the combine stage's source copy_paste needs this dataset",
+        ),
+        (
+            {
+                "search_space": {
+                    "arms": [{"synthetic_ratio": 0.3, "synthetic_source": "combined"}],
+                },
+                "search": {"algorithm": "grid"},
+            },
+            "dataset.combined = '': synthetic_source combined with synthetic_ratio > 0 needs "
+            "this dataset; set dataset.combined to a `synth combine` output, or add a combine",
+        ),
         ({"training": {"epochs": 2}}, "training.epochs = 2: also in search_space"),
         (
             {"dataset": {"real": "x", "crop_size": 128}},

@@ -22,7 +22,7 @@ from defectforge.gan.checkpoint import GENERATOR_FILE
 from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
-from defectforge.studies.spec_schema import StudySpec
+from defectforge.studies.spec_schema import SOURCE_DATASETS, DatasetSpec, StudySpec
 from defectforge.studies.stages import ORDER, RUN_KEY, settings_of, stage_key
 from defectforge.trainables.runtime import check_storage_everywhere
 from defectforge.trainables.study_setup import check_trial_values
@@ -215,7 +215,27 @@ class Pipeline:
             gan_masks=gan_masks,
             copy_paste=self._copy_paste(data),
         )
+        dataset = replace(dataset, combined=self._combine(dataset))
         return replace(self.spec, dataset=dataset)
+
+    def _combine(self, dataset: DatasetSpec) -> str:
+        """The combine stage's output: its sources' sets (given or made above) as one."""
+        from defectforge.datasets.combine import combine_synthetic
+
+        section = self.spec.stages.combine
+        if section is None:
+            return dataset.combined
+        sets = [getattr(dataset, SOURCE_DATASETS[source]) for source in section.sources]
+        inputs = {
+            source: Manifest.load(path).dataset_id
+            for source, path in zip(section.sources, sets, strict=True)
+        }
+        return self._stage(
+            "combine",
+            settings_of(section),
+            inputs,
+            lambda out: combine_synthetic(sets, out, section, overwrite=True),
+        )
 
     def _check_given_mask_gan(self) -> None:
         """A given mask_gan run must draw masks: found out before any stage trains for hours."""

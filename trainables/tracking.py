@@ -37,8 +37,14 @@ TUNE_RUN_TAG = "defectforge.tune_run"
 RUN_RECORD = "mlflow.json"
 RUN_TAG = "defectforge.run"
 # MLflow retries a request for minutes by default: a server that is down would hold a run's
-# progress bar that long before tracking gives up. Values a user sets win.
+# progress bar, or a study's driver, that long before tracking gives up. Values a user sets win.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def short_http_retries() -> None:
+    """MLflow's HTTP retries and timeout as ``HTTP_DEFAULTS`` says, where the user set none."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
 
 
 def experiment_name(spec: StudySpec) -> str:
@@ -66,9 +72,12 @@ class _TrialLogger(MLflowLoggerCallback):
 
 
 def require_mlflow(spec: StudySpec) -> None:
-    """Before any stage runs: a spec that tracks needs mlflow here (a one-line error if not)."""
+    """Before any stage runs: a spec that tracks needs mlflow here (a one-line error if not),
+    and its driver gives up on a server that is down as a single run does."""
     if spec.tracking.mlflow:
         import mlflow  # noqa: F401
+
+        short_http_retries()
 
 
 def tune_callbacks(spec: StudySpec, tune_run: str) -> list:
@@ -146,8 +155,7 @@ class RunTracking:
     def __init__(self, tracking: TrackingSpec, out: Location, params: dict, step: str, kind: str):
         import mlflow
 
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        short_http_retries()
         self.client = mlflow.MlflowClient(tracking.mlflow)
         self.uri, self.out, self.step, self.kind = tracking.mlflow, out, step, kind
         self.experiment = tracking.experiment or f"defectforge {kind}"
