@@ -4,14 +4,14 @@ together.
 A study trial mixes in one synthetic set; to ask whether GAN images add anything on top of
 copy-paste ones, the two are combined first. Each set gives the same number of rows (by
 default the smallest set's count, chosen in a seeded stable order), so a mix drawing from the
-combination takes about as many of each. Every row keeps its id (the makers' ids do not meet:
-copy-paste, generated and drawn sets name theirs apart) and the combination records what each
-set's makers learnt from, so the leakage check sees all of them.
+combination takes about as many of each. Every row keeps its id and the combination records
+what each set's makers learnt from, so the leakage check sees all of them. The parts are taken
+in the order of their dataset ids, so the same sets make the same combination in any order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -23,6 +23,8 @@ from defectforge.datasets.contract import MANIFEST, only_ids, read_split_table
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stable_order
 from defectforge.datasets.writer import write_dataset
+
+MAKERS = "`synth label`, `synth copy-paste`, or a --masks GAN's `gan generate`"
 
 
 @dataclass(frozen=True)
@@ -36,25 +38,33 @@ class CombineConfig(TypedConfig):
 
 
 def _labelled(path: str) -> Manifest:
-    manifest = Manifest.load(path)
+    """A set's manifest, after checking it is a labelled synthetic set with rows and a record of
+    what its makers learnt from."""
+    manifest, where = Manifest.load(path), Location.of(path) / MANIFEST
     if manifest.labelling is None:
         raise DataError(
-            Location.of(path) / MANIFEST,
-            "this set has no masks (unlabelled generated images, or a real dataset)",
-            "combine labelled synthetic sets: `synth label`, `synth copy-paste` or a --masks "
-            "GAN's `gan generate` output",
+            where, "it is not a labelled synthetic set", f"combine sets made by {MAKERS}"
         )
+    if manifest.labelling.trained_on is None:
+        raise DataError(
+            where,
+            "it does not record what its makers learnt from (an older defectforge made it), so "
+            "a combination with it could not be checked for leakage",
+            "make it again with this version",
+        )
+    if not manifest.split_total("train"):
+        raise DataError(where, "it has no rows", f"combine sets made by {MAKERS} that kept images")
     return manifest
 
 
-def _check_alike(sets: list[str], manifests: list[Manifest]) -> None:
-    first = manifests[0]
-    for path, manifest in zip(sets[1:], manifests[1:], strict=True):
+def _check_alike(parts: list[tuple[str, Manifest]]) -> None:
+    (first_path, first), *rest = parts
+    for path, manifest in rest:
         for key in ("channels", "classes", "binary"):
             if getattr(manifest, key) != getattr(first, key):
                 raise DataError(
                     Location.of(path) / MANIFEST,
-                    f"its {key} {getattr(manifest, key)!r} differ from {sets[0]}'s "
+                    f"its {key} {getattr(manifest, key)!r} differ from {first_path}'s "
                     f"{getattr(first, key)!r}",
                     "combine sets made for the same real dataset",
                 )
@@ -62,12 +72,11 @@ def _check_alike(sets: list[str], manifests: list[Manifest]) -> None:
 
 def _rows(path: str, count: int, seed: int) -> pa.Table:
     table = read_split_table(path, "train")
-    if table is None or len(table) < count:
-        found = 0 if table is None else len(table)
+    if len(table) < count:
         raise DataError(
             Location.of(path) / MANIFEST,
-            f"count_each {count} asks for more rows than its {found}",
-            f"ask for at most {found}, or 0 for the smallest set's count",
+            f"count_each {count} asks for more rows than its {len(table)}",
+            f"ask for at most {len(table)}, or 0 for the smallest set's count",
         )
     return only_ids(table, stable_order(table["id"].to_pylist(), seed)[:count])
 
@@ -79,16 +88,19 @@ def combine_synthetic(
     if len(sets) < 2:
         raise DataError(out, f"{len(sets)} set(s) to combine", "give two or more sets")
     check_output(out, overwrite, tuple(sets))
-    manifests = [_labelled(path) for path in sets]
-    _check_alike(sets, manifests)
-    count = cfg.count_each or min(manifest.split_total("train") for manifest in manifests)
-    tables = [_rows(path, count, cfg.seed) for path in sets]
+    parts = sorted(((path, _labelled(path)) for path in sets), key=lambda p: p[1].dataset_id)
+    _check_alike(parts)
+    count = cfg.count_each or min(manifest.split_total("train") for _, manifest in parts)
+    tables = [_rows(path, count, cfg.seed) for path, _ in parts]
     ids = [row_id for table in tables for row_id in table["id"].to_pylist()]
     if len(set(ids)) < len(ids):
         raise DataError(
-            out, "two of the sets share row ids (the same set given twice?)", "give distinct sets"
+            out,
+            "two of the sets share row ids (the same set given twice, or two sets made alike)",
+            "give sets made apart (another seed or another source)",
         )
+    settings = {"count_each": count, "seed": cfg.seed}
     with write_dataset(out, overwrite, inputs=tuple(sets)) as staging:
         staging.write_split("train", pa.concat_tables(tables))
-        staging.publish(Manifest.combined(manifests, {**asdict(cfg), "count_each": count}))
+        staging.publish(Manifest.combined([manifest for _, manifest in parts], settings))
     return staging.manifest

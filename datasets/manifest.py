@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from defectforge.core.errors import DataError
 from defectforge.core.outputs import OUTPUT_RECORD
 from defectforge.core.storage import Location
@@ -263,25 +265,25 @@ class Manifest:
 
     @classmethod
     def combined(cls, parts: list[Manifest], settings: dict) -> Manifest:
-        """Labelled synthetic sets as one (``datasets.combine``): the makers of every part, and
-        everything they learnt from (None if a part does not record it: the leakage check then
-        refuses the combination as it would that part)."""
-        sources = [part.labelling.trained_on for part in parts]
+        """Labelled synthetic sets as one (``datasets.combine``, which checks that every part
+        records its makers' sources): the makers of every part and everything they learnt from;
+        pixel statistics of the union (every part gives as many rows)."""
         labelling = LabellingSection(
             labeller=" + ".join(part.labelling.labeller for part in parts),
             generator=" + ".join(str(part.labelling.generator) for part in parts),
             config={**settings, "sets": [part.dataset_id for part in parts]},
-            trained_on=None if None in sources else tuple(s for found in sources for s in found),
+            trained_on=tuple(s for part in parts for s in part.labelling.trained_on),
         )
         first = parts[0]
+        mean, std = _pooled_statistics(parts)
         return cls(
             dataset="combined-" + "+".join(part.dataset for part in parts),
             source="synthetic",
             classes=first.classes,
             channels=first.channels,
             binary=first.binary,
-            pixel_mean=first.pixel_mean,
-            pixel_std=first.pixel_std,
+            pixel_mean=mean,
+            pixel_std=std,
             dataset_id=_identity({"combined": canonical_json(labelling.to_dict())}),
             labelling=labelling,
         )
@@ -324,6 +326,17 @@ class Manifest:
             ),
             **{step: details},
         )
+
+
+def _pooled_statistics(parts: list[Manifest]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of equal shares of every part (none if a part has none)."""
+    if any(not part.pixel_mean or not part.pixel_std for part in parts):
+        return (), ()
+    means = np.array([part.pixel_mean for part in parts])
+    squares = np.array([part.pixel_std for part in parts]) ** 2 + means**2
+    mean = means.mean(axis=0)
+    std = np.sqrt(np.maximum(squares.mean(axis=0) - mean**2, 0.0))
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
 def _identity(parts: dict[str, str]) -> str:

@@ -1,10 +1,11 @@
 """The one writer of datasets: rows in, a published dataset folder out.
 
-Every command that makes a dataset (build, augment, mix, label, generate) hands its rows to
-``write_dataset``'s staging area, split by split, and its manifest at the end. The writer checks
-that the rows hold exactly the contract's columns, fills the manifest's counts from the rows
-written, and publishes the folder under the safety rules of ``core.outputs`` (never over an
-input, ``--overwrite`` only over defectforge's own output, all or nothing).
+Every command that makes a dataset (build, subset, augment, mix, label, generate, copy-paste,
+combine) hands its rows to ``write_dataset``'s staging area, split by split, and its manifest at
+the end. The writer checks that the rows hold exactly the contract's columns, fills the
+manifest's counts from the rows written, and publishes the folder under the safety rules of
+``core.outputs`` (never over an input, ``--overwrite`` only over defectforge's own output, all or
+nothing).
 
 Rows come as a pyarrow Table or as anything with ``write_parquet(path, min_rows_per_file=...)``
 (a Ray Dataset: the Ray Data work stays in ``trainables``, this module imports no Ray).

@@ -33,7 +33,8 @@ def _known(check):
 
 POSITIVE = (lambda v: v >= 1, "an integer >= 1")
 # gan: the study's dataset.synthetic (GAN images, pseudo-labelled); copy_paste: dataset.copy_paste;
-# gan_masks: dataset.gan_masks (images and exact masks drawn by one generator).
+# gan_masks: dataset.gan_masks (images and exact masks drawn by one generator); combined:
+# dataset.combined (two or more of those sets as one, `synth combine`).
 SYNTHETIC_SOURCES = ("gan", "copy_paste", "gan_masks", "combined")
 
 

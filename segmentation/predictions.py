@@ -36,13 +36,16 @@ from defectforge.segmentation.overlay import heatmap, overlay
 
 PREDICTIONS_FILE = "predictions.csv"
 REJECTED_FILE = "rejected.csv"
-# Images decoded ahead of the model, and pictures waiting to be written behind it: decoding and
-# PNG encoding release the GIL, so they overlap the runtime's own threads.
+# Images decoded ahead of the model, and images whose class map, row and pictures are being made
+# behind it: decoding, arg-max and PNG encoding release the GIL, so they overlap the runtime's
+# own threads. The probabilities waiting behind it are bounded in bytes too (large images).
 IN_FLIGHT = 4
+WAITING_BYTES = 512 * 2**20
 # The reading and writing thread's niceness beside a runtime whose threads sleep between
 # operations: it then works in those gaps instead of pre-empting one of the runtime's threads,
 # which stalls the operation they share (measured: ONNX Runtime without spinning 84% of the bare
-# runtime's rate, with this as well 85-89%; a spinning runtime's threads leave no gaps).
+# runtime's rate, with this as well 85-89%; a spinning runtime's threads leave no gaps). Beside
+# other busy processes it yields to them too.
 IO_NICENESS = 10
 # (name for the output files, what to call it in errors, how to read it)
 Sample = tuple[str, str, Callable[[], np.ndarray]]
@@ -113,7 +116,7 @@ def write_predictions(
             initializer=_yield_to_runtime if runtime_sleeps else None,
         ) as pool:
             finish = Finish(staging, classes, point, heatmaps)
-            finishing: deque[Future] = deque()
+            finishing: deque[tuple[Future, int]] = deque()
             decoded = _read_ahead(pool, samples)
             for (name, source, _), (image, error) in tqdm(
                 zip(samples, decoded, strict=True), total=len(samples), desc="predict", unit="img"
@@ -128,10 +131,13 @@ def write_predictions(
                     rejected.append({"image": name, "file": source, "reason": err.problem})
                     continue
                 # The main thread only feeds the runtime; the rest overlaps its next image.
-                finishing.append(pool.submit(finish, name, image, probabilities))
-                while len(finishing) > IN_FLIGHT:
-                    rows.append(finishing.popleft().result())
-            rows += [pending.result() for pending in finishing]
+                job = pool.submit(finish, name, image, probabilities)
+                finishing.append((job, probabilities.nbytes))
+                while len(finishing) > IN_FLIGHT or (
+                    len(finishing) > 1 and sum(n for _, n in finishing) > WAITING_BYTES
+                ):
+                    rows.append(finishing.popleft()[0].result())
+            rows += [job.result() for job, _ in finishing]
         if not rows:
             first = rejected[0]
             raise DataError(
@@ -147,9 +153,17 @@ def write_predictions(
 
 
 def _yield_to_runtime() -> None:
-    """Lower this thread's priority (Linux, where a thread has its own niceness)."""
-    if sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), IO_NICENESS)
+    """Lower this thread's priority to ``IO_NICENESS`` (Linux, where a thread has its own
+    niceness), never raise it (a process run at a lower priority stays there); where the
+    system refuses, predict runs on as it is."""
+    if not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        niceness = max(os.getpriority(os.PRIO_PROCESS, thread), IO_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, thread, niceness)
+    except OSError:
+        pass
 
 
 def _read_ahead(

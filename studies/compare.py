@@ -65,13 +65,19 @@ def _per_image_mean(runs: list[list[float | None]]) -> list[float | None]:
     return means
 
 
-def _baseline(arm: dict, arms: list[dict]) -> dict | None:
-    """The ratio-0 arm that differs from ``arm`` only in its training data's mix."""
-    same = {k: v for k, v in arm.items() if k not in MIX_KEYS}
+def _matching(arm: dict, arms: list[dict], free: tuple[str, ...], wanted) -> dict | None:
+    """The first of ``arms`` for which ``wanted(other)`` holds that equals ``arm`` in every key
+    but ``free``."""
+    same = {k: v for k, v in arm.items() if k not in free}
     for other in arms:
-        if not other.get("synthetic_ratio") and all(other.get(k) == v for k, v in same.items()):
+        if wanted(other) and all(other.get(k) == v for k, v in same.items()):
             return other
     return None
+
+
+def _baseline(arm: dict, arms: list[dict]) -> dict | None:
+    """The ratio-0 arm that differs from ``arm`` only in its training data's mix."""
+    return _matching(arm, arms, MIX_KEYS, lambda other: not other.get("synthetic_ratio"))
 
 
 def _scores(seeds: list[dict]) -> dict[int, float]:
@@ -92,13 +98,12 @@ def _control(arm: dict, arms: list[dict]) -> dict | None:
     its synthetic source."""
     if not arm.get("synthetic_ratio") or arm.get("synthetic_source") == CONTROL_SOURCE:
         return None
-    same = {k: v for k, v in arm.items() if k != "synthetic_source"}
-    for other in arms:
-        if other.get("synthetic_source") == CONTROL_SOURCE and all(
-            other.get(k) == v for k, v in same.items()
-        ):
-            return other
-    return None
+    return _matching(
+        arm,
+        arms,
+        ("synthetic_source",),
+        lambda other: other.get("synthetic_source") == CONTROL_SOURCE,
+    )
 
 
 def paired_difference(arm: dict, baseline: dict, verdicts=("helps", "hurts")) -> dict:
@@ -127,7 +132,8 @@ def paired_difference(arm: dict, baseline: dict, verdicts=("helps", "hurts")) ->
 
 def summarize_comparison(records: list, spec: StudySpec) -> dict:
     """compare.json: per arm its seeds, the test IoU's interval and per-image IoUs; per arm with
-    synthetic images, the paired difference against its ratio-0 baseline."""
+    synthetic images, the paired difference against its ratio-0 baseline; per GAN arm, the one
+    against its copy-paste control (``against_copy_paste``)."""
     # The mix options are part of every arm, set or not, so its label and baseline are right.
     keys = sorted(set(spec.varied()) | {k for k in MIX_KEYS if k in spec.fixed()})
     grouped: dict[tuple, list] = defaultdict(list)

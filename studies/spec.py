@@ -410,6 +410,15 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
             "nothing uses its generator: only a generate_masks stage draws from it",
             "add generate_masks: {count: N}, or remove mask_gan",
         )
+    if stages.combine is not None and "combined" not in spec.synthetic_sources():
+        raise SpecError(
+            where,
+            "combine",
+            settings_of(stages.combine),
+            "nothing uses its set: no trial mixes in synthetic_source combined",
+            "add an arm or value with synthetic_source: combined and a ratio > 0, or remove "
+            "combine",
+        )
     for source, (stage, _) in SOURCE_STAGES.items():
         key = SOURCE_DATASETS[source]
         if getattr(stages, stage) and getattr(spec.dataset, key):

@@ -78,7 +78,13 @@ class CombineSpec(CombineConfig):
     sources: tuple[str, ...] = option(
         ("gan", "copy_paste"),
         "the synthetic sources whose sets are combined (synthetic_source names)",
-        lambda v: len(v) >= 2 and len(set(v)) == len(v) and set(v) <= set(COMBINABLE),
+        lambda v: (
+            isinstance(v, tuple)
+            and all(isinstance(s, str) for s in v)
+            and len(v) >= 2
+            and len(set(v)) == len(v)
+            and set(v) <= set(COMBINABLE)
+        ),
         f"two or more of {', '.join(COMBINABLE)}, each once",
         cli=False,
     )

@@ -291,7 +291,8 @@ def test_a_tracking_study_gives_up_on_a_server_as_soon_as_a_run_and_keeps_a_user
     from defectforge.trainables.tracking import HTTP_DEFAULTS, require_mlflow
 
     for name in HTTP_DEFAULTS:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so the test leaves the variables as it found them
+        monkeypatch.delenv(name)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     untracked = {"name": "t", "dataset": {"real": "r"}, "search_space": {"lr": 0.001}}
     require_mlflow(parse_spec(untracked))

@@ -2,6 +2,7 @@
 copy-paste images with exact masks, per-image IoU, arms compared on test, ASHA stopping a trial."""
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -146,11 +147,13 @@ def test_combined_sets_give_as_many_rows_each_and_keep_every_makers_sources(
     roles = sorted(source.role for source in manifest.labelling.trained_on)
     assert roles == ["GAN", "copy-paste source", "labeller"]
     check_compatible(sample_dataset, out)
-    with pytest.raises(DataError, match=r"its (GAN|labeller) learnt from \d+ image"):
-        check_compatible(few, out)  # the GAN's and labeller's sources are checked too
-    same = combine_synthetic([str(labelled), str(pasted)], tmp_path / "same", CombineConfig())
+    with pytest.raises(
+        DataError, match=r"its (GAN|labeller|copy-paste source) learnt from \d+ image"
+    ):
+        check_compatible(few, out)  # every set's makers are checked
+    same = combine_synthetic([str(pasted), str(labelled)], tmp_path / "same", CombineConfig())
     other = combine_synthetic([str(labelled), str(pasted)], tmp_path / "s1", CombineConfig(seed=1))
-    assert same.dataset_id == manifest.dataset_id
+    assert same.dataset_id == manifest.dataset_id  # the same sets in another order
     assert set(_classes(tmp_path / "s1", "train")) != ids and other.dataset_id != same.dataset_id
     mix = plan_for(sample_dataset, out, MixConfig(ratio=0.3))
     assert len(mix.plan.synthetic_ids) == synthetic_count(42, 0.3)
@@ -165,11 +168,28 @@ def test_combine_refuses_what_it_cannot_join_in_one_line(
         return ["synth", "combine", "--out", str(out), "--sets", *argv]
 
     refused(capsys, combine(str(labelled)), "1 set(s) to combine", "give two or more")
-    refused(capsys, combine(str(labelled), str(generated)), str(generated), "has no masks")
-    refused(capsys, combine(str(labelled), str(sample_dataset)), "has no masks")
-    refused(capsys, combine(str(labelled), str(labelled)), "share row ids", "distinct sets")
+    unlabelled = "it is not a labelled synthetic set"
+    refused(capsys, combine(str(labelled), str(generated)), str(generated), unlabelled)
+    refused(capsys, combine(str(labelled), str(sample_dataset)), unlabelled)
+    refused(capsys, combine(str(labelled), str(labelled)), "share row ids", "sets made apart")
     too_many = [str(labelled), str(labelled), "--count-each", "1000"]
     refused(capsys, combine(*too_many), "count_each 1000 asks for more rows than its")
+
+    def altered(name: str, change) -> str:
+        """A copy of the labelled set whose manifest ``change`` edits."""
+        folder = tmp_path / name
+        shutil.copytree(labelled, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        change(manifest)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return str(folder)
+
+    older = altered("older", lambda m: m["labelling"].pop("trained_on"))
+    refused(capsys, combine(str(labelled), older), older, "does not record what its makers")
+    empty = altered("empty", lambda m: m["counts"]["train"].update(total=0))
+    refused(capsys, combine(str(labelled), empty), empty, "it has no rows")
+    binary = altered("binary", lambda m: m.update(classes=["background", "defect"], binary=True))
+    refused(capsys, combine(str(labelled), binary), "classes", "combine sets made for the same")
     assert not out.exists()
 
 
@@ -395,10 +415,9 @@ def test_subset_copy_paste_and_combine_stages_are_made_once_and_reused(
     assert source.dataset_id == Manifest.load(made.dataset.real).dataset_id
     combined = Manifest.load(made.dataset.combined)
     assert combined.counts["train"].total == 8  # 4 of each: the given set has 4
-    assert combined.labelling.config["sets"] == [
-        Manifest.load(given).dataset_id,
-        pasted.dataset_id,
-    ]
+    assert combined.labelling.config["sets"] == sorted(
+        [Manifest.load(given).dataset_id, pasted.dataset_id]
+    )
     again = Pipeline(spec, "spec.yaml")
     assert again.run() == made
     assert [r["status"] for r in again.records()] == ["reused"] * 4

@@ -205,6 +205,15 @@ def _tracked_in_mlflow(url: str, summary: dict) -> None:
             {"generate": {"count": 2}, "search_space": {"synthetic_ratio": [0.0, 0.38]}},
             r"generate.count = 2: ratio 0.38 over \d+ real train",
         ),
+        (  # GAN and copy-paste images together: each set gives as many as the smaller one
+            {
+                "copy_paste": {"count": 3},
+                "combine": {"sources": ["gan", "copy_paste"]},
+                "search_space": {"synthetic_ratio": 0.38, "synthetic_source": "combined"},
+            },
+            r"combine.count_each = 0: ratio 0.38 over \d+ real train images needs \d+ combined "
+            r"images with masks, and the stages make at most 6",
+        ),
         (  # a searched value no trial could train with (PAN at 64-px crops)
             {"search_space": {"arch": ["unet", "pan"], "epochs": 1}},
             r"search_space.arch = 'pan': crop_size = 64: pan needs inputs of at least 128 px",
@@ -218,7 +227,7 @@ def test_what_would_fail_later_is_refused_before_the_gan_trains(
 
     spec = pipeline_spec(sample_root, tmp_path / "no-labeller-needed", tmp_path / "storage")
     for section, values in changes.items():
-        spec[section] = {**spec[section], **values}
+        spec[section] = {**spec.get(section, {}), **values}
 
     with pytest.raises(SpecError, match=message):
         Pipeline(parse_spec(spec, "spec.yaml"), "spec.yaml").run()

@@ -3,6 +3,7 @@ network (it is a parameter of the writer), so each picture can be checked agains
 probability map."""
 
 import csv
+import sys
 
 import cv2
 import numpy as np
@@ -90,3 +91,30 @@ def test_a_bad_image_read_ahead_stops_it_or_is_listed_in_order(tmp_path):
     assert sorted(p.name for p in (tmp_path / "skipped").glob("*_mask.png")) == sorted(
         f"{name}_mask.png" for name in kept
     )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness: Linux")
+def test_the_io_thread_yields_to_the_runtime_but_never_raises_its_priority():
+    import os
+    import threading
+
+    from defectforge.segmentation.predictions import IO_NICENESS, _yield_to_runtime
+
+    def niceness_after(start: int) -> int:
+        found = []
+
+        def run():
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, start)
+            _yield_to_runtime()
+            found.append(os.getpriority(os.PRIO_PROCESS, thread))
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        return found[0]
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)  # lowering a priority needs no privilege
+    assert niceness_after(own) == max(own, IO_NICENESS)
+    nicer = min(max(own, IO_NICENESS) + 5, 19)
+    assert niceness_after(nicer) == nicer  # a thread already nicer stays as it was

@@ -110,6 +110,11 @@ def test_a_valid_spec_parses_into_types():
             {"combine": {"sources": ["gan", "copy_paste"]}},
             "dataset.copy_paste = '': the combine stage's source copy_paste needs this dataset",
         ),
+        ({"combine": {"sources": 5}}, "combine: sources = 5: must be two or more of"),
+        (
+            {"dataset": {"real": "r", "synthetic": "s", "combined": "c"}, "combine": {}},
+            "combine = .*: nothing uses its set: no trial mixes in synthetic_source combined",
+        ),
         (
             {
                 "search_space": {

@@ -255,34 +255,45 @@ class Pipeline:
             )
 
     def _check_generate_count(self, data: str) -> None:
-        """Labelling (or a drawn mask without a defect) only ever drops images: a generate
-        count below what a GAN mix of the search needs would fail after the GANs trained, so it
-        is refused once the real train split is known."""
-        generating = {
-            source: stage
-            for source, stage in (("gan", "generate"), ("gan_masks", "generate_masks"))
-            if getattr(self.spec.stages, stage) is not None
-        }
-        if not generating:
-            return
+        """Labelling (or a drawn mask without a defect) only ever drops images: a count below
+        what a mix of the search needs would fail after the GANs trained, so it is refused once
+        the real train split is known."""
         train = Manifest.load(data).split_total("train")
-        for source, stage in generating.items():
-            section = getattr(self.spec.stages, stage)
-            for point in self.spec.mix_points():
-                if point["synthetic_source"] != source or not point["synthetic_ratio"]:
-                    continue
-                real = point["real_count"] or train
-                needed = synthetic_count(real, point["synthetic_ratio"])
-                if section.count < needed:
-                    raise SpecError(
-                        self.where,
-                        f"{stage}.count",
-                        section.count,
-                        f"ratio {point['synthetic_ratio']} over {real} real train images needs "
-                        f"{needed} synthetic images with masks, and only some samples keep one",
-                        f"generate at least {needed} plus a margin for the samples dropped "
-                        "(or lower the largest ratio)",
-                    )
+        for point in self.spec.mix_points():
+            source = point["synthetic_source"]
+            made = self._most_made(source)
+            if made is None or not point["synthetic_ratio"]:
+                continue
+            key, value, most = made
+            real = point["real_count"] or train
+            needed = synthetic_count(real, point["synthetic_ratio"])
+            if most < needed:
+                raise SpecError(
+                    self.where,
+                    key,
+                    value,
+                    f"ratio {point['synthetic_ratio']} over {real} real train images needs "
+                    f"{needed} {source} images with masks, and the stages make at most {most}",
+                    f"make at least {needed} plus a margin for the samples dropped "
+                    "(or lower the largest ratio)",
+                )
+
+    def _most_made(self, source: str) -> tuple[str, int, int] | None:
+        """The spec key that bounds how many images of ``source`` the stages make, its value and
+        that bound (None: a given set, or no stage makes it)."""
+        stages = self.spec.stages
+        if source == "combined":
+            if stages.combine is None:
+                return None
+            parts = [self._most_made(part) for part in stages.combine.sources]
+            if None in parts:
+                return None
+            smallest = min(most for _, _, most in parts)
+            each = min(stages.combine.count_each or smallest, smallest)
+            return "combine.count_each", stages.combine.count_each, len(parts) * each
+        stage = {"gan": "generate", "gan_masks": "generate_masks", "copy_paste": "copy_paste"}
+        section = getattr(stages, stage[source])
+        return None if section is None else (f"{stage[source]}.count", section.count, section.count)
 
     def records(self) -> list[dict]:
         return [asdict(run) for run in self.runs]
