@@ -1,7 +1,7 @@
 """Every location on object storage, against a real S3-compatible server (SeaweedFS, started by
 the session's `s3_server` fixture and reached through the standard AWS variables only): a
 dataset built, trained on, exported and served from a bucket, with `predict` in a fresh process
-that starts no Ray; the publish rules where there is no rename; one line for a store that
+that starts no Ray; copy-paste sets made and combined there; the publish rules where there is no rename; one line for a store that
 refuses, is missing or cannot be reached, from the client or from a node; and no credential in
 anything written. The GAN on a store (two workers, resume) is in test_gan.py, a pipeline on a
 cluster whose nodes share no folder in test_cluster_jobs.py."""
@@ -225,3 +225,19 @@ def test_options_read_only_on_this_machine_refuse_a_store_in_one_line(argv, buck
         and "is on object storage" in err
         and "copy it to this machine first" in err
     )
+
+
+def test_synthetic_sets_on_a_store_combine_into_a_store(sample_dataset, bucket, capsys):
+    parts = [f"{bucket}/synthetic/cp-{seed}" for seed in (0, 1)]
+    for seed, part in enumerate(parts):
+        made = ["synth", "copy-paste", "--real", str(sample_dataset), "--count", "6"]
+        assert main([*made, "--seed", str(seed), "--out", part]) == 0
+    both = f"{bucket}/synthetic/both"
+    combine = ["synth", "combine", "--sets", *parts, "--count-each", "4", "--out", both]
+    assert main(combine) == 0
+    assert "4 images from each of 2 sets" in capsys.readouterr().out
+    manifest = Manifest.load(both)
+    assert manifest.counts["train"].total == 8
+    assert read_split_table(both, "train").num_rows == 8
+    assert main(combine) == 2  # the publish rules hold on the store
+    assert "output folder already exists" in capsys.readouterr().err
