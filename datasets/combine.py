@@ -70,14 +70,20 @@ def _check_alike(parts: list[tuple[str, Manifest]]) -> None:
                 )
 
 
+def _check_enough(parts: list[tuple[str, Manifest]], count: int) -> None:
+    """Every set holds ``count`` rows: known from the manifests, before any rows are read."""
+    for path, manifest in parts:
+        rows = manifest.split_total("train")
+        if rows < count:
+            raise DataError(
+                Location.of(path) / MANIFEST,
+                f"count_each {count} asks for more rows than its {rows}",
+                f"ask for at most {rows}, or 0 for the smallest set's count",
+            )
+
+
 def _rows(path: str, count: int, seed: int) -> pa.Table:
     table = read_split_table(path, "train")
-    if len(table) < count:
-        raise DataError(
-            Location.of(path) / MANIFEST,
-            f"count_each {count} asks for more rows than its {len(table)}",
-            f"ask for at most {len(table)}, or 0 for the smallest set's count",
-        )
     return only_ids(table, stable_order(table["id"].to_pylist(), seed)[:count])
 
 
@@ -91,6 +97,7 @@ def combine_synthetic(
     parts = sorted(((path, _labelled(path)) for path in sets), key=lambda p: p[1].dataset_id)
     _check_alike(parts)
     count = cfg.count_each or min(manifest.split_total("train") for _, manifest in parts)
+    _check_enough(parts, count)
     tables = [_rows(path, count, cfg.seed) for path, _ in parts]
     ids = [row_id for table in tables for row_id in table["id"].to_pylist()]
     if len(set(ids)) < len(ids):

@@ -30,6 +30,8 @@ from defectforge.trainables.study_setup import check_trial_values
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
 MADE_IN_ORDER = tuple(name for name in ORDER if name != "export")  # export: after the search
+# The stage whose count bounds how many images of a synthetic source the stages make.
+COUNTED_BY = {"gan": "generate", "gan_masks": "generate_masks", "copy_paste": "copy_paste"}
 
 
 @dataclass(frozen=True)
@@ -291,9 +293,9 @@ class Pipeline:
             smallest = min(most for _, _, most in parts)
             each = min(stages.combine.count_each or smallest, smallest)
             return "combine.count_each", stages.combine.count_each, len(parts) * each
-        stage = {"gan": "generate", "gan_masks": "generate_masks", "copy_paste": "copy_paste"}
-        section = getattr(stages, stage[source])
-        return None if section is None else (f"{stage[source]}.count", section.count, section.count)
+        stage = COUNTED_BY[source]
+        section = getattr(stages, stage)
+        return None if section is None else (f"{stage}.count", section.count, section.count)
 
     def records(self) -> list[dict]:
         return [asdict(run) for run in self.runs]
