@@ -14,7 +14,6 @@ from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
 from defectforge.datasets.mix import MixConfig
 from defectforge.segmentation.losses import parse_loss
-from defectforge.segmentation.models import check_architecture, check_encoder, min_input_size
 
 
 def _size_ok(value: int) -> bool:
@@ -22,13 +21,22 @@ def _size_ok(value: int) -> bool:
 
 
 def _known(check):
-    """A registry check (raising ConfigError for unknown names) as an option check."""
+    """A registry check (raising ConfigError for unknown names) as an option check; a name is
+    a check of segmentation.models."""
 
     def ok(value) -> bool:
-        check(value)
+        (getattr(_models(), check) if isinstance(check, str) else check)(value)
         return True
 
     return ok
+
+
+def _models():
+    # smp (with timm and torchvision) loads when a config is checked, not when this module is
+    # imported: the GAN and data processes that import it for its types start seconds sooner.
+    from defectforge.segmentation import models
+
+    return models
 
 
 POSITIVE = (lambda v: v >= 1, "an integer >= 1")
@@ -56,11 +64,11 @@ class SegConfig(TypedConfig):
     arch: str = option(
         "deeplabv3plus",
         "segmentation-models-pytorch architecture, e.g. deeplabv3plus, pan, unet",
-        _known(check_architecture),
+        _known("check_architecture"),
         searchable=True,
     )
     encoder: str = option(
-        "resnet18", "encoder (backbone) name", _known(check_encoder), searchable=True
+        "resnet18", "encoder (backbone) name", _known("check_encoder"), searchable=True
     )
     encoder_weights: str | None = option(
         None, "'imagenet' (needs network) or a local encoder state-dict file"
@@ -144,7 +152,7 @@ class SegConfig(TypedConfig):
     )
 
     def check(self) -> None:
-        smallest = min_input_size(self.arch)
+        smallest = _models().min_input_size(self.arch)
         for name in ("image_size", "crop_size"):
             value = getattr(self, name)
             if value and value < smallest:
@@ -190,6 +198,6 @@ class SegConfig(TypedConfig):
             self.crop_size,
             self.aug_strength,
             self.binary,
-            min_input=min_input_size(self.arch),
+            min_input=_models().min_input_size(self.arch),
             defect_crop_prob=self.defect_crop_prob,
         )

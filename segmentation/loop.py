@@ -32,7 +32,7 @@ from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.losses import CombinedLoss
 from defectforge.segmentation.metrics import MetricAccumulator
 from defectforge.segmentation.models import build_model
-from defectforge.segmentation.selection import SELECTION_METRIC
+from defectforge.segmentation.selection import RANKING_METRIC, SELECTION_METRIC, ranking_score
 
 
 @dataclass
@@ -101,6 +101,9 @@ def evaluate(
         cm = accumulator.cm.to(device)
         dist.all_reduce(cm)
         accumulator.cm = cm.cpu()
+        soft = accumulator.soft.to(device)
+        dist.all_reduce(soft)
+        accumulator.soft = soft.cpu()
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, accumulator.per_image)
         accumulator.per_image = [t for part in gathered for t in part]
@@ -223,6 +226,7 @@ def _epoch_metrics(
     }
     for key, value in val.items():
         metrics[f"val_{key}"] = value
+    metrics[RANKING_METRIC] = ranking_score(metrics)
     return metrics
 
 

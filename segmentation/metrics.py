@@ -29,9 +29,25 @@ def _iou(tp: float, fp: float, fn: float) -> float | None:
     return None if union == 0 else float(tp / union)
 
 
-def summarize(cm: np.ndarray, class_names: list[str], per_image: np.ndarray | None = None) -> dict:
+def soft_counts(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[intersection, union]`` of the defect probability (1 - P(background)) with the defect
+    pixels, summed over the batch, ignoring padding."""
+    valid = (target != IGNORE_INDEX).to(logits.dtype)
+    defect = (1.0 - logits.softmax(1)[:, 0]) * valid
+    truth = (target > 0).to(logits.dtype) * valid
+    intersection = (defect * truth).sum()
+    return torch.stack([intersection, defect.sum() + truth.sum() - intersection]).double()
+
+
+def summarize(
+    cm: np.ndarray,
+    class_names: list[str],
+    per_image: np.ndarray | None = None,
+    soft: np.ndarray | None = None,
+) -> dict:
     """IoU per class, mean defect IoU (classes > 0 that occur), binary defect IoU (the paper's
-    headline: all defect classes vs background), pixel accuracy, the confusion matrix.
+    headline: all defect classes vs background), pixel accuracy, the confusion matrix; with
+    ``soft`` (summed soft_counts) the soft defect IoU of the probabilities (None without any).
 
     A class that neither occurs nor is predicted has IoU None and is left out of the means.
     """
@@ -54,18 +70,24 @@ def summarize(cm: np.ndarray, class_names: list[str], per_image: np.ndarray | No
     if per_image is not None and len(per_image):
         scores = [s for s in (_iou(*row) for row in per_image.tolist()) if s is not None]
         result["per_image_binary_iou_mean"] = float(np.mean(scores)) if scores else None
+    if soft is not None:
+        result["soft_defect_iou"] = _iou(soft[0], soft[1] - soft[0], 0.0)
     return result
 
 
 class MetricAccumulator:
-    """Sums the confusion matrix and per-image binary counts batch by batch."""
+    """Sums the confusion matrix and per-image binary counts batch by batch; given logits, also
+    the soft defect intersection and union."""
 
     def __init__(self, num_classes: int):
         self.num_classes = num_classes
         self.cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         self.per_image: list[torch.Tensor] = []
+        self.soft = torch.zeros(2, dtype=torch.float64)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
+        if logits_or_pred.ndim == 4:
+            self.soft += soft_counts(logits_or_pred, target.to(logits_or_pred.device)).cpu()
         pred = logits_or_pred.argmax(1) if logits_or_pred.ndim == 4 else logits_or_pred
         pred, target = pred.cpu(), target.cpu()
         self.cm += confusion_matrix(pred, target, self.num_classes)
@@ -73,7 +95,7 @@ class MetricAccumulator:
 
     def summary(self, class_names: list[str]) -> dict:
         per_image = torch.cat(self.per_image).numpy() if self.per_image else None
-        return summarize(self.cm.numpy(), class_names, per_image)
+        return summarize(self.cm.numpy(), class_names, per_image, self.soft.numpy())
 
     def per_image_iou(self) -> list[float | None]:
         """Each image's binary defect IoU in the order seen; None where it has no defect and

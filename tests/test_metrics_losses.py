@@ -77,3 +77,32 @@ def test_combined_loss_ignores_padding():
     target[0, :2] = 1
     logits = _logits_for(torch.where(target == IGNORE_INDEX, 0, target), 2)
     assert loss(logits, target).item() < 1e-3
+
+
+def test_soft_iou_breaks_a_tie_of_hard_iou_that_asha_could_not_rank():
+    """Two models that both predict no defect pixel score the same hard IoU (0); the one whose
+    defect probability leans towards the true defect ranks higher, and ignored pixels count for
+    nothing."""
+    from defectforge.segmentation.selection import RANKING_METRIC, SELECTION_METRIC, ranking_score
+
+    target = torch.tensor([[[1, 1], [0, IGNORE_INDEX]]])
+
+    def metrics(defect_logit: list[float]) -> dict:
+        logits = torch.zeros(1, 2, 2, 2)
+        logits[0, 1] = torch.tensor(defect_logit).reshape(2, 2)  # background logit 0
+        accumulator = MetricAccumulator(2)
+        accumulator.update(logits, target)
+        summary = accumulator.summary(["background", "defect"])
+        row = {f"val_{k}": v for k, v in summary.items()}
+        return {**row, RANKING_METRIC: ranking_score(row)}
+
+    leaning, indifferent = metrics([-0.1, -0.1, -5.0, 9.0]), metrics([-5.0, -5.0, -5.0, 9.0])
+    assert leaning[SELECTION_METRIC] == indifferent[SELECTION_METRIC] == 0.0
+    p, q = torch.sigmoid(torch.tensor(-0.1)).item(), torch.sigmoid(torch.tensor(-5.0)).item()
+    # intersection 2p; union = predicted (2p + q) + true 2 - intersection 2p
+    assert leaning["val_soft_defect_iou"] == pytest.approx(2 * p / (2 + q))
+    assert leaning[RANKING_METRIC] > indifferent[RANKING_METRIC] > 0.0
+    # A hard IoU difference always outranks the tie-break.
+    assert ranking_score({SELECTION_METRIC: 0.001, "val_soft_defect_iou": 0.0}) > ranking_score(
+        {SELECTION_METRIC: 0.0, "val_soft_defect_iou": 1.0}
+    )

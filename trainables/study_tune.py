@@ -14,7 +14,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from defectforge.core.storage import absolute_location, is_uri
-from defectforge.segmentation.selection import SELECTION_METRIC
+from defectforge.segmentation.selection import RANKING_METRIC
 from defectforge.studies.results import (
     CHECKPOINT_SCORE,
     DEFAULT_EPOCHS,
@@ -178,7 +178,7 @@ def search_tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tu
         tune_config=_tune_config(
             context,
             label,
-            metric=SELECTION_METRIC,
+            metric=RANKING_METRIC,
             mode="max",
             search_alg=_searcher(spec, name),
             scheduler=_scheduler(spec),
