@@ -21,11 +21,10 @@ def _size_ok(value: int) -> bool:
 
 
 def _known(check):
-    """A registry check (raising ConfigError for unknown names) as an option check; a name is
-    a check of segmentation.models."""
+    """A registry check (raising ConfigError for unknown names) as an option check."""
 
     def ok(value) -> bool:
-        (getattr(_models(), check) if isinstance(check, str) else check)(value)
+        check(value)
         return True
 
     return ok
@@ -64,11 +63,14 @@ class SegConfig(TypedConfig):
     arch: str = option(
         "deeplabv3plus",
         "segmentation-models-pytorch architecture, e.g. deeplabv3plus, pan, unet",
-        _known("check_architecture"),
+        _known(lambda arch: _models().check_architecture(arch)),
         searchable=True,
     )
     encoder: str = option(
-        "resnet18", "encoder (backbone) name", _known("check_encoder"), searchable=True
+        "resnet18",
+        "encoder (backbone) name",
+        _known(lambda encoder: _models().check_encoder(encoder)),
+        searchable=True,
     )
     encoder_weights: str | None = option(
         None, "'imagenet' (needs network) or a local encoder state-dict file"

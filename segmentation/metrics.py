@@ -71,7 +71,8 @@ def summarize(
         scores = [s for s in (_iou(*row) for row in per_image.tolist()) if s is not None]
         result["per_image_binary_iou_mean"] = float(np.mean(scores)) if scores else None
     if soft is not None:
-        result["soft_defect_iou"] = _iou(soft[0], soft[1] - soft[0], 0.0)
+        intersection, union = soft
+        result["soft_defect_iou"] = float(intersection / union) if union else None
     return result
 
 

@@ -239,14 +239,14 @@ def test_an_interrupted_labelling_labels_only_the_parts_not_done(
     from defectforge.trainables import synth
 
     monkeypatch.setattr(synth, "PART_ROWS", 16)  # the 32 images in two parts
-    labelled_parts = []
-    label_rows = synth.label_rows
+    saved = []
+    save_part = synth._save_part
 
-    def interrupted_at_the_second(*args):
-        if len(labelled_parts) == 1:
+    def interrupted_at_the_second(path, table):
+        if saved:
             raise KeyboardInterrupt
-        labelled_parts.append(args[1])
-        return label_rows(*args)
+        saved.append(table.num_rows)
+        save_part(path, table)
 
     cfg = LabelConfig(
         images=str(generated),
@@ -254,18 +254,20 @@ def test_an_interrupted_labelling_labels_only_the_parts_not_done(
         corrections=Corrections(min_region_area=20),
     )
     out = tmp_path / "synthetic"
-    monkeypatch.setattr(synth, "label_rows", interrupted_at_the_second)
+    monkeypatch.setattr(synth, "_save_part", interrupted_at_the_second)
     with pytest.raises(KeyboardInterrupt):
         synth.label_synthetic(cfg, out)
-    assert not out.exists()
+    assert not out.exists() and saved == [16]
     (parts,) = tmp_path.glob(".synthetic.labelling-*")
     assert len(list(parts.glob("part-*.parquet"))) == 1
-    labelled_parts.clear()
+    given = []
+    label_rows = synth.label_rows
+    monkeypatch.setattr(synth, "_save_part", save_part)
     monkeypatch.setattr(
-        synth, "label_rows", lambda *args: labelled_parts.append(1) or label_rows(*args)
+        synth, "label_rows", lambda *args: given.append(args[1].count()) or label_rows(*args)
     )
     synth.label_synthetic(cfg, out)
-    assert len(labelled_parts) == 1 and not parts.exists()  # the second part only
+    assert given == [16] and not parts.exists()  # the second part's rows only, in one pass
     ours, fresh = (read_split_table(d, "train").sort_by("id") for d in (out, labelled))
     assert ours.column("id").equals(fresh.column("id"))
     assert ours.column("mask").equals(fresh.column("mask"))

@@ -8,9 +8,10 @@
     OUT/label_quality.json  the labeller on real val images, raw and after each correction
     OUT/plots/*.png         synthetic images with their masks, confidence histogram, quality bars
 
-Images are labelled part by part (``PART_ROWS`` each, in id order); each finished part is kept
-in ``.OUT.labelling-<key>/`` beside OUT until the dataset is published, so an interrupted run
-(the same command again, or `study resume` of a pipeline) labels only the parts not done.
+Images are labelled in one pass of one actor pool, in id order, and saved part by part
+(``PART_ROWS`` each); each finished part is kept in ``.OUT.labelling-<key>/`` beside OUT until
+the dataset is published, so an interrupted run (the same command again, or `study resume` of a
+pipeline) labels only the parts not done.
 """
 
 from __future__ import annotations
@@ -373,25 +374,49 @@ def labelled_parts(
 ) -> ray.data.Dataset:
     """``rows`` labelled part by part, each part saved in ``parts`` when done; parts found there
     (an interrupted run of the same labelling) are read, not labelled again."""
-    rows = rows.materialize()  # read once: every part filters these rows, not the files again
+    rows = rows.materialize()  # read once: the labelling pass filters these rows, not the files
     ids = sorted(row["id"] for row in rows.select_columns(["id"]).take_all())
-    files = []
-    for index, start in enumerate(range(0, len(ids), PART_ROWS)):
-        chunk = tuple(ids[start : start + PART_ROWS])
-        path = _part_file(parts, index, chunk)
-        if not path.is_file():
-            chunk_rows = rows.map_batches(partial(only_ids, ids=chunk), batch_format="pyarrow")
-            labelled = label_rows(cfg, chunk_rows, size, labeller_id).materialize()
-            # A block the id filter left empty can come back without columns: only rows count.
-            tables = [
-                t.cast(LABELLED_SCHEMA) for t in ray.get(labelled.to_arrow_refs()) if t.num_rows
-            ]
-            table = pa.concat_tables(tables) if tables else LABELLED_SCHEMA.empty_table()
-            buffer = pa.BufferOutputStream()
-            pq.write_table(table, buffer)
-            path.write_bytes(buffer.getvalue().to_pybytes())
-        files.append(path.uri)
-    return parquet_dataset(files, LABELLED_SCHEMA)
+    chunks = [tuple(ids[start : start + PART_ROWS]) for start in range(0, len(ids), PART_ROWS)]
+    files = [_part_file(parts, index, chunk) for index, chunk in enumerate(chunks)]
+    missing = {path: chunk for path, chunk in zip(files, chunks, strict=True) if not path.is_file()}
+    if missing:
+        _label_missing_parts(cfg, rows, size, labeller_id, missing)
+    return parquet_dataset([path.uri for path in files], LABELLED_SCHEMA)
+
+
+def _label_missing_parts(
+    cfg: LabelConfig,
+    rows: ray.data.Dataset,
+    size: tuple[int, int],
+    labeller_id: str,
+    missing: dict[Location, tuple[str, ...]],
+) -> None:
+    """One pass of one actor pool over the rows of every missing part, in id order (the actors
+    load the labeller once, not once per part); each part is saved when its last row is in."""
+    part_of = {row_id: path for path, chunk in missing.items() for row_id in chunk}
+    if len(part_of) < rows.count():
+        rows = rows.map_batches(partial(only_ids, ids=tuple(part_of)), batch_format="pyarrow")
+    waiting: dict[Location, list[pa.Table]] = {path: [] for path in missing}
+    left = {path: len(chunk) for path, chunk in missing.items()}
+    labelled = label_rows(cfg, rows.sort("id"), size, labeller_id)
+    for block in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # A block the id filter left empty can come back without columns: only rows count.
+        if not block.num_rows:
+            continue
+        block = block.cast(LABELLED_SCHEMA)
+        paths = [part_of[row_id] for row_id in block.column("id").to_pylist()]
+        for path in dict.fromkeys(paths):
+            taken = block.take([i for i, owner in enumerate(paths) if owner == path])
+            waiting[path].append(taken)
+            left[path] -= taken.num_rows
+            if not left[path]:
+                _save_part(path, pa.concat_tables(waiting.pop(path)))
+
+
+def _save_part(path: Location, table: pa.Table) -> None:
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    path.write_bytes(buffer.getvalue().to_pybytes())
 
 
 # LabelConfig options that change how fast labels come, not what they are.
