@@ -47,7 +47,7 @@ def summarize(
 ) -> dict:
     """IoU per class, mean defect IoU (classes > 0 that occur), binary defect IoU (the paper's
     headline: all defect classes vs background), pixel accuracy, the confusion matrix; with
-    ``soft`` (summed soft_counts) the soft defect IoU of the probabilities (None without any).
+    ``soft`` (summed soft_counts of logits) the soft defect IoU of the probabilities.
 
     A class that neither occurs nor is predicted has IoU None and is left out of the means.
     """
@@ -70,9 +70,8 @@ def summarize(
     if per_image is not None and len(per_image):
         scores = [s for s in (_iou(*row) for row in per_image.tolist()) if s is not None]
         result["per_image_binary_iou_mean"] = float(np.mean(scores)) if scores else None
-    if soft is not None:
-        intersection, union = soft
-        result["soft_defect_iou"] = float(intersection / union) if union else None
+    if soft is not None and soft[1] > 0:
+        result["soft_defect_iou"] = float(soft[0] / soft[1])
     return result
 
 

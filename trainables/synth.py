@@ -8,7 +8,7 @@
     OUT/label_quality.json  the labeller on real val images, raw and after each correction
     OUT/plots/*.png         synthetic images with their masks, confidence histogram, quality bars
 
-Images are labelled in one pass of one actor pool, in id order, and saved part by part
+Images are labelled in one pass of one actor pool, sorted by id, and saved part by part
 (``PART_ROWS`` each); each finished part is kept in ``.OUT.labelling-<key>/`` beside OUT until
 the dataset is published, so an interrupted run (the same command again, or `study resume` of a
 pipeline) labels only the parts not done.
@@ -391,8 +391,9 @@ def _label_missing_parts(
     labeller_id: str,
     missing: dict[Location, tuple[str, ...]],
 ) -> None:
-    """One pass of one actor pool over the rows of every missing part, in id order (the actors
-    load the labeller once, not once per part); each part is saved when its last row is in."""
+    """One pass of one actor pool over the rows of every missing part (the actors load the
+    labeller once, not once per part); each part is saved when its last row is in. The rows go
+    in sorted by id, so parts mostly finish one after another and few wait half-filled here."""
     part_of = {row_id: path for path, chunk in missing.items() for row_id in chunk}
     if len(part_of) < rows.count():
         rows = rows.map_batches(partial(only_ids, ids=tuple(part_of)), batch_format="pyarrow")
@@ -411,6 +412,12 @@ def _label_missing_parts(
             left[path] -= taken.num_rows
             if not left[path]:
                 _save_part(path, pa.concat_tables(waiting.pop(path)))
+    if waiting:
+        short = sum(left[path] for path in waiting)
+        raise DataError(
+            f"labelling {cfg.images}: the labeller returned {short} rows fewer than it was given "
+            "(duplicate image ids?); nothing was published, run the command again"
+        )
 
 
 def _save_part(path: Location, table: pa.Table) -> None:
