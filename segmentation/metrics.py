@@ -86,9 +86,10 @@ class MetricAccumulator:
         self.soft = torch.zeros(2, dtype=torch.float64)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred = logits_or_pred
         if logits_or_pred.ndim == 4:
             self.soft += soft_counts(logits_or_pred, target.to(logits_or_pred.device)).cpu()
-        pred = logits_or_pred.argmax(1) if logits_or_pred.ndim == 4 else logits_or_pred
+            pred = logits_or_pred.argmax(1)
         pred, target = pred.cpu(), target.cpu()
         self.cm += confusion_matrix(pred, target, self.num_classes)
         self.per_image.append(binary_counts(pred, target))
