@@ -39,7 +39,7 @@ def cluster_spec(data: Path, storage: Path) -> dict:
         "search_space": {"arch": ["unet", "fpn"], "epochs": 1, "batch_size": 4},
         "search": {"algorithm": "grid", "max_concurrent_trials": 2},
         "resources": {"cpus_per_trial": 1, "custom_per_worker": {WORKER_LABEL: 1}},
-        "training": {"max_steps_per_epoch": 2, "crop_size": 64},
+        "training": {"max_steps_per_epoch": 2, "crop_size": 64, "image_size": 64},
         "storage_path": str(storage),
         "final": {"seeds": 0},
     }
@@ -170,16 +170,15 @@ def test_a_submitted_pipeline_runs_on_several_nodes_and_exports_from_the_client(
     status, where = capsys.readouterr().out.strip().splitlines()
     assert status == "SUCCEEDED" and where.startswith("[stage 5/5] label ")
 
-    # Exported from the client, to a disk and to the bucket: both give the same verdicts.
-    on_disk, on_store = str(tmp_path / "export"), f"{submitted_pipeline['bucket']}/export"
+    # Exported from the client, out of the bucket onto its own disk, and predicting there (an
+    # export onto a bucket: test_pipeline's study exports itself to one).
+    export, out = tmp_path / "export", tmp_path / "predicted"
     images = Path(__file__).resolve().parent.parent / "datasets/sample/neu-seg/images/val"
-    verdicts = []
-    for export in (on_disk, on_store):
-        assert main(["study", "export", root.uri, "--out", export]) == 0
-        out = tmp_path / f"predicted-{len(verdicts)}"
-        assert main(["predict", "--model", export, "--images", str(images), "--out", str(out)]) == 0
-        verdicts.append((out / "predictions.csv").read_text())
-    assert verdicts[0] == verdicts[1] and len(verdicts[0].splitlines()) == 16
+    assert main(["study", "export", root.uri, "--out", str(export)]) == 0
+    assert (
+        main(["predict", "--model", str(export), "--images", str(images), "--out", str(out)]) == 0
+    )
+    assert len((out / "predictions.csv").read_text().splitlines()) == 16
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -253,7 +253,7 @@ def _compare_spec(few: Path, pasted: Path, storage: Path) -> dict:
             "batch_size": 4,
         },
         "search": {"algorithm": "compare"},
-        "training": {"max_steps_per_epoch": 1, "crop_size": 64},
+        "training": {"max_steps_per_epoch": 1, "crop_size": 64, "image_size": 64},
         "storage_path": str(storage),
         "final": {"seeds": 3},
     }

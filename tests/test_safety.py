@@ -368,6 +368,7 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
     command = [sys.executable, "-m", "defectforge.cli", "seg", "train"]
     command += ["--data", str(sample_dataset), "--out", str(tmp_path / "run"), "--epochs", "50"]
     command += ["--crop-size", "64", "--batch-size", "4", "--max-steps-per-epoch", "2"]
+    command += ["--image-size", "64"]  # each epoch's validation pass at a tenth of 200 px
     env = driver_env()
     log = tmp_path / "log.txt"
     with log.open("w") as out:
@@ -399,7 +400,12 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
     latest = max(epoch_of(marker.parent.name) for marker in kept)
     lines = len((tmp_path / "run" / "progress.jsonl").read_text().splitlines())
     cfg = config_from_manifest(
-        sample_dataset, epochs=latest + 2, crop_size=64, batch_size=4, max_steps_per_epoch=2
+        sample_dataset,
+        epochs=latest + 2,
+        crop_size=64,
+        batch_size=4,
+        max_steps_per_epoch=2,
+        image_size=64,
     )
     history = run_seg_training(cfg, tmp_path / "run")["history"]
     assert [row["epoch"] for row in history] == list(range(latest + 2))

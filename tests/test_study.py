@@ -21,7 +21,8 @@ from defectforge.studies.spec import parse_spec
 from defectforge.studies.spec_schema import Range
 from defectforge.studies.stats import mean_interval
 
-STUDY_TRAINING = {"max_steps_per_epoch": 2}
+# Images resized to 64 px: a trial's validation pass then costs a tenth of the full 200 px one.
+STUDY_TRAINING = {"max_steps_per_epoch": 2, "image_size": 64}
 
 
 @pytest.fixture(scope="session")
@@ -154,7 +155,7 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
         ({"final": {"seeds": 3}}, r"final.seeds = 3: the dataset .* has no test split"),
         (
             {"search_space": {"arch": "pan", "epochs": 1}},
-            r"search_space.arch = 'pan': crop_size = 64: pan needs inputs of at least 128 px",
+            r"search_space.arch = 'pan': image_size = 64: pan needs inputs of at least 128 px",
         ),
         (
             {"search_space": {"synthetic_ratio": [0.0, 0.5]}},
@@ -380,7 +381,7 @@ def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking
             "optuna_storage": storage,
         },
         # Enough steps that an epoch's IoU differs between trials, so ASHA has a ranking.
-        training={"max_steps_per_epoch": 6, "crop_size": 64},
+        training={**STUDY_TRAINING, "max_steps_per_epoch": 6, "crop_size": 64},
         final={"seeds": 0},
     )
     spec_file = tmp_path / "spec.yaml"

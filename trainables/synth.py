@@ -8,8 +8,8 @@
     OUT/label_quality.json  the labeller on real val images, raw and after each correction
     OUT/plots/*.png         synthetic images with their masks, confidence histogram, quality bars
 
-Images are labelled in one pass of one actor pool, sorted by id, and saved part by part
-(``PART_ROWS`` each); each finished part is kept in ``.OUT.labelling-<key>/`` beside OUT until
+Images are labelled in one pass of one actor pool and saved part by part (``PART_ROWS`` ids
+in sorted order each); each finished part is kept in ``.OUT.labelling-<key>/`` beside OUT until
 the dataset is published, so an interrupted run (the same command again, or `study resume` of a
 pipeline) labels only the parts not done.
 """
@@ -393,13 +393,15 @@ def _label_missing_parts(
 ) -> None:
     """One pass of one actor pool over the rows of every missing part (the actors load the
     labeller once, not once per part); each part is saved when its last row is in. The rows go
-    in sorted by id, so parts mostly finish one after another and few wait half-filled here."""
+    in as they were written, which is in id order for a generated set (zero-padded seeds) and a
+    folder (sorted names), so parts mostly finish one after another without a sort, which would
+    move every image through an all-to-all exchange."""
     part_of = {row_id: path for path, chunk in missing.items() for row_id in chunk}
     if len(part_of) < rows.count():
         rows = rows.map_batches(partial(only_ids, ids=tuple(part_of)), batch_format="pyarrow")
     waiting: dict[Location, list[pa.Table]] = {path: [] for path in missing}
     left = {path: len(chunk) for path, chunk in missing.items()}
-    labelled = label_rows(cfg, rows.sort("id"), size, labeller_id)
+    labelled = label_rows(cfg, rows, size, labeller_id)
     for block in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
         # A block the id filter left empty can come back without columns: only rows count.
         if not block.num_rows:
