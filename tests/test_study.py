@@ -235,9 +235,19 @@ def _trial_dirs(root: Path) -> list[Path]:
     return sorted(p for p in (root / "search").glob("*_*") if p.is_dir())
 
 
+def _tune_saved_trials(root: Path) -> int:
+    """How many trials Tune's latest saved state of the search lists (none while Tune writes it)."""
+    states = sorted((root / "search").glob("experiment_state-*.json"))
+    try:
+        return len(json.loads(states[-1].read_text())["trial_data"]) if states else 0
+    except json.JSONDecodeError:
+        return 0
+
+
 def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial: int = 2) -> None:
     """Start `study run` as its own driver on the session's Ray, and kill it while the second
-    (or the ``trial``-th) trial trains: a driver lost mid-study."""
+    (or the ``trial``-th) trial trains and after Tune saved its state with it: a driver lost
+    mid-study. (A driver killed while Tune writes that state: the next test.)"""
     import ray
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -254,7 +264,7 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial
         try:
             # A driver that ends first (a refused spec) fails the wait at once, with its log.
             _wait_for(
-                lambda: len(_trial_dirs(root)) >= trial or driver.poll() is not None,
+                lambda: _tune_saved_trials(root) >= trial or driver.poll() is not None,
                 300,
                 f"trial {trial}",
             )
@@ -262,6 +272,34 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial
         finally:
             driver.kill()
             driver.wait()
+
+
+def test_a_search_whose_tune_state_was_left_half_written_runs_again_from_its_space(
+    sample_with_test, tmp_path
+):
+    """A driver killed while Tune wrote its state leaves a file Tune cannot read, and Tune starts
+    the run over: from the spec's search space, not from an empty one."""
+    from defectforge.studies.results import TRIALS_FILE
+    from defectforge.trainables.study import resume_study, run_study
+
+    space = {"arch": ["fpn"], "epochs": 1, "batch_size": 4}
+    spec = study_spec(sample_with_test, tmp_path, search_space=space, final={"seeds": 0})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec))
+    run_study(spec_file)
+    root = tmp_path / "t"
+    (state,) = (root / "search").glob("experiment_state-*.json")
+    state.write_text(state.read_text()[:200])
+
+    resume_study(str(root))
+
+    (trial,) = json.loads((root / TRIALS_FILE).read_text())
+    assert trial["status"] == "finished" and trial["epochs_run"] == 1
+    assert {k: trial["config"].get(k) for k in space} == {
+        "arch": "fpn",
+        "epochs": 1,
+        "batch_size": 4,
+    }
 
 
 def test_an_interrupted_study_resumes_reports_and_exports(

@@ -62,18 +62,14 @@ from defectforge.trainables.study_setup import (
     check_study,
     study_worker_cpus,
 )
-from defectforge.trainables.study_trials import compare_trial, final_trial, search_trial
 from defectforge.trainables.study_tune import (
-    COMPARE_RUN,
     SEARCH_RUN,
-    compare_tuner,
+    compare_run,
     fail_orphaned_asks,
     final_baseline,
-    final_run_name,
-    final_tuner,
+    final_run,
     run_tune,
-    search_tuner,
-    trainable,
+    search_run,
     trial_records,
 )
 from defectforge.trainables.tracking import MLFLOW_RUN_KEY, log_study, require_mlflow
@@ -235,23 +231,13 @@ def _complete(spec: StudySpec, store: StudyStore) -> dict:
     name = store.read_json(STUDY_FILE)["name"]
     if orphans := fail_orphaned_asks(spec, store, name):
         print(f"{orphans} Optuna trial(s) asked before the stop and never run: marked failed")
-    results = run_tune(
-        store,
-        SEARCH_RUN,
-        lambda: search_tuner(context, store, name),
-        trainable(search_trial, context),
-    )
+    results = run_tune(store, search_run(context, store, name))
     trials = _record_trials(store, results, spec)
     best = trials[0]  # collect_trials sorts best first
     if best[SELECTION_METRIC] is None:
         raise RuntimeError(f"{store.uri}: no trial finished an epoch; see the trial errors above")
     if spec.final.seeds and not store.exists(FINAL_FILE):
-        final_results = run_tune(
-            store,
-            final_run_name(best),
-            lambda: final_tuner(context, store, best),
-            trainable(final_trial, context),
-        )
+        final_results = run_tune(store, final_run(context, store, best))
         chosen_is_baseline = bool(spec.final.baseline) and not final_baseline(context, best)
         summary = summarize_final(trial_records(final_results), best, chosen_is_baseline)
         store.write_json(FINAL_FILE, summary)
@@ -259,12 +245,7 @@ def _complete(spec: StudySpec, store: StudyStore) -> dict:
 
 
 def _complete_comparison(context: StudyContext, store: StudyStore) -> dict:
-    results = run_tune(
-        store,
-        COMPARE_RUN,
-        lambda: compare_tuner(context, store),
-        trainable(compare_trial, context),
-    )
+    results = run_tune(store, compare_run(context, store))
     _record_trials(store, results, context.spec)
     store.write_json(COMPARE_FILE, summarize_comparison(trial_records(results), context.spec))
     return write_study_report(store)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -169,10 +170,20 @@ def trainable(function, context: StudyContext):
     return tune.with_resources(tune.with_parameters(function, context=context), resources)
 
 
-def search_tuner(context: StudyContext, store: StudyStore, name: str) -> tune.Tuner:
+@dataclass(frozen=True)
+class TuneRun:
+    """One Tune run of the study, as a new Tuner takes it."""
+
+    trainable: object
+    param_space: dict
+    tune_config: tune.TuneConfig
+    run_config: tune.RunConfig
+
+
+def search_run(context: StudyContext, store: StudyStore, name: str) -> TuneRun:
     spec = context.spec
     label = partial(trial_label, searched=tuple(spec.varied()))
-    return tune.Tuner(
+    return TuneRun(
         trainable(search_trial, context),
         param_space=param_space(spec),
         tune_config=_tune_config(
@@ -226,14 +237,14 @@ def _final_seeds(spec: StudySpec) -> list[int]:
     return [spec.final.first_seed + i for i in range(spec.final.seeds)]
 
 
-def compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
+def compare_run(context: StudyContext, store: StudyStore) -> TuneRun:
     """Every arm (grid point) with the final step's seeds, each scored on test."""
     spec = context.spec
     values = param_space(spec)
     if spec.final.epochs:
         values["epochs"] = spec.final.epochs
     label = partial(trial_label, searched=(*spec.varied(), "seed"))
-    return tune.Tuner(
+    return TuneRun(
         trainable(compare_trial, context),
         param_space={**values, "seed": tune.grid_search(_final_seeds(spec))},
         tune_config=_tune_config(context, label),
@@ -241,7 +252,7 @@ def compare_tuner(context: StudyContext, store: StudyStore) -> tune.Tuner:
     )
 
 
-def final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.Tuner:
+def final_run(context: StudyContext, store: StudyStore, best: dict) -> TuneRun:
     spec = context.spec
     values = dict(best["config"])
     if spec.final.epochs:
@@ -251,7 +262,7 @@ def final_tuner(context: StudyContext, store: StudyStore, best: dict) -> tune.Tu
     if baseline:
         # The baseline as an arm over the chosen values, in the same grid as the seeds.
         space[ARMS] = tune.grid_search([{}, baseline])
-    return tune.Tuner(
+    return TuneRun(
         trainable(final_trial, context),
         param_space=space,
         tune_config=_tune_config(
@@ -278,14 +289,24 @@ def final_baseline(context: StudyContext, best: dict) -> dict:
     return {} if all(chosen[k] == v for k, v in baseline.items()) else baseline
 
 
-def run_tune(store: StudyStore, run: str, fresh, trainable) -> tune.ResultGrid:
-    """Continue ``run`` if an earlier driver left it (finished trials are not rerun), else start."""
-    location = store.location(run)
+def run_tune(store: StudyStore, run: TuneRun) -> tune.ResultGrid:
+    """Continue ``run`` if an earlier driver left it (finished trials are not rerun), else start.
+    The restore gets the search space again: where the stopped driver left no readable Tune
+    state (stopped before Tune first saved it, or while it wrote it), Tune starts the run over,
+    and from the space, not from an empty one."""
+    location = store.location(run.run_config.name)
     if tune.Tuner.can_restore(location):
         print(f"resuming {location}", flush=True)
-        tuner = tune.Tuner.restore(location, trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(
+            location, trainable=run.trainable, param_space=run.param_space, resume_errored=True
+        )
     else:
-        tuner = fresh()
+        tuner = tune.Tuner(
+            run.trainable,
+            param_space=run.param_space,
+            tune_config=run.tune_config,
+            run_config=run.run_config,
+        )
     return fit(tuner)
 
 
