@@ -259,10 +259,12 @@ def _tune_saved_trials(root: Path) -> int:
         return 0
 
 
-def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial: int = 2) -> None:
-    """Start `study run` as its own driver on the session's Ray, and kill it while the second
-    (or the ``trial``-th) trial trains and after Tune saved its state with it: a driver lost
-    mid-study. (A driver killed while Tune writes it: the two-concurrent-trials test.)"""
+def _run_driver_until_second_trial(
+    spec_file: Path, root: Path, log: Path, trial: int = 2, saved: bool = False
+) -> None:
+    """Start `study run` as its own driver on the session's Ray, and kill it as the second (or
+    the ``trial``-th) trial starts, or, ``saved``, once Tune's saved state lists it: a driver
+    lost mid-study. (Killed while Tune writes that state: the two-concurrent-trials test.)"""
     import ray
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -279,7 +281,10 @@ def _run_driver_until_second_trial(spec_file: Path, root: Path, log: Path, trial
         try:
             # A driver that ends first (a refused spec) fails the wait at once, with its log.
             _wait_for(
-                lambda: _tune_saved_trials(root) >= trial or driver.poll() is not None,
+                lambda: (
+                    (_tune_saved_trials(root) if saved else len(_trial_dirs(root))) >= trial
+                    or driver.poll() is not None
+                ),
                 300,
                 f"trial {trial}",
             )
@@ -412,7 +417,9 @@ def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     root = tmp_path / "t"
-    _run_driver_until_second_trial(spec_file, root, tmp_path / "driver.log", trial=4)
+    # After Tune saved the fourth trial: Tune then knows what finished, and no finished trial
+    # is asked again.
+    _run_driver_until_second_trial(spec_file, root, tmp_path / "driver.log", trial=4, saved=True)
     (asked,) = optuna.get_all_study_names(storage)
     done = optuna.load_study(study_name=asked, storage=storage).get_trials(
         states=[optuna.trial.TrialState.COMPLETE]
