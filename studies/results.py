@@ -51,7 +51,12 @@ class TrialRecord:
 
 def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
     """One row of trials.json: the trial's values, status and best epoch's validation metrics."""
-    epochs = [line for line in record.lines if line.get(SELECTION_METRIC) is not None]
+    # By epoch: an epoch reported again after a resume (Tune restored the one before) counts once.
+    epochs = list(
+        {
+            line["epoch"]: line for line in record.lines if line.get(SELECTION_METRIC) is not None
+        }.values()
+    )
     # A trial that keeps its own checkpoints says which one is its best, and its metrics, on
     # every line.
     kept = next((line for line in reversed(record.lines) if KEPT_BEST in line), {})

@@ -238,12 +238,12 @@ def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test,
     assert study_worker_cpus(parse_spec(gpu)) == 1
 
 
-def _wait_for(condition, seconds: float, what: str) -> None:
+def _wait_for(condition, seconds: float, what: str, every: float = 1.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(1)
+        time.sleep(every)
 
 
 def _trial_dirs(root: Path) -> list[Path]:
@@ -259,12 +259,15 @@ def _tune_saved_trials(root: Path) -> int:
         return 0
 
 
-def _run_driver_until_second_trial(
-    spec_file: Path, root: Path, log: Path, trial: int = 2, saved: bool = False
-) -> None:
-    """Start `study run` as its own driver on the session's Ray, and kill it as the second (or
-    the ``trial``-th) trial starts, or, ``saved``, once Tune's saved state lists it: a driver
-    lost mid-study. (Killed while Tune writes that state: the two-concurrent-trials test.)"""
+def _saved_epochs(root: Path, epoch: int) -> int:
+    """How many trials have saved ``epoch``'s folder complete (its metrics file is written last)."""
+    return len(list((root / "train").glob(f"*/epoch_{epoch:03d}/epoch_metrics.json")))
+
+
+def _run_driver_until(spec_file: Path, root: Path, log: Path, reached, what: str) -> None:
+    """Start `study run` as its own driver on the session's Ray, and kill it as soon as
+    ``reached()``: a driver lost mid-study. (Killed while Tune writes its state: the
+    two-concurrent-trials test.)"""
     import ray
 
     env = {**os.environ, "RAY_AUTH_MODE": "token", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -280,14 +283,8 @@ def _run_driver_until_second_trial(
         )
         try:
             # A driver that ends first (a refused spec) fails the wait at once, with its log.
-            _wait_for(
-                lambda: (
-                    (_tune_saved_trials(root) if saved else len(_trial_dirs(root))) >= trial
-                    or driver.poll() is not None
-                ),
-                300,
-                f"trial {trial}",
-            )
+            # Polled often: some kill points are a few milliseconds wide.
+            _wait_for(lambda: reached() or driver.poll() is not None, 300, what, every=0.01)
             assert driver.poll() is None, log.read_text()[-3000:]
         finally:
             driver.kill()
@@ -323,7 +320,10 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     # The search must not need the test split at all: it is not even there while it runs.
     test_split.rename(hidden)
     try:
-        _run_driver_until_second_trial(spec_file, root, tmp_path / "driver.log")
+        # Killed as the second trial saves its last epoch, before Tune can hear of it.
+        _run_driver_until(
+            spec_file, root, tmp_path / "driver.log", lambda: _saved_epochs(root, 1) >= 2, "epoch 2"
+        )
     finally:
         hidden.rename(test_split)
     first = _trial_dirs(root)[0]
@@ -336,6 +336,8 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     trials = json.loads((root / TRIALS_FILE).read_text())
     assert len(trials) == 2 and {t["status"] for t in trials} == {"finished"}
     assert sorted(t["config"]["synthetic_ratio"] for t in trials) == [0.0, 0.4]
+    # The second trial's last epoch, saved before Tune heard of it, is Tune's result too.
+    _tune_results_carry_the_trials_models(root)
     final = json.loads((root / FINAL_FILE).read_text())
     assert [s["seed"] for s in final["seeds"]] == [1000, 1001, 1002]
     interval = final["test_binary_defect_iou"]
@@ -419,7 +421,9 @@ def test_an_optuna_study_with_asha_stops_trials_early_and_resumes_without_asking
     root = tmp_path / "t"
     # After Tune saved the fourth trial: Tune then knows what finished, and no finished trial
     # is asked again.
-    _run_driver_until_second_trial(spec_file, root, tmp_path / "driver.log", trial=4, saved=True)
+    _run_driver_until(
+        spec_file, root, tmp_path / "driver.log", lambda: _tune_saved_trials(root) >= 4, "trial 4"
+    )
     (asked,) = optuna.get_all_study_names(storage)
     done = optuna.load_study(study_name=asked, storage=storage).get_trials(
         states=[optuna.trial.TrialState.COMPLETE]

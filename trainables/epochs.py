@@ -45,6 +45,10 @@ class EpochFolders:
     def latest(self) -> str | None:
         return self._names()[-1] if self.saved else None
 
+    def newer_than(self, epoch: int) -> list[str]:
+        """The saved epochs after ``epoch``, oldest first."""
+        return [name for name in self._names() if epoch_of(name) > epoch]
+
     def best(self) -> str:
         """The best epoch by the trial table's rule (``best_epoch``); the latest if none scored."""
         best = best_epoch([self.saved[name] for name in self._names()])

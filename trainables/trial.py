@@ -15,6 +15,7 @@ workers keep the Train run (``trainables.study``).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -33,7 +34,7 @@ from defectforge.segmentation.loop import train_segmentation
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.results import CHECKPOINT_SCORE, KEPT_BEST, KEPT_BEST_METRICS
 from defectforge.studies.store import StudyStore
-from defectforge.trainables.epochs import EpochFolders, epoch_name
+from defectforge.trainables.epochs import EPOCH_METRICS, EpochFolders, epoch_name, epoch_of
 from defectforge.trainables.runtime import check_store_here
 from defectforge.trainables.seg_feed import one_worker_io, read_splits
 
@@ -53,8 +54,7 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
     folders = EpochFolders(store, run)
     node = ray.get_runtime_context().get_node_id()
 
-    def report(metrics: dict, folder: Path | None) -> None:
-        folders.save(folder, metrics)
+    def tell_tune(metrics: dict, folder: Path) -> None:
         name, best = epoch_name(metrics["epoch"]), folders.best()
         score = metrics.get(SELECTION_METRIC)
         with _model_only(folder) as model:
@@ -73,7 +73,17 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
             )
         folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
+    def report(metrics: dict, folder: Path) -> None:
+        folders.save(folder, metrics)
+        tell_tune(metrics, folder)
+
     with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
+        # Killed between saving an epoch and Tune hearing of it, a trial would otherwise resume
+        # past that epoch with its result lost to Tune, its scheduler and the study's table.
+        for name in folders.newer_than(_epoch_tune_restored(folders)):
+            tell_tune(
+                folders.saved[name], store.local_copy(folders.location(name), Path(scratch, name))
+            )
         latest = folders.latest()
         resume = store.local_copy(folders.location(latest), scratch) if latest else None
         train_segmentation(cfg, one_worker_io(cfg, read_splits(cfg), report, resume))
@@ -81,12 +91,26 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
     return TrainedTrial(folders.location(best), folders.saved[best])
 
 
+def _epoch_tune_restored(folders: EpochFolders) -> int:
+    """The epoch of the checkpoint Tune restored this trial from; -1 for a fresh trial."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return -1
+    with checkpoint.as_directory() as folder:
+        metrics = Path(folder) / EPOCH_METRICS
+        if metrics.is_file():
+            return json.loads(metrics.read_text())["epoch"]
+    # A checkpoint from before they carried their metrics: taken as the latest saved.
+    return epoch_of(folders.latest()) if folders.latest() else -1
+
+
 @contextlib.contextmanager
 def _model_only(epoch_folder: Path) -> Iterator[str]:
-    """A folder holding an epoch folder's model and config only (links where the disk allows,
-    else copies): Tune's copy of the checkpoint needs no optimizer state."""
+    """A folder holding an epoch folder's model, config and metrics only (links where the disk
+    allows, else copies): Tune's copy of the checkpoint needs no optimizer state; the metrics say
+    which epoch it is when Tune restores it."""
     with tempfile.TemporaryDirectory(prefix="defectforge-model-") as folder:
-        for name in (MODEL_FILE, CONFIG_FILE):
+        for name in (MODEL_FILE, CONFIG_FILE, EPOCH_METRICS):
             source, target = epoch_folder / name, Path(folder) / name
             try:
                 os.link(source, target)
