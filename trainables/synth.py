@@ -78,6 +78,14 @@ LABELLED_SCHEMA = pa.schema(
         pa.field("pixel_sumsq", pa.list_(pa.float64())),
     ]
 )
+# Rows of the labeller's own val split travel through the labelling pool beside the generated
+# images (one model load per labelling): marked on the way in, and on the way out they carry one
+# flattened confusion matrix per correction variant instead of a label.
+SCORED = "scored"
+CONFUSIONS = "confusions"
+POOL_SCHEMA = LABELLED_SCHEMA.append(
+    pa.field(CONFUSIONS, pa.map_(pa.string(), pa.list_(pa.int64())))
+)
 GRID_ROWS = 16
 BATCHES_PER_BLOCK = 4
 # Images per saved part: at most this much labelling is lost to an interruption.
@@ -98,12 +106,16 @@ def _actor_input(rows: ray.data.Dataset, cfg: LabelConfig) -> ray.data.Dataset:
 
 
 class _Labeller:
-    """Ray Data actor: loads the labeller once, then labels batches of generated rows."""
+    """Ray Data actor: loads the labeller once, then labels the generated rows of each batch and
+    scores its ``SCORED`` rows (real val images) against their masks."""
 
     def __init__(self, cfg: dict, size: tuple[int, int], labeller_id: str):
         self.cfg = LabelConfig.from_dict(cfg)
         self.model, self.seg = load_model(self.cfg.labeller, _device(self.cfg.use_gpu))
         self.size, self.labeller_id = size, labeller_id
+        self.variants = quality_variants(self.cfg.corrections)
+        self.binary = self.cfg.binary or self.seg.binary
+        self.num_classes = 2 if self.binary else len(self.seg.classes)
 
     def _image(self, cell: bytes) -> np.ndarray:
         image = decode_png(cell, self.seg.channels)
@@ -114,6 +126,13 @@ class _Labeller:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        generated = [row for row in rows if not row[SCORED]]
+        scored = [self._confusions(row) for row in rows if row[SCORED]]
+        return pa.Table.from_pylist(
+            (self._labelled(generated) if generated else []) + scored, schema=POOL_SCHEMA
+        )
+
+    def _labelled(self, rows: list[dict]) -> list[dict]:
         images = np.stack([self._image(row["image"]) for row in rows])
         logits = predict_batch_logits(self.model, self.seg.batch_spec(), images)
         probabilities = torch.softmax(logits, dim=1).numpy()
@@ -144,7 +163,21 @@ class _Labeller:
                     "pixel_sumsq": np.square(pixels).sum(axis=0).tolist(),
                 }
             )
-        return pa.Table.from_pylist(labelled, schema=LABELLED_SCHEMA)
+        return labelled
+
+    def _confusions(self, row: dict) -> dict:
+        """A real image at its own size against its mask: one confusion matrix per variant."""
+        image = decode_png(row["image"], self.seg.channels)
+        truth = torch.from_numpy(decode_png(row["mask"], 0).astype(np.int64))
+        raw = predict_logits(self.model, self.seg.batch_spec(), image).argmax(0).numpy()
+        matrices = {}
+        for name, corrections in self.variants.items():
+            pred = torch.from_numpy(correct(raw.astype(np.uint8), corrections).astype(np.int64))
+            target = truth
+            if self.binary:
+                pred, target = (pred > 0).long(), (truth > 0).long()
+            matrices[name] = confusion_matrix(pred, target, self.num_classes).ravel().tolist()
+        return {"id": row["id"], CONFUSIONS: matrices}
 
 
 def _label_classes(cfg: LabelConfig, seg: SegConfig) -> tuple[str, ...]:
@@ -163,33 +196,6 @@ def quality_variants(corrections: Corrections) -> dict[str, Corrections]:
     return variants
 
 
-class _QualityScorer:
-    """Ray Data actor: the labeller on real images with known masks, one confusion matrix per
-    correction variant per row."""
-
-    def __init__(self, cfg: dict):
-        self.cfg = LabelConfig.from_dict(cfg)
-        self.model, self.seg = load_model(self.cfg.labeller, _device(self.cfg.use_gpu))
-        self.variants = quality_variants(self.cfg.corrections)
-        self.binary = self.cfg.binary or self.seg.binary
-        self.num_classes = 2 if self.binary else len(self.seg.classes)
-
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        matrices = {name: [] for name in self.variants}
-        for row in batch.to_pylist():
-            image = decode_png(row["image"], self.seg.channels)
-            truth = torch.from_numpy(decode_png(row["mask"], 0).astype(np.int64))
-            raw = predict_logits(self.model, self.seg.batch_spec(), image).argmax(0).numpy()
-            for name, corrections in self.variants.items():
-                pred = torch.from_numpy(correct(raw.astype(np.uint8), corrections).astype(np.int64))
-                target = truth
-                if self.binary:
-                    pred, target = (pred > 0).long(), (truth > 0).long()
-                cm = confusion_matrix(pred, target, self.num_classes)
-                matrices[name].append(cm.numpy().ravel())
-        return {f"cm_{name}": np.stack(values) for name, values in matrices.items()}
-
-
 def _actor_options(cfg: LabelConfig) -> dict:
     """The actor pool: ``cfg.actors`` copies, each with its GPU, or a CPU share that leaves
     Ray Data's tasks room beside them."""
@@ -206,23 +212,10 @@ def _actor_options(cfg: LabelConfig) -> dict:
     }
 
 
-def label_quality(cfg: LabelConfig, seg: SegConfig) -> dict | None:
-    """IoU of the labeller on its dataset's val split per correction variant (None: no val)."""
-    if not split_location(seg.data, "val").is_dir():
-        return None
-    scored = _actor_input(read_split(seg.data, "val"), cfg).map_batches(
-        _QualityScorer, fn_constructor_kwargs={"cfg": asdict(cfg)}, **_actor_options(cfg)
-    )
-    totals: dict[str, np.ndarray] = {}
-    for batch in scored.iter_batches(batch_format="numpy"):
-        for column, values in batch.items():
-            totals[column] = totals.get(column, 0) + np.stack(values).sum(axis=0)
-    names = list(_label_classes(cfg, seg))
+def _quality(totals: dict[str, np.ndarray], names: list[str]) -> dict:
+    """IoU of the labeller on its val split per correction variant, from summed matrices."""
     k = len(names)
-    return {
-        column.removeprefix("cm_"): summarize(total.reshape(k, k), names)
-        for column, total in totals.items()
-    }
+    return {name: summarize(total.reshape(k, k), names) for name, total in totals.items()}
 
 
 def generated_dataset(images: str | Path) -> tuple[ray.data.Dataset, Manifest]:
@@ -350,11 +343,34 @@ def generator_config(generated: Manifest) -> dict | None:
     return generated.generation.gan_config if generated.generation else None
 
 
+def _tagged(rows: ray.data.Dataset, scored: bool) -> ray.data.Dataset:
+    """Contract rows marked to be labelled (generated images) or scored (real val images)."""
+    schema = SCHEMA.append(pa.field(SCORED, pa.bool_()))
+
+    def tag(table: pa.Table) -> pa.Table:
+        # A block an id filter left empty can come back without columns.
+        if not table.num_rows:
+            return schema.empty_table()
+        table = table.select(list(COLUMNS)).cast(SCHEMA)
+        return table.append_column(SCORED, pa.array([scored] * table.num_rows, pa.bool_()))
+
+    return rows.map_batches(tag, batch_format="pyarrow")
+
+
 def label_rows(
-    cfg: LabelConfig, rows: ray.data.Dataset, size: tuple[int, int], labeller_id: str
+    cfg: LabelConfig,
+    rows: ray.data.Dataset | None,
+    size: tuple[int, int],
+    labeller_id: str,
+    scored: ray.data.Dataset | None = None,
 ) -> ray.data.Dataset:
-    """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, lazily."""
-    return _actor_input(rows, cfg).map_batches(
+    """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, and the
+    ``scored`` rows (real images with masks) scored in the same pass, lazily (``POOL_SCHEMA``:
+    a scored row holds its id and confusion matrices only)."""
+    tagged = [
+        _tagged(data, flag) for data, flag in ((rows, False), (scored, True)) if data is not None
+    ]
+    return _actor_input(tagged[0].union(*tagged[1:]), cfg).map_batches(
         _Labeller,
         fn_constructor_kwargs={"cfg": asdict(cfg), "size": size, "labeller_id": labeller_id},
         **_actor_options(cfg),
@@ -367,46 +383,58 @@ def _part_file(parts: Location, index: int, ids: tuple[str, ...]) -> Location:
 
 def labelled_parts(
     cfg: LabelConfig,
+    seg: SegConfig,
     rows: ray.data.Dataset,
     size: tuple[int, int],
     labeller_id: str,
     parts: Location,
-) -> ray.data.Dataset:
+) -> tuple[ray.data.Dataset, dict | None]:
     """``rows`` labelled part by part, each part saved in ``parts`` when done; parts found there
-    (an interrupted run of the same labelling) are read, not labelled again."""
+    (an interrupted run of the same labelling) are read, not labelled again. With them, the
+    labeller's quality on its own val split (None where it has none), scored in the same pass."""
     rows = rows.materialize()  # read once: the labelling pass filters these rows, not the files
     ids = sorted(row["id"] for row in rows.select_columns(["id"]).take_all())
     chunks = [tuple(ids[start : start + PART_ROWS]) for start in range(0, len(ids), PART_ROWS)]
     files = [_part_file(parts, index, chunk) for index, chunk in enumerate(chunks)]
     missing = {path: chunk for path, chunk in zip(files, chunks, strict=True) if not path.is_file()}
-    if missing:
-        _label_missing_parts(cfg, rows, size, labeller_id, missing)
-    return parquet_dataset([path.uri for path in files], LABELLED_SCHEMA)
+    val = read_split(seg.data, "val") if split_location(seg.data, "val").is_dir() else None
+    totals = _label_missing_parts(cfg, rows, val, size, labeller_id, missing)
+    quality = _quality(totals, list(_label_classes(cfg, seg))) if val is not None else None
+    return parquet_dataset([path.uri for path in files], LABELLED_SCHEMA), quality
 
 
 def _label_missing_parts(
     cfg: LabelConfig,
     rows: ray.data.Dataset,
+    val: ray.data.Dataset | None,
     size: tuple[int, int],
     labeller_id: str,
     missing: dict[Location, tuple[str, ...]],
-) -> None:
-    """One pass of one actor pool over the rows of every missing part (the actors load the
-    labeller once, not once per part); each part is saved when its last row is in. The rows go
-    in as they were written, which is in id order for a generated set (zero-padded seeds) and a
-    folder (sorted names), so parts mostly finish one after another without a sort, which would
-    move every image through an all-to-all exchange."""
+) -> dict[str, np.ndarray]:
+    """One pass of one actor pool over the rows of every missing part and over ``val`` (the
+    actors load the labeller once, not once per part or per task); each part is saved when its
+    last row is in; returns the val rows' confusion matrices summed per correction variant. The
+    rows go in as they were written, which is in id order for a generated set (zero-padded
+    seeds) and a folder (sorted names), so parts mostly finish one after another without a
+    sort, which would move every image through an all-to-all exchange."""
     part_of = {row_id: path for path, chunk in missing.items() for row_id in chunk}
+    if not part_of and val is None:
+        return {}
     if len(part_of) < rows.count():
         rows = rows.map_batches(partial(only_ids, ids=tuple(part_of)), batch_format="pyarrow")
     waiting: dict[Location, list[pa.Table]] = {path: [] for path in missing}
     left = {path: len(chunk) for path, chunk in missing.items()}
-    labelled = label_rows(cfg, rows, size, labeller_id)
-    for block in labelled.iter_batches(batch_size=None, batch_format="pyarrow"):
-        # A block the id filter left empty can come back without columns: only rows count.
+    totals: dict[str, np.ndarray] = {}
+    pool = label_rows(cfg, rows if part_of else None, size, labeller_id, val)
+    for block in pool.iter_batches(batch_size=None, batch_format="pyarrow"):
         if not block.num_rows:
             continue
-        block = block.cast(LABELLED_SCHEMA)
+        block = block.cast(POOL_SCHEMA)
+        is_scored = pc.is_valid(block.column(CONFUSIONS))
+        for matrices in block.filter(is_scored).column(CONFUSIONS).to_pylist():
+            for name, values in matrices:
+                totals[name] = totals.get(name, 0) + np.asarray(values, np.int64)
+        block = block.filter(pc.invert(is_scored)).drop_columns([CONFUSIONS])
         paths = [part_of[row_id] for row_id in block.column("id").to_pylist()]
         for path in dict.fromkeys(paths):
             taken = block.take([i for i, owner in enumerate(paths) if owner == path])
@@ -420,6 +448,7 @@ def _label_missing_parts(
             f"labelling {cfg.images}: the labeller returned {short} rows fewer than it was given "
             "(duplicate image ids?); nothing was published, run the command again"
         )
+    return totals
 
 
 def _save_part(path: Location, table: pa.Table) -> None:
@@ -459,9 +488,9 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
     out = Location.of(out)
     parts = _parts_folder(out, cfg, source, labeller_id)
     with write_dataset(out, overwrite, inputs=(cfg.images, cfg.labeller)) as staging:
-        labelled = labelled_parts(cfg, generated, size, labeller_id, parts).materialize()
+        labelled, quality = labelled_parts(cfg, seg, generated, size, labeller_id, parts)
+        labelled = labelled.materialize()
         summary = labelled.drop_columns(["image", "mask"]).take_all()
-        quality = label_quality(cfg, seg)
         if any(not row["rejected"] for row in summary):
             staging.write_split("train", labelled.map_batches(_kept_rows, batch_format="pyarrow"))
         staging.path("labels.csv").write_bytes(_labels_csv(summary))
