@@ -34,6 +34,10 @@ from defectforge.segmentation.metrics import MetricAccumulator
 from defectforge.segmentation.models import build_model
 from defectforge.segmentation.selection import RANKING_METRIC, SELECTION_METRIC, ranking_score
 
+# Epochs trained so far (epoch + 1), on every epoch's metrics: what a scheduler counts its rungs
+# in, since a resumed run may report fewer results than it trained epochs.
+EPOCHS_TRAINED = "epochs_trained"
+
 
 @dataclass
 class LoopIO:
@@ -220,6 +224,7 @@ def _epoch_metrics(
 ) -> dict:
     metrics = {
         "epoch": epoch,
+        EPOCHS_TRAINED: epoch + 1,
         "train_loss": train_loss,
         "train_img_per_s": train_img_per_s,
         "lr": optimizer.param_groups[0]["lr"],

@@ -348,6 +348,7 @@ def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(
 ):
     from ray import tune
 
+    from defectforge.segmentation.loop import EPOCHS_TRAINED
     from defectforge.trainables.study_tune import _scheduler
 
     spec = parse_spec(
@@ -361,8 +362,9 @@ def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(
 
     def epochs(config):
         # The first trial (lr 0.01) scores 0.5 an epoch, the second 0.1: behind at every rung.
-        for _ in range(config["epochs"]):
-            tune.report({"val_binary_defect_iou": (0.5 if config["lr"] == 0.01 else 0.1)})
+        for epoch in range(config["epochs"]):
+            score = 0.5 if config["lr"] == 0.01 else 0.1
+            tune.report({"val_binary_defect_iou": score, EPOCHS_TRAINED: epoch + 1})
 
     tuner = tune.Tuner(
         epochs,

@@ -232,6 +232,10 @@ def test_mixing_unlabelled_images_is_a_clear_error(sample_dataset, generated, tm
         mix_datasets(sample_dataset, generated, MixConfig(0.2), tmp_path / "mixed")
 
 
+def _interrupt(*args):
+    raise KeyboardInterrupt
+
+
 def test_an_interrupted_labelling_labels_only_the_parts_not_done(
     generated, labeller, labelled, tmp_path, monkeypatch
 ):
@@ -264,10 +268,21 @@ def test_an_interrupted_labelling_labels_only_the_parts_not_done(
     label_rows = synth.label_rows
     monkeypatch.setattr(synth, "_save_part", save_part)
     monkeypatch.setattr(
-        synth, "label_rows", lambda *args: given.append(args[1].count()) or label_rows(*args)
+        synth,
+        "label_rows",
+        lambda *args: given.append(args[1] and args[1].count()) or label_rows(*args),
     )
+    # Interrupted again once every part is saved, before the dataset is published.
+    plot_label_grid = synth.plot_label_grid
+    monkeypatch.setattr(synth, "plot_label_grid", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        synth.label_synthetic(cfg, out)
+    assert given == [16] and len(list(parts.glob("part-*.parquet"))) == 2  # the second part only
+    monkeypatch.setattr(synth, "plot_label_grid", plot_label_grid)
     synth.label_synthetic(cfg, out)
-    assert given == [16] and not parts.exists()  # the second part's rows only, in one pass
+    assert given == [16, None] and not parts.exists()  # nothing left to label: val scored alone
     ours, fresh = (read_split_table(d, "train").sort_by("id") for d in (out, labelled))
     assert ours.column("id").equals(fresh.column("id"))
     assert ours.column("mask").equals(fresh.column("mask"))
+    quality = (json.loads((d / "label_quality.json").read_text()) for d in (out, labelled))
+    assert next(quality) == next(quality)

@@ -15,6 +15,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from defectforge.core.storage import absolute_location, is_uri
+from defectforge.segmentation.loop import EPOCHS_TRAINED
 from defectforge.segmentation.selection import RANKING_METRIC
 from defectforge.studies.results import (
     CHECKPOINT_SCORE,
@@ -157,7 +158,7 @@ def _scheduler(spec: StudySpec):
         else epochs
     )
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr=EPOCHS_TRAINED,
         max_t=int(max_epochs),
         grace_period=asha.grace_period,
         reduction_factor=asha.reduction_factor,

@@ -357,6 +357,15 @@ def _tagged(rows: ray.data.Dataset, scored: bool) -> ray.data.Dataset:
     return rows.map_batches(tag, batch_format="pyarrow")
 
 
+def _pool_input(rows: ray.data.Dataset | None, scored: ray.data.Dataset | None) -> ray.data.Dataset:
+    """The rows to label and the rows to score, tagged, as one dataset (either may be None)."""
+    tagged = [
+        _tagged(data, flag) for data, flag in ((rows, False), (scored, True)) if data is not None
+    ]
+    # Ray Data cannot execute a union of one dataset.
+    return tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
+
+
 def label_rows(
     cfg: LabelConfig,
     rows: ray.data.Dataset | None,
@@ -367,10 +376,7 @@ def label_rows(
     """``rows`` (contract schema) labelled by ``cfg.actors`` copies of the labeller, and the
     ``scored`` rows (real images with masks) scored in the same pass, lazily (``POOL_SCHEMA``:
     a scored row holds its id and confusion matrices only)."""
-    tagged = [
-        _tagged(data, flag) for data, flag in ((rows, False), (scored, True)) if data is not None
-    ]
-    return _actor_input(tagged[0].union(*tagged[1:]), cfg).map_batches(
+    return _actor_input(_pool_input(rows, scored), cfg).map_batches(
         _Labeller,
         fn_constructor_kwargs={"cfg": asdict(cfg), "size": size, "labeller_id": labeller_id},
         **_actor_options(cfg),

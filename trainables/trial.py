@@ -61,7 +61,6 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
             tune.report(
                 {
                     **metrics,
-                    "node_id": node,
                     "checkpoint_path": folders.location(name),
                     KEPT_BEST: folders.location(best),
                     # Nested: the study reads result.json as written; Tune's CSV and TensorBoard
@@ -74,18 +73,23 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
         folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
     def report(metrics: dict, folder: Path) -> None:
+        metrics = {**metrics, "node_id": node}  # saved with it: the node that trained it
         folders.save(folder, metrics)
         tell_tune(metrics, folder)
 
     with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
+        local = {}
         # Killed between saving an epoch and Tune hearing of it, a trial would otherwise resume
         # past that epoch with its result lost to Tune, its scheduler and the study's table.
         for name in folders.newer_than(_epoch_tune_restored(folders)):
-            tell_tune(
-                folders.saved[name], store.local_copy(folders.location(name), Path(scratch, name))
-            )
+            local[name] = store.local_copy(folders.location(name), Path(scratch, name))
+            tell_tune(folders.saved[name], local[name])
         latest = folders.latest()
-        resume = store.local_copy(folders.location(latest), scratch) if latest else None
+        resume = None
+        if latest:
+            resume = local.get(latest) or store.local_copy(
+                folders.location(latest), Path(scratch, latest)
+            )
         train_segmentation(cfg, one_worker_io(cfg, read_splits(cfg), report, resume))
     best = folders.best()
     return TrainedTrial(folders.location(best), folders.saved[best])
@@ -96,12 +100,12 @@ def _epoch_tune_restored(folders: EpochFolders) -> int:
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return -1
-    with checkpoint.as_directory() as folder:
-        metrics = Path(folder) / EPOCH_METRICS
-        if metrics.is_file():
-            return json.loads(metrics.read_text())["epoch"]
-    # A checkpoint from before they carried their metrics: taken as the latest saved.
-    return epoch_of(folders.latest()) if folders.latest() else -1
+    try:  # its metrics file alone: on a store, the model stays where it is
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{EPOCH_METRICS}") as f:
+            return json.loads(f.read())["epoch"]
+    except FileNotFoundError:
+        # A checkpoint from before they carried their metrics: taken as the latest saved.
+        return epoch_of(folders.latest()) if folders.latest() else -1
 
 
 @contextlib.contextmanager
