@@ -70,12 +70,12 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
                 },
                 checkpoint=tune.Checkpoint.from_directory(model),
             )
-        folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
     def report(metrics: dict, folder: Path) -> None:
         metrics = {**metrics, "node_id": node}  # saved with it: the node that trained it
         folders.save(folder, metrics)
         tell_tune(metrics, folder)
+        folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
     with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
         local = {}
@@ -84,6 +84,7 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
         for name in folders.newer_than(_epoch_tune_restored(folders)):
             local[name] = store.local_copy(folders.location(name), Path(scratch, name))
             tell_tune(folders.saved[name], local[name])
+        folders.prune()  # once all are told: a prune between them could drop one not yet told
         latest = folders.latest()
         resume = None
         if latest:
