@@ -270,7 +270,9 @@ def test_an_interrupted_labelling_labels_only_the_parts_not_done(
     monkeypatch.setattr(
         synth,
         "label_rows",
-        lambda *args: given.append(args[1] and args[1].count()) or label_rows(*args),
+        lambda *args: (
+            given.append(args[1] if args[1] is None else args[1].count()) or label_rows(*args)
+        ),
     )
     # Interrupted again once every part is saved, before the dataset is published.
     plot_label_grid = synth.plot_label_grid

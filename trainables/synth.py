@@ -426,13 +426,19 @@ def _label_missing_parts(
     part_of = {row_id: path for path, chunk in missing.items() for row_id in chunk}
     if not part_of and val is None:
         return {}
-    if len(part_of) < rows.count():
-        rows = rows.map_batches(partial(only_ids, ids=tuple(part_of)), batch_format="pyarrow")
+    to_label = None  # every part saved: the pool scores val alone
+    if part_of:
+        to_label = rows
+        if len(part_of) < rows.count():
+            to_label = rows.map_batches(
+                partial(only_ids, ids=tuple(part_of)), batch_format="pyarrow"
+            )
     waiting: dict[Location, list[pa.Table]] = {path: [] for path in missing}
     left = {path: len(chunk) for path, chunk in missing.items()}
     totals: dict[str, np.ndarray] = {}
-    pool = label_rows(cfg, rows if part_of else None, size, labeller_id, val)
+    pool = label_rows(cfg, to_label, size, labeller_id, val)
     for block in pool.iter_batches(batch_size=None, batch_format="pyarrow"):
+        # An empty block can come back without columns: only rows count.
         if not block.num_rows:
             continue
         block = block.cast(POOL_SCHEMA)

@@ -106,7 +106,8 @@ def _epoch_tune_restored(folders: EpochFolders) -> int:
             return json.loads(f.read())["epoch"]
     except FileNotFoundError:
         # A checkpoint from before they carried their metrics: taken as the latest saved.
-        return epoch_of(folders.latest()) if folders.latest() else -1
+        latest = folders.latest()
+        return epoch_of(latest) if latest else -1
 
 
 @contextlib.contextmanager
