@@ -384,6 +384,14 @@ def _check_source_set(where: str, spec: StudySpec, source: str, user: str) -> No
         )
 
 
+# A stage that trains for minutes to hours is refused when no later stage reads what it makes.
+STAGE_USERS = {
+    "labeller": ("label", "masks GAN images with it", "add generate and label stages"),
+    "gan": ("generate", "draws images from it", "add generate: {count: N}"),
+    "mask_gan": ("generate_masks", "draws from it", "add generate_masks: {count: N}"),
+}
+
+
 def _check_stage_inputs(where: str, spec: StudySpec) -> None:
     """Every stage needs what it is made from: given, or made by an earlier stage."""
     stages = spec.stages
@@ -402,14 +410,15 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
                     f"needs a {needed} section (options to make it, or run: PATH)",
                     f"add {needed}:",
                 )
-    if stages.mask_gan is not None and stages.generate_masks is None:
-        raise SpecError(
-            where,
-            "mask_gan",
-            settings_of(stages.mask_gan),
-            "nothing uses its generator: only a generate_masks stage draws from it",
-            "add generate_masks: {count: N}, or remove mask_gan",
-        )
+    for made, (user, use, fix) in STAGE_USERS.items():
+        if getattr(stages, made) is not None and getattr(stages, user) is None:
+            raise SpecError(
+                where,
+                made,
+                settings_of(getattr(stages, made)),
+                f"nothing uses it: only a {user} stage {use}",
+                f"{fix}, or remove {made}",
+            )
     if stages.combine is not None and "combined" not in spec.synthetic_sources():
         raise SpecError(
             where,

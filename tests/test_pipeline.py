@@ -46,7 +46,9 @@ def test_stage_keys_change_when_and_only_when_their_inputs_change():
         ),
         ({"mask_gan": {"masks": False}}, "mask_gan.masks = False: not a mask_gan option"),
         ({"generate_masks": {"count": 8}}, "generate_masks = .*: needs a mask_gan section"),
-        ({"mask_gan": {"run": "g"}}, "mask_gan = .*: nothing uses its generator.*generate_masks"),
+        ({"mask_gan": {"run": "g"}}, "mask_gan = .*: nothing uses it: only a generate_masks"),
+        ({"gan": {"run": "g"}}, "gan = .*: nothing uses it: only a generate stage.*remove gan"),
+        ({"labeller": {"epochs": 2}}, "labeller = .*: nothing uses it: only a label stage"),
     ],
 )
 def test_stage_sections_are_checked_when_the_spec_loads(stages, message):
