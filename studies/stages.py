@@ -53,6 +53,8 @@ ORDER = (
     "export",
 )
 RUN_KEY = "run"
+# The stage whose count bounds how many images of each synthetic source a pipeline makes.
+COUNTED_BY = {"gan": "generate", "gan_masks": "generate_masks", "copy_paste": "copy_paste"}
 # Set by the pipeline from other stages, never in the spec.
 DERIVED = {
     "labeller": ("data",),

@@ -267,3 +267,14 @@ def test_a_study_stopped_by_its_checks_takes_the_corrected_spec(
     spec_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(DataError, match="a study of this name exists, made from another spec"):
         run_study(spec_file, address=address)
+
+
+def test_too_few_kept_samples_name_the_count_to_raise():
+    from defectforge.trainables.study_setup import _more_images_fix
+
+    stages = {"mask_gan": {"run": "g"}, "generate_masks": {"count": 1000}}
+    spec = parse_spec(
+        {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **stages}, "p.yaml"
+    )
+    assert "raise generate_masks.count (now 1000;" in _more_images_fix(spec, "gan_masks")
+    assert _more_images_fix(spec, "gan").endswith("generate and label more images")

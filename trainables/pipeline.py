@@ -23,17 +23,16 @@ from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
 from defectforge.studies.spec_schema import SOURCE_DATASETS, DatasetSpec, StudySpec
-from defectforge.studies.stages import ORDER, RUN_KEY, settings_of, stage_key
+from defectforge.studies.stages import COUNTED_BY, ORDER, RUN_KEY, settings_of, stage_key
 from defectforge.trainables.runtime import check_storage_everywhere
 from defectforge.trainables.study_setup import check_trial_values
 
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
 MADE_IN_ORDER = tuple(name for name in ORDER if name != "export")  # export: after the search
+
+
 # The stage whose count bounds how many images of a synthetic source the stages make.
-COUNTED_BY = {"gan": "generate", "gan_masks": "generate_masks", "copy_paste": "copy_paste"}
-
-
 @dataclass(frozen=True)
 class StageRun:
     """How one stage went: made now ("ran"), found made ("reused") or given as a path."""

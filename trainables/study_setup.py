@@ -18,6 +18,7 @@ from defectforge.studies.spec_schema import (
     StudySpec,
     trial_values,
 )
+from defectforge.studies.stages import COUNTED_BY
 from defectforge.trainables.runtime import worker_cpus
 from defectforge.trainables.seg import config_from_manifest
 
@@ -116,12 +117,23 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
                 f"{point['section']}.synthetic_ratio",
                 point["synthetic_ratio"],
                 err.problem,
-                "lower the largest ratio or generate and label more images",
+                _more_images_fix(spec, point["synthetic_source"]),
             ) from None
         except DataError as err:
             raise SpecError(
                 where, f"{point['section']}.real_count", point["real_count"], err.problem, err.fix
             ) from None
+
+
+def _more_images_fix(spec: StudySpec, source: str) -> str:
+    stage = COUNTED_BY.get(source)
+    section = getattr(spec.stages, stage) if stage else None
+    if section is None:
+        return "lower the largest ratio or generate and label more images"
+    return (
+        f"lower the largest ratio or raise {stage}.count (now {section.count}; the stage keeps "
+        "only samples that hold a defect)"
+    )
 
 
 def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
