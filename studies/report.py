@@ -30,7 +30,7 @@ from defectforge.studies.search_plots import (  # noqa: E402
     plot_search_views,
     scratch_study,
 )
-from defectforge.studies.spec_schema import SOURCE_DATASETS, StudySpec
+from defectforge.studies.spec_schema import MIX_DEFAULTS, SOURCE_DATASETS, StudySpec
 from defectforge.studies.stats import mean_interval  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -67,16 +67,19 @@ def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> Non
                 capsize=4,
                 label=f"{arch} mean ± sd of the trials at a ratio",
             )
-    if final:
-        interval = final["test_binary_defect_iou"]
+    finals = [(final, "final", "black")] if final else []
+    if final and "baseline" in final:
+        finals.append((final["baseline"], "baseline", "grey"))
+    for result, name, colour in finals:
+        interval = result["test_binary_defect_iou"]
         axis.errorbar(
-            [final["config"].get("synthetic_ratio", 0.0)],
+            [result["config"].get("synthetic_ratio", 0.0)],
             [interval["mean"]],
             yerr=[interval["half_width"]],
             fmt="D",
-            color="black",
+            color=colour,
             capsize=6,
-            label=f"final: test, {interval['n']} seeds, 95% CI",
+            label=f"{name}: test, {interval['n']} seeds, 95% CI",
         )
     axis.set(
         xlabel="synthetic share of the train split",
@@ -190,7 +193,7 @@ def _baseline_lines(final: dict) -> list[str]:
         return []
     theirs, paired = final["baseline"]["test_binary_defect_iou"], final["paired"]
     values = ", ".join(
-        f"{k} = {_number(v)}" for k, v in sorted(final["baseline"]["config"].items())
+        f"{k} = {_number(v)}" for k, v in sorted(_applicable(final["baseline"]["config"]).items())
     )
     interval = paired["interval"]
     shown = (
@@ -208,6 +211,13 @@ def _baseline_lines(final: dict) -> list[str]:
         f"**{paired['verdict']}**.",
         "",
     ]
+
+
+def _applicable(config: dict) -> dict:
+    """A trial's config without the mix keys that do nothing at ratio 0 (real only)."""
+    if config.get("synthetic_ratio"):
+        return config
+    return {k: v for k, v in config.items() if k not in MIX_DEFAULTS or k == "synthetic_ratio"}
 
 
 def _stages_section(stages: list[dict]) -> list[str]:

@@ -357,6 +357,8 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     report = (root / "report" / "report.md").read_text()
     assert "Held-out test (3 seeds" in report and f"{interval['mean']:.4f}" in report
     assert "## Against the baseline (same seeds)" in report
+    baseline_line = next(line for line in report.splitlines() if line.startswith("Baseline ("))
+    assert "synthetic_ratio = 0.0000" in baseline_line and "synthetic_source" not in baseline_line
     assert study_line(summary).splitlines()[1].startswith("chosen vs baseline: ")
     for picture in ("iou_vs_ratio.png", "best_confusion.png", "best_per_class_iou.png"):
         assert (root / "report" / picture).stat().st_size > 5000
