@@ -32,7 +32,6 @@ STAGE_RECORD = "stage.json"
 MADE_IN_ORDER = tuple(name for name in ORDER if name != "export")  # export: after the search
 
 
-# The stage whose count bounds how many images of a synthetic source the stages make.
 @dataclass(frozen=True)
 class StageRun:
     """How one stage went: made now ("ran"), found made ("reused") or given as a path."""
