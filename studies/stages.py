@@ -119,6 +119,22 @@ class Stages:
         section = getattr(self, name)
         return section is not None and not (isinstance(section, dict) and RUN_KEY in section)
 
+    def most_made(self, source: str) -> tuple[str, int, int] | None:
+        """The spec key that bounds how many images of ``source`` these stages make, its value
+        and that bound (None: a given set, or no stage makes it)."""
+        if source == "combined":
+            if self.combine is None:
+                return None
+            parts = [self.most_made(part) for part in self.combine.sources]
+            if None in parts:
+                return None
+            smallest = min(most for _, _, most in parts)
+            each = min(self.combine.count_each or smallest, smallest)
+            return "combine.count_each", self.combine.count_each, len(parts) * each
+        stage = COUNTED_BY[source]
+        section = getattr(self, stage)
+        return None if section is None else (f"{stage}.count", section.count, section.count)
+
 
 TYPED_SECTIONS = {
     "data": BuildConfig,

@@ -276,5 +276,22 @@ def test_too_few_kept_samples_name_the_count_to_raise():
     spec = parse_spec(
         {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **stages}, "p.yaml"
     )
-    assert "raise generate_masks.count (now 1000;" in _more_images_fix(spec, "gan_masks")
+    assert _more_images_fix(spec, "gan_masks").endswith(
+        "raise generate_masks.count (now 1000); samples without a defect are not kept"
+    )
     assert _more_images_fix(spec, "gan").endswith("generate and label more images")
+
+    stages = {
+        **stages,
+        "copy_paste": {"count": 50},
+        "combine": {"sources": ["gan_masks", "copy_paste"], "count_each": 40},
+    }
+    space = {"epochs": 1, "synthetic_source": "combined", "synthetic_ratio": 0.3}
+    spec = parse_spec(
+        {"name": "p", "dataset": {"real": "x"}, "search_space": space, **stages}, "p.yaml"
+    )
+    assert _more_images_fix(spec, "copy_paste").endswith("raise copy_paste.count (now 50)")
+    assert _more_images_fix(spec, "combined").endswith(
+        "raise combine.count_each (now 40) or generate_masks.count (now 1000) or "
+        "copy_paste.count (now 50); samples without a defect are not kept"
+    )

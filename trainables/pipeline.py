@@ -23,7 +23,7 @@ from defectforge.segmentation.checkpoint import MODEL_FILE
 from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
 from defectforge.studies.errors import SpecError
 from defectforge.studies.spec_schema import SOURCE_DATASETS, DatasetSpec, StudySpec
-from defectforge.studies.stages import COUNTED_BY, ORDER, RUN_KEY, settings_of, stage_key
+from defectforge.studies.stages import ORDER, RUN_KEY, settings_of, stage_key
 from defectforge.trainables.runtime import check_storage_everywhere
 from defectforge.trainables.study_setup import check_trial_values
 
@@ -261,7 +261,7 @@ class Pipeline:
         train = Manifest.load(data).split_total("train")
         for point in self.spec.mix_points():
             source = point["synthetic_source"]
-            made = self._most_made(source)
+            made = self.spec.stages.most_made(source)
             if made is None or not point["synthetic_ratio"]:
                 continue
             key, value, most = made
@@ -277,23 +277,6 @@ class Pipeline:
                     f"make at least {needed} plus a margin for the samples dropped "
                     "(or lower the largest ratio)",
                 )
-
-    def _most_made(self, source: str) -> tuple[str, int, int] | None:
-        """The spec key that bounds how many images of ``source`` the stages make, its value and
-        that bound (None: a given set, or no stage makes it)."""
-        stages = self.spec.stages
-        if source == "combined":
-            if stages.combine is None:
-                return None
-            parts = [self._most_made(part) for part in stages.combine.sources]
-            if None in parts:
-                return None
-            smallest = min(most for _, _, most in parts)
-            each = min(stages.combine.count_each or smallest, smallest)
-            return "combine.count_each", stages.combine.count_each, len(parts) * each
-        stage = COUNTED_BY[source]
-        section = getattr(stages, stage)
-        return None if section is None else (f"{stage}.count", section.count, section.count)
 
     def records(self) -> list[dict]:
         return [asdict(run) for run in self.runs]

@@ -18,7 +18,6 @@ from defectforge.studies.spec_schema import (
     StudySpec,
     trial_values,
 )
-from defectforge.studies.stages import COUNTED_BY
 from defectforge.trainables.runtime import worker_cpus
 from defectforge.trainables.seg import config_from_manifest
 
@@ -126,14 +125,15 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
 
 
 def _more_images_fix(spec: StudySpec, source: str) -> str:
-    stage = COUNTED_BY.get(source)
-    section = getattr(spec.stages, stage) if stage else None
-    if section is None:
+    made = spec.stages.most_made(source)
+    if made is None:
         return "lower the largest ratio or generate and label more images"
-    return (
-        f"lower the largest ratio or raise {stage}.count (now {section.count}; the stage keeps "
-        "only samples that hold a defect)"
-    )
+    bounds = [made]
+    if source == "combined":  # each part gives at most as many as the smallest
+        bounds += [spec.stages.most_made(part) for part in spec.stages.combine.sources]
+    raised = " or ".join(f"{key} (now {value})" for key, value, _ in bounds)
+    dropped = "" if source == "copy_paste" else "; samples without a defect are not kept"
+    return f"lower the largest ratio or raise {raised}{dropped}"
 
 
 def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
