@@ -122,18 +122,40 @@ class Stages:
     def most_made(self, source: str) -> tuple[str, int, int] | None:
         """The spec key that bounds how many images of ``source`` these stages make, its value
         and that bound (None: a given set, or no stage makes it)."""
+        if source != "combined":
+            stage = COUNTED_BY[source]
+            section = getattr(self, stage)
+            return None if section is None else (f"{stage}.count", section.count, section.count)
+        parts = self._combined_parts()
+        if parts is None:
+            return None
+        key, value, smallest = min(parts, key=lambda part: part[2])
+        count_each = self.combine.count_each
+        if count_each and count_each < smallest:
+            key, value, smallest = "combine.count_each", count_each, count_each
+        return key, value, len(parts) * smallest  # each part gives as many as the smallest
+
+    def more_images_fix(self, source: str, needed: int | None = None) -> str:
+        """The fix for a mix that asks for more images of ``source`` than these stages make,
+        before the stages run (``needed`` known) or after."""
+        if self.most_made(source) is None:
+            return "lower the largest ratio or generate and label more images"
         if source == "combined":
-            if self.combine is None:
-                return None
-            parts = [self.most_made(part) for part in self.combine.sources]
-            if None in parts:
-                return None
-            smallest = min(most for _, _, most in parts)
-            each = min(self.combine.count_each or smallest, smallest)
-            return "combine.count_each", self.combine.count_each, len(parts) * each
-        stage = COUNTED_BY[source]
-        section = getattr(self, stage)
-        return None if section is None else (f"{stage}.count", section.count, section.count)
+            bounds = self._combined_parts()
+            if self.combine.count_each:
+                bounds.insert(0, ("combine.count_each", self.combine.count_each, 0))
+        else:
+            bounds = [self.most_made(source)]
+        raised = " or ".join(f"{key} (now {value})" for key, value, _ in bounds)
+        target = "" if needed is None else f" to make at least {needed}"
+        margin = "" if source == "copy_paste" else "; samples without a defect are not kept"
+        return f"lower the largest ratio or raise {raised}{target}{margin}"
+
+    def _combined_parts(self) -> list[tuple[str, int, int]] | None:
+        if self.combine is None:
+            return None
+        parts = [self.most_made(part) for part in self.combine.sources]
+        return None if None in parts else parts
 
 
 TYPED_SECTIONS = {

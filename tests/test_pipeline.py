@@ -214,8 +214,10 @@ def _tracked_in_mlflow(url: str, summary: dict) -> None:
                 "combine": {"sources": ["gan", "copy_paste"]},
                 "search_space": {"synthetic_ratio": 0.38, "synthetic_source": "combined"},
             },
-            r"combine.count_each = 0: ratio 0.38 over \d+ real train images needs \d+ combined "
-            r"images with masks, and the stages make at most 6",
+            r"copy_paste.count = 3: ratio 0.38 over \d+ real train images needs \d+ combined "
+            r"images with masks, and the stages make at most 6; lower the largest ratio or raise "
+            r"generate.count \(now \d+\) or copy_paste.count \(now 3\) to make at least \d+; "
+            r"samples without a defect are not kept",
         ),
         (  # a searched value no trial could train with (PAN at 64-px crops)
             {"search_space": {"arch": ["unet", "pan"], "epochs": 1}},
@@ -270,28 +272,35 @@ def test_a_study_stopped_by_its_checks_takes_the_corrected_spec(
 
 
 def test_too_few_kept_samples_name_the_count_to_raise():
-    from defectforge.trainables.study_setup import _more_images_fix
-
     stages = {"mask_gan": {"run": "g"}, "generate_masks": {"count": 1000}}
     spec = parse_spec(
         {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **stages}, "p.yaml"
-    )
-    assert _more_images_fix(spec, "gan_masks").endswith(
+    ).stages
+    assert spec.more_images_fix("gan_masks").endswith(
         "raise generate_masks.count (now 1000); samples without a defect are not kept"
     )
-    assert _more_images_fix(spec, "gan").endswith("generate and label more images")
-
-    stages = {
-        **stages,
-        "copy_paste": {"count": 50},
-        "combine": {"sources": ["gan_masks", "copy_paste"], "count_each": 40},
-    }
-    space = {"epochs": 1, "synthetic_source": "combined", "synthetic_ratio": 0.3}
-    spec = parse_spec(
-        {"name": "p", "dataset": {"real": "x"}, "search_space": space, **stages}, "p.yaml"
+    assert spec.more_images_fix("gan_masks", 1200).endswith(
+        "raise generate_masks.count (now 1000) to make at least 1200; samples without a defect "
+        "are not kept"
     )
-    assert _more_images_fix(spec, "copy_paste").endswith("raise copy_paste.count (now 50)")
-    assert _more_images_fix(spec, "combined").endswith(
+    assert spec.more_images_fix("gan").endswith("generate and label more images")
+
+    stages = {**stages, "copy_paste": {"count": 50}}
+    space = {"epochs": 1, "synthetic_source": "combined", "synthetic_ratio": 0.3}
+
+    def parsed(combine):
+        spec = {"name": "p", "dataset": {"real": "x"}, "search_space": space, **stages}
+        return parse_spec({**spec, "combine": combine}, "p.yaml").stages
+
+    combined = {"sources": ["gan_masks", "copy_paste"]}
+    spec = parsed({**combined, "count_each": 40})
+    assert spec.more_images_fix("copy_paste").endswith("raise copy_paste.count (now 50)")
+    assert spec.more_images_fix("combined").endswith(
         "raise combine.count_each (now 40) or generate_masks.count (now 1000) or "
         "copy_paste.count (now 50); samples without a defect are not kept"
     )
+    assert spec.most_made("combined") == ("combine.count_each", 40, 80)
+    # Unset, count_each bounds nothing: the smallest part does, and only the parts are named.
+    spec = parsed(combined)
+    assert spec.most_made("combined") == ("copy_paste.count", 50, 100)
+    assert "count_each" not in spec.more_images_fix("combined")

@@ -274,8 +274,7 @@ class Pipeline:
                     value,
                     f"ratio {point['synthetic_ratio']} over {real} real train images needs "
                     f"{needed} {source} images with masks, and the stages make at most {most}",
-                    f"make at least {needed} plus a margin for the samples dropped "
-                    "(or lower the largest ratio)",
+                    self.spec.stages.more_images_fix(source, needed),
                 )
 
     def records(self) -> list[dict]:

@@ -116,24 +116,12 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
                 f"{point['section']}.synthetic_ratio",
                 point["synthetic_ratio"],
                 err.problem,
-                _more_images_fix(spec, point["synthetic_source"]),
+                spec.stages.more_images_fix(point["synthetic_source"]),
             ) from None
         except DataError as err:
             raise SpecError(
                 where, f"{point['section']}.real_count", point["real_count"], err.problem, err.fix
             ) from None
-
-
-def _more_images_fix(spec: StudySpec, source: str) -> str:
-    made = spec.stages.most_made(source)
-    if made is None:
-        return "lower the largest ratio or generate and label more images"
-    bounds = [made]
-    if source == "combined":  # each part gives at most as many as the smallest
-        bounds += [spec.stages.most_made(part) for part in spec.stages.combine.sources]
-    raised = " or ".join(f"{key} (now {value})" for key, value, _ in bounds)
-    dropped = "" if source == "copy_paste" else "; samples without a defect are not kept"
-    return f"lower the largest ratio or raise {raised}{dropped}"
 
 
 def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
