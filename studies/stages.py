@@ -147,7 +147,7 @@ class Stages:
         else:
             bounds = [self.most_made(source)]
         raised = " or ".join(f"{key} (now {value})" for key, value, _ in bounds)
-        target = "" if needed is None else f" to make at least {needed}"
+        target = "" if needed is None else f" so that the stages make at least {needed}"
         margin = "" if source == "copy_paste" else "; samples without a defect are not kept"
         return f"lower the largest ratio or raise {raised}{target}{margin}"
 

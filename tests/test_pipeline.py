@@ -216,8 +216,8 @@ def _tracked_in_mlflow(url: str, summary: dict) -> None:
             },
             r"copy_paste.count = 3: ratio 0.38 over \d+ real train images needs \d+ combined "
             r"images with masks, and the stages make at most 6; lower the largest ratio or raise "
-            r"generate.count \(now \d+\) or copy_paste.count \(now 3\) to make at least \d+; "
-            r"samples without a defect are not kept",
+            r"generate.count \(now \d+\) or copy_paste.count \(now 3\) so that the stages make "
+            r"at least \d+; samples without a defect are not kept",
         ),
         (  # a searched value no trial could train with (PAN at 64-px crops)
             {"search_space": {"arch": ["unet", "pan"], "epochs": 1}},
@@ -280,8 +280,8 @@ def test_too_few_kept_samples_name_the_count_to_raise():
         "raise generate_masks.count (now 1000); samples without a defect are not kept"
     )
     assert spec.more_images_fix("gan_masks", 1200).endswith(
-        "raise generate_masks.count (now 1000) to make at least 1200; samples without a defect "
-        "are not kept"
+        "raise generate_masks.count (now 1000) so that the stages make at least 1200; samples "
+        "without a defect are not kept"
     )
     assert spec.more_images_fix("gan").endswith("generate and label more images")
 
