@@ -137,19 +137,39 @@ class Stages:
 
     def more_images_fix(self, source: str, needed: int | None = None) -> str:
         """The fix for a mix that asks for more images of ``source`` than these stages make,
-        before the stages run (``needed`` known) or after."""
-        if self.most_made(source) is None:
-            return "lower the largest ratio or generate and label more images"
+        before the stages run (``needed`` known) or after: the count that bounds it first."""
+        made = self.most_made(source)
+        if made is None:
+            return "lower the largest ratio or give a synthetic set with more images"
+        key, value, _ = made
+        fix = f"lower the largest ratio or raise {key} (now {value})"
         if source == "combined":
-            bounds = self._combined_parts()
-            if self.combine.count_each:
-                bounds.insert(0, ("combine.count_each", self.combine.count_each, 0))
-        else:
-            bounds = [self.most_made(source)]
-        raised = " or ".join(f"{key} (now {value})" for key, value, _ in bounds)
-        target = "" if needed is None else f" so that the stages make at least {needed}"
-        margin = "" if source == "copy_paste" else "; samples without a defect are not kept"
-        return f"lower the largest ratio or raise {raised}{target}{margin}"
+            parts = self._combined_parts()
+            counts = ", ".join(f"{part} = {count}" for part, count, _ in parts)
+            fix += f": each combined set gives as many as the smallest ({counts})"
+            if needed is not None:
+                fix += f", and {-(-needed // len(parts))} of each are needed"
+        elif needed is not None:
+            fix += f" to at least {needed}"
+        if source != "copy_paste":
+            fix += "; samples without a defect are not kept"
+        return fix
+
+    def combine_count_problem(self) -> tuple[str, str] | None:
+        """A ``combine.count_each`` that the stages cannot fill (the problem and its fix), else
+        None: a set never holds more images than its stage's count, so combining would fail
+        after the GANs trained. Needs a combine section."""
+        parts = self._combined_parts()
+        count_each = self.combine.count_each
+        if not (parts and count_each):
+            return None
+        key, value, smallest = min(parts, key=lambda part: part[2])
+        if count_each <= smallest:
+            return None
+        return (
+            f"asks for more images of each set than {key} = {value} makes",
+            f"set it to at most {smallest}, or 0 for as many as the smallest set holds",
+        )
 
     def _combined_parts(self) -> list[tuple[str, int, int]] | None:
         if self.combine is None:

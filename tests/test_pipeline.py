@@ -216,8 +216,9 @@ def _tracked_in_mlflow(url: str, summary: dict) -> None:
             },
             r"copy_paste.count = 3: ratio 0.38 over \d+ real train images needs \d+ combined "
             r"images with masks, and the stages make at most 6; lower the largest ratio or raise "
-            r"generate.count \(now \d+\) or copy_paste.count \(now 3\) so that the stages make "
-            r"at least \d+; samples without a defect are not kept",
+            r"copy_paste.count \(now 3\): each combined set gives as many as the smallest "
+            r"\(generate.count = \d+, copy_paste.count = 3\), and \d+ of each are needed; "
+            r"samples without a defect are not kept",
         ),
         (  # a searched value no trial could train with (PAN at 64-px crops)
             {"search_space": {"arch": ["unet", "pan"], "epochs": 1}},
@@ -272,35 +273,40 @@ def test_a_study_stopped_by_its_checks_takes_the_corrected_spec(
 
 
 def test_too_few_kept_samples_name_the_count_to_raise():
-    stages = {"mask_gan": {"run": "g"}, "generate_masks": {"count": 1000}}
-    spec = parse_spec(
-        {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **stages}, "p.yaml"
+    sections = {"mask_gan": {"run": "g"}, "generate_masks": {"count": 1000}}
+    stages = parse_spec(
+        {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **sections},
+        "p.yaml",
     ).stages
-    assert spec.more_images_fix("gan_masks").endswith(
+    assert stages.more_images_fix("gan_masks").endswith(
         "raise generate_masks.count (now 1000); samples without a defect are not kept"
     )
-    assert spec.more_images_fix("gan_masks", 1200).endswith(
-        "raise generate_masks.count (now 1000) so that the stages make at least 1200; samples "
-        "without a defect are not kept"
+    assert stages.more_images_fix("gan_masks", 1200).endswith(
+        "raise generate_masks.count (now 1000) to at least 1200; samples without a defect are "
+        "not kept"
     )
-    assert spec.more_images_fix("gan").endswith("generate and label more images")
+    assert stages.more_images_fix("gan").endswith("give a synthetic set with more images")
 
-    stages = {**stages, "copy_paste": {"count": 50}}
+    sections = {**sections, "copy_paste": {"count": 50}}
     space = {"epochs": 1, "synthetic_source": "combined", "synthetic_ratio": 0.3}
 
     def parsed(combine):
-        spec = {"name": "p", "dataset": {"real": "x"}, "search_space": space, **stages}
+        spec = {"name": "p", "dataset": {"real": "x"}, "search_space": space, **sections}
         return parse_spec({**spec, "combine": combine}, "p.yaml").stages
 
     combined = {"sources": ["gan_masks", "copy_paste"]}
-    spec = parsed({**combined, "count_each": 40})
-    assert spec.more_images_fix("copy_paste").endswith("raise copy_paste.count (now 50)")
-    assert spec.more_images_fix("combined").endswith(
-        "raise combine.count_each (now 40) or generate_masks.count (now 1000) or "
-        "copy_paste.count (now 50); samples without a defect are not kept"
+    stages = parsed({**combined, "count_each": 40})
+    assert stages.more_images_fix("copy_paste").endswith("raise copy_paste.count (now 50)")
+    assert stages.more_images_fix("combined", 90).endswith(
+        "raise combine.count_each (now 40): each combined set gives as many as the smallest "
+        "(generate_masks.count = 1000, copy_paste.count = 50), and 45 of each are needed; "
+        "samples without a defect are not kept"
     )
-    assert spec.most_made("combined") == ("combine.count_each", 40, 80)
-    # Unset, count_each bounds nothing: the smallest part does, and only the parts are named.
-    spec = parsed(combined)
-    assert spec.most_made("combined") == ("copy_paste.count", 50, 100)
-    assert "count_each" not in spec.more_images_fix("combined")
+    assert stages.most_made("combined") == ("combine.count_each", 40, 80)
+    # Unset, count_each bounds nothing: the smallest part does, and it is the count to raise.
+    stages = parsed(combined)
+    assert stages.most_made("combined") == ("copy_paste.count", 50, 100)
+    assert "raise copy_paste.count (now 50):" in stages.more_images_fix("combined")
+    # More of each set than its stage makes could never be combined: refused when parsed.
+    with pytest.raises(SpecError, match=r"combine.count_each = 60: .* copy_paste.count = 50 "):
+        parsed({**combined, "count_each": 60})
