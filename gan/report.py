@@ -2,7 +2,7 @@
 
 For ablations (DiffAugment on vs off, two seeds, two profiles): every run's snapshots score SWD
 against the same real crops when they share data, resolution and seed, so the curves compare.
-Reads only the runs' own files (``metrics.json`` of a finished run, else ``progress.jsonl``).
+Reads only the runs' own files (``metrics.json`` of a finished run and ``progress.jsonl``).
 """
 
 from __future__ import annotations
@@ -30,15 +30,17 @@ CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
 
 def swd_history(run: str | Path | Location) -> list[dict]:
     """Each snapshot's metrics in kimg order, one per kimg (a resumed run repeats lines); the
-    run may be on a store."""
+    run may be on a store. A finished run's summary wins where it has a kimg; the progress
+    lines add the snapshots of a run resumed past it and still training."""
     run = Location.of(run)
     summary, progress = run / SUMMARY_FILE, run / PROGRESS_FILE
-    if summary.is_file():
-        lines = json.loads(summary.read_text())["history"]
-    elif progress.is_file():
-        lines = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
-    else:
+    if not (summary.is_file() or progress.is_file()):
         raise DataError(run, "no metrics.json or progress.jsonl", "name a `gan train` run folder")
+    lines = []
+    if progress.is_file():
+        lines += [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    if summary.is_file():
+        lines += json.loads(summary.read_text())["history"]
     by_kimg = {line["kimg"]: line for line in lines if "swd" in line}
     return [by_kimg[kimg] for kimg in sorted(by_kimg)]
 

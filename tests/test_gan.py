@@ -605,7 +605,7 @@ def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
 def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     import cv2
 
-    from defectforge.gan.report import write_comparison
+    from defectforge.gan.report import swd_history, write_comparison
 
     # The "on" run was resumed at kimg 2: its kimg-2 line appears twice, the latest counts.
     on = fake_gan_run(tmp_path / "on", [(0, 200.0), (2, 150.0), (2, 140.0), (4, 120.0)])
@@ -622,6 +622,15 @@ def test_gan_runs_compare_by_swd_curve_and_sample_grids(tmp_path):
     with pytest.raises(DataError, match="no sample grid at kimg 6"):
         write_comparison({"on": on, "off": off}, tmp_path / "cmp6", kimg=6)
     assert not (tmp_path / "cmp6").exists()
+    # A finished run resumed to more kimg: its summary stops at its first end, its progress goes
+    # on; the curve has both, the summary's figure where they share a kimg.
+    (on / "metrics.json").write_text(json.dumps({"history": [{"kimg": 0, "swd": 190.0}]}))
+    resumed = write_comparison({"on": on}, tmp_path / "cmp-resumed", kimg=4)
+    assert resumed == [
+        {"run": "on", "swd_at_kimg": 120.0, "lowest_swd": 120.0, "lowest_at_kimg": 4}
+    ]
+    assert [line["swd"] for line in swd_history(on)] == [190.0, 140.0, 120.0]
+    (on / "metrics.json").unlink()
     # A folder of the user's own is never written into; an earlier comparison is replaced only
     # when asked.
     (tmp_path / "mine").mkdir()
