@@ -428,7 +428,7 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
             "add an arm or value with synthetic_source: combined and a ratio > 0, or remove "
             "combine",
         )
-    problem = stages.combine_count_problem() if stages.combine is not None else None
+    problem = stages.combine_count_problem()
     if problem:
         raise SpecError(where, "combine.count_each", stages.combine.count_each, *problem)
     for source, (stage, _) in SOURCE_STAGES.items():

@@ -126,14 +126,15 @@ class Stages:
             stage = COUNTED_BY[source]
             section = getattr(self, stage)
             return None if section is None else (f"{stage}.count", section.count, section.count)
-        parts = self._combined_parts()
-        if parts is None:
+        smallest_part = self._smallest_part()
+        if smallest_part is None:
             return None
-        key, value, smallest = min(parts, key=lambda part: part[2])
+        key, value, smallest = smallest_part
         count_each = self.combine.count_each
         if count_each and count_each < smallest:
             key, value, smallest = "combine.count_each", count_each, count_each
-        return key, value, len(parts) * smallest  # each part gives as many as the smallest
+        # each part gives as many as the smallest
+        return key, value, len(self.combine.sources) * smallest
 
     def more_images_fix(self, source: str, needed: int | None = None) -> str:
         """The fix for a mix that asks for more images of ``source`` than these stages make,
@@ -158,14 +159,12 @@ class Stages:
     def combine_count_problem(self) -> tuple[str, str] | None:
         """A ``combine.count_each`` that the stages cannot fill (the problem and its fix), else
         None: a set never holds more images than its stage's count, so combining would fail
-        after the GANs trained. Needs a combine section."""
-        parts = self._combined_parts()
-        count_each = self.combine.count_each
-        if not (parts and count_each):
+        after the GANs trained."""
+        smallest_part = self._smallest_part()
+        count_each = self.combine.count_each if smallest_part else 0
+        if not count_each or count_each <= smallest_part[2]:
             return None
-        key, value, smallest = min(parts, key=lambda part: part[2])
-        if count_each <= smallest:
-            return None
+        key, value, smallest = smallest_part
         return (
             f"asks for more images of each set than {key} = {value} makes",
             f"set it to at most {smallest}, or 0 for as many as the smallest set holds",
@@ -176,6 +175,10 @@ class Stages:
             return None
         parts = [self.most_made(part) for part in self.combine.sources]
         return None if None in parts else parts
+
+    def _smallest_part(self) -> tuple[str, int, int] | None:
+        parts = self._combined_parts()
+        return None if parts is None else min(parts, key=lambda part: part[2])
 
 
 TYPED_SECTIONS = {
