@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from defectforge.cli.options import (
     absolute_path,
@@ -72,9 +73,15 @@ def _build_predict(predict) -> None:
         "--model",
         required=True,
         type=absolute_path,
-        help="a run folder (seg train) or an export (seg/study export)",
+        help="a run folder (seg train) or an export (seg/study export), or a model file in one",
     )
-    predict.add_argument("--images", required=True, type=local_path)
+    predict.add_argument(
+        "--images",
+        required=True,
+        type=local_path,
+        help="a folder of images (its own, not its subfolders'; masks beside them left out), "
+        "or one image",
+    )
     add_out(predict, "folder for the masks and overlays")
     predict.add_argument(
         "--runtime",
@@ -212,9 +219,10 @@ def _predict(args) -> None:
         **_checked_given(args, OperatingPoint),
         **_checked_given(args, BuildConfig, READING_OPTIONS),
     }
-    if is_export(args.model):
+    model = _model_folder(args.model)
+    if is_export(model):
         rows = predict_folder_exported(
-            args.model,
+            model,
             args.images,
             args.out,
             args.runtime,
@@ -225,7 +233,7 @@ def _predict(args) -> None:
     else:
         from defectforge.segmentation.inference import predict_folder
 
-        rows = predict_folder(args.model, args.images, args.out, args.overwrite, **options)
+        rows = predict_folder(model, args.images, args.out, args.overwrite, **options)
     flagged = sum(row["verdict"] == "NG" for row in rows)
     skipped = len(rejected_files(args.out))
     listed = f"; {skipped} skipped as bad, listed in {REJECTED_FILE}" if skipped else ""
@@ -233,6 +241,12 @@ def _predict(args) -> None:
         f"{len(rows)} images: {flagged} NG, {len(rows) - flagged} OK; masks, overlays and "
         f"predictions.csv in {args.out}{listed}"
     )
+
+
+def _model_folder(model: str) -> str:
+    """The folder of a model file given for its folder (``model.onnx``, ``model.pt``)."""
+    path = Path(model)
+    return str(path.parent) if path.is_file() else model
 
 
 def interrupted_hint(args) -> str:

@@ -91,7 +91,8 @@ class BuildConfig(TypedConfig):
     root: str = option(help="folder holding the raw images and masks", path="local")
     name: str | None = option(
         None,
-        "dataset name (default: neu-seg or the root folder's name)",
+        "dataset name, the prefix of its sample ids, which the hash split reads: set it to keep "
+        "the splits when the root folder is renamed; none: neu-seg or the root folder's name",
         lambda name: not name_problem(name),
         NAME_RULE,
     )
@@ -102,7 +103,10 @@ class BuildConfig(TypedConfig):
         "background plus at least one defect class",
     )
     channels: int | None = option(
-        None, "1 (grey) or 3 (RGB); none: from the first image", choices=(1, 3)
+        None,
+        "1 (grey) or 3 (RGB; grey images are read as 3 equal channels); none: from the first "
+        "image that can be read",
+        choices=(1, 3),
     )
     binary: bool = option(False, "all defect classes -> 1")
     mask_threshold: int | None = option(
@@ -210,7 +214,7 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         )
         file_classes, folder_classes = read_class_file(cfg.root)
         classes = cfg.classes or file_classes or _default_folder_classes(cfg, refs, folder_classes)
-        channels = cfg.channels or guess_channels(refs[0].image_path)
+        channels = cfg.channels or guess_channels([ref.image_path for ref in refs])
     spec = SampleSpec(
         cfg.dataset_name,
         tuple(classes),
@@ -305,6 +309,26 @@ def check_rejections(summary_rows: list[dict], cfg: BuildConfig, rejected_csv: P
     if not good:
         raise DataError(cfg.root, "every sample was rejected", "see rejected.csv for the reasons")
     return good
+
+
+def check_defects(good: list[dict], cfg: BuildConfig) -> None:
+    """Refuse a build whose masks mark no defect pixel at all: a threshold above the masks'
+    values, or masks that are not masks, would otherwise give a dataset nothing can learn from."""
+    read = [r for r in good if not r["mask_missing"]]
+    if not read or any(r["defect_class"] is not None for r in good):
+        return
+    cause = (
+        f"--mask-threshold {cfg.mask_threshold} is above every defect pixel's value (masks of "
+        "class ids 0, 1, ... need no threshold)"
+        if cfg.mask_threshold is not None
+        else "check that the masks mark defects with values above 0"
+    )
+    raise DataError(
+        cfg.root,
+        f"none of the {len(read)} masks read marks a defect pixel",
+        f"{cause}; if these images are defect-free, remove their masks and pass "
+        "--missing-mask background",
+    )
 
 
 def _split_message(message: str, more: str) -> tuple[str, str, str]:

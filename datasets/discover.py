@@ -19,11 +19,16 @@ from defectforge.datasets.samples import (
     SampleRef,
     carve_test_split,
     hash_split,
-    is_mask_file,
+    masks_among,
+    refuse_same_names,
+    require_folder,
 )
 
 NEU_SEG_CLASSES = ("background", "inclusion", "patches", "scratches")
 CLASS_FILES = ("classes.yaml", "classes.yml", "classes.json")
+# A mask's formats, in the order one is looked for: lossless first; JPEG masks are read like
+# soft masks (--mask-threshold).
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -50,6 +55,7 @@ def discover_neu_seg(root: str | Path, test_fraction: float = 0.0) -> list[Sampl
             "no images/ folder (NEU-Seg layout is images/<split>, masks/<split>)",
             "point --root at the NEU-Seg folder or use --source folder",
         )
+    find_mask = MaskFinder("")
     refs = []
     for split_folder in sorted(p for p in (root / "images").iterdir() if p.is_dir()):
         if split_folder.name not in SPLITS:
@@ -60,27 +66,38 @@ def discover_neu_seg(root: str | Path, test_fraction: float = 0.0) -> list[Sampl
             )
         for image in _images_in(split_folder):
             sample_id = f"neu-seg/{split_folder.name}/{image.stem}"
-            mask = root / "masks" / split_folder.name / f"{image.stem}.png"
+            mask = find_mask(root / "masks" / split_folder.name, image.stem)
             refs.append(
                 SampleRef(
                     sample_id,
                     str(image),
-                    str(mask) if mask.is_file() else None,
+                    str(mask) if mask else None,
                     carve_test_split(sample_id, split_folder.name, test_fraction),
                 )
             )
     _require_images(root, refs)
+    refuse_same_names([(ref.id, Path(ref.image_path)) for ref in refs])
     return refs
 
 
-def _find_mask(
-    folder: Path, stem: str, mask_suffix: str, exclude: Path | None = None
-) -> Path | None:
-    for suffix in (".png", ".bmp", ".tif", ".tiff"):
-        candidate = folder / f"{stem}{mask_suffix}{suffix}"
-        if candidate != exclude and candidate.is_file():
-            return candidate
-    return None
+class MaskFinder:
+    """Finds an image's mask by name, whatever the case of its extension (``_mask.PNG``),
+    listing each folder once."""
+
+    def __init__(self, mask_suffix: str):
+        self.mask_suffix = mask_suffix
+        self._listings: dict[Path, dict[str, Path]] = {}
+
+    def __call__(self, folder: Path, stem: str, exclude: Path | None = None) -> Path | None:
+        if folder not in self._listings:
+            files = folder.iterdir() if folder.is_dir() else ()
+            self._listings[folder] = {p.name.lower(): p for p in files}
+        listing = self._listings[folder]
+        for suffix in MASK_SUFFIXES:
+            candidate = listing.get(f"{stem}{self.mask_suffix}{suffix}".lower())
+            if candidate is not None and candidate != exclude and candidate.is_file():
+                return candidate
+        return None
 
 
 def group_key(relative: Path, group_by: str) -> str | None:
@@ -111,20 +128,22 @@ def discover_folder(
     or of its group (``group_by``), so near-duplicates (one part, one coil) share a split.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(root, "folder does not exist", "check the --root path")
+    require_folder(root, "--root")
     paired = (root / "images").is_dir() and (root / "masks").is_dir()
     image_root = root / "images" if paired else root
-    images = [p for p in _images_in(image_root) if paired or not is_mask_file(p, mask_suffix)]
+    found = _images_in(image_root)
+    masks = set() if paired else masks_among(found, mask_suffix)
+    images = [p for p in found if p not in masks]
     _require_images(root, images)
+    find_mask = MaskFinder(mask_suffix)
     refs = []
     for image in images:
         relative = image.relative_to(image_root)
         sample_id = f"{dataset}/{relative.with_suffix('').as_posix()}"
         if paired:
-            mask = _find_mask((root / "masks" / relative).parent, image.stem, mask_suffix)
+            mask = find_mask((root / "masks" / relative).parent, image.stem)
         else:
-            mask = _find_mask(image.parent, image.stem, mask_suffix, exclude=image)
+            mask = find_mask(image.parent, image.stem, exclude=image)
         first = relative.parts[0] if len(relative.parts) > 1 else ""
         group = group_key(relative, group_by)
         hashed = f"{dataset}/group/{group}" if group is not None else sample_id
@@ -133,6 +152,7 @@ def discover_folder(
         refs.append(
             SampleRef(sample_id, str(image), str(mask) if mask else None, split, folder_class)
         )
+    refuse_same_names([(ref.id, Path(ref.image_path)) for ref in refs])
     return refs
 
 

@@ -46,8 +46,9 @@ def read_bytes(path: Path, what: str) -> bytes:
     return data
 
 
-def header(path: Path, data: bytes, what: str) -> tuple[str, int, int]:
-    """(format, width, height) from the file's header, without decoding its pixels."""
+def header(path: Path, data: bytes, what: str) -> tuple[str, int, int, str]:
+    """(format, width, height, Pillow's mode) from the file's header, without decoding its
+    pixels."""
     try:
         with warnings.catch_warnings():
             # Our own limit applies below; Pillow's bomb check would fire first on big headers.
@@ -55,7 +56,7 @@ def header(path: Path, data: bytes, what: str) -> tuple[str, int, int]:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 with Image.open(io.BytesIO(data)) as image:
-                    return image.format or "unknown", image.width, image.height
+                    return image.format or "unknown", image.width, image.height, image.mode
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
@@ -77,11 +78,14 @@ def decode_file(
     what: str = "image",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     flags: int = cv2.IMREAD_UNCHANGED,
+    palette_indices: bool = False,
 ) -> np.ndarray:
-    """The decoded array of an image file (OpenCV's channel order), or a DataError."""
+    """The decoded array of an image file (OpenCV's channel order), or a DataError.
+    ``palette_indices``: a palette image (as Pascal VOC-style masks are saved) gives its indices,
+    not the colours they stand for."""
     path = Path(path)
     data = read_bytes(path, what)
-    image_format, width, height = header(path, data, what)
+    image_format, width, height, mode = header(path, data, what)
     if width * height > max_pixels:
         megapixels = round(width * height / 1e6, 3)
         raise DataError(
@@ -98,6 +102,8 @@ def decode_file(
             + _format_note(path, image_format),
             SKIP_FIX,
         )
+    if palette_indices and mode == "P":
+        return _palette_indices(path, data, what)
     try:
         array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except (cv2.error, MemoryError) as err:
@@ -111,3 +117,11 @@ def decode_file(
             SKIP_FIX,
         )
     return array
+
+
+def _palette_indices(path: Path, data: bytes, what: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError):
+        raise DataError(path, f"{what} cannot be read: corrupt palette image", SKIP_FIX) from None

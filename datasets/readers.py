@@ -11,20 +11,30 @@ import numpy as np
 from defectforge.core.errors import DataError
 from defectforge.datasets.contract import contract_row
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS, decode_file
-from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, SampleSpec, is_mask_file
+from defectforge.datasets.samples import (
+    IMAGE_SUFFIXES,
+    SampleRef,
+    SampleSpec,
+    masks_among,
+    refuse_same_names,
+    require_folder,
+)
 from defectforge.datasets.steel import folder_digest, read_steel_image
 
 # JPEG round-off never makes a grey image's three channels differ by more than this.
 GREY_CHANNEL_TOLERANCE = 2
 
 
-def _decode(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    array = decode_file(path, what, max_pixels)
+def _decode(
+    path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS, palette_indices: bool = False
+) -> np.ndarray:
+    array = decode_file(path, what, max_pixels, palette_indices=palette_indices)
     if array.dtype != np.uint8:
         raise DataError(
             path,
             f"{what} has {array.dtype} pixels, 8-bit expected",
-            "convert it to 8-bit (steel maps of 16 bit go through --source steel)",
+            "convert it to 8-bit, scaling its range to 0-255 (16-bit photometric-stereo maps "
+            "go through `data build --source steel`)",
         )
     return array
 
@@ -37,30 +47,47 @@ def _is_grey(array: np.ndarray) -> bool:
 
 
 def read_image(path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """HxWxC uint8, RGB order. Grey stored as 3 equal channels is read as 1 channel."""
+    """HxWxC uint8, RGB order. Grey stored as 3 equal channels is read as 1 channel, and grey
+    as 3 equal channels where 3 are asked for."""
     path = Path(path)
-    array = _decode(path, "image", max_pixels)
-    if array.ndim == 3 and array.shape[2] == 4:
-        raise DataError(
-            path, "image has 4 channels (alpha)", "save it without alpha as grey or RGB"
-        )
+    array = _without_opaque_alpha(path, _decode(path, "image", max_pixels))
     if channels == 1:
         if not _is_grey(array):
             raise DataError(
                 path,
-                "image has 3 colour channels but the dataset is 1-channel",
-                "pass --channels 3",
+                "image has 3 colour channels but 1 (grey) is expected",
+                "convert it to grey, or use 3 channels (`data build --channels 3`, and a model "
+                "trained on that dataset)",
             )
         return (array if array.ndim == 2 else array[:, :, 0])[:, :, None]
-    if array.ndim == 2:
-        raise DataError(
-            path, "image has 1 channel but the dataset is 3-channel", "pass --channels 1"
-        )
+    if array.ndim == 2:  # grey as three equal channels: nothing is lost
+        return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
-def guess_channels(path: str | Path) -> int:
-    return 1 if _is_grey(_decode(Path(path), "image")) else 3
+def _without_opaque_alpha(path: Path, array: np.ndarray) -> np.ndarray:
+    """An alpha channel that hides nothing is dropped; one that does is refused."""
+    if array.ndim != 3 or array.shape[2] != 4:
+        return array
+    if (array[:, :, 3] != 255).any():
+        raise DataError(
+            path,
+            "image has a transparent alpha channel",
+            "save it without alpha, as grey or RGB, with the background it should have",
+        )
+    return array[:, :, :3]
+
+
+def guess_channels(paths: list[str] | list[Path]) -> int:
+    """1 or 3, from the first image that can be read: an unreadable one is left for the load
+    to report (or skip, with --skip-bad)."""
+    unreadable: list[DataError] = []
+    for path in paths:
+        try:
+            return 1 if _is_grey(_decode(Path(path), "image")) else 3
+        except DataError as err:
+            unreadable.append(err)
+    raise unreadable[0]
 
 
 def read_mask(
@@ -68,7 +95,7 @@ def read_mask(
 ) -> np.ndarray:
     """HxW uint8 of class ids in ``spec.output_classes``."""
     path = Path(path)
-    array = _decode(path, "mask", spec.max_pixels)
+    array = _decode(path, "mask", spec.max_pixels, palette_indices=True)
     if array.ndim == 3:
         if not _is_grey(array):
             raise DataError(
@@ -91,8 +118,8 @@ def read_mask(
         if outside.size:
             raise DataError(
                 path,
-                f"mask values {outside[:5].tolist()} are outside the declared "
-                f"classes 0..{len(spec.classes) - 1}",
+                f"mask values {outside[:5].tolist()} are outside the classes "
+                f"0..{len(spec.classes) - 1} ({', '.join(spec.classes)})",
                 "declare the classes (--classes or classes.yaml), or pass "
                 "--mask-threshold 128 for 0/255 or soft masks",
             )
@@ -141,8 +168,9 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
         raise DataError(
             ref.image_path,
             "no mask found for this image",
-            "add <stem>.png to the masks folder, pass --missing-mask background if images "
-            "without a mask are defect-free, or remove the image (or pass --skip-bad)",
+            "add its mask (the same name under masks/, or beside it with the --mask-suffix; "
+            "png/bmp/tif/jpg), pass --missing-mask background if images without a mask are "
+            "defect-free, or remove the image (or pass --skip-bad)",
         )
     image, image_digest = _read_input(ref, spec)
     if ref.mask_path is None:
@@ -172,19 +200,33 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
 
 
 def list_images(folder: str | Path, mask_suffix: str = "") -> list[Path]:
-    """The images directly in ``folder``; masks beside them (``is_mask_file``) left out."""
+    """The images directly in ``folder`` (or the one image ``folder`` names); masks beside them
+    (``masks_among``) left out."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(folder, "folder does not exist", "check the --images path")
-    images = sorted(
-        p
-        for p in folder.iterdir()
-        if p.suffix.lower() in IMAGE_SUFFIXES and not is_mask_file(p, mask_suffix)
-    )
+    if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
+        return [folder]
+    require_folder(folder, "--images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    masks = masks_among(files, mask_suffix)
+    images = [p for p in files if p not in masks]
     if not images:
         raise DataError(
             folder,
             f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})",
             "point --images at a folder of images",
         )
+    refuse_same_names([(p.stem, p) for p in images])
     return images
+
+
+def images_in_subfolders(folder: str | Path) -> int:
+    """How many images lie in ``folder``'s subfolders, which commands reading a folder's own
+    images leave out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    return sum(
+        1
+        for p in folder.rglob("*")
+        if p.parent != folder and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectforge.core.errors import DataError
 from defectforge.datasets.contract import SPLITS
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 
@@ -68,11 +69,34 @@ def carve_test_split(sample_id: str, split: str, test_fraction: float) -> str:
     )
 
 
-def is_mask_file(path: Path, mask_suffix: str) -> bool:
-    """Whether ``path`` is a mask lying beside its image rather than an image: named with the
-    mask suffix, or, without one, a PNG beside a same-stem image of another format."""
+def masks_among(paths: list[Path], mask_suffix: str) -> set[Path]:
+    """Which of ``paths`` are masks lying beside their images rather than images: named with
+    the mask suffix, or, without one, a PNG beside a same-stem image of another format. Any case
+    of an extension counts (``t00.PNG`` beside ``t00.JPG``)."""
     if mask_suffix:
-        return path.stem.endswith(mask_suffix)
-    return path.suffix.lower() == ".png" and any(
-        path.with_suffix(s).is_file() for s in IMAGE_SUFFIXES if s != ".png"
-    )
+        return {p for p in paths if p.stem.endswith(mask_suffix)}
+    not_png = {(p.parent, p.stem) for p in paths if p.suffix.lower() != ".png"}
+    return {p for p in paths if p.suffix.lower() == ".png" and (p.parent, p.stem) in not_png}
+
+
+def require_folder(folder: Path, option: str) -> None:
+    if folder.is_file():
+        raise DataError(
+            folder, "is a file, not a folder", f"point {option} at the folder holding it"
+        )
+    if not folder.is_dir():
+        raise DataError(folder, "folder does not exist", f"check the {option} path")
+
+
+def refuse_same_names(named: list[tuple[str, Path]]) -> None:
+    """Two images under one name (``a.jpg`` and ``a.bmp``) would share an id, a mask and output
+    files: refused, naming both."""
+    seen: dict[str, Path] = {}
+    for name, path in named:
+        if name in seen:
+            raise DataError(
+                path,
+                f"has the same name as {seen[name]} (both are {name!r} without their extension)",
+                "rename or remove one of them: outputs and masks are matched by that name",
+            )
+        seen[name] = path

@@ -35,7 +35,7 @@ from defectforge.datasets.photometric import (
     steel_maps,
     to_uint8,
 )
-from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, hash_split
+from defectforge.datasets.samples import IMAGE_SUFFIXES, SampleRef, hash_split, require_folder
 from defectforge.datasets.steel_sim import (
     STEEL_CLASSES,
     SimulationConfig,
@@ -104,8 +104,7 @@ def discover_steel(
 ) -> list[SampleRef]:
     """Every folder under ``root`` holding a ``mask.png`` is a sample."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(root, "folder does not exist", "check --root")
+    require_folder(root, "--root")
     refs = []
     for mask in sorted(root.rglob(MASK_FILE)):
         folder = mask.parent
@@ -134,8 +133,7 @@ def steel_sample_folders(root: str | Path) -> list[Path]:
     """For prediction: every folder under ``root`` (itself included) holding a sample's images,
     its three maps or its captures; no mask needed."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(root, "folder does not exist", "check the --images path")
+    require_folder(root, "--images")
     candidates = [root, *sorted(p for p in root.rglob("*") if p.is_dir())]
     folders = [folder for folder in candidates if _images(folder)]
     if not folders:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.errors import ConfigError, DataError, UserError
 from defectforge.core.outputs import check_output
 from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
@@ -86,7 +86,7 @@ class ExportedModel:
         try:
             loader = self._torchscript if runtime == "torchscript" else self._onnx
             self._run = loader(device)
-        except ImportError:
+        except (ImportError, UserError):
             raise
         except Exception:  # noqa: BLE001 - each runtime has its own error types for a bad file
             name = TORCHSCRIPT_FILE if runtime == "torchscript" else ONNX_FILE
@@ -105,6 +105,12 @@ class ExportedModel:
     def _torchscript(self, device: str):
         import torch
 
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DataError(
+                self.folder / TORCHSCRIPT_FILE,
+                "PyTorch here sees no CUDA GPU",
+                "run it on a machine with one (a CUDA build of torch), or pass --device cpu",
+            )
         with warnings.catch_warnings():
             # Deprecated upstream in favour of torch.export, which needs Python model code.
             warnings.simplefilter("ignore", FutureWarning)

@@ -25,7 +25,7 @@ from defectforge.core.outputs import publish_dir
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import encode_png
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
-from defectforge.datasets.readers import list_images, read_image
+from defectforge.datasets.readers import images_in_subfolders, list_images, read_image
 from defectforge.segmentation.decisions import (
     OPERATING_POINT_FILE,
     OperatingPoint,
@@ -57,11 +57,20 @@ def image_samples(
     mask_suffix: str = "",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[Sample]:
-    """The images of a folder (masks beside them left out) as samples, each read when needed."""
-    return [
+    """The images of a folder (masks beside them left out), or the one image ``images`` names,
+    as samples, each read when needed."""
+    samples = [
         (path.stem, str(path), lambda path=path: read_image(path, channels, max_pixels))
         for path in list_images(images, mask_suffix)
     ]
+    below = images_in_subfolders(images)
+    if below:
+        print(
+            f"defectforge: warning: {images}: {below} images in its subfolders are not read "
+            "(only the folder's own are); point --images at each subfolder",
+            file=sys.stderr,
+        )
+    return samples
 
 
 def operating_point(stored: dict | None, threshold: float | None, min_area: int | None):

@@ -106,7 +106,8 @@ def test_masks_beside_their_images_are_not_taken_for_images(tmp_path):
     for name in ("a.jpg", "a.png", "b.png", "c.bmp", "c_label.bmp"):
         cv2.imwrite(str(tmp_path / name), picture)
     assert [p.name for p in list_images(tmp_path)] == ["a.jpg", "b.png", "c.bmp", "c_label.bmp"]
-    assert [p.name for p in list_images(tmp_path, "_label")] == ["a.jpg", "a.png", "b.png", "c.bmp"]
+    (tmp_path / "a.png").unlink()  # with a suffix it would be an image named like a.jpg
+    assert [p.name for p in list_images(tmp_path, "_label")] == ["a.jpg", "b.png", "c.bmp"]
 
 
 def test_group_by_keeps_each_part_in_one_split(parts):
@@ -280,6 +281,27 @@ def test_an_export_predicts_any_size_and_loads_in_smp(labeller, tmp_path):
     network = smp.from_pretrained(str(tmp_path / "export" / "smp")).eval()
     x = torch.rand(1, 1, 64, 64)
     assert torch.allclose(network(x), model(x), atol=1e-5)
+    if not torch.cuda.is_available():  # said as it is, not as a damaged file
+        with pytest.raises(DataError, match="PyTorch here sees no CUDA GPU.*--device cpu"):
+            ExportedModel(tmp_path / "export", "torchscript", "cuda")
+
+
+def test_predict_takes_one_image_or_a_model_file_and_says_what_subfolders_it_leaves(
+    labeller, tmp_path, capsys
+):
+    folder = tmp_path / "new-parts"
+    (folder / "line2").mkdir(parents=True)
+    for path in (folder / "a.png", folder / "b.PNG", folder / "line2" / "c.png"):
+        cv2.imwrite(str(path), np.full((40, 56), 120, np.uint8))
+    model_file = str(labeller / "model.pt")
+    one = ["predict", "--model", model_file, "--images", str(folder / "a.png")]
+    assert main([*one, "--out", str(tmp_path / "one")]) == 0
+    assert len((tmp_path / "one" / "predictions.csv").read_text().splitlines()) == 2
+    capsys.readouterr()
+    whole = ["predict", "--model", str(labeller), "--images", str(folder)]
+    assert main([*whole, "--out", str(tmp_path / "all")]) == 0
+    assert "1 images in its subfolders are not read" in capsys.readouterr().err
+    assert len((tmp_path / "all" / "predictions.csv").read_text().splitlines()) == 3
 
 
 def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):

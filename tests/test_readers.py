@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -88,3 +89,104 @@ def test_folder_reader_hash_splits_without_split_folders(tmp_path):
         cv2.imwrite(str(tmp_path / f"s{i}.png"), np.zeros((16, 16), np.uint8))
     refs = discover_folder(tmp_path, "d", (0.5, 0.5, 0.0))
     assert len(refs) == 30 and {r.split for r in refs} == {"train", "val"}
+
+
+def _write(path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+
+
+def _cross(value: int) -> np.ndarray:
+    mask = np.zeros((16, 16), np.uint8)
+    mask[6:10, :] = value
+    return mask
+
+
+def test_masks_are_found_and_left_out_whatever_the_case_of_their_extension(tmp_path):
+    from defectforge.datasets.readers import list_images
+
+    grey = np.full((16, 16), 90, np.uint8)
+    _write(tmp_path / "same" / "t0.JPG", grey)
+    _write(tmp_path / "same" / "t0.PNG", _cross(1))  # a mask beside its image
+    _write(tmp_path / "suffix" / "u0.jpg", grey)
+    _write(tmp_path / "suffix" / "u0_mask.PNG", _cross(1))
+    for root, suffix in ((tmp_path / "same", ""), (tmp_path / "suffix", "_mask")):
+        (ref,) = discover_folder(root, "d", (1.0, 0.0, 0.0), suffix)
+        assert ref.mask_path is not None and ref.mask_path != ref.image_path
+        assert [p.name for p in list_images(root, suffix)] == [Path(ref.image_path).name]
+
+
+def test_two_images_of_one_name_are_refused_naming_both(tmp_path):
+    from defectforge.core.errors import DataError
+    from defectforge.datasets.readers import list_images
+
+    for name in ("s0.jpg", "s0.bmp"):
+        _write(tmp_path / name, np.full((16, 16), 90, np.uint8))
+    _write(tmp_path / "s0_mask.png", _cross(1))
+    for find in (
+        lambda: discover_folder(tmp_path, "d", (1.0, 0.0, 0.0), "_mask"),
+        lambda: list_images(tmp_path, "_mask"),
+    ):
+        with pytest.raises(DataError, match=r"s0\.jpg: has the same name as .*s0\.bmp.*rename"):
+            find()
+
+
+def test_jpeg_and_palette_masks_are_read(tmp_path):
+    from PIL import Image
+
+    _write(tmp_path / "jpeg" / "images" / "a.jpg", np.full((16, 16), 90, np.uint8))
+    _write(tmp_path / "jpeg" / "masks" / "a.jpg", _cross(255))  # lossy: read with a threshold
+    cfg = BuildConfig(source="folder", root=str(tmp_path / "jpeg"), mask_threshold=128)
+    refs, spec = discover(cfg)
+    assert load_sample(refs[0], spec)["defect_class"] == "defect"
+
+    _write(tmp_path / "palette" / "b.png", np.full((16, 16), 90, np.uint8))
+    indexed = Image.fromarray(_cross(2), mode="L").convert("P")  # indices 0 and 2
+    indexed.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    indexed.save(tmp_path / "palette" / "b_mask.png")
+    cfg = BuildConfig(
+        source="folder",
+        root=str(tmp_path / "palette"),
+        mask_suffix="_mask",
+        classes=("background", "dent", "scratch"),
+    )
+    refs, spec = discover(cfg)
+    assert load_sample(refs[0], spec)["defect_class"] == "scratch"
+
+
+def test_grey_is_read_as_three_channels_and_an_opaque_alpha_is_dropped(tmp_path):
+    from defectforge.core.errors import DataError
+
+    grey = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    _write(tmp_path / "grey.png", grey)
+    three = read_image(tmp_path / "grey.png", 3)
+    assert three.shape == (16, 16, 3) and all((three[..., c] == grey).all() for c in range(3))
+    rgba = np.dstack([grey, grey, np.full_like(grey, 200), np.full_like(grey, 255)])
+    _write(tmp_path / "opaque.png", rgba)
+    assert (read_image(tmp_path / "opaque.png", 3)[..., 0] == 200).all()  # BGRA -> RGB
+    rgba[0, 0, 3] = 0
+    _write(tmp_path / "transparent.png", rgba)
+    with pytest.raises(DataError, match="transparent alpha"):
+        read_image(tmp_path / "transparent.png", 3)
+    with pytest.raises(DataError, match="3 colour channels but 1 .* convert it to grey"):
+        read_image(tmp_path / "opaque.png", 1)
+
+
+def test_the_channel_count_comes_from_the_first_readable_image(tmp_path):
+    from defectforge.datasets.readers import guess_channels
+
+    (tmp_path / "a.png").write_bytes(b"")
+    _write(tmp_path / "b.png", np.full((8, 8, 3), (10, 200, 90), np.uint8))
+    assert guess_channels([tmp_path / "a.png", tmp_path / "b.png"]) == 3
+
+
+def test_a_build_whose_masks_mark_no_defect_is_refused():
+    from defectforge.core.errors import DataError
+    from defectforge.datasets.build import check_defects
+
+    rows = [{"mask_missing": False, "defect_class": None}] * 3
+    cfg = BuildConfig(source="folder", root="parts", mask_threshold=128)
+    with pytest.raises(DataError, match="none of the 3 masks .* --mask-threshold 128 is above"):
+        check_defects(rows, cfg)
+    check_defects(rows + [{"mask_missing": False, "defect_class": "defect"}], cfg)
+    check_defects([{"mask_missing": True, "defect_class": None}], cfg)  # defect-free by choice

@@ -24,6 +24,7 @@ from defectforge.datasets.build import (
     BuildConfig,
     RowLoader,
     build_manifest,
+    check_defects,
     check_rejections,
     discover,
 )
@@ -162,6 +163,7 @@ def build_parquet(cfg: BuildConfig, out: str | Path, overwrite: bool = False) ->
         )
         summary = loaded.drop_columns(["image", "mask"]).take_all()
         good = check_rejections(summary, cfg, staging.path("rejected.csv"))
+        check_defects(good, cfg)
         for split in SPLITS:
             if any(row["split"] == split for row in good):
                 part = loaded.map_batches(

@@ -225,7 +225,7 @@ def generated_dataset(images: str | Path) -> tuple[ray.data.Dataset, Manifest]:
         return read_split(images, "train"), Manifest.load(images)
     images = Path(images)
     paths = list_images(images)
-    channels = guess_channels(paths[0])
+    channels = guess_channels(paths)
     rows = []
     for path in paths:
         rows.append(
