@@ -50,7 +50,7 @@ def build(name: str, parser) -> None:
 
 def run(args) -> None:
     from defectforge.datasets.augment import AugmentConfig
-    from defectforge.datasets.build import BuildConfig, missing_splits
+    from defectforge.datasets.build import BuildConfig, empty_folder_classes, missing_splits
     from defectforge.datasets.steel import SteelOptions
     from defectforge.trainables.data_jobs import augment_parquet, build_parquet, mix_datasets
 
@@ -62,9 +62,9 @@ def run(args) -> None:
             **given(args, BuildConfig), steel=SteelOptions(**given(args, SteelOptions))
         )
         manifest = build_parquet(cfg, args.out, args.overwrite)
-        warning = missing_splits(manifest, cfg)
-        if warning:
-            print(f"defectforge: warning: {args.out}: {warning}", file=sys.stderr)
+        for warning in (missing_splits(manifest, cfg), empty_folder_classes(manifest, cfg)):
+            if warning:
+                print(f"defectforge: warning: {args.out}: {warning}", file=sys.stderr)
     elif args.data_command == "subset":
         from defectforge.datasets.subset import SubsetConfig, subset_dataset
 

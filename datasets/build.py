@@ -357,6 +357,23 @@ def missing_splits(manifest: Manifest, cfg: BuildConfig) -> str:
     )
 
 
+def empty_folder_classes(manifest: Manifest, cfg: BuildConfig) -> str:
+    """What to tell a user whose classes from folder names include one that no mask marks: a
+    folder of defect-free images (magnetic-tile's MT_Free) read as a defect class ("" when
+    none)."""
+    if not cfg.class_from_folder or cfg.binary:
+        return ""
+    seen = {name for counts in manifest.counts.values() for name in counts.by_class}
+    empty = [name for name in manifest.classes[1:] if name not in seen]
+    if not empty:
+        return ""
+    return (
+        f"classes {empty} (from folder names) mark no pixel in any mask; if such a folder holds "
+        f"defect-free images, map it to background in a classes.yaml beside the images "
+        f"(`folders: {{{empty[0]}: background}}`) and build again"
+    )
+
+
 def build_manifest(
     cfg: BuildConfig, spec: SampleSpec, good: list[dict], n_rejected: int
 ) -> Manifest:

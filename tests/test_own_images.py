@@ -97,6 +97,28 @@ def test_images_without_a_mask_can_be_read_as_defect_free(tmp_path, capsys, ray_
     assert manifest.missing_masks == 3 and manifest.config["missing_mask"] == "background"
 
 
+def test_a_folder_of_defect_free_images_read_as_a_class_is_pointed_out(
+    tmp_path, capsys, ray_session
+):
+    """magnetic-tile's layout: MT_Crack/ and MT_Free/, the latter's masks all empty."""
+    for folder, value in (("MT_Crack", 255), ("MT_Free", 0)):
+        (tmp_path / "tiles" / folder).mkdir(parents=True)
+        for k in range(3):
+            mask = np.zeros((24, 24), np.uint8)
+            mask[8:12, 4:20] = value
+            cv2.imwrite(
+                str(tmp_path / "tiles" / folder / f"t{k}.jpg"), np.full((24, 24), 99, np.uint8)
+            )
+            cv2.imwrite(str(tmp_path / "tiles" / folder / f"t{k}.png"), mask)
+    argv = ["data", "build", "--source", "folder", "--root", str(tmp_path / "tiles")]
+    argv += ["--class-from-folder", "--mask-threshold", "128", "--split-ratios", "0.5,0.5,0"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "ds")]) == 0
+    err = capsys.readouterr().err
+    assert "classes ['MT_Free'] (from folder names) mark no pixel" in err
+    assert "`folders: {MT_Free: background}`" in err
+
+
 def test_masks_beside_their_images_are_not_taken_for_images(tmp_path):
     """As magnetic-tile lays them out (name.jpg beside its mask name.png), and with a suffix:
     predict and seg eval must see each image once, never its mask."""
