@@ -23,6 +23,11 @@ class ClusterError(UserError):
     """A cluster the user named cannot be used as asked (address, token, resources, storage)."""
 
 
+class TrialsFailed(UserError):
+    """Trials of a study ended in an error; each trial's traceback is kept in its folder and its
+    last line in the study's report."""
+
+
 class DataError(UserError):
     """Bad input data. ``str(err)`` is one line: ``<path>: <problem>; <fix>``."""
 

@@ -56,6 +56,21 @@ AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 
 
+# The settings that shape the networks: a snapshot continues only a run with the same ones.
+NETWORK_KEYS = (
+    "channels",
+    "classes",
+    "conditional",
+    "resolution",
+    "masks",
+    "z_dim",
+    "w_dim",
+    "mapping_layers",
+    "channel_base",
+    "channel_max",
+)
+
+
 @dataclass(frozen=True)
 class GanConfig(TypedConfig):
     """A GAN run. Options a profile sets (``PROFILES``) default to the ``cpu-small`` values."""

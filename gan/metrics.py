@@ -12,6 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectforge.core.errors import DataError
+from defectforge.core.files import load_state_dict_file
+
 PATCH = 7
 PATCHES_PER_IMAGE = 64
 DIRECTIONS = 512
@@ -99,14 +102,15 @@ def inception_features(images: np.ndarray, weights_file: str, batch: int = 32) -
     from torchvision.models import inception_v3
 
     path = Path(weights_file)
+    fix = "FID/KID need a local torchvision inception_v3 state dict (nothing is downloaded)"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: Inception weights file not found; FID/KID need a local "
-            "torchvision inception_v3 state dict (nothing is downloaded)"
-        )
+        raise DataError(path, "Inception weights file not found", fix)
     network = inception_v3(weights=None, aux_logits=False, init_weights=False)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    network.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")})
+    state = load_state_dict_file(path, "Inception weights")
+    try:
+        network.load_state_dict({k: v for k, v in state.items() if not k.startswith("AuxLogits")})
+    except RuntimeError:
+        raise DataError(path, "the weights are not inception_v3's", fix) from None
     network.fc = torch.nn.Identity()
     network.eval()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -45,6 +45,10 @@ POSITIVE = (lambda v: v >= 1, "an integer >= 1")
 SYNTHETIC_SOURCES = ("gan", "copy_paste", "gan_masks", "combined")
 
 
+# The settings that shape the network: a checkpoint continues only a run with the same ones.
+NETWORK_KEYS = ("arch", "encoder", "channels", "classes", "binary")
+
+
 @dataclass(frozen=True)
 class SegConfig(TypedConfig):
     """A segmentation run. Data fields (classes, channels, mean, std) come from the manifest.

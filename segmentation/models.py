@@ -72,13 +72,22 @@ def build_model(
     if in_channels not in (1, 3):
         raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
     local_file = encoder_weights not in (None, "imagenet")
-    model = smp.create_model(
-        check_architecture(arch),
-        encoder_name=check_encoder(encoder),
-        in_channels=in_channels,
-        classes=num_classes,
-        encoder_weights=None if local_file else encoder_weights,
-    )
+    try:
+        model = smp.create_model(
+            check_architecture(arch),
+            encoder_name=check_encoder(encoder),
+            in_channels=in_channels,
+            classes=num_classes,
+            encoder_weights=None if local_file else encoder_weights,
+        )
+    except Exception as err:  # noqa: BLE001 - a hub download fails in many ways
+        if encoder_weights != "imagenet":
+            raise
+        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"encoder_weights = 'imagenet': {encoder}'s weights could not be had from the model "
+            f"hub ({reason}); give a local weights file, or none, on a machine without network"
+        ) from None
     if local_file:
         load_encoder_weights(model, Path(encoder_weights), in_channels)
     return model
@@ -108,5 +117,14 @@ def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None
             path,
             "no tensor matches the encoder's parameter names",
             "pass a state dict saved from this encoder",
+        )
+    misfits = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if misfits:
+        key = misfits[0]
+        raise DataError(
+            path,
+            f"{len(misfits)} tensors do not fit this encoder (e.g. {key}: "
+            f"{tuple(state[key].shape)} here, {tuple(own[key].shape)} in the encoder)",
+            "pass weights saved from this encoder, or choose the encoder they were saved from",
         )
     model.encoder.load_state_dict(state, strict=False)

@@ -7,6 +7,7 @@ redrawing the report of a finished study, reads only the study's own files.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,10 +81,18 @@ def trial_row(record: TrialRecord, spec: StudySpec) -> dict:
         "checkpoint_path": kept.get(KEPT_BEST) or best.get("checkpoint_path"),
         "seconds": sum(line.get("epoch_seconds", 0.0) for line in epochs),
         "nodes": sorted({line["node_id"] for line in epochs if line.get("node_id")}),
-        "error": record.error.splitlines()[0][:300] if record.error else None,
+        "error": error_line(record.error) if record.error else None,
         # When it started (its first report less the time it took): the order trials ran in.
         "started": first.get("timestamp", 0) - first.get("time_total_s", 0),
     }
+
+
+def error_line(traceback: str) -> str:
+    """What a trial's error says: its traceback's last line, without the exception's module
+    (``ConfigError: batch_size = 64: ...``); Ray's first line only names the actor."""
+    lines = [line for line in traceback.splitlines() if line.strip()]
+    last = re.sub(r"\x1b\[[0-9;]*m", "", lines[-1]).strip() if lines else ""
+    return re.sub(r"^(?:\w+\.)+(\w+: )", r"\1", last)[:300]
 
 
 def _shown_keys(spec: StudySpec) -> list[str]:

@@ -306,8 +306,6 @@ def test_fid_and_kid_from_a_local_inception_file(tmp_path):
     assert metrics["fid"] > 0 and np.isfinite(metrics["kid"])
     features = rng.normal(size=(50, 8))
     assert frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        inception_metrics(real, fake, str(tmp_path / "missing.pt"))
 
 
 def test_config_validation():
@@ -704,3 +702,19 @@ def test_progress_moves_between_snapshots(monkeypatch):
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert all({"g_loss", "d_loss", "img_per_s"} <= set(line) for line in lines)
     assert lines[-1]["kimg"] == 0.012
+
+
+def test_inception_weights_missing_damaged_or_foreign_are_one_line(tmp_path):
+    from defectforge.core.errors import DataError
+    from defectforge.gan.metrics import inception_features
+
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    (tmp_path / "damaged.pt").write_bytes(b"not weights")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "foreign.pt")
+    for name, problem in (
+        ("missing.pt", "Inception weights file not found.*nothing is downloaded"),
+        ("damaged.pt", "damaged or not a PyTorch state dict"),
+        ("foreign.pt", "the weights are not inception_v3's"),
+    ):
+        with pytest.raises(DataError, match=problem):
+            inception_features(images, str(tmp_path / name))

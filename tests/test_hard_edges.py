@@ -357,3 +357,29 @@ def test_a_build_without_a_val_split_says_so(sample_copy, tmp_path, capsys, ray_
         "(42 train, 0 val, 0 test images), so `seg train` and studies will refuse this dataset; "
         "add images/val with masks/val"
     ]
+
+
+def test_a_run_folder_asked_to_continue_another_network_names_the_setting(tmp_path):
+    import json
+
+    import torch
+
+    from defectforge.core.errors import ConfigError
+    from defectforge.core.storage import Location
+    from defectforge.segmentation.config import NETWORK_KEYS
+    from defectforge.trainables.runtime import refuse_another_network
+
+    epoch = tmp_path / "run" / "ray" / "one-worker" / "epoch_001"
+    epoch.mkdir(parents=True)
+    torch.save({}, epoch / "state.pt")
+    (epoch / "epoch_metrics.json").write_text("{}")
+    saved = {"arch": "deeplabv3plus", "encoder": "resnet18", "classes": ["background", "dent"]}
+    (epoch / "config.json").write_text(json.dumps(saved))
+    run = Location.of(tmp_path / "run")
+    same = {**saved, "classes": ("background", "dent"), "epochs": 30}
+    refuse_another_network(run, same, NETWORK_KEYS)  # more epochs of the same network
+    with pytest.raises(
+        ConfigError, match="arch = 'unet': .* holds a run of arch = 'deeplabv3plus'"
+    ):
+        refuse_another_network(run, {**same, "arch": "unet"}, NETWORK_KEYS)
+    refuse_another_network(Location.of(tmp_path / "new"), same, NETWORK_KEYS)  # nothing there

@@ -53,3 +53,18 @@ def test_local_encoder_weights_are_loaded_and_grey_conv_is_summed(tmp_path):
     assert torch.allclose(grey.encoder.conv1.weight, summed)
     with pytest.raises(DataError, match="encoder weights file not found"):
         build_model("unet", "resnet18", 1, 2, encoder_weights=str(tmp_path / "missing.pt"))
+
+
+def test_encoder_weights_of_another_encoder_or_an_unreachable_hub_are_one_line(
+    tmp_path, monkeypatch
+):
+    from defectforge.core.errors import ConfigError
+
+    path = tmp_path / "resnet50.pt"
+    torch.save(build_model("unet", "resnet50", 3, 2).encoder.state_dict(), path)
+    with pytest.raises(DataError, match=r"tensors do not fit this encoder \(e\.g\. layer"):
+        build_model("unet", "resnet18", 3, 2, encoder_weights=str(path))
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network
+    with pytest.raises(ConfigError, match="'imagenet': resnet18's weights could not be had"):
+        build_model("unet", "resnet18", 3, 2, encoder_weights="imagenet")

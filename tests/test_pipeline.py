@@ -241,6 +241,18 @@ def test_what_would_fail_later_is_refused_before_the_gan_trains(
     assert made == ["data"]  # neither the labeller nor the GAN stage started
 
 
+def test_a_given_run_that_is_none_is_refused_before_anything_trains(
+    ray_session, sample_root, tmp_path
+):
+    from defectforge.trainables.pipeline import Pipeline
+
+    spec = pipeline_spec(sample_root, tmp_path / "nope", tmp_path / "storage")
+    with pytest.raises(SpecError, match=r"labeller.run = .*nope.*holds no model.pt"):
+        Pipeline(parse_spec(spec, "spec.yaml"), "spec.yaml").run()
+    made = sorted(p.name.split("-")[0] for p in (tmp_path / "storage" / "stages").iterdir())
+    assert made == ["data"]
+
+
 def test_a_study_stopped_by_its_checks_takes_the_corrected_spec(
     ray_session, sample_root, tmp_path, capsys
 ):

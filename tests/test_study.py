@@ -639,3 +639,15 @@ def test_trial_slots_hold_trials_to_the_limit_and_free_dead_ones(ray_session):
     assert ray.get(short.acquire.remote("crashed"))  # a restarted trial keeps its slot
     time.sleep(0.6)
     assert ray.get(short.acquire.remote("next"))
+
+
+def test_a_failed_trials_error_is_its_exceptions_line_not_rays_actor_line():
+    from defectforge.studies.results import error_line
+
+    traceback = (
+        "\x1b[36mray::ImplicitFunc.train()\x1b[39m (pid=1, ip=192.0.2.2, repr=search_trial)\n"
+        '  File "trainables/seg_feed.py", line 165, in check_batch_fits\n'
+        "    raise ConfigError(\n"
+        "defectforge.core.errors.ConfigError: batch_size = 64: fewer than one batch\n\n"
+    )
+    assert error_line(traceback) == "ConfigError: batch_size = 64: fewer than one batch"

@@ -44,6 +44,7 @@ from defectforge.gan.checkpoint import (
     SNAPSHOTS_DIR,
     load_gan_state,
 )
+from defectforge.gan.config import NETWORK_KEYS as GAN_NETWORK_KEYS
 from defectforge.gan.config import GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.gan.report import write_plots
@@ -63,6 +64,7 @@ from defectforge.trainables.runtime import (
     check_store_here,
     ensure_ray,
     fit,
+    refuse_another_network,
     resumed_run_name,
     starting_checkpoint,
     worker_cpus,
@@ -275,6 +277,7 @@ def run_gan_training(
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
     ray.data.DataContext.get_current().enable_progress_bars = False
+    refuse_another_network(out, asdict(cfg), GAN_NETWORK_KEYS)
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
     cpus = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     check_enough_rows(cfg)

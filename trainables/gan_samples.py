@@ -149,6 +149,12 @@ def generator_metrics(
     if class_name is not None:
         cfg = replace(cfg, defect_class=class_name)
     reals = metric_reals(cfg)
+    if reals.shape[-1] != cfg.channels:
+        raise DataError(
+            cfg.data,
+            f"holds {reals.shape[-1]}-channel images, but the generator draws {cfg.channels}",
+            "score it against a dataset of its channel count (leave out --data for its own)",
+        )
     classes = (
         class_index if class_index is not None else cycled_classes(len(reals), cfg.num_classes)
     )

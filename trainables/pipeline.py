@@ -199,6 +199,7 @@ class Pipeline:
         self.ids["data"] = Manifest.load(data).dataset_id
         check_trial_values(self.spec, data, self.where)
         self._check_generate_count(data)
+        self._check_given_runs()
         labeller = self._labeller(data)
         gan = self._gan(data)
         synthetic = self.spec.dataset.synthetic
@@ -236,6 +237,27 @@ class Pipeline:
             inputs,
             lambda out: combine_synthetic(sets, out, section, overwrite=True),
         )
+
+    def _check_given_runs(self) -> None:
+        """A stage given as ``{run: PATH}`` must be such a run: found out before any stage
+        trains."""
+        for name, weights, command in (
+            ("labeller", MODEL_FILE, "seg train"),
+            ("gan", GENERATOR_FILE, "gan train"),
+            ("mask_gan", GENERATOR_FILE, "gan train --masks"),
+        ):
+            section = getattr(self.spec.stages, name)
+            if section is None or RUN_KEY not in section:
+                continue
+            if not (Location.of(absolute_location(section[RUN_KEY])) / weights).is_file():
+                raise SpecError(
+                    self.where,
+                    f"{name}.{RUN_KEY}",
+                    section[RUN_KEY],
+                    f"holds no {weights}: not a finished `{command}` run folder",
+                    f"give the folder a `defectforge {command}` run published, or leave out "
+                    f"{RUN_KEY} to train the stage here",
+                )
 
     def _check_given_mask_gan(self) -> None:
         """A given mask_gan run must draw masks: found out before any stage trains for hours."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -16,7 +17,7 @@ import ray.data
 from ray.exceptions import AuthenticationError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from defectforge.core.errors import ClusterError, DataError
+from defectforge.core.errors import ClusterError, ConfigError, DataError
 from defectforge.core.files import STATE_FILE
 from defectforge.core.storage import Location, StorageError, is_uri
 from defectforge.trainables import VERBOSE_ENV
@@ -260,6 +261,24 @@ def checkpoint_to_resume(storage: str | Path | Location) -> Location:
             "train it first (without --resume)",
         )
     return previous
+
+
+def refuse_another_network(out: Location, config: dict, keys: tuple[str, ...]) -> None:
+    """A run folder's checkpoints continue only the network they hold: the command run again
+    into it with another shape (architecture, resolution, ...) is refused, naming the setting,
+    instead of failing to load them."""
+    start = latest_checkpoint_dir(out / "ray")
+    if start is None or not (start / "config.json").is_file():
+        return
+    saved = json.loads((start / "config.json").read_text())
+    for key in keys:
+        given = json.loads(json.dumps(config.get(key)))  # tuples as the JSON's lists
+        if key in saved and saved[key] != given:
+            raise ConfigError(
+                f"{key} = {given!r}: {out.uri} holds a run of {key} = {saved[key]!r}, whose "
+                "checkpoints cannot continue another network; use a new --out, or the run's "
+                "own settings to continue it"
+            )
 
 
 def resumed_run_name(storage: str | Path | Location, base: str) -> tuple[str, Location]:

@@ -34,7 +34,7 @@ import ray.data
 import torch
 from ray import tune
 
-from defectforge.core.errors import DataError, UserError
+from defectforge.core.errors import DataError, TrialsFailed, UserError
 from defectforge.core.outputs import check_name
 from defectforge.core.storage import absolute_location
 from defectforge.segmentation.selection import SELECTION_METRIC
@@ -252,14 +252,16 @@ def _complete_comparison(context: StudyContext, store: StudyStore) -> dict:
 
 
 def _record_trials(store: StudyStore, results: tune.ResultGrid, spec: StudySpec) -> list[dict]:
-    """trials.json, best first; a RuntimeError naming the failed trials if any failed."""
+    """trials.json, best first; ``TrialsFailed`` with the first failed trial's error if any
+    failed."""
     trials = trial_rows(trial_records(results), spec)
     store.write_json(TRIALS_FILE, trials)
-    failed = [t["trial"] for t in trials if t["status"] == "error"]
+    failed = [t for t in trials if t["status"] == "error"]
     if failed:
         write_study_report(store)
-        raise RuntimeError(
-            f"{store.uri}: {len(failed)} trial(s) failed ({', '.join(failed[:3])}...; errors in "
-            f"the report); fix the cause and `defectforge study resume {store.uri}` reruns them"
+        raise TrialsFailed(
+            f"{store.uri}: {len(failed)} of {len(trials)} trials failed, the first with "
+            f"{failed[0]['error']!r} (each error in the report); fix the cause and "
+            f"`defectforge study resume {store.uri}` reruns them"
         )
     return trials
