@@ -33,6 +33,8 @@ def build(name: str, parser) -> None:
 
 def study_line(summary: dict) -> str:
     best, final = summary["best"], summary["final"]
+    if best is None:
+        return "no trial has a validation score yet (each trial's status and error in the report)"
     line = f"best trial {best['trial']}: val binary defect IoU {best['val_binary_defect_iou']:.4f}"
     if final:
         test = final["test_binary_defect_iou"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from defectforge.core.errors import DataError
 from defectforge.core.outputs import check_output
 from defectforge.core.storage import is_uri
 from defectforge.segmentation.calibrate import calibrate_run
@@ -36,7 +37,16 @@ def chosen_model(store: StudyStore) -> tuple[str, dict]:
             "chosen": f"final run, seed {seed['seed']} (best validation of the final seeds)",
         }
         return seed["best_checkpoint_path"], metrics
-    best = next(t for t in trials if t[SELECTION_METRIC] is not None)
+    scored = [t for t in trials if t[SELECTION_METRIC] is not None]
+    if not scored:
+        raise DataError(
+            store.uri,
+            f"none of its {len(trials)} trials has a validation score, so there is no model to "
+            "export",
+            "fix what failed (the report has each trial's error), `defectforge study resume` "
+            "it, then export",
+        )
+    best = scored[0]
     chosen = (
         f"compare trial {best['trial']} (best validation of every arm and seed; the arms' "
         "test scores are in compare.json)"

@@ -651,3 +651,19 @@ def test_a_failed_trials_error_is_its_exceptions_line_not_rays_actor_line():
         "defectforge.core.errors.ConfigError: batch_size = 64: fewer than one batch\n\n"
     )
     assert error_line(traceback) == "ConfigError: batch_size = 64: fewer than one batch"
+
+
+def test_a_study_whose_trials_all_failed_reports_and_refuses_export_in_one_line(tmp_path):
+    import json
+
+    from defectforge.cli.study import study_line
+    from defectforge.core.errors import DataError
+    from defectforge.segmentation.selection import SELECTION_METRIC
+    from defectforge.studies.export import export_study
+
+    failed = {"trial": "t0", "status": "error", SELECTION_METRIC: None, "error": "ConfigError: x"}
+    (tmp_path / "trials.json").write_text(json.dumps([failed]))
+    with pytest.raises(DataError, match="none of its 1 trials has a validation score"):
+        export_study(str(tmp_path), tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    assert study_line({"best": None, "final": None}).startswith("no trial has a validation score")

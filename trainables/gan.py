@@ -279,6 +279,12 @@ def run_gan_training(
     ray.data.DataContext.get_current().enable_progress_bars = False
     refuse_another_network(out, asdict(cfg), GAN_NETWORK_KEYS)
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
+    if previous is not None and float(previous.name.removeprefix("kimg_")) >= cfg.kimg:
+        raise DataError(
+            out,
+            f"its latest snapshot ({previous.name}) already has --kimg {cfg.kimg:g}",
+            "pass a larger --kimg to train on",
+        )
     cpus = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     check_enough_rows(cfg)
     reals = real_images(cfg)
