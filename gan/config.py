@@ -56,8 +56,10 @@ AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 
 
-# The settings that shape the networks: a snapshot continues only a run with the same ones.
+# The settings a run's snapshots are bound to (the networks' shape, the data they learnt): run
+# again into the same folder, they continue only a run with the same ones.
 NETWORK_KEYS = (
+    "data_manifest_id",
     "channels",
     "classes",
     "conditional",

@@ -412,6 +412,9 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
     rows = pq.read_table(out / "train").to_pylist()
     assert [r["source"] for r in rows] == ["synthetic"] * 5 and rows[0]["mask"] is None
     assert rows[0]["origin"].endswith("/seed0") and rows[0]["id"].startswith("gan/gan-")
+    one_class = ["--class", "patches", "--out", str(tmp_path / "patches")]
+    assert main(["gan", "generate", "--model", run.uri, "--count", "2", *one_class]) == 2
+    assert "trained without --conditional" in capsys.readouterr().err
 
     capsys.readouterr()
     assert main(["gan", "metrics", "--model", run.uri, "--n", "8", "--class", "patches"]) == 0

@@ -69,6 +69,13 @@ def write_generated(
     check_output(out, overwrite, (model,))
     generator, cfg = load_generator(model)
     class_index = _class_index(cfg, class_name)
+    if class_name is not None and not cfg.conditional:
+        trained_on = f"class {cfg.defect_class!r} only" if cfg.defect_class else "every class"
+        raise ConfigError(
+            f"--class {class_name!r}: this generator was trained without --conditional (on "
+            f"{trained_on}), so it cannot be asked for a class; leave out --class, or train "
+            "one with --conditional"
+        )
     identity = run_identity(model, GENERATOR_FILE)
     with write_dataset(out, overwrite, inputs=(model,)) as staging:
         images, masks = generate_samples(generator, cfg, seeds, truncation_psi, class_index)

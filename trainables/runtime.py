@@ -264,9 +264,9 @@ def checkpoint_to_resume(storage: str | Path | Location) -> Location:
 
 
 def refuse_another_network(out: Location, config: dict, keys: tuple[str, ...]) -> None:
-    """A run folder's checkpoints continue only the network they hold: the command run again
-    into it with another shape (architecture, resolution, ...) is refused, naming the setting,
-    instead of failing to load them."""
+    """A run folder's checkpoints continue only the run they hold: the command run again into
+    it with another network shape (architecture, resolution, ...) or other data is refused,
+    naming the setting, instead of failing to load them or training on silently."""
     start = latest_checkpoint_dir(out / "ray")
     if start is None or not (start / "config.json").is_file():
         return
@@ -276,8 +276,8 @@ def refuse_another_network(out: Location, config: dict, keys: tuple[str, ...]) -
         if key in saved and saved[key] != given:
             raise ConfigError(
                 f"{key} = {given!r}: {out.uri} holds a run of {key} = {saved[key]!r}, whose "
-                "checkpoints cannot continue another network; use a new --out, or the run's "
-                "own settings to continue it"
+                "checkpoints would carry on as if nothing had changed; use a new --out, or the "
+                "run's own settings to continue it"
             )
 
 
