@@ -34,6 +34,16 @@ SNAPSHOTS_DIR = "snapshots"
 SAMPLES_DIR = "samples"
 
 
+def snapshot_name(kimg: float) -> str:
+    """A snapshot's name: its checkpoint folder, sample grid and kept generator."""
+    return f"kimg_{kimg:09.3f}"
+
+
+def kimg_of(name: str) -> float:
+    """The kimg of a snapshot named by ``snapshot_name``."""
+    return float(name.removeprefix("kimg_"))
+
+
 def build_generator(cfg: GanConfig) -> Generator:
     return Generator(
         cfg.resolution,

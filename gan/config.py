@@ -58,7 +58,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 
 # The settings a run's snapshots are bound to (the networks' shape, the data they learnt): run
 # again into the same folder, they continue only a run with the same ones.
-NETWORK_KEYS = (
+CHECKPOINT_KEYS = (
     "data_manifest_id",
     "channels",
     "classes",

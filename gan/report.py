@@ -22,7 +22,7 @@ from defectforge.core.errors import DataError  # noqa: E402
 from defectforge.core.files import save_png, write_json_atomic  # noqa: E402
 from defectforge.core.outputs import publish_dir  # noqa: E402
 from defectforge.core.storage import Location, local_folder  # noqa: E402
-from defectforge.gan.checkpoint import SAMPLES_DIR  # noqa: E402
+from defectforge.gan.checkpoint import SAMPLES_DIR, snapshot_name  # noqa: E402
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
 CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
@@ -52,7 +52,7 @@ def _labelled(picture: np.ndarray, label: str) -> np.ndarray:
 
 
 def _sample_grid(run: str | Path | Location, kimg: float) -> np.ndarray:
-    return _grid_picture(Location.of(run) / SAMPLES_DIR / f"kimg_{kimg:09.3f}.png", kimg)
+    return _grid_picture(Location.of(run) / SAMPLES_DIR / f"{snapshot_name(kimg)}.png", kimg)
 
 
 def _grid_picture(path: Path | Location, kimg: float) -> np.ndarray:
@@ -158,13 +158,14 @@ def _run_curves(history: list[dict], path: Path) -> Path:
 
 
 def _montage(samples: Path, kimgs: list[float]) -> np.ndarray | None:
-    present = [k for k in kimgs if (samples / f"kimg_{k:09.3f}.png").is_file()]
+    present = [k for k in kimgs if (samples / f"{snapshot_name(k)}.png").is_file()]
     if not present:
         return None
     step = max(1, -(-len(present) // MONTAGE_GRIDS))
     chosen = sorted({*present[::step], present[-1]})
     grids = [
-        _labelled(_grid_picture(samples / f"kimg_{k:09.3f}.png", k), f"kimg {k:g}") for k in chosen
+        _labelled(_grid_picture(samples / f"{snapshot_name(k)}.png", k), f"kimg {k:g}")
+        for k in chosen
     ]
     height = max(g.shape[0] for g in grids)
     width = max(g.shape[1] for g in grids)

@@ -47,7 +47,7 @@ SYNTHETIC_SOURCES = ("gan", "copy_paste", "gan_masks", "combined")
 
 # The settings a run's checkpoints are bound to (the network's shape, the data it learnt):
 # run again into the same folder, they continue only a run with the same ones.
-NETWORK_KEYS = ("arch", "encoder", "channels", "classes", "binary", "data_manifest_id")
+CHECKPOINT_KEYS = ("arch", "encoder", "channels", "classes", "binary", "data_manifest_id")
 
 
 @dataclass(frozen=True)

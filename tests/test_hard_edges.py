@@ -366,8 +366,8 @@ def test_a_run_folder_asked_to_continue_another_network_names_the_setting(tmp_pa
 
     from defectforge.core.errors import ConfigError
     from defectforge.core.storage import Location
-    from defectforge.segmentation.config import NETWORK_KEYS
-    from defectforge.trainables.runtime import refuse_another_network
+    from defectforge.segmentation.config import CHECKPOINT_KEYS
+    from defectforge.trainables.runtime import refuse_another_run
 
     epoch = tmp_path / "run" / "ray" / "one-worker" / "epoch_001"
     epoch.mkdir(parents=True)
@@ -377,9 +377,9 @@ def test_a_run_folder_asked_to_continue_another_network_names_the_setting(tmp_pa
     (epoch / "config.json").write_text(json.dumps(saved))
     run = Location.of(tmp_path / "run")
     same = {**saved, "classes": ("background", "dent"), "epochs": 30}
-    refuse_another_network(run, same, NETWORK_KEYS)  # more epochs of the same network
+    refuse_another_run(run, same, CHECKPOINT_KEYS)  # more epochs of the same network
     with pytest.raises(
         ConfigError, match="arch = 'unet': .* holds a run of arch = 'deeplabv3plus'"
     ):
-        refuse_another_network(run, {**same, "arch": "unet"}, NETWORK_KEYS)
-    refuse_another_network(Location.of(tmp_path / "new"), same, NETWORK_KEYS)  # nothing there
+        refuse_another_run(run, {**same, "arch": "unet"}, CHECKPOINT_KEYS)
+    refuse_another_run(Location.of(tmp_path / "new"), same, CHECKPOINT_KEYS)  # nothing there

@@ -42,9 +42,11 @@ from defectforge.gan.checkpoint import (
     SAMPLES_DIR,
     SAMPLES_FILE,
     SNAPSHOTS_DIR,
+    kimg_of,
     load_gan_state,
+    snapshot_name,
 )
-from defectforge.gan.config import NETWORK_KEYS as GAN_NETWORK_KEYS
+from defectforge.gan.config import CHECKPOINT_KEYS as GAN_CHECKPOINT_KEYS
 from defectforge.gan.config import GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.gan.report import write_plots
@@ -64,7 +66,7 @@ from defectforge.trainables.runtime import (
     check_store_here,
     ensure_ray,
     fit,
-    refuse_another_network,
+    refuse_another_run,
     resumed_run_name,
     starting_checkpoint,
     worker_cpus,
@@ -277,9 +279,9 @@ def run_gan_training(
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
     ray.data.DataContext.get_current().enable_progress_bars = False
-    refuse_another_network(out, asdict(cfg), GAN_NETWORK_KEYS)
+    refuse_another_run(out, asdict(cfg), GAN_CHECKPOINT_KEYS)
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
-    if previous is not None and float(previous.name.removeprefix("kimg_")) >= cfg.kimg:
+    if previous is not None and kimg_of(previous.name) >= cfg.kimg:
         raise DataError(
             out,
             f"its latest snapshot ({previous.name}) already has --kimg {cfg.kimg:g}",
@@ -379,8 +381,3 @@ def _no_improvement(cfg: GanConfig, start: dict, history: list[dict]) -> tuple[s
         f"train longer (--resume with a larger --kimg than {cfg.kimg:g}), or with more images "
         "or --diffaug color,translation,cutout",
     )
-
-
-def snapshot_name(kimg: float) -> str:
-    """A snapshot's name: its checkpoint folder, sample grid and kept generator."""
-    return f"kimg_{kimg:09.3f}"

@@ -18,7 +18,7 @@ from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
 from defectforge.datasets.writer import write_dataset
-from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, load_generator
+from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, kimg_of, load_generator
 from defectforge.gan.config import GanConfig
 from defectforge.gan.generate import cycled_classes, generate_samples
 from defectforge.gan.loop import METRIC_SEED
@@ -196,7 +196,7 @@ def every_snapshot_metrics(run: str | Path | Location, count: int = 0) -> list[d
     run = Location.of(run)
     kept = run / SNAPSHOTS_DIR
     snapshots = sorted(
-        (float(name.removeprefix("kimg_")), kept / name)
+        (kimg_of(name), kept / name)
         for name in kept.subfolders()
         if name.startswith("kimg_") and (kept / name / GENERATOR_FILE).is_file()
     )

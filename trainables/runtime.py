@@ -263,7 +263,7 @@ def checkpoint_to_resume(storage: str | Path | Location) -> Location:
     return previous
 
 
-def refuse_another_network(out: Location, config: dict, keys: tuple[str, ...]) -> None:
+def refuse_another_run(out: Location, config: dict, keys: tuple[str, ...]) -> None:
     """A run folder's checkpoints continue only the run they hold: the command run again into
     it with another network shape (architecture, resolution, ...) or other data is refused,
     naming the setting, instead of failing to load them or training on silently."""

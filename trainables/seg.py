@@ -44,7 +44,7 @@ from defectforge.segmentation.checkpoint import (
     MODEL_FILE,
     load_training_state,
 )
-from defectforge.segmentation.config import NETWORK_KEYS as SEG_NETWORK_KEYS
+from defectforge.segmentation.config import CHECKPOINT_KEYS as SEG_CHECKPOINT_KEYS
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
 from defectforge.segmentation.report import write_run_plots
@@ -60,7 +60,7 @@ from defectforge.trainables.runtime import (
     ensure_ray,
     fit,
     latest_checkpoint_dir,
-    refuse_another_network,
+    refuse_another_run,
     resumed_run_name,
     starting_checkpoint,
     wait_for_task,
@@ -312,7 +312,7 @@ def run_seg_training(
 def _train_and_publish(
     cfg: SegConfig, out: Location, resume: bool, tracker: RunTracking | None
 ) -> dict:
-    refuse_another_network(out, asdict(cfg), SEG_NETWORK_KEYS)
+    refuse_another_run(out, asdict(cfg), SEG_CHECKPOINT_KEYS)
     train = _train_one_worker if cfg.workers == 1 else _train_with_ray_train
     best, best_metrics, latest = train(cfg, out, resume, tracker)
     with latest.as_directory() as folder:
