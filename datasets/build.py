@@ -387,6 +387,7 @@ def build_manifest(
         source=cfg.source,
         spec_identity=repr(spec),
         inputs_digest=combined_digest({r["id"]: r["input_digest"] for r in good}),
+        splits_digest=combined_digest({r["id"]: r["split"] for r in good}),
         classes=spec.output_classes,
         channels=spec.channels,
         binary=spec.binary,

@@ -173,14 +173,19 @@ class Manifest:
         source: str,
         spec_identity: str,
         inputs_digest: str,
+        splits_digest: str,
         **values,
     ) -> Manifest:
         """From raw files: ``config`` is the build's settings, ``spec_identity`` how samples were
-        decoded; the id covers both and every input file."""
+        decoded; the id covers both, every input file and which split each sample is in (the
+        same files split otherwise are another dataset: a model of one may have learnt the
+        other's test images)."""
         return cls(
             dataset=dataset,
             source=source,
-            dataset_id=_identity({"inputs": inputs_digest, "spec": spec_identity}),
+            dataset_id=_identity(
+                {"inputs": inputs_digest, "spec": spec_identity, "splits": splits_digest}
+            ),
             inputs={"digest": inputs_digest},
             config=config,
             **values,

@@ -13,9 +13,17 @@ from tqdm import tqdm
 
 from defectforge.core.errors import DataError
 from defectforge.core.outputs import check_output
+from defectforge.core.storage import Location
 from defectforge.datasets.batches import SIZE_MULTIPLE, BatchSpec, normalise
-from defectforge.datasets.contract import decode_png, read_parquet, split_files, split_location
+from defectforge.datasets.contract import (
+    MANIFEST,
+    decode_png,
+    read_parquet,
+    split_files,
+    split_location,
+)
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
+from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
 from defectforge.segmentation.checkpoint import load_model
@@ -154,13 +162,27 @@ def evaluate_folder(
 def dataset_split_pairs(
     cfg: SegConfig, split: str, desc: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Decoded (image, mask) pairs of one split of the dataset a run was trained on."""
+    """Decoded (image, mask) pairs of one split of the dataset a run was trained on, refused
+    if that dataset was rebuilt since (its splits may now hold the run's training images)."""
+    manifest = Manifest.load(cfg.data)
+    if cfg.data_manifest_id and manifest.dataset_id != cfg.data_manifest_id:
+        raise DataError(
+            Location.of(cfg.data) / MANIFEST,
+            f"this dataset was rebuilt since the run trained on it (id {manifest.dataset_id}, "
+            f"the run's {cfg.data_manifest_id}), so its {split} split may hold images the run "
+            "learnt from",
+            "evaluate on a folder (--images, --masks) or train the run again on this dataset",
+        )
     files = split_files(cfg.data, split)
     if not files:
+        built = manifest.split_total(split) == 0
         raise DataError(
             split_location(cfg.data, split),
-            f"the run's dataset has no {split} split here",
-            "run this where the dataset the run was trained on is",
+            f"the run's dataset has no {split} split"
+            + (" (it was built without one)" if built else " here"),
+            "build it with --test-fraction, or evaluate on a folder (--images, --masks)"
+            if built
+            else "run this where the dataset the run was trained on is",
         )
     table = read_parquet(files, columns=["image", "mask"])
     cells = zip(table["image"].to_pylist(), table["mask"].to_pylist(), strict=True)

@@ -36,6 +36,7 @@ def _made_now() -> dict[str, Manifest]:
         source="neu-seg",
         spec_identity="SampleSpec(...)",
         inputs_digest="ab" * 32,
+        splits_digest="cd" * 32,
         classes=("background", "inclusion", "patches"),
         channels=1,
         binary=False,

@@ -330,4 +330,29 @@ def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
     # The sample is built without a test split.
     assert main(["seg", "eval", "--model", str(labeller), "--split", "test"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "has no test split here" in err
+    assert len(err.splitlines()) == 1 and "has no test split (it was built without one)" in err
+
+
+def test_the_same_images_split_otherwise_are_another_dataset(
+    sample_root, sample_dataset, labeller, labelled, tmp_path, capsys
+):
+    from dataclasses import replace
+
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.datasets.manifest import Manifest
+    from defectforge.datasets.mix import check_compatible
+    from defectforge.segmentation.checkpoint import load_model, save_model
+    from defectforge.trainables.data_jobs import build_parquet
+
+    resplit = tmp_path / "resplit"
+    build_parquet(BuildConfig(source="neu-seg", root=str(sample_root), test_fraction=0.4), resplit)
+    assert Manifest.load(resplit).dataset_id != Manifest.load(sample_dataset).dataset_id
+    # The labelled set's makers learnt from train images that are test images here.
+    with pytest.raises(DataError, match=r"learnt from \d+ image\(s\) that are in .*test split"):
+        check_compatible(resplit, labelled)
+    # A run whose dataset folder was rebuilt with other splits since it trained.
+    model, cfg = load_model(labeller)
+    moved = save_model(tmp_path / "run", model, replace(cfg, data=str(resplit)))
+    assert main(["seg", "eval", "--model", str(moved), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "was rebuilt since the run trained on it" in err
