@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
+from defectforge.datasets.contract import read_split_table, split_location
 from defectforge.segmentation.checkpoint import load_model
 from defectforge.segmentation.decisions import (
     OPERATING_POINT_FILE,
@@ -35,6 +37,7 @@ def calibrate_run(
     missing or invalid target is refused before the val split is read."""
     CalibrationTarget(target_recall, target_false_alarm).require()
     model, cfg = load_model(run)
+    _require_both_kinds(cfg.data, target_recall)
     largest, defective = [], []
     for image, mask in dataset_split_pairs(cfg, "val", "calibrate"):
         largest.append(largest_by_threshold(image_probabilities(model, cfg.batch_spec(), image)))
@@ -49,3 +52,23 @@ def calibrate_run(
         plot_operating_point(result, plot)
         (run / "plots" / plot.name).write_bytes(plot.read_bytes())
     return result
+
+
+def _require_both_kinds(data: str, target_recall: float | None) -> None:
+    """A recall needs defective val images and a false-alarm rate defect-free ones; without
+    them the rate is 0/0, which would be stored as a perfect 0.000. Read from the rows'
+    ``defect_class`` (none on a mask without defect pixels), before anything is predicted."""
+    table = read_split_table(data, "val", columns=["defect_class"])
+    if table is None:
+        return  # dataset_split_pairs says what is missing
+    defective = [name is not None for name in table["defect_class"].to_pylist()]
+    wanted, rate = (True, "recall") if target_recall is not None else (False, "false-alarm rate")
+    if wanted in defective:
+        return
+    kind = "defective" if wanted else "defect-free"
+    other = "--target-false-alarm" if wanted else "--target-recall"
+    raise DataError(
+        split_location(data, "val"),
+        f"none of its {len(defective)} images is {kind}, so a {rate} cannot be measured",
+        f"calibrate for {other} instead, or build the dataset with {kind} images in val",
+    )

@@ -333,6 +333,14 @@ def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
     assert len(err.splitlines()) == 1 and "has no test split (it was built without one)" in err
 
 
+def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller, capsys):
+    # Every image of the NEU sample holds a defect: its false-alarm rate would be 0/0.
+    assert main(["seg", "calibrate", str(labeller), "--target-false-alarm", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "is defect-free, so a false-alarm rate cannot" in err
+    assert not (labeller / "operating_point.json").exists()
+
+
 def test_the_same_images_split_otherwise_are_another_dataset(
     sample_root, sample_dataset, labeller, labelled, tmp_path, capsys
 ):
