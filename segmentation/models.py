@@ -127,4 +127,27 @@ def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None
             f"{tuple(state[key].shape)} here, {tuple(own[key].shape)} in the encoder)",
             "pass weights saved from this encoder, or choose the encoder they were saved from",
         )
+    _require_this_encoder(path, state, own)
     model.encoder.load_state_dict(state, strict=False)
+
+
+def _require_this_encoder(path: Path, state: dict, own: dict) -> None:
+    """Refuse weights of another encoder whose shared tensors happen to fit: a deeper one of
+    the same family (resnet34 for resnet18) has every tensor of the shallower one plus blocks
+    it lacks; a shallower one lacks some. A classifier head in the file (fc, classifier: a
+    name the encoder has no part of) is left out, as smp's encoders drop it."""
+    parts = {key.split(".")[0] for key in own}
+    extra = [k for k in state if k not in own and k.split(".")[0] in parts]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if not extra and not missing:
+        return
+    which = (
+        f"{len(extra)} tensors of it are not in the encoder (e.g. {extra[0]})"
+        if extra
+        else f"{len(missing)} of the encoder's tensors are not in it (e.g. {missing[0]})"
+    )
+    raise DataError(
+        path,
+        f"{which}: it was saved from another encoder",
+        "pass weights saved from this encoder, or choose the encoder they were saved from",
+    )

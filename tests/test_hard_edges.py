@@ -112,6 +112,25 @@ def test_a_batch_larger_than_the_train_split_is_refused_before_starting(
     assert not run.exists()
 
 
+def test_encoder_weights_of_another_encoder_are_refused_before_the_run_folder_is_made(
+    sample_dataset, tmp_path, capsys, ray_session
+):
+    import torch
+
+    from defectforge.segmentation.models import build_model
+
+    weights, run = tmp_path / "resnet34.pt", tmp_path / "run"
+    torch.save(build_model("unet", "resnet34", 1, 2).encoder.state_dict(), weights)
+    refused(
+        capsys,
+        ["seg", "train", "--data", str(sample_dataset), "--out", str(run)]
+        + ["--encoder", "resnet18", "--encoder-weights", str(weights)],
+        f"{weights}: ",
+        "tensors of it are not in the encoder (e.g. layer",
+    )
+    assert not run.exists()
+
+
 def test_a_training_epoch_without_a_step_fails():
     from defectforge.segmentation.config import SegConfig
     from defectforge.segmentation.loop import LoopIO, train_segmentation

@@ -47,6 +47,7 @@ from defectforge.segmentation.checkpoint import (
 from defectforge.segmentation.config import CHECKPOINT_KEYS as SEG_CHECKPOINT_KEYS
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
+from defectforge.segmentation.models import build_model
 from defectforge.segmentation.report import write_run_plots
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.spec_schema import TrackingSpec
@@ -292,6 +293,10 @@ def run_seg_training(
     config, every epoch's metrics and what is published.
     """
     out = Location.of(check_run_folder(out, SEG_RUN, (cfg.data, cfg.synthetic)))
+    if cfg.encoder_weights is not None:
+        # Refused weights (a file of another encoder, imagenet without network) must fail
+        # here, not in a worker after the run folder is made.
+        build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes, cfg.encoder_weights)
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their checkpoints where they run
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
