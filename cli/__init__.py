@@ -25,7 +25,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from defectforge.cli import cluster, data, gan, quickstart, seg, study, synth  # noqa: E402
 from defectforge.cli.options import Parser  # noqa: E402
-from defectforge.core.errors import one_line, user_error_in  # noqa: E402
+from defectforge.core.errors import UserError, one_line, user_error_in  # noqa: E402
 from defectforge.core.files import package_version  # noqa: E402
 from defectforge.trainables import VERBOSE_ENV  # noqa: E402
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             join_cluster(args.ray_address)
         return module.run(args) or 0
     except KeyboardInterrupt:
-        print(f"defectforge: interrupted; {module.interrupted_hint(args)}", file=sys.stderr)
+        print(f"defectforge: interrupted; {_interrupted_hint(module, args)}", file=sys.stderr)
         return INTERRUPTED
     except ModuleNotFoundError as err:
         return _not_installed(err)
@@ -130,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"defectforge: error: {one_line(str(user_error))}", file=sys.stderr)
         return 2
+
+
+def _interrupted_hint(module, args) -> str:
+    """What to do next after Ctrl-C. Making it may read the spec (`study run`), so a second
+    Ctrl-C, or a spec gone meanwhile, can land here: the line then says the general thing."""
+    try:
+        return module.interrupted_hint(args)
+    except (KeyboardInterrupt, UserError):
+        return "run the command again (`study resume DIR` for a study)"
 
 
 def _not_installed(err: ModuleNotFoundError) -> int:

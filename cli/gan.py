@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from defectforge.cli.options import (
@@ -58,7 +59,9 @@ def build(name: str, parser) -> None:
     metrics.add_argument(
         "--data", type=absolute_path, help="dataset to compare with (default: the training data)"
     )
-    metrics.add_argument("--n", type=int, default=0, help="images per set (default: config's)")
+    metrics.add_argument(
+        "--n", type=_image_count, help="images per set (default: the run's metric_images)"
+    )
     metrics.add_argument(
         "--inception", type=local_path, help="local torchvision inception_v3 weights: FID/KID"
     )
@@ -72,6 +75,13 @@ def build(name: str, parser) -> None:
         action="store_true",
         help="score every snapshot the run kept: RUN/snapshot_metrics.json and RUN/plots",
     )
+
+
+def _image_count(text: str) -> int:
+    count = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of images, 1 or more")
+    return count
 
 
 def parse_seeds(text: str | None, cfg) -> list[int]:
@@ -96,6 +106,19 @@ def parse_seeds(text: str | None, cfg) -> list[int]:
     return seeds
 
 
+def refuse_seeds_beside_count(seeds: str | None, options: dict) -> None:
+    """``--seeds`` names every seed; a ``--count``/``--first-seed`` beside it would be ignored."""
+    from defectforge.core.errors import ConfigError
+
+    both = [name for name in ("count", "first_seed") if name in options]
+    if seeds and both:
+        flag = "--" + both[0].replace("_", "-")
+        raise ConfigError(
+            f"--seeds {seeds!r} with {flag}: --seeds names every seed, so {flag} would be "
+            f"ignored; give --seeds alone, or {flag} without --seeds"
+        )
+
+
 def run(args) -> None:
     from defectforge.gan.config import GanConfig, GenerateConfig
     from defectforge.trainables import gan, gan_samples
@@ -113,7 +136,9 @@ def run(args) -> None:
     elif args.gan_command == "compare":
         _compare(args)
     elif args.gan_command == "generate":
-        cfg = GenerateConfig(**given(args, GenerateConfig))
+        options = given(args, GenerateConfig)
+        refuse_seeds_beside_count(args.seeds, options)
+        cfg = GenerateConfig(**options)
         seeds = parse_seeds(args.seeds, cfg)
         manifest = gan_samples.write_generated(
             args.model, args.out, seeds, cfg.truncation, cfg.class_name, args.overwrite
@@ -124,7 +149,7 @@ def run(args) -> None:
         note = f"; {left_out} sample(s) without a defect pixel left out" if left_out else ""
         print(f"wrote {written} images{drawn} (PNG + Parquet) to {args.out}{note}")
     elif args.every_snapshot:
-        rows = gan_samples.every_snapshot_metrics(args.model, args.n)
+        rows = gan_samples.every_snapshot_metrics(args.model, args.n or 0)
         keys = [k for k in SNAPSHOT_COLUMNS if k in rows[-1]]
         print("| kimg | " + " | ".join(keys) + " |")
         print("|---" * (len(keys) + 1) + "|")
@@ -133,7 +158,7 @@ def run(args) -> None:
         print(f"plots: {args.model}/plots; figures: {args.model}/snapshot_metrics.json")
     else:
         result = gan_samples.generator_metrics(
-            args.model, args.data, args.n, args.inception, args.class_name
+            args.model, args.data, args.n or 0, args.inception, args.class_name
         )
         print(json.dumps(result))
 

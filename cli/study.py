@@ -1,16 +1,19 @@
-"""``defectforge study``: run, resume, report, export, pool."""
+"""``defectforge study``: check, run, resume, report, export, pool."""
 
 from __future__ import annotations
 
 from defectforge.cli.options import add_options, add_out, given, local_path
 
-COMMANDS = {"study": "Ray Tune + Optuna studies: run, resume, report, export, pool"}
+COMMANDS = {"study": "Ray Tune + Optuna studies: check, run, resume, report, export, pool"}
 
 
 def build(name: str, parser) -> None:
     from defectforge.segmentation.decisions import CalibrationTarget
 
     study = parser.add_subparsers(dest="study_command", required=True)
+    check = study.add_parser("check", help="the checks of `study run`, without running anything")
+    check.add_argument("spec", type=local_path, help="study spec YAML (see studies/specs/)")
+    check.add_argument("--address", help="Ray address: auto or ray://HOST:10001 (default: local)")
     run = study.add_parser("run", help="search, held-out final step, report")
     run.add_argument("spec", type=local_path, help="study spec YAML (see studies/specs/)")
     run.add_argument("--name", help="study folder name under storage_path (default: spec name)")
@@ -61,6 +64,11 @@ def _paired_line(row: dict) -> str:
 
 
 def run(args) -> None:
+    if args.study_command == "check":
+        from defectforge.trainables.study import check_spec
+
+        print(check_spec(args.spec, args.address))
+        return
     if args.study_command == "pool":
         from defectforge.studies.pool import write_pool
 

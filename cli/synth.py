@@ -3,6 +3,8 @@ labelled synthetic sets combined into one."""
 
 from __future__ import annotations
 
+import sys
+
 from defectforge.cli.options import absolute_path, add_options, add_out, given
 
 COMMANDS = {"synth": "pseudo-label generated images, make copy-paste ones, or combine sets"}
@@ -63,6 +65,13 @@ def run(args) -> None:
         f"kept {labelling.kept} of {labelling.images} images (dropped: "
         f"{labelling.dropped or 'none'}); labels, report and plots in {args.out}"
     )
+    if not labelling.kept:
+        print(
+            f"defectforge: warning: {args.out}: no image was kept, so it has nothing to mix; lower "
+            f"--min-confidence (now {cfg.min_confidence}; plots/confidence.png shows the "
+            "labeller's confidences) or label images of a better generator",
+            file=sys.stderr,
+        )
     for variant, summary in (result["quality"] or {}).items():
         print(
             f"labeller on real val, {variant}: binary defect IoU "

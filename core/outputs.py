@@ -6,7 +6,8 @@
 - ``--overwrite`` replaces only a folder defectforge wrote: one holding its output record
   (``defectforge.json``) or, for folders written by earlier versions, a dataset manifest, an
   export's model.json or a steel simulation's record. Anything else is refused, and so is a
-  training run's folder (its checkpoints are hours of work; a run is continued, never replaced).
+  training run's folder (its checkpoints are hours of work; a run is continued, never replaced)
+  and an output of another kind (an export never replaces a dataset).
 - A folder is written under a temporary name beside the target and renamed into place at the
   end, so a failed or interrupted command leaves nothing under the final name. The rename never
   replaces a folder that appeared meanwhile (another run to the same ``--out``): that run's
@@ -45,6 +46,7 @@ from defectforge.core.storage import Location, is_uri
 OUTPUT_RECORD = "defectforge.json"
 # The output kinds that hold a training run's checkpoints (`prepare_run_folder`).
 SEG_RUN, GAN_RUN = "segmentation run", "GAN run"
+DATASET, EXPORT, PREDICTIONS = "dataset", "export", "predictions"
 TRAINING_RUN_KINDS = (SEG_RUN, GAN_RUN)
 # Artefacts of earlier versions, written before every output carried OUTPUT_RECORD.
 EARLIER_ARTEFACTS = {
@@ -124,14 +126,20 @@ def _is_empty_folder(path: Path) -> bool:
 
 
 def check_output(
-    out: str | Path, overwrite: bool, inputs: tuple = (), flag: str = "--out"
+    out: str | Path,
+    overwrite: bool,
+    inputs: tuple = (),
+    flag: str = "--out",
+    kind: str | None = None,
 ) -> Path | Location:
     """The resolved output folder, after the rules in this module's docstring (on a store:
-    ``core.store_outputs``)."""
+    ``core.store_outputs``); ``kind``: what will be written there (None: any kind may go)."""
     if is_uri(out):
-        return store_outputs.check_output(
+        target = store_outputs.check_output(
             Location.of(out), overwrite, inputs, flag, OUTPUT_RECORD, TRAINING_RUN_KINDS
         )
+        refuse_another_kind(target, store_outputs.recorded_kind(target, OUTPUT_RECORD), kind, flag)
+        return target
     final = Path(out).expanduser().resolve()
     check_not_over_inputs(final, inputs, flag)
     if final.exists() and not final.is_dir():
@@ -156,7 +164,20 @@ def check_output(
             f"{OUTPUT_RECORD} (nor a dataset manifest or export record)",
             f"choose another {flag}, or move the folder away yourself",
         )
+    refuse_another_kind(final, _recorded_kind(final), kind, flag)
     return final
+
+
+def refuse_another_kind(final, old: str | None, new: str | None, flag: str) -> None:
+    """``--overwrite`` of an output by one of another kind (an export over a dataset) would
+    lose what the folder held to a typo; an output without a known kind may be replaced."""
+    if new and old and old != new:
+        raise DataError(
+            final,
+            f"--overwrite replaces only an output of the same kind, and this folder holds a "
+            f"{old}, not a {new}",
+            f"choose another {flag}, or move the {old} away yourself",
+        )
 
 
 def _is_training_run(folder: Path) -> bool:
@@ -203,13 +224,13 @@ def publish_dir(
     and rename the folder to ``final``. On failure nothing under ``final`` changes. On a store
     the staging folder is local and uploaded, the record last (``store_outputs.publish``)."""
     if is_uri(final):
-        target = check_output(final, overwrite, inputs, flag)
+        target = check_output(final, overwrite, inputs, flag, kind)
         with store_outputs.publish(
             target, overwrite, OUTPUT_RECORD, output_record(kind), flag
         ) as staging:
             yield staging
         return
-    final = check_output(final, overwrite, inputs, flag)
+    final = check_output(final, overwrite, inputs, flag, kind)
     staging = new_staging(final, STAGING)
     # mkdtemp makes a private (0700) folder; the published one gets ordinary permissions.
     staging.chmod(0o777 & ~UMASK)

@@ -32,7 +32,7 @@ from defectforge.core.storage import Location, is_uri
 WRITING_MARK = ".defectforge-writing-"
 
 
-def _recorded_kind(folder: Location, record: str) -> str | None:
+def recorded_kind(folder: Location, record: str) -> str | None:
     """The kind its record names; None only when there is no readable record (a store that
     fails to answer raises: it must never make a training run look replaceable)."""
     if not (folder / record).is_file():
@@ -83,7 +83,7 @@ def check_output(
     names = _names_there(final, inputs, flag)
     if not names:
         return final
-    kind = _recorded_kind(final, record)
+    kind = recorded_kind(final, record)
     if kind in training_kinds:
         raise DataError(
             final,
@@ -181,7 +181,7 @@ def publish(
 def check_run_folder(folder: Location, kind: str, inputs: tuple, record: str) -> Location:
     if not _names_there(folder, inputs, "--out"):
         return folder
-    found = _recorded_kind(folder, record)
+    found = recorded_kind(folder, record)
     if found is None:
         raise DataError(
             folder,

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from defectforge.core.config import TypedConfig, option
 from defectforge.core.errors import DataError
-from defectforge.core.outputs import check_output
+from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, only_ids, read_split_table
 from defectforge.datasets.manifest import Manifest
@@ -93,7 +93,7 @@ def combine_synthetic(
     """``cfg.count_each`` rows of each labelled synthetic set in ``sets``, as one labelled set."""
     if len(sets) < 2:
         raise DataError(out, f"{len(sets)} set(s) to combine", "give two or more sets")
-    check_output(out, overwrite, tuple(sets))
+    check_output(out, overwrite, tuple(sets), kind=DATASET)
     parts = sorted(((path, _labelled(path)) for path in sets), key=lambda p: p[1].dataset_id)
     _check_alike(parts)
     count = cfg.count_each or min(manifest.split_total("train") for _, manifest in parts)

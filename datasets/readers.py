@@ -33,8 +33,8 @@ def _decode(
         raise DataError(
             path,
             f"{what} has {array.dtype} pixels, 8-bit expected",
-            "convert it to 8-bit, scaling its range to 0-255 (16-bit photometric-stereo maps "
-            "go through `data build --source steel`)",
+            "convert the set to 8-bit with one scale for every image (a 16-bit value >> 8, a "
+            "12-bit one >> 4; a stretch per image would change what a defect looks like)",
         )
     return array
 

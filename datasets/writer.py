@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from defectforge.core.files import write_json_atomic
-from defectforge.core.outputs import check_output, publish_dir
+from defectforge.core.outputs import DATASET, check_output, publish_dir
 from defectforge.core.storage import Location, is_uri
 from defectforge.datasets.contract import (
     MANIFEST,
@@ -106,7 +106,7 @@ class DatasetStaging:
 def derived_from(data: str | Path, out: str | Path, overwrite: bool, use: str) -> Manifest:
     """The manifest of the dataset another is made from, after the output rules (never over it)
     and the check that it has masks (``use``: what is done with them)."""
-    check_output(out, overwrite, (data,))
+    check_output(out, overwrite, (data,), kind=DATASET)
     manifest = Manifest.load(data)
     manifest.require_masks(data, use)
     return manifest
@@ -119,7 +119,7 @@ def write_dataset(
     """Stage a dataset; on leaving the block its counts are filled in, its manifest written and
     the folder published. The caller must call ``staging.publish(manifest)``."""
     remote = Location.of(out) if is_uri(out) else None
-    with publish_dir(out, overwrite, inputs, kind="dataset") as folder:
+    with publish_dir(out, overwrite, inputs, kind=DATASET) as folder:
         staging = DatasetStaging(folder, remote)
         yield staging
         staging.manifest = staging._finish()

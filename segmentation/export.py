@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectforge.core.outputs import check_output, publish_dir
+from defectforge.core.outputs import EXPORT, check_output, publish_dir
 from defectforge.core.storage import Location
 from defectforge.datasets.batches import BatchSpec
 from defectforge.datasets.contract import decode_png, read_split_table
@@ -151,7 +151,7 @@ def export_run(
 
 def export_trained_run(run: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """`seg export`: a `seg train` run's model with its validation metrics."""
-    check_output(out, overwrite, (run,))
+    check_output(out, overwrite, (run,), kind=EXPORT)
     model, cfg = load_model(run)
     metrics_file = Location.of(run) / "metrics.json"
     best = metrics_file.read_json()["best"] if metrics_file.is_file() else {}
@@ -210,7 +210,7 @@ def export_model(
         "versions": {"torch": torch.__version__},
         **details,
     }
-    with publish_dir(out, overwrite, inputs, kind="export") as staging:
+    with publish_dir(out, overwrite, inputs, kind=EXPORT) as staging:
         with torch.no_grad():
             _write_torchscript(module, example, staging / TORCHSCRIPT_FILE)
             _write_onnx(module, example, dims, staging / ONNX_FILE)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from defectforge.core.errors import ConfigError, DataError, UserError
-from defectforge.core.outputs import check_output
+from defectforge.core.outputs import PREDICTIONS, check_output
 from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.steel import (
@@ -184,7 +184,7 @@ def predict_folder_exported(
     """Masks, overlays and predictions.csv per image (or steel sample), from the export alone;
     verdicts at the export's operating point, with ``threshold``/``min_area`` on top; bad
     images stop it, or with ``skip_bad`` are listed in rejected.csv."""
-    check_output(out, overwrite, (images, model))
+    check_output(out, overwrite, (images, model), kind=PREDICTIONS)
     exported = ExportedModel(model, runtime, device)
     steel = exported.meta.get("steel")
     if steel:

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from defectforge.core.errors import DataError
-from defectforge.core.outputs import check_output
+from defectforge.core.outputs import PREDICTIONS, check_output
 from defectforge.core.storage import Location
 from defectforge.datasets.batches import SIZE_MULTIPLE, BatchSpec, normalise
 from defectforge.datasets.contract import (
@@ -228,7 +228,7 @@ def predict_folder(
     """Masks, overlays and predictions.csv (verdicts at the run's calibrated operating point,
     or the default, with ``threshold``/``min_area`` on top) for every image of a folder; bad
     images stop it, or with ``skip_bad`` are listed in rejected.csv."""
-    check_output(out, overwrite, (images, model_dir))
+    check_output(out, overwrite, (images, model_dir), kind=PREDICTIONS)
     model, cfg = load_model(model_dir)
     point = operating_point(stored_operating_point(model_dir), threshold, min_area)
     return write_predictions(

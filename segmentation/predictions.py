@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from defectforge.core.errors import DataError
 from defectforge.core.files import write_json_atomic
-from defectforge.core.outputs import publish_dir
+from defectforge.core.outputs import PREDICTIONS, publish_dir
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import encode_png
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
@@ -117,7 +117,7 @@ def write_predictions(
     ``rejected.csv`` beside the others' results. ``runtime_sleeps``: the runtime's threads sleep
     between operations, so reading and writing wait for those gaps (``IO_NICENESS``)."""
     rows, rejected = [], []
-    with publish_dir(out, overwrite, inputs, kind="predictions") as staging:
+    with publish_dir(out, overwrite, inputs, kind=PREDICTIONS) as staging:
         # One thread: a second would take CPU from the runtime's own threads.
         with ThreadPoolExecutor(
             max_workers=1,

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from defectforge.core.errors import DataError
-from defectforge.core.outputs import check_output
+from defectforge.core.outputs import EXPORT, check_output
 from defectforge.core.storage import is_uri
 from defectforge.segmentation.calibrate import calibrate_run
 from defectforge.segmentation.checkpoint import load_model
@@ -72,7 +72,7 @@ def export_study(
     # The input is the checkpoint read, not the whole study: the study keeps its own export
     # inside its folder (``stages.export``), where no reader of the study looks for trials.
     inputs = () if is_uri(checkpoint) else (checkpoint,)
-    check_output(out, overwrite, inputs)
+    check_output(out, overwrite, inputs, kind=EXPORT)
     study = store.read_json(STUDY_FILE)
     calibration = None
     with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:

@@ -81,10 +81,21 @@ def sample_copy(tmp_path) -> Path:
 
 
 # --- a labelled synthetic set on the sample (untrained GAN, biased labeller) ---------------
+# Made twice: on the sample as built, and on the sample with a test split carved from its
+# train split (another dataset: a set made from the first leaks into the second's test split).
 
 
 @pytest.fixture(scope="session")
-def labeller(sample_dataset, tmp_path_factory) -> Path:
+def sample_with_test(ray_session, tmp_path_factory) -> Path:
+    from defectforge.datasets.build import BuildConfig
+    from defectforge.trainables.data_jobs import build_parquet
+
+    out = tmp_path_factory.mktemp("built") / "neu-sample-test"
+    build_parquet(BuildConfig(source="neu-seg", root=str(SAMPLE), test_fraction=0.4), out)
+    return out
+
+
+def _labeller_run(dataset: Path, folder: Path) -> Path:
     """A labeller whose head is biased to call every pixel "patches" with near certainty, so the
     pipeline's bookkeeping is tested independently of what a trained model would find."""
     import torch
@@ -93,18 +104,17 @@ def labeller(sample_dataset, tmp_path_factory) -> Path:
     from defectforge.segmentation.models import build_model
     from defectforge.trainables.seg import config_from_manifest
 
-    cfg = config_from_manifest(sample_dataset, epochs=1)
+    cfg = config_from_manifest(dataset, epochs=1)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
     with torch.no_grad():
         head = model.segmentation_head[0]
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.0, 0.0, 12.0, 0.0]))
-    return save_model(tmp_path_factory.mktemp("labeller") / "run", model, cfg)
+    return save_model(folder / "run", model, cfg)
 
 
-@pytest.fixture(scope="session")
-def generated(sample_dataset, tmp_path_factory) -> Path:
-    """Images of an untrained generator, recorded as learnt from the sample's train split."""
+def _generated_images(dataset: Path, folder: Path) -> Path:
+    """Images of an untrained generator, recorded as learnt from ``dataset``'s train split."""
     import torch
 
     from defectforge.datasets.manifest import Manifest
@@ -112,11 +122,11 @@ def generated(sample_dataset, tmp_path_factory) -> Path:
     from defectforge.gan.config import GanConfig
     from defectforge.trainables.gan_samples import write_generated
 
-    run = tmp_path_factory.mktemp("gan") / "run"
-    run.mkdir()
+    run = folder / "run"
+    run.mkdir(parents=True)
     cfg = GanConfig(
-        data=str(sample_dataset),
-        data_manifest_id=Manifest.load(sample_dataset).dataset_id,
+        data=str(dataset),
+        data_manifest_id=Manifest.load(dataset).dataset_id,
         channels=1,
         resolution=32,
         z_dim=16,
@@ -126,17 +136,16 @@ def generated(sample_dataset, tmp_path_factory) -> Path:
     )
     torch.save(build_generator(cfg).state_dict(), run / GENERATOR_FILE)
     (run / CONFIG_FILE).write_text(cfg.to_json())
-    out = run.parent / "generated"
+    out = folder / "generated"
     write_generated(run, out, list(range(32)))
     return out
 
 
-@pytest.fixture(scope="session")
-def labelled(generated, labeller, tmp_path_factory) -> Path:
+def _labelled_set(generated: Path, labeller: Path, folder: Path) -> Path:
     from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
     from defectforge.trainables.synth import label_synthetic
 
-    out = tmp_path_factory.mktemp("labelled") / "synthetic"
+    out = folder / "synthetic"
     cfg = LabelConfig(
         images=str(generated),
         labeller=str(labeller),
@@ -145,3 +154,27 @@ def labelled(generated, labeller, tmp_path_factory) -> Path:
     )
     label_synthetic(cfg, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def labeller(sample_dataset, tmp_path_factory) -> Path:
+    return _labeller_run(sample_dataset, tmp_path_factory.mktemp("labeller"))
+
+
+@pytest.fixture(scope="session")
+def generated(sample_dataset, tmp_path_factory) -> Path:
+    return _generated_images(sample_dataset, tmp_path_factory.mktemp("gan"))
+
+
+@pytest.fixture(scope="session")
+def labelled(generated, labeller, tmp_path_factory) -> Path:
+    return _labelled_set(generated, labeller, tmp_path_factory.mktemp("labelled"))
+
+
+@pytest.fixture(scope="session")
+def labelled_with_test(sample_with_test, tmp_path_factory) -> Path:
+    """The labelled set again, its makers trained on ``sample_with_test``'s train split."""
+    folder = tmp_path_factory.mktemp("labelled-with-test")
+    labeller = _labeller_run(sample_with_test, folder / "labeller")
+    generated = _generated_images(sample_with_test, folder / "gan")
+    return _labelled_set(generated, labeller, folder)

@@ -359,3 +359,19 @@ def test_calibrating_without_a_target_is_refused_before_the_run_is_read(tmp_path
     err = capsys.readouterr().err
     assert "give target_recall (--target-recall) or target_false_alarm" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_second_ctrl_c_while_the_hint_is_made_still_ends_in_one_line(tmp_path, monkeypatch):
+    from defectforge.cli import _interrupted_hint, study
+    from defectforge.studies import spec as spec_module
+
+    spec = tmp_path / "spec.yaml"
+    args = parser(["study", "run", str(spec)]).parse_args(["study", "run", str(spec)])
+    general = "run the command again (`study resume DIR` for a study)"
+    assert _interrupted_hint(study, args) == general  # the spec is gone meanwhile
+
+    def second_ctrl_c(path):
+        raise KeyboardInterrupt  # as SIGINT arriving while the spec is read
+
+    monkeypatch.setattr(spec_module, "load_spec", second_ctrl_c)
+    assert _interrupted_hint(study, args) == general

@@ -584,6 +584,23 @@ def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size(sample_dat
         tiny_config(native_crops=True, defect_crops=1.5)
 
 
+def test_odd_gan_command_lines_are_refused_naming_the_fix(sample_dataset, tmp_path, capsys):
+    from defectforge.cli import main
+    from defectforge.trainables.gan import _check_crops_fit
+
+    # The sample's images are 200 px: the largest power of two within is 128, not 200.
+    with pytest.raises(ConfigError, match="lower --resolution to 128 \\(a power of two"):
+        _check_crops_fit(tiny_config(data=str(sample_dataset), native_crops=True, resolution=256))
+    out = tmp_path / "generated"
+    argv = ["gan", "generate", "--model", str(tmp_path), "--out", str(out), "--seeds", "1,2"]
+    assert main([*argv, "--count", "4"]) == 2
+    assert "--count would be ignored; give --seeds alone" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own one-line refusal
+        main(["gan", "metrics", "--model", str(tmp_path), "--n", "0"])
+    assert "give a whole number of images, 1 or more" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):
     import ray.data
 

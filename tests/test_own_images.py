@@ -342,18 +342,15 @@ def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller
 
 
 def test_the_same_images_split_otherwise_are_another_dataset(
-    sample_root, sample_dataset, labeller, labelled, tmp_path, capsys
+    sample_dataset, sample_with_test, labeller, labelled, tmp_path, capsys
 ):
     from dataclasses import replace
 
-    from defectforge.datasets.build import BuildConfig
     from defectforge.datasets.manifest import Manifest
     from defectforge.datasets.mix import check_compatible
     from defectforge.segmentation.checkpoint import load_model, save_model
-    from defectforge.trainables.data_jobs import build_parquet
 
-    resplit = tmp_path / "resplit"
-    build_parquet(BuildConfig(source="neu-seg", root=str(sample_root), test_fraction=0.4), resplit)
+    resplit = sample_with_test  # the sample's images, a test split carved from its train split
     assert Manifest.load(resplit).dataset_id != Manifest.load(sample_dataset).dataset_id
     # The labelled set's makers learnt from train images that are test images here.
     with pytest.raises(DataError, match=r"learnt from \d+ image\(s\) that are in .*test split"):

@@ -94,6 +94,27 @@ def test_overwrite_never_replaces_a_training_run(sample_root, tmp_path, capsys):
     assert (earlier / "ray").is_dir() and no_leftovers(tmp_path)
 
 
+def test_overwrite_never_replaces_an_output_of_another_kind(
+    labeller, sample_dataset, sample_copy, tmp_path, capsys
+):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(sample_dataset, dataset)
+    before = snapshot(dataset)
+    for argv in (
+        ["seg", "export", str(labeller), "--out", str(dataset), "--overwrite"],
+        ["predict", "--model", str(labeller), "--images", str(sample_copy / "images" / "val")]
+        + ["--out", str(dataset), "--overwrite"],
+    ):
+        refused(
+            capsys,
+            argv,
+            f"{dataset}: --overwrite replaces only an output of the same kind, and this folder "
+            "holds a dataset, not a",
+            "move the dataset away yourself",
+        )
+    assert snapshot(dataset) == before
+
+
 @pytest.mark.parametrize(
     "command",
     [

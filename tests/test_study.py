@@ -25,16 +25,6 @@ from defectforge.studies.stats import mean_interval
 STUDY_TRAINING = {"max_steps_per_epoch": 2, "image_size": 64}
 
 
-@pytest.fixture(scope="session")
-def sample_with_test(ray_session, sample_root, tmp_path_factory) -> Path:
-    from defectforge.datasets.build import BuildConfig
-    from defectforge.trainables.data_jobs import build_parquet
-
-    out = tmp_path_factory.mktemp("built") / "neu-sample-test"
-    build_parquet(BuildConfig(source="neu-seg", root=str(sample_root), test_fraction=0.4), out)
-    return out
-
-
 def study_spec(data: Path, storage: Path, synthetic: Path | None = None, **changes) -> dict:
     spec = {
         "name": "t",
@@ -182,6 +172,16 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
             r"search_space.real_count = 8: keeps fewer real images .*; give a "
             r"synthetic_ratio > 0 with it$",
         ),
+        (  # batches and crops the data cannot fill would fail in the trials
+            {"search_space": {"batch_size": [4, 40]}},
+            r"search_space.batch_size = 40: the train split gives 35 images per epoch, fewer "
+            r"than one batch, .*; set batch_size \(--batch-size\) to 35 or less$",
+        ),
+        (
+            {"training": {"crop_size": 128}},
+            r"training.crop_size = 128: larger than every train image \(the images are resized "
+            r"to 64 px\)",
+        ),
         (  # the baseline's own mix is planned like every trial's
             {
                 "search_space": {"synthetic_ratio": [0.0, 0.3]},
@@ -192,19 +192,40 @@ def test_the_test_split_is_sealed_during_a_search(sample_with_test):
     ],
 )
 def test_a_study_that_would_fail_or_stall_is_refused_before_it_runs(
-    changes, message, sample_dataset, sample_with_test, labelled, tmp_path
+    changes, message, sample_dataset, sample_with_test, labelled_with_test, tmp_path
 ):
     from defectforge.trainables.study_setup import check_study
 
     data = sample_dataset if changes == {"final": {"seeds": 3}} else sample_with_test
-    synthetic = labelled if "synthetic_ratio" in changes.get("search_space", {}) else None
+    synthetic = labelled_with_test if "synthetic_ratio" in changes.get("search_space", {}) else None
     spec = parse_spec(study_spec(data, tmp_path, synthetic, **changes))
     with pytest.raises(SpecError, match=message):
         check_study(spec, "spec.yaml")
 
 
+def test_study_check_runs_the_checks_and_writes_nothing(
+    sample_with_test, labelled_with_test, tmp_path, capsys
+):
+    import ray
+
+    from defectforge.cli import main
+
+    address = ray.get_runtime_context().gcs_address
+    spec_file, storage = tmp_path / "spec.yaml", tmp_path / "storage"
+    spec = study_spec(sample_with_test, storage, labelled_with_test)
+    spec_file.write_text(yaml.safe_dump(spec))
+    assert main(["study", "check", str(spec_file), "--address", address]) == 0
+    assert "ready to run (datasets real " in capsys.readouterr().out
+    spec["search_space"]["batch_size"] = [4, 40]
+    spec_file.write_text(yaml.safe_dump(spec))
+    assert main(["study", "check", str(spec_file), "--address", address]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "search_space.batch_size = 40" in err
+    assert not (storage / "t").exists()
+
+
 def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
-    sample_with_test, labelled, tmp_path
+    sample_with_test, labelled_with_test, tmp_path
 ):
     from defectforge.studies.report import _baseline_lines
     from defectforge.trainables.study_setup import StudyContext, base_config
@@ -213,7 +234,7 @@ def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
     # The final step's epochs and a baseline key the trials leave at its default (lr) count
     # as the chosen configuration has them.
     final = {"epochs": 5, "baseline": {"synthetic_ratio": 0, "lr": 0.002}}
-    spec = parse_spec(study_spec(sample_with_test, tmp_path, labelled, final=final))
+    spec = parse_spec(study_spec(sample_with_test, tmp_path, labelled_with_test, final=final))
     context = StudyContext(spec, str(tmp_path), base_config(spec))
     trial = {"synthetic_ratio": 0.4, "epochs": 2, "batch_size": 4}
     assert final_baseline(context, {"config": trial})["synthetic_ratio"] == 0
@@ -292,7 +313,7 @@ def _run_driver_until(spec_file: Path, root: Path, log: Path, reached, what: str
 
 
 def test_an_interrupted_study_resumes_reports_and_exports(
-    sample_with_test, labelled, tmp_path, monkeypatch
+    sample_with_test, labelled_with_test, tmp_path, monkeypatch
 ):
     from defectforge.cli.study import study_line
     from defectforge.segmentation import export as export_module
@@ -308,10 +329,10 @@ def test_an_interrupted_study_resumes_reports_and_exports(
     # Its lr is no trial's, so it never equals the chosen configuration (which trains once).
     baseline = {"synthetic_ratio": 0.0, "lr": 0.001}
     spec = study_spec(
-        sample_with_test, tmp_path, labelled, final={"epochs": 1, "baseline": baseline}
+        sample_with_test, tmp_path, labelled_with_test, final={"epochs": 1, "baseline": baseline}
     )
     # Relative to the driver's folder, as users write them; trials run in folders of their own.
-    for key, path in (("real", sample_with_test), ("synthetic", labelled)):
+    for key, path in (("real", sample_with_test), ("synthetic", labelled_with_test)):
         spec["dataset"][key] = os.path.relpath(path, tmp_path)
     spec_file.write_text(yaml.safe_dump(spec))
     root = tmp_path / "t"

@@ -151,14 +151,19 @@ def test_labelling_writes_masks_lineage_report_and_plots(labelled, generated, sa
 
 
 def test_labelling_drops_unsure_images_and_rejects_a_wrong_channel_count(
-    generated, labeller, tmp_path
+    generated, labeller, tmp_path, capsys
 ):
+    from defectforge.cli import main
     from defectforge.trainables.synth import label_synthetic
 
-    strict = LabelConfig(images=str(generated), labeller=str(labeller), min_confidence=1.0)
-    result = label_synthetic(strict, tmp_path / "strict")
-    assert result["manifest"].labelling.dropped == {"low confidence": 32}
-    assert not (tmp_path / "strict" / "train").exists()
+    strict = tmp_path / "strict"
+    argv = ["synth", "label", "--images", str(generated), "--labeller", str(labeller)]
+    assert main([*argv, "--min-confidence", "1.0", "--out", str(strict)]) == 0
+    assert Manifest.load(strict).labelling.dropped == {"low confidence": 32}
+    assert not (strict / "train").exists()
+    assert "no image was kept, so it has nothing to mix; lower --min-confidence (now 1.0" in (
+        capsys.readouterr().err
+    )
     colour = tmp_path / "colour"
     colour.mkdir()
     write_png(colour / "a.png", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))

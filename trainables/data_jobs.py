@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import ray
 
 from defectforge.core.errors import DataError
-from defectforge.core.outputs import check_output, scratch_beside
+from defectforge.core.outputs import DATASET, check_output, scratch_beside
 from defectforge.datasets.augment import AugmentConfig, augment_pair, paper_augmentation
 from defectforge.datasets.build import (
     BuildConfig,
@@ -144,7 +144,7 @@ def _rows_of_split(table: pa.Table, split: str) -> pa.Table:
 
 def build_parquet(cfg: BuildConfig, out: str | Path, overwrite: bool = False) -> Manifest:
     """Read, check and write a dataset; the folder appears only when all of it is written."""
-    check_output(out, overwrite, (cfg.root,))
+    check_output(out, overwrite, (cfg.root,), kind=DATASET)
     refs, spec = discover(cfg)
     ensure_ray()
     with write_dataset(out, overwrite, inputs=(cfg.root,)) as staging:
@@ -242,7 +242,7 @@ def mix_datasets(
     """Write the mixed dataset (val and test copied from the real set, never synthetic); with
     ``augment`` its train split is then expanded offline as by `data augment`."""
     inputs = (real, synthetic)
-    check_output(out, overwrite, inputs)
+    check_output(out, overwrite, inputs, kind=DATASET)
     mix = plan_for(real, synthetic, cfg)
     ensure_ray()
     if augment is None:

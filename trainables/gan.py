@@ -102,10 +102,12 @@ def _check_crops_fit(cfg: GanConfig) -> None:
     sizes = read_split_table(cfg.data, "train", columns=["height", "width"])
     smallest = min(pc.min(sizes["height"]).as_py(), pc.min(sizes["width"]).as_py())
     if smallest < cfg.resolution:
+        # Resolutions are powers of two: the largest that fits is the one to suggest.
+        fits = 1 << (smallest.bit_length() - 1)
         raise ConfigError(
             f"--native-crops at --resolution {cfg.resolution}: the smallest train image of "
-            f"{cfg.data} has a side of {smallest} px; lower --resolution to {smallest} or less, "
-            "or drop --native-crops"
+            f"{cfg.data} has a side of {smallest} px; lower --resolution to {fits} (a power of "
+            "two no larger than that side), or drop --native-crops"
         )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from defectforge.core.errors import ConfigError, DataError
-from defectforge.core.outputs import check_output
+from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import SCHEMA, contract_row, decode_png, run_identity
 from defectforge.datasets.leakage import train_ids
@@ -66,7 +66,7 @@ def write_generated(
     samples whose mask holds no defect are left out, as labelling leaves them out)."""
     if not seeds:
         raise ConfigError("no seeds to generate: give --count 1 or more, or --seeds")
-    check_output(out, overwrite, (model,))
+    check_output(out, overwrite, (model,), kind=DATASET)
     generator, cfg = load_generator(model)
     class_index = _class_index(cfg, class_name)
     if class_name is not None and not cfg.conditional:

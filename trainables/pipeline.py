@@ -199,7 +199,7 @@ class Pipeline:
         self.ids["data"] = Manifest.load(data).dataset_id
         check_trial_values(self.spec, data, self.where)
         self._check_generate_count(data)
-        self._check_given_runs()
+        self._check_given_weights()
         labeller = self._labeller(data)
         gan = self._gan(data)
         synthetic = self.spec.dataset.synthetic
@@ -238,7 +238,12 @@ class Pipeline:
             lambda out: combine_synthetic(sets, out, section, overwrite=True),
         )
 
-    def _check_given_runs(self) -> None:
+    def check_given_runs(self) -> None:
+        """Both checks of the given runs, as `study check` makes them before any stage."""
+        self._check_given_weights()
+        self._check_given_mask_gan()
+
+    def _check_given_weights(self) -> None:
         """A stage given as ``{run: PATH}`` must be such a run: found out before any stage
         trains."""
         for name, weights, command in (

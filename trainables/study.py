@@ -152,6 +152,28 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
     return _prepare_and_complete(spec, store, str(spec_path))
 
 
+def check_spec(spec_path: str | Path, address: str | None = None) -> str:
+    """`study check`: every check `study run` makes before it writes or trains anything, and
+    what it checked (one line). A spec with stages is checked as far as it can be before they
+    run: its given runs here, its search values once its data stages have run."""
+    spec = _absolute_data(load_spec(spec_path))
+    require_mlflow(spec)
+    _connect(address)
+    check_storage_everywhere(spec.storage_path, "storage_path")
+    if spec.stages.given():
+        Pipeline(spec, str(spec_path)).check_given_runs()
+        return (
+            f"{spec_path}: the spec, its given runs and its storage are fine; its search values "
+            "are checked against the data once its data stages have run (`study run` does both)"
+        )
+    ids = check_study(spec, str(spec_path))
+    datasets = ", ".join(f"{key} {value}" for key, value in ids.items())
+    return (
+        f"{spec_path}: ready to run (datasets {datasets}; every value of the search space, "
+        f"every mix and the resources checked); `defectforge study run {spec_path}` runs it"
+    )
+
+
 def resume_study(root: str, address: str | None = None) -> dict:
     """Continue a study whose driver stopped: finished stages and trials are not run again."""
     store = StudyStore(root)

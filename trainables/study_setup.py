@@ -20,6 +20,7 @@ from defectforge.studies.spec_schema import (
 )
 from defectforge.trainables.runtime import worker_cpus
 from defectforge.trainables.seg import config_from_manifest
+from defectforge.trainables.seg_feed import check_batch_fits, check_crop_fits
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,9 @@ def check_study(spec: StudySpec, where: str) -> dict:
             "rebuild it with `data build --test-fraction 0.1` (NEU-Seg) or set final.seeds: 0",
         )
     base = base_config(spec)
-    _check_enough_synthetic(spec, base, where)
+    fewest_rows = _fewest_train_rows(spec, base, where)
     _check_values(spec, base, where)
+    _check_data_fits(spec, base, fewest_rows, where)
     study_worker_cpus(spec)
     return ids
 
@@ -93,14 +95,23 @@ def check_trial_values(spec: StudySpec, real: str, where: str) -> None:
     """The values check of ``check_study``, as soon as the real dataset exists: a pipeline runs
     it after its data stages, before any stage trains."""
     spec = replace(spec, dataset=replace(spec.dataset, real=real))
-    _check_values(spec, base_config(spec), where)
+    base = base_config(spec)
+    _check_values(spec, base, where)
+    # The synthetic sets are not made yet: a batch is checked against the real-only trials.
+    real_only = any(not point["synthetic_ratio"] for point in spec.mix_points())
+    real_rows = Manifest.load(real).split_total("train") if real_only else None
+    _check_data_fits(spec, base, real_rows, where)
 
 
-def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> None:
-    """A trial asking for more synthetic (or real) images than exist would only fail once it
-    ran: every mix a trial may ask for is planned now."""
+def _fewest_train_rows(spec: StudySpec, base: SegConfig, where: str) -> int:
+    """The fewest train rows any trial gets (before defect oversampling). A trial asking for
+    more synthetic (or real) images than exist would only fail once it ran: every mix a trial
+    may ask for is planned now."""
+    real_rows = Manifest.load(spec.dataset.real).split_total("train")
+    rows = []
     for point in spec.mix_points():
         if not point["synthetic_ratio"]:
+            rows.append(real_rows)
             continue
         mix = replace(
             base,
@@ -109,7 +120,7 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
             real_count=point["real_count"],
         )
         try:
-            plan_for(spec.dataset.real, mix.synthetic, mix.mix)
+            plan = plan_for(spec.dataset.real, mix.synthetic, mix.mix).plan
         except NotEnoughSynthetic as err:
             raise SpecError(
                 where,
@@ -122,6 +133,26 @@ def _check_enough_synthetic(spec: StudySpec, base: SegConfig, where: str) -> Non
             raise SpecError(
                 where, f"{point['section']}.real_count", point["real_count"], err.problem, err.fix
             ) from None
+        rows.append(plan.real_rows + len(plan.synthetic_ids))
+    return min(rows)
+
+
+def _check_data_fits(spec: StudySpec, base: SegConfig, fewest_rows: int | None, where: str) -> None:
+    """Crops larger than every train image, and batches larger than the fewest train rows a
+    trial gets, fail in every trial that draws them, and `study resume` would run them again:
+    refused now. With defect oversampling in every trial (more rows, how many depends on the
+    rows), or no known fewest rows, the batch is left to the trials' own check."""
+    oversampled = min(spec.values_of("defect_oversample") or [base.defect_oversample]) > 1
+    checks = {"crop_size": check_crop_fits}
+    if fewest_rows is not None and not oversampled:
+        checks["batch_size"] = lambda cfg: check_batch_fits(cfg, fewest_rows)
+    for key, check in checks.items():
+        section = "search_space" if spec.values_of(key) else "training"
+        for value in spec.values_of(key) or [getattr(base, key)]:
+            try:
+                check(replace(base, **{key: value}))
+            except ConfigError as err:
+                raise _spec_error(err, where, f"{section}.{key}", value) from None
 
 
 def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:
@@ -163,12 +194,16 @@ def _checked(base: SegConfig, values: dict, where: str, key: str, shown) -> SegC
     try:
         return replace(base, **values)
     except ConfigError as err:
-        problem, _, fix = str(err).partition("; ")
-        # The option's own "key = value: " would repeat what the spec error says first.
-        own = f"{key.rsplit('.', 1)[-1]} = "
-        if problem.startswith(own):
-            problem = problem.partition(": ")[2]
-        raise SpecError(where, key, shown, problem, fix or "change the value") from None
+        raise _spec_error(err, where, key, shown) from None
+
+
+def _spec_error(err: ConfigError, where: str, key: str, shown) -> SpecError:
+    problem, _, fix = str(err).partition("; ")
+    # The option's own "key = value: " would repeat what the spec error says first.
+    own = f"{key.rsplit('.', 1)[-1]} = "
+    if problem.startswith(own):
+        problem = problem.partition(": ")[2]
+    return SpecError(where, key, shown, problem, fix or "change the value")
 
 
 def study_worker_cpus(spec: StudySpec) -> float:

@@ -34,7 +34,7 @@ import torch
 
 from defectforge.core.errors import DataError
 from defectforge.core.files import require_files, write_json_atomic
-from defectforge.core.outputs import check_output
+from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.build import pixel_statistics
 from defectforge.datasets.contract import (
@@ -491,7 +491,7 @@ def _parts_folder(
 
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Label generated images with a trained segmentation model; keep the confident ones."""
-    check_output(out, overwrite, (cfg.images, cfg.labeller))
+    check_output(out, overwrite, (cfg.images, cfg.labeller), kind=DATASET)
     ensure_ray()
     generated, source = generated_dataset(cfg.images)
     seg = _check_labeller(cfg, source.channels)
