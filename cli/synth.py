@@ -66,10 +66,14 @@ def run(args) -> None:
         f"{labelling.dropped or 'none'}); labels, report and plots in {args.out}"
     )
     if not labelling.kept:
+        fix = (
+            f"lower --min-confidence (now {cfg.min_confidence}; plots/confidence.png shows the "
+            "labeller's confidences)"
+            if "low confidence" in (labelling.dropped or {})
+            else "labels.csv says why each image was dropped"
+        )
         print(
-            f"defectforge: warning: {args.out}: no image was kept, so it has nothing to mix; lower "
-            f"--min-confidence (now {cfg.min_confidence}; plots/confidence.png shows the "
-            "labeller's confidences) or label images of a better generator",
+            f"defectforge: warning: {args.out}: no image was kept, so it has nothing to mix; {fix}",
             file=sys.stderr,
         )
     for variant, summary in (result["quality"] or {}).items():

@@ -47,6 +47,8 @@ OUTPUT_RECORD = "defectforge.json"
 # The output kinds that hold a training run's checkpoints (`prepare_run_folder`).
 SEG_RUN, GAN_RUN = "segmentation run", "GAN run"
 DATASET, EXPORT, PREDICTIONS = "dataset", "export", "predictions"
+# The kind `publish_dir` records when told none: any kind may replace such a folder.
+ANY_KIND = "output"
 TRAINING_RUN_KINDS = (SEG_RUN, GAN_RUN)
 # Artefacts of earlier versions, written before every output carried OUTPUT_RECORD.
 EARLIER_ARTEFACTS = {
@@ -54,6 +56,7 @@ EARLIER_ARTEFACTS = {
     "model.json": "format",
     "simulation.json": "simulated",
 }
+EARLIER_KINDS = {"manifest.json": DATASET, "model.json": EXPORT}
 # The weights that tell an earlier version's run (no OUTPUT_RECORD) for what it is.
 EARLIER_RUN_WEIGHTS = {"model.pt": SEG_RUN, "generator.pt": GAN_RUN}
 STAGING, SCRATCH = "partial", "scratch"
@@ -112,12 +115,16 @@ def written_by_defectforge(folder: Path) -> bool:
     """Whether ``folder`` holds an output record (or an earlier version's artefact)."""
     if (folder / OUTPUT_RECORD).is_file():
         return True
-    for name, key in EARLIER_ARTEFACTS.items():
-        path = folder / name
-        if path.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                if key in json.loads(path.read_text()):
-                    return True
+    return any(written_by_defectforge_as(folder, name) for name in EARLIER_ARTEFACTS)
+
+
+def written_by_defectforge_as(folder: Path, artefact: str) -> bool:
+    """Whether ``folder`` holds the earlier version's ``artefact`` (with its telling key)."""
+    path = folder / artefact
+    if not path.is_file():
+        return False
+    with contextlib.suppress(OSError, ValueError):
+        return EARLIER_ARTEFACTS[artefact] in json.loads(path.read_text())
     return False
 
 
@@ -164,20 +171,32 @@ def check_output(
             f"{OUTPUT_RECORD} (nor a dataset manifest or export record)",
             f"choose another {flag}, or move the folder away yourself",
         )
-    refuse_another_kind(final, _recorded_kind(final), kind, flag)
+    refuse_another_kind(final, _recorded_kind(final) or _earlier_kind(final), kind, flag)
     return final
 
 
 def refuse_another_kind(final, old: str | None, new: str | None, flag: str) -> None:
     """``--overwrite`` of an output by one of another kind (an export over a dataset) would
-    lose what the folder held to a typo; an output without a known kind may be replaced."""
-    if new and old and old != new:
+    lose what the folder held to a typo; an output of no known kind may be replaced."""
+    if new and old and old != new and old != ANY_KIND:
         raise DataError(
             final,
-            f"--overwrite replaces only an output of the same kind, and this folder holds a "
-            f"{old}, not a {new}",
+            f"--overwrite replaces only an output of the same kind, and this folder holds "
+            f"{_a(old)}, not {_a(new)}",
             f"choose another {flag}, or move the {old} away yourself",
         )
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _earlier_kind(folder: Path) -> str | None:
+    """The kind of an earlier version's dataset or export (no output record), by its artefact."""
+    for name, kind in EARLIER_KINDS.items():
+        if written_by_defectforge_as(folder, name):
+            return kind
+    return None
 
 
 def _is_training_run(folder: Path) -> bool:
@@ -217,7 +236,7 @@ def publish_dir(
     final: str | Path,
     overwrite: bool = False,
     inputs: tuple = (),
-    kind: str = "output",
+    kind: str = ANY_KIND,
     flag: str = "--out",
 ) -> Iterator[Path]:
     """Yield a staging folder beside ``final``; when the block succeeds, write the output record

@@ -15,6 +15,7 @@ from pathlib import Path
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, read_split_table
+from defectforge.datasets.lineage import TrainingSource
 from defectforge.datasets.manifest import Manifest
 
 HELD_OUT = ("val", "test")
@@ -35,11 +36,22 @@ def split_ids(root: str | Path, splits: tuple[str, ...]) -> set[str]:
     return found
 
 
-def train_ids(root: str | Path) -> list[str] | None:
-    """The sorted train ids of the dataset a synthetic set's maker learnt from, for its
-    ``trained_on`` record (None: the dataset is not there to list)."""
+def maker_source(role: str, root: str | Path, learnt_id: str) -> TrainingSource:
+    """A synthetic set's maker (``role``) as its ``trained_on`` record: the dataset it learnt
+    from, that dataset's id then, and its train ids now (None: not there to list). A folder
+    rebuilt since (another id) is refused: its train split may not be what the maker read."""
     table = read_split_table(root, "train", columns=["id"])
-    return None if table is None else sorted(table["id"].to_pylist())
+    if table is None:
+        return TrainingSource(role, str(root), learnt_id, None)
+    now = Manifest.load(root).dataset_id
+    if learnt_id and now != learnt_id:
+        raise DataError(
+            Location.of(root) / MANIFEST,
+            f"this dataset was rebuilt since the {role} learnt from it (id {now}, the {role}'s "
+            f"{learnt_id}), so which of its images the {role} learnt from is no longer known",
+            f"train the {role} again on this dataset",
+        )
+    return TrainingSource(role, str(root), learnt_id, sorted(table["id"].to_pylist()))
 
 
 def check_no_leakage(

@@ -23,7 +23,11 @@ from defectforge.segmentation.decisions import (
     calibrate,
     largest_by_threshold,
 )
-from defectforge.segmentation.inference import dataset_split_pairs, image_probabilities
+from defectforge.segmentation.inference import (
+    dataset_split_pairs,
+    image_probabilities,
+    run_dataset,
+)
 from defectforge.segmentation.report import plot_operating_point
 
 
@@ -37,6 +41,7 @@ def calibrate_run(
     missing or invalid target is refused before the val split is read."""
     CalibrationTarget(target_recall, target_false_alarm).require()
     model, cfg = load_model(run)
+    run_dataset(cfg)
     _require_both_kinds(cfg.data, target_recall)
     largest, defective = [], []
     for image, mask in dataset_split_pairs(cfg, "val", "calibrate"):

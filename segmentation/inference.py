@@ -159,28 +159,43 @@ def evaluate_folder(
     return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs(), binary)
 
 
-def dataset_split_pairs(
-    cfg: SegConfig, split: str, desc: str
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Decoded (image, mask) pairs of one split of the dataset a run was trained on, refused
-    if that dataset was rebuilt since (its splits may now hold the run's training images)."""
+def run_dataset(cfg: SegConfig) -> Manifest:
+    """The manifest of the dataset a run was trained on, refused if the dataset is not here or
+    was rebuilt since the run trained (its splits may now hold the run's training images)."""
+    if not (Location.of(cfg.data) / MANIFEST).is_file():
+        raise DataError(
+            Location.of(cfg.data),
+            "the run's dataset is not here",
+            "run this where the dataset the run was trained on is",
+        )
     manifest = Manifest.load(cfg.data)
     if cfg.data_manifest_id and manifest.dataset_id != cfg.data_manifest_id:
         raise DataError(
             Location.of(cfg.data) / MANIFEST,
             f"this dataset was rebuilt since the run trained on it (id {manifest.dataset_id}, "
-            f"the run's {cfg.data_manifest_id}), so its {split} split may hold images the run "
-            "learnt from",
-            "evaluate on a folder (--images, --masks) or train the run again on this dataset",
+            f"the run's {cfg.data_manifest_id}), so its splits may hold images the run learnt "
+            "from",
+            "train the run again on this dataset, or score it on folders (`seg eval --images "
+            "--masks`)",
         )
+    return manifest
+
+
+def dataset_split_pairs(
+    cfg: SegConfig, split: str, desc: str
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Decoded (image, mask) pairs of one split of the dataset a run was trained on
+    (``run_dataset``'s checks first)."""
+    manifest = run_dataset(cfg)
     files = split_files(cfg.data, split)
     if not files:
         built = manifest.split_total(split) == 0
+        share = "--test-fraction (NEU-Seg) or " if split == "test" else ""
         raise DataError(
             split_location(cfg.data, split),
             f"the run's dataset has no {split} split"
             + (" (it was built without one)" if built else " here"),
-            "build it with --test-fraction, or evaluate on a folder (--images, --masks)"
+            f"build it with {share}--split-ratios giving {split} a share"
             if built
             else "run this where the dataset the run was trained on is",
         )

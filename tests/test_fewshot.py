@@ -405,6 +405,7 @@ def test_subset_copy_paste_and_combine_stages_are_made_once_and_reused(
                 ]
             },
             "search": {"algorithm": "compare"},
+            "training": {"batch_size": 4},  # the real-only arm trains on the 10 images alone
             "storage_path": str(tmp_path),
         }
     )

@@ -342,7 +342,7 @@ def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller
 
 
 def test_the_same_images_split_otherwise_are_another_dataset(
-    sample_dataset, sample_with_test, labeller, labelled, tmp_path, capsys
+    sample_dataset, sample_with_test, labeller, labelled, generated, tmp_path, capsys
 ):
     from dataclasses import replace
 
@@ -361,3 +361,8 @@ def test_the_same_images_split_otherwise_are_another_dataset(
     assert main(["seg", "eval", "--model", str(moved), "--split", "test"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "was rebuilt since the run trained on it" in err
+    # Images labelled by such a run: which images it learnt from is no longer known.
+    labelling = ["synth", "label", "--images", str(generated), "--labeller", str(moved)]
+    assert main([*labelling, "--out", str(tmp_path / "labelled")]) == 2
+    assert "rebuilt since the labeller learnt from it" in capsys.readouterr().err
+    assert not (tmp_path / "labelled").exists()

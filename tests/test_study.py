@@ -216,11 +216,25 @@ def test_study_check_runs_the_checks_and_writes_nothing(
     spec_file.write_text(yaml.safe_dump(spec))
     assert main(["study", "check", str(spec_file), "--address", address]) == 0
     assert "ready to run (datasets real " in capsys.readouterr().out
-    spec["search_space"]["batch_size"] = [4, 40]
+    # Each arm's batch is checked against its own mix: 35 real + 23 synthetic rows hold 40.
+    spec["search_space"] = {
+        "epochs": 1,
+        "arms": [
+            {"synthetic_ratio": 0.0, "batch_size": 8},
+            {"synthetic_ratio": 0.4, "batch_size": 40},
+        ],
+    }
+    spec["search"] = {"algorithm": "compare"}
+    spec_file.write_text(yaml.safe_dump(spec))
+    assert main(["study", "check", str(spec_file), "--address", address]) == 0
+    spec["search_space"]["arms"][0]["batch_size"] = 40  # the real-only arm has 35 rows
     spec_file.write_text(yaml.safe_dump(spec))
     assert main(["study", "check", str(spec_file), "--address", address]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "search_space.batch_size = 40" in err
+    assert (
+        len(err.splitlines()) == 1
+        and "search_space.batch_size = 40: the train split gives 35" in err
+    )
     assert not (storage / "t").exists()
 
 

@@ -13,8 +13,8 @@ from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import SCHEMA, contract_row, decode_png, run_identity
-from defectforge.datasets.leakage import train_ids
-from defectforge.datasets.lineage import LabellingSection, TrainingSource
+from defectforge.datasets.leakage import maker_source
+from defectforge.datasets.lineage import LabellingSection
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
 from defectforge.datasets.writer import write_dataset
@@ -126,7 +126,7 @@ def _with_drawn_masks(
         labeller="drawn by the generator (exact masks)",
         generator=identity,
         config=asked,
-        trained_on=(TrainingSource("GAN", cfg.data, cfg.data_manifest_id, train_ids(cfg.data)),),
+        trained_on=(maker_source("GAN", cfg.data, cfg.data_manifest_id),),
         images=len(images),
         kept=len(rows),
         dropped={"no defect pixel": len(images) - len(rows)},

@@ -60,6 +60,7 @@ from defectforge.trainables.study_setup import (
     StudyContext,
     base_config,
     check_study,
+    check_trial_values,
     study_worker_cpus,
 )
 from defectforge.trainables.study_tune import (
@@ -152,21 +153,33 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
     return _prepare_and_complete(spec, store, str(spec_path))
 
 
+REAL_STAGES = ("data", "subset")
+SYNTHETIC_STAGES = ("generate", "label", "generate_masks", "copy_paste", "combine")
+
+
 def check_spec(spec_path: str | Path, address: str | None = None) -> str:
     """`study check`: every check `study run` makes before it writes or trains anything, and
-    what it checked (one line). A spec with stages is checked as far as it can be before they
-    run: its given runs here, its search values once its data stages have run."""
+    what it checked (one line). What stages are still to make is checked as far as it can be:
+    given runs at once, search values against the real data once it exists (now, if no stage
+    makes it), mixes once the synthetic sets exist."""
     spec = _absolute_data(load_spec(spec_path))
+    where = str(spec_path)
     require_mlflow(spec)
     _connect(address)
     check_storage_everywhere(spec.storage_path, "storage_path")
-    if spec.stages.given():
-        Pipeline(spec, str(spec_path)).check_given_runs()
+    stages = spec.stages
+    Pipeline(spec, where).check_given_runs()
+    if any(stages.made(name) for name in SYNTHETIC_STAGES + REAL_STAGES):
+        if any(stages.made(name) for name in REAL_STAGES):
+            later = "its search values once its data stages have made the data"
+        else:
+            check_trial_values(spec, spec.dataset.real, where)
+            later = "its mixes once its stages have made the synthetic sets"
         return (
-            f"{spec_path}: the spec, its given runs and its storage are fine; its search values "
-            "are checked against the data once its data stages have run (`study run` does both)"
+            f"{spec_path}: fine as far as it can be checked before its stages run; `study run` "
+            f"checks {later}"
         )
-    ids = check_study(spec, str(spec_path))
+    ids = check_study(spec, where)
     datasets = ", ".join(f"{key} {value}" for key, value in ids.items())
     return (
         f"{spec_path}: ready to run (datasets {datasets}; every value of the search space, "

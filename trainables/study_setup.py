@@ -3,10 +3,13 @@ the checks that refuse what would fail or hang later, and the trials' CPU share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.storage import Location
+from defectforge.datasets.contract import MANIFEST
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
@@ -84,9 +87,10 @@ def check_study(spec: StudySpec, where: str) -> dict:
             "rebuild it with `data build --test-fraction 0.1` (NEU-Seg) or set final.seeds: 0",
         )
     base = base_config(spec)
-    fewest_rows = _fewest_train_rows(spec, base, where)
+    real_rows = manifest.split_total("train")
+    rows = {_mix_key(p): _planned_rows(spec, base, p, real_rows, where) for p in spec.mix_points()}
     _check_values(spec, base, where)
-    _check_data_fits(spec, base, fewest_rows, where)
+    _check_data_fits(spec, base, lambda point: rows.get(_mix_key(point)), where)
     study_worker_cpus(spec)
     return ids
 
@@ -97,62 +101,108 @@ def check_trial_values(spec: StudySpec, real: str, where: str) -> None:
     spec = replace(spec, dataset=replace(spec.dataset, real=real))
     base = base_config(spec)
     _check_values(spec, base, where)
-    # The synthetic sets are not made yet: a batch is checked against the real-only trials.
-    real_only = any(not point["synthetic_ratio"] for point in spec.mix_points())
-    real_rows = Manifest.load(real).split_total("train") if real_only else None
-    _check_data_fits(spec, base, real_rows, where)
+    # The synthetic sets are not made yet: only the real-only trials' data is known.
+    real_rows = Manifest.load(real).split_total("train")
+    _check_data_fits(
+        spec, base, lambda point: None if point["synthetic_ratio"] else real_rows, where
+    )
 
 
-def _fewest_train_rows(spec: StudySpec, base: SegConfig, where: str) -> int:
-    """The fewest train rows any trial gets (before defect oversampling). A trial asking for
+def _mix_key(point: dict) -> tuple:
+    return tuple(point[key] for key in MIX_DEFAULTS)
+
+
+def _mixed_config(spec: StudySpec, base: SegConfig, point: dict) -> SegConfig:
+    """The trial config of a mix point (the real data alone at ratio 0)."""
+    if not point["synthetic_ratio"]:
+        return base
+    return replace(
+        base,
+        synthetic=synthetic_set(spec, point["synthetic_source"]),
+        synthetic_ratio=point["synthetic_ratio"],
+        real_count=point["real_count"],
+    )
+
+
+def _planned_rows(spec: StudySpec, base: SegConfig, point: dict, real_rows: int, where: str) -> int:
+    """The train rows of a mix point's trials (before defect oversampling). A trial asking for
     more synthetic (or real) images than exist would only fail once it ran: every mix a trial
     may ask for is planned now."""
-    real_rows = Manifest.load(spec.dataset.real).split_total("train")
-    rows = []
-    for point in spec.mix_points():
-        if not point["synthetic_ratio"]:
-            rows.append(real_rows)
-            continue
-        mix = replace(
-            base,
-            synthetic=synthetic_set(spec, point["synthetic_source"]),
-            synthetic_ratio=point["synthetic_ratio"],
-            real_count=point["real_count"],
-        )
-        try:
-            plan = plan_for(spec.dataset.real, mix.synthetic, mix.mix).plan
-        except NotEnoughSynthetic as err:
-            raise SpecError(
-                where,
-                f"{point['section']}.synthetic_ratio",
-                point["synthetic_ratio"],
-                err.problem,
-                spec.stages.more_images_fix(point["synthetic_source"]),
-            ) from None
-        except DataError as err:
-            raise SpecError(
-                where, f"{point['section']}.real_count", point["real_count"], err.problem, err.fix
-            ) from None
-        rows.append(plan.real_rows + len(plan.synthetic_ids))
-    return min(rows)
+    if not point["synthetic_ratio"]:
+        return real_rows
+    mix = _mixed_config(spec, base, point)
+    try:
+        plan = plan_for(spec.dataset.real, mix.synthetic, mix.mix).plan
+    except NotEnoughSynthetic as err:
+        raise SpecError(
+            where,
+            f"{point['section']}.synthetic_ratio",
+            point["synthetic_ratio"],
+            err.problem,
+            spec.stages.more_images_fix(point["synthetic_source"]),
+        ) from None
+    except DataError as err:
+        raise SpecError(
+            where, f"{point['section']}.real_count", point["real_count"], err.problem, err.fix
+        ) from None
+    return plan.real_rows + len(plan.synthetic_ids)
 
 
-def _check_data_fits(spec: StudySpec, base: SegConfig, fewest_rows: int | None, where: str) -> None:
-    """Crops larger than every train image, and batches larger than the fewest train rows a
-    trial gets, fail in every trial that draws them, and `study resume` would run them again:
-    refused now. With defect oversampling in every trial (more rows, how many depends on the
-    rows), or no known fewest rows, the batch is left to the trials' own check."""
-    oversampled = min(spec.values_of("defect_oversample") or [base.defect_oversample]) > 1
+def _check_data_fits(
+    spec: StudySpec, base: SegConfig, rows_of: Callable[[dict], int | None], where: str
+) -> None:
+    """Crops larger than every train image, and batches larger than a trial's train rows, fail
+    in every trial that draws them, and `study resume` would run them again: refused now, arm
+    by arm (an arm's values with its own mixes), and for the final step's baseline. ``rows_of``:
+    a mix point's train rows (None: not known yet). With defect oversampling (more rows, how
+    many depends on the rows) the batch is left to the trials' own check."""
+    for arm in spec.search_space.get(ARMS) or [{}]:
+        one = _one_arm(spec, arm)
+        points = [p for p in one.mix_points() if p["section"] == "search_space"]
+        values = {key: one.values_of(key) for key in ("crop_size", "batch_size")}
+        oversampled = min(one.values_of("defect_oversample") or [base.defect_oversample]) > 1
+        for point in points:
+            _check_fits(one, base, point, values, None if oversampled else rows_of(point), where)
+    if spec.final.baseline:
+        baseline = baseline_arm(spec, base)
+        point = {key: baseline.get(key, default) for key, default in MIX_DEFAULTS.items()}
+        cfg = replace(base, **{k: v for k, v in baseline.items() if k not in MIX_DEFAULTS})
+        rows = None if cfg.defect_oversample > 1 else rows_of(point)
+        _check_fits(spec, cfg, point, {}, rows, where, "final.baseline")
+
+
+def _one_arm(spec: StudySpec, arm: dict) -> StudySpec:
+    """The spec as if ``arm`` were its only arm."""
+    outside = {key: value for key, value in spec.search_space.items() if key != ARMS}
+    return replace(spec, search_space={**outside, **({ARMS: [arm]} if arm else {})})
+
+
+def _check_fits(
+    spec: StudySpec,
+    base: SegConfig,
+    point: dict,
+    values: dict[str, list],
+    rows: int | None,
+    where: str,
+    section: str = "",
+) -> None:
+    """One mix point's crops (against its real and synthetic images) and batches (against its
+    ``rows``, when known); ``values``: the crop and batch sizes its trials may draw."""
+    if point["synthetic_ratio"]:
+        synthetic = synthetic_set(spec, point["synthetic_source"])
+        if not synthetic or not (Location.of(synthetic) / MANIFEST).is_file():
+            return  # made by a stage that has not run yet
+    cfg = _mixed_config(spec, base, point)
     checks = {"crop_size": check_crop_fits}
-    if fewest_rows is not None and not oversampled:
-        checks["batch_size"] = lambda cfg: check_batch_fits(cfg, fewest_rows)
+    if rows is not None:
+        checks["batch_size"] = lambda config: check_batch_fits(config, rows)
     for key, check in checks.items():
-        section = "search_space" if spec.values_of(key) else "training"
-        for value in spec.values_of(key) or [getattr(base, key)]:
+        where_set = section or ("search_space" if values.get(key) else "training")
+        for value in values.get(key) or [getattr(cfg, key)]:
             try:
-                check(replace(base, **{key: value}))
+                check(replace(cfg, **{key: value}))
             except ConfigError as err:
-                raise _spec_error(err, where, f"{section}.{key}", value) from None
+                raise _spec_error(err, where, f"{where_set}.{key}", value) from None
 
 
 def _check_values(spec: StudySpec, base: SegConfig, where: str) -> None:

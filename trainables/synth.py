@@ -50,7 +50,7 @@ from defectforge.datasets.contract import (
     run_identity,
     split_location,
 )
-from defectforge.datasets.leakage import train_ids
+from defectforge.datasets.leakage import maker_source
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, list_images, read_image
@@ -330,11 +330,10 @@ def _labelled_manifest(
 
 def _trained_on(seg: SegConfig, generated: Manifest) -> tuple[TrainingSource, ...]:
     """The datasets the labeller and (for GAN images) the GAN learnt from, with their train ids."""
-    sources = [TrainingSource("labeller", seg.data, seg.data_manifest_id, train_ids(seg.data))]
+    sources = [maker_source("labeller", seg.data, seg.data_manifest_id)]
     gan = generator_config(generated)
     if gan is not None:
-        data, data_id = gan["data"], gan.get("data_manifest_id", "")
-        sources.append(TrainingSource("GAN", data, data_id, train_ids(data)))
+        sources.append(maker_source("GAN", gan["data"], gan.get("data_manifest_id", "")))
     return tuple(sources)
 
 
