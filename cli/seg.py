@@ -149,6 +149,7 @@ def _evaluate(args) -> None:
     defaults = {spec.name: spec.default for spec in BuildConfig.options()}
     reading = {**defaults, **_checked_given(args, BuildConfig, MASK_READING)}
     if args.split:
+        _refuse_mask_files_beside_split(args)
         result = evaluate_dataset_split(args.model, args.split, reading["binary"])
     else:
         result = evaluate_folder(
@@ -172,6 +173,23 @@ def _evaluate(args) -> None:
         f"{result['operating_point']['min_area']} px: recall {result['recall']:.3f}, "
         f"false-alarm rate {result['false_alarm_rate']:.3f} {result['verdicts']}"
     )
+
+
+def _refuse_mask_files_beside_split(args) -> None:
+    """A split's masks are the dataset's own: options that read mask files would be ignored."""
+    from defectforge.core.errors import ConfigError
+    from defectforge.datasets.build import BuildConfig
+
+    reading = set(given(args, BuildConfig, only=MASK_READING)) - {"binary"}
+    flags = (["--masks"] if args.masks else []) + [
+        "--" + name.replace("_", "-") for name in sorted(reading)
+    ]
+    if flags:
+        raise ConfigError(
+            f"--split {args.split} with {', '.join(flags)}: a split's masks come from the "
+            "dataset, so these would be ignored; leave them out, or evaluate folders with "
+            "--images and --masks"
+        )
 
 
 def _calibrate(args) -> None:

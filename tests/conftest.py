@@ -172,9 +172,13 @@ def labelled(generated, labeller, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def labelled_with_test(sample_with_test, tmp_path_factory) -> Path:
+def labeller_with_test(sample_with_test, tmp_path_factory) -> Path:
+    return _labeller_run(sample_with_test, tmp_path_factory.mktemp("labeller-with-test"))
+
+
+@pytest.fixture(scope="session")
+def labelled_with_test(sample_with_test, labeller_with_test, tmp_path_factory) -> Path:
     """The labelled set again, its makers trained on ``sample_with_test``'s train split."""
     folder = tmp_path_factory.mktemp("labelled-with-test")
-    labeller = _labeller_run(sample_with_test, folder / "labeller")
     generated = _generated_images(sample_with_test, folder / "gan")
-    return _labelled_set(generated, labeller, folder)
+    return _labelled_set(generated, labeller_with_test, folder)

@@ -331,6 +331,10 @@ def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
     assert main(["seg", "eval", "--model", str(labeller), "--split", "test"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "has no test split (it was built without one)" in err
+    split = ["seg", "eval", "--model", str(labeller), "--split", "val"]
+    assert main([*split, "--masks", "/elsewhere", "--mask-suffix", "_m"]) == 2
+    err = capsys.readouterr().err
+    assert "--split val with --masks, --mask-suffix: a split's masks come from the dataset" in err
 
 
 def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller, capsys):
