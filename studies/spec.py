@@ -231,6 +231,8 @@ def _text_mapping(where: str, key: str, value: Any) -> dict[str, str]:
 
 
 def parse_spec(data: Any, where: str = "spec") -> StudySpec:
+    if data is None:
+        raise SpecError(f"{where}: the spec is empty; write one (ready ones: studies/specs/)")
     if not isinstance(data, dict):
         raise SpecError(where, "(top)", data, "a spec is a mapping", "see studies/specs/")
     known = ({f.name for f in fields(StudySpec)} - {"stages"}) | set(ORDER)

@@ -239,7 +239,7 @@ def _gan_options(where: str, stage: str, values: dict) -> dict:
         )
     rest = {k: v for k, v in values.items() if k != "profile"}
     # Network sizes too (z_dim, channel_base, ...): a spec may ask for any GAN the code builds.
-    skip = ("channels", "classes", *DERIVED[stage])
+    skip = ("channels", "classes", "data_manifest_id", *DERIVED[stage])
     known = _options_of(GanConfig, skip=skip, every=True)
     return {"profile": profile, **_run_or_options(where, stage, rest, known)}
 

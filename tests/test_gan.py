@@ -584,7 +584,9 @@ def test_defect_crops_need_native_crops_and_a_mask_of_the_images_size(sample_dat
         tiny_config(native_crops=True, defect_crops=1.5)
 
 
-def test_odd_gan_command_lines_are_refused_naming_the_fix(sample_dataset, tmp_path, capsys):
+def test_odd_gan_command_lines_are_refused_naming_the_fix(
+    sample_dataset, sample_root, generated, tmp_path, capsys
+):
     from defectforge.cli import main
     from defectforge.trainables.gan import _check_crops_fit
 
@@ -599,6 +601,9 @@ def test_odd_gan_command_lines_are_refused_naming_the_fix(sample_dataset, tmp_pa
         main(["gan", "metrics", "--model", str(tmp_path), "--n", "0"])
     assert "give a whole number of images, 1 or more" in capsys.readouterr().err
     assert not out.exists()
+    run = generated.parent / "run"  # a raw folder as --data is not a dataset
+    assert main(["gan", "metrics", "--model", str(run), "--data", str(sample_root)]) == 2
+    assert "manifest.json: no manifest.json: not a defectforge dataset" in capsys.readouterr().err
 
 
 def test_a_gan_worker_feeds_defect_crops_from_its_shards_masks(ray_session):

@@ -45,6 +45,10 @@ def test_stage_keys_change_when_and_only_when_their_inputs_change():
             "test_fraction = 0.1 is not used with source steel .*split_ratios.*; remove it",
         ),
         ({"mask_gan": {"masks": False}}, "mask_gan.masks = False: not a mask_gan option"),
+        (  # set by the pipeline from the data stage, so neither allowed nor listed
+            {"gan": {"data_manifest_id": "x"}},
+            r"not a gan option; use one of \[(?!.*data_manifest_id).*'workers'",
+        ),
         ({"generate_masks": {"count": 8}}, "generate_masks = .*: needs a mask_gan section"),
         ({"mask_gan": {"run": "g"}}, "mask_gan = .*: nothing uses it: only a generate_masks"),
         ({"gan": {"run": "g"}}, "gan = .*: nothing uses it: only a generate stage.*remove gan"),
@@ -55,6 +59,11 @@ def test_stage_sections_are_checked_when_the_spec_loads(stages, message):
     spec = {"name": "p", "dataset": {"real": "x"}, "search_space": {"epochs": 1}, **stages}
     with pytest.raises(SpecError, match=message):
         parse_spec(spec, "p.yaml")
+
+
+def test_an_empty_spec_says_so():
+    with pytest.raises(SpecError, match=r"^p.yaml: the spec is empty; write one"):
+        parse_spec(None, "p.yaml")
 
 
 def test_a_jobs_progress_is_read_from_its_log():

@@ -151,6 +151,8 @@ def generator_metrics(
     as many real images of the run's (or another) dataset. A conditional generator is scored on
     ``class_name`` against real images of that class, or on every class in turn."""
     generator, cfg = load_generator(model)
+    if data:
+        Manifest.load(data)  # a raw folder is not a dataset: say so, not "no image matches"
     cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
     class_index = _class_index(cfg, class_name)
     if class_name is not None:
