@@ -105,11 +105,13 @@ def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
     for key, value in state.items():
+        # Only a colour input convolution (3 in, 1 here) is summed down; any other misfit is
+        # another encoder's, refused below.
         if (
-            key in own
+            in_channels == 1
+            and key in own
             and value.ndim == 4
-            and value.shape[1] != own[key].shape[1]
-            and in_channels == 1
+            and (value.shape[1], own[key].shape[1]) == (3, 1)
         ):
             state[key] = value.sum(dim=1, keepdim=True)
     if not set(state) & set(own):

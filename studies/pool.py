@@ -65,11 +65,20 @@ def _arm_key(arm: dict) -> tuple:
 
 def _read(root: str) -> tuple[dict, dict]:
     store = StudyStore(root)
+    if not store.exists(STUDY_FILE):
+        raise DataError(root, "not a study folder", "pass folders made by `study run`")
+    algorithm = store.read_json(STUDY_FILE)["spec"]["search"]["algorithm"]
+    if algorithm != "compare":
+        raise DataError(
+            root,
+            f"a study of search.algorithm {algorithm}: only compare studies pool",
+            "leave it out",
+        )
     if not store.exists(COMPARE_FILE):
         raise DataError(
             root,
-            f"no {COMPARE_FILE}: only a finished compare study (search.algorithm: compare) pools",
-            "finish it with `defectforge study resume`, or leave it out",
+            f"no {COMPARE_FILE} yet: the compare study has not finished",
+            f"finish it with `defectforge study resume {root}`, or leave it out",
         )
     return store.read_json(STUDY_FILE), store.read_json(COMPARE_FILE)
 

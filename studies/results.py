@@ -164,6 +164,10 @@ def write_study_report(store: StudyStore) -> dict:
 
 
 def require_trials(store: StudyStore, root: str) -> None:
+    if not store.exists(STUDY_FILE):
+        raise DataError(
+            store.location(STUDY_FILE), "not a study folder", "pass a folder made by `study run`"
+        )
     if not store.exists(TRIALS_FILE):
         raise DataError(
             store.location(TRIALS_FILE),

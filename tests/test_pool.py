@@ -100,8 +100,14 @@ def test_studies_of_another_question_or_the_same_seeds_are_refused(two_studies, 
         pool_comparisons([two_studies[0], other_epochs])
     with pytest.raises(DataError, match=r"ran seed\(s\) \[1000, 1001, 1002\] in another study"):
         pool_comparisons([two_studies[0], two_studies[0]])
-    with pytest.raises(DataError, match="no compare.json"):
+    with pytest.raises(DataError, match="not a study folder; pass folders made by"):
         pool_comparisons([two_studies[0], str(tmp_path)])
+    grid = _study(tmp_path / "grid", [], [], spec={"search": {"algorithm": "grid"}})
+    with pytest.raises(DataError, match="a study of search.algorithm grid: only compare studies"):
+        pool_comparisons([two_studies[0], grid])
+    (Path(two_studies[1]) / "compare.json").unlink()
+    with pytest.raises(DataError, match="no compare.json yet: the compare study has not finished"):
+        pool_comparisons([two_studies[0], two_studies[1]])
     other_final = _study(tmp_path / "final", [], [], spec={"final": {"seeds": 3, "epochs": 6}})
     with pytest.raises(DataError, match="asks another question"):
         pool_comparisons([two_studies[0], other_final])
