@@ -236,6 +236,11 @@ def test_study_check_runs_the_checks_and_writes_nothing(
         and "search_space.batch_size = 40: the train split gives 35" in err
     )
     assert not (storage / "t").exists()
+    # A study of this name from another spec: `study run` would refuse it, and so does check.
+    (storage / "t").mkdir(parents=True)
+    (storage / "t" / "study.json").write_text(json.dumps({"spec_sha256": "another"}))
+    assert main(["study", "check", str(spec_file), "--address", address]) == 2
+    assert "a study of this name exists, made from another spec" in capsys.readouterr().err
 
 
 def test_a_chosen_configuration_equal_to_its_baseline_trains_once(

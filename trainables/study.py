@@ -113,23 +113,15 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
         check_name(name, "--name")
     spec = _absolute_data(load_spec(spec_path))
     spec_text = Path(spec_path).read_text()
-    digest = hashlib.sha256(spec_text.encode()).hexdigest()
+    digest = _digest(spec_text)
     _connect(address)
     store = StudyStore(study_root(spec, name))
     check_storage_everywhere(store.uri)
-    if store.exists(STUDY_FILE):
-        recorded = store.read_json(STUDY_FILE)
-        if recorded["spec_sha256"] == digest:
-            print(f"continuing the study in {store.uri} (same spec)", flush=True)
-            return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
-        if REFUSED_KEY not in recorded:
-            raise DataError(
-                store.uri,
-                "a study of this name exists, made from another spec",
-                f"`defectforge study resume {store.uri}` continues it, or pass --name for a new one",
-            )
-        # Its stages or checks refused it, so no trial ran and no driver is at work in it: the
-        # corrected spec takes its place (the stages made so far are kept and reused).
+    existing = _existing_study(store, digest)
+    if existing == "same":
+        print(f"continuing the study in {store.uri} (same spec)", flush=True)
+        return _prepare_and_complete(_recorded_spec(store), store, store.location(SPEC_FILE))
+    if existing == "refused":
         print(
             f"the study in {store.uri} was refused before its search; starting it from this spec",
             flush=True,
@@ -157,6 +149,30 @@ REAL_STAGES = ("data", "subset")
 SYNTHETIC_STAGES = ("generate", "label", "generate_masks", "copy_paste", "combine")
 
 
+def _digest(spec_text: str) -> str:
+    """A study's spec identity: the text it was run from."""
+    return hashlib.sha256(spec_text.encode()).hexdigest()
+
+
+def _existing_study(store: StudyStore, digest: str) -> str:
+    """What the study folder holds for a spec of ``digest``: "new" (nothing), "same" (a study
+    of this spec, to continue) or "refused" (one its stages or checks refused, so no trial
+    ran and no driver is at work in it: the corrected spec takes its place, its stages kept);
+    a study of another spec is refused."""
+    if not store.exists(STUDY_FILE):
+        return "new"
+    recorded = store.read_json(STUDY_FILE)
+    if recorded["spec_sha256"] == digest:
+        return "same"
+    if REFUSED_KEY in recorded:
+        return "refused"
+    raise DataError(
+        store.uri,
+        "a study of this name exists, made from another spec",
+        f"`defectforge study resume {store.uri}` continues it, or pass --name for a new one",
+    )
+
+
 def check_spec(spec_path: str | Path, address: str | None = None) -> str:
     """`study check`: every check `study run` makes before it writes or trains anything, and
     what it checked (one line). What stages are still to make is checked as far as it can be:
@@ -167,6 +183,7 @@ def check_spec(spec_path: str | Path, address: str | None = None) -> str:
     require_mlflow(spec)
     _connect(address)
     check_storage_everywhere(spec.storage_path, "storage_path")
+    _existing_study(StudyStore(study_root(spec, None)), _digest(Path(spec_path).read_text()))
     stages = spec.stages
     Pipeline(spec, where).check_given_runs()
     if any(stages.made(name) for name in SYNTHETIC_STAGES + REAL_STAGES):
