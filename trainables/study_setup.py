@@ -158,11 +158,14 @@ def _check_data_fits(
     many depends on the rows) the batch is left to the trials' own check."""
     for arm in spec.search_space.get(ARMS) or [{}]:
         one = _one_arm(spec, arm)
+        # The arm's own fixed values (an image_size sets the crop limit), its mix aside.
+        arm_base = replace(base, **{k: v for k, v in arm.items() if k not in MIX_DEFAULTS})
         points = [p for p in one.mix_points() if p["section"] == "search_space"]
         values = {key: one.values_of(key) for key in ("crop_size", "batch_size")}
         oversampled = min(one.values_of("defect_oversample") or [base.defect_oversample]) > 1
         for point in points:
-            _check_fits(one, base, point, values, None if oversampled else rows_of(point), where)
+            rows = None if oversampled else rows_of(point)
+            _check_fits(one, arm_base, point, values, rows, where)
     if spec.final.baseline:
         baseline = baseline_arm(spec, base)
         point = {key: baseline.get(key, default) for key, default in MIX_DEFAULTS.items()}
