@@ -702,6 +702,7 @@ def test_a_study_whose_trials_all_failed_reports_and_refuses_export_in_one_line(
     from defectforge.studies.export import export_study
 
     failed = {"trial": "t0", "status": "error", SELECTION_METRIC: None, "error": "ConfigError: x"}
+    (tmp_path / "study.json").write_text(json.dumps({"name": "t"}))
     (tmp_path / "trials.json").write_text(json.dumps([failed]))
     with pytest.raises(DataError, match="none of its 1 trials has a validation score"):
         export_study(str(tmp_path), tmp_path / "export")
