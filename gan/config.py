@@ -43,8 +43,11 @@ PROFILES = {
 }
 
 
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
+
+
 def _power_of_two(value: int) -> bool:
-    return 8 <= value <= 1024 and not value & (value - 1)
+    return MIN_RESOLUTION <= value <= MAX_RESOLUTION and not value & (value - 1)
 
 
 def _policy_ok(policy: str) -> bool:

@@ -47,7 +47,7 @@ from defectforge.gan.checkpoint import (
     snapshot_name,
 )
 from defectforge.gan.config import CHECKPOINT_KEYS as GAN_CHECKPOINT_KEYS
-from defectforge.gan.config import GanConfig
+from defectforge.gan.config import MIN_RESOLUTION, GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.gan.report import write_plots
 from defectforge.studies.spec_schema import TrackingSpec
@@ -104,10 +104,15 @@ def _check_crops_fit(cfg: GanConfig) -> None:
     if smallest < cfg.resolution:
         # Resolutions are powers of two: the largest that fits is the one to suggest.
         fits = 1 << (smallest.bit_length() - 1)
+        lower = (
+            f"lower --resolution to {fits} (a power of two no larger than that side), or drop "
+            "--native-crops"
+            if fits >= MIN_RESOLUTION
+            else "drop --native-crops (whole images are resized to --resolution)"
+        )
         raise ConfigError(
             f"--native-crops at --resolution {cfg.resolution}: the smallest train image of "
-            f"{cfg.data} has a side of {smallest} px; lower --resolution to {fits} (a power of "
-            "two no larger than that side), or drop --native-crops"
+            f"{cfg.data} has a side of {smallest} px; {lower}"
         )
 
 
