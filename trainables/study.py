@@ -184,18 +184,13 @@ def check_spec(spec_path: str | Path, address: str | None = None) -> str:
     _connect(address)
     check_storage_everywhere(spec.storage_path, "storage_path")
     _existing_study(StudyStore(study_root(spec, None)), _digest(Path(spec_path).read_text()))
-    stages = spec.stages
     Pipeline(spec, where).check_given_runs()
-    if any(stages.made(name) for name in SYNTHETIC_STAGES + REAL_STAGES):
-        if any(stages.made(name) for name in REAL_STAGES):
-            later = "its search values once its data stages have made the data"
-        else:
-            check_trial_values(spec, spec.dataset.real, where)
-            later = "its mixes once its stages have made the synthetic sets"
-        return (
-            f"{spec_path}: fine as far as it can be checked before its stages run; `study run` "
-            f"checks {later}"
-        )
+    before_stages = f"{spec_path}: fine as far as it can be checked before its stages run"
+    if any(spec.stages.made(name) for name in REAL_STAGES):
+        return f"{before_stages}; `study run` checks its search values once they made the data"
+    if any(spec.stages.made(name) for name in SYNTHETIC_STAGES):
+        check_trial_values(spec, spec.dataset.real, where)
+        return f"{before_stages}; `study run` checks its mixes once they made the synthetic sets"
     ids = check_study(spec, where)
     datasets = ", ".join(f"{key} {value}" for key, value in ids.items())
     return (
