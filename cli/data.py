@@ -52,6 +52,7 @@ def run(args) -> None:
     from defectforge.datasets.augment import AugmentConfig
     from defectforge.datasets.build import BuildConfig, empty_folder_classes, missing_splits
     from defectforge.datasets.steel import SteelOptions
+    from defectforge.datasets.twins import twins_warning
     from defectforge.trainables.data_jobs import augment_parquet, build_parquet, mix_datasets
 
     if args.data_command == "simulate-steel":
@@ -62,7 +63,12 @@ def run(args) -> None:
             **given(args, BuildConfig), steel=SteelOptions(**given(args, SteelOptions))
         )
         manifest = build_parquet(cfg, args.out, args.overwrite)
-        for warning in (missing_splits(manifest, cfg), empty_folder_classes(manifest, cfg)):
+        warnings = (
+            missing_splits(manifest, cfg),
+            empty_folder_classes(manifest, cfg),
+            twins_warning(manifest.twins),
+        )
+        for warning in warnings:
             if warning:
                 print(f"defectforge: warning: {args.out}: {warning}", file=sys.stderr)
     elif args.data_command == "subset":

@@ -29,12 +29,15 @@ from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, load_sample
 from defectforge.datasets.samples import SampleRef, SampleSpec
 from defectforge.datasets.steel import SIMULATION_FILE, SteelOptions, discover_steel
+from defectforge.datasets.twins import Twins
 
 SOURCES = ("neu-seg", "folder", "steel")
 # A load's rows: the contract's columns and what the manifest and --skip-bad need.
 LOAD_SCHEMA = (
     SCHEMA.append(pa.field("rejected", pa.string()))
     .append(pa.field("input_digest", pa.string()))
+    .append(pa.field("pixel_digest", pa.string()))
+    .append(pa.field("mask_digest", pa.string()))
     .append(pa.field("mask_missing", pa.bool_()))
     .append(pa.field("pixel_sum", pa.list_(pa.float64())))
     .append(pa.field("pixel_sumsq", pa.list_(pa.float64())))
@@ -281,6 +284,8 @@ def _rejected_row(ref: SampleRef, reason: str) -> dict:
         "origin": ref.image_path,
         "rejected": reason,
         "input_digest": "",
+        "pixel_digest": "",
+        "mask_digest": "",
         "mask_missing": False,
         "pixel_sum": [],
         "pixel_sumsq": [],
@@ -375,9 +380,10 @@ def empty_folder_classes(manifest: Manifest, cfg: BuildConfig) -> str:
 
 
 def build_manifest(
-    cfg: BuildConfig, spec: SampleSpec, good: list[dict], n_rejected: int
+    cfg: BuildConfig, spec: SampleSpec, good: list[dict], n_rejected: int, twins: Twins
 ) -> Manifest:
-    """The built dataset's manifest: train pixel statistics, input and content identities."""
+    """The built dataset's manifest: train pixel statistics, input and content identities;
+    ``good`` holds each row's final split (after ``settle_twins``)."""
     mean, std = pixel_statistics([r for r in good if r["split"] == "train"] or good, spec.channels)
     config = asdict(cfg)
     config["root"] = os.path.abspath(cfg.root)
@@ -395,6 +401,7 @@ def build_manifest(
         pixel_std=tuple(std),
         rejected=n_rejected,
         missing_masks=sum(bool(r["mask_missing"]) for r in good),
+        twins=twins.counts(),
         # `data simulate-steel` output must never pass for real data downstream.
         simulated=(Path(cfg.root) / SIMULATION_FILE).is_file(),
     )

@@ -67,6 +67,7 @@ class Manifest:
     counts: dict[str, SplitCounts] = field(default_factory=dict)
     rejected: int = 0
     missing_masks: int = 0  # images read as all background for want of a mask
+    twins: dict[str, int] = field(default_factory=dict)  # pixel-identical images (datasets.twins)
     simulated: bool = False  # rendered stand-in data: never to pass for real data downstream
     inputs: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -93,6 +94,8 @@ class Manifest:
         data["classes"] = list(self.classes)
         data["pixel_mean"], data["pixel_std"] = list(self.pixel_mean), list(self.pixel_std)
         data["counts"] = {split: asdict(c) for split, c in self.counts.items()}
+        if not self.twins:
+            del data["twins"]  # as manifests without twins were written before twins were found
         for name in SECTIONS:
             section = getattr(self, name)
             if section is not None:

@@ -20,6 +20,7 @@ from defectforge.datasets.samples import (
     require_folder,
 )
 from defectforge.datasets.steel import folder_digest, read_steel_image
+from defectforge.datasets.twins import pixel_digest
 
 # JPEG round-off never makes a grey image's three channels differ by more than this.
 GREY_CHANNEL_TOLERANCE = 2
@@ -191,6 +192,8 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
             defect_class=dominant_class(mask, spec.output_classes),
         ),
         "input_digest": digest.hexdigest(),
+        "pixel_digest": pixel_digest(image),
+        "mask_digest": pixel_digest(mask),
         "mask_missing": ref.mask_path is None,
         "pixel_sum": image.reshape(-1, spec.channels).sum(axis=0, dtype=np.float64).tolist(),
         "pixel_sumsq": (image.reshape(-1, spec.channels).astype(np.float64) ** 2)

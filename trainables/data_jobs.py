@@ -41,6 +41,7 @@ from defectforge.datasets.contract import (
 )
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
+from defectforge.datasets.twins import TWINS_FILE, settle_twins
 from defectforge.datasets.writer import derived_from, write_dataset
 from defectforge.trainables.runtime import ensure_ray
 
@@ -136,8 +137,14 @@ def _with_synthetic(train: ray.data.Dataset, synthetic: str | Path, mix: Mix) ->
 # --- build --------------------------------------------------------------------------------------
 
 
-def _rows_of_split(table: pa.Table, split: str) -> pa.Table:
-    """The good rows of one split, in exactly the contract's schema."""
+def _rows_of_split(table: pa.Table, split: str, moved: dict[str, str]) -> pa.Table:
+    """The good rows of one split, in exactly the contract's schema; ``moved`` gives the rows
+    whose split a build changed (id -> split)."""
+    splits = [
+        moved.get(row_id, given)
+        for row_id, given in zip(table["id"].to_pylist(), table["split"].to_pylist(), strict=True)
+    ]
+    table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits))
     keep = pc.and_(pc.equal(table["split"], split), pc.equal(table["rejected"], ""))
     return table.filter(keep).select(list(COLUMNS)).cast(SCHEMA)
 
@@ -164,13 +171,17 @@ def build_parquet(cfg: BuildConfig, out: str | Path, overwrite: bool = False) ->
         summary = loaded.drop_columns(["image", "mask"]).take_all()
         good = check_rejections(summary, cfg, staging.path("rejected.csv"))
         check_defects(good, cfg)
+        good, twins = settle_twins(good)
+        if twins.groups:
+            twins.write_csv(staging.path(TWINS_FILE))
         for split in SPLITS:
             if any(row["split"] == split for row in good):
                 part = loaded.map_batches(
-                    partial(_rows_of_split, split=split), batch_format="pyarrow"
+                    partial(_rows_of_split, split=split, moved=twins.moved),
+                    batch_format="pyarrow",
                 )
                 staging.write_split(split, part)
-        staging.publish(build_manifest(cfg, spec, good, len(summary) - len(good)))
+        staging.publish(build_manifest(cfg, spec, good, len(summary) - len(good), twins))
     return staging.manifest
 
 

@@ -1,0 +1,74 @@
+"""Pixel-identical images in a build are kept in one split, so no held-out image has a copy
+among the images a model learns from."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import cv2
+import numpy as np
+
+from defectforge.cli import main
+from defectforge.datasets.contract import read_split_table
+from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.twins import settle_twins
+
+
+def _row(sample_id: str, split: str, pixels: str, mask: str = "m") -> dict:
+    return {"id": sample_id, "split": split, "pixel_digest": pixels, "mask_digest": mask}
+
+
+def test_each_group_joins_its_most_held_out_split_and_single_images_stay():
+    good = [
+        _row("a", "train", "p1"),
+        _row("b", "test", "p1"),
+        _row("c", "val", "p1", mask="other"),
+        _row("d", "train", "p2"),
+        _row("e", "val", "p2"),
+        _row("f", "train", "p3"),
+        _row("g", "train", "p4"),
+        _row("h", "train", "p4"),
+    ]
+    settled, twins = settle_twins(good)
+    splits = {row["id"]: row["split"] for row in settled}
+    assert splits == {
+        "a": "test", "b": "test", "c": "test", "d": "val", "e": "val", "f": "train",
+        "g": "train", "h": "train",
+    }  # fmt: skip
+    assert twins.moved == {"a": "test", "c": "test", "d": "val"}
+    assert twins.counts() == {"images": 7, "groups": 3, "masks_differ": 1, "moved": 3}
+    assert good[0]["split"] == "train"  # the caller's rows are left as they were
+
+
+def test_a_build_keeps_a_copied_image_in_the_held_out_split_and_says_so(
+    sample_copy, tmp_path, capsys, ray_session
+):
+    val_image = sorted((sample_copy / "images" / "val").glob("*.jpg"))[0]
+    val_mask = sample_copy / "masks" / "val" / f"{val_image.stem}.png"
+    # A byte copy with a mask that disagrees, and a lossless re-save under another format.
+    shutil.copy(val_image, sample_copy / "images" / "train" / "copy.jpg")
+    cv2.imwrite(str(sample_copy / "masks" / "train" / "copy.png"), np.zeros((200, 200), np.uint8))
+    grey = cv2.imread(str(val_image), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(sample_copy / "images" / "train" / "resaved.png"), grey)
+    shutil.copy(val_mask, sample_copy / "masks" / "train" / "resaved.png")
+    out = tmp_path / "built"
+
+    main(["data", "build", "--source", "neu-seg", "--root", str(sample_copy), "--out", str(out)])
+
+    warning = [line for line in capsys.readouterr().err.splitlines() if "pixel-identical" in line]
+    assert (
+        len(warning) == 1 and "3 images" in warning[0] and "1 with masks that differ" in warning[0]
+    )
+    assert "2 moved split" in warning[0] and "twins.csv" in warning[0]
+    manifest = Manifest.load(out)
+    assert manifest.twins == {"images": 3, "groups": 1, "masks_differ": 1, "moved": 2}
+    val_ids = set(read_split_table(out, "val", ["id"])["id"].to_pylist())
+    train_ids = set(read_split_table(out, "train", ["id"])["id"].to_pylist())
+    copies = {"neu-seg/train/copy", "neu-seg/train/resaved", f"neu-seg/val/{val_image.stem}"}
+    assert copies <= val_ids and not copies & train_ids
+    assert manifest.split_total("val") == 15 + 2 and manifest.split_total("train") == 42
+    with open(out / "twins.csv") as handle:
+        listed = list(csv.DictReader(handle))
+    assert {row["id"] for row in listed} == copies
+    assert {row["split"] for row in listed} == {"val"} and listed[0]["masks_differ"] == "True"
