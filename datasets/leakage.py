@@ -10,11 +10,13 @@ out. Only the manifests and the real dataset's id columns are read.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
-from defectforge.datasets.contract import MANIFEST, read_split_table
+from defectforge.datasets.contract import MANIFEST, read_parquet, read_split_table, split_files
 from defectforge.datasets.lineage import TrainingSource
 from defectforge.datasets.manifest import Manifest
 
@@ -58,7 +60,7 @@ def check_no_leakage(
     real_root: str | Path, real: Manifest, synthetic_root: str | Path, synthetic: Manifest
 ) -> None:
     """Refuse a synthetic set whose GAN, labeller or copy-paste source learnt from a val or
-    test image of ``real``."""
+    test image of ``real``, or that holds a copy of one."""
     where = Location.of(synthetic_root) / MANIFEST
     sources = synthetic.labelling.trained_on if synthetic.labelling else None
     if sources is None:
@@ -89,4 +91,32 @@ def check_no_leakage(
                 f"test split (e.g. {leaked[0]}): they would be judged on images their synthetic "
                 "data was made from",
                 fix,
+            )
+    _refuse_copies_of_held_out(real_root, synthetic_root)
+
+
+def _encoded_images(root: str | Path, split: str) -> Iterator[tuple[str, dict]]:
+    """(digest of the encoded image, row) for each row of a split, one file in memory at once."""
+    if read_split_table(root, split, columns=["id"]) is None:
+        return
+    for file in split_files(root, split):
+        for row in read_parquet([file], ["id", "image", "origin"]).to_pylist():
+            yield hashlib.sha256(row["image"]).hexdigest(), row
+
+
+def _refuse_copies_of_held_out(real_root: str | Path, synthetic_root: str | Path) -> None:
+    held_out = {
+        digest: (split, row["id"])
+        for split in HELD_OUT
+        for digest, row in _encoded_images(real_root, split)
+    }
+    for digest, row in _encoded_images(synthetic_root, "train"):
+        if digest in held_out:
+            split, real_id = held_out[digest]
+            raise DataError(
+                (row["origin"] or row["id"]).split("|")[0],  # the file, not the labeller
+                f"this synthetic image is a copy of {real_id} in {real_root}'s {split} split: "
+                "a model would be judged on an image it learnt",
+                "remove the copies of the real set's val and test images from the folder you "
+                "labelled, and label it again",
             )

@@ -8,10 +8,13 @@ import shutil
 
 import cv2
 import numpy as np
+import pytest
 
 from defectforge.cli import main
+from defectforge.core.errors import DataError
 from defectforge.datasets.contract import read_split_table
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.mix import check_compatible
 from defectforge.datasets.twins import settle_twins
 
 
@@ -72,3 +75,25 @@ def test_a_build_keeps_a_copied_image_in_the_held_out_split_and_says_so(
         listed = list(csv.DictReader(handle))
     assert {row["id"] for row in listed} == copies
     assert {row["split"] for row in listed} == {"val"} and listed[0]["masks_differ"] == "True"
+
+
+def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
+    sample_dataset, labeller, tmp_path
+):
+    from conftest import SAMPLE, _labelled_set
+
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for train_image in sorted((SAMPLE / "images" / "train").glob("*.jpg"))[:3]:
+        shutil.copy(train_image, images / f"train-{train_image.name}")
+    harmless = _labelled_set(images, labeller, tmp_path / "train-copies")
+    check_compatible(sample_dataset, harmless)  # copies of train images leak nothing
+
+    val_image = sorted((SAMPLE / "images" / "val").glob("*.jpg"))[0]
+    shutil.copy(val_image, images / "extra.jpg")
+    leaking = _labelled_set(images, labeller, tmp_path / "val-copy")
+    with pytest.raises(DataError) as err:
+        check_compatible(sample_dataset, leaking)
+    message = str(err.value)
+    assert message.startswith(str(images / "extra.jpg"))
+    assert f"neu-seg/val/{val_image.stem} in {sample_dataset}'s val split" in message
