@@ -51,6 +51,11 @@ def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
     assert main(train) == 0
     assert (Location.of(run) / "model.pt").is_file()
     assert main(["seg", "export", run, "--out", export]) == 0
+    capsys.readouterr()
+    # --overwrite replaces only an output of its own kind, read from the record on the store.
+    assert main(["seg", "export", run, "--out", data, "--overwrite"]) == 2
+    assert "this folder holds a dataset, not an export" in capsys.readouterr().err
+    assert read_split_table(data, "val").num_rows == 15
 
     # A production line: a fresh process, the standard variables, a cache of its own, no Ray.
     program = (
