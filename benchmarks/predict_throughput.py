@@ -87,7 +87,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for runtime in args.runtimes:
         exported = ExportedModel(args.model, runtime)
-        samples = image_samples(args.images, exported.channels)
+        samples = image_samples(args.images, exported.channels, input_bits=exported.input_bits)
         images = [read() for _, _, read in samples]
         inputs = graph_inputs(exported, images)
         run = bare_runner(args.model, runtime)

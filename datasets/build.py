@@ -24,7 +24,7 @@ from defectforge.datasets.discover import (
     discover_neu_seg,
     read_class_file,
 )
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS, INPUT_BITS
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, load_sample
 from defectforge.datasets.samples import SampleRef, SampleSpec
@@ -58,7 +58,14 @@ def _ratios_ok(ratios: tuple[float, ...]) -> bool:
 
 # Options a source's layout never reads: one set there would be silently ignored, so it is refused.
 UNUSED_BY_SOURCE = {
-    "neu-seg": ("split_ratios", "mask_suffix", "class_from_folder", "group_by", "steel"),
+    "neu-seg": (
+        "split_ratios",
+        "mask_suffix",
+        "class_from_folder",
+        "group_by",
+        "steel",
+        "input_bits",
+    ),
     "steel": (
         "test_fraction",
         "mask_suffix",
@@ -66,6 +73,7 @@ UNUSED_BY_SOURCE = {
         "group_by",
         "channels",
         "missing_mask",
+        "input_bits",
     ),
     "folder": ("test_fraction", "steel"),
 }
@@ -77,6 +85,7 @@ UNUSED_HINT = {
     "channels": "steel images are always its three maps",
     "missing_mask": "every steel sample folder holds its mask.png",
     "steel": "--maps, --robust and --clip-percentiles are for source steel",
+    "input_bits": "it reads 8-bit images (steel: its --clip-percentiles scale 16-bit maps)",
 }
 
 
@@ -156,6 +165,12 @@ class BuildConfig(TypedConfig):
         lambda n: n >= 1,
         ">= 1",
     )
+    input_bits: int = option(
+        8,
+        "bits per value the camera stores: 10, 12, 14 or 16 for images in 16-bit files, "
+        "shifted to 8 bits by one scale for the whole set (models of the dataset read them so)",
+        choices=INPUT_BITS,
+    )
     steel: SteelOptions = option(SteelOptions(), cli=False)
 
     def check(self) -> None:
@@ -217,7 +232,7 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         )
         file_classes, folder_classes = read_class_file(cfg.root)
         classes = cfg.classes or file_classes or _default_folder_classes(cfg, refs, folder_classes)
-        channels = cfg.channels or guess_channels([ref.image_path for ref in refs])
+        channels = cfg.channels or guess_channels([ref.image_path for ref in refs], cfg.input_bits)
     spec = SampleSpec(
         cfg.dataset_name,
         tuple(classes),
@@ -229,6 +244,7 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         steel=cfg.steel if cfg.source == "steel" else None,
         root=os.path.abspath(cfg.root) if cfg.source == "steel" else "",
         max_pixels=cfg.max_pixels,
+        input_bits=cfg.input_bits,
         missing_mask_is_background=cfg.missing_mask == "background",
     )
     return refs, spec
@@ -391,7 +407,7 @@ def build_manifest(
         config,
         dataset=spec.dataset,
         source=cfg.source,
-        spec_identity=repr(spec),
+        spec_identity=spec.identity(),
         inputs_digest=combined_digest({r["id"]: r["input_digest"] for r in good}),
         splits_digest=combined_digest({r["id"]: r["split"] for r in good}),
         classes=spec.output_classes,
@@ -402,6 +418,7 @@ def build_manifest(
         rejected=n_rejected,
         missing_masks=sum(bool(r["mask_missing"]) for r in good),
         twins=twins.counts(),
+        input_bits=spec.input_bits,
         # `data simulate-steel` output must never pass for real data downstream.
         simulated=(Path(cfg.root) / SIMULATION_FILE).is_file(),
     )

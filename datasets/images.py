@@ -28,6 +28,8 @@ NAMES_BY_FORMAT = {
     "BMP": (".bmp",),
     "TIFF": (".tif", ".tiff"),
 }
+# Bits per value a camera may store (those above 8 in 16-bit files, the upper bits zero).
+INPUT_BITS = (8, 10, 12, 14, 16)
 
 
 def read_bytes(path: Path, what: str) -> bytes:

@@ -68,6 +68,7 @@ class Manifest:
     rejected: int = 0
     missing_masks: int = 0  # images read as all background for want of a mask
     twins: dict[str, int] = field(default_factory=dict)  # pixel-identical images (datasets.twins)
+    input_bits: int = 8  # of the raw images, shifted to the 8 bits stored (data build --input-bits)
     simulated: bool = False  # rendered stand-in data: never to pass for real data downstream
     inputs: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -94,8 +95,10 @@ class Manifest:
         data["classes"] = list(self.classes)
         data["pixel_mean"], data["pixel_std"] = list(self.pixel_mean), list(self.pixel_std)
         data["counts"] = {split: asdict(c) for split, c in self.counts.items()}
-        if not self.twins:
-            del data["twins"]  # as manifests without twins were written before twins were found
+        # As manifests were written before twins were found and other bit depths were read.
+        for name, unremarkable in (("twins", {}), ("input_bits", 8)):
+            if data[name] == unremarkable:
+                del data[name]
         for name in SECTIONS:
             section = getattr(self, name)
             if section is not None:

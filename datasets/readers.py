@@ -26,16 +26,49 @@ from defectforge.datasets.twins import pixel_digest
 GREY_CHANNEL_TOLERANCE = 2
 
 
-def _decode(
-    path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS, palette_indices: bool = False
-) -> np.ndarray:
-    array = decode_file(path, what, max_pixels, palette_indices=palette_indices)
+def _image_pixels(path: Path, input_bits: int, max_pixels: int) -> np.ndarray:
+    """The decoded image in 8 bits: images of more bits are shifted down by one scale for the
+    whole set (a stretch per image would change what a defect looks like)."""
+    array = decode_file(path, "image", max_pixels)
+    if input_bits == 8:
+        if array.dtype != np.uint8:
+            raise DataError(
+                path,
+                f"image has {array.dtype} pixels, and 8-bit images are expected",
+                "build the dataset with --input-bits (16, or the 10, 12 or 14 bits your camera "
+                "stores) and use a model trained on it",
+            )
+        return array
+    if array.dtype != np.uint16:
+        raise DataError(
+            path,
+            f"image has {array.dtype} pixels, and {input_bits}-bit images in 16-bit files are "
+            f"expected (--input-bits {input_bits})",
+            f"give every image in the {input_bits}-bit form the dataset is built from",
+        )
+    top = int(array.max())
+    if top >= 1 << input_bits:
+        raise DataError(
+            path,
+            f"image holds the value {top}, above the {input_bits}-bit maximum "
+            f"{(1 << input_bits) - 1}",
+            "build with the bits the camera really stores (--input-bits 16 for full 16-bit images)",
+        )
+    return (array >> (input_bits - 8)).astype(np.uint8)
+
+
+def _mask_pixels(path: Path, max_pixels: int) -> np.ndarray:
+    """The decoded mask in 8 bits: a 16-bit mask (as some labelling tools save them) is read
+    when its values are class ids or 0/255 levels."""
+    array = decode_file(path, "mask", max_pixels, palette_indices=True)
+    if array.dtype == np.uint16 and int(array.max()) <= 255:
+        return array.astype(np.uint8)
     if array.dtype != np.uint8:
         raise DataError(
             path,
-            f"{what} has {array.dtype} pixels, 8-bit expected",
-            "convert the set to 8-bit with one scale for every image (a 16-bit value >> 8, a "
-            "12-bit one >> 4; a stretch per image would change what a defect looks like)",
+            f"mask has {array.dtype} values up to {array.max()}, and masks hold class ids or "
+            "0-255 levels",
+            "save masks as 8-bit PNG of class ids (0 background, 1, 2, ... the defect classes)",
         )
     return array
 
@@ -47,11 +80,13 @@ def _is_grey(array: np.ndarray) -> bool:
     return int(spread.max()) <= GREY_CHANNEL_TOLERANCE
 
 
-def read_image(path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(
+    path: str | Path, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS, input_bits: int = 8
+) -> np.ndarray:
     """HxWxC uint8, RGB order. Grey stored as 3 equal channels is read as 1 channel, and grey
     as 3 equal channels where 3 are asked for."""
     path = Path(path)
-    array = _without_opaque_alpha(path, _decode(path, "image", max_pixels))
+    array = _without_opaque_alpha(path, _image_pixels(path, input_bits, max_pixels))
     if channels == 1:
         if not _is_grey(array):
             raise DataError(
@@ -79,13 +114,13 @@ def _without_opaque_alpha(path: Path, array: np.ndarray) -> np.ndarray:
     return array[:, :, :3]
 
 
-def guess_channels(paths: list[str] | list[Path]) -> int:
+def guess_channels(paths: list[str] | list[Path], input_bits: int = 8) -> int:
     """1 or 3, from the first image that can be read: an unreadable one is left for the load
     to report (or skip, with --skip-bad)."""
     unreadable: list[DataError] = []
     for path in paths:
         try:
-            return 1 if _is_grey(_decode(Path(path), "image")) else 3
+            return 1 if _is_grey(_image_pixels(Path(path), input_bits, DEFAULT_MAX_PIXELS)) else 3
         except DataError as err:
             unreadable.append(err)
     raise unreadable[0]
@@ -96,7 +131,7 @@ def read_mask(
 ) -> np.ndarray:
     """HxW uint8 of class ids in ``spec.output_classes``."""
     path = Path(path)
-    array = _decode(path, "mask", spec.max_pixels, palette_indices=True)
+    array = _mask_pixels(path, spec.max_pixels)
     if array.ndim == 3:
         if not _is_grey(array):
             raise DataError(
@@ -157,7 +192,7 @@ def dominant_class(mask: np.ndarray, names: tuple[str, ...]) -> str | None:
 def _read_input(ref: SampleRef, spec: SampleSpec) -> tuple[np.ndarray, bytes]:
     """The sample's image and the bytes that identify its inputs."""
     if spec.steel is None:
-        image = read_image(ref.image_path, spec.channels, spec.max_pixels)
+        image = read_image(ref.image_path, spec.channels, spec.max_pixels, spec.input_bits)
         return image, Path(ref.image_path).read_bytes()
     image = read_steel_image(ref.image_path, spec.root, spec.steel)
     return image, folder_digest(ref.image_path, spec.root).encode()

@@ -41,6 +41,13 @@ class SampleSpec:
     root: str = ""
     # Refuses, never changes content: left out of the repr that identifies a dataset.
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, repr=False, compare=False)
+    input_bits: int = field(default=8, repr=False)  # see identity()
+
+    def identity(self) -> str:
+        """How samples are decoded, as the dataset id reads it: 8-bit sets keep the identity
+        they had before other bit depths were read."""
+        bits = "" if self.input_bits == 8 else f" input_bits={self.input_bits}"
+        return repr(self) + bits
 
     @property
     def output_classes(self) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from defectforge.core.config import TypedConfig, option, same_option
 from defectforge.core.errors import ConfigError
 from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
+from defectforge.datasets.images import INPUT_BITS
 from defectforge.datasets.mix import MixConfig
 from defectforge.segmentation.losses import parse_loss
 
@@ -65,6 +66,7 @@ class SegConfig(TypedConfig):
     channels: int = option(cli=False, choices=(1, 3))
     mean: tuple[float, ...] = option(cli=False)
     std: tuple[float, ...] = option(cli=False)
+    input_bits: int = option(8, cli=False, choices=INPUT_BITS)  # of the images it reads from files
     arch: str = option(
         "deeplabv3plus",
         "segmentation-models-pytorch architecture, e.g. deeplabv3plus, pan, unet",

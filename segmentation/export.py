@@ -193,6 +193,7 @@ def export_model(
         "format_version": FORMAT_VERSION,
         "classes": list(cfg.output_classes),
         "channels": cfg.channels,
+        "input_bits": cfg.input_bits,
         "input": _input_meta(geometry),
         "preprocess": {
             "mode": "resize" if geometry.resize else "pad",

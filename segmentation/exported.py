@@ -99,6 +99,11 @@ class ExportedModel:
         return self.meta["channels"]
 
     @property
+    def input_bits(self) -> int:
+        """Bits per value of the images it reads (exports made before these were read: 8)."""
+        return self.meta.get("input_bits", 8)
+
+    @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.meta["classes"])
 
@@ -190,7 +195,9 @@ def predict_folder_exported(
     if steel:
         samples = _steel_samples(images, steel)
     else:
-        samples = image_samples(images, exported.channels, mask_suffix, max_pixels)
+        samples = image_samples(
+            images, exported.channels, mask_suffix, max_pixels, exported.input_bits
+        )
     point = operating_point(exported.meta.get("operating_point"), threshold, min_area)
     return write_predictions(
         samples,

@@ -147,7 +147,7 @@ def evaluate_folder(
 
     def pairs():
         for path in tqdm(list_images(images, mask_suffix), desc="evaluate", unit="img"):
-            image = read_image(path, cfg.channels)
+            image = read_image(path, cfg.channels, input_bits=cfg.input_bits)
             shape = image.shape[:2]
             yield (
                 image,
@@ -247,7 +247,7 @@ def predict_folder(
     model, cfg = load_model(model_dir)
     point = operating_point(stored_operating_point(model_dir), threshold, min_area)
     return write_predictions(
-        image_samples(images, cfg.channels, mask_suffix, max_pixels),
+        image_samples(images, cfg.channels, mask_suffix, max_pixels, cfg.input_bits),
         lambda image, _: image_probabilities(model, cfg.batch_spec(), image),
         cfg.output_classes,
         point,

@@ -56,11 +56,16 @@ def image_samples(
     channels: int,
     mask_suffix: str = "",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    input_bits: int = 8,
 ) -> list[Sample]:
     """The images of a folder (masks beside them left out), or the one image ``images`` names,
     as samples, each read when needed."""
     samples = [
-        (path.stem, str(path), lambda path=path: read_image(path, channels, max_pixels))
+        (
+            path.stem,
+            str(path),
+            lambda path=path: read_image(path, channels, max_pixels, input_bits),
+        )
         for path in list_images(images, mask_suffix)
     ]
     below = images_in_subfolders(images)

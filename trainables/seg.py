@@ -81,6 +81,7 @@ def config_from_manifest(data: str | Path, **options) -> SegConfig:
         data=absolute_location(data),
         classes=manifest.classes,
         channels=manifest.channels,
+        input_bits=manifest.input_bits,
         mean=manifest.pixel_mean,
         std=manifest.pixel_std,
         data_manifest_id=manifest.dataset_id,
