@@ -8,13 +8,11 @@ import shutil
 
 import cv2
 import numpy as np
-import pytest
 
 from defectforge.cli import main
-from defectforge.core.errors import DataError
 from defectforge.datasets.contract import read_split_table
+from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.mix import check_compatible
 from defectforge.datasets.twins import settle_twins
 
 
@@ -78,7 +76,7 @@ def test_a_build_keeps_a_copied_image_in_the_held_out_split_and_says_so(
 
 
 def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
-    sample_dataset, labeller, tmp_path
+    sample_dataset, labeller, tmp_path, capsys
 ):
     from conftest import SAMPLE, _labelled_set
 
@@ -87,13 +85,15 @@ def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
     for train_image in sorted((SAMPLE / "images" / "train").glob("*.jpg"))[:3]:
         shutil.copy(train_image, images / f"train-{train_image.name}")
     harmless = _labelled_set(images, labeller, tmp_path / "train-copies")
-    check_compatible(sample_dataset, harmless)  # copies of train images leak nothing
+    check_no_copies(sample_dataset, harmless)  # copies of train images leak nothing
 
     val_image = sorted((SAMPLE / "images" / "val").glob("*.jpg"))[0]
     shutil.copy(val_image, images / "extra.jpg")
     leaking = _labelled_set(images, labeller, tmp_path / "val-copy")
-    with pytest.raises(DataError) as err:
-        check_compatible(sample_dataset, leaking)
-    message = str(err.value)
-    assert message.startswith(str(images / "extra.jpg"))
+    capsys.readouterr()
+    mix = ["data", "mix", "--real", str(sample_dataset), "--synthetic", str(leaking)]
+    assert main([*mix, "--ratio", "0.05", "--out", str(tmp_path / "mixed")]) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"defectforge: error: {images / 'extra.jpg'}: ")
     assert f"neu-seg/val/{val_image.stem} in {sample_dataset}'s val split" in message
+    assert not (tmp_path / "mixed").exists()

@@ -39,6 +39,7 @@ from defectforge.datasets.contract import (
     split_files,
     split_location,
 )
+from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
 from defectforge.datasets.twins import TWINS_FILE, settle_twins
@@ -255,6 +256,7 @@ def mix_datasets(
     inputs = (real, synthetic)
     check_output(out, overwrite, inputs, kind=DATASET)
     mix = plan_for(real, synthetic, cfg)
+    check_no_copies(real, synthetic)
     ensure_ray()
     if augment is None:
         return _write_mix(real, synthetic, mix, cfg, out, overwrite, inputs)

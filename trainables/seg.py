@@ -38,6 +38,7 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 from defectforge.core.errors import DataError
 from defectforge.core.outputs import SEG_RUN, check_run_folder, prepare_run_folder
 from defectforge.core.storage import Location, absolute_location, local_folder
+from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.segmentation.checkpoint import (
     CONFIG_FILE,
@@ -298,6 +299,8 @@ def run_seg_training(
         # Refused weights (a file of another encoder, imagenet without network) must fail
         # here, not in a worker after the run folder is made.
         build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes, cfg.encoder_weights)
+    if cfg.synthetic and cfg.mix is not None and cfg.mix.ratio:
+        check_no_copies(cfg.data, cfg.synthetic)  # here once, not in every epoch's data stream
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their checkpoints where they run
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar

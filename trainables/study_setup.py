@@ -10,6 +10,7 @@ from typing import Any
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST
+from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
@@ -78,6 +79,7 @@ def check_study(spec: StudySpec, where: str) -> dict:
     ids = {"real": manifest.dataset_id}
     for source, path in _synthetic_sources(spec).items():
         ids[SOURCE_DATASETS[source]] = check_compatible(spec.dataset.real, path)[1].dataset_id
+        check_no_copies(spec.dataset.real, path)
     if spec.final.seeds and not manifest.split_total("test"):
         raise SpecError(
             where,
