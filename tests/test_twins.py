@@ -11,7 +11,6 @@ import numpy as np
 
 from defectforge.cli import main
 from defectforge.datasets.contract import read_split_table
-from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.twins import settle_twins
 
@@ -82,14 +81,12 @@ def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
 
     images = tmp_path / "unlabelled"
     images.mkdir()
-    for train_image in sorted((SAMPLE / "images" / "train").glob("*.jpg"))[:3]:
-        shutil.copy(train_image, images / f"train-{train_image.name}")
-    harmless = _labelled_set(images, labeller, tmp_path / "train-copies")
-    check_no_copies(sample_dataset, harmless)  # copies of train images leak nothing
-
+    # Copies of train images leak nothing; named to come first, they would be named if they did.
+    for train_image in sorted((SAMPLE / "images" / "train").glob("*.jpg"))[:2]:
+        shutil.copy(train_image, images / f"a-train-{train_image.name}")
     val_image = sorted((SAMPLE / "images" / "val").glob("*.jpg"))[0]
     shutil.copy(val_image, images / "extra.jpg")
-    leaking = _labelled_set(images, labeller, tmp_path / "val-copy")
+    leaking = _labelled_set(images, labeller, tmp_path / "labelled")
     capsys.readouterr()
     mix = ["data", "mix", "--real", str(sample_dataset), "--synthetic", str(leaking)]
     assert main([*mix, "--ratio", "0.05", "--out", str(tmp_path / "mixed")]) == 2
