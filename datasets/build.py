@@ -37,6 +37,7 @@ LOAD_SCHEMA = (
     SCHEMA.append(pa.field("rejected", pa.string()))
     .append(pa.field("input_digest", pa.string()))
     .append(pa.field("pixel_digest", pa.string()))
+    .append(pa.field("split_group", pa.string()))
     .append(pa.field("mask_digest", pa.string()))
     .append(pa.field("mask_missing", pa.bool_()))
     .append(pa.field("pixel_sum", pa.list_(pa.float64())))
@@ -85,7 +86,8 @@ UNUSED_HINT = {
     "channels": "steel images are always its three maps",
     "missing_mask": "every steel sample folder holds its mask.png",
     "steel": "--maps, --robust and --clip-percentiles are for source steel",
-    "input_bits": "it reads 8-bit images (steel: its --clip-percentiles scale 16-bit maps)",
+    ("neu-seg", "input_bits"): "NEU-Seg's images are 8-bit",
+    ("steel", "input_bits"): "steel's --clip-percentiles scale 16-bit maps to 8 bits",
 }
 
 
@@ -181,7 +183,10 @@ class BuildConfig(TypedConfig):
                 AGREES_WITH_SOURCE.get((self.source, spec.name), _default_of(spec)),
             ):
                 continue
-            hint = UNUSED_HINT.get(spec.name, f"source {self.source} does not read it")
+            hint = UNUSED_HINT.get(
+                (self.source, spec.name),
+                UNUSED_HINT.get(spec.name, f"source {self.source} does not read it"),
+            )
             raise ConfigError(
                 f"{spec.name} = {_shown(value)} is not used with source {self.source} "
                 f"({hint}); remove it"
@@ -301,6 +306,7 @@ def _rejected_row(ref: SampleRef, reason: str) -> dict:
         "rejected": reason,
         "input_digest": "",
         "pixel_digest": "",
+        "split_group": None,
         "mask_digest": "",
         "mask_missing": False,
         "pixel_sum": [],

@@ -150,7 +150,9 @@ def discover_folder(
         split = first if first in SPLITS else hash_split(hashed, split_ratios)
         folder_class = _top_folder(relative) if class_from_folder else None
         refs.append(
-            SampleRef(sample_id, str(image), str(mask) if mask else None, split, folder_class)
+            SampleRef(
+                sample_id, str(image), str(mask) if mask else None, split, folder_class, group
+            )
         )
     refuse_same_names([(ref.id, Path(ref.image_path)) for ref in refs])
     return refs

@@ -12,17 +12,25 @@ compares the images themselves, once where a set meets a real one (`data mix`, `
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
-from defectforge.datasets.contract import MANIFEST, read_parquet, read_split_table, split_files
+from defectforge.datasets.contract import (
+    MANIFEST,
+    decode_png,
+    read_parquet,
+    read_split_table,
+    split_files,
+)
 from defectforge.datasets.lineage import TrainingSource
 from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.twins import pixel_digest
 
 HELD_OUT = ("val", "test")
+# A folder's generation settings: row id -> pixel digest of the image before labelling resized it.
+FOLDER_PIXELS = "pixels"
 FIXES = {
     "GAN": "train the GAN on {root}'s train split only",
     "labeller": "train the labeller on {root}'s train split only",
@@ -96,29 +104,40 @@ def check_no_leakage(
             )
 
 
-def _encoded_images(root: str | Path, split: str) -> Iterator[tuple[str, dict]]:
-    """(digest of the encoded image, row) for each row of a split, one file in memory at once."""
+def _rows(root: str | Path, split: str, columns: list[str]) -> Iterator[dict]:
+    """The rows of a split (none if the dataset lacks it), one Parquet file in memory at once."""
     if read_split_table(root, split, columns=["id"]) is None:
         return
     for file in split_files(root, split):
-        for row in read_parquet([file], ["id", "image", "origin"]).to_pylist():
-            yield hashlib.sha256(row["image"]).hexdigest(), row
+        yield from read_parquet([file], columns).to_pylist()
+
+
+def _synthetic_images(root: str | Path, channels: int) -> Iterator[tuple[str, str]]:
+    """(pixel digest, file or id) of each synthetic train image: as stored, and, for images of
+    a folder, as read before labelling resized them (recorded by `synth label`)."""
+    generation = Manifest.load(root).generation
+    recorded = (generation.settings.get(FOLDER_PIXELS) if generation else None) or {}
+    for row in _rows(root, "train", ["id", "image", "origin"]):
+        named = (row["origin"] or row["id"]).split("|")[0]  # the file, not the labeller
+        yield pixel_digest(decode_png(row["image"], channels)), named
+        if row["id"] in recorded:
+            yield recorded[row["id"]], named
 
 
 def check_no_copies(real_root: str | Path, synthetic_root: str | Path) -> None:
     """Refuse a synthetic set that holds a copy of a val or test image of ``real_root`` (a
-    folder of real images labelled with `synth label`): both are encoded alike, so equal pixels
-    give equal bytes."""
+    folder of real images labelled with `synth label`), compared by decoded pixels."""
+    channels = Manifest.load(real_root).channels
     held_out = {
-        digest: (split, row["id"])
+        pixel_digest(decode_png(row["image"], channels)): (split, row["id"])
         for split in HELD_OUT
-        for digest, row in _encoded_images(real_root, split)
+        for row in _rows(real_root, split, ["id", "image"])
     }
-    for digest, row in _encoded_images(synthetic_root, "train"):
+    for digest, named in _synthetic_images(synthetic_root, channels):
         if digest in held_out:
             split, real_id = held_out[digest]
             raise DataError(
-                (row["origin"] or row["id"]).split("|")[0],  # the file, not the labeller
+                named,
                 f"this synthetic image is a copy of {real_id} in {real_root}'s {split} split: "
                 "a model would be judged on an image it learnt",
                 "remove the copies of the real set's val and test images from the folder you "

@@ -328,6 +328,7 @@ class Manifest:
     def _derived(self, step: str, details: Section, identity: dict | None = None) -> Manifest:
         return replace(
             self,
+            twins={},  # counted by the build over its images, which a derived set does not all hold
             dataset_id=_identity(
                 {
                     "parent": self.dataset_id,

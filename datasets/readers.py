@@ -228,6 +228,7 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
         ),
         "input_digest": digest.hexdigest(),
         "pixel_digest": pixel_digest(image),
+        "split_group": ref.split_group,
         "mask_digest": pixel_digest(mask),
         "mask_missing": ref.mask_path is None,
         "pixel_sum": image.reshape(-1, spec.channels).sum(axis=0, dtype=np.float64).tolist(),

@@ -24,6 +24,7 @@ class SampleRef:
     mask_path: str | None
     split: str
     folder_class: str | None = None
+    split_group: str | None = None  # its --group-by group: images that share one split
 
 
 @dataclass(frozen=True)

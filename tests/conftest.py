@@ -141,7 +141,7 @@ def _generated_images(dataset: Path, folder: Path) -> Path:
     return out
 
 
-def _labelled_set(generated: Path, labeller: Path, folder: Path) -> Path:
+def _labelled_set(generated: Path, labeller: Path, folder: Path, **options) -> Path:
     from defectforge.segmentation.pseudo_label import Corrections, LabelConfig
     from defectforge.trainables.synth import label_synthetic
 
@@ -151,6 +151,7 @@ def _labelled_set(generated: Path, labeller: Path, folder: Path) -> Path:
         labeller=str(labeller),
         corrections=Corrections(min_region_area=20),
         actors=2,
+        **options,
     )
     label_synthetic(cfg, out)
     return out

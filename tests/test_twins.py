@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 
 from defectforge.cli import main
-from defectforge.datasets.contract import read_split_table
+from defectforge.datasets.contract import decode_png, read_split_table
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.twins import settle_twins
 
@@ -39,6 +39,20 @@ def test_each_group_joins_its_most_held_out_split_and_single_images_stay():
     assert twins.moved == {"a": "test", "c": "test", "d": "val"}
     assert twins.counts() == {"images": 7, "groups": 3, "masks_differ": 1, "moved": 3}
     assert good[0]["split"] == "train"  # the caller's rows are left as they were
+
+
+def test_a_twin_takes_the_images_of_its_group_by_group_along():
+    part = {"split_group": "Part2"}
+    good = [
+        {**_row("Part2/0", "train", "p1"), **part},
+        {**_row("Part2/1", "train", "p2"), **part},
+        {**_row("Part12/copy", "val", "p1"), "split_group": "Part12"},
+        {**_row("Part3/0", "train", "p3"), "split_group": "Part3"},
+    ]
+    settled, twins = settle_twins(good)
+    assert [row["split"] for row in settled] == ["val", "val", "val", "train"]
+    assert [row["id"] for row in twins.companions] == ["Part2/1"]
+    assert twins.counts() == {"images": 2, "groups": 1, "masks_differ": 0, "moved": 2}
 
 
 def test_a_build_keeps_a_copied_image_in_the_held_out_split_and_says_so(
@@ -86,7 +100,13 @@ def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
         shutil.copy(train_image, images / f"a-train-{train_image.name}")
     val_image = sorted((SAMPLE / "images" / "val").glob("*.jpg"))[0]
     shutil.copy(val_image, images / "extra.jpg")
-    leaking = _labelled_set(images, labeller, tmp_path / "labelled")
+    # Labelled at another size: the stored image is no copy, the image read from the folder is.
+    leaking = _labelled_set(images, labeller, tmp_path / "labelled", size=(96, 96))
+    assert decode_png(read_split_table(leaking, "train")["image"][0].as_py(), 1).shape == (
+        96,
+        96,
+        1,
+    )
     capsys.readouterr()
     mix = ["data", "mix", "--real", str(sample_dataset), "--synthetic", str(leaking)]
     assert main([*mix, "--ratio", "0.05", "--out", str(tmp_path / "mixed")]) == 2

@@ -50,10 +50,11 @@ from defectforge.datasets.contract import (
     run_identity,
     split_location,
 )
-from defectforge.datasets.leakage import maker_source
+from defectforge.datasets.leakage import FOLDER_PIXELS, maker_source
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, list_images, read_image
+from defectforge.datasets.twins import pixel_digest
 from defectforge.datasets.writer import write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig
@@ -218,23 +219,24 @@ def _quality(totals: dict[str, np.ndarray], names: list[str]) -> dict:
     return {name: summarize(total.reshape(k, k), names) for name, total in totals.items()}
 
 
-def generated_dataset(images: str | Path) -> tuple[ray.data.Dataset, Manifest]:
+def generated_dataset(images: str | Path, input_bits: int = 8) -> tuple[ray.data.Dataset, Manifest]:
     """Rows and manifest of a `gan generate` output (on a disk or a store), or of a plain
-    local folder of images."""
+    local folder of images (read in ``input_bits``, as the labeller's data was). A folder's
+    manifest records each image's pixel digest before labelling resizes it, so that copies of
+    real held-out images are found at any size (``leakage.check_no_copies``)."""
     if (Location.of(images) / MANIFEST).is_file():
         return read_split(images, "train"), Manifest.load(images)
     images = Path(images)
     paths = list_images(images)
-    channels = guess_channels(paths)
-    rows = []
+    channels = guess_channels(paths, input_bits)
+    rows, pixels = [], {}
     for path in paths:
+        row_id = f"folder/{images.name}/{path.name}"
+        image = read_image(path, channels, input_bits=input_bits)
+        pixels[row_id] = pixel_digest(image)
         rows.append(
             contract_row(
-                id=f"folder/{images.name}/{path.name}",
-                image=read_image(path, channels),
-                mask=None,
-                dataset=images.name,
-                origin=str(path.resolve()),
+                id=row_id, image=image, mask=None, dataset=images.name, origin=str(path.resolve())
             )
         )
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
@@ -243,7 +245,7 @@ def generated_dataset(images: str | Path) -> tuple[ray.data.Dataset, Manifest]:
         f"folder-{images.name}",
         ("background", "defect"),
         channels,
-        {"folder": str(images), "files": files},
+        {"folder": str(images), "files": files, FOLDER_PIXELS: pixels},
     )
     return ray.data.from_arrow(table), manifest
 
@@ -270,11 +272,14 @@ def _automatic_size(seg: SegConfig, generated: Manifest) -> tuple[int, int]:
     return common_size(seg.data)
 
 
-def _check_labeller(cfg: LabelConfig, images_channels: int) -> SegConfig:
+def _labeller_config(cfg: LabelConfig) -> SegConfig:
     folder = require_files(
         local_folder(cfg.labeller), (CONFIG_FILE, MODEL_FILE), "defectforge seg train"
     )
-    seg = SegConfig.load(folder / CONFIG_FILE)
+    return SegConfig.load(folder / CONFIG_FILE)
+
+
+def _check_channels(cfg: LabelConfig, seg: SegConfig, images_channels: int) -> None:
     if seg.channels != images_channels:
         raise DataError(
             cfg.images,
@@ -282,7 +287,6 @@ def _check_labeller(cfg: LabelConfig, images_channels: int) -> SegConfig:
             f"trained on {seg.channels}",
             f"label with a segmentation model trained on {images_channels}-channel images",
         )
-    return seg
 
 
 def _labels_csv(summary: list[dict]) -> bytes:
@@ -492,8 +496,9 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
     """Label generated images with a trained segmentation model; keep the confident ones."""
     check_output(out, overwrite, (cfg.images, cfg.labeller), kind=DATASET)
     ensure_ray()
-    generated, source = generated_dataset(cfg.images)
-    seg = _check_labeller(cfg, source.channels)
+    seg = _labeller_config(cfg)
+    generated, source = generated_dataset(cfg.images, seg.input_bits)
+    _check_channels(cfg, seg, source.channels)
     size = tuple(cfg.size) or _automatic_size(seg, source)
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
     out = Location.of(out)
