@@ -32,7 +32,7 @@ PIPELINE_BATCH = LabelConfig.__dataclass_fields__["batch_size"].default
 
 
 def labelling_seconds(cfg: LabelConfig, size: tuple[int, int], count: int) -> float:
-    rows, _ = generated_dataset(Path(cfg.images))
+    rows, _, _ = generated_dataset(Path(cfg.images))
     rows = rows.limit(count).materialize()
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
     started = time.perf_counter()

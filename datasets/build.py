@@ -32,6 +32,9 @@ from defectforge.datasets.steel import SIMULATION_FILE, SteelOptions, discover_s
 from defectforge.datasets.twins import Twins
 
 SOURCES = ("neu-seg", "folder", "steel")
+# Raised when a build of the same files with the same settings makes other data, so that a
+# pipeline builds its data stage again (2: pixel-identical images kept in one split).
+BUILD_RULES = 2
 # A load's rows: the contract's columns and what the manifest and --skip-bad need.
 LOAD_SCHEMA = (
     SCHEMA.append(pa.field("rejected", pa.string()))

@@ -20,6 +20,7 @@ from defectforge.core.errors import DataError
 from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, only_ids, read_split_table
+from defectforge.datasets.leakage import SOURCE_PIXELS, source_pixels, write_source_pixels
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stable_order
 from defectforge.datasets.writer import write_dataset
@@ -109,5 +110,7 @@ def combine_synthetic(
     settings = {"count_each": count, "seed": cfg.seed}
     with write_dataset(out, overwrite, inputs=tuple(sets)) as staging:
         staging.write_split("train", pa.concat_tables(tables))
+        recorded = {k: v for path, _ in parts for k, v in source_pixels(path).items()}
+        write_source_pixels(staging.path(SOURCE_PIXELS), recorded, set(ids))
         staging.publish(Manifest.combined([manifest for _, manifest in parts], settings))
     return staging.manifest

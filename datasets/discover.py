@@ -148,6 +148,8 @@ def discover_folder(
         group = group_key(relative, group_by)
         hashed = f"{dataset}/group/{group}" if group is not None else sample_id
         split = first if first in SPLITS else hash_split(hashed, split_ratios)
+        # A folder the user named a split keeps its images, whatever group they are in.
+        group = None if first in SPLITS else group
         folder_class = _top_folder(relative) if class_from_folder else None
         refs.append(
             SampleRef(

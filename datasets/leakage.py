@@ -12,10 +12,12 @@ compares the images themselves, once where a set meets a real one (`data mix`, `
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from defectforge.core.errors import DataError
+from defectforge.core.files import write_json_atomic
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import (
     MANIFEST,
@@ -29,8 +31,9 @@ from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.twins import pixel_digest
 
 HELD_OUT = ("val", "test")
-# A folder's generation settings: row id -> pixel digest of the image before labelling resized it.
-FOLDER_PIXELS = "pixels"
+# Beside a labelled set made from a folder: row id -> pixel digest of the image as read, before
+# labelling resized it (a sidecar: it would make the manifest, read by every command, large).
+SOURCE_PIXELS = "source_pixels.json"
 FIXES = {
     "GAN": "train the GAN on {root}'s train split only",
     "labeller": "train the labeller on {root}'s train split only",
@@ -112,11 +115,23 @@ def _rows(root: str | Path, split: str, columns: list[str]) -> Iterator[dict]:
         yield from read_parquet([file], columns).to_pylist()
 
 
+def write_source_pixels(path: Path, pixels: dict[str, str], kept: set[str]) -> None:
+    """The sidecar of the rows in ``kept`` (none written when no row has a recorded digest)."""
+    recorded = {row_id: digest for row_id, digest in pixels.items() if row_id in kept}
+    if recorded:
+        write_json_atomic(path, recorded)
+
+
+def source_pixels(root: str | Path) -> dict[str, str]:
+    """A labelled set's sidecar (empty for sets of a GAN, or labelled before it was written)."""
+    location = Location.of(root) / SOURCE_PIXELS
+    return json.loads(location.read_text()) if location.is_file() else {}
+
+
 def _synthetic_images(root: str | Path, channels: int) -> Iterator[tuple[str, str]]:
     """(pixel digest, file or id) of each synthetic train image: as stored, and, for images of
-    a folder, as read before labelling resized them (recorded by `synth label`)."""
-    generation = Manifest.load(root).generation
-    recorded = (generation.settings.get(FOLDER_PIXELS) if generation else None) or {}
+    a folder, as read before labelling resized them (``SOURCE_PIXELS``)."""
+    recorded = source_pixels(root)
     for row in _rows(root, "train", ["id", "image", "origin"]):
         named = (row["origin"] or row["id"]).split("|")[0]  # the file, not the labeller
         yield pixel_digest(decode_png(row["image"], channels)), named

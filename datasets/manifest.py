@@ -307,6 +307,7 @@ class Manifest:
         channels: int,
         settings: dict,
         gan_config: dict | None = None,
+        input_bits: int = 8,
     ) -> Manifest:
         """Images from a generator, without masks; ``classes`` are the generator's data's,
         ``settings`` how it was asked (``GenerationSection``)."""
@@ -321,6 +322,7 @@ class Manifest:
             pixel_mean=(),
             pixel_std=(),
             masks=False,
+            input_bits=input_bits,
             dataset_id=_identity({"generator": generator, "generation": canonical_json(how)}),
             generation=generation,
         )

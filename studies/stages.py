@@ -270,11 +270,6 @@ def parse_stages(where: str, data: dict) -> Stages:
     return Stages(**found)
 
 
-# Options added after stages were first keyed: left out at their default, so that the stages
-# users already made keep their keys and are not made again.
-LATER_DEFAULTS = {"input_bits": 8}
-
-
 def stage_key(name: str, settings: Any, inputs: dict[str, str]) -> str:
     """The identity of a stage's output: its name, settings and its inputs' identities."""
     text = json.dumps(
@@ -286,10 +281,5 @@ def stage_key(name: str, settings: Any, inputs: dict[str, str]) -> str:
 def settings_of(section: Any) -> Any:
     """A stage section as plain data (for its key and its record)."""
     if isinstance(section, TypedConfig):
-        settings = json.loads(section.to_json())
-        return {
-            key: value
-            for key, value in settings.items()
-            if key not in LATER_DEFAULTS or LATER_DEFAULTS[key] != value
-        }
+        return json.loads(section.to_json())
     return section

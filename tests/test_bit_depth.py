@@ -91,6 +91,7 @@ def test_a_12_bit_set_builds_like_its_8_bit_original_and_its_export_reads_12_bit
     # The same camera's images, labelled by that model: read as 12-bit too.
     labelled = _labelled_set(raw / "images" / "val", run, tmp_path / "labelled")
     assert Manifest.load(labelled).split_total("train") == 15
+    assert Manifest.load(labelled).input_bits == 12
 
     capsys.readouterr()
     eight_bit = str(sample_root / "images" / "val")
@@ -104,13 +105,3 @@ def test_a_12_bit_set_builds_like_its_8_bit_original_and_its_export_reads_12_bit
     assert error.startswith("defectforge: error: ")
     assert "12-bit images in 16-bit files are expected (--input-bits 12)" in error
     assert not (tmp_path / "q").exists()
-
-
-def test_8_bit_data_stages_keep_the_keys_they_had_before_bit_depths_were_read():
-    from defectforge.datasets.build import BuildConfig
-    from defectforge.studies.stages import settings_of, stage_key
-
-    cfg = BuildConfig(source="neu-seg", root="/data/neu", test_fraction=0.1)
-    assert stage_key("data", settings_of(cfg), {}) == "7325c501ee8d"  # as at d402869
-    twelve = settings_of(BuildConfig(source="folder", root="/data/own", input_bits=12))
-    assert twelve["input_bits"] == 12

@@ -91,26 +91,49 @@ def test_a_build_keeps_a_copied_image_in_the_held_out_split_and_says_so(
 def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
     sample_dataset, labeller, tmp_path, capsys
 ):
+    """Labelled at another size (the stored image is no copy, the image read from the folder
+    is), and combined with another set (the record travels)."""
     from conftest import SAMPLE, _labelled_set
 
-    images = tmp_path / "unlabelled"
-    images.mkdir()
-    # Copies of train images leak nothing; named to come first, they would be named if they did.
-    for train_image in sorted((SAMPLE / "images" / "train").glob("*.jpg"))[:2]:
-        shutil.copy(train_image, images / f"a-train-{train_image.name}")
+    from defectforge.datasets.combine import CombineConfig, combine_synthetic
+
+    train_images = sorted((SAMPLE / "images" / "train").glob("*.jpg"))
     val_image = sorted((SAMPLE / "images" / "val").glob("*.jpg"))[0]
-    shutil.copy(val_image, images / "extra.jpg")
-    # Labelled at another size: the stored image is no copy, the image read from the folder is.
-    leaking = _labelled_set(images, labeller, tmp_path / "labelled", size=(96, 96))
-    assert decode_png(read_split_table(leaking, "train")["image"][0].as_py(), 1).shape == (
-        96,
-        96,
-        1,
-    )
+    folders = {"unlabelled": train_images[:2] + [val_image], "more": train_images[2:5]}
+    labelled = []
+    for name, sources in folders.items():
+        (tmp_path / name).mkdir()
+        for source in sources:
+            # Copies of train images leak nothing; named to come first, they would be named if
+            # they did.
+            target = "extra.jpg" if source == val_image else f"a-train-{source.name}"
+            shutil.copy(source, tmp_path / name / target)
+        labelled.append(
+            _labelled_set(tmp_path / name, labeller, tmp_path / f"{name}-set", size=(96, 96))
+        )
+    stored = read_split_table(labelled[0], "train")["image"][0].as_py()
+    assert decode_png(stored, 1).shape == (96, 96, 1)
+    combined = tmp_path / "combined"
+    combine_synthetic([str(path) for path in labelled], str(combined), CombineConfig())
+
     capsys.readouterr()
-    mix = ["data", "mix", "--real", str(sample_dataset), "--synthetic", str(leaking)]
+    mix = ["data", "mix", "--real", str(sample_dataset), "--synthetic", str(combined)]
     assert main([*mix, "--ratio", "0.05", "--out", str(tmp_path / "mixed")]) == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith(f"defectforge: error: {images / 'extra.jpg'}: ")
+    assert message.startswith(f"defectforge: error: {tmp_path / 'unlabelled' / 'extra.jpg'}: ")
     assert f"neu-seg/val/{val_image.stem} in {sample_dataset}'s val split" in message
     assert not (tmp_path / "mixed").exists()
+
+
+def test_a_group_never_takes_images_out_of_a_folder_named_for_a_split(tmp_path):
+    from defectforge.datasets.discover import discover_folder
+
+    for split in ("train", "test"):
+        (tmp_path / split / "P2").mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / split / "P2" / "a.png"), np.zeros((4, 4), np.uint8))
+    hashed = tmp_path / "hashed" / "P2"
+    hashed.mkdir(parents=True)
+    cv2.imwrite(str(hashed / "b.png"), np.zeros((4, 4), np.uint8))
+    refs = discover_folder(tmp_path, "own", (0.7, 0.15, 0.15), group_by="parent")
+    groups = {ref.id: ref.split_group for ref in refs}
+    assert groups == {"own/train/P2/a": None, "own/test/P2/a": None, "own/hashed/P2/b": "hashed/P2"}

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from defectforge.core.storage import Location, absolute_location
+from defectforge.datasets.build import BUILD_RULES
 from defectforge.datasets.contract import run_identity
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import synthetic_count
@@ -30,6 +31,9 @@ from defectforge.trainables.study_setup import check_trial_values
 STAGES_DIR = "stages"
 STAGE_RECORD = "stage.json"
 MADE_IN_ORDER = tuple(name for name in ORDER if name != "export")  # export: after the search
+# A data stage's key covers the build rules: one made under earlier rules is made again (later
+# stages are keyed by its dataset id, so they are reused where it did not change).
+DATA_STAGE_INPUTS = {"build_rules": BUILD_RULES}
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,10 @@ class Pipeline:
             return self.spec.dataset.real
         cfg = replace(stages.data, root=absolute_location(stages.data.root))
         return self._stage(
-            "data", settings_of(cfg), {}, lambda out: build_parquet(cfg, out, overwrite=True)
+            "data",
+            settings_of(cfg),
+            DATA_STAGE_INPUTS,
+            lambda out: build_parquet(cfg, out, overwrite=True),
         )
 
     def _subset(self, data: str) -> str:

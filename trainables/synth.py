@@ -50,7 +50,7 @@ from defectforge.datasets.contract import (
     run_identity,
     split_location,
 )
-from defectforge.datasets.leakage import FOLDER_PIXELS, maker_source
+from defectforge.datasets.leakage import SOURCE_PIXELS, maker_source, write_source_pixels
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, list_images, read_image
@@ -219,13 +219,15 @@ def _quality(totals: dict[str, np.ndarray], names: list[str]) -> dict:
     return {name: summarize(total.reshape(k, k), names) for name, total in totals.items()}
 
 
-def generated_dataset(images: str | Path, input_bits: int = 8) -> tuple[ray.data.Dataset, Manifest]:
+def generated_dataset(
+    images: str | Path, input_bits: int = 8
+) -> tuple[ray.data.Dataset, Manifest, dict[str, str]]:
     """Rows and manifest of a `gan generate` output (on a disk or a store), or of a plain
-    local folder of images (read in ``input_bits``, as the labeller's data was). A folder's
-    manifest records each image's pixel digest before labelling resizes it, so that copies of
-    real held-out images are found at any size (``leakage.check_no_copies``)."""
+    local folder of images (read in ``input_bits``, as the labeller's data was); and, for a
+    folder, each row's pixel digest before labelling resizes it, so that copies of real
+    held-out images are found at any size (``leakage.check_no_copies``)."""
     if (Location.of(images) / MANIFEST).is_file():
-        return read_split(images, "train"), Manifest.load(images)
+        return read_split(images, "train"), Manifest.load(images), {}
     images = Path(images)
     paths = list_images(images)
     channels = guess_channels(paths, input_bits)
@@ -245,9 +247,10 @@ def generated_dataset(images: str | Path, input_bits: int = 8) -> tuple[ray.data
         f"folder-{images.name}",
         ("background", "defect"),
         channels,
-        {"folder": str(images), "files": files, FOLDER_PIXELS: pixels},
+        {"folder": str(images), "files": files},
+        input_bits=input_bits,
     )
-    return ray.data.from_arrow(table), manifest
+    return ray.data.from_arrow(table), manifest, pixels
 
 
 def common_size(data: str | Path) -> tuple[int, int]:
@@ -497,7 +500,7 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
     check_output(out, overwrite, (cfg.images, cfg.labeller), kind=DATASET)
     ensure_ray()
     seg = _labeller_config(cfg)
-    generated, source = generated_dataset(cfg.images, seg.input_bits)
+    generated, source, source_pixels = generated_dataset(cfg.images, seg.input_bits)
     _check_channels(cfg, seg, source.channels)
     size = tuple(cfg.size) or _automatic_size(seg, source)
     labeller_id = run_identity(cfg.labeller, MODEL_FILE)
@@ -510,6 +513,8 @@ def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) 
         if any(not row["rejected"] for row in summary):
             staging.write_split("train", labelled.map_batches(_kept_rows, batch_format="pyarrow"))
         staging.path("labels.csv").write_bytes(_labels_csv(summary))
+        kept = {row["id"] for row in summary if not row["rejected"]}
+        write_source_pixels(staging.path(SOURCE_PIXELS), source_pixels, kept)
         if quality is not None:
             write_json_atomic(staging.path("label_quality.json"), quality)
             plot_correction_quality(quality, staging.path("plots/label_quality.png"))
