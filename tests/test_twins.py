@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -137,3 +138,11 @@ def test_a_group_never_takes_images_out_of_a_folder_named_for_a_split(tmp_path):
     refs = discover_folder(tmp_path, "own", (0.7, 0.15, 0.15), group_by="parent")
     groups = {ref.id: ref.split_group for ref in refs}
     assert groups == {"own/train/P2/a": None, "own/test/P2/a": None, "own/hashed/P2/b": "hashed/P2"}
+
+
+def test_a_derived_dataset_does_not_repeat_the_builds_twin_counts(sample_dataset):
+    built = Manifest.load(sample_dataset)
+    counted = replace(built, twins={"images": 2, "groups": 1})
+    assert counted.to_dict()["twins"] == {"images": 2, "groups": 1}
+    augmented = counted.augmented(factor=2, strength=0.5, seed=0)
+    assert augmented.twins == {} and "twins" not in augmented.to_dict()
