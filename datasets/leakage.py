@@ -25,6 +25,7 @@ from defectforge.datasets.contract import (
     read_parquet,
     read_split_table,
     split_files,
+    split_location,
 )
 from defectforge.datasets.lineage import TrainingSource
 from defectforge.datasets.manifest import Manifest
@@ -109,7 +110,7 @@ def check_no_leakage(
 
 def _rows(root: str | Path, split: str, columns: list[str]) -> Iterator[dict]:
     """The rows of a split (none if the dataset lacks it), one Parquet file in memory at once."""
-    if read_split_table(root, split, columns=["id"]) is None:
+    if not split_location(root, split).is_dir():
         return
     for file in split_files(root, split):
         yield from read_parquet([file], columns).to_pylist()
