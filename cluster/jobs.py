@@ -19,7 +19,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import zipfile
@@ -30,7 +29,7 @@ import yaml
 
 from defectforge.cluster.auth import auth_headers, default_token_path
 from defectforge.core.errors import ClusterError, ConfigError
-from defectforge.core.files import declared_requirements
+from defectforge.core.files import declared_requirements, scratch_folder
 from defectforge.core.storage import absolute_location
 from defectforge.studies.spec import load_spec
 from defectforge.studies.spec_schema import DatasetSpec
@@ -187,7 +186,7 @@ def submit_study(
     # A spec that tracks its trials in MLflow needs mlflow beside the driver.
     extras = JOB_EXTRAS + (("mlflow",) if (spec.get("tracking") or {}).get("mlflow") else ())
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    with tempfile.TemporaryDirectory(prefix="defectforge-job-") as tmp:
+    with scratch_folder("job") as tmp:
         job_dir = Path(tmp) / "job"
         job_dir.mkdir()
         (job_dir / JOB_SPEC).write_text(text)

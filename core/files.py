@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
+import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,47 @@ def _read_umask() -> int:
 
 # Read once at import: os.umask can only be read by setting it, which races with other threads.
 UMASK = _read_umask()
+
+
+# Scratch folders carry their host and process: a process that was killed (a trial Ray stopped,
+# a driver ended with SIGKILL) cannot remove its own, and each can be up to a checkpoint in size.
+SCRATCH_PREFIX = "defectforge-"
+_swept_folders: set[Path] = set()
+
+
+def scratch_path(kind: str, within: str | Path | None = None) -> Path:
+    """A new private temporary folder (in ``within``, else the system's) that the caller
+    removes; before the first one there, this process removes those left by processes that are
+    gone."""
+    parent = Path(within or tempfile.gettempdir())
+    if parent not in _swept_folders:
+        _swept_folders.add(parent)
+        remove_orphaned_scratch(parent)
+    prefix = f"{SCRATCH_PREFIX}{kind}-{WRITER_HOST}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=within))
+
+
+@contextlib.contextmanager
+def scratch_folder(kind: str, within: str | Path | None = None) -> Iterator[str]:
+    """``scratch_path`` for the block's duration."""
+    folder = scratch_path(kind, within)
+    try:
+        yield str(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_scratch(folder: Path) -> list[Path]:
+    """Remove the scratch folders in ``folder`` of this host's processes that no longer run."""
+    removed = []
+    for path in folder.glob(f"{SCRATCH_PREFIX}*"):
+        writer = writer_of(path.name, SCRATCH_PREFIX)  # host is "KIND-HOST" here
+        if writer is None or writer[0].partition("-")[2] != WRITER_HOST:
+            continue
+        if path.is_dir() and not process_alive(writer[1]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def package_version() -> str:
@@ -64,10 +107,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, imported when a figure is first drawn: a
+    process that never draws (a trial's worker) does not pay for the import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_png(figure, path: str | Path) -> Path:
     """A matplotlib figure as a PNG, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt  # only callers that draw figures pay for it
-
+    plt = pyplot()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(figure)
     return Path(path)

@@ -38,6 +38,7 @@ from defectforge.core.files import (
     WRITER_HOST,
     package_version,
     process_alive,
+    scratch_folder,
     write_json_atomic,
     writer_of,
 )
@@ -277,7 +278,7 @@ def scratch_beside(final: str | Path) -> Iterator[Path]:
     removed on leaving; one a killed command left is cleared by the next one. For an output on
     a store, a local temporary folder (results are uploaded from it anyway)."""
     if is_uri(final):
-        with tempfile.TemporaryDirectory(prefix="defectforge-scratch-") as scratch:
+        with scratch_folder("scratch") as scratch:
             yield Path(scratch)
         return
     scratch = new_staging(Path(final).expanduser().resolve(), SCRATCH)

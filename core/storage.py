@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from defectforge.core.errors import UserError
-from defectforge.core.files import atomic_write
+from defectforge.core.files import atomic_write, scratch_folder
 
 SCHEMES = ("s3", "gs")
 
@@ -319,9 +319,7 @@ class Location:
         if not self.remote:
             yield self.local
             return
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="defectforge-", dir=scratch) as tmp:
+        with scratch_folder("copy", scratch) as tmp:
             yield self.download(Path(tmp) / self.name)
 
     def check_writable(self, node: str = "") -> None:

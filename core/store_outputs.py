@@ -20,13 +20,12 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from defectforge.core.errors import DataError
-from defectforge.core.files import WRITER_HOST, process_alive, writer_of
+from defectforge.core.files import WRITER_HOST, process_alive, scratch_path, writer_of
 from defectforge.core.storage import Location, is_uri
 
 WRITING_MARK = ".defectforge-writing-"
@@ -154,7 +153,7 @@ def publish(
             raise DataError(
                 final, "output folder already exists", f"pass --overwrite or choose another {flag}"
             )
-        staging = Path(tempfile.mkdtemp(prefix="defectforge-upload-"))
+        staging = scratch_path("upload")
         yield staging
         if old:
             _delete_files(final, old, record)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from defectforge.core.files import scratch_folder
 from defectforge.datasets.contract import write_png
 from defectforge.gan.checkpoint import (
     SAMPLES_FILE,
@@ -332,7 +332,7 @@ def _snapshot(trainer: GanTrainer, io: GanLoopIO, stats: dict, img_per_s: float)
     if io.sample_metrics is not None:
         metrics.update(io.sample_metrics(fake, drawn))
     trainer.history.append(metrics)
-    with tempfile.TemporaryDirectory(prefix="defectforge-gan-") as folder:
+    with scratch_folder("gan") as folder:
         save_gan_checkpoint(Path(folder), trainer)
         classes = cycled_classes(len(GRID_SEEDS), cfg.num_classes)
         images, masks = generate_samples(trainer.G_ema, cfg, GRID_SEEDS, class_index=classes)

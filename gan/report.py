@@ -8,21 +8,16 @@ Reads only the runs' own files (``metrics.json`` of a finished run and ``progres
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import cv2
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from defectforge.core.errors import DataError  # noqa: E402
-from defectforge.core.files import save_png, write_json_atomic  # noqa: E402
-from defectforge.core.outputs import publish_dir  # noqa: E402
-from defectforge.core.storage import Location, local_folder  # noqa: E402
-from defectforge.gan.checkpoint import SAMPLES_DIR, snapshot_name  # noqa: E402
+from defectforge.core.errors import DataError
+from defectforge.core.files import pyplot, save_png, scratch_folder, write_json_atomic
+from defectforge.core.outputs import publish_dir
+from defectforge.core.storage import Location, local_folder
+from defectforge.gan.checkpoint import SAMPLES_DIR, snapshot_name
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
 CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
@@ -70,6 +65,7 @@ def write_comparison(
     """``swd.png`` (every run's SWD curve), ``samples_kimgK.png`` (their grids at ``kimg``, side
     by side) and ``comparison.json`` (the runs and the returned rows), published as the folder
     ``out``; returns per run its label, SWD at ``kimg`` and lowest SWD."""
+    plt = pyplot()
     histories = {label: swd_history(run) for label, run in runs.items()}
     grids = [_labelled(_sample_grid(run, kimg), label) for label, run in runs.items()]
     rows = [_summary_row(label, history, kimg) for label, history in histories.items()]
@@ -115,7 +111,7 @@ def write_plots(run: Location, history: list[dict]) -> list[Location]:
     """A run's own plots in ``RUN/plots`` (drawn here, then published there): its curves over
     kimg (SWD to all real crops and to defect crops; the share of samples holding a defect
     against the real crops' share) and the sample grid of every snapshot, labelled by kimg."""
-    with tempfile.TemporaryDirectory(prefix="defectforge-plots-") as scratch:
+    with scratch_folder("plots") as scratch:
         written = write_run_plots(local_folder(run / SAMPLES_DIR), Path(scratch), history)
         (run / "plots").upload(scratch)
     return [run / "plots" / path.name for path in written]
@@ -134,6 +130,7 @@ def write_run_plots(samples: Path, folder: Path, history: list[dict]) -> list[Pa
 
 
 def _run_curves(history: list[dict], path: Path) -> Path:
+    plt = pyplot()
     kimg = [row["kimg"] for row in history]
     shares = [key for key in ("defect_share", "drawn_share") if key in history[-1]]
     figure, axes = plt.subplots(1, 2 if shares else 1, figsize=(11 if shares else 6.4, 4))

@@ -8,12 +8,12 @@ and `seg export` find it, and into ``plots/operating_point.png``.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from defectforge.core.errors import DataError
+from defectforge.core.files import scratch_folder
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import read_split_table, split_location
 from defectforge.segmentation.checkpoint import load_model
@@ -52,7 +52,7 @@ def calibrate_run(
         return result
     run = Location.of(run)
     (run / OPERATING_POINT_FILE).write_json({**result, "split": "val"})
-    with tempfile.TemporaryDirectory(prefix="defectforge-plot-") as scratch:
+    with scratch_folder("plot") as scratch:
         plot = Path(scratch) / "operating_point.png"
         plot_operating_point(result, plot)
         (run / "plots" / plot.name).write_bytes(plot.read_bytes())

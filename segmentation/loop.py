@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from defectforge.core.errors import ConfigError
+from defectforge.core.files import scratch_folder
 from defectforge.segmentation.checkpoint import (
     MODEL_FILE,
     load_training_state,
@@ -250,7 +250,7 @@ def _checkpoint_and_report(
     if io.rank != 0:
         io.report(metrics, None)
         return
-    with tempfile.TemporaryDirectory(prefix="defectforge-ckpt-") as folder:
+    with scratch_folder("ckpt") as folder:
         save_model(folder, model, cfg)
         save_training_state(
             folder,

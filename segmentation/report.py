@@ -5,22 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from defectforge.core.files import save_png  # noqa: E402
-from defectforge.datasets.contract import decode_png, read_split_table  # noqa: E402
-from defectforge.segmentation.checkpoint import load_model  # noqa: E402
-from defectforge.segmentation.inference import predict_logits  # noqa: E402
-from defectforge.segmentation.overlay import overlay  # noqa: E402
+from defectforge.core.files import pyplot, save_png
+from defectforge.datasets.contract import decode_png, read_split_table
+from defectforge.segmentation.checkpoint import load_model
+from defectforge.segmentation.inference import predict_logits
+from defectforge.segmentation.overlay import overlay
 
 GRID_IMAGES = 6
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.plot(epochs, [row["train_loss"] for row in history], marker="o")
@@ -36,6 +33,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_per_class_iou(per_class: dict, path: Path) -> None:
+    plt = pyplot()
     names = list(per_class)
     values = [per_class[n] or 0.0 for n in names]
     figure, axis = plt.subplots(figsize=(1.3 * len(names) + 2, 3.6))
@@ -46,6 +44,7 @@ def plot_per_class_iou(per_class: dict, path: Path) -> None:
 
 
 def plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> None:
+    plt = pyplot()
     cm = np.asarray(matrix, dtype=np.float64)
     rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     figure, axis = plt.subplots(figsize=(1.1 * len(names) + 2.5, 1.1 * len(names) + 2))
@@ -73,6 +72,7 @@ def plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> Non
 
 def plot_validation_grid(run_dir: Path, data_dir: str, path: Path) -> None:
     """Image | true mask overlay | predicted mask overlay, for the first validation images."""
+    plt = pyplot()
     model, cfg = load_model(run_dir)
     table = read_split_table(data_dir, "val", columns=["id", "image", "mask"])
     rows = table.slice(0, GRID_IMAGES).to_pylist()
@@ -116,6 +116,7 @@ def write_run_plots(run_dir: str | Path) -> list[Path]:
 
 def plot_label_grid(rows: list[dict], channels: int, path: Path, columns: int = 4) -> None:
     """Synthetic images with their pseudo-masks, titled with confidence and the keep decision."""
+    plt = pyplot()
     count = len(rows)
     lines = max(1, -(-count // columns))
     figure, axes = plt.subplots(
@@ -137,6 +138,7 @@ def plot_label_grid(rows: list[dict], channels: int, path: Path, columns: int = 
 
 
 def plot_confidence_histogram(confidences: list[float], threshold: float, path: Path) -> None:
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.4))
     axis.hist(confidences, bins=30, range=(0, 1), color="#4878a8")
     axis.axvline(threshold, color="#c44e52", linestyle="--", label=f"threshold {threshold:.2f}")
@@ -151,6 +153,7 @@ def plot_confidence_histogram(confidences: list[float], threshold: float, path: 
 
 def plot_correction_quality(quality: dict, path: Path) -> None:
     """Labeller IoU on real validation images, raw and after each mask correction."""
+    plt = pyplot()
     variants = list(quality)
     keys = (("binary_defect_iou", "binary defect IoU"), ("mean_defect_iou", "mean defect IoU"))
     positions = np.arange(len(variants))
@@ -173,6 +176,7 @@ def plot_correction_quality(quality: dict, path: Path) -> None:
 def plot_operating_point(calibration: dict, path: Path) -> None:
     """Recall and false-alarm rate against the probability threshold (at the chosen minimum
     area), with the chosen point marked: what moving the threshold would trade."""
+    plt = pyplot()
     curve = calibration["curve"]
     point = calibration["operating_point"]
     thresholds = [row["threshold"] for row in curve]

@@ -14,15 +14,11 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from defectforge.core.files import save_png  # noqa: E402
+from defectforge.core.files import pyplot, save_png
 from defectforge.studies.spec_schema import MIX_DEFAULTS, StudySpec
-from defectforge.studies.stats import mean_interval  # noqa: E402
+from defectforge.studies.stats import mean_interval
 
 COMPARE_FILE = "compare.json"
 CONTROL_SOURCE = "copy_paste"
@@ -185,6 +181,7 @@ def comparison_of(keys: list[str], arms: list[dict]) -> dict:
 
 def plot_per_image_iou(comparison: dict, path: Path) -> None:
     """Each arm's per-image test IoUs, sorted: the share of test images at or above an IoU."""
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4))
     for arm in comparison["arms"]:
         scores = sorted((s for s in arm["per_image_binary_iou"] if s is not None), reverse=True)
@@ -205,6 +202,7 @@ def plot_per_image_iou(comparison: dict, path: Path) -> None:
 def plot_per_image_by_arm(comparison: dict, path: Path) -> None:
     """The paper's per-image view: each test image's IoU under every arm, the images in one
     order for all (by the real-only arm's IoU), so a reader sees which images an arm helps."""
+    plt = pyplot()
     arms = comparison["arms"]
     baseline = next((a for a in arms if not a["arm"].get("synthetic_ratio")), arms[0])
     order = sorted(
@@ -230,6 +228,7 @@ def plot_per_image_by_arm(comparison: dict, path: Path) -> None:
 def plot_paired_differences(comparison: dict, path: Path) -> None:
     """Each arm minus its ratio-0 baseline, and each GAN arm minus its copy-paste control (same
     seeds): the mean and its 95% interval."""
+    plt = pyplot()
     pairs = comparison["paired"] + comparison.get("against_copy_paste", [])
     rows = [p for p in pairs if p["interval"]]
     figure, axis = plt.subplots(figsize=(6.4, 0.5 * len(rows) + 1.5))

@@ -7,10 +7,10 @@ pyarrow filesystem) and exported as every run is (``segmentation.export.export_r
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from defectforge.core.errors import DataError
+from defectforge.core.files import scratch_folder
 from defectforge.core.outputs import EXPORT, check_output
 from defectforge.core.storage import is_uri
 from defectforge.segmentation.calibrate import calibrate_run
@@ -75,7 +75,7 @@ def export_study(
     check_output(out, overwrite, inputs, kind=EXPORT)
     study = store.read_json(STUDY_FILE)
     calibration = None
-    with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
+    with scratch_folder("checkpoint") as scratch:
         local = store.local_copy(checkpoint, scratch)
         model, cfg = load_model(local)
         if target_recall is not None or target_false_alarm is not None:

@@ -10,20 +10,16 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from defectforge.core.files import atomic_write, save_png  # noqa: E402
-from defectforge.segmentation.report import plot_confusion, plot_per_class_iou  # noqa: E402
-from defectforge.segmentation.selection import SELECTION_METRIC  # noqa: E402
-from defectforge.studies.compare import (  # noqa: E402
+from defectforge.core.files import atomic_write, pyplot, save_png
+from defectforge.segmentation.report import plot_confusion, plot_per_class_iou
+from defectforge.segmentation.selection import SELECTION_METRIC
+from defectforge.studies.compare import (
     comparison_section,
     plot_comparison,
 )
-from defectforge.studies.search_plots import (  # noqa: E402
+from defectforge.studies.search_plots import (
     asha_section,
     parameter_importance,
     plot_importance,
@@ -31,7 +27,7 @@ from defectforge.studies.search_plots import (  # noqa: E402
     scratch_study,
 )
 from defectforge.studies.spec_schema import MIX_DEFAULTS, SOURCE_DATASETS, StudySpec
-from defectforge.studies.stats import mean_interval  # noqa: E402
+from defectforge.studies.stats import mean_interval
 
 REPORT_FILE = "report.md"
 
@@ -43,6 +39,7 @@ def _finished(trials: list[dict]) -> list[dict]:
 def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> None:
     """Every trial's best validation IoU against its synthetic ratio (one colour per
     architecture); where a ratio has several trials, their mean and standard deviation."""
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4))
     by_arch: dict[str, list] = defaultdict(list)
     for trial in _finished(trials):
@@ -93,6 +90,7 @@ def plot_iou_vs_ratio(trials: list[dict], final: dict | None, path: Path) -> Non
 
 
 def plot_by_architecture(trials: list[dict], path: Path) -> None:
+    plt = pyplot()
     groups: dict[str, list[float]] = defaultdict(list)
     for trial in _finished(trials):
         groups[str(trial["config"].get("arch", "deeplabv3plus"))].append(trial[SELECTION_METRIC])

@@ -8,13 +8,13 @@ redrawing the report of a finished study, reads only the study's own files.
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from defectforge.core.errors import DataError
+from defectforge.core.files import scratch_folder
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.selection import SELECTION_METRIC, best_epoch
 from defectforge.studies.compare import COMPARE_FILE, SEED_KEYS, paired_difference
@@ -157,7 +157,7 @@ def write_study_report(store: StudyStore) -> dict:
     trials = store.read_json(TRIALS_FILE)
     final = store.read_json(FINAL_FILE) if store.exists(FINAL_FILE) else None
     comparison = store.read_json(COMPARE_FILE) if store.exists(COMPARE_FILE) else None
-    with tempfile.TemporaryDirectory(prefix="defectforge-report-") as folder:
+    with scratch_folder("report") as folder:
         summary = write_report(Path(folder), stored_spec(store), study, trials, final, comparison)
         store.upload_folder(folder, REPORT_DIR)
     return {**summary, "location": store.location(f"{REPORT_DIR}/{summary['report']}")}

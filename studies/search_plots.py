@@ -12,13 +12,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from defectforge.core.files import save_png  # noqa: E402
-from defectforge.segmentation.selection import SELECTION_METRIC  # noqa: E402
+from defectforge.core.files import pyplot, save_png
+from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.spec_schema import ARMS, Range, StudySpec
 
 
@@ -68,6 +63,7 @@ def parameter_importance(study) -> dict[str, float]:
 
 
 def plot_importance(importance: dict[str, float], path: Path) -> None:
+    plt = pyplot()
     names = list(importance)[::-1]
     figure, axis = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
     axis.barh(names, [importance[n] for n in names], color="#4878a8")

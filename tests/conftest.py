@@ -12,6 +12,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # As the command line sets it, before any test module imports Ray (Ray reads it when it loads;
 # set later, the GCS it starts wants a token its own client does not send).
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray Train's controller looks at its workers every 2 s, so a run waits up to 2 s after its last
+# checkpoint and again after it ends: minutes over the suite, whose runs last a few steps.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 SAMPLE = Path(__file__).resolve().parent.parent / "datasets" / "sample" / "neu-seg"
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

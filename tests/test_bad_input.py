@@ -3,6 +3,7 @@
 import cv2
 import numpy as np
 import pytest
+from cli_checks import error_lines
 
 from defectforge.cli import main
 from defectforge.core.errors import ConfigError, DataError
@@ -88,7 +89,7 @@ def test_empty_folder_cli_one_line(tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "no images found" in err
+    assert code == 2 and len(error_lines(err)) == 1 and "no images found" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -9,6 +9,7 @@ import shutil
 import cv2
 import numpy as np
 import pytest
+from cli_checks import error_lines
 
 from defectforge.cli import main
 from defectforge.core.errors import DataError
@@ -101,7 +102,7 @@ def test_a_12_bit_set_builds_like_its_8_bit_original_and_its_export_reads_12_bit
         )
         == 2
     )
-    error = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+    error = error_lines(capsys.readouterr().err)[-1]  # below the progress bar
     assert error.startswith("defectforge: error: ")
     assert "12-bit images in 16-bit files are expected (--input-bits 12)" in error
     assert not (tmp_path / "q").exists()

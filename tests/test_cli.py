@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from cli_checks import error_lines
 
 from defectforge.cli import main, parser
 
@@ -38,7 +39,7 @@ def test_a_command_whose_extra_is_not_installed_says_which_to_install(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.returncode == 2 and len(error_lines(done.stderr)) == 1, done.stderr
     assert "is not installed" in done.stderr and "defectforge[train,cpu]" in done.stderr
 
 
@@ -136,7 +137,7 @@ def test_a_dashboard_address_for_the_ray_work_is_one_line(capsys, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     code = main(["--address", "http://head:8265", "gan", "train", "--data", "d", "--out", "o"])
     err = capsys.readouterr().err
-    assert code == 2 and len(err.splitlines()) == 1 and "defectforge submit" in err
+    assert code == 2 and len(error_lines(err)) == 1 and "defectforge submit" in err
     assert "RAY_ADDRESS" not in os.environ
 
 
@@ -147,7 +148,7 @@ def test_version_and_a_bad_flag_value_are_one_line(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["seg", "train", "--data", "d", "--out", "o", "--epochs", "many"])
     err = capsys.readouterr().err.strip()
-    assert exited.value.code == 2 and len(err.splitlines()) == 1
+    assert exited.value.code == 2 and len(error_lines(err)) == 1
     assert "--epochs: invalid int value: 'many'" in err and "--help" in err
 
 
@@ -259,11 +260,11 @@ def test_a_tracking_flag_that_cannot_work_is_one_line_before_anything_runs(
     with pytest.raises(SystemExit) as exited:
         main([*train, "--mlflow", "file:/tmp/mlruns"])
     err = capsys.readouterr().err.strip()
-    assert exited.value.code == 2 and len(err.splitlines()) == 1
+    assert exited.value.code == 2 and len(error_lines(err)) == 1
     assert "mlflow = 'file:/tmp/mlruns': must be an http(s):// URL of a tracking server" in err
     assert main([*train, "--mlflow-experiment", "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "give --mlflow too" in err
+    assert len(error_lines(err)) == 1 and "give --mlflow too" in err
     assert not out.exists()
 
 
@@ -358,7 +359,7 @@ def test_calibrating_without_a_target_is_refused_before_the_run_is_read(tmp_path
     assert main(["seg", "calibrate", str(tmp_path / "not-a-run")]) == 2
     err = capsys.readouterr().err
     assert "give target_recall (--target-recall) or target_false_alarm" in err
-    assert len(err.splitlines()) == 1
+    assert len(error_lines(err)) == 1
 
 
 def test_a_second_ctrl_c_while_the_hint_is_made_still_ends_in_one_line(tmp_path, monkeypatch):

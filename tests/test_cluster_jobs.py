@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_checks import error_lines
 from s3server import credentials, objects_holding
 
 from defectforge.cli import main
@@ -266,7 +267,7 @@ def test_joining_the_cluster_without_its_token_is_one_line_at_once(
         timeout=60,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines()[-1] == (
+    assert error_lines(done.stderr)[-1] == (
         f"defectforge: error: {state['address']}: the cluster wants its auth token and none was "
         "found here; set RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's "
         "token file, or copy it to ~/.ray/auth_token (readable by you alone)"
@@ -303,7 +304,7 @@ def test_a_storage_path_some_nodes_cannot_see_is_refused(
         timeout=120,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"--out {run}: not visible from 2 of 3 nodes" in done.stderr.splitlines()[-1]
+    assert f"--out {run}: not visible from 2 of 3 nodes" in error_lines(done.stderr)[-1]
     assert not list(storage.iterdir())
 
 

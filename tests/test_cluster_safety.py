@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from cli_checks import error_lines
 
 from defectforge.cluster import auth, jobs, local
 from defectforge.core.errors import ClusterError, ConfigError
@@ -137,7 +138,7 @@ def test_plain_http_to_another_machine_warns_once(fresh_warning, capsys):
     jobs.warn_if_token_in_clear("http://10.1.2.3:8265")
 
     captured = capsys.readouterr()
-    lines = captured.err.splitlines()
+    lines = error_lines(captured.err)
     assert len(lines) == 1 and captured.out == ""
     assert "unencrypted" in lines[0] and "10.1.2.3" in lines[0]
     assert "https" in lines[0] and "ray dashboard" in lines[0] and "ssh -L" in lines[0]
@@ -158,7 +159,7 @@ def test_plain_http_to_another_machine_warns_once(fresh_warning, capsys):
 def test_loopback_or_https_addresses_do_not_warn(fresh_warning, capsys, address):
     jobs.warn_if_token_in_clear(address)
 
-    assert capsys.readouterr().err == ""
+    assert error_lines(capsys.readouterr().err) == []
 
 
 def test_jobs_client_warns_before_it_connects(fresh_warning, monkeypatch, capsys):

@@ -382,9 +382,11 @@ def test_asha_as_a_study_configures_it_stops_a_trial_behind_at_the_first_rung(
 
 
 def test_subset_copy_paste_and_combine_stages_are_made_once_and_reused(
-    sample_dataset, sample_root, tmp_path
+    sample_dataset, sample_root, tmp_path, monkeypatch
 ):
+    from defectforge.datasets.build import BUILD_RULES
     from defectforge.datasets.copy_paste import CopyPasteConfig, copy_paste_dataset
+    from defectforge.trainables import pipeline
     from defectforge.trainables.pipeline import Pipeline
 
     given = tmp_path / "given-set"  # stands in for a labelled GAN set
@@ -424,3 +426,10 @@ def test_subset_copy_paste_and_combine_stages_are_made_once_and_reused(
     again = Pipeline(spec, "spec.yaml")
     assert again.run() == made
     assert [r["status"] for r in again.records()] == ["reused"] * 4
+
+    # A data stage made under earlier build rules is made again; the stages after it are reused,
+    # as the dataset it makes keeps its id.
+    monkeypatch.setattr(pipeline, "DATA_STAGE_INPUTS", {"build_rules": BUILD_RULES + 1})
+    rebuilt = Pipeline(spec, "spec.yaml")
+    assert rebuilt.run() == made
+    assert [r["status"] for r in rebuilt.records()] == ["ran", "reused", "reused", "reused"]

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_checks import error_lines
 
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
@@ -214,7 +215,7 @@ def test_gan_generate_refuses_seeds_it_cannot_draw(
     out = tmp_path / "out"
     assert main(["gan", "generate", "--model", str(run), "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert message in err and "Traceback" not in err and len(error_lines(err)) == 1
     assert not out.exists()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_checks import refused, snapshot
+from cli_checks import error_lines, refused, snapshot
 
 from defectforge.cli import main
 from defectforge.cluster import jobs, local
@@ -186,7 +186,7 @@ def test_address_auto_never_joins_another_ray_on_the_machine(sample_root, tmp_pa
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == [
+    assert error_lines(done.stderr) == [
         "defectforge: error: --address auto: no cluster of yours is up, and auto never joins "
         "another Ray instance on this machine; start one with `defectforge cluster up`, or name "
         "the cluster: --address HOST:PORT or ray://HOST:10001"
@@ -370,7 +370,7 @@ def test_a_build_without_a_val_split_says_so(sample_copy, tmp_path, capsys, ray_
         shutil.rmtree(sample_copy / folder / "val")
     capsys.readouterr()
     assert main(build_argv(sample_copy, tmp_path / "ds")) == 0
-    err = capsys.readouterr().err.strip().splitlines()
+    err = error_lines(capsys.readouterr().err)
     assert err == [
         f"defectforge: warning: {tmp_path / 'ds'}: the build of {sample_copy} gave no val split "
         "(42 train, 0 val, 0 test images), so `seg train` and studies will refuse this dataset; "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from cli_checks import fake_gan_run
+from cli_checks import error_lines, fake_gan_run
 from s3server import PREFIX_GRANTED, PREFIX_KEY, PREFIX_SECRET, credentials, objects_holding
 
 from defectforge.cli import main
@@ -143,9 +143,8 @@ def test_a_store_that_refuses_is_missing_or_unreachable_is_one_line(
     target = f"{bucket}/refused" if variable else "s3://nosuchbucket/data"
     build = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", target]
     assert main(build) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith(f"defectforge: error: {target}: ")
-    assert expected in err
+    [err] = error_lines(capsys.readouterr().err)
+    assert err.startswith(f"defectforge: error: {target}: ") and expected in err
     monkeypatch.undo()
     assert not Location.of(target).exists()  # nothing was written, no bucket made
 
@@ -224,7 +223,7 @@ def test_options_read_only_on_this_machine_refuse_a_store_in_one_line(argv, buck
         main([part.format(store=bucket) for part in argv])
     assert refused.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
+    assert len(error_lines(err)) == 1, err
     assert (
         f"{bucket}/" in err
         and "is on object storage" in err

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from cli_checks import error_lines
 from torch import nn
 
 from defectforge.cli import main
@@ -330,7 +331,7 @@ def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
     # The sample is built without a test split.
     assert main(["seg", "eval", "--model", str(labeller), "--split", "test"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "has no test split (it was built without one)" in err
+    assert len(error_lines(err)) == 1 and "has no test split (it was built without one)" in err
     split = ["seg", "eval", "--model", str(labeller), "--split", "val"]
     assert main([*split, "--masks", "/elsewhere", "--mask-suffix", "_m"]) == 2
     err = capsys.readouterr().err
@@ -341,7 +342,7 @@ def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller
     # Every image of the NEU sample holds a defect: its false-alarm rate would be 0/0.
     assert main(["seg", "calibrate", str(labeller), "--target-false-alarm", "0.1"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "is defect-free, so a false-alarm rate cannot" in err
+    assert len(error_lines(err)) == 1 and "is defect-free, so a false-alarm rate cannot" in err
     assert not (labeller / "operating_point.json").exists()
 
 
@@ -364,7 +365,7 @@ def test_the_same_images_split_otherwise_are_another_dataset(
     moved = save_model(tmp_path / "run", model, replace(cfg, data=str(resplit)))
     assert main(["seg", "eval", "--model", str(moved), "--split", "test"]) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "was rebuilt since the run trained on it" in err
+    assert len(error_lines(err)) == 1 and "was rebuilt since the run trained on it" in err
     # Images labelled by such a run: which images it learnt from is no longer known.
     labelling = ["synth", "label", "--images", str(generated), "--labeller", str(moved)]
     assert main([*labelling, "--out", str(tmp_path / "labelled")]) == 2

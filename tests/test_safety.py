@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from cli_checks import refused, snapshot
+from cli_checks import error_lines, refused, snapshot
 
 from defectforge.cli import main
 from defectforge.core.errors import DataError
@@ -208,7 +208,7 @@ def test_concurrent_builds_to_one_out_leave_one_whole_dataset(sample_root, tmp_p
     results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
-    loser = next(err for code, err in results if code == 2).strip().splitlines()[-1]
+    loser = error_lines(next(err for code, err in results if code == 2))[-1]
     assert str(out) in loser and ("already exists" in loser or "another run wrote" in loser)
     assert json.loads((out / "manifest.json").read_text())["counts"]["train"]["total"] == 42
     assert no_leftovers(tmp_path)
@@ -461,3 +461,29 @@ def test_a_one_worker_epoch_folder_without_its_marker_is_not_resumed_from(tmp_pa
     assert latest_checkpoint_dir(tmp_path).local == run / "epoch_001"
     (run / "epoch_001" / EPOCH_METRICS).unlink()  # the first epoch's folder, cut short too
     assert latest_checkpoint_dir(tmp_path) is None
+
+
+def test_scratch_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
+    """A trial Ray stops, or a driver ended with SIGKILL, cannot remove its temporary folders
+    (each up to a checkpoint in size): the next process on that host does, and no other's."""
+    from defectforge.core.files import scratch_folder
+
+    make_and_die = (
+        "import os, sys; from defectforge.core.files import scratch_path; "
+        "folder = scratch_path('ckpt', sys.argv[1]); (folder / 'model.pt').write_bytes(bytes(999)); "
+        "print(folder, flush=True); os.kill(os.getpid(), 9)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", make_and_die, str(tmp_path)], capture_output=True, text=True
+    )
+    left = Path(done.stdout.strip())
+    assert done.returncode == -9 and (left / "model.pt").is_file()
+    other_host = tmp_path / "defectforge-ckpt-another-host-1-x1y2"
+    other_host.mkdir()
+    unrelated = tmp_path / "defectforge-notes"
+    unrelated.mkdir()
+
+    with scratch_folder("ckpt", tmp_path) as folder:
+        assert not left.exists() and Path(folder).is_dir()
+        assert other_host.is_dir() and unrelated.is_dir()
+    assert not Path(folder).exists()

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 import yaml
+from cli_checks import error_lines
 
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.errors import SpecError
@@ -232,7 +233,7 @@ def test_study_check_runs_the_checks_and_writes_nothing(
     assert main(["study", "check", str(spec_file), "--address", address]) == 2
     err = capsys.readouterr().err
     assert (
-        len(err.splitlines()) == 1
+        len(error_lines(err)) == 1
         and "search_space.batch_size = 40: the train split gives 35" in err
     )
     assert not (storage / "t").exists()

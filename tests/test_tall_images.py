@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from cli_checks import error_lines
 
 from defectforge.cli import main
 from defectforge.segmentation.tiling import DEFAULT_TILE
@@ -149,7 +150,7 @@ def _one_line_error(capsys) -> str:
     """The error line (stderr's last; above it only progress bars), with no traceback."""
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    line = err.strip().splitlines()[-1]
+    line = error_lines(err)[-1]
     assert line.startswith("defectforge: error: "), err
     return line
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cli_checks import error_lines
 
 from defectforge.cli import main
 from defectforge.core.errors import DataError
@@ -302,7 +303,7 @@ def test_eval_of_a_missing_model_is_one_line(tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "config.json" in err
+    assert code == 2 and len(error_lines(err)) == 1 and "config.json" in err
 
 
 def test_the_result_of_a_folder_without_a_run_is_one_line(tmp_path):

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import cv2
 import numpy as np
+from cli_checks import error_lines
 
 from defectforge.cli import main
 from defectforge.datasets.contract import decode_png, read_split_table
@@ -120,7 +121,7 @@ def test_a_synthetic_set_holding_a_copy_of_a_held_out_image_is_refused(
     capsys.readouterr()
     mix = ["data", "mix", "--real", str(sample_dataset), "--synthetic", str(combined)]
     assert main([*mix, "--ratio", "0.05", "--out", str(tmp_path / "mixed")]) == 2
-    message = capsys.readouterr().err.strip().splitlines()[-1]
+    message = error_lines(capsys.readouterr().err)[-1]
     assert message.startswith(f"defectforge: error: {tmp_path / 'unlabelled' / 'extra.jpg'}: ")
     assert f"neu-seg/val/{val_image.stem} in {sample_dataset}'s val split" in message
     assert not (tmp_path / "mixed").exists()

@@ -15,13 +15,15 @@ every few seconds.
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
+from defectforge.core.files import scratch_path
 from defectforge.core.storage import Location
 
 PROGRESS_FILE = "progress.jsonl"
@@ -46,7 +48,11 @@ class RunRecorder:
     def __init__(self, run: str | Path | Location):
         self.run = Location.of(run)
         # Where the files are written: the run folder itself, or a local mirror for a store.
-        self.local = self.run.local if not self.run.remote else Path(tempfile.mkdtemp())
+        if self.run.remote:
+            self.local = scratch_path("progress")
+            weakref.finalize(self, shutil.rmtree, self.local, True)
+        else:
+            self.local = self.run.local
         if self.run.remote and (self.run / PROGRESS_FILE).exists():
             (self.local / PROGRESS_FILE).write_bytes((self.run / PROGRESS_FILE).read_bytes())
         self._writer = None

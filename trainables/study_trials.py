@@ -3,13 +3,12 @@ split sealed; a final or compare trial then scores its best epoch on test."""
 
 from __future__ import annotations
 
-import tempfile
-
 import ray
 import ray.data
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from defectforge.core.files import scratch_folder
 from defectforge.segmentation.inference import evaluate_dataset_split
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.spec_schema import ARMS
@@ -77,7 +76,7 @@ def _held_out_trial(config: dict, context: StudyContext, run_name: str) -> None:
     """Train with the test split sealed, then score the best epoch's model on test."""
     with sealed_splits("test"):
         trained = _fit(context, config, run_name)
-    with tempfile.TemporaryDirectory(prefix="defectforge-checkpoint-") as scratch:
+    with scratch_folder("checkpoint") as scratch:
         folder = StudyStore(context.root).local_copy(trained.checkpoint_location, scratch)
         test = evaluate_dataset_split(folder, "test", per_image=True)
     tune.report(

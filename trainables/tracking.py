@@ -16,14 +16,12 @@ extra), and its failures are warnings: tracking never stops a study or a run.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 
-from ray.air.integrations.mlflow import MLflowLoggerCallback
-
+from defectforge.core.files import scratch_folder
 from defectforge.core.storage import Location
 from defectforge.studies.results import REPORT_DIR
 from defectforge.studies.spec_schema import StudySpec, TrackingSpec, trial_values
@@ -51,26 +49,6 @@ def experiment_name(spec: StudySpec) -> str:
     return spec.tracking.experiment or spec.name
 
 
-class _TrialLogger(MLflowLoggerCallback):
-    """Ray Tune's MLflow logger whose failures (the server unreachable, a name MLflow refuses)
-    are warnings: tracking never stops a study."""
-
-    def _guarded(self, method, *args, **kwargs) -> None:
-        try:
-            method(*args, **kwargs)
-        except Exception as err:  # noqa: BLE001 - mlflow and its HTTP client raise many kinds
-            warnings.warn(f"MLflow tracking at {self.tracking_uri} failed: {err}", stacklevel=2)
-
-    def log_trial_start(self, trial) -> None:
-        self._guarded(super().log_trial_start, trial)
-
-    def log_trial_result(self, iteration, trial, result) -> None:
-        self._guarded(super().log_trial_result, iteration, trial, result)
-
-    def log_trial_end(self, trial, failed=False) -> None:
-        self._guarded(super().log_trial_end, trial, failed)
-
-
 def require_mlflow(spec: StudySpec) -> None:
     """Before any stage runs: a spec that tracks needs mlflow here (a one-line error if not),
     and its driver gives up on a server that is down as a single run does."""
@@ -84,8 +62,10 @@ def tune_callbacks(spec: StudySpec, tune_run: str) -> list:
     """The Tune callbacks that log a Tune run's trials (none without tracking)."""
     if not spec.tracking.mlflow:
         return []
+    from defectforge.trainables.trial_logger import TrialLogger
+
     return [
-        _TrialLogger(
+        TrialLogger(
             tracking_uri=spec.tracking.mlflow,
             experiment_name=experiment_name(spec),
             tags={STUDY_TAG: spec.name, TUNE_RUN_TAG: tune_run},
@@ -100,7 +80,7 @@ def log_study(spec: StudySpec, store: StudyStore, summary: dict) -> str | None:
         return None
     try:
         return _study_run(spec, store, summary)
-    except Exception as err:  # noqa: BLE001 - as _TrialLogger
+    except Exception as err:  # noqa: BLE001 - as TrialLogger
         warnings.warn(f"MLflow tracking at {spec.tracking.mlflow} failed: {err}", stacklevel=2)
         return None
 
@@ -167,7 +147,7 @@ class RunTracking:
     def _guarded(self):
         try:
             yield
-        except Exception as err:  # noqa: BLE001 - as _TrialLogger
+        except Exception as err:  # noqa: BLE001 - as TrialLogger
             self.failed = True
             warnings.warn(
                 f"MLflow tracking at {self.uri} failed; the run goes on without it: {err}",
@@ -251,7 +231,7 @@ def _log_artifact(client, run: str, location: Location) -> None:
     elif location.is_file() and not location.remote:
         client.log_artifact(run, str(location.local))
     elif location.is_file():
-        with tempfile.TemporaryDirectory(prefix="defectforge-") as scratch:
+        with scratch_folder("mlflow") as scratch:
             client.log_artifact(run, str(location.download(scratch)))
 
 

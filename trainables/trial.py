@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import ray
 import torch
 from ray import tune
 
+from defectforge.core.files import scratch_folder
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
@@ -77,7 +77,7 @@ def train_in_trial(cfg: SegConfig, store: StudyStore, run: str) -> TrainedTrial:
         tell_tune(metrics, folder)
         folders.prune()  # after the report: an epoch Tune never heard of is never the one kept
 
-    with tempfile.TemporaryDirectory(prefix="defectforge-resume-") as scratch:
+    with scratch_folder("resume") as scratch:
         local = {}
         # Killed between saving an epoch and Tune hearing of it, a trial would otherwise resume
         # past that epoch with its result lost to Tune, its scheduler and the study's table.
@@ -115,7 +115,7 @@ def _model_only(epoch_folder: Path) -> Iterator[str]:
     """A folder holding an epoch folder's model, config and metrics only (links where the disk
     allows, else copies): Tune's copy of the checkpoint needs no optimizer state; the metrics say
     which epoch it is when Tune restores it."""
-    with tempfile.TemporaryDirectory(prefix="defectforge-model-") as folder:
+    with scratch_folder("model") as folder:
         for name in (MODEL_FILE, CONFIG_FILE, EPOCH_METRICS):
             source, target = epoch_folder / name, Path(folder) / name
             try:
