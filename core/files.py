@@ -36,6 +36,8 @@ def scratch_path(kind: str, within: str | Path | None = None) -> Path:
     """A new private temporary folder (in ``within``, else the system's) that the caller
     removes; before the first one there, this process removes those left by processes that are
     gone."""
+    if not kind.isalpha():
+        raise ValueError(f"scratch kind {kind!r}: letters only, or its name would not parse")
     parent = Path(within or tempfile.gettempdir())
     if parent not in _swept_folders:
         _swept_folders.add(parent)
@@ -191,4 +193,6 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         pass  # another user's process: it exists
+    except OverflowError:
+        pass  # no such pid can exist; kept, as the name is not one we made
     return True

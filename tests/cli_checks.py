@@ -14,7 +14,9 @@ from defectforge.cli import main
 
 # Ray forwards what its own processes print (a raylet's full-disk warning, a worker's log) to
 # every driver's stderr at any moment: such lines are not ours to count.
-_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)*\((raylet|[\w.:]*\s*pid=)")
+_RAY_FORWARDED = re.compile(
+    r"^(?:\x1b\[[0-9;]*m)*\((?:raylet\b|autoscaler \+|[^\n]*?\bpid=\w+(?:, ip=[^)\s]+)?\))"
+)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -30,9 +32,10 @@ def refused(capsys, argv: list[str], *expected: str) -> str:
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(error_lines(err)) == 1 and "Traceback" not in err, err
+    (line,) = error_lines(err)
     for text in expected:
-        assert text in err, err
-    return err
+        assert text in line, err
+    return line
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -143,7 +143,9 @@ def test_a_store_that_refuses_is_missing_or_unreachable_is_one_line(
     target = f"{bucket}/refused" if variable else "s3://nosuchbucket/data"
     build = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", target]
     assert main(build) == 2
-    [err] = error_lines(capsys.readouterr().err)
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    err = lines[0]
     assert err.startswith(f"defectforge: error: {target}: ") and expected in err
     monkeypatch.undo()
     assert not Location.of(target).exists()  # nothing was written, no bucket made

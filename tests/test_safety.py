@@ -385,7 +385,9 @@ def test_failed_commands_leave_no_empty_folder(sample_dataset, tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, ray_session):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_in_training_is_one_line_and_exit_130(stop, sample_dataset, tmp_path, ray_session):
+    """Ctrl-C, or a scheduler's stop (SIGTERM), while the run trains."""
     command = [sys.executable, "-m", "defectforge.cli", "seg", "train"]
     command += ["--data", str(sample_dataset), "--out", str(tmp_path / "run"), "--epochs", "50"]
     command += ["--crop-size", "64", "--batch-size", "4", "--max-steps-per-epoch", "2"]
@@ -401,7 +403,7 @@ def test_ctrl_c_in_training_is_one_line_and_exit_130(sample_dataset, tmp_path, r
         ):
             assert run.poll() is None, log.read_text()[-2000:]
             time.sleep(0.5)
-        run.send_signal(signal.SIGINT)
+        run.send_signal(stop)
         code = run.wait(timeout=120)
     text = log.read_text()
     assert code == 130, text[-2000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import urllib.parse
@@ -59,7 +60,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             "RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's token file, "
             "or copy it to ~/.ray/auth_token (readable by you alone)"
         ) from None
+    _stop_on_sigterm_as_on_ctrl_c()
     quiet_ray_data()
+
+
+def _stop_on_sigterm_as_on_ctrl_c() -> None:
+    """A stop asked for with SIGTERM (``kill``, Slurm, Kubernetes, a stopped Ray Job) ends the
+    command as Ctrl-C does: one line, exit 130, its checkpoints kept for a resume. Ray's own
+    handler, installed by ``ray.init``, aborted the process with a native stack trace."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 # How long an address may take to accept a connection before it counts as not answering.
