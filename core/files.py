@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.metadata
 import json
 import os
@@ -29,21 +30,15 @@ UMASK = _read_umask()
 # Scratch folders carry their host and process: a process that was killed (a trial Ray stopped,
 # a driver ended with SIGKILL) cannot remove its own, and each can be up to a checkpoint in size.
 SCRATCH_PREFIX = "defectforge-"
-_swept_folders: set[Path] = set()
 
 
 def scratch_path(kind: str, within: str | Path | None = None) -> Path:
-    """A new private temporary folder (in ``within``, else the system's) that the caller
-    removes; before the first one there, this process removes those left by processes that are
-    gone."""
+    """A new ``private_folder`` (in ``within``, else the system's temporary folder), named
+    ``defectforge-HOST-PID-RANDOM.KIND``, that the caller removes."""
     if not kind.isalpha():
         raise ValueError(f"scratch kind {kind!r}: letters only, or its name would not parse")
     parent = Path(within or tempfile.gettempdir())
-    if parent not in _swept_folders:
-        _swept_folders.add(parent)
-        remove_orphaned_scratch(parent)
-    prefix = f"{SCRATCH_PREFIX}{kind}-{WRITER_HOST}-{os.getpid()}-"
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=within))
+    return private_folder(parent, SCRATCH_PREFIX, suffix=f".{kind}")
 
 
 @contextlib.contextmanager
@@ -54,19 +49,6 @@ def scratch_folder(kind: str, within: str | Path | None = None) -> Iterator[str]
         yield str(folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_orphaned_scratch(folder: Path) -> list[Path]:
-    """Remove the scratch folders in ``folder`` of this host's processes that no longer run."""
-    removed = []
-    for path in folder.glob(f"{SCRATCH_PREFIX}*"):
-        writer = writer_of(path.name, SCRATCH_PREFIX)  # host is "KIND-HOST" here
-        if writer is None or writer[0].partition("-")[2] != WRITER_HOST:
-            continue
-        if path.is_dir() and not process_alive(writer[1]):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def package_version() -> str:
@@ -181,6 +163,29 @@ def writer_of(name: str, prefix: str) -> tuple[str, int] | None:
         return None
     host, pid, _random = (name[len(prefix) :].rsplit("-", 2) + ["", ""])[:3]
     return (host, int(pid)) if pid.isdigit() else None
+
+
+def private_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
+    """A new private folder ``PREFIX<host>-<pid>-<random>SUFFIX`` in ``parent``, after removing
+    those of ``prefix`` that a process of this host, now gone, left there."""
+    remove_dead_writers(parent, prefix)
+    writer = f"{prefix}{WRITER_HOST}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=writer, suffix=suffix, dir=parent))
+
+
+def remove_dead_writers(parent: Path, prefix: str) -> list[Path]:
+    """Remove the ``private_folder``s of ``prefix`` in ``parent`` whose process, on this host,
+    is gone. Folders of other hosts (shared storage) and of earlier versions (no pid in the
+    name) are left alone. Returns the folders removed."""
+    removed = []
+    for folder in parent.glob(f"{glob.escape(prefix)}*"):
+        writer = writer_of(folder.name, prefix)
+        if writer is None or writer[0] != WRITER_HOST or not folder.is_dir():
+            continue
+        if not process_alive(writer[1]):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def process_alive(pid: int) -> bool:

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,12 +33,10 @@ from defectforge.core import store_outputs
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.files import (
     UMASK,
-    WRITER_HOST,
     package_version,
-    process_alive,
+    private_folder,
     scratch_folder,
     write_json_atomic,
-    writer_of,
 )
 from defectforge.core.storage import Location, is_uri
 
@@ -267,9 +263,7 @@ def new_staging(final: Path, what: str) -> Path:
     """A new private folder ``.<final's name>.<what>-<host>-<pid>-<random>`` beside ``final``,
     after clearing the ones of its kind that a killed writer on this host left there."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    clear_dead_writers(final, what)
-    prefix = f".{final.name}.{what}-{WRITER_HOST}-{os.getpid()}-"
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    return private_folder(final.parent, f".{final.name}.{what}-")
 
 
 @contextlib.contextmanager
@@ -286,21 +280,6 @@ def scratch_beside(final: str | Path) -> Iterator[Path]:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def clear_dead_writers(final: Path, what: str) -> list[Path]:
-    """Remove the ``new_staging`` folders of kind ``what`` beside ``final`` whose writer, a
-    process on this host, is gone. Folders of other hosts (shared storage) and of earlier
-    versions (no pid in the name) are left alone. Returns the folders removed."""
-    removed = []
-    for folder in final.parent.glob(f".{glob.escape(final.name)}.{what}-*"):
-        writer = writer_of(folder.name, f".{final.name}.{what}-")
-        if writer is None or writer[0] != WRITER_HOST:
-            continue
-        if not process_alive(writer[1]):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
 
 
 def _move_into_place(staging: Path, final: Path, overwrite: bool, flag: str) -> None:

@@ -31,11 +31,11 @@ def refused(capsys, argv: list[str], *expected: str) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 2, err
-    assert len(error_lines(err)) == 1 and "Traceback" not in err, err
-    (line,) = error_lines(err)
+    lines = error_lines(err)
+    assert len(lines) == 1 and "Traceback" not in err, err
     for text in expected:
-        assert text in line, err
-    return line
+        assert text in lines[0], err
+    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -480,7 +480,7 @@ def test_scratch_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     )
     left = Path(done.stdout.strip())
     assert done.returncode == -9 and (left / "model.pt").is_file()
-    other_host = tmp_path / "defectforge-ckpt-another-host-1-x1y2"
+    other_host = tmp_path / "defectforge-another-host-1-x1y2.ckpt"
     other_host.mkdir()
     unrelated = tmp_path / "defectforge-notes"
     unrelated.mkdir()
