@@ -5,6 +5,7 @@ cluster (spec labels, shipped spec, wheel contents, token handling)."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -211,8 +212,10 @@ def test_the_dashboard_shows_the_job_its_stages_and_its_trials(submitted_pipelin
             # The log view draws only the lines in sight; its keyword filter brings them there.
             keyword = page.get_by_label("Keyword")
             try:
-                keyword.fill("stage 2/4")
-                page.get_by_text("stage 2/4] gan").first.wait_for(timeout=60_000)
+                keyword.fill("] gan ")
+                page.get_by_text(re.compile(r"\[stage \d+/\d+\] gan ")).first.wait_for(
+                    timeout=60_000
+                )
                 keyword.fill("_arch=")
                 page.get_by_text("_arch=unet").first.wait_for(timeout=60_000)
                 page.get_by_text("_arch=fpn").first.wait_for(timeout=60_000)
