@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import segmentation_models_pytorch as smp
 from torch import nn
@@ -72,18 +77,20 @@ def build_model(
     if in_channels not in (1, 3):
         raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
     local_file = encoder_weights not in (None, "imagenet")
+    hub = _hub_as_reachable() if encoder_weights == "imagenet" else contextlib.nullcontext()
     try:
-        model = smp.create_model(
-            check_architecture(arch),
-            encoder_name=check_encoder(encoder),
-            in_channels=in_channels,
-            classes=num_classes,
-            encoder_weights=None if local_file else encoder_weights,
-        )
+        with hub as unreachable:
+            model = smp.create_model(
+                check_architecture(arch),
+                encoder_name=check_encoder(encoder),
+                in_channels=in_channels,
+                classes=num_classes,
+                encoder_weights=None if local_file else encoder_weights,
+            )
     except Exception as err:  # noqa: BLE001 - a hub download fails in many ways
         if encoder_weights != "imagenet":
             raise
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        reason = unreachable or (str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
         raise ConfigError(
             f"encoder_weights = 'imagenet': {encoder}'s weights could not be had from the model "
             f"hub ({reason}); give a local weights file, or none, on a machine without network"
@@ -91,6 +98,41 @@ def build_model(
     if local_file:
         load_encoder_weights(model, Path(encoder_weights), in_channels)
     return model
+
+
+# Where a proxy is set, it resolves the hub's name, not this machine.
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@contextlib.contextmanager
+def _hub_as_reachable():
+    """The model hub as this machine can reach it. Where no name server knows the hub (a
+    machine without network), its local cache alone, at once: the hub would retry for about 25 s
+    and then fall back to the cache anyway. Yields why the hub is out of reach, or None. Its
+    retry warnings are not printed either way: a refusal is one line."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.HUGGINGFACE_CO_URL_TEMPLATE).hostname
+    unreachable = None if _resolves(host) else f"{host} is not known here, nor the weights cached"
+    hub_logger = logging.getLogger("huggingface_hub")
+    level, offline = hub_logger.level, constants.HF_HUB_OFFLINE
+    hub_logger.setLevel(logging.ERROR)
+    constants.HF_HUB_OFFLINE = offline or unreachable is not None
+    try:
+        yield unreachable
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+        hub_logger.setLevel(level)
+
+
+def _resolves(host: str) -> bool:
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return True
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
 
 def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None:

@@ -1,8 +1,10 @@
+import logging
+
 import pytest
 import torch
 
 from defectforge.core.errors import DataError
-from defectforge.segmentation.models import architecture_names, build_model
+from defectforge.segmentation.models import PROXY_VARIABLES, architecture_names, build_model
 
 pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
 
@@ -56,7 +58,7 @@ def test_local_encoder_weights_are_loaded_and_grey_conv_is_summed(tmp_path):
 
 
 def test_encoder_weights_of_another_encoder_or_an_unreachable_hub_are_one_line(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ):
     from defectforge.core.errors import ConfigError
 
@@ -65,8 +67,26 @@ def test_encoder_weights_of_another_encoder_or_an_unreachable_hub_are_one_line(
     with pytest.raises(DataError, match=r"tensors do not fit this encoder \(e\.g\. layer"):
         build_model("unet", "resnet18", 3, 2, encoder_weights=str(path))
 
-    # As on a machine without network that says so (HF_HUB_OFFLINE=1): the hub reads the
-    # variable when it loads, so set now it would go unseen and the hub retry for 23 s.
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    from huggingface_hub import constants as hub
+
+    # A hub no name server knows (as every hub is on a machine without network; .invalid never
+    # resolves), and nothing in the cache: one line at once, not the hub's retries and their
+    # warnings.
+    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", "https://hub.invalid/{repo_id}")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    offline = hub.HF_HUB_OFFLINE
+    with caplog.at_level(logging.WARNING), pytest.raises(ConfigError) as refused:
+        build_model("unet", "resnet18", 3, 2, encoder_weights="imagenet")
+    assert str(refused.value) == (
+        "encoder_weights = 'imagenet': resnet18's weights could not be had from the model hub "
+        "(hub.invalid is not known here, nor the weights cached); give a local weights file, "
+        "or none, on a machine without network"
+    )
+    assert not caplog.records and hub.HF_HUB_OFFLINE == offline  # the hub's own, back
+
+    # A machine that says it has no network (HF_HUB_OFFLINE=1), its hub's name known or not.
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConfigError, match="'imagenet': resnet18's weights could not be had"):
         build_model("unet", "resnet18", 3, 2, encoder_weights="imagenet")
