@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -78,8 +78,8 @@ def build_model(
         raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
     local_file = encoder_weights not in (None, "imagenet")
     hub = _hub_as_reachable() if encoder_weights == "imagenet" else contextlib.nullcontext()
-    try:
-        with hub as unreachable:
+    with hub as unreachable:
+        try:
             model = smp.create_model(
                 check_architecture(arch),
                 encoder_name=check_encoder(encoder),
@@ -87,33 +87,34 @@ def build_model(
                 classes=num_classes,
                 encoder_weights=None if local_file else encoder_weights,
             )
-    except Exception as err:  # noqa: BLE001 - a hub download fails in many ways
-        if encoder_weights != "imagenet":
-            raise
-        reason = unreachable or (str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
-        raise ConfigError(
-            f"encoder_weights = 'imagenet': {encoder}'s weights could not be had from the model "
-            f"hub ({reason}); give a local weights file, or none, on a machine without network"
-        ) from None
+        except Exception as err:  # noqa: BLE001 - a hub download fails in many ways
+            if encoder_weights != "imagenet":
+                raise
+            # A download's failure (an OSError) is the unknown host's; any other, its own.
+            if unreachable and isinstance(err, OSError):
+                reason = unreachable
+            else:
+                reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ConfigError(
+                f"encoder_weights = 'imagenet': {encoder}'s weights could not be had from the "
+                f"model hub ({reason}); give a local weights file, or none, on a machine without "
+                "network"
+            ) from None
     if local_file:
         load_encoder_weights(model, Path(encoder_weights), in_channels)
     return model
 
 
-# Where a proxy is set, it resolves the hub's name, not this machine.
-PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
 @contextlib.contextmanager
 def _hub_as_reachable():
-    """The model hub as this machine can reach it. Where no name server knows the hub (a
-    machine without network), its local cache alone, at once: the hub would retry for about 25 s
-    and then fall back to the cache anyway. Yields why the hub is out of reach, or None. Its
-    retry warnings are not printed either way: a refusal is one line."""
+    """Yields why the model hub is out of reach, or None. Where no name server knows the hub (a
+    machine without network) and nothing is cached, the hub would retry for about 25 s before
+    failing: it is asked offline instead, and fails at once. Its retry warnings are not
+    printed either way: a refusal is one line."""
     from huggingface_hub import constants
 
     host = urlparse(constants.HUGGINGFACE_CO_URL_TEMPLATE).hostname
-    unreachable = None if _resolves(host) else f"{host} is not known here, nor the weights cached"
+    unreachable = None if _may_reach(host) else f"{host} is not known here, nor the weights cached"
     hub_logger = logging.getLogger("huggingface_hub")
     level, offline = hub_logger.level, constants.HF_HUB_OFFLINE
     hub_logger.setLevel(logging.ERROR)
@@ -125,12 +126,14 @@ def _hub_as_reachable():
         hub_logger.setLevel(level)
 
 
-def _resolves(host: str) -> bool:
-    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+def _may_reach(host: str) -> bool:
+    """False only where no proxy is set (a proxy resolves the name, not this machine) and this
+    machine's name servers do not know ``host``."""
+    if any(urllib.request.getproxies().get(scheme) for scheme in ("https", "http", "all")):
         return True
     try:
         socket.getaddrinfo(host, 443)
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a host name that cannot be one
         return False
     return True
 

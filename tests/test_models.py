@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from defectforge.core.errors import DataError
-from defectforge.segmentation.models import PROXY_VARIABLES, architecture_names, build_model
+from defectforge.segmentation.models import architecture_names, build_model
 
 pytestmark = pytest.mark.floors  # .ci/floors runs them at the lowest versions
 
@@ -74,8 +74,7 @@ def test_encoder_weights_of_another_encoder_or_an_unreachable_hub_are_one_line(
     # warnings.
     monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", "https://hub.invalid/{repo_id}")
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    for name in PROXY_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("urllib.request.getproxies", dict)  # no proxy to resolve it either
     offline = hub.HF_HUB_OFFLINE
     with caplog.at_level(logging.WARNING), pytest.raises(ConfigError) as refused:
         build_model("unet", "resnet18", 3, 2, encoder_weights="imagenet")
@@ -86,7 +85,12 @@ def test_encoder_weights_of_another_encoder_or_an_unreachable_hub_are_one_line(
     )
     assert not caplog.records and hub.HF_HUB_OFFLINE == offline  # the hub's own, back
 
-    # A machine that says it has no network (HF_HUB_OFFLINE=1), its hub's name known or not.
+    # A machine that says it has no network (HF_HUB_OFFLINE=1) though its hub's name is known:
+    # the hub's own reason.
+    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", "https://localhost/{repo_id}")
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ConfigError, match="'imagenet': resnet18's weights could not be had"):
+    with pytest.raises(
+        ConfigError, match="'imagenet': resnet18's weights could not be had"
+    ) as refused:
         build_model("unet", "resnet18", 3, 2, encoder_weights="imagenet")
+    assert "not known here" not in str(refused.value)
