@@ -382,6 +382,10 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
         snapshot_kimg=0.016,
         metric_images=16,
         workers=2,  # as many as the session has CPUs: each gets half, Ray Data keeps one
+        # Its untrained generator is far from the sample (SWD 330; seed 0's is 258): four steps
+        # beat it by 30 or more, where seed 0's beat it by 2-5, or lost by as much (one run in
+        # four here), and no snapshot would be published.
+        seed=3,
         **{k: v for k, v in SMALL.items()},
     )
     run = Location.of(s3_server.make_bucket("gan-runs")) / "gan"
