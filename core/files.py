@@ -152,8 +152,20 @@ def load_state_dict_file(path: Path, what: str) -> dict:
 STATE_FILE = "state.pt"
 
 
+def _writer_host() -> str:
+    """This machine as writers' names give it: its host name and, where Linux says, its
+    process-id namespace. Containers that share a host name and a folder (host networking, a
+    mounted /tmp) each see only their own processes: one must never judge another's pids."""
+    host = socket.gethostname()
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return host
+    return f"{host}.pidns{namespace.removeprefix('pid:[').removesuffix(']')}"
+
+
 # Who is writing: staging folders and marks are named PREFIX + HOST-PID-RANDOM.
-WRITER_HOST = socket.gethostname()
+WRITER_HOST = _writer_host()
 
 
 def writer_of(name: str, prefix: str) -> tuple[str, int] | None:
@@ -175,8 +187,8 @@ def private_folder(parent: Path, prefix: str, suffix: str = "") -> Path:
 
 def remove_dead_writers(parent: Path, prefix: str) -> list[Path]:
     """Remove the ``private_folder``s of ``prefix`` in ``parent`` whose process, on this host,
-    is gone. Folders of other hosts (shared storage) and of earlier versions (no pid in the
-    name) are left alone. Returns the folders removed."""
+    is gone. Folders of other hosts (shared storage, another container's process-id namespace)
+    and of earlier versions are left alone. Returns the folders removed."""
     removed = []
     for folder in parent.glob(f"{glob.escape(prefix)}*"):
         writer = writer_of(folder.name, prefix)

@@ -1,11 +1,14 @@
 """Every location on object storage, against a real S3-compatible server (SeaweedFS, started by
 the session's `s3_server` fixture and reached through the standard AWS variables only): a
-dataset built, trained on, exported and served from a bucket, with `predict` in a fresh process
-that starts no Ray; copy-paste sets made and combined there; the publish rules where there is no rename; one line for a store that
-refuses, is missing or cannot be reached, from the client or from a node; and no credential in
-anything written. The GAN on a store (two workers, resume) is in test_gan.py, a pipeline on a
-cluster whose nodes share no folder in test_cluster_jobs.py."""
+dataset built (its copied images listed there), trained on, exported and served from a bucket,
+with `predict` in a fresh process that starts no Ray; copy-paste sets made and combined there;
+the publish rules where there is no rename; one line for a store that refuses, is missing or
+cannot be reached, from the client or from a node; and no credential in anything written. The
+GAN on a store (two workers, resume) is in test_gan.py, a pipeline on a cluster whose nodes
+share no folder in test_cluster_jobs.py."""
 
+import csv
+import io
 import os
 import shutil
 import subprocess
@@ -32,17 +35,29 @@ def bucket(s3_server) -> str:
 
 
 def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
-    ray_session, bucket, sample_root, tmp_path, capsys
+    ray_session, bucket, sample_root, sample_copy, tmp_path, capsys
 ):
     data, run, export = f"{bucket}/data/neu", f"{bucket}/runs/seg", f"{bucket}/exports/seg"
-    build = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", data]
+    # A val image copied into train: the build keeps both in val and lists them on the store.
+    copied = sorted((sample_copy / "images" / "val").glob("*.jpg"))[0]
+    shutil.copy(copied, sample_copy / "images" / "train" / "copy.jpg")
+    shutil.copy(
+        sample_copy / "masks" / "val" / f"{copied.stem}.png",
+        sample_copy / "masks" / "train" / "copy.png",
+    )
+    build = ["data", "build", "--source", "neu-seg", "--root", str(sample_copy), "--out", data]
     assert main(build) == 0
     assert {split: c.total for split, c in Manifest.load(data).counts.items()} == {
         "train": 42,
-        "val": 15,
+        "val": 16,
         "test": 0,
     }
-    assert read_split_table(data, "val").num_rows == 15
+    assert read_split_table(data, "val").num_rows == 16
+    twins = list(csv.DictReader(io.StringIO((Location.of(data) / "twins.csv").read_text())))
+    assert sorted((row["given_split"], row["split"]) for row in twins) == [
+        ("train", "val"),
+        ("val", "val"),
+    ]
     assert main(build) == 2  # the publish rules hold on the store
     assert "output folder already exists" in capsys.readouterr().err
 
@@ -55,7 +70,7 @@ def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
     # --overwrite replaces only an output of its own kind, read from the record on the store.
     assert main(["seg", "export", run, "--out", data, "--overwrite"]) == 2
     assert "this folder holds a dataset, not an export" in capsys.readouterr().err
-    assert read_split_table(data, "val").num_rows == 15
+    assert read_split_table(data, "val").num_rows == 16
 
     # A production line: a fresh process, the standard variables, a cache of its own, no Ray.
     program = (

@@ -491,3 +491,31 @@ def test_scratch_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
         assert not left.exists() and Path(folder).is_dir()
         assert other_host.is_dir() and unrelated.is_dir()
     assert not Path(folder).exists()
+
+
+def _can_make_pid_namespaces() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_pid_namespaces(), reason="needs Linux pid namespaces (root)")
+def test_scratch_of_a_live_process_is_kept_by_one_in_another_pid_namespace(tmp_path):
+    """Containers that share a host name and a folder (host networking, a mounted /tmp) do not
+    see each other's processes: one must not take another's live writer for a dead one."""
+    from defectforge.core.files import scratch_path
+
+    mine = scratch_path("ckpt", tmp_path)
+    (mine / "model.pt").write_bytes(bytes(999))
+    # Making a scratch folder of its own is when a process clears those of dead writers.
+    in_a_container = (
+        "import sys\n"
+        "from defectforge.core.files import scratch_folder\n"
+        "with scratch_folder('ckpt', sys.argv[1]):\n"
+        "    pass\n"
+    )
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+    done = subprocess.run([*command, in_a_container, str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (mine / "model.pt").is_file()
