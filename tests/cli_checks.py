@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -17,6 +19,15 @@ from defectforge.cli import main
 _RAY_FORWARDED = re.compile(
     r"^(?:\x1b\[[0-9;]*m)*\((?:raylet\b|autoscaler \+|[^\n]*?\bpid=\w+(?:, ip=[^)\s]+)?\))"
 )
+
+
+def can_unshare(*namespaces: str) -> bool:
+    """Whether this machine lets a process into new Linux namespaces (``unshare`` flags, e.g.
+    ``--mount``): tests that need them are skipped elsewhere."""
+    if not shutil.which("unshare"):
+        return False
+    done = subprocess.run(["unshare", *namespaces, "true"], capture_output=True, check=False)
+    return done.returncode == 0
 
 
 def error_lines(stderr: str) -> list[str]:

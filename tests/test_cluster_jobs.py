@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_checks import error_lines
+from cli_checks import can_unshare, error_lines
 from s3server import credentials, objects_holding
 
 from defectforge.cli import main
@@ -47,12 +47,7 @@ def cluster_spec(data: Path, storage: Path) -> dict:
     }
 
 
-def _can_make_mount_namespaces() -> bool:
-    done = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
-    return done.returncode == 0
-
-
-NAMESPACES = bool(shutil.which("unshare")) and _can_make_mount_namespaces()
+NAMESPACES = can_unshare("--mount")
 needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="needs Linux mount namespaces (root)")
 
 

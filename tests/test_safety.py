@@ -21,7 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from cli_checks import error_lines, refused, snapshot
+from cli_checks import can_unshare, error_lines, refused, snapshot
 
 from defectforge.cli import main
 from defectforge.core.errors import DataError
@@ -493,14 +493,12 @@ def test_scratch_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     assert not Path(folder).exists()
 
 
-def _can_make_pid_namespaces() -> bool:
-    if not shutil.which("unshare"):
-        return False
-    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], check=False)
-    return done.returncode == 0
+IN_A_NEW_PID_NAMESPACE = ("--pid", "--fork", "--mount-proc")
 
 
-@pytest.mark.skipif(not _can_make_pid_namespaces(), reason="needs Linux pid namespaces (root)")
+@pytest.mark.skipif(
+    not can_unshare(*IN_A_NEW_PID_NAMESPACE), reason="needs Linux pid namespaces (root)"
+)
 def test_scratch_of_a_live_process_is_kept_by_one_in_another_pid_namespace(tmp_path):
     """Containers that share a host name and a folder (host networking, a mounted /tmp) do not
     see each other's processes: one must not take another's live writer for a dead one."""
@@ -515,7 +513,7 @@ def test_scratch_of_a_live_process_is_kept_by_one_in_another_pid_namespace(tmp_p
         "with scratch_folder('ckpt', sys.argv[1]):\n"
         "    pass\n"
     )
-    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
+    command = ["unshare", *IN_A_NEW_PID_NAMESPACE, sys.executable, "-c"]
     done = subprocess.run([*command, in_a_container, str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (mine / "model.pt").is_file()
