@@ -157,16 +157,17 @@ def check_output(
             "--overwrite never replaces a training run's folder (its checkpoints would go)",
             f"choose another {flag}, or move the run away yourself",
         )
+    if not written_by_defectforge(final):
+        # Said whatever the flags, as above.
+        raise DataError(
+            final,
+            f"output folder already exists, and --overwrite replaces only folders defectforge "
+            f"wrote: this one has no {OUTPUT_RECORD} (nor a dataset manifest or export record)",
+            f"choose another {flag}, or move the folder away yourself",
+        )
     if not overwrite:
         raise DataError(
             final, "output folder already exists", f"pass --overwrite or choose another {flag}"
-        )
-    if not written_by_defectforge(final):
-        raise DataError(
-            final,
-            f"--overwrite replaces only folders defectforge wrote, and this one has no "
-            f"{OUTPUT_RECORD} (nor a dataset manifest or export record)",
-            f"choose another {flag}, or move the folder away yourself",
         )
     refuse_another_kind(final, _recorded_kind(final) or _earlier_kind(final), kind, flag)
     return final

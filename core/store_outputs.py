@@ -89,7 +89,14 @@ def check_output(
             "--overwrite never replaces a training run's folder (its checkpoints would go)",
             f"choose another {flag}, or move the run away yourself",
         )
-    ours = record in names or any(name.startswith(WRITING_MARK) for name in names)
+    if record not in names and not any(name.startswith(WRITING_MARK) for name in names):
+        # Said whatever the flags: advising --overwrite here would only lead to this refusal.
+        raise DataError(
+            final,
+            f"output folder already exists, and --overwrite replaces only folders defectforge "
+            f"wrote: this one has no {record}",
+            f"choose another {flag}, or move the objects away yourself",
+        )
     if not overwrite:
         problem = (
             "output folder already exists"
@@ -97,12 +104,6 @@ def check_output(
             else "holds an unfinished upload (another command may still be writing it)"
         )
         raise DataError(final, problem, f"pass --overwrite or choose another {flag}")
-    if not ours:
-        raise DataError(
-            final,
-            f"--overwrite replaces only folders defectforge wrote, and this one has no {record}",
-            f"choose another {flag}, or move the objects away yourself",
-        )
     return final
 
 

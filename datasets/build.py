@@ -24,7 +24,7 @@ from defectforge.datasets.discover import (
     discover_neu_seg,
     read_class_file,
 )
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS, INPUT_BITS
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS, INPUT_BITS, SKIP_BAD_HINT
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import guess_channels, load_sample
 from defectforge.datasets.samples import SampleRef, SampleSpec
@@ -33,8 +33,9 @@ from defectforge.datasets.twins import Twins
 
 SOURCES = ("neu-seg", "folder", "steel")
 # Raised when a build of the same files with the same settings makes other data, so that a
-# pipeline builds its data stage again (2: pixel-identical images kept in one split).
-BUILD_RULES = 2
+# pipeline builds its data stage again (2: pixel-identical images kept in one split; 3: mask
+# trees, split and class folders as users name them, hidden files left out, EXIF orientation).
+BUILD_RULES = 3
 # A load's rows: the contract's columns and what the manifest and --skip-bad need.
 LOAD_SCHEMA = (
     SCHEMA.append(pa.field("rejected", pa.string()))
@@ -230,6 +231,7 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
         )
         channels = 3
     else:
+        file_classes, folder_classes = read_class_file(cfg.root)
         refs = discover_folder(
             cfg.root,
             cfg.dataset_name,
@@ -237,8 +239,8 @@ def discover(cfg: BuildConfig) -> tuple[list[SampleRef], SampleSpec]:
             cfg.mask_suffix,
             cfg.class_from_folder,
             cfg.group_by,
+            frozenset([*(cfg.classes or file_classes or ()), *folder_classes]),
         )
-        file_classes, folder_classes = read_class_file(cfg.root)
         classes = cfg.classes or file_classes or _default_folder_classes(cfg, refs, folder_classes)
         channels = cfg.channels or guess_channels([ref.image_path for ref in refs], cfg.input_bits)
     spec = SampleSpec(
@@ -263,8 +265,10 @@ def _default_folder_classes(
 ) -> tuple[str, ...]:
     if not cfg.class_from_folder:
         return ("background", "defect")
+    # A folder none of whose images has a mask (MVTec AD's good/) names no defect class.
     named = sorted(
-        {folder_classes.get(r.folder_class, r.folder_class) for r in refs} - {"background"}
+        {folder_classes.get(r.folder_class, r.folder_class) for r in refs if r.mask_path}
+        - {"background", None}
     )
     return ("background", *named)
 
@@ -334,10 +338,17 @@ def check_rejections(summary_rows: list[dict], cfg: BuildConfig, rejected_csv: P
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "reason"])
             for row in rejected:
-                writer.writerow([row["id"], row["origin"], row["rejected"]])
+                writer.writerow(
+                    [row["id"], row["origin"], row["rejected"].removesuffix(SKIP_BAD_HINT)]
+                )
     good = [r for r in summary_rows if not r["rejected"]]
     if not good:
-        raise DataError(cfg.root, "every sample was rejected", "see rejected.csv for the reasons")
+        path, problem, fix = _split_message(rejected[0]["rejected"], "")
+        raise DataError(
+            cfg.root,
+            f"every sample was rejected, so nothing was written; the first: {path}: {problem}",
+            fix.removesuffix(SKIP_BAD_HINT),
+        )
     return good
 
 
@@ -378,7 +389,8 @@ def missing_splits(manifest: Manifest, cfg: BuildConfig) -> str:
     fix = (
         "add " + " and ".join(f"images/{split} with masks/{split}" for split in missing)
         if cfg.source == "neu-seg"
-        else "add images (or a folder of the split's name beside the others), or give the "
+        else "move some images into a folder of the split's name beside the others (images "
+        "in split folders keep their split), or, for images outside split folders, give the "
         "missing split a larger share with --split-ratios (train,val,test, e.g. 0.6,0.2,0.2)"
     )
     return (

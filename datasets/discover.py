@@ -19,9 +19,12 @@ from defectforge.datasets.samples import (
     SampleRef,
     carve_test_split,
     hash_split,
+    image_files,
     masks_among,
     refuse_same_names,
     require_folder,
+    split_named,
+    visible,
 )
 
 NEU_SEG_CLASSES = ("background", "inclusion", "patches", "scratches")
@@ -29,12 +32,18 @@ CLASS_FILES = ("classes.yaml", "classes.yml", "classes.json")
 # A mask's formats, in the order one is looked for: lossless first; JPEG masks are read like
 # soft masks (--mask-threshold).
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+# Names (any case) of a folder of images beside a folder of their masks, and of that mask folder.
+IMAGE_TREES = ("images", "image", "imgs", "img")
+MASK_TREES = (
+    "masks",
+    "mask",
+    "labels",
+    "label",
+    "annotations",
+    "ground_truth",
+    "groundtruth",
+    "gt",
+)
 
 
 def _require_images(root: Path, found: list) -> None:
@@ -64,7 +73,7 @@ def discover_neu_seg(root: str | Path, test_fraction: float = 0.0) -> list[Sampl
                 f"unknown split folder {split_folder.name!r}",
                 f"rename it to one of {', '.join(SPLITS)}",
             )
-        for image in _images_in(split_folder):
+        for image in image_files(split_folder):
             sample_id = f"neu-seg/{split_folder.name}/{image.stem}"
             mask = find_mask(root / "masks" / split_folder.name, image.stem)
             refs.append(
@@ -121,49 +130,109 @@ def discover_folder(
     mask_suffix: str = "",
     class_from_folder: bool = False,
     group_by: str = "",
+    class_names: frozenset[str] = frozenset(),
 ) -> list[SampleRef]:
-    """Generic layout: ``images/`` + ``masks/`` trees, or masks beside their images.
+    """Generic layout: masks beside their images, or in a mask tree (``masks/``, ``labels/``,
+    ``ground_truth/``, ... in any case) at the path of their image under ``images/`` (or under
+    the root), the split folder optionally left out as MVTec AD does.
 
-    A first path component named train/val/test sets the split; otherwise a hash of the id does,
-    or of its group (``group_by``), so near-duplicates (one part, one coil) share a split.
+    A first folder naming a split (``train``, ``Val``, ``validation``, ...) sets it; otherwise a
+    hash of the id does, or of its group (``group_by``), so near-duplicates (one part, one coil)
+    share a split. A mask that matches no image is refused: it means the layout was misread.
     """
     root = Path(root)
     require_folder(root, "--root")
-    paired = (root / "images").is_dir() and (root / "masks").is_dir()
-    image_root = root / "images" if paired else root
-    found = _images_in(image_root)
-    masks = set() if paired else masks_among(found, mask_suffix)
-    images = [p for p in found if p not in masks]
+    mask_tree = _subfolder_named(root, MASK_TREES)
+    image_root = (_subfolder_named(root, IMAGE_TREES) if mask_tree else None) or root
+    found = [p for p in image_files(image_root) if mask_tree not in p.parents]
+    beside = masks_among(found, mask_suffix)
+    images = [p for p in found if p not in beside]
     _require_images(root, images)
     find_mask = MaskFinder(mask_suffix)
     refs = []
     for image in images:
         relative = image.relative_to(image_root)
         sample_id = f"{dataset}/{relative.with_suffix('').as_posix()}"
-        if paired:
-            mask = find_mask((root / "masks" / relative).parent, image.stem)
-        else:
-            mask = find_mask(image.parent, image.stem, exclude=image)
-        first = relative.parts[0] if len(relative.parts) > 1 else ""
+        mask = _mask_in_tree(find_mask, mask_tree, relative) if mask_tree else None
+        mask = mask or find_mask(image.parent, image.stem, exclude=image)
+        named_split = split_named(relative.parts[0]) if len(relative.parts) > 1 else None
         group = group_key(relative, group_by)
         hashed = f"{dataset}/group/{group}" if group is not None else sample_id
-        split = first if first in SPLITS else hash_split(hashed, split_ratios)
+        split = named_split or hash_split(hashed, split_ratios)
         # A folder the user named a split keeps its images, whatever group they are in.
-        group = None if first in SPLITS else group
-        folder_class = _top_folder(relative) if class_from_folder else None
+        group = None if named_split else group
+        folder_class = _class_folder(relative, class_names) if class_from_folder else None
         refs.append(
             SampleRef(
                 sample_id, str(image), str(mask) if mask else None, split, folder_class, group
             )
         )
     refuse_same_names([(ref.id, Path(ref.image_path)) for ref in refs])
+    tree_masks = set(image_files(mask_tree)) if mask_tree else set()
+    _refuse_masks_not_one_per_image(tree_masks | beside, refs, image_root, mask_tree, mask_suffix)
     return refs
 
 
-def _top_folder(relative: Path) -> str | None:
-    """The first folder under the root that is not a split folder: the class's folder."""
-    folders = [part for part in relative.parts[:-1] if part not in SPLITS]
-    return folders[0] if folders else None
+def _subfolder_named(root: Path, names: tuple[str, ...]) -> Path | None:
+    """``root``'s folder named one of ``names`` in any case (the first of them there is)."""
+    folders = {p.name.lower(): p for p in root.iterdir() if p.is_dir() and visible(p.name)}
+    return next((folders[name] for name in names if name in folders), None)
+
+
+def _mask_in_tree(find_mask: MaskFinder, mask_tree: Path, relative: Path) -> Path | None:
+    """The image's mask at its path under the mask tree, or at that path without its split
+    folder (MVTec AD: ``test/crack/000.png`` -> ``ground_truth/crack/000_mask.png``)."""
+    mask = find_mask((mask_tree / relative).parent, relative.stem)
+    if mask is None and len(relative.parts) > 1 and split_named(relative.parts[0]):
+        mask = find_mask((mask_tree / Path(*relative.parts[1:])).parent, relative.stem)
+    return mask
+
+
+def _refuse_masks_not_one_per_image(
+    masks: set[Path],
+    refs: list[SampleRef],
+    image_root: Path,
+    mask_tree: Path | None,
+    mask_suffix: str,
+) -> None:
+    """Masks no image took would be lost without a word (a build of defect-free images, with
+    --missing-mask background), and one two images took would label one of them wrongly:
+    refused, naming the first."""
+    taken: dict[str, str] = {}
+    for ref in refs:
+        if ref.mask_path in taken:
+            raise DataError(
+                ref.mask_path,
+                f"mask is the one of two images, {taken[ref.mask_path]} and {ref.image_path}",
+                "give each image its own mask (keep the split folder in the mask's path, or "
+                "rename one image and its mask)",
+            )
+        if ref.mask_path:
+            taken[ref.mask_path] = ref.image_path
+    unmatched = sorted(masks - {Path(path) for path in taken})
+    if not unmatched:
+        return
+    where = (
+        f"at its image's path under {mask_tree.name}/ as the image is under "
+        f"{image_root.name}/ (a split folder may be left out), or beside its image"
+        if mask_tree
+        else "beside its image"
+    )
+    raise DataError(
+        unmatched[0],
+        f"mask matches no image ({len(unmatched)} of {len(masks)} masks do not)",
+        f"a mask takes its image's name{' plus ' + mask_suffix if mask_suffix else ''} and lies "
+        f"{where}: move or rename it, or remove masks whose image is gone",
+    )
+
+
+def _class_folder(relative: Path, class_names: frozenset[str]) -> str | None:
+    """The image's class folder: the innermost folder naming a known class, else the innermost
+    that is neither a split folder nor a folder of images (magnetic-tile's ``MT_Crack/Imgs``)."""
+    folders = [part for part in relative.parts[:-1] if split_named(part) is None]
+    known = [part for part in folders if part in class_names]
+    named = [part for part in folders if part.lower() not in IMAGE_TREES]
+    return (known or named or [None])[-1]
 
 
 def read_class_file(root: str | Path) -> tuple[tuple[str, ...] | None, dict[str, str]]:

@@ -9,7 +9,9 @@ header claims more than ``max_pixels`` pixels is refused without allocating it (
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -19,7 +21,9 @@ from PIL import Image, UnidentifiedImageError
 from defectforge.core.errors import DataError
 
 DEFAULT_MAX_PIXELS = 100_000_000
-SKIP_FIX = "re-export the file or remove it (or pass --skip-bad)"
+# Ends every fix that --skip-bad also gives; rejected.csv and a build that skipped leave it out.
+SKIP_BAD_HINT = " (or pass --skip-bad)"
+SKIP_FIX = "re-export the file or remove it" + SKIP_BAD_HINT
 # The last bytes of a complete file, per format: a copy cut short lacks them.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 NAMES_BY_FORMAT = {
@@ -28,6 +32,7 @@ NAMES_BY_FORMAT = {
     "BMP": (".bmp",),
     "TIFF": (".tif", ".tiff"),
 }
+EXIF_ORIENTATION = 0x0112
 # Bits per value a camera may store (those above 8 in 16-bit files, the upper bits zero).
 INPUT_BITS = (8, 10, 12, 14, 16)
 
@@ -35,6 +40,14 @@ INPUT_BITS = (8, 10, 12, 14, 16)
 def read_bytes(path: Path, what: str) -> bytes:
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise DataError(
+                path,
+                f"{what} is a link to {os.readlink(path)}, which does not exist",
+                "point the link at the file, or remove it" + SKIP_BAD_HINT,
+            ) from None
+        raise DataError(path, f"{what} cannot be read: file does not exist", SKIP_FIX) from None
     except PermissionError:
         raise DataError(
             path, f"{what} cannot be read: permission denied", "make it readable (chmod)"
@@ -48,9 +61,19 @@ def read_bytes(path: Path, what: str) -> bytes:
     return data
 
 
-def header(path: Path, data: bytes, what: str) -> tuple[str, int, int, str]:
-    """(format, width, height, Pillow's mode) from the file's header, without decoding its
-    pixels."""
+@dataclass(frozen=True)
+class Header:
+    """What a file's header says, read without decoding its pixels."""
+
+    format: str
+    width: int
+    height: int
+    mode: str  # Pillow's
+    orientation: int  # EXIF: 1 as stored, 2-8 turned or mirrored for display
+    pages: int
+
+
+def header(path: Path, data: bytes, what: str) -> Header:
     try:
         with warnings.catch_warnings():
             # Our own limit applies below; Pillow's bomb check would fire first on big headers.
@@ -58,13 +81,36 @@ def header(path: Path, data: bytes, what: str) -> tuple[str, int, int, str]:
             limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
                 with Image.open(io.BytesIO(data)) as image:
-                    return image.format or "unknown", image.width, image.height, image.mode
+                    return Header(
+                        image.format or "unknown",
+                        image.width,
+                        image.height,
+                        image.mode,
+                        _orientation(image),
+                        getattr(image, "n_frames", 1),
+                    )
             finally:
                 Image.MAX_IMAGE_PIXELS = limit
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise DataError(
             path, f"{what} cannot be read: not an image file in a known format", SKIP_FIX
         ) from None
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation where the header holds it (JPEG, TIFF, a PNG's eXIf chunk before
+    its pixels), never decoding the pixels to look further (``getexif`` would for a PNG); an
+    unreadable EXIF block counts as none, as viewers take it."""
+    try:
+        raw = image.info.get("exif")
+        if raw:
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(EXIF_ORIENTATION, 1))
+        tags = getattr(image, "tag_v2", None)
+        return int(tags.get(EXIF_ORIENTATION, 1)) if tags is not None else 1
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError, IndexError):
+        return 1
 
 
 def _format_note(path: Path, image_format: str) -> str:
@@ -87,38 +133,60 @@ def decode_file(
     not the colours they stand for."""
     path = Path(path)
     data = read_bytes(path, what)
-    image_format, width, height, mode = header(path, data, what)
-    if width * height > max_pixels:
-        megapixels = round(width * height / 1e6, 3)
+    head = header(path, data, what)
+    if head.width * head.height > max_pixels:
+        megapixels = round(head.width * head.height / 1e6, 3)
         raise DataError(
             path,
-            f"{what} header claims {width} x {height} pixels ({megapixels:g} MP), "
+            f"{what} header claims {head.width} x {head.height} pixels ({megapixels:g} MP), "
             f"above the limit of {max_pixels / 1e6:g} MP",
-            "raise --max-pixels if the image is genuine, or remove the file (or pass --skip-bad)",
+            "raise --max-pixels if the image is genuine, or remove the file" + SKIP_BAD_HINT,
         )
-    marker = END_MARKERS.get(image_format)
+    if head.pages > 1:
+        raise DataError(
+            path,
+            f"{what} holds {head.pages} pages, and one image per file is read",
+            "save each page as a file of its own (with its own mask), or remove the file"
+            + SKIP_BAD_HINT,
+        )
+    marker = END_MARKERS.get(head.format)
     if marker and not data.rstrip(b"\0").endswith(marker):
         raise DataError(
             path,
-            f"{what} cannot be read: {image_format} is truncated (no end marker)"
-            + _format_note(path, image_format),
+            f"{what} cannot be read: {head.format} is truncated (no end marker)"
+            + _format_note(path, head.format),
             SKIP_FIX,
         )
-    if palette_indices and mode == "P":
-        return _palette_indices(path, data, what)
+    if palette_indices and head.mode == "P":
+        return as_displayed(_palette_indices(path, data, what), head.orientation)
     try:
-        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        # Turned below, for every format and flag alike (UNCHANGED already ignores it).
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
     except (cv2.error, MemoryError) as err:
         problem = "out of memory" if isinstance(err, MemoryError) else "OpenCV failed to decode it"
         raise DataError(path, f"{what} cannot be read: {problem}", SKIP_FIX) from None
     if array is None:
         raise DataError(
             path,
-            f"{what} cannot be read: corrupt {image_format} data"
-            + _format_note(path, image_format),
+            f"{what} cannot be read: corrupt {head.format} data" + _format_note(path, head.format),
             SKIP_FIX,
         )
-    return array
+    return as_displayed(array, head.orientation)
+
+
+def as_displayed(array: np.ndarray, orientation: int) -> np.ndarray:
+    """The pixels as a viewer (and a labelling tool) shows them: a camera that stores its JPEGs
+    unturned with an EXIF orientation has its masks drawn on the turned view."""
+    turned = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, 1),
+    }.get(orientation)
+    return np.ascontiguousarray(turned(array)) if turned else array
 
 
 def _palette_indices(path: Path, data: bytes, what: str) -> np.ndarray:

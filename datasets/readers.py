@@ -10,14 +10,16 @@ import numpy as np
 
 from defectforge.core.errors import DataError
 from defectforge.datasets.contract import contract_row
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS, decode_file
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS, SKIP_BAD_HINT, decode_file
 from defectforge.datasets.samples import (
     IMAGE_SUFFIXES,
     SampleRef,
     SampleSpec,
+    image_files,
     masks_among,
     refuse_same_names,
     require_folder,
+    visible,
 )
 from defectforge.datasets.steel import folder_digest, read_steel_image
 from defectforge.datasets.twins import pixel_digest
@@ -30,6 +32,13 @@ def _image_pixels(path: Path, input_bits: int, max_pixels: int) -> np.ndarray:
     """The decoded image in 8 bits: images of more bits are shifted down by one scale for the
     whole set (a stretch per image would change what a defect looks like)."""
     array = decode_file(path, "image", max_pixels)
+    if array.dtype not in (np.uint8, np.uint16):
+        raise DataError(
+            path,
+            f"image has {array.dtype} pixels, and 8-bit or 16-bit integer images are read",
+            "save it as an 8-bit image, or as a 16-bit PNG/TIFF of the camera's integer values "
+            "(then build with --input-bits)",
+        )
     if input_bits == 8:
         if array.dtype != np.uint8:
             raise DataError(
@@ -101,16 +110,19 @@ def read_image(
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
-def _without_opaque_alpha(path: Path, array: np.ndarray) -> np.ndarray:
-    """An alpha channel that hides nothing is dropped; one that does is refused."""
+def _without_opaque_alpha(path: Path, array: np.ndarray, what: str = "image") -> np.ndarray:
+    """An alpha channel that hides nothing is dropped; one that does is refused. (OpenCV reads
+    grey + alpha as four channels too.)"""
     if array.ndim != 3 or array.shape[2] != 4:
         return array
-    if (array[:, :, 3] != 255).any():
-        raise DataError(
-            path,
-            "image has a transparent alpha channel",
-            "save it without alpha, as grey or RGB, with the background it should have",
+    opaque = np.iinfo(array.dtype).max
+    if (array[:, :, 3] != opaque).any():
+        fix = (
+            "save it without alpha, as grey or RGB, with the background it should have"
+            if what == "image"
+            else "save masks as single-channel PNG of class ids (or 0/255 levels), without alpha"
         )
+        raise DataError(path, f"{what} has a transparent alpha channel", fix)
     return array[:, :, :3]
 
 
@@ -131,7 +143,7 @@ def read_mask(
 ) -> np.ndarray:
     """HxW uint8 of class ids in ``spec.output_classes``."""
     path = Path(path)
-    array = _mask_pixels(path, spec.max_pixels)
+    array = _without_opaque_alpha(path, _mask_pixels(path, spec.max_pixels), "mask")
     if array.ndim == 3:
         if not _is_grey(array):
             raise DataError(
@@ -139,10 +151,16 @@ def read_mask(
             )
         array = array[:, :, 0]
     if array.shape != shape:
+        turned = (
+            " (sides swapped: an image with an EXIF orientation is read turned, as viewers show it)"
+            if array.shape == shape[::-1]
+            else ""
+        )
         raise DataError(
             path,
-            f"mask is {array.shape[1]}x{array.shape[0]} but its image is {shape[1]}x{shape[0]}",
-            "masks must match their image pixel for pixel",
+            f"mask is {array.shape[1]}x{array.shape[0]} but its image is "
+            f"{shape[1]}x{shape[0]}{turned}",
+            "masks must match their image pixel for pixel, as the image is shown",
         )
     if spec.mask_threshold is not None:
         defect = array >= spec.mask_threshold
@@ -200,15 +218,15 @@ def _read_input(ref: SampleRef, spec: SampleSpec) -> tuple[np.ndarray, bytes]:
 
 def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     """Decode, check and encode one sample as a contract row (plus its input digest)."""
+    image, image_digest = _read_input(ref, spec)  # an unreadable image is told first
     if ref.mask_path is None and not spec.missing_mask_is_background:
         raise DataError(
             ref.image_path,
             "no mask found for this image",
-            "add its mask (the same name under masks/, or beside it with the --mask-suffix; "
-            "png/bmp/tif/jpg), pass --missing-mask background if images without a mask are "
-            "defect-free, or remove the image (or pass --skip-bad)",
+            "add its mask (the same name under masks/ or labels/, or beside it with the "
+            "--mask-suffix; png/bmp/tif/jpg), pass --missing-mask background if images without "
+            "a mask are defect-free, or remove the image" + SKIP_BAD_HINT,
         )
-    image, image_digest = _read_input(ref, spec)
     if ref.mask_path is None:
         mask, mask_bytes = np.zeros(image.shape[:2], np.uint8), b"no mask"
     else:
@@ -245,7 +263,9 @@ def list_images(folder: str | Path, mask_suffix: str = "") -> list[Path]:
     if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
         return [folder]
     require_folder(folder, "--images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and visible(p.name)
+    )
     masks = masks_among(files, mask_suffix)
     images = [p for p in files if p not in masks]
     if not images:
@@ -264,8 +284,4 @@ def images_in_subfolders(folder: str | Path) -> int:
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    return sum(
-        1
-        for p in folder.rglob("*")
-        if p.parent != folder and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
+    return sum(1 for p in image_files(folder) if p.parent != folder)

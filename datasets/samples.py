@@ -4,6 +4,7 @@ and the deterministic split rule. Shared by discovery, decoding and the steel la
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,22 @@ from defectforge.datasets.contract import SPLITS
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Folders that operating systems, NAS boxes and archivers add beside a user's images (their
+# thumbnails and resource forks are image-named files, never samples); names starting with a dot
+# are hidden likewise.
+SYSTEM_FOLDERS = frozenset(
+    {"__macosx", "@eadir", "#recycle", "#snapshot", "$recycle.bin", "system volume information"}
+)
+# Split folder names as people write them, to the split they name.
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,37 @@ def carve_test_split(sample_id: str, split: str, test_fraction: float) -> str:
         if hash_split(sample_id, (1 - test_fraction, 0.0, test_fraction)) == "test"
         else split
     )
+
+
+def visible(name: str) -> bool:
+    """Whether a file or folder name is the user's: hidden and system ones are not."""
+    return not name.startswith(".") and name.lower() not in SYSTEM_FOLDERS
+
+
+def split_named(folder: str) -> str | None:
+    """The split a folder's name gives (``Train``, ``validation``), or None."""
+    return SPLIT_NAMES.get(folder.lower())
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every visible image file under ``root``, sorted, following linked folders (each real
+    folder once, so a link to a folder above cannot loop). A link to a missing file is listed:
+    reading it says so."""
+    found = []
+    seen = set()
+    for folder, folders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [name for name in folders if visible(name)]
+        found.extend(
+            Path(folder) / name
+            for name in files
+            if visible(name) and Path(name).suffix.lower() in IMAGE_SUFFIXES
+        )
+    return sorted(found)
 
 
 def masks_among(paths: list[Path], mask_suffix: str) -> set[Path]:

@@ -136,9 +136,10 @@ def test_publishing_on_a_store_counts_a_folder_only_once_its_record_is_there(buc
 
     foreign = Location.of(f"{bucket}/foreign")
     (foreign / "theirs.txt").write_text("not ours")
-    with pytest.raises(DataError, match="replaces only folders defectforge wrote"):
-        with publish_dir(foreign.uri, overwrite=True):
-            pass
+    for overwrite in (False, True):  # never advised to pass the flag that is then refused
+        with pytest.raises(DataError, match="replaces only folders defectforge wrote"):
+            with publish_dir(foreign.uri, overwrite=overwrite):
+                pass
     assert (foreign / "theirs.txt").read_text() == "not ours"
 
 

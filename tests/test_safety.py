@@ -69,7 +69,8 @@ def test_overwrite_refuses_a_folder_defectforge_did_not_write(sample_root, tmp_p
     refused(
         capsys,
         build_over(sample_root, notes),
-        f"{notes}: --overwrite replaces only folders defectforge wrote",
+        f"{notes}: output folder already exists, and --overwrite replaces only folders "
+        "defectforge wrote",
         "move the folder away yourself",
     )
     assert (notes / "todo.txt").read_text() == "my notes" and no_leftovers(tmp_path)
