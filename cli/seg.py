@@ -86,14 +86,13 @@ def _build_predict(predict) -> None:
     predict.add_argument(
         "--runtime",
         choices=["onnx", "torchscript"],
-        default="onnx",
         help="for an export: which of its two files runs (default: onnx)",
     )
     predict.add_argument(
         "--device",
         choices=["cpu", "cuda"],
-        default="cpu",
-        help="for an export: where it runs (cuda: onnxruntime-gpu or torch with CUDA)",
+        help="for an export: where it runs (cuda: onnxruntime-gpu or torch with CUDA; "
+        "default: cpu)",
     )
     predict.add_argument(
         "--heatmaps",
@@ -243,13 +242,15 @@ def _predict(args) -> None:
             model,
             args.images,
             args.out,
-            args.runtime,
+            args.runtime or "onnx",
             args.overwrite,
-            device=args.device,
+            device=args.device or "cpu",
             **options,
         )
     else:
         from defectforge.segmentation.inference import predict_folder
+
+        _refuse_export_options(args)
 
         rows = predict_folder(model, args.images, args.out, args.overwrite, **options)
     flagged = sum(row["verdict"] == "NG" for row in rows)
@@ -259,6 +260,24 @@ def _predict(args) -> None:
         f"{len(rows)} images: {flagged} NG, {len(rows) - flagged} OK; masks, overlays and "
         f"predictions.csv in {args.out}{listed}"
     )
+
+
+def _refuse_export_options(args) -> None:
+    """--runtime and --device choose how an export runs; a run folder runs in PyTorch on the CPU,
+    so either given with one would be ignored."""
+    from defectforge.core.errors import DataError
+
+    given = [
+        f"--{name} {value}" for name in ("runtime", "device") if (value := getattr(args, name))
+    ]
+    if given and given != ["--device cpu"]:
+        raise DataError(
+            args.model,
+            f"{' and '.join(given)} choose how an export runs, and this is a run folder (it "
+            "runs in PyTorch on the CPU)",
+            f"export it first (`defectforge seg export {args.model} --out EXPORT`) and predict "
+            "with --model EXPORT, or leave them out",
+        )
 
 
 def _model_folder(model: str) -> str:

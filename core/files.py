@@ -117,6 +117,10 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
 
 def require_files(folder: str | Path, names: tuple[str, ...], written_by: str) -> Path:
     folder = Path(folder)
+    if not folder.exists():
+        raise DataError(
+            folder, "does not exist", f"check the path: pass a run folder written by `{written_by}`"
+        )
     for name in names:
         if not (folder / name).is_file():
             raise DataError(

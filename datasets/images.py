@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,20 @@ NAMES_BY_FORMAT = {
     "PNG": (".png",),
     "BMP": (".bmp",),
     "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
 }
 EXIF_ORIENTATION = 0x0112
 # Bits per value a camera may store (those above 8 in 16-bit files, the upper bits zero).
 INPUT_BITS = (8, 10, 12, 14, 16)
+
+
+@contextmanager
+def without_skip_bad_hint() -> Iterator[None]:
+    """For commands without --skip-bad: their errors do not advise it."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(err.path, err.problem, err.fix.removesuffix(SKIP_BAD_HINT)) from None
 
 
 def read_bytes(path: Path, what: str) -> bytes:

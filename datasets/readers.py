@@ -164,8 +164,11 @@ def read_mask(
         )
     if spec.mask_threshold is not None:
         defect = array >= spec.mask_threshold
-        # A defect-free image may sit in a folder that names no class (e.g. MT_Free).
-        class_id = _folder_class_id(path, spec, folder_class) if defect.any() else 0
+        # A defect-free image may sit in a folder that names no class (e.g. MT_Free); a binary
+        # set counts every defect class as one.
+        class_id = (
+            _folder_class_id(path, spec, folder_class) if defect.any() and not spec.binary else 1
+        )
         array = (defect * class_id).astype(np.uint8)
     else:
         outside = np.unique(array[array >= len(spec.classes)])
@@ -189,7 +192,8 @@ def _folder_class_id(path: Path, spec: SampleSpec, folder_class: str | None) -> 
         raise DataError(
             path,
             f"a thresholded mask needs its defect class, and {list(spec.classes[1:])} are possible",
-            "pass --class-from-folder (class = folder name) or map folders in classes.yaml",
+            "pass --class-from-folder (class = folder name), map folders in classes.yaml, or "
+            "pass --binary (every defect class as one)",
         )
     name = spec.folder_classes.get(folder_class, folder_class)
     if name not in spec.classes:
@@ -256,26 +260,38 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     }
 
 
+def _own_image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and visible(p.name)
+    )
+
+
 def list_images(folder: str | Path, mask_suffix: str = "") -> list[Path]:
     """The images directly in ``folder`` (or the one image ``folder`` names); masks beside them
-    (``masks_among``) left out."""
+    (``masks_beside``) left out."""
     folder = Path(folder)
     if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
         return [folder]
     require_folder(folder, "--images")
-    files = sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and visible(p.name)
-    )
+    files = _own_image_files(folder)
     masks = masks_among(files, mask_suffix)
     images = [p for p in files if p not in masks]
     if not images:
+        below = images_in_subfolders(folder)
         raise DataError(
             folder,
-            f"no images found (looked for {', '.join(IMAGE_SUFFIXES)})",
-            "point --images at a folder of images",
+            f"no images found in it (looked for {', '.join(IMAGE_SUFFIXES)})"
+            + (f"; {below} lie in its subfolders, which are not read" if below else ""),
+            "point --images at a folder of images" + (", e.g. each subfolder" if below else ""),
         )
     refuse_same_names([(p.stem, p) for p in images])
     return images
+
+
+def masks_beside(folder: str | Path, mask_suffix: str = "") -> list[Path]:
+    """The files of ``folder`` that ``list_images`` leaves out as masks beside their images."""
+    folder = Path(folder)
+    return sorted(masks_among(_own_image_files(folder), mask_suffix)) if folder.is_dir() else []
 
 
 def images_in_subfolders(folder: str | Path) -> int:

@@ -21,6 +21,7 @@ from defectforge.core.files import (
 )
 from defectforge.core.storage import local_folder
 from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.exported import MODEL_JSON
 from defectforge.segmentation.models import build_model
 
 MODEL_FILE = "model.pt"
@@ -55,11 +56,22 @@ def load_model(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, SegConfig]:
     """Rebuild a model from ``config.json`` and load ``model.pt`` (weights only)."""
+    refuse_an_export(local_folder(folder))
     folder = require_files(local_folder(folder), (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
     cfg = SegConfig.load(folder / CONFIG_FILE)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
     load_weights(model, folder / MODEL_FILE, folder / CONFIG_FILE)
     return model.to(device).eval(), cfg
+
+
+def refuse_an_export(folder: Path) -> None:
+    """An export (``model.json``, no ``config.json``) given where a training run is read."""
+    if (folder / MODEL_JSON).is_file() and not (folder / CONFIG_FILE).is_file():
+        raise DataError(
+            folder,
+            "is an export (model.json), and this command reads a training run",
+            "pass the run folder of `seg train` it was exported from (`predict` takes an export)",
+        )
 
 
 def load_weights(model: nn.Module, weights: Path, config: Path) -> None:

@@ -22,7 +22,7 @@ from defectforge.datasets.contract import (
     split_files,
     split_location,
 )
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS, without_skip_bad_hint
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
@@ -142,19 +142,26 @@ def evaluate_folder(
     model, cfg = load_model(model_dir)
     # Masks on disk carry the dataset's classes; a binary model's masks are binarised after the check.
     mask_spec = SampleSpec(
-        "eval", tuple(cfg.classes), cfg.channels, binary=cfg.binary, mask_threshold=mask_threshold
+        "eval",
+        tuple(cfg.classes),
+        cfg.channels,
+        binary=cfg.binary or binary,
+        mask_threshold=mask_threshold,
     )
 
     def pairs():
         for path in tqdm(list_images(images, mask_suffix), desc="evaluate", unit="img"):
-            image = read_image(path, cfg.channels, input_bits=cfg.input_bits)
-            shape = image.shape[:2]
-            yield (
-                image,
-                _truth(
-                    path, Path(masks), shape, mask_spec, mask_suffix, missing_mask_is_background
-                ),
-            )
+            with without_skip_bad_hint():  # an evaluation skips nothing: it would score less
+                image = read_image(path, cfg.channels, input_bits=cfg.input_bits)
+                truth = _truth(
+                    path,
+                    Path(masks),
+                    image.shape[:2],
+                    mask_spec,
+                    mask_suffix,
+                    missing_mask_is_background,
+                )
+            yield image, truth
 
     return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs(), binary)
 

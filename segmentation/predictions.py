@@ -25,7 +25,12 @@ from defectforge.core.outputs import PREDICTIONS, publish_dir
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import encode_png
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
-from defectforge.datasets.readers import images_in_subfolders, list_images, read_image
+from defectforge.datasets.readers import (
+    images_in_subfolders,
+    list_images,
+    masks_beside,
+    read_image,
+)
 from defectforge.segmentation.decisions import (
     OPERATING_POINT_FILE,
     OperatingPoint,
@@ -68,6 +73,15 @@ def image_samples(
         )
         for path in list_images(images, mask_suffix)
     ]
+    masks = masks_beside(images, mask_suffix)
+    if masks:
+        print(
+            f"defectforge: warning: {images}: {len(masks)} files are taken for the masks of "
+            f"images beside them and not predicted (e.g. {masks[0].name}); rename an image "
+            "that shares its name with another"
+            + ("" if mask_suffix else " (a PNG beside a same-name JPEG or BMP is its mask)"),
+            file=sys.stderr,
+        )
     below = images_in_subfolders(images)
     if below:
         print(

@@ -231,3 +231,13 @@ def test_a_build_that_rejects_every_sample_says_why_in_its_line(tmp_path):
         check_rejections(rows, cfg, tmp_path / "rejected.csv")
     assert "the first: " in str(refused.value) and "transparent alpha" in str(refused.value)
     assert "--skip-bad" not in str(refused.value)
+
+
+def test_webp_images_are_read(tmp_path):
+    picture = np.random.default_rng(0).integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    assert cv2.imwrite(str(tmp_path / "p.webp"), picture, [cv2.IMWRITE_WEBP_QUALITY, 101])
+    _write(tmp_path / "p.png", np.zeros((16, 24), np.uint8))  # its mask, beside it
+    refs, spec = discover(BuildConfig(source="folder", root=str(tmp_path)))
+    (ref,) = refs
+    assert ref.image_path.endswith("p.webp") and ref.mask_path.endswith("p.png")
+    assert spec.channels == 3 and (load_sample(ref, spec)["height"], spec.channels) == (16, 3)

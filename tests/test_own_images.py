@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from cli_checks import error_lines
+from cli_checks import error_lines, refused
 from torch import nn
 
 from defectforge.cli import main
@@ -325,6 +325,53 @@ def test_predict_takes_one_image_or_a_model_file_and_says_what_subfolders_it_lea
     assert main([*whole, "--out", str(tmp_path / "all")]) == 0
     assert "1 images in its subfolders are not read" in capsys.readouterr().err
     assert len((tmp_path / "all" / "predictions.csv").read_text().splitlines()) == 3
+
+
+def test_what_predict_and_eval_would_leave_out_or_ignore_is_said(labeller, tmp_path, capsys):
+    """Found probing them as a new user: each was silent, or advised a fix that fails."""
+    grey = np.full((40, 56), 120, np.uint8)
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for name in ("a.png", "a.jpg", "b.png"):  # a.png is taken for the mask of a.jpg
+        cv2.imwrite(str(folder / name), grey)
+    run = ["predict", "--model", str(labeller), "--images", str(folder)]
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "p")]) == 0
+    assert "1 files are taken for the masks of images beside them" in capsys.readouterr().err
+    refused(
+        capsys,
+        [*run, "--out", str(tmp_path / "q"), "--device", "cuda"],
+        "--device cuda choose how an export runs, and this is a run folder",
+        "seg export",
+    )
+    (tmp_path / "deeper" / "line1").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "deeper" / "line1" / "c.png"), grey)
+    only_below = ["predict", "--model", str(labeller), "--images", str(tmp_path / "deeper")]
+    refused(capsys, [*only_below, "--out", str(tmp_path / "r")], "1 lie in its subfolders")
+
+    evaluate = ["seg", "eval", "--images", str(folder), "--masks", str(tmp_path / "masks")]
+    refused(
+        capsys,
+        ["seg", "eval", "--model", str(tmp_path / "nowhere"), "--images", str(folder)],
+        "nowhere: does not exist",
+    )
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.json").write_text("{}")
+    refused(capsys, [*evaluate, "--model", str(tmp_path / "export")], "is an export (model.json)")
+
+    (tmp_path / "masks").mkdir()
+    for stem in ("a", "b"):  # 0/255 masks against a model of three defect classes
+        mask = np.zeros((40, 56), np.uint8)
+        mask[10:20, 5:50] = 255
+        cv2.imwrite(str(tmp_path / "masks" / f"{stem}.png"), mask)
+    scored = [*evaluate, "--model", str(labeller), "--mask-threshold", "128", "--binary"]
+    assert main([*scored, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"] == 2
+    (folder / "b.png").write_bytes(b"")
+    assert main(scored) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert "b.png: image cannot be read: file is empty" in last
+    assert "--skip-bad" not in last  # seg eval has no such flag
 
 
 def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
