@@ -100,10 +100,29 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise ConfigError(f"{name} = {value!r}: must be of type {kind.__name__}")
+        raise ConfigError(
+            f"{name} = {value!r}: must be of type {kind.__name__}; {_type_fix(kind, value)}"
+        )
     if kind is float and not math.isfinite(value):
         raise ConfigError(f"{name} = {value!r}: must be a finite number")
     return value
+
+
+def _type_fix(kind: type, value: Any) -> str:
+    """How to write a value of ``kind``; YAML reads ``1e-3`` (no dot) as text, not a number."""
+    if kind in (int, float) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and math.isfinite(number):
+            return f"write it as a number, {number!r} (YAML reads {value} as text: write 1.0e-3, not 1e-3)"
+    return {
+        int: "write a whole number, e.g. 10",
+        float: "write a number, e.g. 0.5",
+        bool: "write true or false",
+        str: "write text, e.g. in quotes",
+    }[kind]
 
 
 def check_field(spec: Field, value: Any, annotation: Any) -> Any:
@@ -137,6 +156,11 @@ def _nested_config(annotation: Any) -> type[TypedConfig] | None:
 def _from_json(name: str, value: Any, annotation: Any) -> Any:
     """A JSON value as the field holds it: lists as tuples, mappings of nested configs as them."""
     nested = _nested_config(annotation)
+    if nested is not None and value is not None and not isinstance(value, dict):
+        raise ConfigError(
+            f"{name} = {value!r}: must be a mapping of {nested.kind} options (e.g. {name}: {{}} "
+            f"for its defaults); remove {name} to leave it out"
+        )
     if isinstance(value, dict) and nested is not None:
         try:
             return nested.from_dict(value)

@@ -57,7 +57,12 @@ EARLIER_KINDS = {"manifest.json": DATASET, "model.json": EXPORT}
 # The weights that tell an earlier version's run (no OUTPUT_RECORD) for what it is.
 EARLIER_RUN_WEIGHTS = {"model.pt": SEG_RUN, "generator.pt": GAN_RUN}
 STAGING, SCRATCH = "partial", "scratch"
-NAME_RULE = "one folder's name (not empty, no / or \\, not . or .., no control characters)"
+# File systems take 255 bytes per name; folders add a prefix or suffix to a study's name.
+MAX_NAME_BYTES = 200
+NAME_RULE = (
+    "one folder's name (not empty, no / or \\, not . or .., no control characters, at most "
+    f"{MAX_NAME_BYTES} bytes)"
+)
 
 
 def name_problem(name: str) -> str:
@@ -70,6 +75,8 @@ def name_problem(name: str) -> str:
         return "names the folder it is in, or the one above, instead of a new one"
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
         return "holds a control character"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes, which file systems refuse in a folder name"
     return ""
 
 

@@ -161,6 +161,10 @@ def _space_entry(where: str, key: str, value: Any) -> Any:
         low, high = check(value["low"]), check(value["high"])
         if not low < high:
             raise SpecError(where, f"search_space.{key}", value, "low must be < high", "swap them")
+        if not isinstance(value.get("log", False), bool):
+            raise SpecError(
+                where, f"search_space.{key}", value, "log must be true or false", "write log: true"
+            )
         if value.get("log") and low <= 0:
             raise SpecError(
                 where, f"search_space.{key}", value, "a log range needs low > 0", "raise low"
@@ -254,17 +258,31 @@ def parse_spec(data: Any, where: str = "spec") -> StudySpec:
             where, f"training.{key}", training[key], "also in search_space", "keep it in one place"
         )
     spec = StudySpec(
-        name=str(data["name"]),
+        name=_text(where, data, "name", None),
         search_space=_search_space(where, space),
         training=training,
-        storage_path=str(data.get("storage_path", "runs/studies")),
-        description=str(data.get("description", "")),
+        storage_path=_text(where, data, "storage_path", "runs/studies"),
+        description=_text(where, data, "description", "") if data.get("description") else "",
         expected_runtime=_text_mapping(where, "expected_runtime", data.get("expected_runtime")),
         stages=parse_stages(where, data),
         **sections,
     )
     _check_consistency(where, spec)
     return spec
+
+
+def _text(where: str, data: dict, key: str, default: str | None) -> str:
+    """A top-level text key; left out, its default (None: required)."""
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise SpecError(
+            where,
+            key,
+            value,
+            "must be text",
+            f"write {key}: followed by text" + ("" if default is None else ", or remove the line"),
+        )
+    return value
 
 
 def _check_consistency(where: str, spec: StudySpec) -> None:
@@ -279,7 +297,15 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
                     f"a {algorithm} search needs lists, not ranges",
                     "list the values or use algorithm: optuna",
                 )
-    elif ARMS in spec.search_space:
+    if algorithm == "grid" and spec.search.optuna_storage:
+        raise SpecError(
+            where,
+            "search.optuna_storage",
+            spec.search.optuna_storage,
+            "a grid search keeps no Optuna study",
+            "remove it, or use algorithm: optuna",
+        )
+    if algorithm != "grid" and algorithm != "compare" and ARMS in spec.search_space:
         raise SpecError(
             where,
             "search.algorithm",
@@ -445,12 +471,28 @@ def _check_stage_inputs(where: str, spec: StudySpec) -> None:
             )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last one
+    without a word: a second search: block would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_spec(path: str | Path) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(str(path), "(file)", str(path), "no such spec file", "check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"

@@ -4,6 +4,7 @@ parses a YAML file into it and checks it."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
@@ -77,6 +78,10 @@ SOURCE_STAGES = {
 }
 
 
+# Where Optuna may keep a study: SQLAlchemy's URLs of the databases it supports.
+DATABASE_URL = r"^(sqlite|postgresql|mysql|oracle|mssql)(\+\w+)?://"
+
+
 @dataclass(frozen=True)
 class AshaSpec(TypedConfig):
     kind = "asha section"
@@ -123,7 +128,11 @@ class SearchSpec(TypedConfig):
     seed: int = option(0, "seed of the search algorithm (Optuna's TPE sampler)")
     asha: AshaSpec | None = option(None, "early stopping of trials by validation IoU")
     optuna_storage: str = option(
-        "", "FILE.db: Optuna's study also kept in this SQLite file, for `optuna-dashboard`"
+        "",
+        "FILE.db: Optuna's study also kept in this SQLite file, for `optuna-dashboard`",
+        check=lambda v: not v or bool(re.match(DATABASE_URL, v)) or "://" not in v,
+        valid="a local .db file or a database URL (sqlite:///, postgresql://, mysql://): Optuna "
+        "keeps its study in a database, not on object storage",
     )
 
 

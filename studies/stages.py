@@ -249,12 +249,20 @@ def parse_stages(where: str, data: dict) -> Stages:
     found: dict[str, Any] = {}
     for name in ORDER:
         values = data.get(name)
+        if values is None and name in data:
+            raise SpecError(
+                f"{where}: {name} = None: the section is empty; write {name}: {{}} for its "
+                f"defaults, or remove the {name}: line"
+            )
         if values is None:
             continue
         if name == "export" and values is True:
             values = {}
         if not isinstance(values, dict):
-            raise SpecError(f"{where}: {name} = {values!r}: must be a mapping; fix it")
+            raise SpecError(
+                f"{where}: {name} = {values!r}: must be a mapping of its options; write {name}: "
+                f"followed by them ({name}: {{}} for the defaults), or remove it"
+            )
         try:
             if name in TYPED_SECTIONS:
                 found[name] = TYPED_SECTIONS[name].from_dict(values)

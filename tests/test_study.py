@@ -264,7 +264,7 @@ def test_a_chosen_configuration_equal_to_its_baseline_trains_once(
     assert "The search chose the baseline itself" in lines[-1]
 
 
-def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test, tmp_path):
+def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test, tmp_path, capsys):
     from defectforge.core.errors import ClusterError
     from defectforge.trainables.study_setup import study_worker_cpus
 
@@ -276,7 +276,14 @@ def test_concurrent_trials_leave_ray_data_a_cpu_or_are_refused(sample_with_test,
     # A GPU trial keeps a CPU for Ray Data too: asking for every CPU would stall its reads.
     gpu = study_spec(sample_with_test, tmp_path, search={"max_concurrent_trials": 1})
     gpu["resources"] = {"cpus_per_trial": 2, "gpus_per_trial": 1}
+    capsys.readouterr()
     assert study_worker_cpus(parse_spec(gpu)) == 1
+    # The session has no GPU and no such label: trials asking for them would wait unsaid.
+    assert "asks for 1 GPU and the nodes of this Ray cluster have 0" in capsys.readouterr().err
+    gpu["resources"] = {"custom_per_worker": {"defectforge_gpu_worker": 1}}
+    study_worker_cpus(parse_spec(gpu))
+    assert "1 defectforge_gpu_worker and the nodes" in capsys.readouterr().err
+    assert study_worker_cpus(two) == 0.5 and not capsys.readouterr().err
 
 
 def _wait_for(condition, seconds: float, what: str, every: float = 1.0) -> None:

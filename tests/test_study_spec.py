@@ -126,6 +126,28 @@ def test_a_valid_spec_parses_into_types():
             "this dataset; set dataset.combined to a `synth combine` output, or add a combine",
         ),
         ({"training": {"epochs": 2}}, "training.epochs = 2: also in search_space"),
+        # Found probing `study check` as a new user: each was accepted or said unhelpfully.
+        ({"search": {"asha": True}}, "search.asha = True: must be a mapping of asha section"),
+        (
+            {"search_space": {"lr": "1e-3"}},
+            r"search_space.lr = '1e-3': must be of type float; write it as a number, 0.001",
+        ),
+        ({"search_space": {"epochs": 2.5}}, "epochs = 2.5: must be of type int; write a whole"),
+        (
+            {"search_space": {"lr": {"low": 1e-4, "high": 1e-2, "log": "false"}}},
+            "log must be true or false",
+        ),
+        ({"search": {"optuna_storage": "s3://b/x.db"}}, "must be a local .db file or a database"),
+        (
+            {"search": {"algorithm": "grid", "optuna_storage": "x.db"}, "search_space": {}},
+            "a grid search keeps no Optuna study",
+        ),
+        ({"name": None}, "name = None: must be text"),
+        ({"name": ["a", "b"]}, r"name = \['a', 'b'\]: must be text"),
+        ({"storage_path": None}, "storage_path = None: must be text"),
+        ({"name": "q" * 201}, "is longer than 200 bytes"),
+        ({"export": None}, "export = None: the section is empty; write export: {}"),
+        ({"export": False}, "export = False: must be a mapping of its options"),
         (
             {"dataset": {"real": "x", "crop_size": 128}},
             r"dataset.crop_size = 128: is a training option now; move it under training:",
@@ -160,6 +182,10 @@ def test_load_spec_reports_file_problems(tmp_path):
     broken.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="broken.yaml: not valid YAML at line 2, column 1: "):
         load_spec(broken)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: a\nsearch:\n  num_samples: 2\nsearch:\n  num_samples: 9\n")
+    with pytest.raises(SpecError, match="line 4, column 1: key 'search' given twice"):
+        load_spec(twice)
 
 
 def test_a_trial_resumed_from_its_own_checkpoint_counts_every_epoch_it_ran():
