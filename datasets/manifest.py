@@ -37,6 +37,9 @@ from defectforge.datasets.lineage import (
     require_keys,
 )
 
+# The source of every set of made images (generated, labelled, pasted, combined).
+SYNTHETIC = "synthetic"
+
 
 @dataclass(frozen=True)
 class SplitCounts:
@@ -114,7 +117,7 @@ class Manifest:
         values["pixel_mean"] = tuple(data.get("pixel_mean") or ())
         values["pixel_std"] = tuple(data.get("pixel_std") or ())
         values["binary"] = bool(data.get("binary", False))
-        values["source"] = data.get("source", "synthetic")
+        values["source"] = data.get("source", SYNTHETIC)
         values["counts"] = {s: SplitCounts(**c) for s, c in data.get("counts", {}).items()}
         for name, section in SECTIONS.items():
             if data.get(name) is not None:
@@ -221,7 +224,7 @@ class Manifest:
             trained_on=(TrainingSource("copy-paste source", data, self.dataset_id, train_ids),),
         )
         derived = self._derived("labelling", labelling)
-        return replace(derived, dataset=f"copy-paste-{self.dataset}", source="synthetic")
+        return replace(derived, dataset=f"copy-paste-{self.dataset}", source=SYNTHETIC)
 
     def augmented(self, factor: int, strength: float, seed: int) -> Manifest:
         augmentation = AugmentationSection(factor, strength, seed, parent=self.dataset_id)
@@ -289,7 +292,7 @@ class Manifest:
         mean, std = _pooled_statistics(parts)
         return cls(
             dataset="combined-" + "+".join(part.dataset for part in parts),
-            source="synthetic",
+            source=SYNTHETIC,
             classes=first.classes,
             channels=first.channels,
             binary=first.binary,
@@ -315,7 +318,7 @@ class Manifest:
         how = {key: value for key, value in generation.to_dict().items() if key != "generator"}
         return cls(
             dataset=f"gan-{generator}",
-            source="synthetic",
+            source=SYNTHETIC,
             classes=tuple(classes),
             channels=channels,
             binary=False,

@@ -17,7 +17,7 @@ from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, read_split_table
 from defectforge.datasets.leakage import check_no_leakage
-from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.manifest import SYNTHETIC, Manifest
 
 RATIO_HELP = "synthetic share of the train split: synthetic / (real + synthetic)"
 REAL_COUNT_HELP = (
@@ -138,11 +138,30 @@ def plan_mix(
     return MixPlan(tuple(sorted(chosen)), real_rows, cfg.ratio)
 
 
+SYNTHETIC_SETS = (
+    "labelled synthetic set (`synth label`, `synth copy-paste`, `synth combine` or `gan "
+    "generate` of a --masks run)"
+)
+
+
 def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest, Manifest]:
     """Both manifests, after checking that the synthetic set is labelled, fits the real one and
     was not made from the real one's val or test images."""
-    real_manifest, synthetic_manifest = Manifest.load(real), Manifest.load(synthetic)
+    real_manifest, synthetic_manifest = Manifest.load(real), _synthetic_manifest(synthetic)
     where = Location.of(synthetic) / MANIFEST
+    if real_manifest.source == SYNTHETIC:
+        raise DataError(
+            Location.of(real) / MANIFEST,
+            "is a synthetic set, and the real side of a mix holds real images",
+            "pass a dataset of `data build` or `data subset` as the real set",
+        )
+    if synthetic_manifest.source != SYNTHETIC:
+        raise DataError(
+            where,
+            f"is a dataset of real images (source {synthetic_manifest.source}), not a synthetic "
+            "set",
+            f"pass a {SYNTHETIC_SETS} as the synthetic set",
+        )
     if synthetic_manifest.labelling is None:
         raise DataError(
             where,
@@ -162,6 +181,18 @@ def check_compatible(real: str | Path, synthetic: str | Path) -> tuple[Manifest,
             )
     check_no_leakage(real, real_manifest, synthetic, synthetic_manifest)
     return real_manifest, synthetic_manifest
+
+
+def _synthetic_manifest(synthetic: str | Path) -> Manifest:
+    """The synthetic set's manifest; a folder of images is not one yet: it is labelled first."""
+    if not (Location.of(synthetic) / MANIFEST).is_file():
+        raise DataError(
+            Location.of(synthetic),
+            "holds no synthetic set (no manifest.json)",
+            f"pass a {SYNTHETIC_SETS}; a folder of images becomes one with `defectforge synth "
+            "label --images FOLDER --labeller RUN --out OUT`",
+        )
+    return Manifest.load(synthetic)
 
 
 def _listed(value) -> tuple:

@@ -125,6 +125,26 @@ def test_synthetic_data_made_from_a_studys_test_images_is_refused(sample_dataset
     check_compatible(sample_dataset, labelled)  # their own dataset: no leakage
 
 
+def test_a_mix_of_the_wrong_kinds_of_set_says_which_to_give(sample_dataset, labelled, tmp_path):
+    """Found probing `data mix` as a new user: a synthetic set as --real mixed as if real, and a
+    real dataset or a folder of images as --synthetic got fixes that did not work."""
+    from defectforge.datasets.mix import check_compatible
+
+    with pytest.raises(DataError, match="is a synthetic set, and the real side of a mix"):
+        check_compatible(labelled, labelled)
+    with pytest.raises(DataError, match=r"is a dataset of real images \(source neu-seg\)"):
+        check_compatible(sample_dataset, sample_dataset)
+    (tmp_path / "shots").mkdir()
+    with pytest.raises(DataError, match="no synthetic set .*synth label --images FOLDER"):
+        check_compatible(sample_dataset, tmp_path / "shots")
+    # and `synth label` on that folder does not advise a --skip-bad it lacks
+    from defectforge.trainables.synth import generated_dataset
+
+    (tmp_path / "shots" / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="file is empty; re-export the file or remove it$"):
+        generated_dataset(tmp_path / "shots")
+
+
 def test_combined_sets_give_as_many_rows_each_and_keep_every_makers_sources(
     sample_dataset, few, labelled, tmp_path, capsys
 ):
