@@ -335,7 +335,9 @@ def test_custom_resources_in_a_spec_are_checked(tmp_path):
 def test_the_shipped_spec_has_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = cluster_spec(Path("data/real"), Path("runs/studies"))
-    spec["search"]["optuna_storage"] = "runs/study.db"
+    spec["search"].update(
+        algorithm="optuna", optuna_storage="runs/study.db"
+    )  # only Optuna keeps one
     spec["dataset"]["copy_paste"] = "data/copy-paste"
     spec["dataset"]["synthetic"] = "s3://bucket/synthetic/"
     spec["search_space"]["synthetic_ratio"] = 0.2
