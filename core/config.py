@@ -116,7 +116,10 @@ def _type_fix(kind: type, value: Any) -> str:
         except ValueError:
             number = None
         if number is not None and math.isfinite(number):
-            return f"write it as a number, {number!r} (YAML reads {value} as text: write 1.0e-3, not 1e-3)"
+            return (
+                f"write it as a number, {number!r} (YAML reads {value} as text: a number needs a "
+                "dot before its exponent, as in 1.0e-3)"
+            )
     return {
         int: "write a whole number, e.g. 10",
         float: "write a number, e.g. 0.5",

@@ -305,7 +305,7 @@ def _check_consistency(where: str, spec: StudySpec) -> None:
             "a grid search keeps no Optuna study",
             "remove it, or use algorithm: optuna",
         )
-    if algorithm != "grid" and algorithm != "compare" and ARMS in spec.search_space:
+    if algorithm not in ("grid", "compare") and ARMS in spec.search_space:
         raise SpecError(
             where,
             "search.algorithm",
