@@ -36,6 +36,16 @@ NAMES_BY_FORMAT = {
     "WEBP": (".webp",),
 }
 EXIF_ORIENTATION = 0x0112
+# How each EXIF orientation's stored pixels turn into the view shown (1: as stored).
+DISPLAY_TURNS = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
 # Bits per value a camera may store (those above 8 in 16-bit files, the upper bits zero).
 INPUT_BITS = (8, 10, 12, 14, 16)
 
@@ -189,15 +199,7 @@ def decode_file(
 def as_displayed(array: np.ndarray, orientation: int) -> np.ndarray:
     """The pixels as a viewer (and a labelling tool) shows them: a camera that stores its JPEGs
     unturned with an EXIF orientation has its masks drawn on the turned view."""
-    turned = {
-        2: lambda a: a[:, ::-1],
-        3: lambda a: a[::-1, ::-1],
-        4: lambda a: a[::-1],
-        5: lambda a: a.swapaxes(0, 1),
-        6: lambda a: np.rot90(a, -1),
-        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
-        8: lambda a: np.rot90(a, 1),
-    }.get(orientation)
+    turned = DISPLAY_TURNS.get(orientation)
     return np.ascontiguousarray(turned(array)) if turned else array
 
 

@@ -56,8 +56,9 @@ def load_model(
     folder: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, SegConfig]:
     """Rebuild a model from ``config.json`` and load ``model.pt`` (weights only)."""
-    refuse_an_export(local_folder(folder))
-    folder = require_files(local_folder(folder), (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
+    folder = local_folder(folder)
+    refuse_an_export(folder)
+    folder = require_files(folder, (CONFIG_FILE, MODEL_FILE), "defectforge seg train")
     cfg = SegConfig.load(folder / CONFIG_FILE)
     model = build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes)
     load_weights(model, folder / MODEL_FILE, folder / CONFIG_FILE)

@@ -62,6 +62,7 @@ from defectforge.trainables.study_setup import (
     check_study,
     check_trial_values,
     study_worker_cpus,
+    warn_of_missing_resources,
 )
 from defectforge.trainables.study_tune import (
     SEARCH_RUN,
@@ -94,6 +95,7 @@ def _context(spec: StudySpec, store: StudyStore) -> StudyContext:
     runner = store.read_json(STUDY_FILE).get(IN_PROCESS_KEY, False)
     in_process = runner and spec.resources.workers_per_trial == 1
     cpus = study_worker_cpus(spec)
+    warn_of_missing_resources(spec)
     return StudyContext(spec, store.uri, base_config(spec), slots, cpus, in_process)
 
 
@@ -192,6 +194,7 @@ def check_spec(spec_path: str | Path, address: str | None = None) -> str:
         check_trial_values(spec, spec.dataset.real, where)
         return f"{before_stages}; `study run` checks its mixes once they made the synthetic sets"
     ids = check_study(spec, where)
+    warn_of_missing_resources(spec)
     datasets = ", ".join(f"{key} {value}" for key, value in ids.items())
     return (
         f"{spec_path}: ready to run (datasets {datasets}; every value of the search space, "

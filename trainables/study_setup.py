@@ -278,11 +278,10 @@ def study_worker_cpus(spec: StudySpec) -> float:
             "keeps a CPU to read with",
             flush=True,
         )
-    _warn_of_missing_resources(spec)
     return share
 
 
-def _warn_of_missing_resources(spec: StudySpec) -> None:
+def warn_of_missing_resources(spec: StudySpec) -> None:
     """GPUs or node labels a trial asks for and no node has: its trials would wait for them
     without a word. Said, not refused: an autoscaling cluster starts such nodes when asked."""
     res = spec.resources
