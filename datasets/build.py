@@ -330,7 +330,7 @@ def check_rejections(summary_rows: list[dict], cfg: BuildConfig, rejected_csv: P
             f" ({len(rejected)} bad files in all; --skip-bad skips them and lists them in "
             "rejected.csv)"
             if len(rejected) > 1
-            else ""
+            else SKIP_BAD_HINT
         )
         raise DataError(*_split_message(first, more))
     if rejected:
@@ -338,16 +338,14 @@ def check_rejections(summary_rows: list[dict], cfg: BuildConfig, rejected_csv: P
             writer = csv.writer(handle)
             writer.writerow(["id", "file", "reason"])
             for row in rejected:
-                writer.writerow(
-                    [row["id"], row["origin"], row["rejected"].removesuffix(SKIP_BAD_HINT)]
-                )
+                writer.writerow([row["id"], row["origin"], row["rejected"]])
     good = [r for r in summary_rows if not r["rejected"]]
     if not good:
         path, problem, fix = _split_message(rejected[0]["rejected"], "")
         raise DataError(
             cfg.root,
             f"every sample was rejected, so nothing was written; the first: {path}: {problem}",
-            fix.removesuffix(SKIP_BAD_HINT),
+            fix,
         )
     return good
 

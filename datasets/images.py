@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +21,10 @@ from PIL import Image, UnidentifiedImageError
 from defectforge.core.errors import DataError
 
 DEFAULT_MAX_PIXELS = 100_000_000
-# Ends every fix that --skip-bad also gives; rejected.csv and a build that skipped leave it out.
+# Ends a bad file's fix where the command has --skip-bad (`data build`, `predict`): readers
+# serve commands without it too, so they leave it to those two.
 SKIP_BAD_HINT = " (or pass --skip-bad)"
-SKIP_FIX = "re-export the file or remove it" + SKIP_BAD_HINT
+SKIP_FIX = "re-export the file or remove it"
 # The last bytes of a complete file, per format: a copy cut short lacks them.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 NAMES_BY_FORMAT = {
@@ -50,15 +49,6 @@ DISPLAY_TURNS = {
 INPUT_BITS = (8, 10, 12, 14, 16)
 
 
-@contextmanager
-def without_skip_bad_hint() -> Iterator[None]:
-    """For commands without --skip-bad: their errors do not advise it."""
-    try:
-        yield
-    except DataError as err:
-        raise DataError(err.path, err.problem, err.fix.removesuffix(SKIP_BAD_HINT)) from None
-
-
 def read_bytes(path: Path, what: str) -> bytes:
     try:
         data = path.read_bytes()
@@ -67,7 +57,7 @@ def read_bytes(path: Path, what: str) -> bytes:
             raise DataError(
                 path,
                 f"{what} is a link to {os.readlink(path)}, which does not exist",
-                "point the link at the file, or remove it" + SKIP_BAD_HINT,
+                "point the link at the file, or remove it",
             ) from None
         raise DataError(path, f"{what} cannot be read: file does not exist", SKIP_FIX) from None
     except PermissionError:
@@ -162,14 +152,13 @@ def decode_file(
             path,
             f"{what} header claims {head.width} x {head.height} pixels ({megapixels:g} MP), "
             f"above the limit of {max_pixels / 1e6:g} MP",
-            "raise --max-pixels if the image is genuine, or remove the file" + SKIP_BAD_HINT,
+            "raise --max-pixels if the image is genuine, or remove the file",
         )
     if head.pages > 1:
         raise DataError(
             path,
             f"{what} holds {head.pages} pages, and one image per file is read",
-            "save each page as a file of its own (with its own mask), or remove the file"
-            + SKIP_BAD_HINT,
+            "save each page as a file of its own (with its own mask), or remove the file",
         )
     marker = END_MARKERS.get(head.format)
     if marker and not data.rstrip(b"\0").endswith(marker):

@@ -10,7 +10,7 @@ import numpy as np
 
 from defectforge.core.errors import DataError
 from defectforge.datasets.contract import contract_row
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS, SKIP_BAD_HINT, decode_file
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS, decode_file
 from defectforge.datasets.samples import (
     IMAGE_SUFFIXES,
     SampleRef,
@@ -229,7 +229,7 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
             "no mask found for this image",
             "add its mask (the same name under masks/ or labels/, or beside it with the "
             "--mask-suffix; png/bmp/tif/jpg), pass --missing-mask background if images without "
-            "a mask are defect-free, or remove the image" + SKIP_BAD_HINT,
+            "a mask are defect-free, or remove the image",
         )
     if ref.mask_path is None:
         mask, mask_bytes = np.zeros(image.shape[:2], np.uint8), b"no mask"
@@ -268,10 +268,16 @@ def _own_image_files(folder: Path) -> list[Path]:
 
 def list_images(folder: str | Path, mask_suffix: str = "") -> list[Path]:
     """The images directly in ``folder`` (or the one image ``folder`` names); masks beside them
-    (``masks_beside``) left out."""
+    (``images_and_masks``) left out."""
+    return images_and_masks(folder, mask_suffix)[0]
+
+
+def images_and_masks(folder: str | Path, mask_suffix: str = "") -> tuple[list[Path], list[Path]]:
+    """The images directly in ``folder`` (or the one image ``folder`` names), and the files
+    beside them taken for their masks (and so not images)."""
     folder = Path(folder)
     if folder.is_file() and folder.suffix.lower() in IMAGE_SUFFIXES:
-        return [folder]
+        return [folder], []
     require_folder(folder, "--images")
     files = _own_image_files(folder)
     masks = masks_among(files, mask_suffix)
@@ -285,13 +291,7 @@ def list_images(folder: str | Path, mask_suffix: str = "") -> list[Path]:
             "point --images at a folder of images" + (", e.g. each subfolder" if below else ""),
         )
     refuse_same_names([(p.stem, p) for p in images])
-    return images
-
-
-def masks_beside(folder: str | Path, mask_suffix: str = "") -> list[Path]:
-    """The files of ``folder`` that ``list_images`` leaves out as masks beside their images."""
-    folder = Path(folder)
-    return sorted(masks_among(_own_image_files(folder), mask_suffix)) if folder.is_dir() else []
+    return images, sorted(masks)
 
 
 def images_in_subfolders(folder: str | Path) -> int:

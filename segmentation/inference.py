@@ -22,7 +22,7 @@ from defectforge.datasets.contract import (
     split_files,
     split_location,
 )
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS, without_skip_bad_hint
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import list_images, read_image, read_mask
 from defectforge.datasets.samples import SampleSpec
@@ -151,16 +151,15 @@ def evaluate_folder(
 
     def pairs():
         for path in tqdm(list_images(images, mask_suffix), desc="evaluate", unit="img"):
-            with without_skip_bad_hint():  # an evaluation skips nothing: it would score less
-                image = read_image(path, cfg.channels, input_bits=cfg.input_bits)
-                truth = _truth(
-                    path,
-                    Path(masks),
-                    image.shape[:2],
-                    mask_spec,
-                    mask_suffix,
-                    missing_mask_is_background,
-                )
+            image = read_image(path, cfg.channels, input_bits=cfg.input_bits)
+            truth = _truth(
+                path,
+                Path(masks),
+                image.shape[:2],
+                mask_spec,
+                mask_suffix,
+                missing_mask_is_background,
+            )
             yield image, truth
 
     return evaluate_pairs(model, cfg, run_operating_point(model_dir), pairs(), binary)

@@ -24,13 +24,8 @@ from defectforge.core.files import write_json_atomic
 from defectforge.core.outputs import PREDICTIONS, publish_dir
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import encode_png
-from defectforge.datasets.images import DEFAULT_MAX_PIXELS
-from defectforge.datasets.readers import (
-    images_in_subfolders,
-    list_images,
-    masks_beside,
-    read_image,
-)
+from defectforge.datasets.images import DEFAULT_MAX_PIXELS, SKIP_BAD_HINT
+from defectforge.datasets.readers import images_and_masks, images_in_subfolders, read_image
 from defectforge.segmentation.decisions import (
     OPERATING_POINT_FILE,
     OperatingPoint,
@@ -65,15 +60,11 @@ def image_samples(
 ) -> list[Sample]:
     """The images of a folder (masks beside them left out), or the one image ``images`` names,
     as samples, each read when needed."""
+    paths, masks = images_and_masks(images, mask_suffix)
     samples = [
-        (
-            path.stem,
-            str(path),
-            lambda path=path: read_image(path, channels, max_pixels, input_bits),
-        )
-        for path in list_images(images, mask_suffix)
+        (path.stem, str(path), lambda path=path: read_image(path, channels, max_pixels, input_bits))
+        for path in paths
     ]
-    masks = masks_beside(images, mask_suffix)
     if masks:
         print(
             f"defectforge: warning: {images}: {len(masks)} files are taken for the masks of "
@@ -155,7 +146,7 @@ def write_predictions(
                     probabilities = probabilities_of(image, source)
                 except DataError as err:
                     if not skip_bad:
-                        raise
+                        raise DataError(err.path, err.problem, err.fix + SKIP_BAD_HINT) from None
                     rejected.append({"image": name, "file": source, "reason": err.problem})
                     continue
                 # The main thread only feeds the runtime; the rest overlaps its next image.

@@ -225,12 +225,35 @@ def _pair_dir(tmp_path: Path) -> Path:
 
 def test_a_build_that_rejects_every_sample_says_why_in_its_line(tmp_path):
     cfg = BuildConfig(source="folder", root=str(tmp_path), skip_bad=True)
-    reason = f"{tmp_path}/p.png: image has a transparent alpha channel; save it without alpha (or pass --skip-bad)"
+    reason = f"{tmp_path}/p.png: image has a transparent alpha channel; save it without alpha"
     rows = [{"id": "d/p", "origin": f"{tmp_path}/p.png", "rejected": reason}]
     with pytest.raises(DataError) as refused:
         check_rejections(rows, cfg, tmp_path / "rejected.csv")
     assert "the first: " in str(refused.value) and "transparent alpha" in str(refused.value)
     assert "--skip-bad" not in str(refused.value)
+
+
+def test_only_a_build_that_can_skip_advises_skip_bad_and_says_it_once(tmp_path):
+    # Readers serve commands without --skip-bad (seg eval, synth label): their fix lacks it.
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(DataError) as unreadable:
+        decode_file(tmp_path / "x.png", "image")
+    assert "--skip-bad" not in str(unreadable.value)
+    cfg = BuildConfig(source="folder", root=str(tmp_path))
+    rows = [
+        {"id": f"d/{n}", "origin": f"{tmp_path}/{n}.png", "rejected": str(unreadable.value)}
+        for n in ("x", "y")
+    ]
+    for bad, says in ((rows[:1], "(or pass --skip-bad)"), (rows, "2 bad files in all")):
+        with pytest.raises(DataError) as refused:
+            check_rejections(bad, cfg, tmp_path / "rejected.csv")
+        assert says in str(refused.value) and str(refused.value).count("--skip-bad") == 1
+    check_rejections(
+        [*rows, {"id": "d/z", "rejected": ""}],
+        BuildConfig(source="folder", root=str(tmp_path), skip_bad=True),
+        tmp_path / "rejected.csv",
+    )
+    assert "--skip-bad" not in (tmp_path / "rejected.csv").read_text()
 
 
 def test_webp_images_are_read(tmp_path):

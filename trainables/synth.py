@@ -50,7 +50,6 @@ from defectforge.datasets.contract import (
     run_identity,
     split_location,
 )
-from defectforge.datasets.images import without_skip_bad_hint
 from defectforge.datasets.leakage import SOURCE_PIXELS, maker_source, write_source_pixels
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import Manifest
@@ -231,13 +230,11 @@ def generated_dataset(
         return read_split(images, "train"), Manifest.load(images), {}
     images = Path(images)
     paths = list_images(images)
-    with without_skip_bad_hint():  # labelling skips no image: it would label fewer unsaid
-        channels = guess_channels(paths, input_bits)
+    channels = guess_channels(paths, input_bits)
     rows, pixels = [], {}
     for path in paths:
         row_id = f"folder/{images.name}/{path.name}"
-        with without_skip_bad_hint():
-            image = read_image(path, channels, input_bits=input_bits)
+        image = read_image(path, channels, input_bits=input_bits)
         pixels[row_id] = pixel_digest(image)
         rows.append(
             contract_row(
