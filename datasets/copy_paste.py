@@ -158,6 +158,31 @@ def _made(index: int, samples, regions: list[Region], cfg: CopyPasteConfig):
     return image, mask, f"{COPY_PASTE}: {target_id} + {', '.join(sources)}"
 
 
+def _refuse_no_regions(where, samples, min_area: int):
+    largest = max(
+        (
+            int(region.inside.sum())
+            for sample_id, image, mask in samples
+            for region in defect_regions(sample_id, image, mask, 1)
+        ),
+        default=0,
+    )
+    if not largest:
+        raise DataError(
+            where,
+            f"the train split's {len(samples)} masks mark no defect pixel, so there is no defect "
+            "to cut",
+            "use a dataset whose train masks hold defects (data build with the masks; check "
+            "its --mask-threshold)",
+        )
+    raise DataError(
+        where,
+        f"no defect region of {min_area} px or more in the train split (the largest is "
+        f"{largest} px)",
+        f"lower --min-area to {largest} or less",
+    )
+
+
 def copy_paste_dataset(
     data: str | Path, out: str | Path, cfg: CopyPasteConfig, overwrite: bool = False
 ) -> Manifest:
@@ -170,11 +195,7 @@ def copy_paste_dataset(
         for region in defect_regions(sample_id, image, mask, cfg.min_area)
     ]
     if not regions:
-        raise DataError(
-            Location.of(data) / MANIFEST,
-            f"no defect region of {cfg.min_area} px or more in the train split",
-            "lower --min-area, or use a dataset whose train masks hold defects",
-        )
+        _refuse_no_regions(Location.of(data) / MANIFEST, samples, cfg.min_area)
     rows = []
     for index in range(cfg.count):
         image, mask, origin = _made(index, samples, regions, cfg)

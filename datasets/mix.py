@@ -135,6 +135,14 @@ def plan_mix(
                 "generate and label more, lower the ratio, or pass --allow-fewer to use them all",
             )
         chosen += stable_order(pool, cfg.seed)[:quota]
+    if wanted and not chosen:
+        raise NotEnoughSynthetic(
+            where,
+            f"ratio {cfg.ratio} needs {wanted} synthetic images and none fits"
+            + (" a real defect class" if cfg.per_class else "")
+            + ", so the mix would be the real set alone",
+            "generate and label images for this set, or use the real dataset itself as ratio 0",
+        )
     return MixPlan(tuple(sorted(chosen)), real_rows, cfg.ratio)
 
 

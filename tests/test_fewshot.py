@@ -145,6 +145,18 @@ def test_a_mix_of_the_wrong_kinds_of_set_says_which_to_give(sample_dataset, labe
         generated_dataset(tmp_path / "shots")
 
 
+def test_copy_paste_with_no_region_large_enough_names_the_min_area_that_works(
+    sample_dataset, tmp_path
+):
+    from defectforge.datasets.copy_paste import CopyPasteConfig, copy_paste_dataset
+
+    with pytest.raises(DataError, match=r"the largest is \d+ px") as refused:
+        copy_paste_dataset(sample_dataset, tmp_path / "a", CopyPasteConfig(count=2, min_area=10**8))
+    largest = int(str(refused.value).rsplit("--min-area to ", 1)[1].split()[0])
+    assert not (tmp_path / "a").exists()
+    copy_paste_dataset(sample_dataset, tmp_path / "b", CopyPasteConfig(count=2, min_area=largest))
+
+
 def test_combined_sets_give_as_many_rows_each_and_keep_every_makers_sources(
     sample_dataset, few, labelled, tmp_path, capsys
 ):

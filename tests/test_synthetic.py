@@ -109,6 +109,10 @@ def test_mix_plan_is_seeded_stable_and_refuses_impossible_ratios():
         plan_mix(60, {}, candidates, MixConfig(0.8))
     fewer = plan_mix(60, {}, candidates, MixConfig(0.8, allow_fewer=True))
     assert len(fewer.synthetic_ids) == 100 and fewer.achieved_ratio == pytest.approx(100 / 160)
+    with pytest.raises(NotEnoughSynthetic, match="none fits a real defect class"):
+        plan_mix(60, {"c": 30}, candidates, MixConfig(0.25, per_class=True, allow_fewer=True))
+    with pytest.raises(NotEnoughSynthetic, match="would be the real set alone"):
+        plan_mix(60, {}, {}, MixConfig(0.25, allow_fewer=True))
     with pytest.raises(ConfigError, match=r"ratio = 1.0: must be in \[0, 1\)"):
         MixConfig(1.0)
 
