@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -131,12 +132,14 @@ def require_files(folder: str | Path, names: tuple[str, ...], written_by: str) -
     return folder
 
 
-def load_state_dict_file(path: Path, what: str) -> dict:
-    """A weights file loaded safely (tensors only); a damaged or foreign file is a DataError."""
+def load_state_dict_file(path: Path | str, what: str, data: bytes | None = None) -> dict:
+    """A weights file loaded safely (tensors only); a damaged or foreign file is a DataError.
+    ``data``: the file's bytes, where they were read from object storage."""
     import torch  # here, not above: most users of this module never touch weights
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(data) if data is not None else path
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(path, f"{what} file not found", "check the path") from None
     except Exception:  # noqa: BLE001 - torch raises many types; all mean "not a weights file"

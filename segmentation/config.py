@@ -80,7 +80,7 @@ class SegConfig(TypedConfig):
         searchable=True,
     )
     encoder_weights: str | None = option(
-        None, "'imagenet' (needs network) or a local encoder state-dict file"
+        None, "'imagenet' (needs network) or an encoder state-dict file (a path or an s3:// URI)"
     )
     binary: bool = option(False, "train defect vs background")
     image_size: int = option(

@@ -14,6 +14,7 @@ from torch import nn
 
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.files import load_state_dict_file
+from defectforge.core.storage import Location
 
 # smp's public name -> class mapping (names are lower-case class names).
 ARCHITECTURES: dict[str, type[nn.Module]] = dict(smp.MODEL_ARCHITECTURES_MAPPING)
@@ -72,7 +73,7 @@ def build_model(
     """A segmentation network returning logits ``N x num_classes x H x W``.
 
     ``encoder_weights``: None (random init), ``"imagenet"`` (downloaded by smp; needs network),
-    or the path of a local ``.pt``/``.pth`` state dict for the encoder.
+    or a ``.pt``/``.pth`` state dict for the encoder: a path, or a URI (``s3://...``).
     """
     if in_channels not in (1, 3):
         raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
@@ -101,7 +102,7 @@ def build_model(
                 "network"
             ) from None
     if local_file:
-        load_encoder_weights(model, Path(encoder_weights), in_channels)
+        load_encoder_weights(model, encoder_weights, in_channels)
     return model
 
 
@@ -138,15 +139,19 @@ def _may_reach(host: str) -> bool:
     return True
 
 
-def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None:
-    """Load a local encoder state dict; a 3-channel first conv is summed down for grey input."""
-    if not path.is_file():
+def load_encoder_weights(model: nn.Module, path: str | Path, in_channels: int) -> None:
+    """Load an encoder state dict from a file or object storage (every node of a cluster without
+    shared disk reads it there); a 3-channel first conv is summed down for grey input."""
+    location = Location.of(path)
+    if not location.is_file():
         raise DataError(
             path,
             "encoder weights file not found",
-            "pass an existing state-dict file, 'imagenet', or nothing",
+            "pass an existing state-dict file (a path every node has, or an s3:// URI), "
+            "'imagenet', or nothing",
         )
-    state = load_state_dict_file(path, "encoder weights")
+    data = location.read_bytes() if location.remote else None
+    state = load_state_dict_file(location.uri, "encoder weights", data)
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
     for key, value in state.items():
@@ -178,7 +183,7 @@ def load_encoder_weights(model: nn.Module, path: Path, in_channels: int) -> None
     model.encoder.load_state_dict(state, strict=False)
 
 
-def _require_this_encoder(path: Path, state: dict, own: dict) -> None:
+def _require_this_encoder(path: str | Path, state: dict, own: dict) -> None:
     """Refuse weights of another encoder whose shared tensors happen to fit: a deeper one of
     the same family (resnet34 for resnet18) has every tensor of the shallower one plus blocks
     it lacks; a shallower one lacks some. A classifier head in the file (fc, classifier: a

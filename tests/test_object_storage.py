@@ -108,6 +108,25 @@ def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
     assert objects_holding(bucket, credentials()) == []
 
 
+def test_encoder_weights_on_a_store_load_as_from_a_file(bucket):
+    # A cluster without shared disk: every node reads the weights from the store.
+    import torch
+
+    from defectforge.segmentation.models import build_model
+
+    state = build_model("unet", "resnet18", 3, 2).encoder.state_dict()
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    uri = f"{bucket}/weights/resnet18.pt"
+    Location.of(uri).write_bytes(saved.getvalue())
+    model = build_model("deeplabv3plus", "resnet18", 3, 2, encoder_weights=uri)
+    assert torch.equal(
+        model.encoder.state_dict()["layer4.1.conv2.weight"], state["layer4.1.conv2.weight"]
+    )
+    with pytest.raises(DataError, match="resnet18.pth: encoder weights file not found"):
+        build_model("unet", "resnet18", 3, 2, encoder_weights=f"{uri}h")
+
+
 def test_publishing_on_a_store_counts_a_folder_only_once_its_record_is_there(bucket):
     final = f"{bucket}/published"
     with pytest.raises(RuntimeError), publish_dir(final) as staging:

@@ -204,6 +204,32 @@ def test_a_study_that_would_fail_or_stall_is_refused_before_it_runs(
         check_study(spec, "spec.yaml")
 
 
+def test_encoder_weights_no_trial_could_read_are_refused_before_any_stage(
+    sample_with_test, tmp_path
+):
+    import torch
+
+    from defectforge.trainables.seg import config_from_manifest
+    from defectforge.trainables.study_setup import check_encoder_weights
+
+    weights = tmp_path / "weights" / "resnet18.pt"
+    spec = parse_spec(
+        study_spec(sample_with_test, tmp_path, training={"encoder_weights": str(weights)})
+    )
+    with pytest.raises(SpecError, match=r"training.encoder_weights = .*: no such file; give a"):
+        check_encoder_weights(spec, "spec.yaml")
+    weights.parent.mkdir()
+    weights.write_bytes(b"not a state dict")
+    with pytest.raises(SpecError, match="encoder_weights = .*: encoder weights file is damaged"):
+        check_encoder_weights(spec, "spec.yaml")
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, weights)
+    check_encoder_weights(spec, "spec.yaml")
+    # Trials and workers run in folders of their own: a relative path is made absolute here.
+    relative = os.path.relpath(weights)
+    cfg = config_from_manifest(sample_with_test, encoder_weights=relative)
+    assert cfg.encoder_weights == str(weights.resolve())
+
+
 def test_study_check_runs_the_checks_and_writes_nothing(
     sample_with_test, labelled_with_test, tmp_path, capsys
 ):

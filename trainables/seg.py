@@ -78,6 +78,9 @@ def config_from_manifest(data: str | Path, **options) -> SegConfig:
     """A SegConfig whose data fields (classes, channels, statistics) come from the dataset."""
     manifest = Manifest.load(data)
     manifest.require_masks(data, "trained on")
+    if options.get("encoder_weights") not in (None, "imagenet"):
+        # Workers and trials run in folders of their own, where a relative path names nothing.
+        options["encoder_weights"] = absolute_location(options["encoder_weights"])
     return SegConfig(
         data=absolute_location(data),
         classes=manifest.classes,

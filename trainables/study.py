@@ -59,6 +59,7 @@ from defectforge.trainables.slots import TrialSlots
 from defectforge.trainables.study_setup import (
     StudyContext,
     base_config,
+    check_encoder_weights,
     check_study,
     check_trial_values,
     study_worker_cpus,
@@ -129,6 +130,7 @@ def run_study(spec_path: str | Path, name: str | None = None, address: str | Non
             flush=True,
         )
     # Refused before anything is written; a spec with stages is checked once they have run.
+    check_encoder_weights(spec, str(spec_path))
     checked = {} if spec.stages.given() else {"dataset_ids": check_study(spec, str(spec_path))}
     store.write_text(SPEC_FILE, spec_text)
     store.write_json(
@@ -187,6 +189,7 @@ def check_spec(spec_path: str | Path, address: str | None = None) -> str:
     check_storage_everywhere(spec.storage_path, "storage_path")
     _existing_study(StudyStore(study_root(spec, None)), _digest(Path(spec_path).read_text()))
     Pipeline(spec, where).check_given_runs()
+    check_encoder_weights(spec, where)
     before_stages = f"{spec_path}: fine as far as it can be checked before its stages run"
     if any(spec.stages.made(name) for name in REAL_STAGES):
         return f"{before_stages}; `study run` checks its search values once they made the data"

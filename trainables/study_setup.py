@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from defectforge.core.errors import ConfigError, DataError
+from defectforge.core.files import load_state_dict_file
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST
 from defectforge.datasets.leakage import check_no_copies
@@ -98,6 +99,30 @@ def check_study(spec: StudySpec, where: str) -> dict:
     _check_data_fits(spec, base, lambda point: rows.get(_mix_key(point)), where)
     study_worker_cpus(spec)
     return ids
+
+
+def check_encoder_weights(spec: StudySpec, where: str) -> None:
+    """Encoder weights the trials cannot read would fail every trial once every stage has run:
+    refused before any stage (read from where the driver runs; a URI is read the same from
+    every node)."""
+    weights = spec.training.get("encoder_weights")
+    if weights in (None, "imagenet"):
+        return
+    location = Location.of(weights)
+    if not location.is_file():
+        raise SpecError(
+            where,
+            "training.encoder_weights",
+            weights,
+            "no such file",
+            "give a state-dict file at a path every node has, or an s3:// URI, 'imagenet', "
+            "or leave it out",
+        )
+    data = location.read_bytes() if location.remote else None
+    try:
+        load_state_dict_file(location.uri, "encoder weights", data)
+    except DataError as err:
+        raise SpecError(where, "training.encoder_weights", weights, err.problem, err.fix) from None
 
 
 def check_trial_values(spec: StudySpec, real: str, where: str) -> None:
