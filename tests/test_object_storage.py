@@ -213,7 +213,8 @@ def test_a_node_that_cannot_use_the_store_is_one_line_naming_it_and_the_location
     line = str(refused.value.cause if hasattr(refused.value, "cause") else refused.value)
     node = ray.util.get_node_ip_address()
     assert line == (
-        f"{bucket}/checked: the store refused the credentials (from node {node}); check "
+        f"storage_path = {bucket}/checked: the store refused the credentials (from node {node}); "
+        "check "
         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the node's role, or "
         "GOOGLE_APPLICATION_CREDENTIALS) and that their policy allows this location"
     )

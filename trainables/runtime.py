@@ -373,8 +373,14 @@ def check_storage_everywhere(root: str, option: str = "storage_path") -> None:
         ray.get(probes)
     except ray.exceptions.RayTaskError as err:
         if isinstance(err.cause, StorageError):
-            raise err.cause from None  # its one line, not the remote traceback
+            raise _naming(err.cause, option) from None  # one line, not the remote traceback
         raise
+
+
+def _naming(err: StorageError, option: str) -> StorageError:
+    """A spec key leads the line (a spec names several locations); a flag's location is the one
+    just typed."""
+    return err if option.startswith("-") else StorageError(f"{option} = {err}")
 
 
 @ray.remote(num_cpus=0, max_retries=0)
