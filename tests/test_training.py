@@ -311,3 +311,22 @@ def test_the_result_of_a_folder_without_a_run_is_one_line(tmp_path):
     with pytest.raises(DataError, match="no epoch checkpoint here.*`seg train` run"):
         run_result(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(tmp_path):
+    import time
+
+    from defectforge.trainables.progress import PROGRESS_FILE, ProgressBar
+
+    progress = tmp_path / PROGRESS_FILE
+    progress.write_text("".join(json.dumps({"kimg": k}) + "\n" for k in (4.0, 44.0)))
+    bar = ProgressBar(tmp_path, 100, "kimg", lambda r: r["kimg"], lambda r: "")
+    time.sleep(0.2)
+    with open(progress, "a") as handle:
+        handle.write(json.dumps({"kimg": 44.5}) + "\n")
+    bar.poll()
+    shown = bar.bar.format_dict
+    bar.close()
+    assert shown["n"] == 44.5
+    # 0.5 kimg in this command's time, not the 44.5 of the run (which would read 89x faster)
+    assert shown["elapsed"] > 0.2 and (shown["n"] - shown["initial"]) / shown["elapsed"] < 2.5

@@ -115,12 +115,18 @@ class ProgressBar:
         listeners: tuple[Callable[[list[dict]], None], ...] = (),
     ):
         self.file = Location.of(run) / PROGRESS_FILE
-        self.offset = len(self._text()) if self.file.is_file() else 0
+        before = self._text() if self.file.is_file() else b""
+        self.offset = len(before)
         self.position, self.describe = position, describe
         # Each is handed every new progress record (MLflow tracking logs them).
         self.listeners = listeners
         self.last_read = 0.0
-        self.bar = tqdm(total=total, unit=unit, desc=name, dynamic_ncols=True)
+        # A resumed run starts where it stopped: its rate and time left count from there, not
+        # as if the work before the resume were done in this command's first seconds.
+        complete = before[: before.rfind(b"\n") + 1]
+        done = [json.loads(line) for line in complete.decode().splitlines()]
+        start = min(total, position(done[-1])) if done else 0
+        self.bar = tqdm(total=total, initial=start, unit=unit, desc=name, dynamic_ncols=True)
 
     def _text(self, offset: int = 0) -> bytes:
         """The progress file from byte ``offset`` on (a store's object is read whole)."""
