@@ -217,7 +217,7 @@ def _recorded_kind(folder: Path) -> str | None:
     return None
 
 
-def _kind_of(folder: Path) -> str | None:
+def kind_of(folder: Path) -> str | None:
     """What defectforge wrote in ``folder``: its record's kind, or for an earlier version's run
     the kind its weights show; None if neither tells."""
     kind = _recorded_kind(folder)
@@ -342,7 +342,7 @@ def check_run_folder(out: str | Path, kind: str, inputs: tuple = ()) -> Path | L
             f"--out holds files that are not a defectforge run (no {OUTPUT_RECORD})",
             "choose a new or empty --out, or the folder of an earlier run to continue it",
         )
-    found = _kind_of(folder)
+    found = kind_of(folder)
     if found is not None and found != kind:
         raise DataError(
             folder,

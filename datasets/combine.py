@@ -23,7 +23,7 @@ from defectforge.datasets.contract import MANIFEST, only_ids, read_split_table
 from defectforge.datasets.leakage import SOURCE_PIXELS, source_pixels, write_source_pixels
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stable_order
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.writer import refuse_replacing_real, write_dataset
 
 MAKERS = "`synth label`, `synth copy-paste`, or a --masks GAN's `gan generate`"
 
@@ -95,6 +95,7 @@ def combine_synthetic(
     if len(sets) < 2:
         raise DataError(out, f"{len(sets)} set(s) to combine", "give two or more sets")
     check_output(out, overwrite, tuple(sets), kind=DATASET)
+    refuse_replacing_real(out)
     parts = sorted(((path, _labelled(path)) for path in sets), key=lambda p: p[1].dataset_id)
     _check_alike(parts)
     count = cfg.count_each or min(manifest.split_total("train") for _, manifest in parts)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from defectforge.core.errors import DataError
 from defectforge.core.files import write_json_atomic
 from defectforge.core.outputs import DATASET, check_output, publish_dir
 from defectforge.core.storage import Location, is_uri
@@ -33,7 +34,7 @@ from defectforge.datasets.contract import (
     split_dir,
     split_files,
 )
-from defectforge.datasets.manifest import Manifest, SplitCounts
+from defectforge.datasets.manifest import SYNTHETIC, Manifest, SplitCounts
 
 ROWS_PER_FILE = 1024
 COUNT_COLUMNS = ["source", "defect_class"]
@@ -110,6 +111,22 @@ def derived_from(data: str | Path, out: str | Path, overwrite: bool, use: str) -
     manifest = Manifest.load(data)
     manifest.require_masks(data, use)
     return manifest
+
+
+def refuse_replacing_real(out: str | Path, flag: str = "--out") -> None:
+    """A synthetic set never replaces a dataset of real images, even with --overwrite: one
+    mistyped --out would lose data that only the raw images and `data build` give back."""
+    location = Location.of(out)
+    if not (location / MANIFEST).is_file():
+        return
+    existing = Manifest.load(out)
+    if existing.source != SYNTHETIC:
+        raise DataError(
+            location,
+            f"{flag} holds a dataset of real images (source {existing.source}), and a synthetic "
+            "set never replaces one",
+            f"choose another {flag}",
+        )
 
 
 @contextlib.contextmanager

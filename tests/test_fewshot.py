@@ -125,6 +125,30 @@ def test_synthetic_data_made_from_a_studys_test_images_is_refused(sample_dataset
     check_compatible(sample_dataset, labelled)  # their own dataset: no leakage
 
 
+def test_generated_sets_never_replace_real_data_and_only_generated_images_are_labelled(
+    sample_dataset, generated, tmp_path
+):
+    """Found probing the GAN commands as a new user: `gan generate --overwrite` replaced the
+    GAN's own training dataset with its samples; `synth label` labelled a real dataset's rows as
+    synthetic, and a GAN run folder's sample grid as one generated image."""
+    from defectforge.trainables.gan_samples import write_generated
+    from defectforge.trainables.synth import generated_dataset
+
+    run = generated.parent / "run"
+    real = tmp_path / "real"
+    shutil.copytree(sample_dataset, real)
+    before = Manifest.load(real).dataset_id
+    with pytest.raises(DataError, match="holds a dataset of real images .* never replaces one"):
+        write_generated(run, real, [0, 1], overwrite=True)
+    assert Manifest.load(real).dataset_id == before
+    with pytest.raises(DataError, match="--out is the input .* would replace your input data"):
+        write_generated(run, sample_dataset, [0], overwrite=True)  # the data it learnt from
+    with pytest.raises(DataError, match=r"real images \(source neu-seg\), which have masks"):
+        generated_dataset(sample_dataset)
+    with pytest.raises(DataError, match="is a GAN run folder, not generated images; write them"):
+        generated_dataset(run)
+
+
 def test_a_mix_of_the_wrong_kinds_of_set_says_which_to_give(sample_dataset, labelled, tmp_path):
     """Found probing `data mix` as a new user: a synthetic set as --real mixed as if real, and a
     real dataset or a folder of images as --synthetic got fixes that did not work."""

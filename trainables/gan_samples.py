@@ -17,7 +17,7 @@ from defectforge.datasets.leakage import maker_source
 from defectforge.datasets.lineage import LabellingSection
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.writer import refuse_replacing_real, write_dataset
 from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, kimg_of, load_generator
 from defectforge.gan.config import GanConfig
 from defectforge.gan.generate import cycled_classes, generate_samples
@@ -66,8 +66,10 @@ def write_generated(
     samples whose mask holds no defect are left out, as labelling leaves them out)."""
     if not seeds:
         raise ConfigError("no seeds to generate: give --count 1 or more, or --seeds")
-    check_output(out, overwrite, (model,), kind=DATASET)
     generator, cfg = load_generator(model)
+    # The data it learnt from is an input too: generated rows must never land there.
+    check_output(out, overwrite, (model, cfg.data), kind=DATASET)
+    refuse_replacing_real(out)
     class_index = _class_index(cfg, class_name)
     if class_name is not None and not cfg.conditional:
         trained_on = f"class {cfg.defect_class!r} only" if cfg.defect_class else "every class"

@@ -34,7 +34,7 @@ import torch
 
 from defectforge.core.errors import DataError
 from defectforge.core.files import require_files, write_json_atomic
-from defectforge.core.outputs import DATASET, check_output
+from defectforge.core.outputs import DATASET, GAN_RUN, SEG_RUN, check_output, kind_of
 from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.build import pixel_statistics
 from defectforge.datasets.contract import (
@@ -52,10 +52,10 @@ from defectforge.datasets.contract import (
 )
 from defectforge.datasets.leakage import SOURCE_PIXELS, maker_source, write_source_pixels
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
-from defectforge.datasets.manifest import Manifest
+from defectforge.datasets.manifest import SYNTHETIC, Manifest
 from defectforge.datasets.readers import guess_channels, list_images, read_image
 from defectforge.datasets.twins import pixel_digest
-from defectforge.datasets.writer import write_dataset
+from defectforge.datasets.writer import refuse_replacing_real, write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.inference import predict_batch_logits, predict_logits
@@ -227,8 +227,23 @@ def generated_dataset(
     folder, each row's pixel digest before labelling resizes it, so that copies of real
     held-out images are found at any size (``leakage.check_no_copies``)."""
     if (Location.of(images) / MANIFEST).is_file():
-        return read_split(images, "train"), Manifest.load(images), {}
+        manifest = Manifest.load(images)
+        if manifest.source != SYNTHETIC:
+            raise DataError(
+                Location.of(images) / MANIFEST,
+                f"is a dataset of real images (source {manifest.source}), which have masks",
+                "give --images the generated images: `gan generate`'s --out, or a folder of them",
+            )
+        return read_split(images, "train"), manifest, {}
     images = Path(images)
+    if kind_of(images) in (GAN_RUN, SEG_RUN):
+        fix = (
+            f"write them first: `defectforge gan generate --model {images} --out FOLDER`, then "
+            "give --images FOLDER"
+            if kind_of(images) == GAN_RUN
+            else "give it as --labeller, and --images the generated images"
+        )
+        raise DataError(images, f"is a {kind_of(images)} folder, not generated images", fix)
     paths = list_images(images)
     channels = guess_channels(paths, input_bits)
     rows, pixels = [], {}
@@ -498,6 +513,7 @@ def _parts_folder(
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Label generated images with a trained segmentation model; keep the confident ones."""
     check_output(out, overwrite, (cfg.images, cfg.labeller), kind=DATASET)
+    refuse_replacing_real(out)
     ensure_ray()
     seg = _labeller_config(cfg)
     generated, source, source_pixels = generated_dataset(cfg.images, seg.input_bits)
