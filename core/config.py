@@ -24,6 +24,10 @@ from defectforge.core.storage import is_uri
 LOCAL_ONLY = "this option reads a file or folder on this machine: copy it to this machine first"
 
 
+# Seeds reach NumPy's generators, which take 0 .. 2^32 - 1: a negative one failed mid-run.
+SEED = (lambda v: 0 <= v < 2**32, "from 0 to 2^32 - 1")
+
+
 def option(
     default: Any = MISSING,
     help: str = "",

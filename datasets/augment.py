@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-from defectforge.core.config import TypedConfig, option  # noqa: E402
+from defectforge.core.config import SEED, TypedConfig, option  # noqa: E402
 
 if TYPE_CHECKING:
     import albumentations as A
@@ -49,7 +49,7 @@ class AugmentConfig(TypedConfig):
         15, "copies of each train image, itself included (paper: 15)", lambda f: f >= 1, ">= 1"
     )
     strength: float = option(1.0, STRENGTH_HELP, valid_strength, "in [0, 1]")
-    seed: int = option(0, "seed of the augmented copies")
+    seed: int = option(0, "seed of the augmented copies", *SEED)
 
 
 def paper_augmentation(strength: float, seed: int | None = None) -> A.Compose:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.core.errors import DataError
 from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
@@ -35,7 +35,7 @@ class CombineConfig(TypedConfig):
     count_each: int = option(
         0, "rows taken from each set (0: the smallest set's count)", lambda v: v >= 0, ">= 0"
     )
-    seed: int = option(0, "which rows a larger set gives")
+    seed: int = option(0, "which rows a larger set gives", *SEED)
 
 
 def _labelled(path: str) -> Manifest:

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location, absolute_location
 from defectforge.datasets.contract import (
@@ -51,7 +51,7 @@ class CopyPasteConfig(TypedConfig):
         "in [0, 1)",
     )
     feather: int = option(2, "edge blend width in px (0: hard edges)", lambda v: v >= 0, ">= 0")
-    seed: int = option(0, "seed of every random choice")
+    seed: int = option(0, "seed of every random choice", *SEED)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, read_split_table
@@ -35,7 +35,7 @@ class MixConfig(TypedConfig):
     kind = "mix config"
 
     ratio: float = option(help=RATIO_HELP, check=valid_ratio, valid="in [0, 1)")
-    seed: int = option(0, "which synthetic images are chosen")
+    seed: int = option(0, "which synthetic images are chosen", *SEED)
     per_class: bool = option(False, "synthetic classes follow the real proportions")
     allow_fewer: bool = option(
         False, "too few synthetic images: use them all and record the achieved ratio"

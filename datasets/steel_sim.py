@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.datasets.photometric import light_from_angles, normals_from_height
 
 STEEL_CLASSES = ("background", "scratch", "dent", "inclusion", "patch", "rust", "roll_print")
@@ -46,7 +46,7 @@ class SimulationConfig(TypedConfig):
         6, "lights (captures per sheet)", lambda v: v >= 3, ">= 3 (photometric stereo)"
     )
     light_elevation: float = option(45.0, cli=False)
-    seed: int = option(0, "seed of the whole simulation")
+    seed: int = option(0, "seed of the whole simulation", *SEED)
     max_defects: int = option(
         3, "defects per sheet, 0..max drawn uniformly", lambda v: v >= 0, ">= 0"
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.core.errors import DataError
 from defectforge.core.storage import Location
 from defectforge.datasets.build import pixel_statistics
@@ -53,7 +53,7 @@ class SubsetConfig(TypedConfig):
         lambda v: v >= 0,
         ">= 0",
     )
-    seed: int = option(0, "which images are drawn")
+    seed: int = option(0, "which images are drawn", *SEED)
 
 
 def _kept(table: pa.Table | None, split: str, count: int, seed: int, where: Path) -> list[str]:

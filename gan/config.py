@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.core.errors import ConfigError
 from defectforge.datasets.batches import MIRRORS
 from defectforge.gan.diffaug import parse_policy
@@ -154,7 +154,7 @@ class GanConfig(TypedConfig):
         2.0, "snapshot, SWD and sample grid every this many kimg", *POSITIVE
     )
     metric_images: int = option(256, "images per SWD estimate", *AT_LEAST_ONE, cli=False)
-    seed: int = option(0, "seed of weights, latents and batches")
+    seed: int = option(0, "seed of weights, latents and batches", *SEED)
     workers: int = option(1, "Ray Train workers (gradients averaged)", *AT_LEAST_ONE)
     use_gpu: bool = option(False, "one GPU per worker")
     threads: int = option(
@@ -216,11 +216,15 @@ class GenerateConfig(TypedConfig):
     kind = "generate options"
 
     count: int = option(500, "images to generate", lambda v: v >= 1, ">= 1")
-    first_seed: int = option(
-        0, "their seeds: first_seed .. first_seed + count - 1", lambda v: v >= 0, ">= 0"
-    )
+    first_seed: int = option(0, "their seeds: first_seed .. first_seed + count - 1", *SEED)
     truncation: float = option(1.0, "truncation psi", lambda v: 0 < v <= 2, "in (0, 2]")
     class_name: str | None = option(None, "class of a conditional generator", flag="--class")
 
     def seeds(self) -> list[int]:
-        return list(range(self.first_seed, self.first_seed + self.count))
+        last = self.first_seed + self.count - 1
+        if last >= 2**32:
+            raise ConfigError(
+                f"first_seed = {self.first_seed} with count = {self.count}: the last seed, "
+                f"{last}, is above 2^32 - 1; lower first_seed or count"
+            )
+        return list(range(self.first_seed, last + 1))

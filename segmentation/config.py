@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from defectforge.core.config import TypedConfig, option, same_option
+from defectforge.core.config import SEED, TypedConfig, option, same_option
 from defectforge.core.errors import ConfigError
 from defectforge.datasets.augment import STRENGTH_HELP, valid_strength
 from defectforge.datasets.batches import BatchSpec
@@ -128,9 +128,7 @@ class SegConfig(TypedConfig):
     )
     focal_gamma: float = option(2.0, "focal loss focusing", lambda v: v >= 0, ">= 0")
     aug_strength: float = option(0.5, STRENGTH_HELP, valid_strength, "in [0, 1]", searchable=True)
-    seed: int = option(
-        0, "seed of weights, batches and augmentation", lambda v: v >= 0, ">= 0", searchable=True
-    )
+    seed: int = option(0, "seed of weights, batches and augmentation", *SEED, searchable=True)
     workers: int = option(1, "Ray Train workers (data-parallel)", *POSITIVE)
     use_gpu: bool = option(False, "one GPU per worker")
     threads: int = option(

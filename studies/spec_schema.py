@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
-from defectforge.core.config import TypedConfig, option
+from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.segmentation.config import SegConfig
 from defectforge.studies.stages import Stages
 
@@ -125,7 +125,7 @@ class SearchSpec(TypedConfig):
         check=lambda v: v >= 1,
         valid=">= 1",
     )
-    seed: int = option(0, "seed of the search algorithm (Optuna's TPE sampler)")
+    seed: int = option(0, "seed of the search algorithm (Optuna's TPE sampler)", *SEED)
     asha: AshaSpec | None = option(None, "early stopping of trials by validation IoU")
     optuna_storage: str = option(
         "",

@@ -402,3 +402,23 @@ def test_a_run_folder_asked_to_continue_another_network_names_the_setting(tmp_pa
     ):
         refuse_another_run(run, {**same, "arch": "unet"}, CHECKPOINT_KEYS)
     refuse_another_run(Location.of(tmp_path / "new"), same, CHECKPOINT_KEYS)  # nothing there
+
+
+def test_a_seed_numpy_cannot_take_is_refused_where_it_is_given():
+    """Found probing the GAN commands: `gan train --seed -1` and `synth copy-paste --seed -1`
+    ended in a NumPy traceback after the run folder was made; `gan generate --first-seed
+    4294967295 --count 2` in another."""
+    from defectforge.datasets.copy_paste import CopyPasteConfig
+    from defectforge.gan.config import GanConfig, GenerateConfig
+    from defectforge.segmentation.config import SegConfig
+
+    for make in (
+        lambda seed: GanConfig(data="d", channels=1, seed=seed),
+        lambda seed: CopyPasteConfig(count=1, seed=seed),
+        lambda seed: SegConfig("d", ("bg", "d"), 1, (0.5,), (0.2,), seed=seed),
+    ):
+        with pytest.raises(ConfigError, match=r"seed = -1: must be from 0 to 2\^32 - 1"):
+            make(seed=-1)
+    with pytest.raises(ConfigError, match=r"the last seed, 4294967296, is above 2\^32 - 1"):
+        GenerateConfig(first_seed=2**32 - 1, count=2).seeds()
+    assert GenerateConfig(first_seed=2**32 - 2, count=2).seeds()[-1] == 2**32 - 1
