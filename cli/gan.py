@@ -10,6 +10,7 @@ from defectforge.cli.options import (
     add_options,
     add_out,
     add_tracking,
+    continue_hint,
     given,
     local_path,
     tracking_of,
@@ -183,5 +184,5 @@ def _compare(args) -> None:
 
 def interrupted_hint(args) -> str:
     if args.gan_command == "train":
-        return "run the same command again to continue from the latest snapshot"
+        return continue_hint(args.out, "snapshot")
     return "nothing was published under --out; run the command again"

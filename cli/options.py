@@ -54,6 +54,19 @@ def add_out(parser: argparse.ArgumentParser, what: str = "dataset folder to writ
     )
 
 
+def continue_hint(out: str, checkpoints: str) -> str:
+    """After Ctrl-C in a training run: what running the command again does, from what it kept
+    (a run stopped before its first checkpoint starts over)."""
+    from defectforge.trainables.runtime import latest_checkpoint_dir
+
+    latest = latest_checkpoint_dir(Location.of(out) / "ray")
+    if latest is None:
+        return (
+            f"no {checkpoints} was reached, so nothing is kept; run the same command to start over"
+        )
+    return f"run the same command again to continue from its latest {checkpoints} ({latest.name})"
+
+
 def add_tracking(parser: argparse.ArgumentParser) -> None:
     """``--mlflow URL`` and ``--mlflow-experiment NAME`` (a training run logged to MLflow)."""
     parser.add_argument(

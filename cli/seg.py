@@ -10,6 +10,7 @@ from defectforge.cli.options import (
     add_options,
     add_out,
     add_tracking,
+    continue_hint,
     given,
     local_path,
     tracking_of,
@@ -288,5 +289,5 @@ def _model_folder(model: str) -> str:
 
 def interrupted_hint(args) -> str:
     if getattr(args, "seg_command", None) == "train":
-        return "run the same command again to continue from the latest checkpoint"
+        return continue_hint(args.out, "checkpoint")
     return "nothing was published under --out; run the command again"

@@ -422,3 +422,22 @@ def test_a_seed_numpy_cannot_take_is_refused_where_it_is_given():
     with pytest.raises(ConfigError, match=r"the last seed, 4294967296, is above 2\^32 - 1"):
         GenerateConfig(first_seed=2**32 - 1, count=2).seeds()
     assert GenerateConfig(first_seed=2**32 - 2, count=2).seeds()[-1] == 2**32 - 1
+
+
+def test_the_line_after_ctrl_c_says_whether_a_snapshot_is_kept(tmp_path):
+    """Found probing: Ctrl-C before the first snapshot said "continue from the latest snapshot",
+    and --resume then found none."""
+    import argparse
+    import zipfile
+
+    from defectforge.cli.gan import interrupted_hint
+
+    args = argparse.Namespace(gan_command="train", out=str(tmp_path / "run"))
+    assert interrupted_hint(args) == (
+        "no snapshot was reached, so nothing is kept; run the same command to start over"
+    )
+    kept = tmp_path / "run" / "ray" / "train" / "kimg_00004.000"
+    kept.mkdir(parents=True)
+    with zipfile.ZipFile(kept / "state.pt", "w") as archive:  # a whole checkpoint's file
+        archive.writestr("data", b"0")
+    assert interrupted_hint(args).endswith("continue from its latest snapshot (kimg_00004.000)")
