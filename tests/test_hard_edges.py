@@ -18,7 +18,7 @@ from cli_checks import error_lines, refused, snapshot
 
 from defectforge.cli import main
 from defectforge.cluster import jobs, local
-from defectforge.core.errors import ClusterError, ConfigError
+from defectforge.core.errors import ClusterError, ConfigError, DataError
 from defectforge.core.files import write_json_atomic
 from defectforge.core.outputs import (
     GAN_RUN,
@@ -441,3 +441,31 @@ def test_the_line_after_ctrl_c_says_whether_a_snapshot_is_kept(tmp_path):
     with zipfile.ZipFile(kept / "state.pt", "w") as archive:  # a whole checkpoint's file
         archive.writestr("data", b"0")
     assert interrupted_hint(args).endswith("continue from its latest snapshot (kimg_00004.000)")
+
+
+def test_a_gan_that_learns_masks_refuses_train_images_without_a_defect(
+    sample_dataset, tmp_path, ray_session
+):
+    """Found probing: `gan train --masks` on images built as defect-free published a generator
+    whose "exact masks" were noise."""
+    import cv2
+    import numpy as np
+
+    from defectforge.gan.config import GanConfig
+    from defectforge.trainables.gan_reals import check_defects_to_learn
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for index in range(12):
+        grey = np.random.default_rng(index).integers(0, 255, (32, 32), dtype=np.uint8)
+        cv2.imwrite(str(raw / f"plain{index}.png"), grey)
+    clean = tmp_path / "clean"
+    build = ["data", "build", "--source", "folder", "--root", str(raw), "--out", str(clean)]
+    build += ["--missing-mask", "background", "--classes", "background,defect"]
+    assert main(build) == 0
+    for flags in ({"masks": True}, {"native_crops": True, "defect_crops": 0.5}):
+        cfg = GanConfig(data=str(clean), channels=1, classes=("defect",), **flags)
+        with pytest.raises(DataError, match=r"none of its \d+ train images has a defect pixel"):
+            check_defects_to_learn(cfg)
+    classes = ("inclusion", "patches", "scratches")
+    check_defects_to_learn(GanConfig(str(sample_dataset), 1, classes=classes, masks=True))

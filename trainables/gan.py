@@ -54,6 +54,7 @@ from defectforge.studies.spec_schema import TrackingSpec
 from defectforge.trainables.data_jobs import read_split
 from defectforge.trainables.gan_reals import (
     batch_maker,
+    check_defects_to_learn,
     check_enough_rows,
     columns,
     measures_for,
@@ -296,6 +297,7 @@ def run_gan_training(
         )
     cpus = None if cfg.use_gpu else {"CPU": worker_cpus(cfg.workers)}
     check_enough_rows(cfg)
+    check_defects_to_learn(cfg)
     reals = real_images(cfg)
     prepare_run_folder(out, GAN_RUN, inputs=(cfg.data,))
     measures = measures_for(cfg, out)

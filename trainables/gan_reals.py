@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from defectforge.core.errors import DataError
@@ -80,6 +81,23 @@ def check_enough_rows(cfg: GanConfig) -> None:
             f"{per_worker}, fewer than one batch of {cfg.batch_size}",
             f"lower --batch-size to {max(2, per_worker - per_worker % 2)} or less, use fewer "
             "--workers, or add images",
+        )
+
+
+def check_defects_to_learn(cfg: GanConfig) -> None:
+    """A generator that draws masks (or centres crops on defects) learns from defect pixels: on
+    train images without any it would publish noise as "exact masks"."""
+    if not (cfg.masks or cfg.defect_crops):
+        return
+    rows = train_rows(cfg)
+    if not pc.sum(pc.is_valid(rows["defect_class"])).as_py():
+        flag = "--masks" if cfg.masks else "--defect-crops"
+        raise DataError(
+            cfg.data,
+            f"none of its {rows.num_rows} train images has a defect pixel in its mask, and "
+            f"{flag} learns from them",
+            "give a dataset whose masks mark defects (`data build`: check --mask-threshold), "
+            f"or leave out {flag}",
         )
 
 
