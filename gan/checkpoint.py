@@ -101,15 +101,34 @@ def _refuse_unpublished(run: Path) -> None:
         )
 
 
+def _refuse_unfinished(run: Path) -> None:
+    """A run still training, or stopped before it published, is a run: its kept snapshots are
+    what can be given meanwhile."""
+    if (run / CONFIG_FILE).is_file() or (run / METRICS_FILE).is_file():
+        return
+    snapshots = sorted((run / SNAPSHOTS_DIR).glob("kimg_*/" + GENERATOR_FILE))
+    if snapshots:
+        raise DataError(
+            run,
+            "this GAN run has not published a generator yet (it is training, or was stopped "
+            f"at {snapshots[-1].parent.name})",
+            f"give one of its snapshots, e.g. the latest: {snapshots[-1].parent}, or finish the "
+            "run (its `gan train` command again)",
+        )
+
+
 def gan_run_config(folder: str | Path) -> GanConfig:
     """The config a run (or snapshot) folder was trained with, without loading its weights."""
-    folder = require_files(local_folder(folder), (CONFIG_FILE,), "defectforge gan train")
+    folder = local_folder(folder)
+    _refuse_unfinished(folder)
+    folder = require_files(folder, (CONFIG_FILE,), "defectforge gan train")
     return GanConfig.load(folder / CONFIG_FILE)
 
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """(G_ema in eval mode, its config) from a run folder or snapshot folder."""
     folder = local_folder(folder)
+    _refuse_unfinished(folder)
     _refuse_unpublished(folder)
     folder = require_files(folder, (CONFIG_FILE, GENERATOR_FILE), "defectforge gan train")
     cfg = GanConfig.load(folder / CONFIG_FILE)

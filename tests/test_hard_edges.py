@@ -469,3 +469,18 @@ def test_a_gan_that_learns_masks_refuses_train_images_without_a_defect(
             check_defects_to_learn(cfg)
     classes = ("inclusion", "patches", "scratches")
     check_defects_to_learn(GanConfig(str(sample_dataset), 1, classes=classes, masks=True))
+
+
+def test_a_gan_run_still_training_names_its_latest_snapshot(tmp_path):
+    """Found probing: `gan generate --model RUN` on a run still training said config.json was
+    missing from a folder "not written by gan train"."""
+    from defectforge.gan.checkpoint import gan_run_config, load_generator
+
+    for kimg in ("kimg_00004.000", "kimg_00052.000"):
+        (tmp_path / "snapshots" / kimg).mkdir(parents=True)
+        (tmp_path / "snapshots" / kimg / "generator.pt").write_bytes(b"")
+    latest = tmp_path / "snapshots" / "kimg_00052.000"
+    for read in (load_generator, gan_run_config):
+        with pytest.raises(DataError, match="has not published a generator yet") as refused:
+            read(tmp_path)
+        assert f"e.g. the latest: {latest}," in str(refused.value)
