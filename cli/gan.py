@@ -150,6 +150,7 @@ def run(args) -> None:
         note = f"; {left_out} sample(s) without a defect pixel left out" if left_out else ""
         print(f"wrote {written} images{drawn} (PNG + Parquet) to {args.out}{note}")
     elif args.every_snapshot:
+        _refuse_other_measures(args)
         rows = gan_samples.every_snapshot_metrics(args.model, args.n or 0)
         keys = [k for k in SNAPSHOT_COLUMNS if k in rows[-1]]
         print("| kimg | " + " | ".join(keys) + " |")
@@ -162,6 +163,28 @@ def run(args) -> None:
             args.model, args.data, args.n or 0, args.inception, args.class_name
         )
         print(json.dumps(result))
+
+
+def _refuse_other_measures(args) -> None:
+    """--every-snapshot writes the run's own history (its data, every class, SWD): options that
+    would score something else are refused, not dropped."""
+    from defectforge.core.errors import ConfigError
+
+    given = [
+        flag
+        for flag, value in (
+            ("--data", args.data),
+            ("--class", args.class_name),
+            ("--inception", args.inception),
+        )
+        if value
+    ]
+    if given:
+        raise ConfigError(
+            f"{given[0]} with --every-snapshot: every snapshot is scored as the run's own history "
+            "(its training data, every class, SWD); score one snapshot with "
+            f"`gan metrics --model RUN/snapshots/kimg_... {given[0]} ...` instead"
+        )
 
 
 def _compare(args) -> None:

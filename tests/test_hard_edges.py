@@ -484,3 +484,24 @@ def test_a_gan_run_still_training_names_its_latest_snapshot(tmp_path):
         with pytest.raises(DataError, match="has not published a generator yet") as refused:
             read(tmp_path)
         assert f"e.g. the latest: {latest}," in str(refused.value)
+
+
+def test_gan_metrics_scores_the_runs_own_data_only_while_it_is_unchanged(
+    sample_dataset, generated, capsys
+):
+    """Found probing: after the run's data was replaced, `gan metrics` scored it against the
+    replacement without a word; `--every-snapshot --data X` wrote the run's own history
+    against its own data while X was asked for."""
+    from dataclasses import replace
+
+    from defectforge.gan.checkpoint import gan_run_config
+    from defectforge.trainables.gan_samples import _refuse_changed_data
+
+    run = generated.parent / "run"
+    cfg = gan_run_config(run)
+    _refuse_changed_data(cfg)  # unchanged: scored
+    with pytest.raises(DataError, match="is no longer the dataset this generator learnt from"):
+        _refuse_changed_data(replace(cfg, data_manifest_id="0123456789abcdef"))
+    for extra in (["--data", str(sample_dataset)], ["--class", "patches"]):
+        assert main(["gan", "metrics", "--model", str(run), "--every-snapshot", *extra]) == 2
+        assert f"{extra[0]} with --every-snapshot" in capsys.readouterr().err

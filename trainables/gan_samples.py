@@ -155,6 +155,8 @@ def generator_metrics(
     generator, cfg = load_generator(model)
     if data:
         Manifest.load(data)  # a raw folder is not a dataset: say so, not "no image matches"
+    else:
+        _refuse_changed_data(cfg)
     cfg = replace(cfg, data=str(data or cfg.data), metric_images=count or cfg.metric_images)
     class_index = _class_index(cfg, class_name)
     if class_name is not None:
@@ -179,6 +181,20 @@ def generator_metrics(
     if inception:
         result.update(inception_metrics(reals, fakes, inception))
     return result
+
+
+def _refuse_changed_data(cfg: GanConfig) -> None:
+    """Scores against the run's own data compare with the SWD it recorded while training: only
+    while that data is still the dataset it learnt from."""
+    now = Manifest.load(cfg.data).dataset_id
+    if cfg.data_manifest_id and now != cfg.data_manifest_id:
+        raise DataError(
+            cfg.data,
+            f"is no longer the dataset this generator learnt from (dataset id {now}, the run's "
+            f"{cfg.data_manifest_id}): it was rebuilt or replaced since",
+            "give --data the dataset to score against (its scores are then not comparable with "
+            "the run's own), or rebuild the run's data as it was",
+        )
 
 
 def _run_of(model: Location) -> Location | None:
