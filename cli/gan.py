@@ -130,8 +130,8 @@ def run(args) -> None:
         summary = gan.run_gan_training(cfg, args.out, resume=args.resume, tracking=tracking)
         final, best = summary["final"], summary["best"]
         print(
-            f"kimg {final['kimg']:.2f}: SWD {final.get('swd', float('nan')):.1f}; published the "
-            f"lowest-SWD snapshot (kimg {best['kimg']:.2f}, SWD {best['swd']:.1f}) with metrics "
+            f"kimg {final['kimg']:g}: SWD {final.get('swd', float('nan')):.1f}; published the "
+            f"lowest-SWD snapshot (kimg {best['kimg']:g}, SWD {best['swd']:.1f}) with metrics "
             f"and sample grids in {args.out}"
         )
     elif args.gan_command == "compare":

@@ -59,21 +59,10 @@ AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 
 
-# The settings a run's snapshots are bound to (the networks' shape, the data they learnt): run
-# again into the same folder, they continue only a run with the same ones.
-CHECKPOINT_KEYS = (
-    "data_manifest_id",
-    "channels",
-    "classes",
-    "conditional",
-    "resolution",
-    "masks",
-    "z_dim",
-    "w_dim",
-    "mapping_layers",
-    "channel_base",
-    "channel_max",
-)
+# What a resumed run may change: how long and how fast it trains, and where its data now lies.
+# Anything else would change the run from its latest snapshot on while its record (metrics.json,
+# the kept snapshots' config) says the whole run had it, and would move the SWD it is scored by.
+RESUMABLE_CHANGES = ("data", "kimg", "snapshot_kimg", "workers", "use_gpu", "threads", "precision")
 
 
 @dataclass(frozen=True)

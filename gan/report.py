@@ -17,7 +17,7 @@ from defectforge.core.errors import DataError
 from defectforge.core.files import pyplot, save_png, scratch_folder, write_json_atomic
 from defectforge.core.outputs import publish_dir
 from defectforge.core.storage import Location, local_folder
-from defectforge.gan.checkpoint import SAMPLES_DIR, snapshot_name
+from defectforge.gan.checkpoint import SAMPLES_DIR, kimg_of, snapshot_name
 
 PROGRESS_FILE, SUMMARY_FILE = "progress.jsonl", "metrics.json"
 CURVES_FILE, COMPARISON_FILE = "swd.png", "comparison.json"
@@ -55,7 +55,18 @@ def _grid_picture(path: Path | Location, kimg: float) -> np.ndarray:
     encoded = location.read_bytes() if location.is_file() else b""
     grid = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR) if encoded else None
     if grid is None:
-        raise DataError(path, f"no sample grid at kimg {kimg:g}", "pick a kimg every run reached")
+        kept = sorted(
+            f.name.removesuffix(".png")
+            for f in location.parent.files(".png")
+            if f.name.startswith("kimg_")
+        )
+        raise DataError(
+            path,
+            f"no sample grid at kimg {kimg:g}",
+            "pick a kimg every run reached (this run's grids: "
+            + (", ".join(f"{kimg_of(name):g}" for name in kept) or "none")
+            + ")",
+        )
     return grid
 
 

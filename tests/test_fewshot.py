@@ -203,6 +203,8 @@ def test_combined_sets_give_as_many_rows_each_and_keep_every_makers_sources(
     roles = sorted(source.role for source in manifest.labelling.trained_on)
     assert roles == ["GAN", "copy-paste source", "labeller"]
     check_compatible(sample_dataset, out)
+    with pytest.raises(DataError, match=rf"ask for at most {len(gan_ids)}, "):  # the smallest's
+        combine_synthetic([str(pasted), str(labelled)], tmp_path / "x", CombineConfig(1000))
     with pytest.raises(
         DataError, match=r"its (GAN|labeller|copy-paste source) learnt from \d+ image"
     ):

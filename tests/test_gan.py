@@ -400,6 +400,11 @@ def test_ray_train_run_on_a_store_snapshots_resumes_and_generates(
 
     more = run_gan_training(replace(cfg, kimg=0.048), run.uri, resume=True, tracking=tracking)
     assert [row["kimg"] for row in more["history"]] == [0.0, 0.016, 0.032, 0.048]
+    # A resume continues the run it finds: what its snapshots and record hold cannot change.
+    for changed in ({"diffaug": ""}, {"seed": 5}, {"native_crops": True}):
+        key, value = next(iter(changed.items()))
+        with pytest.raises(ConfigError, match=rf"{key} = {value!r}: .* holds a run of {key} = "):
+            run_gan_training(replace(cfg, kimg=0.064, **changed), run.uri, resume=True)
     client, tracked = only_run(mlflow_server.url, "gan-on-a-store")
     assert tracked.info.status == "FINISHED" and tracked.data.params["kimg"] == "0.032"
     swd = client.get_metric_history(tracked.info.run_id, "swd")

@@ -46,8 +46,7 @@ from defectforge.gan.checkpoint import (
     load_gan_state,
     snapshot_name,
 )
-from defectforge.gan.config import CHECKPOINT_KEYS as GAN_CHECKPOINT_KEYS
-from defectforge.gan.config import MIN_RESOLUTION, GanConfig
+from defectforge.gan.config import MIN_RESOLUTION, RESUMABLE_CHANGES, GanConfig
 from defectforge.gan.loop import GanLoopIO, train_gan
 from defectforge.gan.report import write_plots
 from defectforge.studies.spec_schema import TrackingSpec
@@ -287,7 +286,9 @@ def run_gan_training(
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
     ray.data.DataContext.get_current().enable_progress_bars = False
-    refuse_another_run(out, asdict(cfg), GAN_CHECKPOINT_KEYS)
+    # The command again into a folder with snapshots continues that run, --resume or not.
+    bound = tuple(name for name in asdict(cfg) if name not in RESUMABLE_CHANGES)
+    refuse_another_run(out, asdict(cfg), bound)
     name, previous = resumed_run_name(out / "ray", RUN_NAME) if resume else (RUN_NAME, None)
     if previous is not None and kimg_of(previous.name) >= cfg.kimg:
         raise DataError(
@@ -387,6 +388,6 @@ def _no_improvement(cfg: GanConfig, start: dict, history: list[dict]) -> tuple[s
     return (
         f"no snapshot beat the untrained generator's SWD {start['swd']:.1f} (SWD by snapshot: "
         f"{curve}), so no generator was published",
-        f"train longer (--resume with a larger --kimg than {cfg.kimg:g}), or with more images "
-        "or --diffaug color,translation,cutout",
+        f"train longer (--resume with a larger --kimg than {cfg.kimg:g}), or with more images"
+        + ("" if cfg.diffaug else " or --diffaug color,translation,cutout"),
     )
