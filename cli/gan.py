@@ -104,6 +104,10 @@ def parse_seeds(text: str | None, cfg) -> list[int]:
         seeds = list(range(first, last + 1))
     if any(seed < 0 or seed >= 2**32 for seed in seeds):
         raise ConfigError(f"--seeds {text!r}: seeds are whole numbers from 0 to 2^32 - 1")
+    if len(set(seeds)) < len(seeds):
+        # One seed is one image: a repeat would be a row twice under one id.
+        repeated = next(seed for index, seed in enumerate(seeds) if seed in seeds[:index])
+        raise ConfigError(f"--seeds {text!r}: seed {repeated} is given twice; give each once")
     return seeds
 
 

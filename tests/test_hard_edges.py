@@ -505,3 +505,23 @@ def test_gan_metrics_scores_the_runs_own_data_only_while_it_is_unchanged(
     for extra in (["--data", str(sample_dataset)], ["--class", "patches"]):
         assert main(["gan", "metrics", "--model", str(run), "--every-snapshot", *extra]) == 2
         assert f"{extra[0]} with --every-snapshot" in capsys.readouterr().err
+
+
+def test_a_seed_given_twice_to_gan_generate_is_refused():
+    """Found probing: `--seeds 1,1,1` wrote three rows under one id and one PNG."""
+    from defectforge.cli.gan import parse_seeds
+
+    with pytest.raises(ConfigError, match="seed 1 is given twice; give each once"):
+        parse_seeds("1,2,1", None)
+    assert parse_seeds("3-5", None) == [3, 4, 5]
+
+
+def test_use_gpu_where_no_node_has_one_is_said_not_waited_on_silently(ray_session, capsys):
+    """Found probing: `gan train --use-gpu` on a machine without a GPU sat at 0 kimg for
+    minutes without a word."""
+    from defectforge.trainables.runtime import warn_of_missing
+
+    warn_of_missing({"GPU": 1, "CPU": 1}, "--use-gpu", "leave out --use-gpu")
+    err = capsys.readouterr().err
+    assert err.startswith("defectforge: warning: --use-gpu asks for 1 GPU and the nodes of ")
+    assert err.rstrip().endswith("leave out --use-gpu)") and "CPU" not in err

@@ -69,6 +69,7 @@ from defectforge.trainables.runtime import (
     refuse_another_run,
     resumed_run_name,
     starting_checkpoint,
+    warn_of_missing,
     worker_cpus,
 )
 from defectforge.trainables.tracking import run_tracking
@@ -285,6 +286,8 @@ def run_gan_training(
     out = Location.of(check_run_folder(out, GAN_RUN, (cfg.data,)))
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
+    if cfg.use_gpu:
+        warn_of_missing({"GPU": cfg.workers}, "--use-gpu", "leave out --use-gpu")
     ray.data.DataContext.get_current().enable_progress_bars = False
     # The command again into a folder with snapshots continues that run, --resume or not.
     bound = tuple(name for name in asdict(cfg) if name not in RESUMABLE_CHANGES)

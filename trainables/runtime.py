@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import urllib.parse
 import uuid
@@ -310,6 +311,21 @@ def starting_checkpoint(config: dict):
     if checkpoint is None and config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(config["resume_from"])
     return checkpoint
+
+
+def warn_of_missing(asked: dict[str, float], who: str, fix: str) -> None:
+    """Resources ``who`` asks for that no node of this Ray cluster has: the work would wait for
+    them without a word. Said, not refused: an autoscaling cluster starts such nodes when asked."""
+    totals = ray.cluster_resources()
+    for name, amount in asked.items():
+        if amount > totals.get(name, 0.0):
+            print(
+                f"defectforge: warning: {who} asks for {amount:g} {name} and the nodes of this "
+                f"Ray cluster have {totals.get(name, 0.0):g} in all: it waits until nodes with "
+                f"them join (an autoscaling cluster starts them; on any other, {fix})",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def check_shared_storage(root: str, option: str = "storage_path") -> None:

@@ -66,6 +66,7 @@ from defectforge.trainables.runtime import (
     resumed_run_name,
     starting_checkpoint,
     wait_for_task,
+    warn_of_missing,
     worker_cpus,
 )
 from defectforge.trainables.seg_feed import Splits, one_worker_io, read_splits, seg_loop_io
@@ -306,6 +307,8 @@ def run_seg_training(
         check_no_copies(cfg.data, cfg.synthetic)  # here once, not in every epoch's data stream
     ensure_ray()
     check_storage_everywhere(out.uri, "--out")  # workers write their checkpoints where they run
+    if cfg.use_gpu:
+        warn_of_missing({"GPU": cfg.workers}, "--use-gpu", "leave out --use-gpu")
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False

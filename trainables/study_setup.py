@@ -3,12 +3,9 @@ the checks that refuse what would fail or hang later, and the trials' CPU share.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-
-import ray
 
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.files import load_state_dict_file
@@ -26,7 +23,7 @@ from defectforge.studies.spec_schema import (
     StudySpec,
     trial_values,
 )
-from defectforge.trainables.runtime import worker_cpus
+from defectforge.trainables.runtime import warn_of_missing, worker_cpus
 from defectforge.trainables.seg import config_from_manifest
 from defectforge.trainables.seg_feed import check_batch_fits, check_crop_fits
 
@@ -307,21 +304,12 @@ def study_worker_cpus(spec: StudySpec) -> float:
 
 
 def warn_of_missing_resources(spec: StudySpec) -> None:
-    """GPUs or node labels a trial asks for and no node has: its trials would wait for them
-    without a word. Said, not refused: an autoscaling cluster starts such nodes when asked."""
+    """GPUs or node labels a trial asks for and no node has (``runtime``'s warning)."""
     res = spec.resources
     asked = {
         "GPU": res.gpus_per_trial,
         **{name: amount * res.workers_per_trial for name, amount in res.custom_per_worker.items()},
     }
-    totals = ray.cluster_resources()
-    for name, amount in asked.items():
-        if amount > totals.get(name, 0.0):
-            print(
-                f"defectforge: warning: resources: a trial asks for {amount:g} {name} and the "
-                f"nodes of this Ray cluster have {totals.get(name, 0.0):g} in all: its trials "
-                "wait until nodes with them join (an autoscaling cluster starts them; on any "
-                "other, lower resources.gpus_per_trial or custom_per_worker)",
-                file=sys.stderr,
-                flush=True,
-            )
+    warn_of_missing(
+        asked, "resources: a trial", "lower resources.gpus_per_trial or custom_per_worker"
+    )
