@@ -16,10 +16,13 @@ extra), and its failures are warnings: tracking never stops a study or a run.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
+
+from tqdm import tqdm
 
 from defectforge.core.files import scratch_folder
 from defectforge.core.storage import Location
@@ -149,9 +152,12 @@ class RunTracking:
             yield
         except Exception as err:  # noqa: BLE001 - as TrialLogger
             self.failed = True
-            warnings.warn(
-                f"MLflow tracking at {self.uri} failed; the run goes on without it: {err}",
-                stacklevel=3,
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            # On a line of its own above the progress bar, not Python's warning with its source.
+            tqdm.write(
+                f"defectforge: warning: MLflow tracking at {self.uri} failed; the run goes on "
+                f"without it (nothing more is tracked): {reason}",
+                file=sys.stderr,
             )
 
     def _started(self) -> str:
