@@ -66,9 +66,10 @@ def write_generated(
     samples whose mask holds no defect are left out, as labelling leaves them out)."""
     if not seeds:
         raise ConfigError("no seeds to generate: give --count 1 or more, or --seeds")
+    check_output(out, overwrite, (model,), kind=DATASET)
     generator, cfg = load_generator(model)
     # The data it learnt from is an input too: generated rows must never land there.
-    check_output(out, overwrite, (model, cfg.data), kind=DATASET)
+    check_output(out, overwrite, (cfg.data,), kind=DATASET)
     refuse_replacing_real(out)
     class_index = _class_index(cfg, class_name)
     if class_name is not None and not cfg.conditional:
