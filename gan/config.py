@@ -59,10 +59,11 @@ AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 
 
-# What a resumed run may change: how long and how fast it trains, and where its data now lies.
+# What a resumed run may change: how long and on what it trains, and where its data now lies
+# (not --workers: they set the global batch, and with it the automatic R1 weight).
 # Anything else would change the run from its latest snapshot on while its record (metrics.json,
 # the kept snapshots' config) says the whole run had it, and would move the SWD it is scored by.
-RESUMABLE_CHANGES = ("data", "kimg", "snapshot_kimg", "workers", "use_gpu", "threads", "precision")
+RESUMABLE_CHANGES = ("data", "kimg", "snapshot_kimg", "use_gpu", "threads", "precision")
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,13 @@ class GenerateConfig(TypedConfig):
     truncation: float = option(1.0, "truncation psi", lambda v: 0 < v <= 2, "in (0, 2]")
     class_name: str | None = option(None, "class of a conditional generator", flag="--class")
 
-    def seeds(self) -> list[int]:
+    def check(self) -> None:
         last = self.first_seed + self.count - 1
         if last >= 2**32:
             raise ConfigError(
                 f"first_seed = {self.first_seed} with count = {self.count}: the last seed, "
                 f"{last}, is above 2^32 - 1; lower first_seed or count"
             )
-        return list(range(self.first_seed, last + 1))
+
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.count))

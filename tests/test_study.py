@@ -228,6 +228,13 @@ def test_encoder_weights_no_trial_could_read_are_refused_before_any_stage(
     relative = os.path.relpath(weights)
     cfg = config_from_manifest(sample_with_test, encoder_weights=relative)
     assert cfg.encoder_weights == str(weights.resolve())
+    # and in the spec `study run` records, which `study resume` from another folder reads
+    from defectforge.trainables.study import _absolute_data
+
+    spec = parse_spec(
+        study_spec(sample_with_test, tmp_path, training={"encoder_weights": relative})
+    )
+    assert _absolute_data(spec).training["encoder_weights"] == str(weights.resolve())
 
 
 def test_study_check_runs_the_checks_and_writes_nothing(

@@ -319,14 +319,15 @@ def test_a_resumed_runs_bar_counts_its_rate_from_where_it_resumed(tmp_path):
     from defectforge.trainables.progress import PROGRESS_FILE, ProgressBar
 
     progress = tmp_path / PROGRESS_FILE
-    progress.write_text("".join(json.dumps({"kimg": k}) + "\n" for k in (4.0, 44.0)))
+    # Stopped at kimg 46.5, its latest snapshot at 44: the continued run starts from 44.
+    progress.write_text("".join(json.dumps({"kimg": k}) + "\n" for k in (4.0, 44.0, 46.5)))
     bar = ProgressBar(tmp_path, 100, "kimg", lambda r: r["kimg"], lambda r: "")
     time.sleep(0.2)
     with open(progress, "a") as handle:
-        handle.write(json.dumps({"kimg": 44.5}) + "\n")
+        handle.write("".join(json.dumps({"kimg": k}) + "\n" for k in (44.1, 44.5)))
     bar.poll()
     shown = bar.bar.format_dict
     bar.close()
-    assert shown["n"] == 44.5
-    # 0.5 kimg in this command's time, not the 44.5 of the run (which would read 89x faster)
+    assert shown["n"] == 44.5 and shown["initial"] == 44.1
+    # 0.4 kimg in this command's time, not the 44.5 of the run (which would read 100x faster)
     assert shown["elapsed"] > 0.2 and (shown["n"] - shown["initial"]) / shown["elapsed"] < 2.5

@@ -391,6 +391,7 @@ def _no_improvement(cfg: GanConfig, start: dict, history: list[dict]) -> tuple[s
     return (
         f"no snapshot beat the untrained generator's SWD {start['swd']:.1f} (SWD by snapshot: "
         f"{curve}), so no generator was published",
-        f"train longer (--resume with a larger --kimg than {cfg.kimg:g}), or with more images"
+        f"train longer (--resume with a larger --kimg than {cfg.kimg:g}), or a new run (another "
+        "--out) with more images"
         + ("" if cfg.diffaug else " or --diffaug color,translation,cutout"),
     )

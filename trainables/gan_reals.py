@@ -89,12 +89,13 @@ def check_defects_to_learn(cfg: GanConfig) -> None:
     train images without any it would publish noise as "exact masks"."""
     if not (cfg.masks or cfg.defect_crops):
         return
-    rows = train_rows(cfg)
-    if not pc.sum(pc.is_valid(rows["defect_class"])).as_py():
+    # The class column alone: the images and masks are read once, by the run.
+    classes = read_parquet(split_files(cfg.data, "train"), columns=["defect_class"])
+    if not pc.sum(pc.is_valid(classes["defect_class"])).as_py():
         flag = "--masks" if cfg.masks else "--defect-crops"
         raise DataError(
             cfg.data,
-            f"none of its {rows.num_rows} train images has a defect pixel in its mask, and "
+            f"none of its {classes.num_rows} train images has a defect pixel in its mask, and "
             f"{flag} learns from them",
             "give a dataset whose masks mark defects (`data build`: check --mask-threshold), "
             f"or leave out {flag}",

@@ -115,18 +115,13 @@ class ProgressBar:
         listeners: tuple[Callable[[list[dict]], None], ...] = (),
     ):
         self.file = Location.of(run) / PROGRESS_FILE
-        before = self._text() if self.file.is_file() else b""
-        self.offset = len(before)
+        self.offset = len(self._text()) if self.file.is_file() else 0
         self.position, self.describe = position, describe
         # Each is handed every new progress record (MLflow tracking logs them).
         self.listeners = listeners
         self.last_read = 0.0
-        # A resumed run starts where it stopped: its rate and time left count from there, not
-        # as if the work before the resume were done in this command's first seconds.
-        complete = before[: before.rfind(b"\n") + 1]
-        done = [json.loads(line) for line in complete.decode().splitlines()]
-        start = min(total, position(done[-1])) if done else 0
-        self.bar = tqdm(total=total, initial=start, unit=unit, desc=name, dynamic_ncols=True)
+        self.started = False
+        self.bar = tqdm(total=total, unit=unit, desc=name, dynamic_ncols=True)
 
     def _text(self, offset: int = 0) -> bytes:
         """The progress file from byte ``offset`` on (a store's object is read whole)."""
@@ -147,6 +142,11 @@ class ProgressBar:
         complete = new[: new.rfind(b"\n") + 1]
         self.offset += len(complete)
         records = [json.loads(line) for line in complete.decode().splitlines()]
+        if records and not self.started:
+            # A continued run starts at its checkpoint: rate and time left count from its first
+            # record, not as if the work before were done in this command's first seconds.
+            self.started = True
+            self.bar.initial = min(self.bar.total, self.position(records[0]))
         if records:
             latest = records[-1]
             self.bar.n = min(self.bar.total, self.position(latest))

@@ -292,7 +292,7 @@ def refuse_another_run(out: Location, config: dict, keys: tuple[str, ...]) -> No
             raise ConfigError(
                 f"{key} = {given!r}: {out.uri} holds a run of {key} = {saved[key]!r}, whose "
                 "checkpoints would carry on as if nothing had changed; use a new --out, or the "
-                "run's own settings to continue it"
+                "run's own settings (its --profile and flags) to continue it"
             )
 
 

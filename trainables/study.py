@@ -106,7 +106,10 @@ def _absolute_data(spec: StudySpec) -> StudySpec:
 
     data = spec.dataset
     paths = {key: absolute_location(getattr(data, key)) for key in DATASET_PATHS}
-    return replace(spec, dataset=replace(data, **paths))
+    training = dict(spec.training)
+    if training.get("encoder_weights") not in (None, "imagenet"):
+        training["encoder_weights"] = absolute_location(training["encoder_weights"])
+    return replace(spec, dataset=replace(data, **paths), training=training)
 
 
 def run_study(spec_path: str | Path, name: str | None = None, address: str | None = None) -> dict:
@@ -229,11 +232,13 @@ def search_results(root: str) -> tune.ResultGrid:
 
 
 def _recorded_spec(store: StudyStore) -> StudySpec:
-    """The stored spec with the dataset paths `study run` resolved."""
+    """The stored spec with the dataset and weights paths `study run` resolved."""
     spec = stored_spec(store)
-    recorded = store.read_json(STUDY_FILE)["spec"]["dataset"]
-    data = replace(spec.dataset, **{key: recorded.get(key, "") for key in DATASET_PATHS})
-    return _absolute_data(replace(spec, dataset=data))
+    recorded = store.read_json(STUDY_FILE)["spec"]
+    data = replace(spec.dataset, **{key: recorded["dataset"].get(key, "") for key in DATASET_PATHS})
+    weights = recorded.get("training", {}).get("encoder_weights")
+    training = {**spec.training, "encoder_weights": weights} if weights else spec.training
+    return _absolute_data(replace(spec, dataset=data, training=training))
 
 
 def _prepare_and_complete(spec: StudySpec, store: StudyStore, where: str) -> dict:
