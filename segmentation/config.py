@@ -159,6 +159,11 @@ class SegConfig(TypedConfig):
     )
 
     def check(self) -> None:
+        if self.seed + self.workers - 1 >= 2**32:  # worker k seeds NumPy with seed + k
+            raise ConfigError(
+                f"seed = {self.seed} with workers = {self.workers}: the last worker's seed is "
+                "above 2^32 - 1; lower seed"
+            )
         smallest = _models().min_input_size(self.arch)
         for name in ("image_size", "crop_size"):
             value = getattr(self, name)

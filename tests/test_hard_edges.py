@@ -419,6 +419,8 @@ def test_a_seed_numpy_cannot_take_is_refused_where_it_is_given():
     ):
         with pytest.raises(ConfigError, match=r"seed = -1: must be from 0 to 2\^32 - 1"):
             make(seed=-1)
+    with pytest.raises(ConfigError, match=r"the last worker's seed is above 2\^32 - 1"):
+        SegConfig("d", ("bg", "d"), 1, (0.5,), (0.2,), seed=2**32 - 1, workers=2)
     assert GenerateConfig(first_seed=2**32 - 2, count=2).seeds()[-1] == 2**32 - 1
 
 
