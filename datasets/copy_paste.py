@@ -28,7 +28,7 @@ from defectforge.datasets.contract import (
 )
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
-from defectforge.datasets.writer import derived_from, refuse_replacing_real, write_dataset
+from defectforge.datasets.writer import derived_from, write_dataset
 
 COPY_PASTE = "copy-paste"
 
@@ -188,7 +188,6 @@ def copy_paste_dataset(
 ) -> Manifest:
     """``cfg.count`` copy-paste images made from ``data``'s train split, as a labelled set."""
     manifest = derived_from(data, out, overwrite, "cut from")
-    refuse_replacing_real(out)
     samples = _train_samples(data, manifest.channels)
     regions = [
         region

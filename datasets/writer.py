@@ -108,23 +108,26 @@ def derived_from(data: str | Path, out: str | Path, overwrite: bool, use: str) -
     """The manifest of the dataset another is made from, after the output rules (never over it)
     and the check that it has masks (``use``: what is done with them)."""
     check_output(out, overwrite, (data,), kind=DATASET)
+    refuse_replacing_real(out)
     manifest = Manifest.load(data)
     manifest.require_masks(data, use)
     return manifest
 
 
 def refuse_replacing_real(out: str | Path, flag: str = "--out") -> None:
-    """A synthetic set never replaces a dataset of real images, even with --overwrite: one
-    mistyped --out would lose data that only the raw images and `data build` give back."""
+    """Only `data build` replaces a dataset built from raw images, even with --overwrite: one
+    mistyped --out would lose data that only the raw images give back (a derived set, a subset,
+    mix or synthetic set, is made again by its command)."""
     location = Location.of(out)
     if not (location / MANIFEST).is_file():
         return
     existing = Manifest.load(out)
-    if existing.source != SYNTHETIC:
+    derived = existing.subset or existing.augmentation or existing.mix
+    if existing.source != SYNTHETIC and not derived:
         raise DataError(
             location,
-            f"{flag} holds a dataset of real images (source {existing.source}), and a synthetic "
-            "set never replaces one",
+            f"{flag} holds a dataset built from raw images (source {existing.source}), which "
+            "only `data build` replaces",
             f"choose another {flag}",
         )
 

@@ -126,7 +126,7 @@ def test_synthetic_data_made_from_a_studys_test_images_is_refused(sample_dataset
 
 
 def test_generated_sets_never_replace_real_data_and_only_generated_images_are_labelled(
-    sample_dataset, generated, tmp_path
+    sample_dataset, generated, labelled, tmp_path
 ):
     """Found probing the GAN commands as a new user: `gan generate --overwrite` replaced the
     GAN's own training dataset with its samples; `synth label` labelled a real dataset's rows as
@@ -138,8 +138,14 @@ def test_generated_sets_never_replace_real_data_and_only_generated_images_are_la
     real = tmp_path / "real"
     shutil.copytree(sample_dataset, real)
     before = Manifest.load(real).dataset_id
-    with pytest.raises(DataError, match="holds a dataset of real images .* never replaces one"):
+    with pytest.raises(DataError, match="built from raw images .* only `data build` replaces"):
         write_generated(run, real, [0, 1], overwrite=True)
+    assert Manifest.load(real).dataset_id == before
+    from defectforge.datasets.mix import MixConfig
+    from defectforge.trainables.data_jobs import mix_datasets
+
+    with pytest.raises(DataError, match="only `data build` replaces"):  # nor does a mix
+        mix_datasets(sample_dataset, labelled, MixConfig(0.1), real, overwrite=True)
     assert Manifest.load(real).dataset_id == before
     with pytest.raises(DataError, match="--out is the input .* would replace your input data"):
         write_generated(run, sample_dataset, [0], overwrite=True)  # the data it learnt from

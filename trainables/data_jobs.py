@@ -43,7 +43,7 @@ from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
 from defectforge.datasets.twins import TWINS_FILE, settle_twins
-from defectforge.datasets.writer import derived_from, write_dataset
+from defectforge.datasets.writer import derived_from, refuse_replacing_real, write_dataset
 from defectforge.trainables.runtime import ensure_ray
 
 LOAD_BATCH = 32
@@ -255,6 +255,7 @@ def mix_datasets(
     ``augment`` its train split is then expanded offline as by `data augment`."""
     inputs = (real, synthetic)
     check_output(out, overwrite, inputs, kind=DATASET)
+    refuse_replacing_real(out)
     mix = plan_for(real, synthetic, cfg)
     check_no_copies(real, synthetic)
     ensure_ray()
