@@ -77,7 +77,7 @@ def build_model(
     """
     if in_channels not in (1, 3):
         raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
-    local_file = encoder_weights not in (None, "imagenet")
+    local_file = names_weights_file(encoder_weights)
     hub = _hub_as_reachable() if encoder_weights == "imagenet" else contextlib.nullcontext()
     with hub as unreachable:
         try:
@@ -139,6 +139,18 @@ def _may_reach(host: str) -> bool:
     return True
 
 
+def names_weights_file(encoder_weights: str | None) -> bool:
+    """Whether ``encoder_weights`` names a state-dict file (a path or a URI), not none or the
+    model hub's."""
+    return encoder_weights not in (None, "imagenet")
+
+
+def read_encoder_state(location: Location) -> dict:
+    """The encoder state dict in a file or an object on a store."""
+    data = location.read_bytes() if location.remote else None
+    return load_state_dict_file(location.uri, "encoder weights", data)
+
+
 def load_encoder_weights(model: nn.Module, path: str | Path, in_channels: int) -> None:
     """Load an encoder state dict from a file or object storage (every node of a cluster without
     shared disk reads it there); a 3-channel first conv is summed down for grey input."""
@@ -150,8 +162,7 @@ def load_encoder_weights(model: nn.Module, path: str | Path, in_channels: int) -
             "pass an existing state-dict file (a path every node has, or an s3:// URI), "
             "'imagenet', or nothing",
         )
-    data = location.read_bytes() if location.remote else None
-    state = load_state_dict_file(location.uri, "encoder weights", data)
+    state = read_encoder_state(location)
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     own = model.encoder.state_dict()
     for key, value in state.items():

@@ -8,13 +8,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from defectforge.core.errors import ConfigError, DataError
-from defectforge.core.files import load_state_dict_file
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST
 from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import NotEnoughSynthetic, check_compatible, plan_for
 from defectforge.segmentation.config import SegConfig
+from defectforge.segmentation.models import names_weights_file, read_encoder_state
 from defectforge.studies.errors import SpecError
 from defectforge.studies.spec_schema import (
     ARMS,
@@ -103,7 +103,7 @@ def check_encoder_weights(spec: StudySpec, where: str) -> None:
     refused before any stage (read from where the driver runs; a URI is read the same from
     every node)."""
     weights = spec.training.get("encoder_weights")
-    if weights in (None, "imagenet"):
+    if not names_weights_file(weights):
         return
     location = Location.of(weights)
     if not location.is_file():
@@ -115,9 +115,8 @@ def check_encoder_weights(spec: StudySpec, where: str) -> None:
             "give a state-dict file at a path every node has, or an s3:// URI, 'imagenet', "
             "or leave it out",
         )
-    data = location.read_bytes() if location.remote else None
     try:
-        load_state_dict_file(location.uri, "encoder weights", data)
+        read_encoder_state(location)
     except DataError as err:
         raise SpecError(where, "training.encoder_weights", weights, err.problem, err.fix) from None
 
