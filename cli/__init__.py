@@ -27,6 +27,7 @@ from defectforge.cli import cluster, data, gan, quickstart, seg, study, synth  #
 from defectforge.cli.options import Parser  # noqa: E402
 from defectforge.core.errors import UserError, one_line, user_error_in  # noqa: E402
 from defectforge.core.files import package_version  # noqa: E402
+from defectforge.core.interrupt import stop_on_sigterm_as_on_ctrl_c  # noqa: E402
 from defectforge.trainables import VERBOSE_ENV  # noqa: E402
 
 INTERRUPTED = 130
@@ -170,6 +171,7 @@ def entry() -> None:
     completed, which a resume starts from. A Ray Client session (``ray://``) is closed first,
     so the cluster stops the run now rather than after the client's reconnection grace period.
     """
+    stop_on_sigterm_as_on_ctrl_c()
     code = main()
     if code == INTERRUPTED:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not stop the ending

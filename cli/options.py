@@ -25,6 +25,14 @@ class Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}; see {self.prog} --help\n")
         raise SystemExit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        """A command's own parser names an option it does not know, and its own help: left to
+        the top-level parser, `gan generate --masks` pointed at `defectforge --help`."""
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and self._subparsers is None:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
 
 def absolute_path(text: str) -> str:
     """Paths leave the command line absolute: workers on a cluster run in other folders. A

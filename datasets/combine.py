@@ -17,13 +17,12 @@ import pyarrow as pa
 
 from defectforge.core.config import SEED, TypedConfig, option
 from defectforge.core.errors import DataError
-from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
 from defectforge.datasets.contract import MANIFEST, only_ids, read_split_table
 from defectforge.datasets.leakage import SOURCE_PIXELS, source_pixels, write_source_pixels
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stable_order
-from defectforge.datasets.writer import refuse_replacing_real, write_dataset
+from defectforge.datasets.writer import check_derived_output, write_dataset
 
 MAKERS = "`synth label`, `synth copy-paste`, or a --masks GAN's `gan generate`"
 
@@ -95,8 +94,7 @@ def combine_synthetic(
     """``cfg.count_each`` rows of each labelled synthetic set in ``sets``, as one labelled set."""
     if len(sets) < 2:
         raise DataError(out, f"{len(sets)} set(s) to combine", "give two or more sets")
-    check_output(out, overwrite, tuple(sets), kind=DATASET)
-    refuse_replacing_real(out)
+    check_derived_output(out, overwrite, tuple(sets))
     parts = sorted(((path, _labelled(path)) for path in sets), key=lambda p: p[1].dataset_id)
     _check_alike(parts)
     count = cfg.count_each or min(manifest.split_total("train") for _, manifest in parts)

@@ -31,7 +31,7 @@ NEU_SEG_CLASSES = ("background", "inclusion", "patches", "scratches")
 CLASS_FILES = ("classes.yaml", "classes.yml", "classes.json")
 # A mask's formats, in the order one is looked for: lossless first; JPEG masks are read like
 # soft masks (--mask-threshold).
-MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".pbm", ".pnm", ".jpg", ".jpeg", ".jpe")
 # Names (any case) of a folder of images beside a folder of their masks, and of that mask folder.
 IMAGE_TREES = ("images", "image", "imgs", "img")
 MASK_TREES = (

@@ -28,11 +28,12 @@ SKIP_FIX = "re-export the file or remove it"
 # The last bytes of a complete file, per format: a copy cut short lacks them.
 END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 NAMES_BY_FORMAT = {
-    "JPEG": (".jpg", ".jpeg"),
+    "JPEG": (".jpg", ".jpeg", ".jpe"),
     "PNG": (".png",),
     "BMP": (".bmp",),
     "TIFF": (".tif", ".tiff"),
     "WEBP": (".webp",),
+    "PPM": (".pgm", ".ppm", ".pnm", ".pbm"),
 }
 EXIF_ORIENTATION = 0x0112
 # How each EXIF orientation's stored pixels turn into the view shown (1: as stored).

@@ -228,7 +228,7 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
             ref.image_path,
             "no mask found for this image",
             "add its mask (the same name under masks/ or labels/, or beside it with the "
-            "--mask-suffix; png/bmp/tif/jpg), pass --missing-mask background if images without "
+            "--mask-suffix; png/bmp/tif/pgm/jpg), pass --missing-mask background if images without "
             "a mask are defect-free, or remove the image",
         )
     if ref.mask_path is None:

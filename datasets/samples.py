@@ -13,7 +13,20 @@ from defectforge.core.errors import DataError
 from defectforge.datasets.contract import SPLITS
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# Portable anymap (PGM/PPM/PNM) is what many machine-vision cameras and libraries save.
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".pgm",
+    ".ppm",
+    ".pnm",
+)
 # Folders that operating systems, NAS boxes and archivers add beside a user's images (their
 # thumbnails and resource forks are image-named files, never samples); names starting with a dot
 # are hidden likewise.

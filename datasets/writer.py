@@ -51,13 +51,17 @@ class DatasetStaging:
     def __init__(self, folder: Path, remote: Location | None = None):
         self.folder, self.remote = folder, remote
         self.manifest: Manifest | None = None
+        self._tables_written = 0
 
     def write_split(self, split: str, rows) -> None:
-        """Write one split's rows (contract schema) as Parquet files."""
+        """Write rows (contract schema) of one split as Parquet files; a split may be written in
+        several tables, one after another, so a large set never has to be held whole."""
         target = split_dir(self.folder, split)
         if isinstance(rows, pa.Table):
             target.mkdir(parents=True, exist_ok=True)
-            pq.write_table(rows.select(list(SCHEMA.names)).cast(SCHEMA), target / "rows.parquet")
+            name = f"rows-{self._tables_written:05d}.parquet"
+            self._tables_written += 1
+            pq.write_table(rows.select(list(SCHEMA.names)).cast(SCHEMA), target / name)
         elif self.remote is not None:
             rows.write_parquet((self.remote / split).uri, min_rows_per_file=ROWS_PER_FILE)
         else:
@@ -107,17 +111,18 @@ class DatasetStaging:
 def derived_from(data: str | Path, out: str | Path, overwrite: bool, use: str) -> Manifest:
     """The manifest of the dataset another is made from, after the output rules (never over it)
     and the check that it has masks (``use``: what is done with them)."""
-    check_output(out, overwrite, (data,), kind=DATASET)
-    refuse_replacing_real(out)
+    check_derived_output(out, overwrite, (data,))
     manifest = Manifest.load(data)
     manifest.require_masks(data, use)
     return manifest
 
 
-def refuse_replacing_real(out: str | Path, flag: str = "--out") -> None:
-    """Only `data build` replaces a dataset built from raw images, even with --overwrite: one
-    mistyped --out would lose data that only the raw images give back (a derived set, a subset,
-    mix or synthetic set, is made again by its command)."""
+def check_derived_output(out: str | Path, overwrite: bool, inputs: tuple) -> None:
+    """The output rules of every dataset made from others (``core.outputs.check_output``), and
+    one more: only `data build` replaces a dataset built from raw images, even with --overwrite.
+    One mistyped --out would lose data that only the raw images give back (a derived set, a
+    subset, mix or synthetic set, is made again by its command)."""
+    check_output(out, overwrite, inputs, kind=DATASET)
     location = Location.of(out)
     if not (location / MANIFEST).is_file():
         return
@@ -126,9 +131,9 @@ def refuse_replacing_real(out: str | Path, flag: str = "--out") -> None:
     if existing.source != SYNTHETIC and not derived:
         raise DataError(
             location,
-            f"{flag} holds a dataset built from raw images (source {existing.source}), which "
+            f"--out holds a dataset built from raw images (source {existing.source}), which "
             "only `data build` replaces",
-            f"choose another {flag}",
+            "choose another --out",
         )
 
 

@@ -20,7 +20,7 @@ from defectforge.core.files import (
     load_state_dict_file,
     require_files,
 )
-from defectforge.core.storage import local_folder
+from defectforge.core.storage import Location, local_folder
 from defectforge.gan.config import GanConfig
 from defectforge.gan.networks import Discriminator, Generator
 
@@ -101,34 +101,39 @@ def _refuse_unpublished(run: Path) -> None:
         )
 
 
-def _refuse_unfinished(run: Path) -> None:
+def _refuse_unfinished(run: Location) -> None:
     """A run still training, or stopped before it published, is a run: its kept snapshots are
-    what can be given meanwhile."""
+    what can be given meanwhile. Looked at where the run is (a store's too): a local copy of a
+    store's run folder holds its top-level files only."""
     if (run / CONFIG_FILE).is_file() or (run / METRICS_FILE).is_file():
         return
-    snapshots = sorted((run / SNAPSHOTS_DIR).glob("kimg_*/" + GENERATOR_FILE))
-    if snapshots:
+    kept = [
+        run / SNAPSHOTS_DIR / name
+        for name in (run / SNAPSHOTS_DIR).subfolders()
+        if (run / SNAPSHOTS_DIR / name / GENERATOR_FILE).is_file()
+    ]
+    if kept:
         raise DataError(
             run,
             "this GAN run has not published a generator yet (it is training, or was stopped "
-            f"at {snapshots[-1].parent.name})",
-            f"give one of its snapshots, e.g. the latest: {snapshots[-1].parent}, or finish the "
-            "run (its `gan train` command again)",
+            f"at {kept[-1].name})",
+            f"give one of its snapshots, e.g. the latest: {kept[-1]}, or finish the run (its "
+            "`gan train` command again)",
         )
 
 
 def gan_run_config(folder: str | Path) -> GanConfig:
     """The config a run (or snapshot) folder was trained with, without loading its weights."""
+    _refuse_unfinished(Location.of(folder))
     folder = local_folder(folder)
-    _refuse_unfinished(folder)
     folder = require_files(folder, (CONFIG_FILE,), "defectforge gan train")
     return GanConfig.load(folder / CONFIG_FILE)
 
 
 def load_generator(folder: str | Path, device: str | torch.device = "cpu"):
     """(G_ema in eval mode, its config) from a run folder or snapshot folder."""
+    _refuse_unfinished(Location.of(folder))
     folder = local_folder(folder)
-    _refuse_unfinished(folder)
     _refuse_unpublished(folder)
     folder = require_files(folder, (CONFIG_FILE, GENERATOR_FILE), "defectforge gan train")
     cfg = GanConfig.load(folder / CONFIG_FILE)

@@ -151,6 +151,17 @@ def test_version_and_a_bad_flag_value_are_one_line(capsys):
     assert "--epochs: invalid int value: 'many'" in err and "--help" in err
 
 
+def test_an_unknown_flag_is_named_with_its_commands_own_help(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["gan", "generate", "--model", "m", "--out", "o", "--masks"])
+    err = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and len(error_lines(err)) == 1
+    assert err == (
+        "defectforge gan generate: error: unrecognized arguments: --masks; "
+        "see defectforge gan generate --help"
+    )
+
+
 def test_an_internal_bug_keeps_its_traceback(monkeypatch):
     from defectforge.cli import study
 
@@ -287,6 +298,41 @@ def test_a_tracking_server_that_is_down_is_one_warning_and_the_run_goes_on(
         "without it"
     )
     assert tracker.failed and not (tmp_path / RUN_RECORD).exists()
+
+
+def test_a_studys_tracking_server_that_is_down_is_one_warning_and_the_study_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    """Ray's MLflow callback raised from its setup when the server was down, ending the study;
+    each later failure was a Python warning of its own."""
+    from defectforge.studies.spec import parse_spec
+    from defectforge.studies.store import StudyStore
+    from defectforge.trainables.tracking import log_study
+    from defectforge.trainables.trial_logger import TrialLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    trials = TrialLogger(tracking_uri="http://127.0.0.1:1", experiment_name="down")
+    trials.setup()
+    trials.log_trial_start(trial="t1")
+    trials.log_trial_result(1, "t1", {"val_iou": 0.5})
+    trials.log_trial_end("t1")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and trials.failed
+    assert lines[0].startswith(
+        "defectforge: warning: MLflow tracking at http://127.0.0.1:1 failed; the study goes on "
+        "without it"
+    )
+    spec = parse_spec(
+        {
+            "name": "t",
+            "dataset": {"real": "r"},
+            "search_space": {"lr": 0.001},
+            "tracking": {"mlflow": "http://127.0.0.1:1"},
+        }
+    )
+    assert log_study(spec, StudyStore(str(tmp_path)), {}) is None
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "the study's results are in its folder" in lines[0]
 
 
 def test_a_tracking_study_gives_up_on_a_server_as_soon_as_a_run_and_keeps_a_users_retries(

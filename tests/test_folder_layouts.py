@@ -263,3 +263,28 @@ def test_webp_images_are_read(tmp_path):
     (ref,) = refs
     assert ref.image_path.endswith("p.webp") and ref.mask_path.endswith("p.png")
     assert spec.channels == 3 and (load_sample(ref, spec)["height"], spec.channels) == (16, 3)
+
+
+def test_machine_vision_pgm_ppm_and_jpe_images_are_read_with_pgm_and_pbm_masks(tmp_path):
+    """Portable anymap files (many industrial cameras and vision libraries save them) and the
+    .jpe spelling of JPEG are images; PGM and PBM files are masks beside them."""
+    _pair(tmp_path / "line1" / "a.pgm", tmp_path / "line1" / "a_mask.pbm")
+    _write(tmp_path / "line1" / "b.ppm", np.full((16, 16, 3), 90, np.uint8))
+    _pair(tmp_path / "line1" / "c.jpe", tmp_path / "line1" / "c_mask.pgm")
+    refs, spec = discover(
+        BuildConfig(
+            source="folder",
+            root=str(tmp_path),
+            mask_suffix="_mask",
+            channels=3,
+            mask_threshold=128,
+            missing_mask="background",
+        )
+    )
+    found = {Path(ref.image_path).name: ref.mask_path for ref in refs}
+    assert set(found) == {"a.pgm", "b.ppm", "c.jpe"}
+    assert found["a.pgm"].endswith("a_mask.pbm") and found["c.jpe"].endswith("c_mask.pgm")
+    assert found["b.ppm"] is None
+    for ref in refs:
+        sample = load_sample(ref, spec)
+        assert (sample["height"], sample["width"]) == (16, 16)

@@ -3,6 +3,10 @@ of how many samples hold a defect, label-preserving mirroring of the reals, neve
 untrained generator, and the `gan` commands' refusals of what cannot work."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +190,52 @@ def test_drawn_masks_survive_generate_mix_and_the_training_feed(
     )
     for row, mask in zip(synthetic, fed["mask"], strict=True):
         assert (mask == decode_png(row["mask"], 0)).all()
+
+
+def test_generated_sets_are_written_table_by_table_with_the_same_rows_and_statistics(
+    ray_session, sample_dataset, tmp_path, monkeypatch
+):
+    """Memory does not grow with --count: images are drawn and written a table at a time, and
+    the set (rows, kept masks, pixel statistics) is the one drawn whole."""
+    from defectforge.datasets.manifest import Manifest
+    from defectforge.trainables import gan_samples
+
+    run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=0.0)
+    whole, in_tables = tmp_path / "whole", tmp_path / "tables"
+    gan_samples.write_generated(run, whole, list(range(23)))
+    monkeypatch.setattr(gan_samples, "SEEDS_PER_TABLE", 5)
+    gan_samples.write_generated(run, in_tables, list(range(23)))
+
+    assert len(list((whole / "train").glob("*.parquet"))) == 1
+    assert len(list((in_tables / "train").glob("*.parquet"))) >= 4
+    rows = {name: pq.read_table(name / "train").to_pylist() for name in (whole, in_tables)}
+    assert rows[whole] and rows[whole] == rows[in_tables]
+    manifests = Manifest.load(whole), Manifest.load(in_tables)
+    assert manifests[0].pixel_mean == manifests[1].pixel_mean
+    assert manifests[0].pixel_std == manifests[1].pixel_std
+    assert manifests[0].labelling.kept == manifests[1].labelling.kept == len(rows[whole])
+
+
+def test_a_stop_asked_for_with_sigterm_while_generating_leaves_nothing_behind(
+    sample_dataset, tmp_path
+):
+    """SIGTERM (a scheduler's stop) ends `gan generate` as Ctrl-C does: exit 130, one line, and
+    neither the set nor its staging folder left beside --out."""
+    run = _mask_generator(tmp_path / "gan", sample_dataset, mask_bias=0.0)
+    out = tmp_path / "drawn"
+    command = [sys.executable, "-m", "defectforge.cli", "gan", "generate", "--model", str(run)]
+    command += ["--count", "200000", "--out", str(out)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(tmp_path.glob(".drawn.*/*.png")):
+        assert process.poll() is None, process.stderr.read()[-2000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err[-2000:]
+    ours = [line for line in error_lines(err) if line.startswith("defectforge:")]
+    assert "Traceback" not in err and len(ours) == 1 and "interrupted" in ours[0], err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gan"]
 
 
 def test_a_generator_that_draws_no_defect_publishes_nothing(ray_session, sample_dataset, tmp_path):

@@ -471,18 +471,26 @@ def test_a_gan_that_learns_masks_refuses_train_images_without_a_defect(
     check_defects_to_learn(GanConfig(str(sample_dataset), 1, classes=classes, masks=True))
 
 
-def test_a_gan_run_still_training_names_its_latest_snapshot(tmp_path):
+@pytest.mark.parametrize("where", ["disk", "store"])
+def test_a_gan_run_still_training_names_its_latest_snapshot(where, tmp_path, request):
     """Found probing: `gan generate --model RUN` on a run still training said config.json was
-    missing from a folder "not written by gan train"."""
+    missing from a folder "not written by gan train"; on a store too (its local copy holds the
+    run's top-level files only)."""
+    from defectforge.core.storage import Location
     from defectforge.gan.checkpoint import gan_run_config, load_generator
 
+    if where == "store":
+        bucket = request.getfixturevalue("s3_server").make_bucket("training")
+        run = Location.of(f"{bucket}/gan-run")
+        (run / "progress.jsonl").write_text("{}\n")
+    else:
+        run = Location.of(tmp_path)
     for kimg in ("kimg_00004.000", "kimg_00052.000"):
-        (tmp_path / "snapshots" / kimg).mkdir(parents=True)
-        (tmp_path / "snapshots" / kimg / "generator.pt").write_bytes(b"")
-    latest = tmp_path / "snapshots" / "kimg_00052.000"
+        (run / "snapshots" / kimg / "generator.pt").write_bytes(b"")
+    latest = run / "snapshots" / "kimg_00052.000"
     for read in (load_generator, gan_run_config):
         with pytest.raises(DataError, match="has not published a generator yet") as refused:
-            read(tmp_path)
+            read(run.uri)
         assert f"e.g. the latest: {latest}," in str(refused.value)
 
 

@@ -43,7 +43,7 @@ from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import Mix, MixConfig, plan_for
 from defectforge.datasets.twins import TWINS_FILE, settle_twins
-from defectforge.datasets.writer import derived_from, refuse_replacing_real, write_dataset
+from defectforge.datasets.writer import check_derived_output, derived_from, write_dataset
 from defectforge.trainables.runtime import ensure_ray
 
 LOAD_BATCH = 32
@@ -254,8 +254,7 @@ def mix_datasets(
     """Write the mixed dataset (val and test copied from the real set, never synthetic); with
     ``augment`` its train split is then expanded offline as by `data augment`."""
     inputs = (real, synthetic)
-    check_output(out, overwrite, inputs, kind=DATASET)
-    refuse_replacing_real(out)
+    check_derived_output(out, overwrite, inputs)
     mix = plan_for(real, synthetic, cfg)
     check_no_copies(real, synthetic)
     ensure_ray()

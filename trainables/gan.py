@@ -62,14 +62,12 @@ from defectforge.trainables.gan_reals import (
 )
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
-    check_storage_everywhere,
     check_store_here,
-    ensure_ray,
     fit,
+    join_for_training,
     refuse_another_run,
     resumed_run_name,
     starting_checkpoint,
-    warn_of_missing,
     worker_cpus,
 )
 from defectforge.trainables.tracking import run_tracking
@@ -284,10 +282,7 @@ def run_gan_training(
     ``tracking``: an MLflow run of the config, the losses and snapshot measures by step, and
     what is published."""
     out = Location.of(check_run_folder(out, GAN_RUN, (cfg.data,)))
-    ensure_ray()
-    check_storage_everywhere(out.uri, "--out")  # workers write their snapshots where they run
-    if cfg.use_gpu:
-        warn_of_missing({"GPU": cfg.workers}, "--use-gpu", "leave out --use-gpu")
+    join_for_training(out, cfg.use_gpu, cfg.workers)
     ray.data.DataContext.get_current().enable_progress_bars = False
     # The command again into a folder with snapshots continues that run, --resume or not.
     bound = tuple(name for name in asdict(cfg) if name not in RESUMABLE_CHANGES)

@@ -12,12 +12,13 @@ import pyarrow as pa
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.outputs import DATASET, check_output
 from defectforge.core.storage import Location
-from defectforge.datasets.contract import SCHEMA, contract_row, decode_png, run_identity
+from defectforge.datasets.build import pixel_statistics
+from defectforge.datasets.contract import SCHEMA, contract_row, run_identity
 from defectforge.datasets.leakage import maker_source
 from defectforge.datasets.lineage import LabellingSection
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.readers import dominant_class
-from defectforge.datasets.writer import refuse_replacing_real, write_dataset
+from defectforge.datasets.writer import check_derived_output, write_dataset
 from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, kimg_of, load_generator
 from defectforge.gan.config import GanConfig
 from defectforge.gan.generate import cycled_classes, generate_samples
@@ -25,6 +26,10 @@ from defectforge.gan.loop import METRIC_SEED
 from defectforge.gan.metrics import inception_metrics, sliced_wasserstein
 from defectforge.gan.report import write_plots
 from defectforge.trainables.gan_reals import PRESENCE_FILE, measures_for, metric_reals
+
+# Generated in tables of this many images, each written before the next is drawn: memory stays
+# the same for 100 or 1,000,000 seeds.
+SEEDS_PER_TABLE = 512
 
 
 def _class_index(cfg: GanConfig, class_name: str | None) -> int | None:
@@ -69,8 +74,7 @@ def write_generated(
     check_output(out, overwrite, (model,), kind=DATASET)
     generator, cfg = load_generator(model)
     # The data it learnt from is an input too: generated rows must never land there.
-    check_output(out, overwrite, (cfg.data,), kind=DATASET)
-    refuse_replacing_real(out)
+    check_derived_output(out, overwrite, (cfg.data,))
     class_index = _class_index(cfg, class_name)
     if class_name is not None and not cfg.conditional:
         trained_on = f"class {cfg.defect_class!r} only" if cfg.defect_class else "every class"
@@ -80,30 +84,54 @@ def write_generated(
             "one with --conditional"
         )
     identity = run_identity(model, GENERATOR_FILE)
+    asked = {"truncation_psi": truncation_psi, "class": class_name}
     with write_dataset(out, overwrite, inputs=(model,)) as staging:
-        images, masks = generate_samples(generator, cfg, seeds, truncation_psi, class_index)
-        drawn = [None] * len(seeds) if masks is None else list(masks)
-        rows = [
-            _generated_row(identity, seed, image, mask, cfg, class_name)
-            for seed, image, mask in zip(seeds, images, drawn, strict=True)
-        ]
-        if masks is not None:
-            rows = [row for row in rows if row["defect_class"] is not None]
-        for row in rows:
-            stem = row["id"].rsplit("/", 1)[-1]
-            staging.path(f"{stem}.png").write_bytes(row["image"])
-            if row["mask"] is not None:
-                staging.path(f"{stem}_mask.png").write_bytes(row["mask"])
-        staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
-        asked = {"truncation_psi": truncation_psi, "class": class_name}
+        kept_statistics = []
+        for start in range(0, len(seeds), SEEDS_PER_TABLE):
+            part = seeds[start : start + SEEDS_PER_TABLE]
+            images, masks = generate_samples(generator, cfg, part, truncation_psi, class_index)
+            drawn = [None] * len(part) if masks is None else list(masks)
+            rows = [
+                _generated_row(identity, seed, image, mask, cfg, class_name)
+                for seed, image, mask in zip(part, images, drawn, strict=True)
+            ]
+            if masks is not None:
+                kept = [i for i, row in enumerate(rows) if row["defect_class"] is not None]
+                kept_statistics += [_pixel_sums(images[i]) for i in kept]
+                rows = [rows[i] for i in kept]
+            if rows:
+                _write_pngs(staging, rows)
+                staging.write_split("train", pa.Table.from_pylist(rows, schema=SCHEMA))
         classes = ("background", *cfg.classes) if cfg.classes else ("background", "defect")
         manifest = Manifest.generated(
             identity, classes, cfg.channels, {"seeds": seeds, **asked}, asdict(cfg)
         )
-        if masks is not None:
-            manifest = _with_drawn_masks(manifest, cfg, identity, asked, images, rows)
+        if cfg.mask_channels:
+            manifest = _with_drawn_masks(
+                manifest, cfg, identity, asked, len(seeds), kept_statistics
+            )
         staging.publish(manifest)
     return staging.manifest
+
+
+def _write_pngs(staging, rows: list[dict]) -> None:
+    """Each generated image (and drawn mask) as a PNG beside the rows, named by its seed."""
+    for row in rows:
+        stem = row["id"].rsplit("/", 1)[-1]
+        staging.path(f"{stem}.png").write_bytes(row["image"])
+        if row["mask"] is not None:
+            staging.path(f"{stem}_mask.png").write_bytes(row["mask"])
+
+
+def _pixel_sums(image: np.ndarray) -> dict:
+    """What ``pixel_statistics`` needs of one image, so the images need not be kept."""
+    pixels = image.reshape(-1, image.shape[-1]).astype(np.float64)
+    return {
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "pixel_sum": pixels.sum(axis=0),
+        "pixel_sumsq": (pixels**2).sum(axis=0),
+    }
 
 
 def _with_drawn_masks(
@@ -111,35 +139,34 @@ def _with_drawn_masks(
     cfg: GanConfig,
     identity: str,
     asked: dict,
-    images: np.ndarray,
-    rows: list[dict],
+    generated_count: int,
+    kept_statistics: list[dict],
 ) -> Manifest:
     """The manifest of images whose masks the generator drew (``asked``: with what truncation
     and class): labelled by their maker, which learnt from ``cfg.data`` alone (the leakage check
     reads this)."""
-    if not rows:
+    if not kept_statistics:
         raise DataError(
             cfg.data,
-            f"the generator drew no defect pixel in any of its {len(images)} samples",
+            f"the generator drew no defect pixel in any of its {generated_count} samples",
             "train it longer (see its samples/ grids and SWD), or generate more seeds",
         )
-    kept = np.stack([decode_png(row["image"], cfg.channels) for row in rows]).astype(np.float64)
-    pixels = kept.reshape(-1, cfg.channels) / 255
+    mean, std = pixel_statistics(kept_statistics, cfg.channels)
     labelling = LabellingSection(
         labeller="drawn by the generator (exact masks)",
         generator=identity,
         config=asked,
         trained_on=(maker_source("GAN", cfg.data, cfg.data_manifest_id),),
-        images=len(images),
-        kept=len(rows),
-        dropped={"no defect pixel": len(images) - len(rows)},
+        images=generated_count,
+        kept=len(kept_statistics),
+        dropped={"no defect pixel": generated_count - len(kept_statistics)},
     )
     return generated.labelled(
         generated.classes,
         len(cfg.classes) == 1,
         labelling,
-        pixel_mean=tuple(round(float(v), 6) for v in pixels.mean(0)),
-        pixel_std=tuple(round(float(v), 6) for v in pixels.std(0)),
+        pixel_mean=tuple(mean),
+        pixel_std=tuple(std),
     )
 
 

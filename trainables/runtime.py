@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -21,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from defectforge.core.errors import ClusterError, ConfigError, DataError
 from defectforge.core.files import STATE_FILE
+from defectforge.core.interrupt import stop_on_sigterm_as_on_ctrl_c
 from defectforge.core.storage import Location, StorageError, is_uri
 from defectforge.trainables import VERBOSE_ENV
 from defectforge.trainables.epochs import EPOCH_METRICS, ONE_WORKER_RUN
@@ -61,20 +61,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             "RAY_AUTH_TOKEN, point RAY_AUTH_TOKEN_PATH at a copy of the cluster's token file, "
             "or copy it to ~/.ray/auth_token (readable by you alone)"
         ) from None
-    _stop_on_sigterm_as_on_ctrl_c()
+    stop_on_sigterm_as_on_ctrl_c()  # ray.init replaced it with its own
     quiet_ray_data()
-
-
-def _stop_on_sigterm_as_on_ctrl_c() -> None:
-    """A stop asked for with SIGTERM (``kill``, Slurm, Kubernetes, a stopped Ray Job) ends the
-    command as Ctrl-C does: one line, exit 130, its checkpoints kept for a resume. Ray's own
-    handler, installed by ``ray.init``, aborted the process with a native stack trace."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 # How long an address may take to accept a connection before it counts as not answering.
@@ -311,6 +299,16 @@ def starting_checkpoint(config: dict):
     if checkpoint is None and config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(config["resume_from"])
     return checkpoint
+
+
+def join_for_training(out: Location, use_gpu: bool, workers: int) -> None:
+    """Ray joined (or started) for a training run of ``workers`` workers that write their
+    checkpoints to ``out`` where they run: every node must be able to write there, and GPUs
+    asked for that no node has are said at once, not waited for in silence."""
+    ensure_ray()
+    check_storage_everywhere(out.uri, "--out")
+    if use_gpu:
+        warn_of_missing({"GPU": workers}, "--use-gpu", "leave out --use-gpu")
 
 
 def warn_of_missing(asked: dict[str, float], who: str, fix: str) -> None:

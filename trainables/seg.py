@@ -56,17 +56,15 @@ from defectforge.studies.store import StudyStore
 from defectforge.trainables.epochs import ONE_WORKER_RUN, EpochFolders, epoch_name, epoch_of
 from defectforge.trainables.progress import ProgressBar, RunRecorder
 from defectforge.trainables.runtime import (
-    check_storage_everywhere,
     check_store_here,
     checkpoint_to_resume,
-    ensure_ray,
     fit,
+    join_for_training,
     latest_checkpoint_dir,
     refuse_another_run,
     resumed_run_name,
     starting_checkpoint,
     wait_for_task,
-    warn_of_missing,
     worker_cpus,
 )
 from defectforge.trainables.seg_feed import Splits, one_worker_io, read_splits, seg_loop_io
@@ -305,10 +303,7 @@ def run_seg_training(
         build_model(cfg.arch, cfg.encoder, cfg.channels, cfg.num_classes, cfg.encoder_weights)
     if cfg.synthetic and cfg.mix is not None and cfg.mix.ratio:
         check_no_copies(cfg.data, cfg.synthetic)  # here once, not in every epoch's data stream
-    ensure_ray()
-    check_storage_everywhere(out.uri, "--out")  # workers write their checkpoints where they run
-    if cfg.use_gpu:
-        warn_of_missing({"GPU": cfg.workers}, "--use-gpu", "leave out --use-gpu")
+    join_for_training(out, cfg.use_gpu, cfg.workers)
     # Per-operator bars of every epoch's data stream drown the epoch lines; the run's own bar
     # and our one line per epoch show progress.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -34,7 +34,7 @@ import torch
 
 from defectforge.core.errors import DataError
 from defectforge.core.files import require_files, write_json_atomic
-from defectforge.core.outputs import DATASET, GAN_RUN, SEG_RUN, check_output, kind_of
+from defectforge.core.outputs import GAN_RUN, SEG_RUN, kind_of
 from defectforge.core.storage import Location, local_folder
 from defectforge.datasets.build import pixel_statistics
 from defectforge.datasets.contract import (
@@ -55,7 +55,7 @@ from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import SYNTHETIC, Manifest
 from defectforge.datasets.readers import guess_channels, list_images, read_image
 from defectforge.datasets.twins import pixel_digest
-from defectforge.datasets.writer import refuse_replacing_real, write_dataset
+from defectforge.datasets.writer import check_derived_output, write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.inference import predict_batch_logits, predict_logits
@@ -512,8 +512,7 @@ def _parts_folder(
 
 def label_synthetic(cfg: LabelConfig, out: str | Path, overwrite: bool = False) -> dict:
     """Label generated images with a trained segmentation model; keep the confident ones."""
-    check_output(out, overwrite, (cfg.images, cfg.labeller), kind=DATASET)
-    refuse_replacing_real(out)
+    check_derived_output(out, overwrite, (cfg.images, cfg.labeller))
     ensure_ray()
     seg = _labeller_config(cfg)
     generated, source, source_pixels = generated_dataset(cfg.images, seg.input_bits)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -84,8 +83,20 @@ def log_study(spec: StudySpec, store: StudyStore, summary: dict) -> str | None:
     try:
         return _study_run(spec, store, summary)
     except Exception as err:  # noqa: BLE001 - as TrialLogger
-        warnings.warn(f"MLflow tracking at {spec.tracking.mlflow} failed: {err}", stacklevel=2)
+        warn_tracking_failed(
+            spec.tracking.mlflow, err, "the study's results are in its folder, not in MLflow"
+        )
         return None
+
+
+def warn_tracking_failed(uri: str, err: Exception, goes_on: str) -> None:
+    """One line, above any progress bar, rather than Python's warning with its source line:
+    tracking never stops a study or a run. ``goes_on``: what happens without it."""
+    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    tqdm.write(
+        f"defectforge: warning: MLflow tracking at {uri} failed; {goes_on}: {reason}",
+        file=sys.stderr,
+    )
 
 
 def _study_run(spec: StudySpec, store: StudyStore, summary: dict) -> str:
@@ -152,12 +163,8 @@ class RunTracking:
             yield
         except Exception as err:  # noqa: BLE001 - as TrialLogger
             self.failed = True
-            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            # On a line of its own above the progress bar, not Python's warning with its source.
-            tqdm.write(
-                f"defectforge: warning: MLflow tracking at {self.uri} failed; the run goes on "
-                f"without it (nothing more is tracked): {reason}",
-                file=sys.stderr,
+            warn_tracking_failed(
+                self.uri, err, "the run goes on without it (nothing more is tracked)"
             )
 
     def _started(self) -> str:

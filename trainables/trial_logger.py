@@ -3,20 +3,31 @@ Ray's MLflow integration imports mlflow, which only a driver that tracks should 
 
 from __future__ import annotations
 
-import warnings
-
 from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+from defectforge.trainables.tracking import warn_tracking_failed
 
 
 class TrialLogger(MLflowLoggerCallback):
-    """Ray Tune's MLflow logger whose failures (the server unreachable, a name MLflow refuses)
-    are warnings: tracking never stops a study."""
+    """Ray Tune's MLflow logger whose first failure (the server unreachable, a name MLflow
+    refuses) is one warning line and ends the tracking of the study's trials: tracking never
+    stops a study, and a server that is down would cost every later report its retries."""
+
+    failed = False
 
     def _guarded(self, method, *args, **kwargs) -> None:
+        if self.failed:
+            return
         try:
             method(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - mlflow and its HTTP client raise many kinds
-            warnings.warn(f"MLflow tracking at {self.tracking_uri} failed: {err}", stacklevel=2)
+            self.failed = True
+            warn_tracking_failed(
+                self.tracking_uri, err, "the study goes on without it (its trials are not tracked)"
+            )
+
+    def setup(self, *args, **kwargs) -> None:
+        self._guarded(super().setup, *args, **kwargs)
 
     def log_trial_start(self, trial) -> None:
         self._guarded(super().log_trial_start, trial)
