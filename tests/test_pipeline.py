@@ -61,6 +61,23 @@ def test_stage_sections_are_checked_when_the_spec_loads(stages, message):
         parse_spec(spec, "p.yaml")
 
 
+def test_study_check_finds_the_data_stages_raw_images_before_any_stage(sample_root, tmp_path):
+    """A wrong root or layout is one line from `study check`, naming the spec key and the
+    folder; it said "fine" and `study run` failed at its first stage."""
+    from defectforge.trainables.study_setup import check_raw_images
+
+    spec = {"name": "p", "search_space": {"epochs": 1}}
+    neu = {"data": {"source": "neu-seg", "root": str(sample_root)}}
+    check_raw_images(parse_spec({**spec, **neu}), "p.yaml")
+    (tmp_path / "empty").mkdir()
+    for source, root in (("neu-seg", tmp_path / "missing"), ("folder", tmp_path / "empty")):
+        stage = {"data": {"source": source, "root": str(root)}}
+        with pytest.raises(SpecError) as refused:
+            check_raw_images(parse_spec({**spec, **stage}, "p.yaml"), "p.yaml")
+        message = str(refused.value)
+        assert message.startswith(f"p.yaml: data.root = '{root}': {root}") and "\n" not in message
+
+
 def test_an_empty_spec_says_so():
     with pytest.raises(SpecError, match=r"^p.yaml: the spec is empty; write one"):
         parse_spec(None, "p.yaml")

@@ -61,6 +61,7 @@ from defectforge.trainables.study_setup import (
     StudyContext,
     base_config,
     check_encoder_weights,
+    check_raw_images,
     check_study,
     check_trial_values,
     study_worker_cpus,
@@ -194,6 +195,7 @@ def check_spec(spec_path: str | Path, address: str | None = None) -> str:
     _existing_study(StudyStore(study_root(spec, None)), _digest(Path(spec_path).read_text()))
     Pipeline(spec, where).check_given_runs()
     check_encoder_weights(spec, where)
+    check_raw_images(spec, where)
     before_stages = f"{spec_path}: fine as far as it can be checked before its stages run"
     if any(spec.stages.made(name) for name in REAL_STAGES):
         return f"{before_stages}; `study run` checks its search values once they made the data"

@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from defectforge.core.errors import ConfigError, DataError
-from defectforge.core.storage import Location
+from defectforge.core.storage import Location, absolute_location
+from defectforge.datasets.build import discover
 from defectforge.datasets.contract import MANIFEST
 from defectforge.datasets.leakage import check_no_copies
 from defectforge.datasets.manifest import Manifest
@@ -119,6 +120,21 @@ def check_encoder_weights(spec: StudySpec, where: str) -> None:
         read_encoder_state(location)
     except DataError as err:
         raise SpecError(where, "training.encoder_weights", weights, err.problem, err.fix) from None
+
+
+def check_raw_images(spec: StudySpec, where: str) -> None:
+    """The data stage's raw images, found as `data build` finds them (layout, masks, classes,
+    channels), before any stage runs: a wrong root or layout is one line now, not when the
+    stage starts. Each image is decoded by the stage itself."""
+    cfg = spec.stages.data
+    if cfg is None:
+        return
+    try:
+        discover(replace(cfg, root=absolute_location(cfg.root)))
+    except DataError as err:
+        raise SpecError(
+            where, "data.root", cfg.root, f"{err.path}: {err.problem}", err.fix
+        ) from None
 
 
 def check_trial_values(spec: StudySpec, real: str, where: str) -> None:
