@@ -98,25 +98,38 @@ def largest_region(mask: np.ndarray) -> int:
     return int(stats[1:, cv2.CC_STAT_AREA].max()) if count > 1 else 0
 
 
+def decided_mask(probabilities: np.ndarray, point: OperatingPoint) -> np.ndarray:
+    """H x W uint8 class map of what the verdict counts: the pixels whose defect probability
+    reaches the threshold, in 8-connected regions of at least ``min_area`` pixels, each with its
+    most probable defect class; 0 elsewhere. So an OK image's mask is empty, an NG image's is
+    not, and the threshold a user gives changes what is drawn."""
+    above = (defect_probability(probabilities) >= point.threshold).astype(np.uint8)
+    count, regions, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+    counted = stats[:, cv2.CC_STAT_AREA] >= point.min_area
+    counted[0] = False  # label 0: the pixels below the threshold
+    defect_class = probabilities[1:].argmax(0) + 1
+    return np.where(counted[regions], defect_class, 0).astype(np.uint8)
+
+
 def findings(
     probabilities: np.ndarray,
     classes: tuple[str, ...],
     point: OperatingPoint,
-    predicted: np.ndarray | None = None,
+    decided: np.ndarray | None = None,
 ) -> dict:
-    """One image's row of predictions.csv: verdict, its evidence, defect pixels per class
-    (``predicted``: the class map, if the caller has it already)."""
+    """One image's row of predictions.csv: verdict, its evidence, and the pixels per defect
+    class of its decided mask (``decided``: that mask, if the caller has it already)."""
     defect = defect_probability(probabilities)
     largest = largest_region(defect >= point.threshold)
-    if predicted is None:
-        predicted = probabilities.argmax(0)
+    if decided is None:
+        decided = decided_mask(probabilities, point)
     row = {
         "verdict": "NG" if largest >= point.min_area else "OK",
         "max_defect_probability": round(float(defect.max()), 6),
         "largest_region_px": largest,
     }
     for index, name in enumerate(classes[1:], start=1):
-        row[f"{name}_px"] = int((predicted == index).sum())
+        row[f"{name}_px"] = int((decided == index).sum())
     return row
 
 

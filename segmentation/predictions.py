@@ -29,6 +29,7 @@ from defectforge.datasets.readers import images_and_masks, images_in_subfolders,
 from defectforge.segmentation.decisions import (
     OPERATING_POINT_FILE,
     OperatingPoint,
+    decided_mask,
     defect_probability,
     findings,
 )
@@ -217,7 +218,7 @@ class Finish:
     heatmaps: bool
 
     def __call__(self, name: str, image: np.ndarray, probabilities: np.ndarray) -> dict:
-        mask = probabilities.argmax(0).astype(np.uint8)
+        mask = decided_mask(probabilities, self.point)
         row = {"image": name, **findings(probabilities, self.classes, self.point, mask)}
         self._write(f"{name}_mask.png", mask)
         self._write(f"{name}_overlay.png", overlay(image, mask))

@@ -118,3 +118,39 @@ def test_the_io_thread_yields_to_the_runtime_but_never_raises_its_priority():
     assert niceness_after(own) == max(own, IO_NICENESS)
     nicer = min(max(own, IO_NICENESS) + 5, 19)
     assert niceness_after(nicer) == nicer  # a thread already nicer stays as it was
+
+
+def test_the_mask_overlay_and_pixel_counts_show_what_the_verdict_counted(tmp_path):
+    """Found probing: masks were each pixel's most probable class whatever the operating point,
+    so an OK image could show a mask full of defects, and --threshold changed no picture."""
+    classes = ("background", "scratch", "hole")
+
+    def probabilities(image: np.ndarray, _source: str) -> np.ndarray:
+        # A pixel's brightness / 255 is its defect probability, split 3:1 scratch : hole on
+        # the left half and 1:3 on the right half.
+        defect = image[:, :, 0].astype(np.float64) / 255.0
+        scratch_share = np.where(np.arange(image.shape[1]) < image.shape[1] // 2, 0.75, 0.25)
+        return np.stack([1.0 - defect, defect * scratch_share, defect * (1 - scratch_share)])
+
+    dim = np.zeros((16, 16, 1), np.uint8)
+    dim[2:10, 2:12] = 100  # defect probability 0.39: background stays the most probable class
+    speck = np.zeros((16, 16, 1), np.uint8)
+    speck[5:7, 5:7] = 250  # 4 pixels, sure, but below min_area
+    point = OperatingPoint(threshold=0.3, min_area=5)
+    rows = write_predictions(
+        samples_of([dim, speck]), probabilities, classes, point, tmp_path / "out"
+    )
+    masks = [cv2.imread(str(tmp_path / "out" / f"img{i}_mask.png"), -1) for i in range(2)]
+
+    assert rows[0]["verdict"] == "NG" and rows[1]["verdict"] == "OK"
+    expected = np.zeros((16, 16), np.uint8)
+    expected[2:10, 2:8], expected[2:10, 8:12] = 1, 2  # scratch on the left, hole on the right
+    assert np.array_equal(masks[0], expected)
+    assert (rows[0]["scratch_px"], rows[0]["hole_px"]) == (48, 32)
+    assert not masks[1].any() and rows[1]["scratch_px"] == rows[1]["hole_px"] == 0
+    # A stricter threshold is drawn too: the dim region no longer counts.
+    strict = write_predictions(
+        samples_of([dim]), probabilities, classes, OperatingPoint(0.5, 5), tmp_path / "strict"
+    )
+    assert strict[0]["verdict"] == "OK"
+    assert not cv2.imread(str(tmp_path / "strict" / "img0_mask.png"), -1).any()
