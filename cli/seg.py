@@ -243,14 +243,16 @@ def _predict(args) -> None:
             model,
             args.images,
             args.out,
-            args.runtime or "onnx",
+            _export_runtime(args),
             args.overwrite,
             device=args.device or "cpu",
             **options,
         )
     else:
+        from defectforge.segmentation.exported import refuse_unreadable_model
         from defectforge.segmentation.inference import predict_folder
 
+        refuse_unreadable_model(model)
         _refuse_export_options(args)
 
         rows = predict_folder(model, args.images, args.out, args.overwrite, **options)
@@ -279,6 +281,21 @@ def _refuse_export_options(args) -> None:
             f"export it first (`defectforge seg export {args.model} --out EXPORT`) and predict "
             "with --model EXPORT, or leave them out",
         )
+
+
+def _export_runtime(args) -> str:
+    """The runtime of an export: --runtime, or the one whose file --model names (the file named
+    is the file that runs), else ONNX."""
+    from defectforge.core.errors import ConfigError
+    from defectforge.segmentation.exported import RUNTIME_FILES
+
+    named = next((name for name, file in RUNTIME_FILES.items() if args.model.endswith(file)), None)
+    if named and args.runtime and args.runtime != named:
+        raise ConfigError(
+            f"--model {args.model} is the {named} file and --runtime asks for {args.runtime}; "
+            "leave out --runtime, or give the export's folder"
+        )
+    return args.runtime or named or "onnx"
 
 
 def _model_folder(model: str) -> str:

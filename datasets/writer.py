@@ -33,6 +33,7 @@ from defectforge.datasets.contract import (
     read_parquet,
     split_dir,
     split_files,
+    split_location,
 )
 from defectforge.datasets.manifest import SYNTHETIC, Manifest, SplitCounts
 
@@ -52,6 +53,13 @@ class DatasetStaging:
         self.folder, self.remote = folder, remote
         self.manifest: Manifest | None = None
         self._tables_written = 0
+        # With --overwrite the replaced dataset's files stay on the store until the new one is
+        # whole: they are not this dataset's rows.
+        self._replaced = (
+            {file.uri for split in SPLITS for file in split_location(remote, split).files()}
+            if remote is not None
+            else set()
+        )
 
     def write_split(self, split: str, rows) -> None:
         """Write rows (contract schema) of one split as Parquet files; a split may be written in
@@ -96,7 +104,8 @@ class DatasetStaging:
         folder = split_dir(self.folder, split)
         files = split_files(self.folder, split)
         if self.remote is not None:
-            files += split_files(self.remote, split)
+            written = split_location(self.remote, split).files(".parquet")
+            files += [file for file in written if file.uri not in self._replaced]
         if not files:
             if folder.is_dir():
                 folder.rmdir()  # a split with no rows is no split: readers ask for it by folder

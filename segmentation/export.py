@@ -21,7 +21,7 @@ from torch import nn
 from defectforge.core.outputs import EXPORT, check_output, publish_dir
 from defectforge.core.storage import Location
 from defectforge.datasets.batches import BatchSpec
-from defectforge.datasets.contract import decode_png, read_split_table
+from defectforge.datasets.contract import decode_png, file_digest, read_split_table
 from defectforge.datasets.manifest import Manifest
 from defectforge.segmentation.checkpoint import load_model, unwrap
 from defectforge.segmentation.config import SegConfig
@@ -215,6 +215,10 @@ def export_model(
         with torch.no_grad():
             _write_torchscript(module, example, staging / TORCHSCRIPT_FILE)
             _write_onnx(module, example, dims, staging / ONNX_FILE)
+        # Which model files this model.json describes: a file swapped in is refused at load.
+        meta["sha256"] = {
+            name: file_digest(staging / name) for name in (TORCHSCRIPT_FILE, ONNX_FILE)
+        }
         # The bare network (normalisation not included) for smp.from_pretrained.
         unwrap(model).save_pretrained(str(staging / SMP_FOLDER))
         # ExportedModel reads model.json for the input size and rule; write it before checking.

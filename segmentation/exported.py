@@ -17,6 +17,7 @@ import numpy as np
 from defectforge.core.errors import ConfigError, DataError, UserError
 from defectforge.core.outputs import PREDICTIONS, check_output
 from defectforge.core.storage import Location, local_folder
+from defectforge.datasets.contract import file_digest
 from defectforge.datasets.images import DEFAULT_MAX_PIXELS
 from defectforge.datasets.steel import (
     SteelOptions,
@@ -37,12 +38,36 @@ MODEL_JSON = "model.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
 RUNTIMES = ("onnx", "torchscript")
+RUNTIME_FILES = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}
 EXPORT_FIX = "export the model again (`seg export` or `study export`)"
+WHOLE_EXPORT_FIX = (
+    "copy the whole export folder again (its files belong together), or " + EXPORT_FIX
+)
 
 
 def is_export(folder: str | Path) -> bool:
     """Whether the folder (local or on a store) holds an export's ``model.json``."""
     return (Location.of(folder) / MODEL_JSON).is_file()
+
+
+def refuse_unreadable_model(folder: str | Path) -> None:
+    """What `predict --model` names, if it is no export, said as what it is before it is read
+    as a run folder: nothing there, or an export's model file without its model.json."""
+    location = Location.of(folder)
+    if not location.exists():
+        raise DataError(
+            location,
+            "nothing is there",
+            "pass an export folder (`seg export`, `study export`) or a `seg train` run folder",
+        )
+    held = [name for name in RUNTIME_FILES.values() if (location / name).is_file()]
+    if held:
+        raise DataError(
+            location / MODEL_JSON,
+            f"missing: this folder holds an export's {held[0]} but not the model.json that "
+            "describes it",
+            WHOLE_EXPORT_FIX,
+        )
 
 
 def read_model_json(folder: str | Path) -> dict:
@@ -83,16 +108,41 @@ class ExportedModel:
         self.geometry = Geometry.from_input_meta(
             self.meta["input"], self.meta["preprocess"]["mode"]
         )
+        self.model_file = self.folder / RUNTIME_FILES[runtime]
+        self._check_model_file(runtime)
         try:
             loader = self._torchscript if runtime == "torchscript" else self._onnx
             self._run = loader(device)
         except (ImportError, UserError):
             raise
         except Exception:  # noqa: BLE001 - each runtime has its own error types for a bad file
-            name = TORCHSCRIPT_FILE if runtime == "torchscript" else ONNX_FILE
             raise DataError(
-                self.folder / name, f"the {runtime} model cannot be loaded (damaged?)", EXPORT_FIX
+                self.model_file, f"the {runtime} model cannot be loaded (damaged?)", EXPORT_FIX
             ) from None
+        self._check_outputs()
+
+    def _check_model_file(self, runtime: str) -> None:
+        """The model file is there and is the one model.json was written with (exports since
+        model.json records its SHA-256): a file copied in from another export would run with
+        this one's classes, normalisation and operating point without a word."""
+        if not self.model_file.is_file():
+            other = next(name for name in RUNTIMES if name != runtime)
+            has_other = (self.folder / RUNTIME_FILES[other]).is_file()
+            raise DataError(
+                self.model_file,
+                "missing from this export",
+                f"pass --runtime {other} to run its other file, or copy the whole export again"
+                if has_other
+                else WHOLE_EXPORT_FIX,
+            )
+        recorded = self.meta.get("sha256", {}).get(self.model_file.name)
+        if recorded and file_digest(self.model_file) != recorded:
+            raise DataError(
+                self.model_file,
+                "is not the file this export's model.json was written with (its SHA-256 "
+                "differs): a model file of another export, or a damaged copy",
+                WHOLE_EXPORT_FIX,
+            )
 
     @property
     def channels(self) -> int:
@@ -149,6 +199,19 @@ class ExportedModel:
         """The graph as ``Geometry.logits`` runs it: NHWC uint8 in, NCHW float32 pixels to it."""
         pixels = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
         return self._run(pixels)
+
+    def _check_outputs(self) -> None:
+        """One class map per class model.json names (what exports made before it recorded the
+        SHA-256 of their files can still be checked by): run once on a blank image now, not
+        found at the first image of a folder."""
+        outputs = self.image_logits(np.zeros((8, 8, self.channels), np.uint8)).shape[0]
+        if outputs != len(self.classes):
+            raise DataError(
+                self.model_file,
+                f"gives {outputs} output channels, but model.json names {len(self.classes)} "
+                f"classes ({', '.join(self.classes)}): a model file of another export",
+                WHOLE_EXPORT_FIX,
+            )
 
     def logits(self, images: np.ndarray, source: str = "images") -> np.ndarray:
         """N x K x H x W logits for N x H x W x C images of one size."""

@@ -108,6 +108,23 @@ def test_a_dataset_a_run_and_an_export_on_a_store_serve_predict_without_ray(
     assert objects_holding(bucket, credentials()) == []
 
 
+def test_a_dataset_replaced_on_a_store_counts_only_its_own_rows(
+    ray_session, bucket, sample_root, capsys
+):
+    """Found probing: the replaced dataset's files stay on the store until the new one is whole,
+    and its counts took them in (a 7-image test split that no longer existed)."""
+    data = f"{bucket}/data/replaced"
+    build = ["data", "build", "--source", "neu-seg", "--root", str(sample_root), "--out", data]
+    assert main([*build, "--test-fraction", "0.4"]) == 0
+    assert Manifest.load(data).counts["test"].total > 0
+    assert main([*build, "--overwrite"]) == 0
+    counts = {split: c.total for split, c in Manifest.load(data).counts.items()}
+    assert counts == {"train": 42, "val": 15, "test": 0}
+    assert read_split_table(data, "train").num_rows == 42
+    assert not (Location.of(data) / "test").files(".parquet")
+    assert "{'train': 42, 'val': 15, 'test': 0}" in capsys.readouterr().out
+
+
 def test_encoder_weights_on_a_store_load_as_from_a_file(bucket):
     # A cluster without shared disk: every node reads the weights from the store.
     import torch

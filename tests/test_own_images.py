@@ -418,3 +418,53 @@ def test_the_same_images_split_otherwise_are_another_dataset(
     assert main([*labelling, "--out", str(tmp_path / "labelled")]) == 2
     assert "rebuilt since the labeller learnt from it" in capsys.readouterr().err
     assert not (tmp_path / "labelled").exists()
+
+
+def test_an_export_runs_only_with_its_own_files_and_the_file_named_is_the_file_run(
+    labeller, sample_dataset, tmp_path, capsys
+):
+    """Found probing: a model file copied in from another export ran with this one's classes
+    (a binary model's defects reported as inclusions); `--model EXPORT/model.torchscript.pt`
+    ran the ONNX file; an export without model.json was "a run folder missing config.json"."""
+    import shutil
+
+    from defectforge.segmentation.checkpoint import save_model
+    from defectforge.segmentation.export import export_trained_run
+    from defectforge.segmentation.models import build_model
+    from defectforge.trainables.seg import config_from_manifest
+
+    four, two = tmp_path / "four-classes", tmp_path / "binary"
+    export_trained_run(labeller, four)
+    binary_cfg = config_from_manifest(sample_dataset, binary=True, epochs=1)
+    binary = build_model(binary_cfg.arch, binary_cfg.encoder, binary_cfg.channels, 2)
+    export_trained_run(save_model(tmp_path / "binary-run", binary, binary_cfg), two)
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.full((40, 56), 120, np.uint8))
+
+    def predict(model, *flags):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        return ["predict", "--model", str(model), "--images", str(images), "--out", str(out)] + [
+            *flags
+        ]
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(four, swapped)
+    shutil.copy(two / "model.onnx", swapped / "model.onnx")
+    refused(capsys, predict(swapped), f"{swapped / 'model.onnx'}: is not the file this export")
+    meta = json.loads((swapped / "model.json").read_text())
+    del meta["sha256"]  # as exports made before model.json recorded it
+    (swapped / "model.json").write_text(json.dumps(meta))
+    refused(
+        capsys,
+        predict(swapped),
+        "gives 2 output channels, but model.json names 4 classes",
+    )
+
+    (four / "model.onnx").unlink()
+    refused(capsys, predict(four), "missing from this export; pass --runtime torchscript")
+    assert main(predict(four / "model.torchscript.pt")) == 0  # the file named runs
+    refused(capsys, predict(four / "model.torchscript.pt", "--runtime", "onnx"), "leave out")
+    (four / "model.json").unlink()
+    refused(capsys, predict(four), "model.json: missing: this folder holds an export's")
+    refused(capsys, predict(tmp_path / "nope"), "nothing is there")
