@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from s3server import credentials
 
 from defectforge.core.storage import Location
 from defectforge.studies.errors import SpecError
@@ -195,6 +196,11 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
     report = (storage / "pipe" / "report" / "report.md").read_text()
     assert "## Stages" in report and "| gan |" in report
     _tracked_in_mlflow(mlflow_server.url, summary)
+    # Ray Tune copies the driver's AWS variables into each trial actor's runtime env, which
+    # Ray's runtime-env agent logs: the secret stays out of every log of the session.
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    secret = credentials()[1]
+    assert not [log.name for log in logs.rglob("*") if log.is_file() and secret in _text(log)]
 
     # The same stages asked for again (by this or any study under this storage) are reused.
     again = Pipeline(
@@ -202,6 +208,10 @@ def test_a_pipeline_study_on_a_store_resumes_inside_its_gan_stage_and_reuses_wha
     )
     again.run()
     assert {run.status for run in again.runs} == {"reused", "given"}
+
+
+def _text(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace")
 
 
 def _tracked_in_mlflow(url: str, summary: dict) -> None:

@@ -290,11 +290,30 @@ def final_baseline(context: StudyContext, best: dict) -> dict:
     return {} if all(chosen[k] == v for k, v in baseline.items()) else baseline
 
 
+# What Ray Tune copies from the driver's environment into every trial actor's runtime env,
+# which Ray's runtime-env agent then writes into its log on every node: the secret key in
+# plain text. The trials reach the store with their node's own credentials, as every other
+# worker does (the storage probe refuses a node without them, naming it).
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SECURITY_TOKEN",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def keep_credentials_out_of_trial_runtime_envs() -> None:
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(CREDENTIAL_VARIABLES)
+
+
 def run_tune(store: StudyStore, run: TuneRun) -> tune.ResultGrid:
     """Continue ``run`` if an earlier driver left it (finished trials are not rerun), else start.
     The restore gets the search space again: where the stopped driver left no readable Tune
     state (stopped before Tune first saved it, or while it wrote it), Tune starts the run over,
     and from the space, not from an empty one."""
+    keep_credentials_out_of_trial_runtime_envs()
     location = store.location(run.run_config.name)
     if tune.Tuner.can_restore(location):
         print(f"resuming {location}", flush=True)
