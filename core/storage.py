@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from defectforge.core.errors import UserError
 from defectforge.core.files import atomic_write, scratch_folder
 
 SCHEMES = ("s3", "gs")
+# "s3:/bucket/x", "gs:bucket": a store location with a slash missing, which a path would take.
+MISTYPED_URI = re.compile(r"^(s3|gs):(?!//)", re.IGNORECASE)
 
 
 class StorageError(UserError):
@@ -49,6 +52,11 @@ def absolute_location(location: str | Path) -> str:
     text = str(location).removeprefix("file://")
     if not text or is_uri(text):
         return text.rstrip("/")
+    if MISTYPED_URI.match(text):
+        raise StorageError(
+            f"{text}: a store location missing a slash would be a local folder named "
+            f"{text.split('/')[0]!r}; write {text.split(':')[0].lower()}://bucket/prefix"
+        )
     return str(Path(text).expanduser().resolve())
 
 
@@ -60,6 +68,18 @@ def _check_uri(text: str) -> None:
         raise StorageError(
             f"{parts.scheme}://...: unknown storage scheme; use a local path, "
             "s3://bucket/prefix or gs://bucket/prefix"
+        )
+    if not text.startswith(f"{parts.scheme}://"):
+        raise StorageError(
+            f"{text}: write the scheme in lower case ({parts.scheme}://...), as the stores' "
+            "clients read it"
+        )
+    if not parts.netloc:
+        raise StorageError(f"{text}: no bucket named; write {parts.scheme}://bucket/prefix")
+    if parts.path and {"", ".", ".."} & set(parts.path.removeprefix("/").split("/")):
+        raise StorageError(
+            f"{text}: an empty, '.' or '..' part names another key on a store than it seems; "
+            "write the location without it"
         )
     if "@" in parts.netloc or parts.query:
         raise StorageError(
@@ -322,20 +342,30 @@ class Location:
         with scratch_folder("copy", scratch) as tmp:
             yield self.download(Path(tmp) / self.name)
 
+    def require_bucket(self, node: str = "") -> None:
+        """On a store, one line if its bucket does not exist: what is looked for there would
+        otherwise be "not found" (or "not a dataset") without saying why."""
+        if not self.remote:
+            return
+        bucket = self.path.split("/", 1)[0]
+        where = f" (from node {node})" if node else ""
+        with store_errors(self.uri, node):
+            if _bucket_missing(self.filesystem, bucket):
+                raise StorageError(
+                    f"{self.uri}: the bucket {bucket} does not exist{where}; create it or "
+                    "correct the URI"
+                )
+
     def check_writable(self, node: str = "") -> None:
         """Write, read back and delete a probe here: one line naming the location (and the node)
         when the store refuses the credentials, cannot be reached, or has no such bucket."""
         if not self.remote:
             return
-        fs, bucket = self.filesystem, self.path.split("/", 1)[0]
+        self.require_bucket(node)
+        fs = self.filesystem
         probe = f"{self.path}/.defectforge-probe-{uuid.uuid4().hex}"
         where = f" (from node {node})" if node else ""
         with store_errors(self.uri, node):
-            if _bucket_missing(fs, bucket):
-                raise StorageError(
-                    f"{self.uri}: the bucket {bucket} does not exist{where}; create it or "
-                    "correct the URI"
-                )
             with fs.open_output_stream(probe) as stream:
                 stream.write(b"defectforge")
             with fs.open_input_stream(probe) as stream:

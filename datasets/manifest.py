@@ -131,6 +131,7 @@ class Manifest:
         folder = Location.of(root)
         path = folder / MANIFEST
         if not path.is_file():
+            folder.require_bucket()
             raise DataError(
                 path,
                 "no manifest.json: not a defectforge dataset",

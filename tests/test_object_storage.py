@@ -201,6 +201,10 @@ def test_a_store_that_refuses_is_missing_or_unreachable_is_one_line(
     assert err.startswith(f"defectforge: error: {target}: ") and expected in err
     monkeypatch.undo()
     assert not Location.of(target).exists()  # nothing was written, no bucket made
+    if variable is None:  # an input there is said to be missing as such, not "not a dataset"
+        subset = ["data", "subset", "--data", target, "--train", "5", "--out", f"{bucket}/sub"]
+        assert main(subset) == 2
+        assert f"{target}: the bucket nosuchbucket does not exist" in capsys.readouterr().err
 
 
 def test_a_key_granted_only_a_prefix_works_there_and_is_one_line_elsewhere(s3_server, monkeypatch):
@@ -247,6 +251,31 @@ def test_a_location_with_an_unknown_scheme_or_credentials_in_it_is_one_line(caps
     err = capsys.readouterr().err
     assert "s3://***: a location holding credentials" in err and "secret" not in err
     assert Location.of(Path("relative")).uri == str(Path("relative").resolve())
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ("s3:/defects/data", "a store location missing a slash would be a local folder"),
+        ("gs:bucket/data", "a store location missing a slash would be a local folder"),
+        ("S3://defects/data", "write the scheme in lower case"),
+        ("s3:///data", "no bucket named"),
+        ("s3://defects//data", "an empty, '.' or '..' part"),
+        ("s3://defects/a/../data", "an empty, '.' or '..' part"),
+    ],
+)
+def test_a_mistyped_store_location_is_one_line_before_anything_is_written(
+    given, problem, tmp_path, capsys, monkeypatch
+):
+    """Found probing: `--out s3:/defects/t1` wrote a local folder `s3:` and exited 0; `..` and
+    `//` in a URI were "the store refused the credentials"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        main(["data", "build", "--source", "neu-seg", "--root", "x", "--out", given])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{given}: {problem}" in err and len(error_lines(err)) == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_gan_runs_on_a_store_compare_into_a_store(bucket, tmp_path, capsys):
