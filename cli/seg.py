@@ -260,7 +260,8 @@ def _predict(args) -> None:
     skipped = len(rejected_files(args.out))
     listed = f"; {skipped} skipped as bad, listed in {REJECTED_FILE}" if skipped else ""
     print(
-        f"{len(rows)} images: {flagged} NG, {len(rows) - flagged} OK; masks, overlays and "
+        f"{len(rows)} image{'s' * (len(rows) != 1)}: {flagged} NG, {len(rows) - flagged} OK; "
+        "masks, overlays and "
         f"predictions.csv in {args.out}{listed}"
     )
 

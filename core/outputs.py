@@ -193,6 +193,8 @@ def refuse_another_kind(final, old: str | None, new: str | None, flag: str) -> N
 
 
 def _a(kind: str) -> str:
+    if kind == PREDICTIONS:  # a plural: "a predictions" read wrong
+        return "predictions"
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 

@@ -189,7 +189,7 @@ def test_skip_bad_writes_every_good_image_and_lists_the_bad(
     model = tall_run if kind == "run" else tall_export
     out = tmp_path / "pred"
     assert _predict(model, with_bad, out, "--skip-bad", "--max-pixels", BETWEEN) == 0
-    assert "1 images: " in capsys.readouterr().out
+    assert "1 image: " in capsys.readouterr().out
     assert [row["image"] for row in _rows(out / "predictions.csv")] == ["scan0"]
     assert cv2.imread(str(out / "scan0_mask.png"), -1).shape == (HEIGHTS[0], WIDTH)
     rejected = {row["image"]: row for row in _rows(out / "rejected.csv")}
