@@ -285,28 +285,35 @@ def test_from_a_factory_folder_to_verdicts(parts, tmp_path, capsys, ray_session)
     assert len(list((tmp_path / "pred").glob("*_mask.png"))) == PER_PART
 
 
+@pytest.fixture(scope="module")
+def labeller_export(labeller, tmp_path_factory) -> Path:
+    from defectforge.segmentation.export import export_trained_run
+
+    out = tmp_path_factory.mktemp("labeller-export") / "export"
+    export_trained_run(labeller, out)
+    return out
+
+
 @pytest.mark.floors
-def test_an_export_predicts_any_size_and_loads_in_smp(labeller, tmp_path):
+def test_an_export_predicts_any_size_and_loads_in_smp(labeller, labeller_export):
     import segmentation_models_pytorch as smp
 
     from defectforge.segmentation.checkpoint import load_model
-    from defectforge.segmentation.export import export_trained_run
     from defectforge.segmentation.exported import ExportedModel
     from defectforge.segmentation.inference import image_probabilities
 
-    export_trained_run(labeller, tmp_path / "export")
     model, cfg = load_model(labeller)
     large = np.random.default_rng(3).integers(0, 255, (600, 700, 1), np.uint8)
     reference = image_probabilities(model, cfg.batch_spec(), large)
     for runtime in ("onnx", "torchscript"):
-        exported = ExportedModel(tmp_path / "export", runtime).probabilities(large)
+        exported = ExportedModel(labeller_export, runtime).probabilities(large)
         assert exported.shape == reference.shape and np.abs(exported - reference).max() < 1e-3
-    network = smp.from_pretrained(str(tmp_path / "export" / "smp")).eval()
+    network = smp.from_pretrained(str(labeller_export / "smp")).eval()
     x = torch.rand(1, 1, 64, 64)
     assert torch.allclose(network(x), model(x), atol=1e-5)
     if not torch.cuda.is_available():  # said as it is, not as a damaged file
         with pytest.raises(DataError, match="PyTorch here sees no CUDA GPU.*--device cpu"):
-            ExportedModel(tmp_path / "export", "torchscript", "cuda")
+            ExportedModel(labeller_export, "torchscript", "cuda")
 
 
 def test_predict_takes_one_image_or_a_model_file_and_says_what_subfolders_it_leaves(
@@ -421,7 +428,7 @@ def test_the_same_images_split_otherwise_are_another_dataset(
 
 
 def test_an_export_runs_only_with_its_own_files_and_the_file_named_is_the_file_run(
-    labeller, sample_dataset, tmp_path, capsys
+    labeller_export, sample_dataset, tmp_path, capsys
 ):
     """Found probing: a model file copied in from another export ran with this one's classes
     (a binary model's defects reported as inclusions); `--model EXPORT/model.torchscript.pt`
@@ -434,7 +441,7 @@ def test_an_export_runs_only_with_its_own_files_and_the_file_named_is_the_file_r
     from defectforge.trainables.seg import config_from_manifest
 
     four, two = tmp_path / "four-classes", tmp_path / "binary"
-    export_trained_run(labeller, four)
+    shutil.copytree(labeller_export, four)
     binary_cfg = config_from_manifest(sample_dataset, binary=True, epochs=1)
     binary = build_model(binary_cfg.arch, binary_cfg.encoder, binary_cfg.channels, 2)
     export_trained_run(save_model(tmp_path / "binary-run", binary, binary_cfg), two)

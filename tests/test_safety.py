@@ -110,7 +110,7 @@ def test_overwrite_never_replaces_an_output_of_another_kind(
             capsys,
             argv,
             f"{dataset}: --overwrite replaces only an output of the same kind, and this folder "
-            "holds a dataset, not a",
+            "holds a dataset, not ",
             "move the dataset away yourself",
         )
     assert snapshot(dataset) == before
