@@ -200,12 +200,19 @@ def _calibrate(args) -> None:
     result = calibrate_run(args.run, target.target_recall, target.target_false_alarm)
     point = result["operating_point"]
     met = "" if result["met"] else " (target not reached: the closest point)"
+    defective, images = result["defective_images"], result["images"]
+    recall = _rate(result["recall"], defective, "no defective val image")
+    false_alarm = _rate(result["false_alarm_rate"], images - defective, "no defect-free val image")
     print(
         f"operating point: defect probability >= {point['threshold']} over at least "
-        f"{point['min_area']} px; on {result['images']} val images ({result['defective_images']} "
-        f"defective) recall {result['recall']:.3f}, false-alarm rate "
-        f"{result['false_alarm_rate']:.3f}{met}; stored in {args.run}"
+        f"{point['min_area']} px; on {images} val images ({defective} defective) recall "
+        f"{recall}, false-alarm rate {false_alarm}{met}; stored in {args.run}"
     )
+
+
+def _rate(value: float, images: int, without: str) -> str:
+    """A rate over ``images`` images, or why there is none (0.000 would read as measured)."""
+    return f"{value:.3f}" if images else f"n/a ({without})"
 
 
 def export_line(meta: dict, out) -> str:

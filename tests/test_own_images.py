@@ -392,12 +392,18 @@ def test_a_split_the_runs_dataset_lacks_is_one_line(labeller, capsys):
     assert "--split val with --masks, --mask-suffix: a split's masks come from the dataset" in err
 
 
-def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller, capsys):
+def test_a_false_alarm_budget_without_defect_free_val_images_is_refused(labeller, tmp_path, capsys):
+    import shutil
+
     # Every image of the NEU sample holds a defect: its false-alarm rate would be 0/0.
     assert main(["seg", "calibrate", str(labeller), "--target-false-alarm", "0.1"]) == 2
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "is defect-free, so a false-alarm rate cannot" in err
     assert not (labeller / "operating_point.json").exists()
+    # A recall target works, and the rate it cannot measure is not printed as 0.000.
+    run = shutil.copytree(labeller, tmp_path / "run")
+    assert main(["seg", "calibrate", str(run), "--target-recall", "0.9"]) == 0
+    assert "false-alarm rate n/a (no defect-free val image)" in capsys.readouterr().out
 
 
 def test_the_same_images_split_otherwise_are_another_dataset(
