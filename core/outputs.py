@@ -35,6 +35,7 @@ from defectforge.core.files import (
     UMASK,
     package_version,
     private_folder,
+    remove_dead_writers,
     scratch_folder,
     write_json_atomic,
 )
@@ -271,9 +272,15 @@ def publish_dir(
 
 def new_staging(final: Path, what: str) -> Path:
     """A new private folder ``.<final's name>.<what>-<host>-<pid>-<random>`` beside ``final``,
-    after clearing the ones of its kind that a killed writer on this host left there."""
+    after clearing the ones of its kind that a killed writer on this host left in that folder,
+    for any output there: a SIGKILL (an out-of-memory kill, a container's stop timeout) leaves
+    one, and the same --out may never be written again."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return private_folder(final.parent, f".{final.name}.{what}-")
+    marker = f".{what}-"
+    for leftover in final.parent.glob(f".*{marker}*"):
+        prefix = leftover.name[: leftover.name.rindex(marker) + len(marker)]
+        remove_dead_writers(final.parent, prefix)
+    return private_folder(final.parent, f".{final.name}{marker}")
 
 
 @contextlib.contextmanager

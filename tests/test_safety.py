@@ -495,6 +495,30 @@ def test_scratch_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     assert not Path(folder).exists()
 
 
+def test_a_staging_folder_a_killed_writer_left_is_cleared_by_the_next_output_beside_it(tmp_path):
+    """Found probing: after a SIGKILL (an out-of-memory kill) during `predict --out A`, the
+    hidden `.A.partial-*` folder stayed until something wrote A again, which may never be."""
+    from defectforge.core.outputs import publish_dir
+
+    make_and_die = (
+        "import os, sys; from pathlib import Path; from defectforge.core.outputs import "
+        "publish_dir\nwith publish_dir(Path(sys.argv[1]) / 'first') as staging:\n"
+        "    (staging / 'mask.png').write_bytes(bytes(999)); print(staging, flush=True); "
+        "os.kill(os.getpid(), 9)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", make_and_die, str(tmp_path)], capture_output=True, text=True
+    )
+    left = Path(done.stdout.strip())
+    assert done.returncode == -9 and (left / "mask.png").is_file(), done.stderr[-2000:]
+    with publish_dir(tmp_path / "live-writer") as live:  # a writer still at work is left alone
+        with publish_dir(tmp_path / "second") as staging:
+            (staging / "mask.png").write_bytes(b"")
+        assert Path(live).is_dir()
+    assert not left.exists() and (tmp_path / "second" / "mask.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live-writer", "second"]
+
+
 IN_A_NEW_PID_NAMESPACE = ("--pid", "--fork", "--mount-proc")
 
 
