@@ -469,21 +469,31 @@ def test_a_one_worker_epoch_folder_without_its_marker_is_not_resumed_from(tmp_pa
     assert latest_checkpoint_dir(tmp_path) is None
 
 
+def _folder_of_a_killed_writer(make_folder: str, parent: Path) -> Path:
+    """The folder ``make_folder`` (Python that sets ``folder``, given ``parent`` as argv[1])
+    makes in a process that writes a file into it and is then killed with SIGKILL."""
+    script = (
+        f"import os, sys\n{make_folder}(folder / 'model.pt').write_bytes(bytes(999))\n"
+        "print(folder, flush=True)\nos.kill(os.getpid(), 9)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(parent)], capture_output=True, text=True
+    )
+    left = Path(done.stdout.strip())
+    assert done.returncode == -9 and (left / "model.pt").is_file(), done.stderr[-2000:]
+    return left
+
+
 def test_scratch_a_killed_process_left_is_removed_by_the_next_one(tmp_path):
     """A trial Ray stops, or a driver ended with SIGKILL, cannot remove its temporary folders
     (each up to a checkpoint in size): the next process on that host does, and no other's."""
     from defectforge.core.files import scratch_folder
 
-    make_and_die = (
-        "import os, sys; from defectforge.core.files import scratch_path; "
-        "folder = scratch_path('ckpt', sys.argv[1]); (folder / 'model.pt').write_bytes(bytes(999)); "
-        "print(folder, flush=True); os.kill(os.getpid(), 9)"
+    left = _folder_of_a_killed_writer(
+        "from defectforge.core.files import scratch_path\n"
+        "folder = scratch_path('ckpt', sys.argv[1])\n",
+        tmp_path,
     )
-    done = subprocess.run(
-        [sys.executable, "-c", make_and_die, str(tmp_path)], capture_output=True, text=True
-    )
-    left = Path(done.stdout.strip())
-    assert done.returncode == -9 and (left / "model.pt").is_file()
     other_host = tmp_path / "defectforge-another-host-1-x1y2.ckpt"
     other_host.mkdir()
     unrelated = tmp_path / "defectforge-notes"
@@ -500,17 +510,11 @@ def test_a_staging_folder_a_killed_writer_left_is_cleared_by_the_next_output_bes
     hidden `.A.partial-*` folder stayed until something wrote A again, which may never be."""
     from defectforge.core.outputs import publish_dir
 
-    make_and_die = (
-        "import os, sys; from pathlib import Path; from defectforge.core.outputs import "
-        "publish_dir\nwith publish_dir(Path(sys.argv[1]) / 'first') as staging:\n"
-        "    (staging / 'mask.png').write_bytes(bytes(999)); print(staging, flush=True); "
-        "os.kill(os.getpid(), 9)"
+    left = _folder_of_a_killed_writer(
+        "from pathlib import Path\nfrom defectforge.core.outputs import publish_dir\n"
+        "writing = publish_dir(Path(sys.argv[1]) / 'first')\nfolder = writing.__enter__()\n",
+        tmp_path,
     )
-    done = subprocess.run(
-        [sys.executable, "-c", make_and_die, str(tmp_path)], capture_output=True, text=True
-    )
-    left = Path(done.stdout.strip())
-    assert done.returncode == -9 and (left / "mask.png").is_file(), done.stderr[-2000:]
     with publish_dir(tmp_path / "live-writer") as live:  # a writer still at work is left alone
         with publish_dir(tmp_path / "second") as staging:
             (staging / "mask.png").write_bytes(b"")
