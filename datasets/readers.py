@@ -220,6 +220,18 @@ def _read_input(ref: SampleRef, spec: SampleSpec) -> tuple[np.ndarray, bytes]:
     return image, folder_digest(ref.image_path, spec.root).encode()
 
 
+def pixel_sums(image: np.ndarray) -> dict:
+    """An image's size and per-channel sums of its values and their squares: what
+    ``build.pixel_statistics`` pools into a dataset's mean and std without keeping the images."""
+    pixels = image.reshape(image.shape[0] * image.shape[1], -1).astype(np.float64)
+    return {
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "pixel_sum": pixels.sum(axis=0).tolist(),
+        "pixel_sumsq": np.square(pixels).sum(axis=0).tolist(),
+    }
+
+
 def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
     """Decode, check and encode one sample as a contract row (plus its input digest)."""
     image, image_digest = _read_input(ref, spec)  # an unreadable image is told first
@@ -253,10 +265,7 @@ def load_sample(ref: SampleRef, spec: SampleSpec) -> dict:
         "split_group": ref.split_group,
         "mask_digest": pixel_digest(mask),
         "mask_missing": ref.mask_path is None,
-        "pixel_sum": image.reshape(-1, spec.channels).sum(axis=0, dtype=np.float64).tolist(),
-        "pixel_sumsq": (image.reshape(-1, spec.channels).astype(np.float64) ** 2)
-        .sum(axis=0)
-        .tolist(),
+        **pixel_sums(image),
     }
 
 

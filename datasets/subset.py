@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from defectforge.core.config import SEED, TypedConfig, option
@@ -29,6 +28,7 @@ from defectforge.datasets.contract import (
 )
 from defectforge.datasets.manifest import Manifest
 from defectforge.datasets.mix import stratified_ids
+from defectforge.datasets.readers import pixel_sums
 from defectforge.datasets.writer import derived_from, write_dataset
 
 AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
@@ -79,18 +79,7 @@ def _as_test(table: pa.Table) -> pa.Table:
 
 def _pixel_statistics(table: pa.Table, channels: int) -> tuple[list[float], list[float]]:
     """Per-channel mean and std in [0, 1] of the images in ``table`` (as a build computes them)."""
-    rows = []
-    for cell in table["image"].to_pylist():
-        image = decode_png(cell, channels).astype(np.float64)
-        pixels = image.reshape(-1, channels)
-        rows.append(
-            {
-                "height": image.shape[0],
-                "width": image.shape[1],
-                "pixel_sum": pixels.sum(axis=0).tolist(),
-                "pixel_sumsq": (pixels**2).sum(axis=0).tolist(),
-            }
-        )
+    rows = [pixel_sums(decode_png(cell, channels)) for cell in table["image"].to_pylist()]
     return pixel_statistics(rows, channels)
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from defectforge.core.errors import ConfigError, DataError
 from defectforge.core.files import load_state_dict_file
-from defectforge.core.storage import Location
+from defectforge.core.storage import Location, absolute_location
 
 # smp's public name -> class mapping (names are lower-case class names).
 ARCHITECTURES: dict[str, type[nn.Module]] = dict(smp.MODEL_ARCHITECTURES_MAPPING)
@@ -143,6 +143,14 @@ def names_weights_file(encoder_weights: str | None) -> bool:
     """Whether ``encoder_weights`` names a state-dict file (a path or a URI), not none or the
     model hub's."""
     return encoder_weights not in (None, "imagenet")
+
+
+def absolute_weights(encoder_weights: str | None) -> str | None:
+    """A weights file's path made absolute (trials and workers run in folders of their own,
+    where a relative path names nothing); none, the hub's, or a URI as given."""
+    if names_weights_file(encoder_weights):
+        return absolute_location(encoder_weights)
+    return encoder_weights
 
 
 def read_encoder_state(location: Location) -> dict:

@@ -17,7 +17,7 @@ from defectforge.datasets.contract import SCHEMA, contract_row, run_identity
 from defectforge.datasets.leakage import maker_source
 from defectforge.datasets.lineage import LabellingSection
 from defectforge.datasets.manifest import Manifest
-from defectforge.datasets.readers import dominant_class
+from defectforge.datasets.readers import dominant_class, pixel_sums
 from defectforge.datasets.writer import check_derived_output, write_dataset
 from defectforge.gan.checkpoint import GENERATOR_FILE, SNAPSHOTS_DIR, kimg_of, load_generator
 from defectforge.gan.config import GanConfig
@@ -97,7 +97,7 @@ def write_generated(
             ]
             if masks is not None:
                 kept = [i for i, row in enumerate(rows) if row["defect_class"] is not None]
-                kept_statistics += [_pixel_sums(images[i]) for i in kept]
+                kept_statistics += [pixel_sums(images[i]) for i in kept]
                 rows = [rows[i] for i in kept]
             if rows:
                 _write_pngs(staging, rows)
@@ -121,17 +121,6 @@ def _write_pngs(staging, rows: list[dict]) -> None:
         staging.path(f"{stem}.png").write_bytes(row["image"])
         if row["mask"] is not None:
             staging.path(f"{stem}_mask.png").write_bytes(row["mask"])
-
-
-def _pixel_sums(image: np.ndarray) -> dict:
-    """What ``pixel_statistics`` needs of one image, so the images need not be kept."""
-    pixels = image.reshape(-1, image.shape[-1]).astype(np.float64)
-    return {
-        "height": image.shape[0],
-        "width": image.shape[1],
-        "pixel_sum": pixels.sum(axis=0),
-        "pixel_sumsq": (pixels**2).sum(axis=0),
-    }
 
 
 def _with_drawn_masks(

@@ -48,7 +48,7 @@ from defectforge.segmentation.checkpoint import (
 from defectforge.segmentation.config import CHECKPOINT_KEYS as SEG_CHECKPOINT_KEYS
 from defectforge.segmentation.config import SegConfig
 from defectforge.segmentation.loop import train_segmentation
-from defectforge.segmentation.models import build_model, names_weights_file
+from defectforge.segmentation.models import absolute_weights, build_model
 from defectforge.segmentation.report import write_run_plots
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.spec_schema import TrackingSpec
@@ -77,9 +77,8 @@ def config_from_manifest(data: str | Path, **options) -> SegConfig:
     """A SegConfig whose data fields (classes, channels, statistics) come from the dataset."""
     manifest = Manifest.load(data)
     manifest.require_masks(data, "trained on")
-    if names_weights_file(options.get("encoder_weights")):
-        # Workers and trials run in folders of their own, where a relative path names nothing.
-        options["encoder_weights"] = absolute_location(options["encoder_weights"])
+    if "encoder_weights" in options:
+        options["encoder_weights"] = absolute_weights(options["encoder_weights"])
     return SegConfig(
         data=absolute_location(data),
         classes=manifest.classes,

@@ -37,7 +37,7 @@ from ray import tune
 from defectforge.core.errors import DataError, TrialsFailed, UserError
 from defectforge.core.outputs import check_name
 from defectforge.core.storage import absolute_location
-from defectforge.segmentation.models import names_weights_file
+from defectforge.segmentation.models import absolute_weights
 from defectforge.segmentation.selection import SELECTION_METRIC
 from defectforge.studies.compare import COMPARE_FILE, summarize_comparison
 from defectforge.studies.export import export_study
@@ -109,8 +109,8 @@ def _absolute_data(spec: StudySpec) -> StudySpec:
     data = spec.dataset
     paths = {key: absolute_location(getattr(data, key)) for key in DATASET_PATHS}
     training = dict(spec.training)
-    if names_weights_file(training.get("encoder_weights")):
-        training["encoder_weights"] = absolute_location(training["encoder_weights"])
+    if "encoder_weights" in training:
+        training["encoder_weights"] = absolute_weights(training["encoder_weights"])
     return replace(spec, dataset=replace(data, **paths), training=training)
 
 

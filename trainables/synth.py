@@ -53,7 +53,7 @@ from defectforge.datasets.contract import (
 from defectforge.datasets.leakage import SOURCE_PIXELS, maker_source, write_source_pixels
 from defectforge.datasets.lineage import LabellingSection, TrainingSource
 from defectforge.datasets.manifest import SYNTHETIC, Manifest
-from defectforge.datasets.readers import guess_channels, list_images, read_image
+from defectforge.datasets.readers import guess_channels, list_images, pixel_sums, read_image
 from defectforge.datasets.twins import pixel_digest
 from defectforge.datasets.writer import check_derived_output, write_dataset
 from defectforge.segmentation.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
@@ -146,7 +146,6 @@ class _Labeller:
                 self.cfg.min_confidence,
                 self.cfg.binary,
             )
-            pixels = image.reshape(-1, image.shape[2]).astype(np.float64)
             labelled.append(
                 {
                     **contract_row(
@@ -160,8 +159,7 @@ class _Labeller:
                     ),
                     "defect_fraction": label.defect_fraction,
                     "rejected": label.rejected,
-                    "pixel_sum": pixels.sum(axis=0).tolist(),
-                    "pixel_sumsq": np.square(pixels).sum(axis=0).tolist(),
+                    **pixel_sums(image),
                 }
             )
         return labelled
