@@ -277,8 +277,9 @@ def new_staging(final: Path, what: str) -> Path:
     one, and the same --out may never be written again."""
     final.parent.mkdir(parents=True, exist_ok=True)
     marker = f".{what}-"
-    for leftover in final.parent.glob(f".*{marker}*"):
-        prefix = leftover.name[: leftover.name.rindex(marker) + len(marker)]
+    leftovers = final.parent.glob(f".*{marker}*")
+    others = {name[: name.rindex(marker) + len(marker)] for name in (p.name for p in leftovers)}
+    for prefix in others - {f".{final.name}{marker}"}:  # its own: private_folder clears them
         remove_dead_writers(final.parent, prefix)
     return private_folder(final.parent, f".{final.name}{marker}")
 
